@@ -1,0 +1,25 @@
+# DHT pipeline: a table of contents. Stages live in workflow/rules/*.smk, their scripts in workflow/scripts/,
+# and every parameter in params.yaml (validated by dht/config.py before any job runs).
+#
+#   snakemake --cores 4 reports/table1.md                    # default profile (embedded data, CPU)
+#   snakemake --cores 4 --config profile=tiny reports/table1.md
+#
+# dvc.yaml is generated from this workflow's jobs (`dht dvc-yaml`); tests fail when the two drift apart.
+
+configfile: "params.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/report.smk"
+
+
+onstart:
+    # A new sqlite MLflow store must be created once before parallel jobs write to it.
+    init_tracking_store()
+
+
+rule all:
+    default_target: True
+    input:
+        "reports/table1.md",

@@ -1,0 +1,103 @@
+"""The `dht` command: inspect the configuration and keep dvc.yaml in step with the Snakemake workflow.
+
+    dht config show [--profile tiny]     the resolved, validated configuration of a profile (YAML)
+    dht config validate                  check every profile of params.yaml; exit 1 with the problems
+    dht config schema                    write workflow/schemas/config.schema.json (JSON Schema of a profile)
+    dht dvc-yaml [--check]               regenerate dvc.yaml from the Snakemake jobs (or check it is current)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from dht.config import OVERLAYS_KEY, ConfigError, json_schema, load_config, read_params
+
+SCHEMA_PATH = Path("workflow/schemas/config.schema.json")
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    cfg = load_config(args.params, profile=args.profile)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _config_validate(args: argparse.Namespace) -> int:
+    raw = read_params(args.params)
+    names = ["default", *[n for n in raw.get(OVERLAYS_KEY) or {} if n != "default"]]
+    failed = 0
+    for name in names:
+        try:
+            load_config(args.params, profile=name, raw=raw)
+            print(f"profile {name}: ok")
+        except ConfigError as err:
+            failed += 1
+            print(err, file=sys.stderr)
+    return 1 if failed else 0
+
+
+def render_schema() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def _config_schema(args: argparse.Namespace) -> int:
+    SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
+    SCHEMA_PATH.write_text(render_schema())
+    print(f"wrote {SCHEMA_PATH}")
+    return 0
+
+
+def _dvc_yaml(args: argparse.Namespace) -> int:
+    from dht.pipeline import render_dvc_yaml
+
+    text = render_dvc_yaml(".", args.profile)
+    path = Path("dvc.yaml")
+    if args.check:
+        if not path.is_file() or path.read_text() != text:
+            print("dvc.yaml is out of date with the Snakemake workflow: run `dht dvc-yaml`", file=sys.stderr)
+            return 1
+        print("dvc.yaml matches the Snakemake workflow")
+        return 0
+    path.write_text(text)
+    print(f"wrote dvc.yaml ({len(yaml.safe_load(text)['stages'])} stages, profile {args.profile})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dht", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    cfg = sub.add_parser("config", help="show, validate or export the configuration")
+    cfg_sub = cfg.add_subparsers(dest="action", required=True)
+    show = cfg_sub.add_parser("show", help="print the resolved configuration of a profile")
+    show.add_argument("--profile", default=None)
+    show.set_defaults(func=_config_show)
+    val = cfg_sub.add_parser("validate", help="validate every profile")
+    val.set_defaults(func=_config_validate)
+    sch = cfg_sub.add_parser("schema", help=f"write {SCHEMA_PATH}")
+    sch.set_defaults(func=_config_schema)
+    for action in (show, val):
+        action.add_argument("--params", default="params.yaml")
+
+    dvc = sub.add_parser("dvc-yaml", help="generate dvc.yaml from the Snakemake workflow")
+    dvc.add_argument("--profile", default="default", help="profile whose jobs become stages (default: default)")
+    dvc.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml is not current")
+    dvc.set_defaults(func=_dvc_yaml)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

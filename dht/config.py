@@ -1,0 +1,432 @@
+"""Configuration: `params.yaml` resolved for one profile and validated before any job runs.
+
+`params.yaml` holds the default profile at its top level and, under `profiles:`, overlays that list only what
+they change. :func:`load_config` deep-merges the chosen overlay, validates the structure with pydantic
+(unknown keys are errors, so typos fail loudly) and then checks the semantics the paper imposes (Section 6.1:
+``(L - b)`` must be a multiple of ``c``; heads must divide the hidden size; ...). Every problem is reported as
+``<key> = <value>: <what is wrong>; <what is allowed>`` so a user can fix params.yaml without reading code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROFILE_KEY = "profile"
+OVERLAYS_KEY = "profiles"
+
+
+class ConfigError(ValueError):
+    """A problem in params.yaml, phrased for the person who edits it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- datasets -----------------------------------------------------------------------------------------------
+
+
+class EmbeddedDatasetSpec(_Strict):
+    """The project's own generated dataset (docs/embedded-data.md): offline, seeded, with a difficulty column."""
+
+    source: Literal["embedded"]
+    num_classes: Annotated[int, Field(ge=2, le=8)] = 4
+    n_train: Annotated[int, Field(ge=8)] = 4000
+    n_test: Annotated[int, Field(ge=4)] = 1000
+    difficulty_mix: tuple[float, float, float] = (0.4, 0.3, 0.3)
+    max_length: Annotated[int, Field(ge=8)] = 48
+    seed: int | None = None  # None: the top-level seed
+
+    @model_validator(mode="after")
+    def _mix_is_a_distribution(self) -> EmbeddedDatasetSpec:
+        if any(p < 0 for p in self.difficulty_mix) or abs(sum(self.difficulty_mix) - 1.0) > 1e-6:
+            raise ValueError(
+                f"difficulty_mix = {list(self.difficulty_mix)}: must be three non-negative shares "
+                "(easy, medium, hard) that sum to 1"
+            )
+        return self
+
+
+class HubDatasetSpec(_Strict):
+    """A Hugging Face dataset: a hub id (`fancyzhx/ag_news`) or a local directory (hub layout or save_to_disk)."""
+
+    source: Literal["hub"]
+    path: str
+    name: str | None = None  # the hub dataset's config name, when it has several
+    revision: str | None = None
+    text_fields: list[str] = Field(default_factory=lambda: ["text"], min_length=1)
+    label_field: str = "label"
+    train_split: str = "train"
+    test_split: str = "test"
+    max_length: Annotated[int, Field(ge=8)] = 128
+    max_train_samples: Annotated[int, Field(ge=1)] | None = None
+    max_test_samples: Annotated[int, Field(ge=1)] | None = None
+
+
+class CsvDatasetSpec(_Strict):
+    """Local `train.csv`/`test.csv` in the original Zhang et al. (2015) format (no header, 1-based class)."""
+
+    source: Literal["csv"]
+    path: str
+    fields: list[str] = Field(min_length=1)  # names of the text columns after the class column
+    unescape_newlines: bool | None = None  # None: true when there is one text field (the Yelp layout)
+    max_length: Annotated[int, Field(ge=8)] = 128
+    max_train_samples: Annotated[int, Field(ge=1)] | None = None
+    max_test_samples: Annotated[int, Field(ge=1)] | None = None
+
+
+DatasetSpec = Annotated[
+    EmbeddedDatasetSpec | HubDatasetSpec | CsvDatasetSpec, Field(discriminator="source")
+]
+
+
+# --- the rest -----------------------------------------------------------------------------------------------
+
+
+class RunConfig(_Strict):
+    datasets: list[str] = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+
+
+class TokenizerConfig(_Strict):
+    kind: Literal["wordpiece", "pretrained"] = "wordpiece"
+    vocab_size: Annotated[int, Field(ge=32)] = 2000
+    min_frequency: Annotated[int, Field(ge=1)] = 2
+    lowercase: bool = True
+    name_or_path: str | None = None
+
+
+class ModelConfig(_Strict):
+    init: str = "scratch"
+    hidden_size: Annotated[int, Field(ge=1)] = 96
+    num_hidden_layers: Annotated[int, Field(ge=1)] = 12
+    num_attention_heads: Annotated[int, Field(ge=1)] = 12
+    intermediate_size: Annotated[int, Field(ge=1)] = 384
+    hidden_dropout_prob: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    attention_probs_dropout_prob: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    max_position_embeddings: Annotated[int, Field(ge=1)] = 64
+
+
+class ModeConfig(_Strict):
+    """One DHT configuration of Section 6.1 (or 12-VaBERT as the single fixed arm 12L12H)."""
+
+    search: Literal["tree", "integrated", "fixed"]
+    layers: list[int] | None = None  # tree search: UCB_L's options
+    heads: list[int] | None = None  # tree search: UCB_H's options
+    arms: list[str] | None = None  # integrated/fixed: UCB_cp's options, e.g. "6L8H" or "4L8H+2L12H"
+    warmup_mode: str | None = None  # P-DHT: train as this mode first ...
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0  # ... for this many epochs
+
+
+class DHTConfig(_Strict):
+    fixed_layers: Annotated[int, Field(ge=0)] = 3
+    group_size: Annotated[int, Field(ge=1)] = 3
+    modes: dict[str, ModeConfig]
+
+
+class TrainConfig(_Strict):
+    epochs: Annotated[int, Field(ge=1)] = 3
+    learning_rate: Annotated[float, Field(gt=0)] = 3e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    warmup_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    eval_batch_size: Annotated[int, Field(ge=1)] = 128
+
+
+class TrackingConfig(_Strict):
+    experiment_prefix: str = ""
+
+
+class Config(_Strict):
+    """The resolved configuration of one profile."""
+
+    profile: str
+    seed: int = 0
+    device: str = "auto"
+    datasets: dict[str, DatasetSpec]
+    run: RunConfig
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    dht: DHTConfig
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def dataset(self, name: str) -> EmbeddedDatasetSpec | HubDatasetSpec | CsvDatasetSpec:
+        """The spec of a dataset the active profile runs; a clear error otherwise."""
+        if name not in self.run.datasets:
+            raise ConfigError(
+                f"dataset '{name}' is not in run.datasets of profile '{self.profile}' "
+                f"(it runs: {', '.join(self.run.datasets)}). Add it to run.datasets in params.yaml, or pick "
+                "the profile that runs it (snakemake --config profile=NAME / dvc exp run -S profile=NAME; "
+                "after changing the dataset list, regenerate dvc.yaml with `dht dvc-yaml`)."
+            )
+        return self.datasets[name]
+
+    def section(self, dotted: str) -> Any:
+        """A resolved sub-tree by dotted key (`datasets.embedded-news`), as plain data."""
+        node: Any = self.model_dump(mode="json")
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+
+# --- arms ---------------------------------------------------------------------------------------------------
+
+_ARM_PART = re.compile(r"(\d+)L(\d+)H")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """An architecture choice, as printed in Section 6.1: segments of (layers, heads), e.g. 4L8H+2L12H."""
+
+    segments: tuple[tuple[int, int], ...]
+
+    @property
+    def num_layers(self) -> int:
+        return sum(n for n, _ in self.segments)
+
+    def heads_per_layer(self) -> list[int]:
+        return [h for n, h in self.segments for _ in range(n)]
+
+    def __str__(self) -> str:
+        return "+".join(f"{n}L{h}H" for n, h in self.segments)
+
+
+def parse_arm(text: str) -> Arm:
+    """Parse "6L8H" or "4L8H+2L12H" into an :class:`Arm`; raise ValueError on anything else."""
+    parts = text.replace(" ", "").split("+")
+    segments = []
+    for part in parts:
+        m = _ARM_PART.fullmatch(part)
+        if not m:
+            raise ValueError(
+                f"'{text}' is not an arm: write <layers>L<heads>H, optionally joined by '+', "
+                "e.g. 6L8H or 4L8H+2L12H"
+            )
+        segments.append((int(m.group(1)), int(m.group(2))))
+    return Arm(tuple(segments))
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; everything else in `overlay` replaces what `base` had."""
+    out = copy.deepcopy(dict(base))
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file. Run from the project root, or pass the path of params.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections (profile, datasets, run, model, ...)")
+    return data
+
+
+def resolve_params(raw: Mapping[str, Any], profile: str | None = None) -> dict[str, Any]:
+    """Apply the chosen profile's overlay to the top-level (default) sections."""
+    overlays = raw.get(OVERLAYS_KEY) or {}
+    if not isinstance(overlays, Mapping):
+        raise ConfigError(f"{OVERLAYS_KEY}: must be a mapping of profile name to overlay")
+    name = profile if profile is not None else raw.get(PROFILE_KEY, "default")
+    if name not in overlays and name != "default":
+        raise ConfigError(
+            f"profile = {name!r}: unknown profile; allowed: {', '.join(sorted(overlays) or ['default'])}"
+        )
+    base = {k: v for k, v in raw.items() if k not in (OVERLAYS_KEY, PROFILE_KEY)}
+    overlay = overlays.get(name) or {}
+    if not isinstance(overlay, Mapping):
+        raise ConfigError(f"{OVERLAYS_KEY}.{name}: must be a mapping (use {{}} for no changes)")
+    if PROFILE_KEY in overlay or OVERLAYS_KEY in overlay:
+        raise ConfigError(f"{OVERLAYS_KEY}.{name}: an overlay cannot set '{PROFILE_KEY}' or '{OVERLAYS_KEY}'")
+    resolved = deep_merge(base, overlay)
+    resolved[PROFILE_KEY] = name
+    return resolved
+
+
+def load_config(
+    path: str | Path = "params.yaml", profile: str | None = None, raw: Mapping[str, Any] | None = None
+) -> Config:
+    """Read, resolve and validate params.yaml for `profile` (default: its `profile:` key).
+
+    Raises :class:`ConfigError` listing every problem found, each naming the key, the value and what is
+    allowed.
+    """
+    if raw is None:
+        raw = read_params(path)
+    resolved = resolve_params(raw, profile)
+    where = f"{Path(path).name} (profile '{resolved[PROFILE_KEY]}')"
+    try:
+        cfg = Config.model_validate(resolved)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(where, err, resolved)) from None
+    problems = check_semantics(cfg)
+    if problems:
+        raise ConfigError(f"{where} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    return cfg
+
+
+def _format_validation_error(where: str, err: ValidationError, data: Mapping[str, Any]) -> str:
+    lines = []
+    for e in err.errors():
+        # Drop pydantic's discriminated-union tags ('embedded', 'hub', ...) from the key path.
+        loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("embedded", "hub", "csv"))]
+        key = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = _lookup_model(loc[:-1])
+            allowed = ", ".join(parent.model_fields) if parent is not None else "see params.yaml"
+            lines.append(f"{key}: unknown key; allowed here: {allowed}")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required but missing")
+        elif e["type"] == "union_tag_invalid":
+            given = e["input"].get("source") if isinstance(e["input"], Mapping) else e["input"]
+            lines.append(f"{key}.source = {given!r}: unknown source; allowed: embedded, hub, csv")
+        else:
+            value = json.dumps(e.get("input"), default=str)
+            lines.append(f"{key} = {value}: {e['msg']}")
+    return f"{where} has {len(lines)} problem(s):\n" + "\n".join(f"  - {line}" for line in lines)
+
+
+def _lookup_model(loc: list[str]) -> type[BaseModel] | None:
+    """The pydantic model at a key path, to list the keys allowed there."""
+    model: Any = Config
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            # Inside a dict[str, Model]: the key is a name, the model is the dict's value type.
+            return model if model is not Config else None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        if ann is not None and getattr(ann, "__origin__", None) is dict and args:
+            model = args[1]
+        else:
+            model = ann
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return model
+    return None
+
+
+def allowed_layer_counts(cfg: Config) -> list[int]:
+    b, c, n = cfg.dht.fixed_layers, cfg.dht.group_size, cfg.model.num_hidden_layers
+    return [layers for layers in range(max(b, 1), n + 1) if (layers - b) % c == 0]
+
+
+def check_semantics(cfg: Config) -> list[str]:
+    """Cross-field rules of the paper and of the pipeline; returns one message per problem."""
+    problems: list[str] = []
+    m, d = cfg.model, cfg.dht
+    b, c = d.fixed_layers, d.group_size
+
+    if m.hidden_size % m.num_attention_heads:
+        divisors = [h for h in range(1, m.hidden_size + 1) if m.hidden_size % h == 0 and h <= 64]
+        problems.append(
+            f"model.num_attention_heads = {m.num_attention_heads}: must divide model.hidden_size = "
+            f"{m.hidden_size}; allowed: {', '.join(map(str, divisors))} (or change hidden_size)"
+        )
+    if b > m.num_hidden_layers:
+        problems.append(
+            f"dht.fixed_layers = {b}: b cannot exceed model.num_hidden_layers = {m.num_hidden_layers}"
+        )
+    if cfg.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", cfg.device):
+        problems.append(f"device = {cfg.device!r}: allowed: auto, cpu, cuda, cuda:N, mps")
+
+    for name in cfg.run.datasets:
+        if name not in cfg.datasets:
+            problems.append(
+                f"run.datasets: {name!r} is not a dataset; allowed (defined under datasets:): "
+                f"{', '.join(cfg.datasets)}"
+            )
+        elif cfg.datasets[name].max_length > m.max_position_embeddings:
+            problems.append(
+                f"datasets.{name}.max_length = {cfg.datasets[name].max_length}: exceeds "
+                f"model.max_position_embeddings = {m.max_position_embeddings}; lower max_length or raise "
+                "max_position_embeddings"
+            )
+    for name in cfg.run.models:
+        if name not in d.modes:
+            problems.append(
+                f"run.models: {name!r} is not a mode; allowed (defined under dht.modes:): {', '.join(d.modes)}"
+            )
+
+    if cfg.tokenizer.kind == "pretrained" and not cfg.tokenizer.name_or_path:
+        problems.append(
+            "tokenizer.name_or_path = null: tokenizer.kind = pretrained needs a hub name or a local directory "
+            "(e.g. bert-base-uncased)"
+        )
+
+    allowed_l = allowed_layer_counts(cfg)
+    layer_rule = (
+        f"(L - b) must be a multiple of c; with b = {b}, c = {c} and {m.num_hidden_layers} layers the allowed "
+        f"layer counts are {', '.join(map(str, allowed_l)) or 'none'}"
+    )
+    for mode_name, mode in d.modes.items():
+        key = f"dht.modes.{mode_name}"
+        bad_heads: set[int] = {h for h in mode.heads or [] if not 1 <= h <= m.num_attention_heads}
+        if mode.search == "tree":
+            if not mode.layers or not mode.heads:
+                problems.append(f"{key}: search = tree needs both `layers` (UCB_L) and `heads` (UCB_H) lists")
+            if mode.arms:
+                problems.append(f"{key}.arms: search = tree takes `layers` and `heads`, not `arms`")
+            for i, layers in enumerate(mode.layers or []):
+                if layers not in allowed_l:
+                    problems.append(f"{key}.layers[{i}] = {layers}: {layer_rule}")
+        else:
+            if not mode.arms:
+                problems.append(f"{key}: search = {mode.search} needs an `arms` list (e.g. [6L8H, 12L12H])")
+            if mode.layers or mode.heads:
+                problems.append(f"{key}: search = {mode.search} takes `arms`, not `layers`/`heads`")
+            if mode.search == "fixed" and mode.arms and len(mode.arms) != 1:
+                problems.append(f"{key}.arms = {mode.arms}: search = fixed takes exactly one arm")
+            for i, text in enumerate(mode.arms or []):
+                try:
+                    arm = parse_arm(text)
+                except ValueError as err:
+                    problems.append(f"{key}.arms[{i}] = {text!r}: {err}")
+                    continue
+                if arm.num_layers not in allowed_l:
+                    problems.append(f"{key}.arms[{i}] = {text!r}: has L = {arm.num_layers} layers; {layer_rule}")
+                bad_heads |= {h for _, h in arm.segments if not 1 <= h <= m.num_attention_heads}
+        if bad_heads:
+            problems.append(
+                f"{key}: head counts {', '.join(map(str, sorted(bad_heads)))} are outside 1.."
+                f"{m.num_attention_heads} (model.num_attention_heads)"
+            )
+        if mode.warmup_mode is not None:
+            if mode.warmup_mode not in d.modes or mode.warmup_mode == mode_name:
+                problems.append(
+                    f"{key}.warmup_mode = {mode.warmup_mode!r}: must name another mode; allowed: "
+                    f"{', '.join(n for n in d.modes if n != mode_name)}"
+                )
+            if mode.warmup_epochs >= cfg.train.epochs and mode_name in cfg.run.models:
+                problems.append(
+                    f"{key}.warmup_epochs = {mode.warmup_epochs}: must be fewer than train.epochs = "
+                    f"{cfg.train.epochs}, or the mode never leaves its warm-up"
+                )
+    return problems
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of a resolved profile (workflow/schemas/config.schema.json, for editors and other tools)."""
+    return Config.model_json_schema()

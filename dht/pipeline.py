@@ -1,0 +1,168 @@
+"""One source of truth for the DAG: the Snakemake workflow. `dvc.yaml` is generated from its jobs.
+
+:func:`snakemake_jobs` builds the workflow's DAG for a profile (every job, as if nothing existed yet) through
+Snakemake's API; :func:`dvc_stages` turns each job into a DVC stage with the same command, inputs (``deps``),
+outputs (``outs``) and tracked params. The profile in commands and params is written as ``${profile}``, so
+``dvc exp run -S profile=tiny`` runs the same stages on the tiny profile (profiles that share dataset names,
+as default and tiny do). A profile with other datasets (paper) needs ``dht dvc-yaml --profile paper`` first.
+
+``tests/test_pipeline.py`` regenerates dvc.yaml and fails when it differs from the committed file.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dht.config import OVERLAYS_KEY, PROFILE_KEY, Config, ConfigError, read_params
+
+DVC_HEADER = (
+    "# GENERATED from the Snakemake workflow by `dht dvc-yaml` (profile '{profile}'): do not edit by hand.\n"
+    "# Edit Snakefile / workflow/rules/*.smk, then run `dht dvc-yaml`; tests fail when the two drift apart.\n"
+)
+# Outputs small enough for git, that a reader looks at without DVC: not cached (DVC still tracks them).
+UNCACHED_PREFIXES = ("reports/",)
+
+
+class TrackedParams(dict):
+    """The resolved values of the params.yaml keys a job reads, keyed by dotted key.
+
+    As a rule's `params:` entry, its string form (canonical JSON) changes exactly when a value does, which is
+    what Snakemake's params rerun-trigger compares; its keys become the DVC stage's `params:`.
+    """
+
+    def __str__(self) -> str:
+        return json.dumps(self, sort_keys=True, separators=(",", ":"))
+
+    __repr__ = __str__
+
+
+def tracked_params(cfg: Config, keys: Iterable[str]) -> TrackedParams:
+    return TrackedParams({key: cfg.section(key) for key in keys})
+
+
+def check_cli_overrides(config: Mapping[str, Any], params_file: str | Path) -> None:
+    """Only `profile` may be set with `snakemake --config`: everything else lives in params.yaml, which DVC
+    and every stage script read as well, so another override would silently apply to Snakemake alone."""
+    raw = read_params(params_file)
+    changed = sorted(k for k in config if k != PROFILE_KEY and config.get(k) != raw.get(k))
+    if changed:
+        raise ConfigError(
+            f"--config {', '.join(changed)}: only `profile` can be set on the command line (e.g. --config "
+            "profile=tiny); edit params.yaml for anything else, so that Snakemake, DVC and the stage scripts "
+            "read the same values"
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    rule: str
+    wildcards: tuple[tuple[str, str], ...]
+    cmd: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    tracked: tuple[str, ...]
+
+    @property
+    def stage_name(self) -> str:
+        return "-".join([self.rule, *(v for _, v in self.wildcards)])
+
+
+def snakemake_jobs(root: str | Path = ".", profile: str | None = None, targets: Iterable[str] = ("all",)) -> list[Job]:
+    """Every job Snakemake would run to build `targets` from nothing, in dependency order."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import (
+        ConfigSettings,
+        DAGSettings,
+        OutputSettings,
+        Quietness,
+        ResourceSettings,
+    )
+
+    root = Path(root).resolve()
+    config = {PROFILE_KEY: profile} if profile else {}
+    jobs: list[Job] = []
+    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+        wf_api = api.workflow(
+            resource_settings=ResourceSettings(cores=1),
+            config_settings=ConfigSettings(config=config),
+            snakefile=root / "Snakefile",
+            workdir=root,
+        )
+        dag_api = wf_api.dag(DAGSettings(targets=set(targets), forceall=True))
+        workflow = dag_api.workflow_api._workflow
+        # Snakemake's own dry-run path (Workflow.printdag) uses these two calls to build the DAG.
+        workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True)
+        workflow._build_dag()
+        for j in workflow.dag.jobs:
+            if j.rule.norun:  # target-only rules such as `all`
+                continue
+            tracked = getattr(j.params, "tracked", None)
+            jobs.append(Job(
+                rule=j.rule.name,
+                wildcards=tuple((k, str(v)) for k, v in j.wildcards_dict.items()),
+                cmd=" ".join(j.shellcmd.split()),
+                inputs=tuple(str(f) for f in j.input),
+                outputs=tuple(str(f) for f in j.output),
+                tracked=tuple(tracked.keys()) if isinstance(tracked, dict) else (),
+            ))
+    order = {name: i for i, name in enumerate(_rule_order(jobs))}
+    return sorted(jobs, key=lambda j: (order[j.rule], j.wildcards))
+
+
+def _rule_order(jobs: list[Job]) -> list[str]:
+    """Rules ordered so that a rule comes after every rule whose outputs it reads."""
+    produced = {out: j.rule for j in jobs for out in j.outputs}
+    deps: dict[str, set[str]] = {j.rule: set() for j in jobs}
+    for j in jobs:
+        for path in j.inputs:
+            for out, rule in produced.items():
+                if rule != j.rule and (path == out or path.startswith(out.rstrip("/") + "/")):
+                    deps[j.rule].add(rule)
+    ordered: list[str] = []
+    while deps:
+        ready = sorted(r for r, d in deps.items() if d <= set(ordered))
+        if not ready:
+            raise RuntimeError(f"cycle among rules {sorted(deps)}")
+        ordered += ready
+        for r in ready:
+            del deps[r]
+    return ordered
+
+
+def _templated(text: str, profile: str) -> str:
+    """Write the concrete profile of a command as DVC's `${profile}` (from params.yaml)."""
+    return text.replace(f"--profile {shlex.quote(profile)}", "--profile ${profile}")
+
+
+def dvc_stages(jobs: list[Job], profile: str) -> dict[str, Any]:
+    stages: dict[str, Any] = {}
+    for job in jobs:
+        outs: list[Any] = []
+        for out in job.outputs:
+            outs.append({out: {"cache": False}} if out.startswith(UNCACHED_PREFIXES) else out)
+        stage: dict[str, Any] = {"cmd": _templated(job.cmd, profile)}
+        if job.inputs:
+            stage["deps"] = list(dict.fromkeys(job.inputs))
+        stage["params"] = [PROFILE_KEY, *job.tracked, f"{OVERLAYS_KEY}.${{{PROFILE_KEY}}}"]
+        stage["outs"] = outs
+        stages[job.stage_name] = stage
+    return {"stages": stages}
+
+
+def render_dvc_yaml(root: str | Path = ".", profile: str = "default") -> str:
+    stages = dvc_stages(snakemake_jobs(root, profile), profile)
+    body = yaml.safe_dump(stages, sort_keys=False, width=1000)
+    return DVC_HEADER.format(profile=profile) + body
+
+
+def write_dvc_yaml(root: str | Path = ".", profile: str = "default") -> Path:
+    path = Path(root) / "dvc.yaml"
+    path.write_text(render_dvc_yaml(root, profile))
+    return path

@@ -1,0 +1,42 @@
+# Shared by every rule file: the validated configuration and small lookups. No rules here.
+import os
+import re
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+from dht.config import ConfigError, load_config
+from dht.pipeline import check_cli_overrides, tracked_params
+from dht.tracking import init_store
+
+# Stage commands call `python`: make it this interpreter's, so `.venv/bin/snakemake` works unactivated.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+PARAMS_FILE = "params.yaml"
+try:
+    check_cli_overrides(config, PARAMS_FILE)
+    CFG = load_config(PARAMS_FILE, profile=config.get("profile"))
+except ConfigError as err:
+    raise WorkflowError(f"invalid configuration\n{err}") from None
+
+PROFILE = CFG.profile
+DATASETS = CFG.run.datasets
+
+wildcard_constraints:
+    dataset="|".join(re.escape(d) for d in DATASETS),
+
+
+def tracked(*keys):
+    """The resolved values of params.yaml keys a job reads ({wildcards} filled in): Snakemake reruns the job
+    when they change, and `dht dvc-yaml` turns the keys into the DVC stage's `params:`."""
+    return lambda wildcards: tracked_params(CFG, [k.format(**wildcards) for k in keys])
+
+
+def code(script, *modules):
+    """A stage's code as inputs, so editing it reruns the stage in Snakemake and DVC alike."""
+    return [f"workflow/scripts/{script}", "dht/config.py", *(f"dht/{m}" for m in modules)]
+
+
+def init_tracking_store():
+    init_store(".")

@@ -1,0 +1,27 @@
+"""Argument parsing shared by the stage scripts (each script stays a few lines over the dht library)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dht.config import Config, ConfigError, load_config
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    p.add_argument("--profile", default=None, help="profile to resolve (default: params.yaml's `profile:`)")
+    return p
+
+
+def config(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.params, profile=args.profile)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+
+
+def root() -> Path:
+    return Path.cwd()

@@ -1,0 +1,21 @@
+"""Stage `download`: fetch, generate or read one dataset into data/raw/<dataset>/ (text, label, difficulty)."""
+
+import sys
+
+import _stage
+
+from dht.data import DatasetError, load_text_dataset, write_raw
+
+p = _stage.parser(__doc__)
+p.add_argument("--dataset", required=True)
+p.add_argument("--out", required=True)
+args = p.parse_args()
+cfg = _stage.config(args)
+
+try:
+    ds = load_text_dataset(cfg.dataset(args.dataset), seed=cfg.seed, root=_stage.root())
+except (DatasetError, ValueError) as err:
+    sys.exit(f"error: dataset '{args.dataset}': {err}")
+meta = write_raw(ds, args.out, args.dataset)
+print(f"download {args.dataset}: {meta['n_train']} train / {meta['n_test']} test, {meta['num_labels']} classes "
+      f"({meta['source']}) -> {args.out}")
