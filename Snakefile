@@ -2,7 +2,7 @@
 # and every parameter in params.yaml (validated by dht/config.py before any job runs).
 #
 #   snakemake --cores 4 reports/table1.md                    # default profile (embedded data, CPU)
-#   snakemake --cores 4 --config profile=tiny reports/table1.md
+#   snakemake --cores 4 reports/table1.md --config profile=tiny
 #
 # dvc.yaml is generated from this workflow's jobs (`dht dvc-yaml`); tests fail when the two drift apart.
 

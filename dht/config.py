@@ -319,10 +319,7 @@ def _lookup_model(loc: list[str]) -> type[BaseModel] | None:
             return model if model is not Config else None
         ann = field.annotation
         args = getattr(ann, "__args__", ())
-        if ann is not None and getattr(ann, "__origin__", None) is dict and args:
-            model = args[1]
-        else:
-            model = ann
+        model = args[1] if getattr(ann, "__origin__", None) is dict and args else ann
     if isinstance(model, type) and issubclass(model, BaseModel):
         return model
     return None

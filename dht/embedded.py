@@ -56,20 +56,9 @@ _SENTIMENT_CLASSES = {
     "positive": "delicious friendly superb wonderful fresh spotless excellent tasty generous "
     "delightful prompt cozy fantastic crispy welcoming",
 }
-_FILLER = (
-    "the a this that today yesterday story people city local new old many some every after before "
-    "during while with from into over under about around again also still just only very really quite "
-    "week month year morning evening night time day place area group team staff owner visitors customers "
-    "officials sources residents reporters said says told asked noted added went came saw made took gave "
-    "kept found showed seemed looked felt thought knew left and or so then there here where when what "
-    "which who whose our their its his her one two three several few most other another such same next "
-    "last first second"
-).split()
+_FILLER = ["the", "a", "this", "that", "today", "yesterday", "story", "people", "city", "local", "new", "old", "many", "some", "every", "after", "before", "during", "while", "with", "from", "into", "over", "under", "about", "around", "again", "also", "still", "just", "only", "very", "really", "quite", "week", "month", "year", "morning", "evening", "night", "time", "day", "place", "area", "group", "team", "staff", "owner", "visitors", "customers", "officials", "sources", "residents", "reporters", "said", "says", "told", "asked", "noted", "added", "went", "came", "saw", "made", "took", "gave", "kept", "found", "showed", "seemed", "looked", "felt", "thought", "knew", "left", "and", "or", "so", "then", "there", "here", "where", "when", "what", "which", "who", "whose", "our", "their", "its", "his", "her", "one", "two", "three", "several", "few", "most", "other", "another", "such", "same", "next", "last", "first", "second"]
 _NEGATORS = ("not", "never", "hardly")
-_ALIASES = (
-    "alpha beta gamma delta omega sigma kappa lambda theta zeta orion vega lyra draco nova atlas "
-    "rigel altair sirius castor"
-).split()
+_ALIASES = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "lambda", "theta", "zeta", "orion", "vega", "lyra", "draco", "nova", "atlas", "rigel", "altair", "sirius", "castor"]
 _MEANS = "means"
 _QUERY = ("report", "on")
 

@@ -24,4 +24,6 @@ def config(args: argparse.Namespace) -> Config:
 
 
 def root() -> Path:
-    return Path.cwd()
+    """Stages run from the project root (Snakemake and DVC both start them there); paths stay relative so
+    messages show them as params.yaml writes them."""
+    return Path(".")

@@ -1,0 +1,50 @@
+# Set-up and the two commands README.md promises. Everything installs into .venv from pyproject.toml.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROFILE ?= default
+CORES   ?= 4
+TARGET  ?= reports/table1.md
+
+.PHONY: install reproduce test test-fast lint dvc-yaml dvc-repro mlflow-ui clean
+
+install: $(STAMP)
+
+# torch==2.13.0 comes from the local CPU wheel where pip is configured with one (this project's machines),
+# from PyPI otherwise (a CUDA build on a GPU machine).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+## The main job: the pipeline on the embedded default profile (PROFILE=tiny|paper to change it).
+reproduce: $(STAMP)
+	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES) $(TARGET) --config profile=$(PROFILE)
+
+## The test suite, slow end-to-end pipeline tests included (CI runs exactly this).
+test: $(STAMP)
+	$(BIN)/pytest
+
+## The quick subset while developing.
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/dht config validate
+	$(BIN)/dht dvc-yaml --check
+
+## Regenerate dvc.yaml after changing the Snakemake workflow.
+dvc-yaml: $(STAMP)
+	$(BIN)/dht dvc-yaml
+
+## The same pipeline through DVC (stage commands call `python`: the venv's, via PATH).
+dvc-repro: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" --port 5000
+
+clean:
+	rm -rf .snakemake data/raw data/processed results models reports/*.md mlflow.db mlartifacts mlruns

@@ -1,0 +1,143 @@
+"""params.yaml: profiles resolve, and every bad value fails at once naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from conftest import ROOT
+
+from dht.config import ConfigError, deep_merge, load_config, parse_arm, read_params, resolve_params
+
+RAW = read_params(ROOT / "params.yaml")
+
+
+def errors_for(mutate, profile: str | None = None) -> str:
+    raw = copy.deepcopy(RAW)
+    mutate(raw)
+    with pytest.raises(ConfigError) as exc:
+        load_config(ROOT / "params.yaml", profile=profile, raw=raw)
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("profile", ["default", "tiny", "paper"])
+def test_every_shipped_profile_is_valid(profile):
+    cfg = load_config(ROOT / "params.yaml", profile=profile)
+    assert cfg.profile == profile
+    assert set(cfg.run.models) <= set(cfg.dht.modes)
+
+
+def test_profiles_overlay_only_what_they_change():
+    default = load_config(ROOT / "params.yaml", profile="default")
+    tiny = load_config(ROOT / "params.yaml", profile="tiny")
+    paper = load_config(ROOT / "params.yaml", profile="paper")
+    assert tiny.model.hidden_size < default.model.hidden_size
+    assert tiny.model.num_hidden_layers == default.model.num_hidden_layers  # inherited
+    assert tiny.datasets["embedded-news"].n_train < default.datasets["embedded-news"].n_train
+    assert tiny.datasets["embedded-news"].num_classes == 4  # inherited inside a nested mapping
+    assert paper.run.datasets == ["ag_news", "dbpedia", "yelp_polarity", "yelp_full"]
+    assert [paper.datasets[d].max_length for d in paper.run.datasets] == [128, 128, 300, 300]
+    assert (paper.model.hidden_size, paper.model.num_attention_heads, paper.model.init) == (768, 12, "bert-base-uncased")
+    assert paper.tokenizer.name_or_path == "bert-base-uncased"
+
+
+def test_deep_merge_merges_mappings_and_replaces_lists():
+    merged = deep_merge({"a": {"x": 1, "y": [1, 2]}, "b": 1}, {"a": {"y": [3]}, "c": 2})
+    assert merged == {"a": {"x": 1, "y": [3]}, "b": 1, "c": 2}
+
+
+def test_unknown_profile():
+    with pytest.raises(ConfigError, match=r"profile = 'huge': unknown profile; allowed: default, paper, tiny"):
+        resolve_params(RAW, "huge")
+
+
+def test_unknown_dataset_in_run():
+    msg = errors_for(lambda r: r["run"].__setitem__("datasets", ["embedded-news", "imdb"]))
+    assert "run.datasets: 'imdb' is not a dataset" in msg and "embedded-news" in msg
+
+
+def test_unknown_mode_in_run():
+    msg = errors_for(lambda r: r["run"]["models"].append("x-dht"))
+    assert "run.models: 'x-dht' is not a mode; allowed" in msg and "t-dht" in msg
+
+
+def test_layer_option_not_a_multiple_of_c():
+    msg = errors_for(lambda r: r["dht"]["modes"]["t-dht"].__setitem__("layers", [3, 5, 12]))
+    assert "dht.modes.t-dht.layers[1] = 5: (L - b) must be a multiple of c" in msg
+    assert "allowed layer counts are 3, 6, 9, 12" in msg
+
+
+def test_arm_with_bad_layer_count():
+    msg = errors_for(lambda r: r["dht"]["modes"]["f-dht"]["arms"].append("7L8H"))
+    assert "dht.modes.f-dht.arms[10] = '7L8H': has L = 7 layers" in msg
+
+
+def test_malformed_arm():
+    msg = errors_for(lambda r: r["dht"]["modes"]["s-dht"]["arms"].__setitem__(0, "3 layers"))
+    assert "dht.modes.s-dht.arms[0] = '3 layers': '3 layers' is not an arm" in msg
+
+
+def test_head_count_must_divide_hidden_size():
+    msg = errors_for(lambda r: r["model"].__setitem__("num_attention_heads", 5))
+    assert "model.num_attention_heads = 5: must divide model.hidden_size = 96; allowed: 1, 2, 3, 4, 6, 8, 12" in msg
+
+
+def test_head_option_above_model_heads():
+    msg = errors_for(lambda r: r["dht"]["modes"]["t-dht"].__setitem__("heads", [8, 16]))
+    assert "dht.modes.t-dht: head counts 16 are outside 1..12" in msg
+
+
+def test_negative_learning_rate():
+    msg = errors_for(lambda r: r["train"].__setitem__("learning_rate", -0.001))
+    assert "train.learning_rate = -0.001: Input should be greater than 0" in msg
+
+
+def test_typo_is_an_unknown_key_with_the_allowed_ones():
+    msg = errors_for(lambda r: r["model"].__setitem__("hiden_size", 64))
+    assert "model.hiden_size: unknown key; allowed here: init, hidden_size" in msg
+
+
+def test_unknown_source():
+    msg = errors_for(lambda r: r["datasets"]["embedded-news"].__setitem__("source", "ftp"))
+    assert "datasets.embedded-news.source = 'ftp': unknown source; allowed: embedded, hub, csv" in msg
+
+
+def test_bad_value_in_a_profile_overlay_names_the_profile():
+    msg = errors_for(lambda r: r["profiles"]["tiny"]["model"].__setitem__("hidden_size", 50), profile="tiny")
+    assert "profile 'tiny'" in msg and "model.num_attention_heads = 12: must divide model.hidden_size = 50" in msg
+
+
+def test_max_length_beyond_position_embeddings():
+    msg = errors_for(lambda r: r["datasets"]["embedded-news"].__setitem__("max_length", 100))
+    assert "datasets.embedded-news.max_length = 100: exceeds model.max_position_embeddings = 64" in msg
+
+
+def test_warmup_longer_than_training():
+    msg = errors_for(lambda r: r["train"].__setitem__("epochs", 2))
+    assert "dht.modes.p-dht.warmup_epochs = 2: must be fewer than train.epochs = 2" in msg
+
+
+def test_difficulty_mix_must_sum_to_one():
+    msg = errors_for(lambda r: r["datasets"]["embedded-news"].__setitem__("difficulty_mix", [0.5, 0.5, 0.5]))
+    assert "difficulty_mix = [0.5, 0.5, 0.5]: must be three non-negative shares" in msg
+
+
+def test_several_problems_are_reported_together():
+    def mutate(r):
+        r["train"]["learning_rate"] = -1
+        r["model"]["hiden"] = 1
+    msg = errors_for(mutate)
+    assert "has 2 problem(s)" in msg
+
+
+def test_parse_arm():
+    arm = parse_arm("4L8H+2L12H")
+    assert arm.num_layers == 6 and arm.heads_per_layer() == [8] * 4 + [12] * 2 and str(arm) == "4L8H+2L12H"
+    with pytest.raises(ValueError):
+        parse_arm("4L8H+")
+
+
+def test_schema_file_is_current():
+    from dht.cli import SCHEMA_PATH, render_schema
+
+    assert (ROOT / SCHEMA_PATH).read_text() == render_schema(), "run `dht config schema`"

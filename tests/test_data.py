@@ -1,0 +1,183 @@
+"""Dataset sources: Zhang et al. (2015) CSV, Hugging Face (a locally saved dataset), the embedded generator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dht.config import CsvDatasetSpec, EmbeddedDatasetSpec, HubDatasetSpec
+from dht.data import (
+    DatasetError,
+    load_text_dataset,
+    load_zhang_dir,
+    read_raw,
+    read_zhang_csv,
+    subsample,
+    write_raw,
+)
+
+# Rows as they stand in the original files: every field quoted, "" for a quote, literal backslashes in AG News.
+AG_TRAIN = (
+    '"3","Wall St. Bears Claw Back Into the Black (Reuters)","Reuters - Short-sellers, Wall Street\'s dwindling\\band of ultra-cynics, are seeing green again."\n'
+    '"4","Oracle says ""no"" to PeopleSoft","SAN FRANCISCO - The bid, at #36;21 a share, was rejected."\n'
+    '"1","Talks, resume","Diplomats met, again\\; talks go on."\n'
+    '"2","Cup final","A late goal."\n'
+)
+AG_TEST = '"2","Final, replay","Extra time."\n"1","Summit","Leaders meet."\n'
+YELP = '"1","Terrible.\\nCold food, ""fresh"" it was not."\n"2","Great!\\n\\nWill return."\n'
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_zhang_quotes_escapes_backslashes_and_one_based_labels(tmp_path):
+    frame = read_zhang_csv(write(tmp_path / "train.csv", AG_TRAIN), ["title", "description"])
+    assert frame["label"].tolist() == [3, 4, 1, 2]  # as in the file; load_zhang_dir makes them 0-based
+    assert frame["text"][0] == (
+        "Wall St. Bears Claw Back Into the Black (Reuters)\n"
+        "Reuters - Short-sellers, Wall Street's dwindling\\band of ultra-cynics, are seeing green again."
+    )
+    assert 'Oracle says "no" to PeopleSoft' in frame["text"][1]  # "" is an escaped quote
+    assert "Talks, resume" in frame["text"][2]  # a comma inside quotes is not a separator
+    assert "again\\;" in frame["text"][2]  # backslashes are kept as they are in AG News
+
+
+def test_zhang_yelp_literal_newlines(tmp_path):
+    frame = read_zhang_csv(write(tmp_path / "train.csv", YELP), ["text"])
+    assert frame["text"][0] == 'Terrible.\nCold food, "fresh" it was not.'
+    assert frame["text"][1] == "Great!\n\nWill return."
+    kept = read_zhang_csv(tmp_path / "train.csv", ["text"], unescape_newlines=False)
+    assert kept["text"][1] == "Great!\\n\\nWill return."
+
+
+def test_zhang_dir_with_classes_gives_zero_based_labels(tmp_path):
+    write(tmp_path / "ag" / "train.csv", AG_TRAIN)
+    write(tmp_path / "ag" / "test.csv", AG_TEST)
+    write(tmp_path / "ag" / "classes.txt", "World\nSports\nBusiness\nSci/Tech\n")
+    ds = load_zhang_dir(tmp_path / "ag", ["title", "description"])
+    assert ds.classes == ["World", "Sports", "Business", "Sci/Tech"]
+    assert ds.train["label"].tolist() == [2, 3, 0, 1] and ds.test["label"].tolist() == [1, 0]
+
+
+def test_zhang_wrong_column_count(tmp_path):
+    path = write(tmp_path / "train.csv", '"1","a","b"\n"2","only one"\n')
+    with pytest.raises(DatasetError, match=r"train.csv, line 2: 2 columns, expected 3 \(class, title, description\)"):
+        read_zhang_csv(path, ["title", "description"])
+
+
+def test_zhang_label_not_an_index(tmp_path):
+    for bad in ('"0","x","y"\n', '"World","x","y"\n', '"-1","x","y"\n'):
+        path = write(tmp_path / "train.csv", bad)
+        with pytest.raises(DatasetError, match="is not a 1-based class index"):
+            read_zhang_csv(path, ["title", "description"])
+
+
+def test_zhang_label_out_of_range_of_classes(tmp_path):
+    write(tmp_path / "d" / "train.csv", '"1","a"\n"2","b"\n')
+    write(tmp_path / "d" / "test.csv", '"3","c"\n')
+    with pytest.raises(DatasetError, match=r"test.csv: class 3 is out of range: the training split has 2 classes"):
+        load_zhang_dir(tmp_path / "d", ["text"])
+    write(tmp_path / "d" / "classes.txt", "neg\n")
+    with pytest.raises(DatasetError, match=r"train.csv: class 2 is out of range: classes.txt lists 1 classes"):
+        load_zhang_dir(tmp_path / "d", ["text"])
+
+
+def test_zhang_empty_split_and_missing_files(tmp_path):
+    with pytest.raises(DatasetError, match="the split is empty"):
+        read_zhang_csv(write(tmp_path / "train.csv", ""), ["text"])
+    with pytest.raises(DatasetError, match="file not found"):
+        read_zhang_csv(tmp_path / "nope.csv", ["text"])
+    with pytest.raises(DatasetError, match="no such directory"):
+        load_zhang_dir(tmp_path / "missing", ["text"])
+
+
+def test_zhang_broken_quoting(tmp_path):
+    path = write(tmp_path / "train.csv", '"1","an "unescaped" quote"\n')
+    with pytest.raises(DatasetError, match="malformed CSV"):
+        read_zhang_csv(path, ["text"])
+
+
+def test_csv_source_through_the_common_interface(tmp_path):
+    write(tmp_path / "ag" / "train.csv", AG_TRAIN)
+    write(tmp_path / "ag" / "test.csv", AG_TEST)
+    spec = CsvDatasetSpec(source="csv", path="ag", fields=["title", "description"], max_train_samples=2)
+    ds = load_text_dataset(spec, seed=0, root=tmp_path)
+    assert len(ds.train) == 2 and len(ds.test) == 2 and ds.source.startswith("csv:")
+
+
+def _hub_like_datasetdict():
+    import datasets
+
+    features = datasets.Features({
+        "title": datasets.Value("string"),
+        "content": datasets.Value("string"),
+        "label": datasets.ClassLabel(names=["Company", "Artist", "Athlete"]),
+    })
+    rows = {"title": ["Acme", "Ann", "Bo", "Zed"], "content": ["makes things", "paints", "runs", "sells"],
+            "label": [0, 1, 2, 0]}
+    split = datasets.Dataset.from_dict(rows, features=features)
+    return datasets.DatasetDict({"train": split, "test": split.select([1, 2])})
+
+
+def test_hub_source_from_a_saved_dataset(tmp_path):
+    _hub_like_datasetdict().save_to_disk(str(tmp_path / "dbpedia"))
+    spec = HubDatasetSpec(source="hub", path=str(tmp_path / "dbpedia"), text_fields=["title", "content"])
+    ds = load_text_dataset(spec, seed=0)
+    assert ds.classes == ["Company", "Artist", "Athlete"]
+    assert ds.train["text"].tolist()[0] == "Acme\nmakes things"
+    assert ds.train["label"].tolist() == [0, 1, 2, 0] and len(ds.test) == 2
+
+
+def test_hub_source_from_a_directory_in_hub_layout(tmp_path):
+    """The same `datasets.load_dataset(path)` call that reads `fancyzhx/dbpedia_14` from the hub, on a local
+    directory laid out like the hub repository (data/<split>-*.parquet)."""
+    dd = _hub_like_datasetdict()
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    for split in dd:
+        dd[split].to_parquet(str(tmp_path / "repo" / "data" / f"{split}-00000-of-00001.parquet"))
+    spec = HubDatasetSpec(source="hub", path=str(tmp_path / "repo"), text_fields=["title", "content"])
+    ds = load_text_dataset(spec, seed=0)
+    assert ds.classes == ["Company", "Artist", "Athlete"]  # ClassLabel survives in the parquet metadata
+    assert len(ds.train) == 4 and ds.test["text"].tolist() == ["Ann\npaints", "Bo\nruns"]
+
+
+def test_hub_source_errors_are_clear(tmp_path):
+    _hub_like_datasetdict().save_to_disk(str(tmp_path / "d"))
+    bad_field = HubDatasetSpec(source="hub", path=str(tmp_path / "d"), text_fields=["text"])
+    with pytest.raises(DatasetError, match=r"no column\(s\) text; it has title, content, label"):
+        load_text_dataset(bad_field, seed=0)
+    bad_split = HubDatasetSpec(source="hub", path=str(tmp_path / "d"), text_fields=["title"], test_split="validation")
+    with pytest.raises(DatasetError, match="no split 'validation'; it has train, test"):
+        load_text_dataset(bad_split, seed=0)
+    missing = HubDatasetSpec(source="hub", path=str(tmp_path / "nowhere" / "x"), text_fields=["title"])
+    with pytest.raises(DatasetError, match="save_to_disk"):
+        load_text_dataset(missing, seed=0)
+
+
+def test_embedded_source_and_raw_round_trip(tmp_path):
+    spec = EmbeddedDatasetSpec(source="embedded", num_classes=2, n_train=40, n_test=10)
+    ds = load_text_dataset(spec, seed=1)
+    meta = write_raw(ds, tmp_path / "raw", "emb")
+    assert meta["n_train"] == 40 and meta["classes"] == ["negative", "positive"] and meta["has_difficulty"]
+    back = read_raw(tmp_path / "raw")
+    pd.testing.assert_frame_equal(back.train, ds.train)
+    assert back.classes == ds.classes and json.loads((tmp_path / "raw" / "meta.json").read_text())["num_labels"] == 2
+
+
+def test_read_raw_missing_says_which_stage(tmp_path):
+    with pytest.raises(DatasetError, match="run the download stage first"):
+        read_raw(tmp_path)
+
+
+def test_subsample_is_stratified_and_seeded():
+    frame = pd.DataFrame({"text": [str(i) for i in range(1000)], "label": [i % 4 for i in range(1000)]})
+    a, b = subsample(frame, 100, seed=3), subsample(frame, 100, seed=3)
+    assert a.equals(b) and len(a) == 100
+    assert a["label"].value_counts().tolist() == [25, 25, 25, 25]
+    assert subsample(frame, None, 0).equals(frame)

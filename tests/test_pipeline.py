@@ -1,0 +1,162 @@
+"""The pipeline as a user runs it: Snakemake (dry and real, in a throw-away copy of the project), dvc.yaml
+generated from it, DVC on the same stages, and MLflow receiving every run."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_cli
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Snakemake's 'Job stats' table as {rule: count}."""
+    lines = output.split("Job stats:")[1].splitlines()[3:]
+    counts = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def set_params(project: Path, edit) -> None:
+    path = project / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    edit(raw)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def test_dvc_yaml_is_generated_from_the_current_workflow(project):
+    """Fails when dvc.yaml and the Snakefile disagree: regenerate with `dht dvc-yaml`."""
+    proc = run_cli(["dht", "dvc-yaml", "--check"], cwd=project, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_drift_between_snakefile_and_dvc_yaml_is_detected(project):
+    rules = project / "workflow" / "rules" / "report.smk"
+    rules.write_text(rules.read_text().replace('tracked("run")', 'tracked("run", "seed")'))
+    proc = run_cli(["dht", "dvc-yaml", "--check"], cwd=project, check=False)
+    assert proc.returncode == 1 and "out of date" in proc.stderr
+    run_cli(["dht", "dvc-yaml"], cwd=project)
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    assert "seed" in stages["table1"]["params"]
+
+
+def test_dvc_stages_mirror_snakemake_jobs(project):
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == ["download-embedded-news", "download-embedded-sentiment", "tokenize-embedded-news",
+                            "tokenize-embedded-sentiment", "table1"]
+    tok = stages["tokenize-embedded-news"]
+    assert tok["cmd"].startswith("python workflow/scripts/tokenize_data.py --profile ${profile} ")
+    assert "data/raw/embedded-news/train.parquet" in tok["deps"] and "dht/tokenization.py" in tok["deps"]
+    assert tok["params"] == ["profile", "tokenizer", "datasets.embedded-news", "profiles.${profile}"]
+    assert "data/processed/embedded-news/tokenizer" in tok["outs"]
+
+
+def test_dry_run_of_table1(project):
+    proc = run_cli(["snakemake", "-n", "--cores", "1", "reports/table1.md"], cwd=project)
+    assert job_counts(proc.stdout) == {"download": 2, "tokenize": 2, "table1": 1}
+
+
+def test_bad_params_fail_before_any_job(project):
+    set_params(project, lambda r: r["dht"]["modes"]["t-dht"].__setitem__("layers", [3, 4]))
+    proc = run_cli(["snakemake", "-n", "--cores", "1", "reports/table1.md"], cwd=project, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "dht.modes.t-dht.layers[1] = 4: (L - b) must be a multiple of c" in out
+    assert not (project / "data").exists()
+
+
+def test_only_profile_can_be_overridden_on_the_command_line(project):
+    proc = run_cli(["snakemake", "-n", "--cores", "1", "--config", "seed=3"], cwd=project, check=False)
+    assert proc.returncode != 0 and "--config seed: only `profile` can be set" in proc.stdout + proc.stderr
+    bad = run_cli(["snakemake", "-n", "--cores", "1", "--config", "profile=huge"], cwd=project, check=False)
+    assert bad.returncode != 0 and "profile = 'huge': unknown profile" in bad.stdout + bad.stderr
+
+
+def mlflow_runs(project: Path) -> list[tuple[str, str]]:
+    """(experiment, run name) of every run in the project's MLflow store."""
+    with sqlite3.connect(project / "mlflow.db") as db:
+        return db.execute(
+            "SELECT e.name, r.name FROM runs r JOIN experiments e USING (experiment_id) ORDER BY e.name, r.name"
+        ).fetchall()
+
+
+@pytest.mark.slow
+def test_tokenization_stage_runs_through_snakemake(project):
+    run_cli(["snakemake", "--cores", "2", "data/processed/embedded-news/meta.json", "--config", "profile=tiny"],
+            cwd=project)
+    meta = json.loads((project / "data/processed/embedded-news/meta.json").read_text())
+    assert meta["splits"]["train"]["n"] == 320 and meta["max_length"] == 40 and meta["num_labels"] == 4
+    assert (project / "data/processed/embedded-news/tokenizer/tokenizer.json").is_file()
+    assert ("embedded-news", "tokenize") in mlflow_runs(project)
+    assert not (project / "data/processed/embedded-sentiment").exists()  # only what was asked for
+
+
+@pytest.mark.slow
+def test_end_to_end_tiny_to_table1_then_noop(project):
+    proc = run_cli(["snakemake", "--cores", "2", "reports/table1.md", "--config", "profile=tiny"], cwd=project)
+    table = (project / "reports/table1.md").read_text()
+    assert "Profile `tiny`" in table
+    assert "| embedded-news | embedded | 4 | 320 | 96 | 40 |" in table
+    assert "| embedded-sentiment | embedded | 2 | 320 | 96 | 40 |" in table
+    assert sorted(mlflow_runs(project)) == [("embedded-news", "tokenize"), ("embedded-sentiment", "tokenize")]
+    again = run_cli(["snakemake", "-n", "--cores", "2", "reports/table1.md", "--config", "profile=tiny"], cwd=project)
+    assert "Nothing to be done" in again.stdout + again.stderr, proc.stdout[-2000:]
+    # a changed parameter reruns exactly the jobs that read it
+    set_params(project, lambda r: r["profiles"]["tiny"]["tokenizer"].__setitem__("vocab_size", 500))
+    changed = run_cli(["snakemake", "-n", "--cores", "2", "reports/table1.md", "--config", "profile=tiny"], cwd=project)
+    assert job_counts(changed.stdout) == {"tokenize": 2, "table1": 1}
+
+
+@pytest.mark.slow
+def test_a_user_adds_a_local_zhang_csv_dataset(project):
+    from test_data import AG_TEST, AG_TRAIN, write
+
+    write(project / "data/external/agcsv/train.csv", AG_TRAIN * 10)
+    write(project / "data/external/agcsv/test.csv", AG_TEST * 5)
+    write(project / "data/external/agcsv/classes.txt", "World\nSports\nBusiness\nSci/Tech\n")
+
+    def add(raw):
+        raw["datasets"]["agcsv"] = {"source": "csv", "path": "data/external/agcsv", "fields": ["title", "description"],
+                                    "max_length": 32}
+        raw["run"]["datasets"] = ["agcsv"]
+    set_params(project, add)
+    run_cli(["snakemake", "--cores", "2", "reports/table1.md"], cwd=project)
+    meta = json.loads((project / "data/processed/agcsv/meta.json").read_text())
+    assert meta["classes"] == ["World", "Sports", "Business", "Sci/Tech"]
+    assert meta["splits"]["train"]["n"] == 40 and meta["splits"]["train"]["label_counts"] == [10, 10, 10, 10]
+    assert "| agcsv | csv:" in (project / "reports/table1.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_missing_csv_dataset_fails_with_a_clear_error(project):
+    def add(raw):
+        raw["datasets"]["mine"] = {"source": "csv", "path": "data/external/mine", "fields": ["text"], "max_length": 32}
+        raw["run"]["datasets"] = ["mine"]
+    set_params(project, add)
+    proc = run_cli(["snakemake", "--cores", "1", "data/raw/mine/meta.json"], cwd=project, check=False)
+    assert proc.returncode != 0
+    assert "dataset 'mine': data/external/mine: no such directory" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_same_stages_on_the_tiny_profile(project):
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    set_params(project, lambda r: r.__setitem__("profile", "tiny"))
+    subprocess.run([*git, "add", "-A"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=project, check=True)
+    run_cli(["dvc", "repro"], cwd=project)
+    assert "Profile `tiny`" in (project / "reports/table1.md").read_text()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["tokenize-embedded-news"]["params"]["params.yaml"]["profile"] == "tiny"
+    assert "up to date" in run_cli(["dvc", "status"], cwd=project).stdout
+    metrics = json.loads((project / "data/processed/embedded-news/meta.json").read_text())
+    assert metrics["splits"]["train"]["n"] == 320

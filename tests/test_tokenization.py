@@ -1,0 +1,80 @@
+"""Tokenizer training, save/load round trip, and the processed parquet files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dht.config import TokenizerConfig
+from dht.data import TextDataset
+from dht.embedded import generate
+from dht.tokenization import (
+    SPECIAL_TOKENS,
+    encode_frame,
+    load_pretrained_tokenizer,
+    load_processed,
+    prepare,
+    train_wordpiece,
+)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    train, test, classes = generate(4, 600, 100, seed=0)
+    return TextDataset(train, test, classes, source="embedded")
+
+
+def test_wordpiece_round_trip_through_save_pretrained(tmp_path, corpus):
+    tok = train_wordpiece(corpus.train["text"], vocab_size=400, min_frequency=1)
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = load_pretrained_tokenizer(str(tmp_path / "tok"))
+    text = corpus.test["text"][0]
+    ids = loaded(text)["input_ids"]
+    assert ids == tok(text)["input_ids"]
+    assert ids[0] == loaded.cls_token_id and ids[-1] == loaded.sep_token_id
+    assert loaded.decode(ids, skip_special_tokens=True) == text.lower()
+    assert loaded.convert_ids_to_tokens(list(range(5))) == SPECIAL_TOKENS
+    assert loaded.pad_token_id == 0
+
+
+def test_unknown_words_are_split_into_pieces_not_lost(corpus):
+    tok = train_wordpiece(corpus.train["text"], vocab_size=1000, min_frequency=1)  # room for every word
+    pieces = tok.tokenize("goalkeeperish")
+    assert pieces[0] == "goalkeeper" and all(p.startswith("##") for p in pieces[1:])
+
+
+def test_encode_pads_truncates_and_counts(corpus):
+    tok = train_wordpiece(corpus.train["text"], vocab_size=1000, min_frequency=1)
+    frame = corpus.test.iloc[:5].copy()
+    frame.loc[frame.index[0], "text"] = " ".join(["goalkeeper"] * 50)
+    table = encode_frame(tok, frame, max_length=16)
+    ids = np.asarray(table.column("input_ids").to_pylist())
+    mask = np.asarray(table.column("attention_mask").to_pylist())
+    assert ids.shape == (5, 16) and mask.shape == (5, 16)
+    assert table.column("n_tokens").to_pylist()[0] == 52  # [CLS] + 50 + [SEP], before truncation
+    assert ids[0, -1] == tok.sep_token_id and mask[0].all()  # truncated keeps the closing [SEP]
+    assert (ids[mask == 0] == tok.pad_token_id).all()
+    assert table.column("difficulty").to_pylist() == frame["difficulty"].tolist()
+
+
+def test_prepare_writes_parquet_tokenizer_and_meta(tmp_path, corpus):
+    meta = prepare(corpus, TokenizerConfig(vocab_size=300), max_length=24, out_dir=tmp_path, name="emb")
+    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "meta.json").read_text()) == meta
+    assert meta["splits"]["train"]["n"] == 600 and sum(meta["splits"]["train"]["label_counts"]) == 600
+    assert meta["splits"]["train"]["difficulty_counts"] == [240, 180, 180]
+    arrays = load_processed(tmp_path, "train")
+    assert arrays["input_ids"].shape == (600, 24) and arrays["input_ids"].dtype == np.int64
+    assert (arrays["label"] == corpus.train["label"].to_numpy()).all()
+
+
+def test_missing_processed_split_names_the_stage(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the tokenize stage first"):
+        load_processed(tmp_path, "train")
+
+
+def test_pretrained_tokenizer_missing_is_clear(tmp_path):
+    with pytest.raises(ValueError, match="could not load tokenizer"):
+        load_pretrained_tokenizer(str(tmp_path / "no-such-tokenizer"))
