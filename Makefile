@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROFILE ?= default
 CORES   ?= 4
-TARGET  ?= reports/table1.md
+TARGET  ?= all
 
 .PHONY: install reproduce test test-fast lint dvc-yaml dvc-repro mlflow-ui clean
 

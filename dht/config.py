@@ -127,9 +127,38 @@ class ModeConfig(_Strict):
     warmup_epochs: Annotated[int, Field(ge=0)] = 0  # ... for this many epochs
 
 
+class PoolingConfig(_Strict):
+    """Multi-granularity mean pooling (Section 7.1): split the tokens into 1, 2, ... parts and the hidden
+    dimension into 4, 8, ... parts, and take each part's mean."""
+
+    seq_splits: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    hidden_splits: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+
+    @property
+    def size(self) -> int:
+        return sum(self.seq_splits) * sum(self.hidden_splits)
+
+
+def _pool(seq: list[int], hidden: list[int]) -> PoolingConfig:
+    return PoolingConfig(seq_splits=seq, hidden_splits=hidden)
+
+
+class FeaturesConfig(_Strict):
+    """Context and arm-feature sizes; the defaults are the ones the paper's vector lengths imply
+    (84 for UCB_L/UCB_cp, 42 for UCB_H, 12 for TSB; docs/bandits.md)."""
+
+    ucb_l: PoolingConfig = _pool([1, 2], [4, 8, 16])
+    ucb_cp: PoolingConfig = _pool([1, 2], [4, 8, 16])
+    ucb_h: PoolingConfig = _pool([1, 2], [2, 4, 8])
+    tsb: PoolingConfig = _pool([1], [4, 8])
+    arm_feature_samples: Annotated[int, Field(ge=1)] | None = None  # None: the whole training split
+    batch_size: Annotated[int, Field(ge=1)] = 256
+
+
 class DHTConfig(_Strict):
     fixed_layers: Annotated[int, Field(ge=0)] = 3
     group_size: Annotated[int, Field(ge=1)] = 3
+    features: FeaturesConfig = FeaturesConfig()
     modes: dict[str, ModeConfig]
 
 
@@ -346,6 +375,15 @@ def check_semantics(cfg: Config) -> list[str]:
         problems.append(
             f"dht.fixed_layers = {b}: b cannot exceed model.num_hidden_layers = {m.num_hidden_layers}"
         )
+    for bandit, pool in cfg.dht.features:
+        if not isinstance(pool, PoolingConfig):
+            continue
+        bad = [h for h in pool.hidden_splits if m.hidden_size % h]
+        if bad:
+            problems.append(
+                f"dht.features.{bandit}.hidden_splits = {pool.hidden_splits}: {', '.join(map(str, bad))} do not "
+                f"divide model.hidden_size = {m.hidden_size}; use divisors of the hidden size"
+            )
     if cfg.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", cfg.device):
         problems.append(f"device = {cfg.device!r}: allowed: auto, cpu, cuda, cuda:N, mps")
 

@@ -51,7 +51,9 @@ def test_drift_between_snakefile_and_dvc_yaml_is_detected(project):
 def test_dvc_stages_mirror_snakemake_jobs(project):
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     assert list(stages) == ["download-embedded-news", "download-embedded-sentiment", "tokenize-embedded-news",
-                            "tokenize-embedded-sentiment", "table1"]
+                            "tokenize-embedded-sentiment", "arm_features-embedded-news",
+                            "arm_features-embedded-sentiment", "table1"]
+    assert stages["arm_features-embedded-news"]["cmd"].endswith("--threads 2")  # the rule's threads
     tok = stages["tokenize-embedded-news"]
     assert tok["cmd"].startswith("python workflow/scripts/tokenize_data.py --profile ${profile} ")
     assert "data/raw/embedded-news/train.parquet" in tok["deps"] and "dht/tokenization.py" in tok["deps"]
@@ -62,6 +64,8 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
 def test_dry_run_of_table1(project):
     proc = run_cli(["snakemake", "-n", "--cores", "1", "reports/table1.md"], cwd=project)
     assert job_counts(proc.stdout) == {"download": 2, "tokenize": 2, "table1": 1}
+    everything = run_cli(["snakemake", "-n", "--cores", "1"], cwd=project)
+    assert job_counts(everything.stdout) == {"download": 2, "tokenize": 2, "arm_features": 2, "table1": 1, "all": 1}
 
 
 def test_bad_params_fail_before_any_job(project):
@@ -100,19 +104,27 @@ def test_tokenization_stage_runs_through_snakemake(project):
 
 
 @pytest.mark.slow
-def test_end_to_end_tiny_to_table1_then_noop(project):
-    proc = run_cli(["snakemake", "--cores", "2", "reports/table1.md", "--config", "profile=tiny"], cwd=project)
+def test_end_to_end_tiny_then_noop(project):
+    proc = run_cli(["snakemake", "--cores", "2", "--config", "profile=tiny"], cwd=project)
     table = (project / "reports/table1.md").read_text()
     assert "Profile `tiny`" in table
     assert "| embedded-news | embedded | 4 | 320 | 96 | 40 |" in table
     assert "| embedded-sentiment | embedded | 2 | 320 | 96 | 40 |" in table
-    assert sorted(mlflow_runs(project)) == [("embedded-news", "tokenize"), ("embedded-sentiment", "tokenize")]
-    again = run_cli(["snakemake", "-n", "--cores", "2", "reports/table1.md", "--config", "profile=tiny"], cwd=project)
+    assert sorted(mlflow_runs(project)) == [
+        ("embedded-news", "arm_features"), ("embedded-news", "tokenize"),
+        ("embedded-sentiment", "arm_features"), ("embedded-sentiment", "tokenize"),
+    ]
+    from dht.arm_features import load_arm_features
+
+    feats = load_arm_features(project / "data/features/embedded-news")
+    assert feats["ucb_l/3"].shape == (84,) and feats["ucb_h/8"].shape == (42,) and "ucb_cp/4L8H+2L12H" in feats
+    assert (project / "data/features/embedded-news/init_model/config.json").is_file()
+    again = run_cli(["snakemake", "-n", "--cores", "2", "--config", "profile=tiny"], cwd=project)
     assert "Nothing to be done" in again.stdout + again.stderr, proc.stdout[-2000:]
     # a changed parameter reruns exactly the jobs that read it
     set_params(project, lambda r: r["profiles"]["tiny"]["tokenizer"].__setitem__("vocab_size", 500))
-    changed = run_cli(["snakemake", "-n", "--cores", "2", "reports/table1.md", "--config", "profile=tiny"], cwd=project)
-    assert job_counts(changed.stdout) == {"tokenize": 2, "table1": 1}
+    changed = run_cli(["snakemake", "-n", "--cores", "2", "--config", "profile=tiny"], cwd=project)
+    assert job_counts(changed.stdout) == {"tokenize": 2, "arm_features": 2, "table1": 1, "all": 1}
 
 
 @pytest.mark.slow

@@ -1,0 +1,163 @@
+"""Arm features (Section 4.2): which arms, the random-arm plan, exact means, bounded streaming, storage."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import ROOT
+
+from dht.arm_features import (
+    arm_layer_heads,
+    arm_matrix,
+    arm_space,
+    compute_arm_features,
+    iter_batches,
+    load_arm_features,
+    random_arm_plan,
+    save_arm_features,
+)
+from dht.config import load_config, parse_arm, read_params
+from dht.features import PoolingSpec
+from dht.model import DHTConfig, DHTForSequenceClassification
+
+torch.set_num_threads(1)
+
+
+def config(**run):
+    raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
+    raw["run"].update(run)
+    return load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = DHTConfig(vocab_size=50, hidden_size=48, num_hidden_layers=12, num_attention_heads=12,
+                    intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    return DHTForSequenceClassification(cfg).eval()
+
+
+def batches(n=40, width=16, batch_size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 50, (n, width), generator=g)
+    lengths = torch.randint(4, width + 1, (n,), generator=g)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    return [(ids[i : i + batch_size], mask[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def test_arm_space_is_the_union_of_the_run_modes():
+    space = arm_space(config())
+    assert space.layer_options == (3, 6, 9, 12) and space.head_options == (8, 10, 12)
+    assert "12L12H" in space.cp_arms and "6L8H" in space.cp_arms and "4L8H+2L12H" in space.cp_arms
+    assert set(space.cp_arms) <= set(space.pool) and "3L8H" in space.pool  # tree combinations join the pool
+    only_s = arm_space(config(models=["s-dht"]))
+    assert only_s.layer_options == () and only_s.cp_arms == ("3L12H", "6L12H", "9L12H", "12L8H", "12L10H", "12L12H")
+    p_only = arm_space(config(models=["p-dht"]))  # its warm-up mode (f-dht) is included
+    assert "6L10H" in p_only.cp_arms and "10L12H+2L12H" in p_only.cp_arms
+
+
+def test_arm_layer_heads_keeps_the_first_b_layers_full():
+    assert arm_layer_heads(parse_arm("6L8H"), 3, 12) == [12, 12, 12, 8, 8, 8]
+    assert arm_layer_heads(parse_arm("4L8H+2L12H"), 3, 12) == [12, 12, 12, 8, 12, 12]
+
+
+def test_random_arm_plan_follows_each_arm_and_keeps_relative_positions():
+    arms = [[12, 12, 12], [12, 12, 12, 8, 8, 8], [12, 12, 12, 10, 10, 10, 12, 12, 12], [12, 12, 12, 8, 12, 12]]
+    groups = [range(3, 6), range(6, 9), range(9, 12)]
+    arm_ids = torch.tensor([0, 1, 2, 3, 1, 2, 3, 0])
+    depth, plan = random_arm_plan(arms, arm_ids, 12, 12, groups, torch.Generator().manual_seed(0))
+    assert depth.tolist() == [len(arms[k]) for k in arm_ids.tolist()]
+    for i, k in enumerate(arm_ids.tolist()):
+        for layer, h in enumerate(arms[k]):
+            assert int(plan[i, layer].sum()) == h
+        assert plan[i, :3].all()  # fixed layers: every head
+        for group in groups:  # same number of heads in a group -> the same heads
+            rows = [plan[i, layer] for layer in group if layer < len(arms[k])]
+            for a in rows:
+                for b in rows:
+                    if int(a.sum()) == int(b.sum()):
+                        assert torch.equal(a, b)
+                    elif int(a.sum()) < int(b.sum()):
+                        assert not (a & ~b).any()  # fewer heads: a subset of the same order
+    assert len({tuple(plan[i, 3].tolist()) for i in (1, 4)}) == 2  # different samples, different subsets
+
+
+def test_arm_feature_means_are_exact_and_cover_every_arm(model):
+    cfg = config()
+    space = arm_space(cfg)
+    data = batches()
+    feats, counts = compute_arm_features(model, data, space, cfg.dht.features, seed=0)
+    # UCB_L: the mean over all samples of the pooled state after layer L of the full model
+    pool = PoolingSpec((1, 2), (4, 8, 16))
+    ids = torch.cat([b[0] for b in data])
+    mask = torch.cat([b[1] for b in data])
+    with torch.no_grad():
+        states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for layer in (3, 6, 12):
+        torch.testing.assert_close(feats[f"ucb_l/{layer}"], pool(states[layer], mask).mean(0), atol=1e-5, rtol=1e-4)
+    assert counts["ucb_l/12"] == 40
+    assert feats["ucb_l/3"].shape == (84,) and feats["ucb_h/8"].shape == (42,) and feats["ucb_cp/6L8H"].shape == (84,)
+    assert feats["tsb/0"].shape == (4,)  # head slices of 4 dims keep the splits that divide them (4 of 4, 8)
+    assert {f"tsb/{h}" for h in range(12)} <= set(feats)
+    # the random-arm pass spreads samples evenly over the pool
+    per_arm = [counts.get(f"ucb_cp/{a}", 0) for a in space.cp_arms]
+    assert all(c >= 1 for c in per_arm)
+    assert not torch.allclose(feats["ucb_cp/12L8H"], feats["ucb_cp/12L12H"])  # heads change the state
+
+
+def test_a_single_full_arm_equals_the_full_model(model):
+    cfg = config(models=["vanilla-12"])
+    feats, _ = compute_arm_features(model, batches(), arm_space(cfg), cfg.dht.features, seed=0)
+    torch.testing.assert_close(feats["ucb_cp/12L12H"], feats["ucb_l/12"], atol=1e-5, rtol=1e-4)
+
+
+def test_same_seed_same_features_and_streaming_does_not_change_means(model):
+    cfg = config()
+    space = arm_space(cfg)
+    a, _ = compute_arm_features(model, batches(batch_size=16), space, cfg.dht.features, seed=3)
+    b, _ = compute_arm_features(model, batches(batch_size=16), space, cfg.dht.features, seed=3)
+    c, _ = compute_arm_features(model, batches(batch_size=7), space, cfg.dht.features, seed=3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.testing.assert_close(a["ucb_l/9"], c["ucb_l/9"], atol=1e-5, rtol=1e-4)
+
+
+def test_too_few_samples_for_the_arms_is_a_clear_error(model):
+    cfg = config()
+    with pytest.raises(ValueError, match="raise dht.features.arm_feature_samples"):
+        compute_arm_features(model, batches(n=3, batch_size=3), arm_space(cfg), cfg.dht.features)
+
+
+def test_iter_batches_streams_a_seeded_subset(tmp_path):
+    ids = np.arange(100 * 8, dtype=np.int32).reshape(100, 8)
+    table = pa.table({
+        "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), 8),
+        "attention_mask": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(800, np.int8)), 8),
+    })
+    pq.write_table(table, tmp_path / "train.parquet", row_group_size=16)
+    everything = torch.cat([b[0] for b in iter_batches(tmp_path / "train.parquet", 32)])
+    assert torch.equal(everything, torch.from_numpy(ids.astype(np.int64)))
+    sub = torch.cat([b[0] for b in iter_batches(tmp_path / "train.parquet", 32, limit=30, seed=1)])
+    again = torch.cat([b[0] for b in iter_batches(tmp_path / "train.parquet", 32, limit=30, seed=1)])
+    assert sub.shape == (30, 8) and torch.equal(sub, again)
+    assert len({int(r[0]) for r in sub}) == 30
+
+
+def test_save_load_and_stack(tmp_path):
+    feats = {"ucb_l/3": torch.ones(84), "ucb_l/6": torch.zeros(84)}
+    meta = save_arm_features(tmp_path, feats, {"ucb_l/3": 5, "ucb_l/6": 5}, {"dataset": "x"})
+    assert meta["sizes"] == {"ucb_l/3": 84, "ucb_l/6": 84}
+    loaded = load_arm_features(tmp_path)
+    assert arm_matrix(loaded, "ucb_l", [6, 3]).tolist()[1] == [1.0] * 84
+    with pytest.raises(KeyError, match="rerun the arm_features stage"):
+        arm_matrix(loaded, "ucb_l", [9])
+    (tmp_path / "arm_features.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_arm_features(tmp_path)
+    with pytest.raises(FileNotFoundError, match="run the arm_features stage first"):
+        load_arm_features(tmp_path / "nowhere")

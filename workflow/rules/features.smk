@@ -1,0 +1,19 @@
+# Arm features (Section 4.2): one pass without gradient through the initial model, per dataset.
+
+
+rule arm_features:
+    input:
+        code=code("arm_features.py", "arm_features.py", "features.py", "model.py", "runtime.py"),
+        train="data/processed/{dataset}/train.parquet",
+        meta="data/processed/{dataset}/meta.json",
+    output:
+        features="data/features/{dataset}/arm_features.safetensors",
+        meta="data/features/{dataset}/meta.json",
+        model=directory("data/features/{dataset}/init_model"),
+    params:
+        tracked=tracked("seed", "device", "model", "dht", "run.models"),
+    threads: 2
+    shell:
+        "python workflow/scripts/arm_features.py --profile {PROFILE} --dataset {wildcards.dataset}"
+        " --processed data/processed/{wildcards.dataset} --out data/features/{wildcards.dataset}"
+        " --threads {threads}"
