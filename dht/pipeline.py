@@ -90,7 +90,8 @@ def snakemake_jobs(root: str | Path = ".", profile: str | None = None, targets: 
     jobs: list[Job] = []
     with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
         wf_api = api.workflow(
-            resource_settings=ResourceSettings(cores=1),
+            # Many cores, so `{threads}` in a command is the rule's declared number, not a machine's limit.
+            resource_settings=ResourceSettings(cores=256),
             config_settings=ConfigSettings(config=config),
             snakefile=root / "Snakefile",
             workdir=root,
