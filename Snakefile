@@ -12,6 +12,7 @@ configfile: "params.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/features.smk"
+include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -24,4 +25,4 @@ rule all:
     default_target: True
     input:
         "reports/table1.md",
-        expand("data/features/{dataset}/arm_features.safetensors", dataset=DATASETS),
+        expand("results/{dataset}/{model}/metrics.json", dataset=DATASETS, model=MODELS),

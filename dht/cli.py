@@ -4,11 +4,14 @@
     dht config validate                  check every profile of params.yaml; exit 1 with the problems
     dht config schema                    write workflow/schemas/config.schema.json (JSON Schema of a profile)
     dht dvc-yaml [--check]               regenerate dvc.yaml from the Snakemake jobs (or check it is current)
+    dht predict --model DIR [--input F]  classify texts (one a line; stdin without --input) with a trained model:
+                                         label, probability, and the layers and heads chosen for each text
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -67,6 +70,47 @@ def _dvc_yaml(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from dht.runtime import resolve_device
+    from dht.trainer import SplitData, load_trained, predict
+
+    model_dir = Path(args.model)
+    try:
+        device = resolve_device(args.device)
+        model, policy, info = load_trained(model_dir, device)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+    with open(args.input, encoding="utf-8") if args.input else contextlib.nullcontext(sys.stdin) as source:
+        texts = [line.rstrip("\n") for line in source if line.strip()]
+    if not texts:
+        print("error: no text to classify (one text a line)", file=sys.stderr)
+        return 1
+    max_length = int(info.get("max_length", tokenizer.model_max_length))
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    data = SplitData(enc["input_ids"], enc["attention_mask"], torch.zeros(len(texts), dtype=torch.long))
+    pred = predict(model, policy, data, device, args.batch_size, max_length, greedy=True)
+    classes = info.get("classes") or [str(i) for i in range(model.config.num_labels)]
+    rows = []
+    for i, text in enumerate(texts):
+        heads = [h for h in pred.heads[i].tolist() if h]
+        rows.append({"label": classes[int(pred.labels[i])], "probability": round(float(pred.probs[i].max()), 4),
+                     "layers": int(pred.layers[i]), "heads": heads, "text": text})
+    if args.format == "jsonl":
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print("label\tprobability\tlayers\theads_per_layer\ttext")
+        for row in rows:
+            print(f"{row['label']}\t{row['probability']:.4f}\t{row['layers']}\t"
+                  f"{','.join(map(str, row['heads']))}\t{row['text']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dht", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -87,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     dvc.add_argument("--profile", default="default", help="profile whose jobs become stages (default: default)")
     dvc.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml is not current")
     dvc.set_defaults(func=_dvc_yaml)
+
+    pred = sub.add_parser("predict", help="classify texts with a trained model (models/<dataset>/<model>)")
+    pred.add_argument("--model", required=True, help="a trained model directory, e.g. models/embedded-news/t-dht")
+    pred.add_argument("--input", default=None, help="a text file, one text a line (default: standard input)")
+    pred.add_argument("--format", choices=["tsv", "jsonl"], default="tsv")
+    pred.add_argument("--batch-size", type=int, default=64)
+    pred.add_argument("--device", default="auto")
+    pred.set_defaults(func=_predict)
     return p
 
 

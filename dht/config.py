@@ -155,10 +155,30 @@ class FeaturesConfig(_Strict):
     batch_size: Annotated[int, Field(ge=1)] = 256
 
 
+class BanditConfig(_Strict):
+    """Bandit and reward hyper-parameters (Sections 3.1, 3.2, 4.3; readings in docs/bandits.md, docs/training.md)."""
+
+    ucb_alpha: Annotated[float, Field(ge=0)] = 1.0  # LinUCB exploration bonus
+    ucb_lambda: Annotated[float, Field(gt=0)] = 1.0  # LinUCB ridge
+    ts_alpha: Annotated[float, Field(ge=0)] = 1.0  # TSB posterior scale
+    ts_lambda: Annotated[float, Field(gt=0)] = 1.0  # TSB prior precision
+    reward_alpha: Annotated[float, Field(gt=0)] = 1.0  # alpha of r_L
+    reward_beta_h: Annotated[float, Field(gt=0)] = 1.0  # beta_1 of r_H
+    reward_beta_cp: Annotated[float, Field(gt=0)] = 1.0  # beta_cp of r_cp
+    reward_clip: Annotated[float, Field(gt=0)] | None = 10.0  # cap on ratio rewards (one tiny loss must not dominate)
+    reward_baseline: Literal["global", "per_queue"] = "global"  # "the previous batch": any queue's, or the same L's
+    ts_reward_sign: Literal["text", "printed"] = "text"  # ambiguity 1 of docs/paper-notes.md
+    tsb_arm_features: bool = False  # TSB vector [x ; 1] (size 13) or [x ; z_h]
+
+
 class DHTConfig(_Strict):
     fixed_layers: Annotated[int, Field(ge=0)] = 3
     group_size: Annotated[int, Field(ge=1)] = 3
     features: FeaturesConfig = FeaturesConfig()
+    bandits: BanditConfig = BanditConfig()
+    inference: Literal["greedy", "sample"] = "greedy"  # how the bandits act at test time (no updates)
+    count_s1_flops: bool = True  # count the no-grad S1 pass in training FLOPs (the paper does not say)
+    p_dht_freeze: Literal["all_but_last_two", "last_two", "none"] = "all_but_last_two"  # Section 6.1 reading
     modes: dict[str, ModeConfig]
 
 
@@ -167,8 +187,11 @@ class TrainConfig(_Strict):
     learning_rate: Annotated[float, Field(gt=0)] = 3e-4
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     warmup_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
-    batch_size: Annotated[int, Field(ge=1)] = 32
+    batch_size: Annotated[int, Field(ge=1)] = 32  # also the queue size q of Algorithm 3
     eval_batch_size: Annotated[int, Field(ge=1)] = 128
+    grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
+    checkpoint_every: Annotated[int, Field(ge=1)] = 50  # optimizer steps between resumable checkpoints
+    log_model: bool = True  # copy the model directory into MLflow's artifacts
 
 
 class TrackingConfig(_Strict):

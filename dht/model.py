@@ -899,6 +899,41 @@ class DHTForSequenceClassification(DHTPreTrainedModel):
             hidden_states=states,
         )
 
+    # ---- stepwise execution (the trainer decides each group's heads from the state reached so far) ---------
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings output and the key mask (None when nothing is padded) for :meth:`run_layers`."""
+        return self._embed(input_ids, attention_mask, token_type_ids)
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        key_keep: torch.Tensor | None,
+        start: int,
+        stop: int,
+        heads: torch.Tensor | None = None,
+        attention_path: AttentionPath = "sliced",
+    ) -> torch.Tensor:
+        """Run layers ``start..stop-1`` on every sample of the batch (Algorithm 2, line 14: "proceed c layers
+        with H_l heads"). ``heads``: BoolTensor[B, stop - start, N_H] or None (all heads)."""
+        if not 0 <= start <= stop <= self.config.num_hidden_layers:
+            raise ValueError(f"layers {start}..{stop} outside 0..{self.config.num_hidden_layers}")
+        if heads is not None and tuple(heads.shape) != (hidden.shape[0], stop - start, self.config.num_attention_heads):
+            raise ValueError(f"heads must be [B, {stop - start}, {self.config.num_attention_heads}], got {tuple(heads.shape)}")
+        for offset, layer in enumerate(self.bert.encoder.layer[start:stop]):
+            layer_heads = None if heads is None else heads[:, offset]
+            hidden = layer(hidden, key_keep, layer_heads, attention_path, self.config.attn_implementation)
+        return hidden
+
+    def classify(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from each sample's final hidden states (pooler on [CLS], dropout, classifier)."""
+        return self.classifier(self.dropout(self.bert.pooler(last_hidden)))
+
     def encode_prefix(
         self,
         input_ids: torch.Tensor,

@@ -94,11 +94,12 @@ def stage_run(
     params: Mapping[str, Any] | None = None,
     prefix: str = "",
     root: str | Path = ".",
+    run_id: str | None = None,
 ) -> Iterator[Any]:
     """An MLflow run in the dataset's experiment, tagged with stage, profile and commit.
 
     Params use the same flat names across models (``model.hidden_size``, ``train.learning_rate``, ...) so the
-    MLflow UI's compare view lines runs up.
+    MLflow UI's compare view lines runs up. `run_id` continues an earlier run (a resumed training).
     """
     import mlflow
 
@@ -106,6 +107,10 @@ def stage_run(
     mlflow.set_tracking_uri(tracking_uri(root))
     exp_id = get_or_create_experiment(experiment_name(dataset, prefix), root)
     tags = {"stage": stage, "profile": profile, "dataset": dataset, "git_commit": git_commit(root)}
+    if run_id is not None:
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+        return
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
         if params:
             flat = {k: (str(v) if v is not None else "null") for k, v in flatten(params).items()}

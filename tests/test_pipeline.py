@@ -40,7 +40,9 @@ def test_dvc_yaml_is_generated_from_the_current_workflow(project):
 
 def test_drift_between_snakefile_and_dvc_yaml_is_detected(project):
     rules = project / "workflow" / "rules" / "report.smk"
-    rules.write_text(rules.read_text().replace('tracked("run")', 'tracked("run", "seed")'))
+    text = rules.read_text()
+    assert 'tracked("run"' in text
+    rules.write_text(text.replace('tracked("run"', 'tracked("seed", "run"'))
     proc = run_cli(["dht", "dvc-yaml", "--check"], cwd=project, check=False)
     assert proc.returncode == 1 and "out of date" in proc.stderr
     run_cli(["dht", "dvc-yaml"], cwd=project)
@@ -50,9 +52,15 @@ def test_drift_between_snakefile_and_dvc_yaml_is_detected(project):
 
 def test_dvc_stages_mirror_snakemake_jobs(project):
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    assert list(stages) == ["download-embedded-news", "download-embedded-sentiment", "tokenize-embedded-news",
-                            "tokenize-embedded-sentiment", "arm_features-embedded-news",
-                            "arm_features-embedded-sentiment", "table1"]
+    names = list(stages)
+    assert names[:6] == ["download-embedded-news", "download-embedded-sentiment", "tokenize-embedded-news",
+                         "tokenize-embedded-sentiment", "arm_features-embedded-news", "arm_features-embedded-sentiment"]
+    assert names[-1] == "table1" and len(names) == 6 + 10 + 1
+    assert {f"train-{d}-{m}" for d in ("embedded-news", "embedded-sentiment")
+            for m in ("vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht")} == set(names[6:-1])
+    train = stages["train-embedded-news-p-dht"]
+    assert "dht.modes.p-dht" in train["params"] and "dht.modes.f-dht" in train["params"]  # its warm-up mode
+    assert "results/embedded-news/p-dht/metrics.json" in train["outs"] and "models/embedded-news/p-dht" in train["outs"]
     assert stages["arm_features-embedded-news"]["cmd"].endswith("--threads 2")  # the rule's threads
     tok = stages["tokenize-embedded-news"]
     assert tok["cmd"].startswith("python workflow/scripts/tokenize_data.py --profile ${profile} ")
@@ -63,9 +71,9 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
 
 def test_dry_run_of_table1(project):
     proc = run_cli(["snakemake", "-n", "--cores", "1", "reports/table1.md"], cwd=project)
-    assert job_counts(proc.stdout) == {"download": 2, "tokenize": 2, "table1": 1}
-    everything = run_cli(["snakemake", "-n", "--cores", "1"], cwd=project)
-    assert job_counts(everything.stdout) == {"download": 2, "tokenize": 2, "arm_features": 2, "table1": 1, "all": 1}
+    assert job_counts(proc.stdout) == {"download": 2, "tokenize": 2, "arm_features": 2, "train": 10, "table1": 1}
+    one = run_cli(["snakemake", "-n", "--cores", "1", "results/embedded-news/t-dht/metrics.json"], cwd=project)
+    assert job_counts(one.stdout) == {"download": 1, "tokenize": 1, "arm_features": 1, "train": 1}
 
 
 def test_bad_params_fail_before_any_job(project):
@@ -110,10 +118,23 @@ def test_end_to_end_tiny_then_noop(project):
     assert "Profile `tiny`" in table
     assert "| embedded-news | embedded | 4 | 320 | 96 | 40 |" in table
     assert "| embedded-sentiment | embedded | 2 | 320 | 96 | 40 |" in table
-    assert sorted(mlflow_runs(project)) == [
-        ("embedded-news", "arm_features"), ("embedded-news", "tokenize"),
-        ("embedded-sentiment", "arm_features"), ("embedded-sentiment", "tokenize"),
-    ]
+    runs = set(mlflow_runs(project))
+    for dataset in ("embedded-news", "embedded-sentiment"):
+        for run in ("tokenize", "arm_features", "vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht"):
+            assert (dataset, run) in runs
+    metrics = json.loads((project / "results/embedded-news/t-dht/metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "train_flop_ratio", "infer_flop_ratio", "infer_flop_ratio_linear",
+                "mean_layers", "mean_heads", "train_seconds", "infer_seconds", "n_test", "accuracy_hard",
+                "mean_layers_easy"):
+        assert key in metrics
+    assert metrics["n_test"] == 96 and 0 < metrics["infer_flop_ratio"] <= 1
+    assert "| t-dht |" in table and "| vanilla-12 | " in table
+    predicted = run_cli(["dht", "predict", "--model", "models/embedded-news/t-dht", "--format", "jsonl",
+                         "--input", "data/raw/embedded-news/meta.json"], cwd=project)
+    rows = [json.loads(line) for line in predicted.stdout.splitlines()]
+    assert rows and all(r["label"] in ("world", "sports", "business", "scitech") and r["layers"] in (3, 6, 9, 12)
+                        for r in rows)
+    assert not (project / "checkpoints/embedded-news/t-dht/checkpoint.pt").exists()  # removed once done
     from dht.arm_features import load_arm_features
 
     feats = load_arm_features(project / "data/features/embedded-news")
@@ -124,7 +145,7 @@ def test_end_to_end_tiny_then_noop(project):
     # a changed parameter reruns exactly the jobs that read it
     set_params(project, lambda r: r["profiles"]["tiny"]["tokenizer"].__setitem__("vocab_size", 500))
     changed = run_cli(["snakemake", "-n", "--cores", "2", "--config", "profile=tiny"], cwd=project)
-    assert job_counts(changed.stdout) == {"tokenize": 2, "arm_features": 2, "table1": 1, "all": 1}
+    assert job_counts(changed.stdout) == {"tokenize": 2, "arm_features": 2, "train": 10, "table1": 1, "all": 1}
 
 
 @pytest.mark.slow
@@ -140,11 +161,10 @@ def test_a_user_adds_a_local_zhang_csv_dataset(project):
                                     "max_length": 32}
         raw["run"]["datasets"] = ["agcsv"]
     set_params(project, add)
-    run_cli(["snakemake", "--cores", "2", "reports/table1.md"], cwd=project)
+    run_cli(["snakemake", "--cores", "2", "data/processed/agcsv/meta.json"], cwd=project)
     meta = json.loads((project / "data/processed/agcsv/meta.json").read_text())
     assert meta["classes"] == ["World", "Sports", "Business", "Sci/Tech"]
     assert meta["splits"]["train"]["n"] == 40 and meta["splits"]["train"]["label_counts"] == [10, 10, 10, 10]
-    assert "| agcsv | csv:" in (project / "reports/table1.md").read_text()
 
 
 @pytest.mark.slow
@@ -160,15 +180,18 @@ def test_a_missing_csv_dataset_fails_with_a_clear_error(project):
 
 @pytest.mark.slow
 def test_dvc_repro_runs_the_same_stages_on_the_tiny_profile(project):
+    """DVC runs the generated stages (here up to one dataset's arm features; the full DAG is the same
+    commands, checked by test_dvc_stages_mirror_snakemake_jobs)."""
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     set_params(project, lambda r: r.__setitem__("profile", "tiny"))
     subprocess.run([*git, "add", "-A"], cwd=project, check=True)
     subprocess.run([*git, "commit", "-qm", "init"], cwd=project, check=True)
-    run_cli(["dvc", "repro"], cwd=project)
-    assert "Profile `tiny`" in (project / "reports/table1.md").read_text()
+    run_cli(["dvc", "repro", "arm_features-embedded-news"], cwd=project)
+    assert (project / "data/features/embedded-news/arm_features.safetensors").is_file()
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["tokenize-embedded-news"]["params"]["params.yaml"]["profile"] == "tiny"
-    assert "up to date" in run_cli(["dvc", "status"], cwd=project).stdout
+    assert set(lock["stages"]) == {"download-embedded-news", "tokenize-embedded-news", "arm_features-embedded-news"}
+    assert "up to date" in run_cli(["dvc", "status", "arm_features-embedded-news"], cwd=project).stdout
     metrics = json.loads((project / "data/processed/embedded-news/meta.json").read_text())
     assert metrics["splits"]["train"]["n"] == 320

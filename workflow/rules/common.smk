@@ -7,7 +7,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from dht.config import ConfigError, load_config
-from dht.pipeline import check_cli_overrides, tracked_params
+from dht.pipeline import check_cli_overrides, tracked_params  # noqa: F401 (rule files use it)
 from dht.tracking import init_store
 
 # Stage commands call `python`: make it this interpreter's, so `.venv/bin/snakemake` works unactivated.

@@ -1,0 +1,754 @@
+"""DHT training and inference: Algorithm 2 (architecture space search) and Algorithm 3 (queueing).
+
+One epoch (Algorithm 3 around Algorithm 2):
+
+1. the training samples are visited in a seeded random order, in rounds of q (= train.batch_size);
+2. each sample's state S1 is the output of the first b layers with the current weights, without gradient
+   (Algorithm 2, line 2); UCB_L (tree search) or UCB_cp (integrated search) picks its depth L (lines 3-6) and
+   the sample joins the queue of its L (Algorithm 3, line 2);
+3. a full queue releases a batch (Algorithm 3, lines 3-5): the batch re-passes the b layers with gradient
+   (S2,0, line 7), then for each group of c layers UCB_H (tree) picks the number of heads and the TSB picks
+   which heads, from the state reached so far, and the batch runs those c layers (lines 9-14); the loss gives
+   the rewards of Section 4.3 and every bandit is updated (lines 15-16);
+4. at the end of the epoch the partly filled queues are trained too: every sample is used exactly once.
+
+12-VaBERT (BL1) is the same loop with one fixed arm (12L12H): no S1 pass, no bandits.
+
+Inference: S1 is computed once (the weights no longer change, so it doubles as S2,0), the bandits act
+greedily (``dht.inference``) without updates, samples are grouped by depth and each group runs only its
+layers and its kept heads (sliced), so the savings are real.
+
+Readings of the paper taken here are listed in docs/training.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dht.arm_features import arm_layer_heads, arm_matrix
+from dht.bandits import LinUCB, LogisticThompsonHeads, RewardBaseline, reward_delta, ts_reward
+from dht.config import Config, ModeConfig, parse_arm
+from dht.features import PoolingSpec, RunningNormalizer
+from dht.flops import forward_flops, full_model_flops, layer_flops
+from dht.model import DHTForSequenceClassification
+
+POLICY_FILE = "dht_policy.json"
+BANDITS_FILE = "bandits.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a checkpoint that does not fit); the message says why."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The bandits of one mode
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _spec(pool: Any) -> PoolingSpec:
+    return PoolingSpec(tuple(pool.seq_splits), tuple(pool.hidden_splits))
+
+
+@dataclass
+class Decision:
+    """What the policy chose for the samples of one queue batch, kept for the rewards."""
+
+    arm: Tensor  # [B] index into the layer options (tree) or the arms (integrated); -1 for fixed
+    context: Tensor  # [B, F_L] normalised S1 context of UCB_L / UCB_cp
+    layers: int  # L, shared by the batch (one queue)
+    group_heads: list[int | None] = field(default_factory=list)  # integrated: heads of each group from the arm
+
+
+class Policy:
+    """UCB_L + UCB_H + TSB (tree search), UCB_cp + TSB (integrated search), or one fixed arm (12-VaBERT).
+
+    Arms in `integrated` and `fixed` modes are sequences of (layers, heads) segments (Section 6.1); the first b
+    layers always keep every head.
+    """
+
+    def __init__(self, cfg: Config, mode: ModeConfig, arm_features: dict[str, Tensor], model_config: Any):
+        self.cfg = cfg
+        self.mode = mode
+        self.search = mode.search
+        self.b = cfg.dht.fixed_layers
+        self.n_heads = model_config.num_attention_heads
+        self.groups = model_config.dynamic_layer_groups()
+        bc = cfg.dht.bandits
+        feats = cfg.dht.features
+        self.pool_l = _spec(feats.ucb_cp if self.search == "integrated" else feats.ucb_l)
+        self.pool_h = _spec(feats.ucb_h)
+        self.pool_t = _spec(feats.tsb)
+        self.norm_l = RunningNormalizer(self.pool_l.size)
+        self.norm_h = RunningNormalizer(self.pool_h.size)
+        self.norm_t = RunningNormalizer(self.pool_t.size)
+        self.baseline = RewardBaseline()
+        seed = cfg.seed
+        self.ucb: LinUCB | None = None
+        self.ucb_h: LinUCB | None = None
+        self.tsb: LogisticThompsonHeads | None = None
+        if self.search == "tree":
+            self.layer_options = list(mode.layers or [])
+            self.head_options = list(mode.heads or [])
+            self.ucb = LinUCB(arm_matrix(arm_features, "ucb_l", self.layer_options), self.pool_l.size,
+                              alpha=bc.ucb_alpha, lam=bc.ucb_lambda, seed=seed)
+            self.ucb_h = LinUCB(arm_matrix(arm_features, "ucb_h", self.head_options), self.pool_h.size,
+                                extra_dim=len(self.groups), alpha=bc.ucb_alpha, lam=bc.ucb_lambda, seed=seed + 1)
+            self.arm_heads: list[list[int]] = []
+        else:
+            self.arms = [str(parse_arm(a)) for a in mode.arms or []]
+            self.arm_heads = [arm_layer_heads(parse_arm(a), self.b, self.n_heads) for a in self.arms]
+            self.layer_options = sorted({len(h) for h in self.arm_heads})
+            if self.search == "integrated":
+                self.ucb = LinUCB(arm_matrix(arm_features, "ucb_cp", self.arms), self.pool_l.size,
+                                  alpha=bc.ucb_alpha, lam=bc.ucb_lambda, seed=seed)
+        if self.search != "fixed":
+            tsb_z = arm_matrix(arm_features, "tsb", range(self.n_heads)) if bc.tsb_arm_features else None
+            self.tsb = LogisticThompsonHeads(self.n_heads, self.pool_t.size, alpha=bc.ts_alpha, lam=bc.ts_lambda,
+                                             use_arm_features=bc.tsb_arm_features, arm_features=tsb_z,
+                                             seed=seed + 2)
+
+    @property
+    def uses_s1(self) -> bool:
+        return self.search != "fixed"
+
+    # ---- Algorithm 2, lines 2-6: the depth from S1 ------------------------------------------------------------
+
+    def choose_arms(self, s1: Tensor | None, mask: Tensor, batch: int, greedy: bool, learn: bool) -> tuple[Tensor, Tensor]:
+        """(arm index [B], normalised context [B, F]) for `batch` samples."""
+        if self.ucb is None:
+            return torch.zeros(batch, dtype=torch.long), torch.zeros(batch, 0)
+        x = self.pool_l(s1.float(), mask).cpu()
+        x = self.norm_l(x, update=learn)
+        return self.ucb.select(x, greedy=greedy), x
+
+    def layers_of(self, arm: Tensor) -> Tensor:
+        if self.search == "tree":
+            return torch.tensor(self.layer_options)[arm]
+        return torch.tensor([len(self.arm_heads[a]) for a in arm.tolist()], dtype=torch.long)
+
+    # ---- Algorithm 2, lines 9-13: the heads of one group from the state reached so far ----------------------
+
+    def choose_heads(self, g: int, state: Tensor, mask: Tensor, arm: Tensor, greedy: bool, learn: bool) -> dict[str, Any]:
+        """Per-layer head plan [B, len(group), N_H] for dynamic group g, and what the rewards need."""
+        group = self.groups[g]
+        batch = state.shape[0]
+        if self.search == "fixed":
+            heads = torch.tensor([self.arm_heads[a][group.start : group.stop] for a in arm.tolist()])
+            return {"plan": _first_k(heads, self.n_heads), "counts": heads}
+        xt = self.norm_t(self.pool_t(state.float(), mask).cpu(), update=learn)
+        out: dict[str, Any] = {"xt": xt}
+        if self.search == "tree":
+            xh = self.norm_h(self.pool_h(state.float(), mask).cpu(), update=learn)
+            e = torch.zeros(batch, len(self.groups))
+            e[:, g] = 1.0
+            h_idx = self.ucb_h.select(xh, extra=e, greedy=greedy)
+            k = torch.tensor(self.head_options)[h_idx]
+            counts = k[:, None].expand(batch, len(group)).clone()
+            out.update(xh=xh, e=e, h_idx=h_idx)
+        else:
+            counts = torch.tensor([self.arm_heads[a][group.start : group.stop] for a in arm.tolist()])
+            k = counts[:, 0]
+        chosen = self.tsb.select(xt, k, greedy=greedy)  # [B, N_H]
+        # Layers of the group that keep more heads than the TSB chose (P-DHT's full tail layers) keep all.
+        plan = chosen[:, None, :].expand(batch, len(group), self.n_heads).clone()
+        plan |= counts[:, :, None] >= self.n_heads
+        out.update(plan=plan, chosen=chosen, k=k, counts=counts)
+        return out
+
+    # ---- Algorithm 2, lines 15-16: rewards (Section 4.3) and updates ------------------------------------------
+
+    def learn(self, decision: Decision, groups: list[dict[str, Any]], loss: Tensor) -> None:
+        if self.search == "fixed":
+            return
+        bc = self.cfg.dht.bandits
+        loss = loss.detach().double().cpu()
+        layers = torch.full_like(loss, float(decision.layers))
+        key = f"/L{decision.layers}" if bc.reward_baseline == "per_queue" else ""
+        printed = bc.ts_reward_sign == "printed"
+        if self.search == "tree":
+            key_l = "ucb_l" + key
+            first = self.baseline.get(key_l) is None
+            r_l = self.baseline.reward(key_l, reward_delta(loss, layers), bc.reward_alpha, clip=bc.reward_clip)
+            self.ucb.update(decision.context, decision.arm, r_l)
+            del first  # UCB_L learns from the neutral first reward too (a ridge regression, not a binary model)
+            for g, info in enumerate(groups):
+                key_h = f"ucb_h/g{g}" + key
+                first_h = self.baseline.get(key_h) is None
+                delta = reward_delta(loss, layers, info["k"].double())
+                r_h = self.baseline.reward(key_h, delta, bc.reward_beta_h, clip=bc.reward_clip)
+                self.ucb_h.update(info["xh"], info["h_idx"], r_h, extra=info["e"])
+                if not first_h:  # a neutral first-batch reward carries no information for a binary learner
+                    self.tsb.update(info["xt"], info["chosen"], ts_reward(r_h, bc.reward_beta_h, printed_cases=printed))
+        else:
+            heads = torch.tensor([float(_dynamic_heads(self.arm_heads[a], self.b)) for a in decision.arm.tolist()],
+                                 dtype=torch.float64)
+            key_cp = "ucb_cp" + key
+            first = self.baseline.get(key_cp) is None
+            r_cp = self.baseline.reward(key_cp, reward_delta(loss, layers, heads), bc.reward_beta_cp, clip=bc.reward_clip)
+            self.ucb.update(decision.context, decision.arm, r_cp)
+            if not first:
+                r_ts = ts_reward(r_cp, bc.reward_beta_cp, printed_cases=printed)
+                for info in groups:
+                    self.tsb.update(info["xt"], info["chosen"], r_ts)
+
+    # ---- persistence ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"norm_l": self.norm_l.state_dict(), "norm_h": self.norm_h.state_dict(),
+                                 "norm_t": self.norm_t.state_dict(), "baseline": self.baseline.state_dict()}
+        for name in ("ucb", "ucb_h", "tsb"):
+            bandit = getattr(self, name)
+            if bandit is not None:
+                state[name] = bandit.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.norm_l.load_state_dict(state["norm_l"])
+        self.norm_h.load_state_dict(state["norm_h"])
+        self.norm_t.load_state_dict(state["norm_t"])
+        self.baseline.load_state_dict(state["baseline"])
+        for name in ("ucb", "ucb_h", "tsb"):
+            bandit = getattr(self, name)
+            if bandit is not None:
+                bandit.load_state_dict(state[name])
+
+    def describe(self) -> dict[str, Any]:
+        """What `dht predict` needs to rebuild this policy."""
+        return {"search": self.search, "mode": self.mode.model_dump(mode="json"),
+                "layer_options": self.layer_options, "arms": getattr(self, "arms", None)}
+
+
+def _first_k(counts: Tensor, n_heads: int) -> Tensor:
+    """Plan keeping the first k heads of each layer ([B, layers] counts -> [B, layers, N_H])."""
+    return torch.arange(n_heads)[None, None, :] < counts[:, :, None]
+
+
+def _dynamic_heads(heads: list[int], b: int) -> int:
+    """The arm's H: the heads of its dynamic part (12 when it has none, as 3L12H)."""
+    dynamic = heads[b:]
+    return min(dynamic) if dynamic else heads[-1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Queues (Algorithm 3)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class LayerQueue:
+    """One queue per depth L (Algorithm 3): samples wait with their decision until q of them share an L."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.items: dict[int, list[tuple[int, int, Tensor]]] = defaultdict(list)
+
+    def push(self, layers: int, index: int, arm: int, context: Tensor) -> list[tuple[int, int, Tensor]] | None:
+        queue = self.items[layers]
+        queue.append((index, arm, context))
+        if len(queue) == self.size:
+            self.items[layers] = []
+            return queue
+        return None
+
+    def drain(self) -> list[tuple[int, list[tuple[int, int, Tensor]]]]:
+        """Every partly filled queue, smallest L first (end of epoch: no sample may drop out)."""
+        out = [(layers, q) for layers, q in sorted(self.items.items()) if q]
+        self.items = defaultdict(list)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(k): [(i, a, c) for i, a, c in v] for k, v in self.items.items() if v}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.items = defaultdict(list, {int(k): list(v) for k, v in state.items()})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitData:
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    difficulty: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> SplitData:
+        diff = arrays.get("difficulty")
+        return cls(torch.from_numpy(arrays["input_ids"]), torch.from_numpy(arrays["attention_mask"].astype(np.int64)),
+                   torch.from_numpy(arrays["label"].astype(np.int64)),
+                   None if diff is None else torch.from_numpy(diff.astype(np.int64)))
+
+    def batch(self, index: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows `index`, trimmed to the longest sample: padding beyond it costs without changing anything."""
+        mask = self.attention_mask[index]
+        width = max(int(mask.sum(dim=1).max()), 1)
+        return (self.input_ids[index, :width].to(device), mask[:, :width].to(device), self.labels[index].to(device))
+
+
+@dataclass
+class Progress:
+    """Everything a resumed run needs to continue exactly where it stopped."""
+
+    epoch: int = 0
+    position: int = 0  # samples of this epoch's order already sent to the queues
+    step: int = 0
+    train_flops: float = 0.0
+    reference_flops: float = 0.0
+    samples_seen: int = 0
+    seconds: float = 0.0
+    selections: dict[str, dict[str, int]] = field(default_factory=dict)  # per epoch: "layers/6" -> count
+    pending_log: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss, layers) not yet logged
+    history: list[tuple[int, int, float, float]] = field(default_factory=list)  # (step, epoch, loss, layers)
+    run_id: str | None = None  # the MLflow run, resumed with the checkpoint
+
+
+def fingerprint(cfg: Config, mode_name: str, dataset: str, data_meta: dict[str, Any]) -> str:
+    """Hash of everything that makes a checkpoint belong to this run."""
+    payload = {"mode": mode_name, "dataset": dataset, "seed": cfg.seed, "model": cfg.section("model"),
+               "dht": cfg.section("dht"), "train": cfg.section("train"), "data": data_meta}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    """Trains one mode on one dataset (Algorithms 2-3), resumable, and evaluates it (inference policy)."""
+
+    def __init__(self, cfg: Config, mode_name: str, model: DHTForSequenceClassification, arm_features: dict[str, Tensor],
+                 train: SplitData, device: torch.device, seq_len: int, checkpoint_dir: Path | None = None,
+                 run_fingerprint: str = "", on_step: Callable[[int], None] | None = None):
+        self.cfg = cfg
+        self.mode_name = mode_name
+        self.mode = cfg.dht.modes[mode_name]
+        self.model = model.to(device)
+        self.device = device
+        self.train_data = train
+        self.seq_len = seq_len
+        self.checkpoint_dir = checkpoint_dir
+        self.fingerprint = run_fingerprint
+        self.on_step = on_step
+        self.arm_features = arm_features
+        self.warmup = cfg.dht.modes[self.mode.warmup_mode] if self.mode.warmup_mode else None
+        self.policy = Policy(cfg, self.mode, arm_features, model.config)
+        self.warmup_policy = Policy(cfg, self.warmup, arm_features, model.config) if self.warmup else None
+        q = cfg.train.batch_size
+        self.queue = LayerQueue(q)
+        steps_per_epoch = math.ceil(len(train) / q) + 8  # queues release at most a few partial batches more
+        total = steps_per_epoch * cfg.train.epochs
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate,
+                                           weight_decay=cfg.train.weight_decay)
+        warm = int(cfg.train.warmup_ratio * total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min((s + 1) / max(warm, 1), max(0.0, (total - s) / max(total - warm, 1))))
+        self.progress = Progress()
+        self.reference_step = full_model_flops(seq_len, model.config, "full", "train")
+
+    # ---- which policy is active ----------------------------------------------------------------------------
+
+    def active(self, epoch: int) -> tuple[Policy, bool]:
+        """(policy, frozen) for an epoch: P-DHT runs its warm-up mode first, then its own arms, frozen."""
+        if self.warmup_policy is not None and epoch < self.mode.warmup_epochs:
+            return self.warmup_policy, False
+        return self.policy, self.warmup_policy is not None and self.cfg.dht.p_dht_freeze != "none"
+
+    # ---- one queue batch (Algorithm 2, lines 7-16) -----------------------------------------------------------
+
+    def train_batch(self, policy: Policy, frozen: bool, layers: int, items: list[tuple[int, int, Tensor]]) -> float:
+        model, cfg = self.model, self.cfg
+        index = torch.tensor([i for i, _, _ in items])
+        arm = torch.tensor([a for _, a, _ in items])
+        context = torch.stack([c for _, _, c in items]) if policy.uses_s1 else torch.zeros(len(items), 0)
+        ids, mask, labels = self.train_data.batch(index, self.device)
+        trainable = self._trainable_layers(layers, frozen)
+        model.train()
+        hidden, keep = model.embed(ids, mask)
+        b = min(cfg.dht.fixed_layers, layers)
+        hidden = self._run(hidden, keep, 0, b, None, trainable)  # S2,0: the b layers again, with gradient
+        groups: list[dict[str, Any]] = []
+        heads_rows = torch.full((len(items), layers), model.config.num_attention_heads, dtype=torch.long)
+        for g, group in enumerate(policy.groups):
+            if group.start >= layers:
+                break
+            info = policy.choose_heads(g, hidden.detach(), mask, arm, greedy=False, learn=True)
+            stop = min(group.stop, layers)
+            plan = info["plan"][:, : stop - group.start].to(self.device)
+            hidden = self._run(hidden, keep, group.start, stop, plan, trainable)
+            heads_rows[:, group.start : stop] = info["counts"][:, : stop - group.start]
+            groups.append(info)
+        logits = model.classify(hidden)
+        per_sample = F.cross_entropy(logits, labels, reduction="none")
+        loss = per_sample.mean()
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"non-finite loss ({float(loss.detach())}) at epoch {self.progress.epoch + 1}, step {self.progress.step + 1}, "
+                f"in a batch of {len(items)} samples with L = {layers} (sample indices {index[:8].tolist()}...); "
+                "lower train.learning_rate or check the data; no model was written"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        policy.learn(Decision(arm, context, layers), groups, per_sample)
+        self._account(policy, layers, heads_rows, trainable, groups, arm)
+        return float(loss.detach())
+
+    def _trainable_layers(self, layers: int, frozen: bool) -> set[int]:
+        """Layers whose weights train. P-DHT after its warm-up (Section 6.1, docs/training.md): with
+        `all_but_last_two` only the last two layers of the sample's path (and the classifier) train, with
+        `last_two` everything but them."""
+        everything = set(range(layers))
+        freeze_embeddings = frozen and self.cfg.dht.p_dht_freeze == "all_but_last_two"
+        for p in self.model.bert.embeddings.parameters():
+            p.requires_grad_(not freeze_embeddings)
+        if not frozen:
+            return everything
+        tail = set(range(max(layers - 2, 0), layers))
+        return tail if self.cfg.dht.p_dht_freeze == "all_but_last_two" else everything - tail
+
+    def _run(self, hidden: Tensor, keep: Tensor | None, start: int, stop: int, plan: Tensor | None,
+             trainable: set[int]) -> Tensor:
+        """Layers start..stop-1; frozen layers before any trainable one run without gradient (their backward is
+        never needed), frozen layers after one still pass gradients through but do not update."""
+        for layer in range(start, stop):
+            sub = None if plan is None else plan[:, layer - start : layer - start + 1]
+            needs_grad = layer in trainable or hidden.requires_grad
+            module = self.model.bert.encoder.layer[layer]
+            for p in module.parameters():
+                p.requires_grad_(layer in trainable)
+            if needs_grad:
+                hidden = self.model.run_layers(hidden, keep, layer, layer + 1, sub)
+            else:
+                with torch.no_grad():
+                    hidden = self.model.run_layers(hidden, keep, layer, layer + 1, sub)
+        return hidden
+
+    def _layer_flops(self, heads: int) -> int:
+        cache = self.__dict__.setdefault("_flops_cache", {})
+        if heads not in cache:
+            cache[heads] = layer_flops(self.seq_len, heads, self.model.config, "full")
+        return cache[heads]
+
+    def _account(self, policy: Policy, layers: int, heads_rows: Tensor, trainable: set[int],
+                 groups: list[dict[str, Any]], arm: Tensor) -> None:
+        """Training FLOPs of the batch, sample by sample (Table 1), and the selection counts (Figure 2).
+
+        Forward of every layer run + backward (2 x forward) of every layer from the lowest trainable one up and
+        of the pooler/classifier + (optionally) the no-grad S1 pass of the first b layers."""
+        cfg, conf = self.cfg, self.model.config
+        n = heads_rows.shape[0]
+        head_part = forward_flops(self.seq_len, [], conf, "full")  # pooler + classifier
+        lowest = min(trainable) if trainable else layers
+        per_layer = torch.tensor([[self._layer_flops(int(h)) for h in row] for row in heads_rows.tolist()],
+                                 dtype=torch.float64).reshape(n, layers)
+        fwd = per_layer.sum() + n * head_part
+        bwd = 2 * per_layer[:, lowest:].sum() + 2 * n * head_part
+        s1 = (forward_flops(self.seq_len, [conf.num_attention_heads] * cfg.dht.fixed_layers, conf, "full",
+                            include_classifier=False) if policy.uses_s1 and cfg.dht.count_s1_flops else 0)
+        p = self.progress
+        p.train_flops += float(fwd + bwd) + n * s1
+        p.reference_flops += n * self.reference_step
+        p.samples_seen += n
+        sel = p.selections.setdefault(str(p.epoch), {})
+        sel[f"layers/{layers}"] = sel.get(f"layers/{layers}", 0) + n
+        if policy.search != "tree":
+            for a in arm.tolist():
+                sel[f"arm/{policy.arms[a]}"] = sel.get(f"arm/{policy.arms[a]}", 0) + 1
+        for g, info in enumerate(groups):
+            for k, c in Counter(info["counts"][:, 0].tolist()).items():
+                sel[f"heads/{k}"] = sel.get(f"heads/{k}", 0) + c
+            if "chosen" in info:
+                counts = info["chosen"].sum(dim=0).tolist()
+                for h, c in enumerate(counts):
+                    if c:
+                        sel[f"head_g{g}/{h}"] = sel.get(f"head_g{g}/{h}", 0) + int(c)
+
+    # ---- epochs (Algorithm 3) --------------------------------------------------------------------------------
+
+    def order(self, epoch: int) -> Tensor:
+        return torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
+
+    def fit(self, log: Callable[[list[tuple[int, float, float]], Progress], None] | None = None,
+            progress_bar: bool = True) -> Progress:
+        """Train every epoch, resuming from a checkpoint when one fits; returns the accounting."""
+        from tqdm.auto import tqdm
+
+        cfg, p = self.cfg, self.progress
+        q = cfg.train.batch_size
+        start_time = time.perf_counter() - p.seconds
+        since_checkpoint = 0
+        while p.epoch < cfg.train.epochs:
+            policy, frozen = self.active(p.epoch)
+            order = self.order(p.epoch)
+            bar = tqdm(total=len(order), initial=p.position, desc=f"{self.mode_name} epoch {p.epoch + 1}/{cfg.train.epochs}",
+                       disable=not progress_bar or os.environ.get("DHT_NO_PROGRESS") == "1", mininterval=1.0,
+                       leave=False)
+            while p.position < len(order):
+                chunk = order[p.position : p.position + q]
+                released = self._enqueue(policy, chunk)
+                for layers, items in released:
+                    self._step(policy, frozen, layers, items)
+                    since_checkpoint += 1
+                p.position += len(chunk)
+                bar.update(len(chunk))
+                if p.pending_log:
+                    recent = p.pending_log[-10:]
+                    bar.set_postfix(loss=f"{np.mean([x[1] for x in recent]):.3f}",
+                                    layers=f"{np.mean([x[2] for x in recent]):.1f}")
+                if since_checkpoint >= cfg.train.checkpoint_every and p.position < len(order):
+                    p.seconds = time.perf_counter() - start_time
+                    self._flush_log(log)
+                    self.save_checkpoint()
+                    since_checkpoint = 0
+            for layers, items in self.queue.drain():  # partly filled queues: every sample once per epoch
+                self._step(policy, frozen, layers, items)
+            bar.close()
+            p.epoch += 1
+            p.position = 0
+            p.seconds = time.perf_counter() - start_time
+            self._flush_log(log)
+            if p.epoch < cfg.train.epochs:
+                self.save_checkpoint()
+                since_checkpoint = 0
+        p.seconds = time.perf_counter() - start_time
+        return p
+
+    def _enqueue(self, policy: Policy, chunk: Tensor) -> list[tuple[int, list[tuple[int, int, Tensor]]]]:
+        """S1 and the depth decision for a round of samples; the queues that fill up (Algorithm 3, lines 2-5)."""
+        ids, mask, _ = self.train_data.batch(chunk, self.device)
+        s1 = None
+        if policy.uses_s1:
+            self.model.eval()  # S1: the previous weights, no gradient, no dropout
+            with torch.no_grad():
+                s1 = self.model.encode_prefix(ids, mask)
+        arm, context = policy.choose_arms(s1, mask, len(chunk), greedy=False, learn=True)
+        layers = policy.layers_of(arm)
+        released = []
+        for row, index in enumerate(chunk.tolist()):
+            full = self.queue.push(int(layers[row]), index, int(arm[row]), context[row])
+            if full is not None:
+                released.append((int(layers[row]), full))
+        return released
+
+    def _step(self, policy: Policy, frozen: bool, layers: int, items: list[tuple[int, int, Tensor]]) -> None:
+        loss = self.train_batch(policy, frozen, layers, items)
+        self.progress.step += 1
+        self.progress.pending_log.append((self.progress.step, loss, float(layers)))
+        self.progress.history.append((self.progress.step, self.progress.epoch, loss, float(layers)))
+        if self.on_step is not None:
+            self.on_step(self.progress.step)
+
+    def _flush_log(self, log: Callable[[list[tuple[int, float, float]], Progress], None] | None) -> None:
+        if log is not None and self.progress.pending_log:
+            log(self.progress.pending_log, self.progress)
+        self.progress.pending_log = []
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "fingerprint": self.fingerprint,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "policy": self.policy.state_dict(),
+            "warmup_policy": self.warmup_policy.state_dict() if self.warmup_policy else None,
+            "queue": self.queue.state_dict(),
+            "progress": self.progress.__dict__,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        tmp = self.checkpoint_dir / (CHECKPOINT_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_dir / CHECKPOINT_FILE)  # atomic: a kill never leaves half a checkpoint
+
+    def load_checkpoint(self) -> bool:
+        """Resume from the checkpoint if there is one; refuse one that is corrupt or belongs to another run."""
+        if self.checkpoint_dir is None:
+            return False
+        path = self.checkpoint_dir / CHECKPOINT_FILE
+        if not path.is_file():
+            return False
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # a truncated or foreign file raises many types
+            raise TrainingError(
+                f"{path}: corrupt checkpoint ({type(err).__name__}: {err}). Delete it to start this run over: "
+                f"rm -r {self.checkpoint_dir}"
+            ) from err
+        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
+            raise TrainingError(
+                f"{path}: this checkpoint was written by a run with other parameters, data or code inputs "
+                f"(fingerprint {state.get('fingerprint') if isinstance(state, dict) else '?'} != {self.fingerprint}). "
+                f"It is not resumed and not overwritten; delete it to start over: rm -r {self.checkpoint_dir}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.policy.load_state_dict(state["policy"])
+        if self.warmup_policy is not None:
+            self.warmup_policy.load_state_dict(state["warmup_policy"])
+        self.queue.load_state_dict(state["queue"])
+        self.progress = Progress(**state["progress"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return True
+
+    def remove_checkpoint(self) -> None:
+        if self.checkpoint_dir is not None:
+            (self.checkpoint_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Predictions:
+    labels: Tensor  # [N]
+    probs: Tensor  # [N, C]
+    layers: Tensor  # [N]
+    heads: Tensor  # [N, N_L] heads per layer (0 beyond the sample's depth)
+    flops: Tensor  # [N] full convention
+    flops_linear: Tensor  # [N]
+    seconds: float
+
+
+@torch.no_grad()
+def predict(model: DHTForSequenceClassification, policy: Policy, data: SplitData, device: torch.device,
+            batch_size: int, seq_len: int, greedy: bool = True) -> Predictions:
+    """The inference policy: S1 once, depth by UCB_L/UCB_cp, heads group by group, samples grouped by depth so
+    each group runs only its layers and its kept heads. The bandits are not updated."""
+    model.eval()
+    conf = model.config
+    n_layers, n_heads, b = conf.num_hidden_layers, conf.num_attention_heads, conf.fixed_layers
+    n = len(data)
+    out_labels = torch.zeros(n, dtype=torch.long)
+    probs = torch.zeros(n, conf.num_labels)
+    depth = torch.zeros(n, dtype=torch.long)
+    heads = torch.zeros(n, n_layers, dtype=torch.long)
+    start = time.perf_counter()
+    for lo in range(0, n, batch_size):
+        index = torch.arange(lo, min(lo + batch_size, n))
+        ids, mask, _ = data.batch(index, device)
+        hidden, keep = model.embed(ids, mask)
+        first = min(b, n_layers)
+        hidden = model.run_layers(hidden, keep, 0, first)  # S1 (= S2,0: the weights do not change)
+        arm, _ = policy.choose_arms(hidden if policy.uses_s1 else None, mask, len(index), greedy=greedy, learn=False)
+        layers = policy.layers_of(arm)
+        for L in layers.unique().tolist():
+            sel = (layers == L).nonzero().squeeze(1)
+            sel_dev = sel.to(device)
+            h, k_sub, m = hidden[sel_dev], None if keep is None else keep[sel_dev], mask[sel_dev]
+            h_rows = torch.full((len(sel), n_layers), 0, dtype=torch.long)
+            h_rows[:, :first] = n_heads
+            for g, group in enumerate(policy.groups):
+                if group.start >= L:
+                    break
+                info = policy.choose_heads(g, h, m, arm[sel], greedy=greedy, learn=False)
+                stop = min(group.stop, L)
+                plan = info["plan"][:, : stop - group.start]
+                h = model.run_layers(h, k_sub, group.start, stop, plan.to(device))
+                h_rows[:, group.start:stop] = plan.sum(dim=2)
+            logits = model.classify(h).float().cpu()
+            p = logits.softmax(-1)
+            rows = index[sel]
+            out_labels[rows] = p.argmax(-1)
+            probs[rows] = p
+            depth[rows] = L
+            heads[rows] = h_rows
+    seconds = time.perf_counter() - start
+    flops = torch.tensor([forward_flops(seq_len, [h for h in row.tolist() if h], conf, "full") for row in heads],
+                         dtype=torch.float64)
+    flops_lin = torch.tensor([forward_flops(seq_len, [h for h in row.tolist() if h], conf, "linear") for row in heads],
+                             dtype=torch.float64)
+    return Predictions(out_labels, probs, depth, heads, flops, flops_lin, seconds)
+
+
+def evaluate(pred: Predictions, data: SplitData, conf: Any, seq_len: int, difficulty_names: list[str] | None) -> dict[str, Any]:
+    """The metrics of Tables 1-2 (micro-F1 = accuracy and macro-F1) and what the selections cost."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    y, p = data.labels.numpy(), pred.labels.numpy()
+    ran = pred.heads > 0
+    metrics: dict[str, Any] = {
+        "accuracy": float(accuracy_score(y, p)),
+        "macro_f1": float(f1_score(y, p, average="macro")),
+        "infer_flop_ratio": float(pred.flops.mean() / full_model_flops(seq_len, conf, "full", "inference")),
+        "infer_flop_ratio_linear": float(pred.flops_linear.mean() / full_model_flops(seq_len, conf, "linear", "inference")),
+        "mean_layers": float(pred.layers.float().mean()),
+        "mean_heads": float((pred.heads.sum(1).float() / ran.sum(1).clamp(min=1)).mean()),
+        "infer_seconds": round(pred.seconds, 3),
+        "n_test": len(data),
+    }
+    if data.difficulty is not None:
+        names = difficulty_names or [str(d) for d in range(int(data.difficulty.max()) + 1)]
+        for d, name in enumerate(names):
+            sel = data.difficulty == d
+            if sel.any():
+                metrics[f"accuracy_{name}"] = float((pred.labels[sel] == data.labels[sel]).float().mean())
+                metrics[f"mean_layers_{name}"] = float(pred.layers[sel].float().mean())
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving a trained model with its bandits
+# --------------------------------------------------------------------------------------------------------------
+
+
+def save_trained(out_dir: Path, model: DHTForSequenceClassification, policy: Policy, mode_name: str,
+                 cfg: Config, extra: dict[str, Any]) -> None:
+    """`save_pretrained` weights + the policy (description, resolved config, bandit state), loadable by
+    :func:`load_trained` without params.yaml."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    torch.save(policy.state_dict(), out_dir / BANDITS_FILE)
+    info = {"mode_name": mode_name, **policy.describe(), "config": cfg.model_dump(mode="json"), **extra}
+    (out_dir / POLICY_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
+def load_trained(model_dir: str | Path, device: torch.device) -> tuple[DHTForSequenceClassification, Policy, dict[str, Any]]:
+    """A trained model, its policy (bandits restored) and its description, as written by the train stage."""
+    from dht.arm_features import load_arm_features
+
+    model_dir = Path(model_dir)
+    policy_path = model_dir / POLICY_FILE
+    if not policy_path.is_file():
+        raise FileNotFoundError(f"{model_dir}: not a trained DHT model directory (no {POLICY_FILE}); "
+                                "train it first (snakemake --cores 4 results/<dataset>/<model>/metrics.json)")
+    info = json.loads(policy_path.read_text())
+    cfg = Config.model_validate(info["config"])
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a weight-loading bar per call is noise in a CLI
+    model = DHTForSequenceClassification.from_pretrained(model_dir).to(device)
+    mode = ModeConfig.model_validate(info["mode"])
+    arm_features = load_arm_features(model_dir)
+    policy = Policy(cfg, mode, arm_features, model.config)
+    policy.load_state_dict(torch.load(model_dir / BANDITS_FILE, map_location="cpu", weights_only=False))
+    return model, policy, info

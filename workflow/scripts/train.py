@@ -1,0 +1,129 @@
+"""Stage `train`: one DHT mode (or 12-VaBERT) on one dataset: train (Algorithms 2-3), evaluate with the
+inference policy, write results/<dataset>/<model>/ and models/<dataset>/<model>/. Resumes after a kill."""
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import _stage
+
+from dht.arm_features import load_arm_features
+from dht.model import DHTForSequenceClassification
+from dht.runtime import configure_threads, resolve_device, seed_everything
+from dht.tokenization import load_processed
+from dht.tracking import stage_run
+from dht.trainer import SplitData, Trainer, TrainingError, evaluate, fingerprint, predict, save_trained
+
+p = _stage.parser(__doc__)
+p.add_argument("--dataset", required=True)
+p.add_argument("--model", required=True, help="a mode of dht.modes (vanilla-12, t-dht, s-dht, f-dht, p-dht)")
+p.add_argument("--processed", required=True)
+p.add_argument("--features", required=True)
+p.add_argument("--results", required=True)
+p.add_argument("--out-model", required=True)
+p.add_argument("--checkpoints", default="checkpoints")
+p.add_argument("--threads", type=int, default=None)
+args = p.parse_args()
+cfg = _stage.config(args)
+cfg.dataset(args.dataset)
+if args.model not in cfg.dht.modes:
+    sys.exit(f"error: --model {args.model!r} is not a mode; allowed: {', '.join(cfg.dht.modes)}")
+
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()
+configure_threads(args.threads)
+seed_everything(cfg.seed)
+device = resolve_device(cfg.device)
+processed, features = Path(args.processed), Path(args.features)
+meta = json.loads((processed / "meta.json").read_text())
+train = SplitData.from_arrays(load_processed(processed, "train"))
+test = SplitData.from_arrays(load_processed(processed, "test"))
+model = DHTForSequenceClassification.from_pretrained(features / "init_model")
+arm_features = load_arm_features(features)
+run_fp = fingerprint(cfg, args.model, args.dataset,
+                     {"data": meta["splits"], "features": json.loads((features / "meta.json").read_text())["sizes"]})
+trainer = Trainer(cfg, args.model, model, arm_features, train, device, seq_len=meta["max_length"],
+                  checkpoint_dir=Path(args.checkpoints) / args.dataset / args.model, run_fingerprint=run_fp)
+try:
+    resumed = trainer.load_checkpoint()
+except TrainingError as err:
+    sys.exit(f"error: {err}")
+if resumed:
+    pr = trainer.progress
+    print(f"train {args.dataset}/{args.model}: resuming at epoch {pr.epoch + 1}, step {pr.step} from {trainer.checkpoint_dir}")
+
+mode = cfg.dht.modes[args.model]
+params = {"model_name": args.model, "dataset": args.dataset, "seed": cfg.seed, "device": str(device),
+          "model": cfg.section("model"), "train": cfg.section("train"), "mode": mode.model_dump(mode="json"),
+          "dht.fixed_layers": cfg.dht.fixed_layers, "dht.group_size": cfg.dht.group_size,
+          "dht.bandits": cfg.section("dht.bandits"), "dht.inference": cfg.dht.inference,
+          "dht.p_dht_freeze": cfg.dht.p_dht_freeze, "dht.count_s1_flops": cfg.dht.count_s1_flops}
+
+with stage_run(args.dataset, args.model, stage="train", profile=cfg.profile, params=params,
+               prefix=cfg.tracking.experiment_prefix, run_id=trainer.progress.run_id) as run:
+    import mlflow
+    from mlflow.entities import Metric
+
+    trainer.progress.run_id = run.info.run_id
+    client = mlflow.MlflowClient()
+    logged_epochs = {int(e) for e in trainer.progress.selections if int(e) < trainer.progress.epoch}
+
+    def log(pending, progress):
+        """Loss per step (Figure 3) and, for finished epochs, the selection frequencies (Figure 2); sent only
+        at checkpoints, so a resumed run logs every step exactly once."""
+        now = int(__import__("time").time() * 1000)
+        metrics = [Metric("train_loss", loss, now, step) for step, loss, _ in pending]
+        metrics += [Metric("train_layers", layers, now, step) for step, _, layers in pending]
+        for epoch, counts in progress.selections.items():
+            e = int(epoch)
+            if e < progress.epoch and e not in logged_epochs:
+                for family in {k.split("/")[0] for k in counts}:
+                    total = sum(v for k, v in counts.items() if k.startswith(family + "/"))
+                    metrics += [Metric(f"freq.{k.replace('/', '.').replace('+', '-')}", v / total, now, e + 1)
+                                for k, v in counts.items() if k.startswith(family + "/")]
+                logged_epochs.add(e)
+        for start in range(0, len(metrics), 900):
+            client.log_batch(run.info.run_id, metrics=metrics[start : start + 900])
+
+    try:
+        progress = trainer.fit(log=log)
+    except TrainingError as err:
+        sys.exit(f"error: {err}")
+    pred = predict(trainer.model, trainer.policy, test, device, cfg.train.eval_batch_size, meta["max_length"],
+                   greedy=cfg.dht.inference == "greedy")
+    metrics = evaluate(pred, test, trainer.model.config, meta["max_length"], meta.get("difficulty_names"))
+    metrics.update({
+        "train_flop_ratio": progress.train_flops / progress.reference_flops,
+        "train_seconds": round(progress.seconds, 3),
+        "train_steps": progress.step,
+        "train_samples": progress.samples_seen,
+        "epochs": cfg.train.epochs,
+    })
+    metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+    results, out_model = Path(args.results), Path(args.out_model)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (results / "selections.json").write_text(json.dumps(progress.selections, indent=2, sort_keys=True) + "\n")
+    with (results / "loss.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "epoch", "loss", "layers"])
+        writer.writerows((s, e + 1, round(loss, 6), layers) for s, e, loss, layers in progress.history)
+    if out_model.exists():
+        shutil.rmtree(out_model)
+    save_trained(out_model, trainer.model, trainer.policy, args.model, cfg,
+                 {"dataset": args.dataset, "classes": meta["classes"], "max_length": meta["max_length"]})
+    shutil.copytree(processed / "tokenizer", out_model / "tokenizer")
+    shutil.copy2(features / "arm_features.safetensors", out_model / "arm_features.safetensors")
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+    mlflow.log_artifact(str(results / "selections.json"))
+    if cfg.train.log_model:
+        mlflow.log_artifacts(str(out_model), artifact_path="model")
+trainer.remove_checkpoint()
+print(f"train {args.dataset}/{args.model}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, "
+      f"train FLOPs {metrics['train_flop_ratio']:.2f}x, inference FLOPs {metrics['infer_flop_ratio']:.2f}x, "
+      f"mean layers {metrics['mean_layers']:.1f} ({progress.seconds:.0f}s)")
