@@ -28,6 +28,9 @@ DVC_HEADER = (
 )
 # Outputs small enough for git, that a reader looks at without DVC: not cached (DVC still tracks them).
 UNCACHED_PREFIXES = ("reports/",)
+# Run outputs DVC shows with `dvc metrics show` and `dvc plots show`.
+METRICS_SUFFIX = "/metrics.json"
+PLOTS = {"/loss.csv": {"x": "step", "y": "loss", "title": "training loss (Figure 3)"}}
 
 
 class TrackedParams(dict):
@@ -146,13 +149,27 @@ def dvc_stages(jobs: list[Job], profile: str) -> dict[str, Any]:
     stages: dict[str, Any] = {}
     for job in jobs:
         outs: list[Any] = []
+        metrics: list[Any] = []
+        plots: list[Any] = []
         for out in job.outputs:
-            outs.append({out: {"cache": False}} if out.startswith(UNCACHED_PREFIXES) else out)
+            if out.endswith(METRICS_SUFFIX):
+                metrics.append({out: {"cache": False}})
+            elif any(out.endswith(suffix) for suffix in PLOTS):
+                spec = next(v for k, v in PLOTS.items() if out.endswith(k))
+                plots.append({out: {"cache": False, **spec}})
+            elif out.startswith(UNCACHED_PREFIXES):
+                outs.append({out: {"cache": False}})
+            else:
+                outs.append(out)
         stage: dict[str, Any] = {"cmd": _templated(job.cmd, profile)}
         if job.inputs:
             stage["deps"] = list(dict.fromkeys(job.inputs))
         stage["params"] = [PROFILE_KEY, *job.tracked, f"{OVERLAYS_KEY}.${{{PROFILE_KEY}}}"]
         stage["outs"] = outs
+        if metrics:
+            stage["metrics"] = metrics
+        if plots:
+            stage["plots"] = plots
         stages[job.stage_name] = stage
     return {"stages": stages}
 

@@ -432,6 +432,8 @@ class Trainer:
         never needed), frozen layers after one still pass gradients through but do not update."""
         for layer in range(start, stop):
             sub = None if plan is None else plan[:, layer - start : layer - start + 1]
+            if sub is not None and bool(sub.all()):
+                sub = None  # every head kept: the plain projections, no weight slices copied
             needs_grad = layer in trainable or hidden.requires_grad
             module = self.model.bert.encoder.layer[layer]
             for p in module.parameters():
@@ -673,7 +675,7 @@ def predict(model: DHTForSequenceClassification, policy: Policy, data: SplitData
                 info = policy.choose_heads(g, h, m, arm[sel], greedy=greedy, learn=False)
                 stop = min(group.stop, L)
                 plan = info["plan"][:, : stop - group.start]
-                h = model.run_layers(h, k_sub, group.start, stop, plan.to(device))
+                h = model.run_layers(h, k_sub, group.start, stop, None if bool(plan.all()) else plan.to(device))
                 h_rows[:, group.start:stop] = plan.sum(dim=2)
             logits = model.classify(h).float().cpu()
             p = logits.softmax(-1)

@@ -60,7 +60,9 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
             for m in ("vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht")} == set(names[6:-1])
     train = stages["train-embedded-news-p-dht"]
     assert "dht.modes.p-dht" in train["params"] and "dht.modes.f-dht" in train["params"]  # its warm-up mode
-    assert "results/embedded-news/p-dht/metrics.json" in train["outs"] and "models/embedded-news/p-dht" in train["outs"]
+    assert "models/embedded-news/p-dht" in train["outs"]
+    assert train["metrics"] == [{"results/embedded-news/p-dht/metrics.json": {"cache": False}}]
+    assert list(train["plots"][0]) == ["results/embedded-news/p-dht/loss.csv"]
     assert stages["arm_features-embedded-news"]["cmd"].endswith("--threads 2")  # the rule's threads
     tok = stages["tokenize-embedded-news"]
     assert tok["cmd"].startswith("python workflow/scripts/tokenize_data.py --profile ${profile} ")
@@ -195,3 +197,42 @@ def test_dvc_repro_runs_the_same_stages_on_the_tiny_profile(project):
     assert "up to date" in run_cli(["dvc", "status", "arm_features-embedded-news"], cwd=project).stdout
     metrics = json.loads((project / "data/processed/embedded-news/meta.json").read_text())
     assert metrics["splits"]["train"]["n"] == 320
+
+
+@pytest.mark.slow
+def test_a_killed_training_resumes_when_rerun_and_ends_with_the_same_metrics(project):
+    import os
+    import signal
+    import time
+
+    from conftest import BIN
+
+    def tiny(raw):
+        raw["profiles"]["tiny"]["train"].update({"epochs": 3, "checkpoint_every": 2})
+    set_params(project, tiny)
+    target = "results/embedded-news/f-dht/metrics.json"
+    run_cli(["snakemake", "--cores", "2", "data/features/embedded-news/meta.json", "--config", "profile=tiny"], cwd=project)
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DHT_NO_PROGRESS="1")
+    proc = subprocess.Popen([str(BIN / "snakemake"), "--cores", "1", target, "--config", "profile=tiny"], cwd=project,
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = project / "checkpoints/embedded-news/f-dht/checkpoint.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists():
+        assert proc.poll() is None, "training ended before a checkpoint was seen"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # a real kill: no cleanup runs
+    proc.wait()
+    assert not (project / target).exists()
+
+    rerun = run_cli(["snakemake", "--cores", "1", "--rerun-incomplete", target, "--config", "profile=tiny"], cwd=project)
+    assert "f-dht: resuming at epoch" in rerun.stdout + rerun.stderr
+    assert not checkpoint.exists()
+
+    def timeless(path):
+        m = json.loads(path.read_text())
+        return {k: v for k, v in m.items() if not k.endswith("_seconds")}
+
+    resumed = timeless(project / target)
+    run_cli(["snakemake", "--cores", "1", "--forcerun", "train", target, "--config", "profile=tiny"], cwd=project)
+    assert timeless(project / target) == resumed  # same seed, uninterrupted: identical metrics.json

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+# transformers draws a progress bar for every save/load of a small model: noise in a pipeline log.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from dht.config import Config, ConfigError, load_config
 

@@ -31,9 +31,6 @@ cfg.dataset(args.dataset)
 if args.model not in cfg.dht.modes:
     sys.exit(f"error: --model {args.model!r} is not a mode; allowed: {', '.join(cfg.dht.modes)}")
 
-from transformers.utils import logging as hf_logging
-
-hf_logging.disable_progress_bar()
 configure_threads(args.threads)
 seed_everything(cfg.seed)
 device = resolve_device(cfg.device)
