@@ -95,6 +95,7 @@ DatasetSpec = Annotated[
 class RunConfig(_Strict):
     datasets: list[str] = Field(min_length=1)
     models: list[str] = Field(min_length=1)
+    baselines: list[str] = Field(default_factory=list)  # distil-<layers>, fastbert-<speed>, nas-prune-<ratio>
 
 
 class TokenizerConfig(_Strict):
@@ -194,6 +195,59 @@ class TrainConfig(_Strict):
     log_model: bool = True  # copy the model directory into MLflow's artifacts
 
 
+class DistilConfig(_Strict):
+    """DistilBERT (Sanh et al. 2019) students of the trained 12-VaBERT (BL2)."""
+
+    epochs: Annotated[int, Field(ge=1)] = 3
+    learning_rate: Annotated[float, Field(gt=0)] = 3e-4
+    temperature: Annotated[float, Field(gt=0)] = 2.0
+    alpha_kd: Annotated[float, Field(ge=0)] = 0.5
+    alpha_ce: Annotated[float, Field(ge=0)] = 0.5
+    alpha_cos: Annotated[float, Field(ge=0)] = 0.0
+
+
+class FastBERTConfig(_Strict):
+    """FastBERT (Liu et al. 2020) self-distillation of student classifiers on the trained 12-VaBERT (BL3)."""
+
+    epochs: Annotated[int, Field(ge=1)] = 2
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+
+
+class NASPruneConfig(_Strict):
+    """Differentiable NAS pruning of the trained 12-VaBERT (the NAS-on-BERT report, Sections 5.3-5.5)."""
+
+    search_epochs: Annotated[int, Field(ge=1)] = 2
+    finetune_epochs: Annotated[int, Field(ge=1)] = 2
+    lambda_cost: Annotated[float, Field(ge=0)] = 1.0
+    tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    lr_weights: Annotated[float, Field(gt=0)] = 1e-4
+    lr_arch: Annotated[float, Field(gt=0)] = 5e-2
+    temperature: Annotated[float, Field(gt=0)] = 2.0
+    alpha_kd: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+
+class BaselinesConfig(_Strict):
+    distil: DistilConfig = DistilConfig()
+    fastbert: FastBERTConfig = FastBERTConfig()
+    nas_prune: NASPruneConfig = NASPruneConfig()
+
+
+_BASELINE = re.compile(r"(distil)-(\d+)|(fastbert)-(\d*\.?\d+)|(nas-prune)-(\d*\.?\d+)")
+
+
+def parse_baseline(name: str) -> tuple[str, float]:
+    """("distil", layers) / ("fastbert", speed) / ("nas-prune", FLOP target ratio) from a baseline's name."""
+    m = _BASELINE.fullmatch(name)
+    if not m:
+        raise ValueError(
+            f"{name!r} is not a baseline: write distil-<layers> (e.g. distil-3), fastbert-<speed> "
+            "(e.g. fastbert-0.5) or nas-prune-<FLOP ratio> (e.g. nas-prune-0.5)"
+        )
+    kind = m.group(1) or m.group(3) or m.group(5)
+    value = m.group(2) or m.group(4) or m.group(6)
+    return kind, float(value)
+
+
 class TrackingConfig(_Strict):
     experiment_prefix: str = ""
 
@@ -210,6 +264,7 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     dht: DHTConfig
     train: TrainConfig = TrainConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     def dataset(self, name: str) -> EmbeddedDatasetSpec | HubDatasetSpec | CsvDatasetSpec:
@@ -428,6 +483,20 @@ def check_semantics(cfg: Config) -> list[str]:
                 f"run.models: {name!r} is not a mode; allowed (defined under dht.modes:): {', '.join(d.modes)}"
             )
 
+    for i, name in enumerate(cfg.run.baselines):
+        try:
+            kind, value = parse_baseline(name)
+        except ValueError as err:
+            problems.append(f"run.baselines[{i}] = {name!r}: {err}")
+            continue
+        if kind == "distil" and not 1 <= value <= m.num_hidden_layers:
+            problems.append(f"run.baselines[{i}] = {name!r}: a student has 1..{m.num_hidden_layers} layers")
+        if kind == "fastbert" and not 0 <= value <= 1:
+            problems.append(f"run.baselines[{i}] = {name!r}: a FastBERT speed is in [0, 1]")
+        if kind == "nas-prune" and not 0 < value <= 1:
+            problems.append(f"run.baselines[{i}] = {name!r}: a FLOP target ratio is in (0, 1]")
+    if cfg.run.baselines and "vanilla-12" not in cfg.dht.modes:
+        problems.append("run.baselines: the baselines distil 12-VaBERT; dht.modes must define vanilla-12")
     if cfg.tokenizer.kind == "pretrained" and not cfg.tokenizer.name_or_path:
         problems.append(
             "tokenizer.name_or_path = null: tokenizer.kind = pretrained needs a hub name or a local directory "
