@@ -13,6 +13,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/baselines.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -26,3 +27,4 @@ rule all:
     input:
         "reports/table1.md",
         expand("results/{dataset}/{model}/metrics.json", dataset=DATASETS, model=MODELS),
+        expand("results/{dataset}/{baseline}/metrics.json", dataset=DATASETS, baseline=BASELINES),

@@ -211,6 +211,7 @@ class FastBERTConfig(_Strict):
 
     epochs: Annotated[int, Field(ge=1)] = 2
     learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+    classifier_size: Annotated[int, Field(ge=2)] | None = None  # None: hidden x 128/768 (FastBERT's proportion)
 
 
 class NASPruneConfig(_Strict):

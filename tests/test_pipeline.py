@@ -55,9 +55,12 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
     names = list(stages)
     assert names[:6] == ["download-embedded-news", "download-embedded-sentiment", "tokenize-embedded-news",
                          "tokenize-embedded-sentiment", "arm_features-embedded-news", "arm_features-embedded-sentiment"]
-    assert names[-1] == "table1" and len(names) == 6 + 10 + 1
+    assert names[-1] == "table1" and len(names) == 6 + 10 + 18 + 1
     assert {f"train-{d}-{m}" for d in ("embedded-news", "embedded-sentiment")
-            for m in ("vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht")} == set(names[6:-1])
+            for m in ("vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht")} == set(names[6:16])
+    assert "baseline-embedded-news-distil-3" in names and "baseline-embedded-sentiment-nas-prune-0.75" in names
+    base = stages["baseline-embedded-news-fastbert-0.8"]
+    assert "models/embedded-news/vanilla-12" in base["deps"] and "dht/baselines/fastbert.py" in base["deps"]
     train = stages["train-embedded-news-p-dht"]
     assert "dht.modes.p-dht" in train["params"] and "dht.modes.f-dht" in train["params"]  # its warm-up mode
     assert "models/embedded-news/p-dht" in train["outs"]
@@ -76,6 +79,10 @@ def test_dry_run_of_table1(project):
     assert job_counts(proc.stdout) == {"download": 2, "tokenize": 2, "arm_features": 2, "train": 10, "table1": 1}
     one = run_cli(["snakemake", "-n", "--cores", "1", "results/embedded-news/t-dht/metrics.json"], cwd=project)
     assert job_counts(one.stdout) == {"download": 1, "tokenize": 1, "arm_features": 1, "train": 1}
+    base = run_cli(["snakemake", "-n", "--cores", "1", "results/embedded-news/distil-6/metrics.json"], cwd=project)
+    assert job_counts(base.stdout) == {"download": 1, "tokenize": 1, "arm_features": 1, "train": 1, "baseline": 1}
+    everything = run_cli(["snakemake", "-n", "--cores", "1"], cwd=project)
+    assert job_counts(everything.stdout)["baseline"] == 18
 
 
 def test_bad_params_fail_before_any_job(project):
@@ -122,8 +129,15 @@ def test_end_to_end_tiny_then_noop(project):
     assert "| embedded-sentiment | embedded | 2 | 320 | 96 | 40 |" in table
     runs = set(mlflow_runs(project))
     for dataset in ("embedded-news", "embedded-sentiment"):
-        for run in ("tokenize", "arm_features", "vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht"):
+        for run in ("tokenize", "arm_features", "vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht",
+                    "distil-3", "fastbert-0.5", "nas-prune-0.5"):
             assert (dataset, run) in runs
+    for baseline in ("distil-3", "fastbert-0.5", "nas-prune-0.5"):  # the DHT runs' metrics schema
+        m = json.loads((project / f"results/embedded-news/{baseline}/metrics.json").read_text())
+        assert {"accuracy", "macro_f1", "train_flop_ratio", "infer_flop_ratio", "infer_flop_ratio_linear",
+                "mean_layers", "n_test", "accuracy_hard"} <= set(m)
+    distil = json.loads((project / "results/embedded-news/distil-3/metrics.json").read_text())
+    assert distil["mean_layers"] == 3 and 0.24 < distil["infer_flop_ratio"] < 0.27
     metrics = json.loads((project / "results/embedded-news/t-dht/metrics.json").read_text())
     for key in ("accuracy", "macro_f1", "train_flop_ratio", "infer_flop_ratio", "infer_flop_ratio_linear",
                 "mean_layers", "mean_heads", "train_seconds", "infer_seconds", "n_test", "accuracy_hard",
@@ -147,7 +161,8 @@ def test_end_to_end_tiny_then_noop(project):
     # a changed parameter reruns exactly the jobs that read it
     set_params(project, lambda r: r["profiles"]["tiny"]["tokenizer"].__setitem__("vocab_size", 500))
     changed = run_cli(["snakemake", "-n", "--cores", "2", "--config", "profile=tiny"], cwd=project)
-    assert job_counts(changed.stdout) == {"tokenize": 2, "arm_features": 2, "train": 10, "table1": 1, "all": 1}
+    assert job_counts(changed.stdout) == {"tokenize": 2, "arm_features": 2, "train": 10, "baseline": 6, "table1": 1,
+                                          "all": 1}
 
 
 @pytest.mark.slow
@@ -225,6 +240,8 @@ def test_a_killed_training_resumes_when_rerun_and_ends_with_the_same_metrics(pro
     proc.wait()
     assert not (project / target).exists()
 
+    # what a user does after a kill: release Snakemake's lock, rerun the incomplete job
+    run_cli(["snakemake", "--unlock", target, "--config", "profile=tiny"], cwd=project)
     rerun = run_cli(["snakemake", "--cores", "1", "--rerun-incomplete", target, "--config", "profile=tiny"], cwd=project)
     assert "f-dht: resuming at epoch" in rerun.stdout + rerun.stderr
     assert not checkpoint.exists()

@@ -1,0 +1,281 @@
+"""Tests for dht.baselines.nas_prune: the differentiable NAS pruning baseline (report Sections 5.3-5.5)."""
+
+import random
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dht.baselines import nas_prune as nas
+from dht.flops import full_model_flops
+from dht.model import DHTConfig, DHTForSequenceClassification
+from dht.trainer import SplitData, evaluate
+
+SEQ = 12
+LINEAR_OPS = {"aten.addmm", "aten.mm"}  # nn.Linear / F.linear; attention matmuls are aten.bmm
+TINY = dict(vocab_size=30, hidden_size=48, num_hidden_layers=12, num_attention_heads=12, intermediate_size=64,
+            max_position_embeddings=16, num_labels=3, attn_implementation="eager")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread (restored afterwards)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_data(n: int, seed: int) -> SplitData:
+    """Random tokens, padded to random lengths; label = first token mod 3 (learnable)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, TINY["vocab_size"], (n, SEQ), generator=g)
+    lengths = torch.randint(6, SEQ + 1, (n,), generator=g)
+    lengths[0] = SEQ  # at least one full-length row, so batches keep the width SEQ
+    mask = (torch.arange(SEQ)[None] < lengths[:, None]).long()
+    ids = ids * mask
+    return SplitData(ids, mask, ids[:, 0] % 3)
+
+
+@pytest.fixture(scope="module")
+def train_data() -> SplitData:
+    return make_data(128, 1)
+
+
+@pytest.fixture(scope="module")
+def teacher(train_data: SplitData) -> DHTForSequenceClassification:
+    """A briefly trained tiny 12-layer teacher (hidden 48, 12 heads of 4, FFN 64), in eval mode."""
+    torch.manual_seed(0)
+    model = DHTForSequenceClassification(DHTConfig(**TINY))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        ids, mask, labels = train_data.batch(torch.randint(0, len(train_data), (32,), generator=g), "cpu")
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def random_arch(teacher: DHTForSequenceClassification, seed: int) -> nas.PrunedArch:
+    """A ragged architecture: random kept dims, a layer without heads, one without FFN, heads with no Q/K dim
+    (uniform attention) and heads of different widths."""
+    rng = random.Random(seed)
+    dh = teacher.config.hidden_size // teacher.config.num_attention_heads
+    layers = []
+    for i in range(teacher.config.num_hidden_layers):
+        heads = [] if i == 3 else sorted(rng.sample(range(12), rng.randint(1, 12)))
+        qk = [sorted(rng.sample(range(dh), rng.randint(0 if j % 3 == 0 else 1, dh))) for j in range(len(heads))]
+        v = [sorted(rng.sample(range(dh), rng.randint(1, dh))) for _ in heads]
+        ffn = [] if i == 5 else sorted(rng.sample(range(64), rng.randint(1, 64)))
+        layers.append(nas.LayerArch(heads, qk, v, ffn))
+    return nas.PrunedArch(sorted(rng.sample(range(48), 30)), layers, **nas.teacher_fields(teacher))
+
+
+def count(fn) -> tuple[int, dict[str, int]]:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops(), {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+# ---- equation (4) -------------------------------------------------------------------------------------------
+
+
+def test_cost_loss_is_zero_inside_the_band_and_pushes_towards_it():
+    target, t = 100.0, 0.1
+
+    def loss_and_grad(actual: float) -> tuple[float, float]:
+        expected = torch.tensor(95.0, requires_grad=True)
+        loss = nas.tas_cost_loss(expected, actual, target, t)
+        if not loss.requires_grad:
+            return float(loss), 0.0
+        loss.backward()
+        return float(loss.detach()), float(expected.grad)
+
+    for inside in (90.0, 100.0, 110.0, 95.0):  # the band's boundaries count as inside
+        assert loss_and_grad(inside) == (0.0, 0.0)
+    value, grad = loss_and_grad(111.0)  # too expensive: log E, minimising it lowers E
+    assert value == pytest.approx(torch.log(torch.tensor(95.0)).item()) and grad > 0
+    value, grad = loss_and_grad(89.0)  # too cheap: -log E, minimising it raises E
+    assert value == pytest.approx(-torch.log(torch.tensor(95.0)).item()) and grad < 0
+
+
+def test_rescaled_sigmoid_passes_the_mask_gradient_to_alpha():
+    alpha = torch.tensor([5.0, 0.0, -5.0], requires_grad=True)
+    m = nas.rescaled_sigmoid(alpha)
+    assert torch.allclose(m, torch.sigmoid(alpha.detach()))
+    (m * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert alpha.grad.tolist() == [1.0, 2.0, 3.0]  # not shrunk by sigmoid'(+-5) = 0.0066
+
+
+# ---- extraction and weight copying ------------------------------------------------------------------------
+
+
+def test_everything_kept_gives_the_teachers_logits(teacher, train_data):
+    arch = nas.PrunedArch.full(teacher)
+    pruned = nas.extract(teacher, arch)
+    ids, mask = train_data.input_ids[:16], train_data.attention_mask[:16]
+    with torch.no_grad():
+        expected = teacher(ids, attention_mask=mask).logits
+        assert torch.allclose(pruned(ids, mask), expected, atol=1e-5)
+        net = nas.Supernet(teacher)  # the masked supernet with all gates 1 is the teacher too
+        assert torch.allclose(net(ids, mask, net.hard_gates(arch)), expected, atol=1e-5)
+    assert sum(p.numel() for p in pruned.parameters()) == sum(p.numel() for p in teacher.parameters())
+
+
+def test_pruned_model_equals_supernet_with_the_architectures_gates(teacher, train_data):
+    """The kept rows/columns are copied correctly and the masked LayerNorm is the pruned LayerNorm."""
+    arch = random_arch(teacher, 0)
+    pruned = nas.extract(teacher, arch)
+    net = nas.Supernet(teacher)
+    ids, mask = train_data.input_ids[:16], train_data.attention_mask[:16]
+    with torch.no_grad():
+        assert torch.allclose(pruned(ids, mask), net(ids, mask, net.hard_gates(arch)), atol=1e-5)
+    assert pruned.word_embeddings.weight.shape == (30, 30)
+    assert pruned.layers[3].value.weight.shape == (0, 30) and pruned.layers[5].intermediate.weight.shape == (0, 30)
+
+
+def test_derive_arch_applies_the_threshold_to_dimensions_and_heads(teacher):
+    net = nas.Supernet(teacher)
+    alphas = net.alphas()
+    alphas["heads"].zero_()
+    alphas["embed"][:8] = -5.0  # sigmoid(-5) = 0.0067 < 0.01: pruned
+    alphas["embed"][8:10] = -4.5  # sigmoid(-4.5) = 0.011: kept
+    alphas["v"][0, 0:4] = -6.0  # head 0 of layer 0 has no value dimension left: the head goes
+    alphas["heads"][1, 2] = -6.0  # 12 * softmax = 0.0037 < 0.01: head 2 of layer 1 goes
+    alphas["ffn"][2] = -6.0
+    arch = nas.derive_arch(alphas, net.fields)
+    assert arch.embed_dims == list(range(8, 48))
+    assert arch.layers[0].heads == list(range(1, 12))
+    assert 2 not in arch.layers[1].heads and len(arch.layers[1].heads) == 11
+    assert arch.layers[2].ffn_dims == [] and len(arch.layers[3].ffn_dims) == 64
+    alphas["embed"][:] = -7.0
+    assert len(nas.derive_arch(alphas, net.fields).embed_dims) == 1  # a LayerNorm needs one dimension
+
+
+def test_fit_threshold_keeps_the_reports_threshold_inside_the_band_and_moves_it_outside(teacher):
+    fields = nas.teacher_fields(teacher)
+    full = full_model_flops(SEQ, teacher.config)
+    g = torch.Generator().manual_seed(0)
+    net = nas.Supernet(teacher)
+    alphas = net.alphas()
+    tau, arch = nas.fit_threshold(alphas, fields, 1.0 * full, 0.05, SEQ)
+    assert tau == nas.KEEP_THRESHOLD and nas.pruned_flops(arch, SEQ) == full
+    # Masks that did not reach 0/1 (all between 0.3 and 0.9): at 0.01 everything is kept, 0.5 is missed.
+    for key in ("embed", "qk", "v", "ffn"):
+        alphas[key] = torch.rand(alphas[key].shape, generator=g) * 3 - 1
+    for r in (0.5, 0.3):
+        tau, arch = nas.fit_threshold(alphas, fields, r * full, 0.05, SEQ)
+        assert tau > nas.KEEP_THRESHOLD
+        assert abs(nas.pruned_flops(arch, SEQ) / full - r) <= 0.05 * r
+    # Over-pruned masks (most below 0.01): the threshold goes down until the band is reached.
+    for key in ("embed", "qk", "v", "ffn"):
+        alphas[key] = torch.rand(alphas[key].shape, generator=g) * 4 - 8
+    tau, arch = nas.fit_threshold(alphas, fields, 0.5 * full, 0.05, SEQ)
+    assert tau < nas.KEEP_THRESHOLD
+    assert abs(nas.pruned_flops(arch, SEQ) / full - 0.5) <= 0.05 * 0.5
+
+
+# ---- FLOPs ------------------------------------------------------------------------------------------------
+
+
+def test_pruned_flops_match_flop_counter_and_the_teachers_count(teacher, train_data):
+    full_arch = nas.PrunedArch.full(teacher)
+    for convention in ("full", "linear"):
+        assert nas.pruned_flops(full_arch, SEQ, convention) == full_model_flops(SEQ, teacher.config, convention)
+    ids = train_data.input_ids[:8]  # no attention mask: every sample is SEQ tokens
+    for arch in (full_arch, random_arch(teacher, 1), random_arch(teacher, 2)):
+        pruned = nas.extract(teacher, arch)
+        with torch.no_grad():
+            total, per_op = count(lambda p=pruned: p(ids))
+        assert abs(total - 8 * nas.pruned_flops(arch, SEQ, "full")) <= 0.01 * total
+        linear = sum(n for op, n in per_op.items() if op in LINEAR_OPS)
+        assert linear == 8 * nas.pruned_flops(arch, SEQ, "linear")
+
+
+def test_expected_flops_of_binary_gates_are_the_architectures_flops(teacher):
+    net = nas.Supernet(teacher)
+    arch = random_arch(teacher, 3)
+    for convention in ("full", "linear"):
+        expected = float(net.expected_flops(SEQ, convention, net.hard_gates(arch)))
+        assert expected == pytest.approx(nas.pruned_flops(arch, SEQ, convention))
+
+
+# ---- search -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_search_reaches_the_target_and_keeps_everything_at_ratio_one(teacher, train_data):
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    half = nas.search(teacher, train_data, 0.5, lambda_cost=1.0, tolerance=0.05, epochs=8, lr_weights=1e-4,
+                      lr_arch=0.5, batch_size=16, device="cpu", seed=0, seq_len=SEQ)
+    assert half.within_tolerance and abs(half.flop_ratio - 0.5) <= 0.05 * 0.5
+    assert abs(half.expected_flop_ratio - 0.5) <= 0.1  # E_cost settled near R (the masks are not all 0/1)
+    assert half.history[0]["cost_loss"] > 0 and half.history[-1]["expected_flop_ratio"] < 0.65
+    assert len(half.history) == 8 and half.train_flops > 0
+    assert nas.pruned_flops(half.arch, SEQ) == pytest.approx(half.flop_ratio * half.full_flops)
+    for name, tensor in teacher.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"search modified the teacher's {name}"
+
+    whole = nas.search(teacher, train_data, 1.0, lambda_cost=1.0, tolerance=0.05, epochs=2, lr_weights=1e-4,
+                       lr_arch=0.5, batch_size=16, device="cpu", seed=0, seq_len=SEQ)
+    assert whole.threshold == nas.KEEP_THRESHOLD and whole.flop_ratio >= 0.97
+    assert whole.arch.embed_width == 48 and all(h == 12 for h in whole.arch.heads_per_layer())
+    assert all(entry["cost_loss"] == 0.0 for entry in whole.history)  # F_cost inside the band throughout
+
+
+# ---- fine-tuning, inference, save/load --------------------------------------------------------------------
+
+
+def test_distillation_loss_decreases_and_the_teacher_is_untouched(teacher, train_data):
+    pruned = nas.extract(teacher, random_arch(teacher, 4))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    out = nas.finetune(pruned, teacher, train_data, epochs=3, lr=3e-3, temperature=2.0, alpha_kd=0.5,
+                       batch_size=32, device="cpu", seed=0, seq_len=SEQ)
+    loss, kd = out["loss_per_epoch"], out["kd_per_epoch"]
+    assert len(loss) == 3 and loss[-1] < loss[0] and kd[-1] < kd[0]
+    per_sample = full_model_flops(SEQ, teacher.config) + 3 * nas.pruned_flops(pruned.arch, SEQ)
+    assert out["train_flops"] == 3 * len(train_data) * per_sample
+    assert not pruned.training and not teacher.training
+    for name, tensor in teacher.state_dict().items():
+        assert torch.equal(tensor, before[name])
+
+
+def test_save_load_round_trip(teacher, train_data, tmp_path):
+    pruned = nas.extract(teacher, random_arch(teacher, 5))
+    pruned.save(tmp_path / "model")
+    loaded = nas.PrunedBert.load(tmp_path / "model")
+    assert not loaded.training
+    assert loaded.arch == pruned.arch
+    for (name, a), (name_b, b) in zip(pruned.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert name == name_b and torch.equal(a, b)
+    ids, mask = train_data.input_ids[:16], train_data.attention_mask[:16]
+    with torch.no_grad():
+        assert torch.equal(pruned(ids, mask), loaded(ids, mask))
+
+    net = nas.Supernet(teacher, generator=torch.Generator().manual_seed(0))
+    result = nas.SearchResult(net.alphas(), pruned.arch, 0.01, [{"epoch": 1, "ce": 0.5}], 1.0, 2.0, 1.0, 0.9,
+                              0.5, True, {"seed": 0})
+    result.save(tmp_path / "search")
+    again = nas.SearchResult.load(tmp_path / "search")
+    assert again.arch == result.arch and again.history == result.history
+    assert all(torch.equal(again.alphas[k], result.alphas[k]) for k in result.alphas)
+
+
+def test_predictions_feed_the_pipelines_metrics(teacher, train_data):
+    arch = random_arch(teacher, 6)
+    pruned = nas.extract(teacher, arch)
+    test = make_data(40, 7)
+    pred = nas.predict_pruned(pruned, test, "cpu", batch_size=16, seq_len=SEQ)
+    with torch.no_grad():
+        logits = pruned(test.input_ids, test.attention_mask)
+    assert torch.allclose(pred.probs, logits.softmax(-1), atol=1e-6)
+    assert torch.equal(pred.labels, logits.argmax(-1))
+    assert pred.heads.shape == (40, 12) and pred.heads[0].tolist() == arch.heads_per_layer()
+    assert pred.layers.tolist() == [12] * 40
+    metrics = evaluate(pred, test, teacher.config, SEQ, None)
+    ratio = nas.pruned_flops(arch, SEQ) / full_model_flops(SEQ, teacher.config)
+    assert metrics["infer_flop_ratio"] == pytest.approx(ratio)
+    assert metrics["infer_flop_ratio_linear"] == pytest.approx(
+        nas.pruned_flops(arch, SEQ, "linear") / full_model_flops(SEQ, teacher.config, "linear"))
