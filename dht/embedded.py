@@ -9,12 +9,19 @@ Every sample is a sequence of filler words with class *keywords* inserted. Three
 - **medium (1)**: one keyword of the label's class and two keywords of *one other* class, each of those
   negated ("not", "never", "hardly" directly before it). Bag-of-words counting picks the wrong class; the model
   must bind each negator to the word after it (local composition, at least two layers: one to mark negated
-  keywords, one for [CLS] to read the unmarked one).
+  keywords, one for [CLS] to read the unmarked one). With two classes there is one negated keyword, so
+  counting ties (see "two classes" below).
 - **hard (2)**: alias binding across the sequence. The text opens by defining two aliases,
-  ``alias1 means <keyword of class A> . alias2 means <keyword of class B> .``, carries negated distractors in
-  its middle, and ends with ``report on alias2`` (the label is B). Both classes' keywords appear un-negated, so
-  counting gives chance; the model must find the queried alias, find where that alias was defined far back
-  in the sequence, and read the keyword after ``means`` (an induction-style chain of several attention hops).
+  ``alias1 means <keyword of class A> . alias2 means <keyword of class B> .``, carries a negated distractor of a
+  third class in its middle (none with two classes), and ends with ``report on alias2`` (the label is B). Both
+  classes' keywords appear un-negated, so counting gives chance; the model must find the queried alias, find
+  where that alias was defined far back in the sequence, and read the keyword after ``means`` (an
+  induction-style chain of several attention hops).
+
+Two classes: every distractor then belongs to the one other class, and with two negated distractors per
+medium sample and one per hard sample a class's keywords would occur almost as often in the other class's
+texts as in its own (1.2 against 1.6 per text): nothing, shallow or deep, learned from it in a few epochs.
+So with two classes medium samples carry one negated distractor and hard samples none (0.6 against 1.6).
 
 Labels are exactly balanced (round robin, then shuffled), and so are difficulty levels within each class.
 Train and test come from independent streams of the same seed, so the data set is a pure function of
@@ -118,8 +125,9 @@ class _Writer:
 
     def medium(self, cls: int) -> list[str]:
         other = self.other_class(cls)
-        pieces = [[self.keyword(cls)], self.negated(other), self.negated(other)]
-        return self.scatter(pieces, self.n_filler(5))
+        distractors = 2 if len(self.keywords) > 2 else 1  # see "Two classes" in the module doc
+        pieces = [[self.keyword(cls)], *(self.negated(other) for _ in range(distractors))]
+        return self.scatter(pieces, self.n_filler(1 + 2 * distractors))
 
     def hard(self, cls: int) -> list[str]:
         other = self.other_class(cls)
@@ -128,8 +136,8 @@ class _Writer:
         defs = [[alias_true, _MEANS, self.keyword(cls), "."], [alias_false, _MEANS, self.keyword(other), "."]]
         if self.rng.random() < 0.5:
             defs.reverse()
-        third = self.other_class(cls)
-        body = self.scatter([self.negated(third)], self.n_filler(14))
+        pieces = [self.negated(self.other_class(cls))] if len(self.keywords) > 2 else []
+        body = self.scatter(pieces, self.n_filler(14))
         return defs[0] + defs[1] + body + [*_QUERY, alias_true]
 
 

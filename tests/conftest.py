@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -24,6 +25,17 @@ def copy_project(dest: Path) -> Path:
     for name in PROJECT_DIRS:
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
     return dest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The tests run tiny models: one intra-op thread. On a shared 2-core machine OpenMP threads stall at
+    barriers under load (a model test file took 90 s with 2 threads, 6 s with 1). Pipeline tests start
+    subprocesses, which set their own threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

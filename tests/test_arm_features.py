@@ -25,8 +25,6 @@ from dht.config import load_config, parse_arm, read_params
 from dht.features import PoolingSpec
 from dht.model import DHTConfig, DHTForSequenceClassification
 
-torch.set_num_threads(1)
-
 
 def config(**run):
     raw = copy.deepcopy(read_params(ROOT / "params.yaml"))

@@ -12,14 +12,6 @@ from dht.trainer import SplitData, evaluate
 SEQ = 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def teacher():
     torch.manual_seed(0)

@@ -39,15 +39,6 @@ CPU = torch.device("cpu")
 EPOCHS = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_data(n: int, seed: int, padded: bool = True) -> SplitData:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, TINY["vocab_size"], (n, SEQ), generator=g)

@@ -31,16 +31,6 @@ ARCH = dict(
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread. On a shared 2-core machine, OpenMP threads of a loaded CPU stall for
-    seconds at barriers (this file took 90 s with 2 threads under load, 6 s with 1)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_bert(**overrides) -> BertForSequenceClassification:
     torch.manual_seed(0)
     return BertForSequenceClassification(BertConfig(**{**ARCH, **overrides})).eval()

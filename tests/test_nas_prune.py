@@ -17,15 +17,6 @@ TINY = dict(vocab_size=30, hidden_size=48, num_hidden_layers=12, num_attention_h
             max_position_embeddings=16, num_labels=3, attn_implementation="eager")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_data(n: int, seed: int) -> SplitData:
     """Random tokens, padded to random lengths; label = first token mod 3 (learnable)."""
     g = torch.Generator().manual_seed(seed)

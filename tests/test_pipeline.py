@@ -66,7 +66,7 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
     assert "models/embedded-news/p-dht" in train["outs"]
     assert train["metrics"] == [{"results/embedded-news/p-dht/metrics.json": {"cache": False}}]
     assert list(train["plots"][0]) == ["results/embedded-news/p-dht/loss.csv"]
-    assert stages["arm_features-embedded-news"]["cmd"].endswith("--threads 2")  # the rule's threads
+    assert stages["arm_features-embedded-news"]["cmd"].endswith("--threads 1")  # the rule's threads
     tok = stages["tokenize-embedded-news"]
     assert tok["cmd"].startswith("python workflow/scripts/tokenize_data.py --profile ${profile} ")
     assert "data/raw/embedded-news/train.parquet" in tok["deps"] and "dht/tokenization.py" in tok["deps"]

@@ -26,14 +26,6 @@ from dht.trainer import (
 N_TRAIN, N_TEST, SEQ = 70, 24, 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_cfg(**train):
     raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
     raw["profiles"]["tiny"]["train"].update({"batch_size": 16, "checkpoint_every": 2, **train})

@@ -12,7 +12,9 @@ rule arm_features:
         model=directory("data/features/{dataset}/init_model"),
     params:
         tracked=tracked("seed", "device", "model", "dht", "run.models"),
-    threads: 2
+    # One torch thread per job; parallelism comes from Snakemake running jobs side by side (two 2-thread
+    # jobs on 2 cores made this stage 14x slower: OpenMP threads spin at barriers when oversubscribed).
+    threads: 1
     shell:
         "python workflow/scripts/arm_features.py --profile {PROFILE} --dataset {wildcards.dataset}"
         " --processed data/processed/{wildcards.dataset} --out data/features/{wildcards.dataset}"
