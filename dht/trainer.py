@@ -71,7 +71,6 @@ class Decision:
     arm: Tensor  # [B] index into the layer options (tree) or the arms (integrated); -1 for fixed
     context: Tensor  # [B, F_L] normalised S1 context of UCB_L / UCB_cp
     layers: int  # L, shared by the batch (one queue)
-    group_heads: list[int | None] = field(default_factory=list)  # integrated: heads of each group from the arm
 
 
 class Policy:
@@ -361,6 +360,7 @@ class Trainer:
             self.optimizer, lambda s: min((s + 1) / max(warm, 1), max(0.0, (total - s) / max(total - warm, 1))))
         self.progress = Progress()
         self.reference_step = full_model_flops(seq_len, model.config, "full", "train")
+        self._flops_cache: dict[int, int] = {}  # layer FLOPs by number of heads kept
 
     # ---- which policy is active ----------------------------------------------------------------------------
 
@@ -446,10 +446,9 @@ class Trainer:
         return hidden
 
     def _layer_flops(self, heads: int) -> int:
-        cache = self.__dict__.setdefault("_flops_cache", {})
-        if heads not in cache:
-            cache[heads] = layer_flops(self.seq_len, heads, self.model.config, "full")
-        return cache[heads]
+        if heads not in self._flops_cache:
+            self._flops_cache[heads] = layer_flops(self.seq_len, heads, self.model.config, "full")
+        return self._flops_cache[heads]
 
     def _account(self, policy: Policy, layers: int, heads_rows: Tensor, trainable: set[int],
                  groups: list[dict[str, Any]], arm: Tensor) -> None:
