@@ -26,5 +26,6 @@ rule all:
     default_target: True
     input:
         "reports/table1.md",
+        "reports/table2.md",
         expand("results/{dataset}/{model}/metrics.json", dataset=DATASETS, model=MODELS),
         expand("results/{dataset}/{baseline}/metrics.json", dataset=DATASETS, baseline=BASELINES),

@@ -70,6 +70,7 @@ class HubDatasetSpec(_Strict):
     max_length: Annotated[int, Field(ge=8)] = 128
     max_train_samples: Annotated[int, Field(ge=1)] | None = None
     max_test_samples: Annotated[int, Field(ge=1)] | None = None
+    paper: str | None = None  # the paper's dataset it is (ag_news, dbpedia, yelp_polarity, yelp_full); default: its name
 
 
 class CsvDatasetSpec(_Strict):
@@ -82,6 +83,7 @@ class CsvDatasetSpec(_Strict):
     max_length: Annotated[int, Field(ge=8)] = 128
     max_train_samples: Annotated[int, Field(ge=1)] | None = None
     max_test_samples: Annotated[int, Field(ge=1)] | None = None
+    paper: str | None = None  # the paper's dataset it is (ag_news, dbpedia, yelp_polarity, yelp_full); default: its name
 
 
 DatasetSpec = Annotated[

@@ -55,7 +55,7 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
     names = list(stages)
     assert names[:6] == ["download-embedded-news", "download-embedded-sentiment", "tokenize-embedded-news",
                          "tokenize-embedded-sentiment", "arm_features-embedded-news", "arm_features-embedded-sentiment"]
-    assert names[-1] == "table1" and len(names) == 6 + 10 + 18 + 1
+    assert names[-2:] == ["table1", "table2"] and len(names) == 6 + 10 + 18 + 2
     assert {f"train-{d}-{m}" for d in ("embedded-news", "embedded-sentiment")
             for m in ("vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht")} == set(names[6:16])
     assert "baseline-embedded-news-distil-3" in names and "baseline-embedded-sentiment-nas-prune-0.75" in names
@@ -82,7 +82,7 @@ def test_dry_run_of_table1(project):
     base = run_cli(["snakemake", "-n", "--cores", "1", "results/embedded-news/distil-6/metrics.json"], cwd=project)
     assert job_counts(base.stdout) == {"download": 1, "tokenize": 1, "arm_features": 1, "train": 1, "baseline": 1}
     everything = run_cli(["snakemake", "-n", "--cores", "1"], cwd=project)
-    assert job_counts(everything.stdout)["baseline"] == 18
+    assert job_counts(everything.stdout)["baseline"] == 18 and job_counts(everything.stdout)["table2"] == 1
 
 
 def test_bad_params_fail_before_any_job(project):
@@ -144,7 +144,10 @@ def test_end_to_end_tiny_then_noop(project):
                 "mean_layers_easy"):
         assert key in metrics
     assert metrics["n_test"] == 96 and 0 < metrics["infer_flop_ratio"] <= 1
-    assert "| t-dht |" in table and "| vanilla-12 | " in table
+    assert "| t-dht |" in table and "| vanilla-12 | " in table and "## The paper's Table 1" in table
+    table2 = (project / "reports/table2.md").read_text()
+    for model in ("vanilla-12", "distil-3", "fastbert-0.5", "nas-prune-0.5", "t-dht", "p-dht"):
+        assert f"| {model} |" in table2
     predicted = run_cli(["dht", "predict", "--model", "models/embedded-news/t-dht", "--format", "jsonl",
                          "--input", "data/raw/embedded-news/meta.json"], cwd=project)
     rows = [json.loads(line) for line in predicted.stdout.splitlines()]
@@ -162,7 +165,7 @@ def test_end_to_end_tiny_then_noop(project):
     set_params(project, lambda r: r["profiles"]["tiny"]["tokenizer"].__setitem__("vocab_size", 500))
     changed = run_cli(["snakemake", "-n", "--cores", "2", "--config", "profile=tiny"], cwd=project)
     assert job_counts(changed.stdout) == {"tokenize": 2, "arm_features": 2, "train": 10, "baseline": 6, "table1": 1,
-                                          "all": 1}
+                                          "table2": 1, "all": 1}
 
 
 @pytest.mark.slow
