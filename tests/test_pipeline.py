@@ -256,3 +256,19 @@ def test_a_killed_training_resumes_when_rerun_and_ends_with_the_same_metrics(pro
     resumed = timeless(project / target)
     run_cli(["snakemake", "--cores", "1", "--forcerun", "train", target, "--config", "profile=tiny"], cwd=project)
     assert timeless(project / target) == resumed  # same seed, uninterrupted: identical metrics.json
+
+
+def test_a_device_that_is_not_there_is_a_clear_error(project):
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the error cannot happen here")
+    set_params(project, lambda r: r.__setitem__("device", "cuda"))
+    proc = subprocess.run([sys.executable, "workflow/scripts/arm_features.py", "--dataset", "embedded-news",
+                           "--processed", "data/processed/embedded-news", "--out", "data/features/embedded-news"],
+                          cwd=project, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "error: device = 'cuda' but no CUDA device is available here; set `device: auto`" in proc.stderr
+    assert "Traceback" not in proc.stderr

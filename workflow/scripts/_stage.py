@@ -27,6 +27,23 @@ def config(args: argparse.Namespace) -> Config:
         sys.exit(f"error: {err}")
 
 
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="torch threads (Snakemake passes the rule's threads)")
+
+
+def runtime(args: argparse.Namespace, cfg: Config) -> tuple[object, int]:
+    """Threads, seeds and device of a model stage: (torch device, threads in use). A device that is not there
+    (device: cuda on a CPU machine) stops with the message, not a traceback."""
+    from dht.runtime import configure_threads, resolve_device, seed_everything
+
+    threads = configure_threads(args.threads)
+    seed_everything(cfg.seed)
+    try:
+        return resolve_device(cfg.device), threads
+    except RuntimeError as err:
+        sys.exit(f"error: {err}")
+
+
 def root() -> Path:
     """Stages run from the project root (Snakemake and DVC both start them there); paths stay relative so
     messages show them as params.yaml writes them."""

@@ -8,21 +8,18 @@ import _stage
 
 from dht.arm_features import arm_space, compute_arm_features, iter_batches, save_arm_features
 from dht.model import model_from_params
-from dht.runtime import configure_threads, resolve_device, seed_everything
 from dht.tracking import stage_run
 
 p = _stage.parser(__doc__)
 p.add_argument("--dataset", required=True)
 p.add_argument("--processed", required=True)
 p.add_argument("--out", required=True)
-p.add_argument("--threads", type=int, default=None)
+_stage.add_threads(p)
 args = p.parse_args()
 cfg = _stage.config(args)
 cfg.dataset(args.dataset)
 
-threads = configure_threads(args.threads)
-seed_everything(cfg.seed)
-device = resolve_device(cfg.device)
+device, threads = _stage.runtime(args, cfg)
 meta = json.loads((Path(args.processed) / "meta.json").read_text())
 model = model_from_params(cfg, num_labels=meta["num_labels"], vocab_size=meta["vocab_size"]).to(device)
 out = Path(args.out)

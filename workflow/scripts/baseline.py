@@ -13,7 +13,6 @@ import _stage
 from dht.config import parse_baseline
 from dht.flops import full_model_flops
 from dht.model import DHTForSequenceClassification
-from dht.runtime import configure_threads, resolve_device, seed_everything
 from dht.tokenization import load_processed
 from dht.tracking import stage_run
 from dht.trainer import SplitData, evaluate
@@ -25,7 +24,7 @@ p.add_argument("--processed", required=True)
 p.add_argument("--teacher", required=True, help="the trained 12-VaBERT model directory")
 p.add_argument("--results", required=True)
 p.add_argument("--out-model", required=True)
-p.add_argument("--threads", type=int, default=None)
+_stage.add_threads(p)
 args = p.parse_args()
 cfg = _stage.config(args)
 cfg.dataset(args.dataset)
@@ -34,9 +33,7 @@ try:
 except ValueError as err:
     sys.exit(f"error: {err}")
 
-configure_threads(args.threads)
-seed_everything(cfg.seed)
-device = resolve_device(cfg.device)
+device, _ = _stage.runtime(args, cfg)
 processed = Path(args.processed)
 meta = json.loads((processed / "meta.json").read_text())
 seq_len = meta["max_length"]

@@ -11,7 +11,6 @@ import _stage
 
 from dht.arm_features import load_arm_features
 from dht.model import DHTForSequenceClassification
-from dht.runtime import configure_threads, resolve_device, seed_everything
 from dht.tokenization import load_processed
 from dht.tracking import stage_run
 from dht.trainer import SplitData, Trainer, TrainingError, evaluate, fingerprint, predict, save_trained
@@ -24,16 +23,14 @@ p.add_argument("--features", required=True)
 p.add_argument("--results", required=True)
 p.add_argument("--out-model", required=True)
 p.add_argument("--checkpoints", default="checkpoints")
-p.add_argument("--threads", type=int, default=None)
+_stage.add_threads(p)
 args = p.parse_args()
 cfg = _stage.config(args)
 cfg.dataset(args.dataset)
 if args.model not in cfg.dht.modes:
     sys.exit(f"error: --model {args.model!r} is not a mode; allowed: {', '.join(cfg.dht.modes)}")
 
-configure_threads(args.threads)
-seed_everything(cfg.seed)
-device = resolve_device(cfg.device)
+device, _ = _stage.runtime(args, cfg)
 processed, features = Path(args.processed), Path(args.features)
 meta = json.loads((processed / "meta.json").read_text())
 train = SplitData.from_arrays(load_processed(processed, "train"))
