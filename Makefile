@@ -7,7 +7,7 @@ PROFILE ?= default
 CORES   ?= 4
 TARGET  ?= all
 
-.PHONY: install reproduce test test-fast lint dvc-yaml dvc-repro mlflow-ui clean
+.PHONY: install reproduce test test-fast lint dvc-yaml dvc-repro dvc-pull dvc-checkout mlflow-ui clean
 
 install: $(STAMP)
 
@@ -43,8 +43,19 @@ dvc-yaml: $(STAMP)
 dvc-repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+## Restore data, models and results from DVC's cache or remote without Snakemake retraining them afterwards
+## (dht sync-snakemake: only when `dvc status` confirms they match params.yaml and the code).
+dvc-pull: $(STAMP)
+	$(BIN)/dvc pull
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dht sync-snakemake
+
+dvc-checkout: $(STAMP)
+	$(BIN)/dvc checkout
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dht sync-snakemake
+
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" --port 5000
 
 clean:
-	rm -rf .snakemake data/raw data/processed results models reports/*.md mlflow.db mlartifacts mlruns
+	rm -rf .snakemake data/raw data/processed data/features results models checkpoints reports/*.md reports/figures \
+		mlflow.db mlartifacts mlruns

@@ -27,5 +27,6 @@ rule all:
     input:
         "reports/table1.md",
         "reports/table2.md",
+        "reports/index.md",
         expand("results/{dataset}/{model}/metrics.json", dataset=DATASETS, model=MODELS),
         expand("results/{dataset}/{baseline}/metrics.json", dataset=DATASETS, baseline=BASELINES),

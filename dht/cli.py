@@ -4,6 +4,8 @@
     dht config validate                  check every profile of params.yaml; exit 1 with the problems
     dht config schema                    write workflow/schemas/config.schema.json (JSON Schema of a profile)
     dht dvc-yaml [--check]               regenerate dvc.yaml from the Snakemake jobs (or check it is current)
+    dht sync-snakemake [STAGE...]        after `dvc pull` / `dvc checkout`: record the restored outputs as current
+                                         in Snakemake (refused unless `dvc status` says they are)
     dht predict --model DIR [--input F]  classify texts (one a line; stdin without --input) with a trained model:
                                          label, probability, and the layers and heads chosen for each text
 """
@@ -70,6 +72,18 @@ def _dvc_yaml(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync_snakemake(args: argparse.Namespace) -> int:
+    from dht.pipeline import SyncError, sync_snakemake
+
+    try:
+        outs = sync_snakemake(".", args.stages)
+    except SyncError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"Snakemake now takes {len(outs)} outputs restored by DVC as up to date")
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
@@ -131,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     dvc.add_argument("--profile", default="default", help="profile whose jobs become stages (default: default)")
     dvc.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml is not current")
     dvc.set_defaults(func=_dvc_yaml)
+
+    sync = sub.add_parser("sync-snakemake", help="after dvc pull/checkout: no Snakemake rerun of restored outputs")
+    sync.add_argument("stages", nargs="*", help="DVC stages to sync (default: every stage of dvc.yaml)")
+    sync.set_defaults(func=_sync_snakemake)
 
     pred = sub.add_parser("predict", help="classify texts with a trained model (models/<dataset>/<model>)")
     pred.add_argument("--model", required=True, help="a trained model directory, e.g. models/embedded-news/t-dht")

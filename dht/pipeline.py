@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +28,9 @@ DVC_HEADER = (
     "# GENERATED from the Snakemake workflow by `dht dvc-yaml` (profile '{profile}'): do not edit by hand.\n"
     "# Edit Snakefile / workflow/rules/*.smk, then run `dht dvc-yaml`; tests fail when the two drift apart.\n"
 )
-# Outputs small enough for git, that a reader looks at without DVC: not cached (DVC still tracks them).
-UNCACHED_PREFIXES = ("reports/",)
-# Run outputs DVC shows with `dvc metrics show` and `dvc plots show`.
+# Run outputs DVC shows with `dvc metrics show` and `dvc plots show`. Every output is cached, metrics, plots and
+# reports included: all of them are git-ignored, so `dvc pull` must be able to restore them (an uncached output
+# is missing on a fresh clone, and `dvc status` would then call its stage stale).
 METRICS_SUFFIX = "/metrics.json"
 PLOTS = {"/loss.csv": {"x": "step", "y": "loss", "title": "training loss (Figure 3)"}}
 
@@ -153,12 +155,10 @@ def dvc_stages(jobs: list[Job], profile: str) -> dict[str, Any]:
         plots: list[Any] = []
         for out in job.outputs:
             if out.endswith(METRICS_SUFFIX):
-                metrics.append({out: {"cache": False}})
+                metrics.append(out)
             elif any(out.endswith(suffix) for suffix in PLOTS):
                 spec = next(v for k, v in PLOTS.items() if out.endswith(k))
-                plots.append({out: {"cache": False, **spec}})
-            elif out.startswith(UNCACHED_PREFIXES):
-                outs.append({out: {"cache": False}})
+                plots.append({out: dict(spec)})
             else:
                 outs.append(out)
         stage: dict[str, Any] = {"cmd": _templated(job.cmd, profile)}
@@ -184,3 +184,50 @@ def write_dvc_yaml(root: str | Path = ".", profile: str = "default") -> Path:
     path = Path(root) / "dvc.yaml"
     path.write_text(render_dvc_yaml(root, profile))
     return path
+
+
+class SyncError(RuntimeError):
+    """The outputs DVC restored are not current, so Snakemake must not be told they are."""
+
+
+def _tool(name: str) -> str:
+    """A console script of this environment (snakemake, dvc), also when the venv is not activated."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.is_file() else name
+
+
+def sync_snakemake(root: str | Path = ".", stages: Iterable[str] = ()) -> list[str]:
+    """After ``dvc pull`` or ``dvc checkout``: make Snakemake accept the restored outputs instead of retraining.
+
+    A fresh clone has no ``.snakemake/`` records, and DVC writes files in its own order, so Snakemake's mtime
+    rule sees inputs newer than outputs and would rerun the whole DAG. DVC knows better: ``dvc status`` compares
+    every output with ``dvc.lock``, and ``dvc.lock`` with params.yaml and the code. When DVC reports the stages up
+    to date, ``snakemake --touch`` on their outputs records them as current (file times and Snakemake's
+    metadata, so later edits of params or code still rerun exactly the jobs they affect). When it does not, this
+    refuses and names the stages. Returns the outputs touched.
+    """
+    root = Path(root)
+    dvc_yaml = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    names = list(stages) or list(dvc_yaml)
+    unknown = [n for n in names if n not in dvc_yaml]
+    if unknown:
+        raise SyncError(f"not stages of dvc.yaml: {', '.join(unknown)} (see `dvc stage list`)")
+    proc = subprocess.run([_tool("dvc"), "status", "--json", *names], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SyncError(f"`dvc status` failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    changed = json.loads(proc.stdout or "{}")
+    if changed:
+        raise SyncError(
+            "DVC reports these stages not up to date with dvc.lock, params.yaml or the code: "
+            f"{', '.join(sorted(changed))}. Restore them (`dvc pull` / `dvc checkout`) or rebuild them "
+            "(`dvc repro` or snakemake), or sync only the stages that are current: dht sync-snakemake STAGE..."
+        )
+    outs = [next(iter(o)) if isinstance(o, dict) else o
+            for n in names for kind in ("outs", "metrics", "plots") for o in dvc_yaml[n].get(kind, [])]
+    # --forceall: touch (and record) every job behind the outputs, also when their times already look current,
+    # so that Snakemake has params and code records to compare with later.
+    cmd = [_tool("snakemake"), "--cores", "1", "--touch", "--forceall", *outs]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SyncError(f"snakemake --touch failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return outs

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,63 @@ def _write(out: str | Path, parts: list[str]) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return text
+
+
+def mlflow_runs(cfg: Config, root: str | Path = ".") -> dict[tuple[str, str], tuple[str, str]]:
+    """(dataset, model) -> (experiment id, run id) of the latest finished run of this profile in the project's
+    MLflow store: what `reports/index.md` links each cell to. Empty when the store does not exist yet."""
+    from dht.tracking import STORE_FILE, experiment_name, tracking_uri
+
+    if not (Path(root) / STORE_FILE).is_file() and "MLFLOW_TRACKING_URI" not in os.environ:
+        return {}
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(root))
+    found: dict[tuple[str, str], tuple[str, str]] = {}
+    for dataset in cfg.run.datasets:
+        exp = client.get_experiment_by_name(experiment_name(dataset, cfg.tracking.experiment_prefix))
+        if exp is None:
+            continue
+        runs = client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.profile = '{cfg.profile}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=1000,
+        )
+        for run in runs:  # newest first: the first run of a name is the one that made the current results
+            found.setdefault((dataset, run.info.run_name), (exp.experiment_id, run.info.run_id))
+    return found
+
+
+def write_index(cfg: Config, out: str | Path, figures: list[str], root: str | Path = ".",
+                mlflow_url: str = "http://127.0.0.1:5000") -> str:
+    """reports/index.md: what produced the reports (profile, data, commit), links to both tables and every
+    figure, and per dataset each model's headline numbers with a link to its MLflow run."""
+    root, out = Path(root), Path(out)
+    runs = mlflow_runs(cfg, root)
+    metas = [json.loads((root / "data" / "processed" / d / "meta.json").read_text()) for d in cfg.run.datasets]
+    models = [REFERENCE, *(m for m in cfg.run.models if m != REFERENCE), *cfg.run.baselines]
+
+    def rel(path: str | Path) -> str:
+        return Path(os.path.relpath(Path(path).resolve(), out.parent.resolve())).as_posix()
+
+    parts = _heading(cfg, root, "DHT pipeline: reports") + [
+        "- [Table 1: training comparison](table1.md) (F1 and training FLOPs, Section 6.2)\n"
+        "- [Table 2: inference comparison](table2.md) (F1, inference FLOPs and wall time, Section 6.3)\n"
+        f"- MLflow: `mlflow ui --backend-store-uri sqlite:///mlflow.db` (or `make mlflow-ui`) in the project "
+        f"directory, then the links below ({mlflow_url}). One experiment per dataset, one run per model.",
+        "## Data", data_summary(metas),
+    ]
+    for name in cfg.run.datasets:
+        rows = []
+        for model in models:
+            m = _metrics(root, name, model)
+            run = runs.get((name, model))
+            link = f"[{run[1][:8]}]({mlflow_url}/#/experiments/{run[0]}/runs/{run[1]})" if run else "not in the store"
+            rows.append([model, f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}",
+                         f"{m['train_flop_ratio']:.2f}x" if "train_flop_ratio" in m else "-",
+                         f"{m['infer_flop_ratio']:.2f}x", f"{m['mean_layers']:.1f}", link])
+        parts += [f"## {name}",
+                  _md_table(["model", "accuracy", "macro-F1", "training FLOPs", "inference FLOPs", "mean layers",
+                             "MLflow run"], rows)]
+        mine = [f for f in figures if Path(f).stem.endswith(f"-{name}")]
+        parts += [f"![{Path(f).stem}]({rel(root / f)})" for f in mine]
+    return _write(out, parts)

@@ -55,7 +55,10 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
     names = list(stages)
     assert names[:6] == ["download-embedded-news", "download-embedded-sentiment", "tokenize-embedded-news",
                          "tokenize-embedded-sentiment", "arm_features-embedded-news", "arm_features-embedded-sentiment"]
-    assert names[-2:] == ["table1", "table2"] and len(names) == 6 + 10 + 18 + 2
+    assert set(names[-4:]) == {"table1", "table2", "figures", "index"} and names[-1] == "index"
+    assert len(names) == 6 + 10 + 18 + 4
+    # reports, metrics and plots are git-ignored outputs: cached, so that `dvc pull` restores them
+    assert "reports/figures/pareto-embedded-news.png" in stages["figures"]["outs"]
     assert {f"train-{d}-{m}" for d in ("embedded-news", "embedded-sentiment")
             for m in ("vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht")} == set(names[6:16])
     assert "baseline-embedded-news-distil-3" in names and "baseline-embedded-sentiment-nas-prune-0.75" in names
@@ -64,7 +67,7 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
     train = stages["train-embedded-news-p-dht"]
     assert "dht.modes.p-dht" in train["params"] and "dht.modes.f-dht" in train["params"]  # its warm-up mode
     assert "models/embedded-news/p-dht" in train["outs"]
-    assert train["metrics"] == [{"results/embedded-news/p-dht/metrics.json": {"cache": False}}]
+    assert train["metrics"] == ["results/embedded-news/p-dht/metrics.json"]
     assert list(train["plots"][0]) == ["results/embedded-news/p-dht/loss.csv"]
     assert stages["arm_features-embedded-news"]["cmd"].endswith("--threads 1")  # the rule's threads
     tok = stages["tokenize-embedded-news"]
@@ -83,6 +86,25 @@ def test_dry_run_of_table1(project):
     assert job_counts(base.stdout) == {"download": 1, "tokenize": 1, "arm_features": 1, "train": 1, "baseline": 1}
     everything = run_cli(["snakemake", "-n", "--cores", "1"], cwd=project)
     assert job_counts(everything.stdout)["baseline"] == 18 and job_counts(everything.stdout)["table2"] == 1
+
+
+def test_slurm_profile_submits_model_jobs_with_a_gpu_on_the_paper_profile(project):
+    """A dry run through the SLURM executor's profile: the model stages ask for a GPU where the profile runs on
+    CUDA (paper), and for none on the CPU default."""
+    proc = run_cli(["snakemake", "-n", "--workflow-profile", "workflow/profiles/slurm", "--config", "profile=paper"],
+                   cwd=project)
+    gpu_jobs = {}
+    rule = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("rule "):
+            rule = line.split()[1].rstrip(":")
+        elif "resources:" in line and rule:
+            gpu_jobs.setdefault(rule, set()).add("gpu=1" in line)
+    assert gpu_jobs["train"] == {True} and gpu_jobs["baseline"] == {True} and gpu_jobs["arm_features"] == {True}
+    assert gpu_jobs["tokenize"] == {False} and gpu_jobs["table1"] == {False}
+    assert job_counts(proc.stdout)["train"] == 20  # 4 datasets x 5 models
+    default = run_cli(["snakemake", "-n", "--cores", "1", "results/embedded-news/t-dht/metrics.json"], cwd=project)
+    assert "gpu=0" in default.stdout and "gpu=1" not in default.stdout
 
 
 def test_bad_params_fail_before_any_job(project):
@@ -145,6 +167,9 @@ def test_end_to_end_tiny_then_noop(project):
         assert key in metrics
     assert metrics["n_test"] == 96 and 0 < metrics["infer_flop_ratio"] <= 1
     assert "| t-dht |" in table and "| vanilla-12 | " in table and "## The paper's Table 1" in table
+    index = (project / "reports/index.md").read_text()
+    assert index.count("/#/experiments/") == 16  # 2 datasets x 8 models, each linked to its MLflow run
+    assert (project / "reports/figures/selection-embedded-sentiment.png").is_file()
     table2 = (project / "reports/table2.md").read_text()
     for model in ("vanilla-12", "distil-3", "fastbert-0.5", "nas-prune-0.5", "t-dht", "p-dht"):
         assert f"| {model} |" in table2
@@ -165,7 +190,7 @@ def test_end_to_end_tiny_then_noop(project):
     set_params(project, lambda r: r["profiles"]["tiny"]["tokenizer"].__setitem__("vocab_size", 500))
     changed = run_cli(["snakemake", "-n", "--cores", "2", "--config", "profile=tiny"], cwd=project)
     assert job_counts(changed.stdout) == {"tokenize": 2, "arm_features": 2, "train": 10, "baseline": 6, "table1": 1,
-                                          "table2": 1, "all": 1}
+                                          "table2": 1, "figures": 1, "index": 1, "all": 1}
 
 
 @pytest.mark.slow
@@ -199,22 +224,67 @@ def test_a_missing_csv_dataset_fails_with_a_clear_error(project):
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_the_same_stages_on_the_tiny_profile(project):
-    """DVC runs the generated stages (here up to one dataset's arm features; the full DAG is the same
-    commands, checked by test_dvc_stages_mirror_snakemake_jobs)."""
+def test_dvc_repro_makes_the_reports_and_a_restored_checkout_does_not_retrain(project):
+    """DVC runs the generated stages to the reports (one dataset, two models and one baseline, to keep CI
+    short: the full DAG is the same commands, checked by test_dvc_stages_mirror_snakemake_jobs); then, as on a
+    fresh clone after `dvc pull` / `dvc checkout`, Snakemake would rerun everything until `dht sync-snakemake`."""
+    import os
+    import time
+
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+
+    def small(raw):
+        raw["profile"] = "tiny"
+        raw["profiles"]["tiny"]["run"] = {"datasets": ["embedded-news"], "models": ["vanilla-12", "t-dht"],
+                                          "baselines": ["distil-1"]}
+    set_params(project, small)
+    run_cli(["dht", "dvc-yaml", "--profile", "tiny"], cwd=project)  # the datasets changed: regenerate
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
-    set_params(project, lambda r: r.__setitem__("profile", "tiny"))
     subprocess.run([*git, "add", "-A"], cwd=project, check=True)
     subprocess.run([*git, "commit", "-qm", "init"], cwd=project, check=True)
-    run_cli(["dvc", "repro", "arm_features-embedded-news"], cwd=project)
-    assert (project / "data/features/embedded-news/arm_features.safetensors").is_file()
+    run_cli(["dvc", "repro"], cwd=project, timeout=900)
+
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["tokenize-embedded-news"]["params"]["params.yaml"]["profile"] == "tiny"
-    assert set(lock["stages"]) == {"download-embedded-news", "tokenize-embedded-news", "arm_features-embedded-news"}
-    assert "up to date" in run_cli(["dvc", "status", "arm_features-embedded-news"], cwd=project).stdout
-    metrics = json.loads((project / "data/processed/embedded-news/meta.json").read_text())
-    assert metrics["splits"]["train"]["n"] == 320
+    assert {"table1", "table2", "figures", "index", "train-embedded-news-t-dht", "baseline-embedded-news-distil-1"} \
+        <= set(lock["stages"])
+    index = (project / "reports/index.md").read_text()
+    assert "Profile `tiny`" in index and "](table1.md)" in index and "figures/pareto-embedded-news.png" in index
+    assert "| t-dht | " in index and "/#/experiments/" in index  # each cell links its MLflow run
+    for name in ("selection", "loss", "pareto", "difficulty"):
+        assert (project / f"reports/figures/{name}-embedded-news.png").stat().st_size > 10_000
+    shown = run_cli(["dvc", "metrics", "show", "--json"], cwd=project).stdout
+    assert '"results/embedded-news/t-dht/metrics.json"' in shown and '"mean_layers_hard"' in shown
+    assert "up to date" in run_cli(["dvc", "status"], cwd=project).stdout
+
+    def snakemake_todo() -> str:
+        proc = run_cli(["snakemake", "-n", "--cores", "1"], cwd=project)
+        return proc.stdout + proc.stderr
+
+    assert "Nothing to be done" in snakemake_todo()  # Snakemake and DVC agree on what exists
+    # A fresh clone: no Snakemake records, and files restored in DVC's order, not the DAG's.
+    subprocess.run(["rm", "-rf", ".snakemake"], cwd=project, check=True)
+    later = time.time() + 5
+    for path in (project / "data/processed/embedded-news").iterdir():
+        os.utime(path, (later, later))
+    assert "Nothing to be done" not in snakemake_todo()  # without the fix: everything downstream reruns
+    synced = run_cli(["dht", "sync-snakemake"], cwd=project)
+    assert "outputs restored by DVC as up to date" in synced.stdout
+    assert "Nothing to be done" in snakemake_todo()
+    # dvc checkout restores deleted models, results and reports from the cache; nothing retrains
+    subprocess.run(["rm", "-rf", "models/embedded-news/t-dht", "results", "reports", ".snakemake"], cwd=project,
+                   check=True)
+    run_cli(["dvc", "checkout"], cwd=project)
+    run_cli(["dht", "sync-snakemake"], cwd=project)
+    assert (project / "models/embedded-news/t-dht/config.json").is_file()
+    assert (project / "reports/figures/loss-embedded-news.png").is_file()
+    assert "mean_layers_hard" in (project / "results/embedded-news/t-dht/metrics.json").read_text()
+    assert "Nothing to be done" in snakemake_todo()
+    # ... but a changed parameter still reruns what reads it, and the sync refuses to hide it
+    set_params(project, lambda r: r["profiles"]["tiny"]["train"].__setitem__("epochs", 3))
+    refused = run_cli(["dht", "sync-snakemake"], cwd=project, check=False)
+    assert refused.returncode == 1 and "train-embedded-news-t-dht" in refused.stderr
+    assert job_counts(run_cli(["snakemake", "-n", "--cores", "1"], cwd=project).stdout)["train"] == 2
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 
 from dht.config import load_config, read_params
-from dht.report import comparison_table, paper_dataset, paper_values, write_table1, write_table2
+from dht.report import comparison_table, paper_dataset, paper_values, write_index, write_table1, write_table2
 
 MODELS = ["vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht"]
 BASELINES = ["distil-3", "fastbert-0.5", "nas-prune-0.5"]
@@ -47,7 +47,7 @@ def write_results(root, dataset, accuracy):
         path.write_text(json.dumps({
             "accuracy": accuracy.get(model, 0.5), "macro_f1": 0.4, "train_flop_ratio": 1.0 - 0.1 * i,
             "infer_flop_ratio": 1.0 - 0.05 * i, "infer_flop_ratio_linear": 1.0 - 0.05 * i, "infer_seconds": 2.0 + i,
-            "accuracy_easy": 0.9, "mean_layers_easy": 3.0, "accuracy_hard": 0.4, "mean_layers_hard": 6.0,
+            "mean_layers": 4.5, "accuracy_easy": 0.9, "mean_layers_easy": 3.0, "accuracy_hard": 0.4, "mean_layers_hard": 6.0,
         }))
 
 
@@ -76,15 +76,19 @@ def test_other_data_compare_relative_to_12_vabert(cfg, tmp_path):
     assert cells[7] == "0.33x (0.26x..0.39x)"  # the paper's training FLOP ratios for S-DHT
 
 
-def test_reports_name_every_model_and_the_paper_tables(cfg, tmp_path):
+def write_data(cfg, root):
     for ds in cfg.run.datasets:
-        write_results(tmp_path, ds, {})
+        write_results(root, ds, {})
         meta = {"name": ds, "source": "x", "num_labels": 4, "max_length": 32, "vocab_size": 100, "has_difficulty": True,
                 "difficulty_names": ["easy", "medium", "hard"],
                 "splits": {s: {"n": 10, "mean_tokens": 5.0, "truncated_share": 0.0, "difficulty_counts": [4, 3, 3]}
                            for s in ("train", "test")}}
-        (tmp_path / "data" / "processed" / ds).mkdir(parents=True)
-        (tmp_path / "data" / "processed" / ds / "meta.json").write_text(json.dumps(meta))
+        (root / "data" / "processed" / ds).mkdir(parents=True)
+        (root / "data" / "processed" / ds / "meta.json").write_text(json.dumps(meta))
+
+
+def test_reports_name_every_model_and_the_paper_tables(cfg, tmp_path):
+    write_data(cfg, tmp_path)
     t1 = write_table1(cfg, tmp_path / "reports/table1.md", root=tmp_path)
     t2 = write_table2(cfg, tmp_path / "reports/table2.md", root=tmp_path)
     assert "## The paper's Table 1" in t1 and "| BL1 12-VaBERT | 0.944 |" in t1 and "By difficulty" in t1
@@ -98,3 +102,24 @@ def test_reports_name_every_model_and_the_paper_tables(cfg, tmp_path):
 def test_a_missing_result_names_its_stage(cfg, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"results/ag_news/vanilla-12/metrics.json: missing; run its stage"):
         comparison_table(cfg, tmp_path, "ag_news", MODELS, "table2")
+
+
+def test_the_index_links_each_model_to_its_mlflow_run_and_every_figure(cfg, tmp_path, monkeypatch):
+    from dht.tracking import stage_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_data(cfg, tmp_path)
+    figures = [f"reports/figures/pareto-{ds}.png" for ds in cfg.run.datasets]
+    index = write_index(cfg, tmp_path / "reports/index.md", figures, root=tmp_path)
+    assert "Profile `tiny`" in index and "[Table 1: training comparison](table1.md)" in index
+    assert "not in the store" in index and "/#/experiments/" not in index  # no store yet: said, not invented
+    assert "![pareto-my-ag](figures/pareto-my-ag.png)" in index
+    with stage_run("ag_news", "t-dht", stage="train", profile="tiny", root=tmp_path) as run:
+        pass
+    with stage_run("ag_news", "s-dht", stage="train", profile="default", root=tmp_path):
+        pass  # another profile's run is not this report's
+    index = write_index(cfg, tmp_path / "reports/index.md", figures, root=tmp_path)
+    ag = index.split("## ag_news")[1].split("## ")[0]
+    t_dht = next(line for line in ag.splitlines() if line.startswith("| t-dht |"))
+    assert t_dht.endswith(f"/runs/{run.info.run_id}) |")
+    assert next(line for line in ag.splitlines() if line.startswith("| s-dht |")).endswith("not in the store |")

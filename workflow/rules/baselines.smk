@@ -31,6 +31,8 @@ rule baseline:
     params:
         tracked=baseline_keys,
     threads: 1
+    resources:
+        gpu=GPU,
     shell:
         "python workflow/scripts/baseline.py --profile {PROFILE} --dataset {wildcards.dataset}"
         " --model {wildcards.baseline} --processed data/processed/{wildcards.dataset}"

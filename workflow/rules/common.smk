@@ -22,6 +22,10 @@ except ConfigError as err:
 
 PROFILE = CFG.profile
 DATASETS = CFG.run.datasets
+# Rules that run a model ask for one GPU when the profile runs on CUDA (the paper profile): the SLURM executor
+# turns gpu=1 into a GPU request, and a local run caps its concurrent GPU jobs with --resources gpu=<GPUs>.
+# `device: auto` asks for none: where the job lands decides (a login node rarely has a GPU to look at).
+GPU = 1 if CFG.device.startswith("cuda") else 0
 
 wildcard_constraints:
     dataset="|".join(re.escape(d) for d in DATASETS),

@@ -15,6 +15,8 @@ rule arm_features:
     # One torch thread per job; parallelism comes from Snakemake running jobs side by side (two 2-thread
     # jobs on 2 cores made this stage 14x slower: OpenMP threads spin at barriers when oversubscribed).
     threads: 1
+    resources:
+        gpu=GPU,
     shell:
         "python workflow/scripts/arm_features.py --profile {PROFILE} --dataset {wildcards.dataset}"
         " --processed data/processed/{wildcards.dataset} --out data/features/{wildcards.dataset}"

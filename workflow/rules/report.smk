@@ -1,6 +1,11 @@
-# Reports: generated, never edited by hand.
+# Reports: generated, never edited by hand. Short jobs: they run on the submitting host under a cluster executor.
 
-REPORT_CODE = code("report.py", "report.py", "paper_values.yaml")
+from dht.figures import figure_paths
+
+REPORT_CODE = code("report.py", "report.py", "paper_values.yaml", "tracking.py")
+FIGURES = figure_paths(CFG)
+
+localrules: all, table1, table2, figures, index
 
 
 rule table1:
@@ -13,7 +18,7 @@ rule table1:
     params:
         tracked=tracked("run", "dht.count_s1_flops"),
     shell:
-        "python workflow/scripts/report.py --profile {PROFILE} --table 1 --out {output}"
+        "python workflow/scripts/report.py --profile {PROFILE} --report table1 --out {output}"
 
 
 rule table2:
@@ -25,4 +30,31 @@ rule table2:
     params:
         tracked=tracked("run"),
     shell:
-        "python workflow/scripts/report.py --profile {PROFILE} --table 2 --out {output}"
+        "python workflow/scripts/report.py --profile {PROFILE} --report table2 --out {output}"
+
+
+rule figures:
+    input:
+        code=code("figures.py", "figures.py", "report.py"),
+        metrics=expand("results/{dataset}/{model}/metrics.json", dataset=DATASETS, model=MODELS + BASELINES),
+        selections=expand("results/{dataset}/{model}/selections.json", dataset=DATASETS, model=MODELS),
+        loss=expand("results/{dataset}/{model}/loss.csv", dataset=DATASETS, model=MODELS),
+    output:
+        FIGURES,
+    params:
+        tracked=tracked("run"),
+    shell:
+        "python workflow/scripts/figures.py --profile {PROFILE} --out-dir reports/figures"
+
+
+rule index:
+    input:
+        code=REPORT_CODE + ["dht/figures.py"],
+        tables=["reports/table1.md", "reports/table2.md"],
+        figures=FIGURES,
+    output:
+        "reports/index.md",
+    params:
+        tracked=tracked("run", "tracking"),
+    shell:
+        "python workflow/scripts/report.py --profile {PROFILE} --report index --out {output}"

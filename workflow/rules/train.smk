@@ -35,6 +35,8 @@ rule train:
     params:
         tracked=mode_keys,
     threads: 1
+    resources:
+        gpu=GPU,
     shell:
         "python workflow/scripts/train.py --profile {PROFILE} --dataset {wildcards.dataset} --model {wildcards.model}"
         " --processed data/processed/{wildcards.dataset} --features data/features/{wildcards.dataset}"

@@ -1,19 +1,25 @@
-"""Stages `table1` / `table2`: reports/table1.md (training comparison) and reports/table2.md (inference
-comparison), the measured values beside the paper's."""
+"""Stages `table1` / `table2` / `index`: reports/table1.md (training comparison) and reports/table2.md
+(inference comparison), the measured values beside the paper's, and reports/index.md (what produced them,
+links to the tables, the figures and each model's MLflow run)."""
 
 import sys
 
 import _stage
 
-from dht.report import write_table1, write_table2
+from dht.figures import figure_paths
+from dht.report import write_index, write_table1, write_table2
 
 p = _stage.parser(__doc__)
-p.add_argument("--table", choices=["1", "2"], required=True)
+p.add_argument("--report", choices=["table1", "table2", "index"], required=True)
 p.add_argument("--out", required=True)
 args = p.parse_args()
 cfg = _stage.config(args)
+root = _stage.root()
 try:
-    (write_table1 if args.table == "1" else write_table2)(cfg, args.out, root=_stage.root())
+    if args.report == "index":
+        write_index(cfg, args.out, figure_paths(cfg), root=root)
+    else:
+        (write_table1 if args.report == "table1" else write_table2)(cfg, args.out, root=root)
 except FileNotFoundError as err:
     sys.exit(f"error: {err}")
 print(f"report -> {args.out}")

@@ -1,0 +1,207 @@
+"""Figures (the paper's Figures 2-3, the Pareto and difficulty plots) from synthetic results: no training."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT
+from matplotlib.image import imread
+
+from dht.config import load_config, read_params
+from dht.figures import (
+    figure_paths,
+    model_family,
+    moving_average,
+    pareto_front,
+    selection_shares,
+    smoothing_window,
+    write_figures,
+)
+
+MODELS = ["vanilla-12", "t-dht"]
+BASELINES = ["distil-3"]
+DATASETS = ["embedded-news", "ag_news"]  # embedded: difficulty levels; hub: none
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def raw_params() -> dict:
+    raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
+    raw["datasets"]["ag_news"]["max_length"] = 32  # the tiny model has 40 positions
+    raw["run"].update(datasets=DATASETS, models=MODELS, baselines=BASELINES)
+    raw["profiles"]["tiny"]["run"]["baselines"] = BASELINES  # the tiny overlay sets its own list
+    return raw
+
+
+@pytest.fixture
+def cfg():
+    return load_config(ROOT / "params.yaml", profile="tiny", raw=raw_params())
+
+
+def write_results(root, dataset, epochs=3, steps_per_epoch=40, difficulty=True):
+    """What the train and baseline stages write, with made-up numbers in their schema."""
+    rng = np.random.default_rng(0)
+    accuracy = {"vanilla-12": 0.80, "t-dht": 0.78, "distil-3": 0.70}
+    flops = {"vanilla-12": 1.0, "t-dht": 0.45, "distil-3": 0.25}
+    for model in MODELS + BASELINES:
+        run = root / "results" / dataset / model
+        run.mkdir(parents=True, exist_ok=True)
+        layers = 12.0 if model == "vanilla-12" else 5.0
+        metrics = {"accuracy": accuracy[model], "macro_f1": accuracy[model] - 0.05,
+                   "infer_flop_ratio": flops[model], "infer_flop_ratio_linear": flops[model],
+                   "mean_layers": layers, "mean_heads": 11.0, "infer_seconds": 1.0}
+        if difficulty:
+            for i, level in enumerate(["easy", "medium", "hard"]):
+                metrics[f"accuracy_{level}"] = accuracy[model] - 0.1 * i
+                metrics[f"mean_layers_{level}"] = min(12.0, layers + 2 * i)
+        if model in BASELINES:
+            (run / "metrics.json").write_text(json.dumps(metrics))
+            continue
+        metrics["train_flop_ratio"] = flops[model]
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        if model == "vanilla-12":
+            sel = {str(e): {"layers/12": 100, "heads/12": 300, "arm/12L12H": 100} for e in range(epochs)}
+        else:  # 3 layers take over as training goes on, as in the paper's Figure 2
+            sel = {str(e): {"layers/3": 10 + 30 * e, "layers/6": 30, "layers/9": 30 - 10 * e, "layers/12": 30 - 20 * e,
+                            "heads/8": 40, "heads/10": 20 + e, "heads/12": 50, "head_g0/0": 7}
+                   for e in range(epochs)}
+        (run / "selections.json").write_text(json.dumps(sel))
+        lines = ["step,epoch,loss,layers"]
+        for step in range(1, epochs * steps_per_epoch + 1):
+            loss = 1.4 * math.exp(-step / 40) + 0.1 * rng.random()
+            lines.append(f"{step},{(step - 1) // steps_per_epoch + 1},{loss:.6f},{layers}")
+        (run / "loss.csv").write_text("\n".join(lines) + "\n")
+
+
+def write_all(cfg, root):
+    for dataset in cfg.run.datasets:
+        write_results(root, dataset, difficulty=cfg.datasets[dataset].source == "embedded")
+
+
+# --- the declared outputs -----------------------------------------------------------------------------------
+
+
+def test_figure_paths_come_from_the_config_alone(cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an empty directory: no results, no data, no meta.json
+    assert figure_paths(cfg) == [
+        "reports/figures/selection-embedded-news.png",
+        "reports/figures/loss-embedded-news.png",
+        "reports/figures/pareto-embedded-news.png",
+        "reports/figures/difficulty-embedded-news.png",  # embedded data have difficulty levels
+        "reports/figures/selection-ag_news.png",
+        "reports/figures/loss-ag_news.png",
+        "reports/figures/pareto-ag_news.png",  # a hub dataset has none: no difficulty figure
+    ]
+    assert figure_paths(cfg, out_dir="out/") == [p.replace("reports/figures/", "out/") for p in figure_paths(cfg)]
+
+
+def test_the_default_profiles_figures():
+    paths = figure_paths(load_config(ROOT / "params.yaml"))
+    assert len(paths) == 8 and len(set(paths)) == 8  # two embedded datasets, four figures each
+    assert "reports/figures/difficulty-embedded-sentiment.png" in paths
+
+
+def test_write_figures_writes_exactly_the_declared_pngs(cfg, tmp_path):
+    write_all(cfg, tmp_path)
+    written = write_figures(cfg, tmp_path / "reports" / "figures", root=tmp_path)
+    assert written == [tmp_path / p for p in figure_paths(cfg)]
+    assert sorted(os.listdir(tmp_path / "reports" / "figures")) == sorted(p.rsplit("/", 1)[1] for p in figure_paths(cfg))
+    for path in written:
+        assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+        image = imread(path)
+        height, width = image.shape[:2]
+        assert height >= 300 and width >= 500, (path, image.shape)
+        assert float(image[..., :3].std()) > 0.02, f"{path} is (nearly) blank"
+
+
+def test_the_stage_script_writes_the_figures_or_names_the_missing_file(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params()))
+    cmd = [sys.executable, str(ROOT / "workflow" / "scripts" / "figures.py"), "--profile", "tiny",
+           "--out-dir", "reports/figures"]
+    missing = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == (
+        "error: results/embedded-news/t-dht/selections.json: missing; run its stage first "
+        "(snakemake --cores 4 results/embedded-news/t-dht/selections.json)"
+    )
+    cfg = load_config(tmp_path / "params.yaml", profile="tiny")
+    write_all(cfg, tmp_path)
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"figure -> {p}" for p in figure_paths(cfg)]
+    assert all((tmp_path / p).is_file() for p in figure_paths(cfg))
+
+
+@pytest.mark.parametrize("missing", ["distil-3/metrics.json", "t-dht/selections.json", "vanilla-12/loss.csv"])
+def test_a_missing_result_names_the_file_and_its_command(cfg, tmp_path, missing):
+    write_all(cfg, tmp_path)
+    path = tmp_path / "results" / "ag_news" / missing
+    path.unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        write_figures(cfg, tmp_path / "figures", root=tmp_path)
+    assert str(err.value) == f"{path}: missing; run its stage first (snakemake --cores 4 {path})"
+
+
+# --- the pure parts -----------------------------------------------------------------------------------------
+
+
+def test_pareto_front_keeps_the_undominated_points_by_increasing_flops():
+    points = [
+        ("a", 0.2, 0.80),
+        ("e", 1.0, 0.90),  # b is cheaper with the same accuracy
+        ("b", 0.5, 0.90),
+        ("f", 0.3, 0.80),  # a is cheaper with the same accuracy
+        ("d", 0.5, 0.88),  # b has the same FLOPs and more accuracy
+        ("c", 0.4, 0.85),
+        ("g", 0.2, 0.80),  # identical to a: neither dominates, both stay, in input order
+        ("h", 0.1, 0.70),
+    ]
+    assert pareto_front(points) == ["h", "a", "g", "c", "b"]
+    assert sorted(pareto_front(list(reversed(points)))) == ["a", "b", "c", "g", "h"]
+
+
+def test_pareto_front_edge_cases():
+    assert pareto_front([]) == []
+    assert pareto_front([("only", 0.5, 0.5)]) == ["only"]
+    assert pareto_front([("cheap", 0.1, 0.9), ("dear", 0.9, 0.5)]) == ["cheap"]
+    assert pareto_front([("x", 0.3, 0.6), ("y", 0.3, 0.6), ("z", 0.3, 0.59)]) == ["x", "y"]
+    # A metric that could not be computed is left out, and does not remove the others.
+    assert pareto_front([("nan", float("nan"), 0.99), ("ok", 0.5, 0.5)]) == ["ok"]
+
+
+def test_moving_average_is_trailing_and_window_is_two_percent():
+    assert moving_average([1.0, 2.0, 3.0, 4.0], 2).tolist() == [1.0, 1.5, 2.5, 3.5]
+    assert moving_average([4.0, 0.0, 2.0], 1).tolist() == [4.0, 0.0, 2.0]
+    assert moving_average([3.0, 6.0], 10).tolist() == [3.0, 4.5]  # a window longer than the run
+    assert moving_average([], 3).size == 0
+    with pytest.raises(ValueError, match="window = 0"):
+        moving_average([1.0], 0)
+    assert [smoothing_window(n) for n in (1, 49, 50, 99, 500)] == [1, 1, 1, 1, 10]
+
+
+def test_selection_shares_per_epoch_sorted_numerically():
+    selections = {
+        "1": {"layers/12": 1, "layers/3": 3, "heads/8": 2, "heads/12": 2},
+        "0": {"layers/3": 1, "layers/12": 1, "layers/6": 2},  # every sample ran 3 layers + ... but no head decision
+    }
+    epochs, options, shares = selection_shares(selections, "layers")
+    assert epochs == [1, 2]
+    assert options == ["3", "6", "12"]  # numeric order, not text order ("12" < "3")
+    np.testing.assert_allclose(shares, [[0.25, 0.75], [0.5, 0.0], [0.25, 0.25]])
+    _, heads, head_shares = selection_shares(selections, "heads")
+    assert heads == ["8", "12"]
+    np.testing.assert_allclose(head_shares, [[0.0, 0.5], [0.0, 0.5]])  # epoch 1 made no head choice
+    _, arms, _ = selection_shares({"0": {"arm/6L8H": 1, "arm/12L8H": 1, "layers/6": 2}}, "arm")
+    assert arms == ["12L8H", "6L8H"]
+
+
+def test_model_families_for_the_pareto_styles(cfg):
+    assert [model_family(cfg, m) for m in ["vanilla-12", "t-dht", "distil-3", "fastbert-0.5", "nas-prune-0.5", "xyz"]] == [
+        "reference", "dht", "distil", "fastbert", "nas-prune", "other"]

@@ -1,0 +1,20 @@
+"""Stage `figures`: reports/figures/*.png, the paper's Figure 2 (layer/head selection over training) and
+Figure 3 (loss trends) per dataset, with accuracy against FLOPs (Pareto front) and, on data with difficulty
+levels, layers and accuracy per difficulty."""
+
+import sys
+
+import _stage
+
+from dht.figures import FIGURES_DIR, write_figures
+
+p = _stage.parser(__doc__)
+p.add_argument("--out-dir", default=FIGURES_DIR, help=f"where the PNG files go (default: {FIGURES_DIR})")
+args = p.parse_args()
+cfg = _stage.config(args)
+try:
+    written = write_figures(cfg, args.out_dir, root=_stage.root())
+except FileNotFoundError as err:
+    sys.exit(f"error: {err}")
+for path in written:
+    print(f"figure -> {path}")
