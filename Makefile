@@ -7,7 +7,7 @@ PROFILE ?= default
 CORES   ?= 4
 TARGET  ?= all
 
-.PHONY: install reproduce test test-fast lint dvc-yaml dvc-repro dvc-pull dvc-checkout mlflow-ui clean
+.PHONY: install reproduce test test-fast lint benchmarks dvc-yaml dvc-repro dvc-pull dvc-checkout mlflow-ui clean
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ test: $(STAMP)
 ## The quick subset while developing.
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow"
+
+## Wall time beside FLOPs, bandit share, pipeline and suite times, scaling -> reports/benchmarks.md. Needs the
+## trained models of the profile (make reproduce first); takes ~25 min on 2 cores (the cold pipeline run and the
+## test suite included: SKIP="--skip-pipeline --skip-suite" leaves them out).
+benchmarks: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/run.py --profile $(PROFILE) $(SKIP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,1124 @@
+"""Benchmarks: are DHT's savings real, not only counted? Wall time next to analytic FLOPs, in one run.
+
+Usage:
+  .venv/bin/python benchmarks/run.py [--profile default] [--dataset embedded-news] [--out reports/benchmarks.md]
+      [--repeats N] [--threads 1] [--quick] [--skip-pipeline] [--skip-suite] [--pipeline-profile default|tiny]
+
+It writes a generated markdown report (default reports/benchmarks.md; a machine description at the top) and
+prints each section's tables as it finishes. Four sections:
+
+1. Inference. Every model the profile trains (12-VaBERT, the DHT modes, FastBERT speeds, DistilBERT students,
+   NAS-pruned models) found in models/<dataset>/ runs the pipeline's own evaluation path on the test split
+   (data/processed/<dataset>/test.parquet) at the profile's train.eval_batch_size: load_trained + predict for
+   12-VaBERT and DHT, predict_student / predict_fastbert / predict_pruned for the baselines. The time is the
+   one those functions measure around their inference loop (what results/.../metrics.json calls
+   infer_seconds). Each wall-time ratio to 12-VaBERT stands next to the analytic inference FLOP ratio,
+   recomputed by dht.trainer.evaluate from this run's predictions (the function and inputs the pipeline uses;
+   metrics.json's value is shown beside it). Goal of the issue: for each DHT mode, wall ratio <= 1.25 x FLOP
+   ratio. To name the cause of a miss, three counterfactuals are timed in the same rounds: the DHT model with
+   one head set per head count instead of per-sample TSB sets (same FLOPs), 12-VaBERT split into the DHT's
+   depth groups (same structure, all layers and heads), and the bandits' decision time inside predict.
+2. Training. One short epoch (--train-steps x train.batch_size samples) of each DHT mode and of 12-VaBERT
+   through dht.trainer.Trainer.fit, each from the same initial weights (data/features/<dataset>/init_model)
+   and arm features; wall-time ratio to 12-VaBERT next to the training FLOP ratio the trainer counts for
+   those same steps (the pipeline's train_flop_ratio). P-DHT runs its own phase (after the warm-up, whose
+   steps are F-DHT's row). Timers wrapped around the bandit, pooling and queue methods at runtime (dht/ is
+   not edited) give their share of the step time; goal < 3%.
+3. Pipeline. A cold `snakemake --cores 4 reports/table1.md` in a throw-away copy of the project, then an
+   immediate no-op rerun (goal < 10 s); and the test suite's duration (`pytest -q`). Slow: --skip-pipeline,
+   --skip-suite, --pipeline-profile.
+4. Scaling. Random-init models of the profile's architecture (no trained model needed): inference and one
+   training step of a DHT mode (--scaling-mode, arms drawn uniformly at random, since untrained bandits pick
+   arbitrarily) against 12-VaBERT as sequence length and batch size grow, each as a ratio with its FLOP ratio.
+
+How it times: all runners of a section run once per round, the order rotated by one each round (A B C, B C A,
+...), rounds repeated --repeats times after --warmup discarded rounds; each ratio is taken against the
+reference run of the same round and the median over rounds is reported (with min-max), so load drift on a
+shared machine hits every model alike. One torch thread by default (--threads 1): with two, OpenMP threads
+stall at barriers whenever another job holds a core, which adds noise larger than the effects measured here;
+the report records the threads, the device and the load average. Section 1 reuses the pipeline's timers;
+sections 2 and 4 time with time.perf_counter (and synchronise a GPU first). It measures and asserts nothing;
+--quick (2 rounds, a small grid, no pipeline or suite) lists missing models as skipped instead of stopping.
+Timers wrapped around library methods cost under a microsecond per call (0.4 us measured), negligible
+against a step's milliseconds; they are removed when a section ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# transformers draws a progress bar for every model load: noise in a benchmark log.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported by path (the test)
+from _common import (  # noqa: E402
+    REPO,
+    Timers,
+    copy_project,
+    fmt_pct,
+    fmt_ratio,
+    fmt_seconds,
+    instrumented,
+    interleaved,
+    machine_description,
+    sync,
+    table,
+)
+
+from dht.arm_features import arm_space, compute_arm_features, load_arm_features  # noqa: E402
+from dht.bandits import LinUCB, LogisticThompsonHeads  # noqa: E402
+from dht.config import Config, ConfigError, load_config, parse_baseline  # noqa: E402
+from dht.features import PoolingSpec, RunningNormalizer  # noqa: E402
+from dht.flops import forward_flops  # noqa: E402
+from dht.model import DHTForSequenceClassification, model_from_params  # noqa: E402
+from dht.tokenization import load_processed  # noqa: E402
+from dht.tracking import git_commit  # noqa: E402
+from dht.trainer import (  # noqa: E402
+    POLICY_FILE,
+    LayerQueue,
+    Policy,
+    Predictions,
+    SplitData,
+    Trainer,
+    evaluate,
+    load_trained,
+    predict,
+)
+
+REFERENCE = "vanilla-12"
+WALL_GOAL = 1.25  # wall ratio <= 1.25 x FLOP ratio (inference, DHT modes)
+SHARE_GOAL = 0.03  # bandits + pooling + queueing < 3% of the training step time
+NOOP_GOAL = 10.0  # seconds for a no-op pipeline rerun
+
+# Training timers: (owner, method, label). Exclusive times, so nested labels do not double count.
+TRAIN_TIMERS: list[tuple[Any, str, str]] = [
+    (PoolingSpec, "__call__", "pooling"),
+    (RunningNormalizer, "__call__", "normalisation"),
+    (LinUCB, "select", "LinUCB select"),
+    (LinUCB, "update", "LinUCB update"),
+    (LogisticThompsonHeads, "select", "TSB select"),
+    (LogisticThompsonHeads, "update", "TSB update"),
+    (Policy, "choose_arms", "policy glue"),
+    (Policy, "choose_heads", "policy glue"),
+    (Policy, "layers_of", "policy glue"),
+    (Policy, "learn", "rewards"),
+    (LayerQueue, "push", "queueing"),
+    (LayerQueue, "drain", "queueing"),
+    (Trainer, "_enqueue", "queueing"),
+    (DHTForSequenceClassification, "encode_prefix", "S1 pass"),
+    (Trainer, "_account", "FLOP accounting"),
+    (SplitData, "batch", "data"),
+]
+# The goal's three parts: what DHT adds around the encoder.
+OVERHEAD_GROUPS: dict[str, list[str]] = {
+    "bandits": ["LinUCB select", "LinUCB update", "TSB select", "TSB update", "rewards", "policy glue"],
+    "pooling": ["pooling", "normalisation"],
+    "queueing": ["queueing"],
+}
+# Inference: the bandits' decisions inside predict (pooling, normalisation and selection are nested in these).
+DECISION_TIMERS: list[tuple[Any, str, str]] = [
+    (Policy, "choose_arms", "decide"),
+    (Policy, "choose_heads", "decide"),
+    (Policy, "layers_of", "decide"),
+]
+
+
+class BenchmarkError(RuntimeError):
+    """The benchmark cannot run as asked (missing or mismatched models or data); the message says what to do."""
+
+
+@dataclass
+class Section:
+    title: str
+    body: str
+    shortfalls: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        return f"## {self.title}\n\n{self.body.strip()}\n"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Arguments and set-up
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default=None, help="params.yaml profile (default: its `profile:` key)")
+    p.add_argument("--dataset", default="embedded-news")
+    p.add_argument("--out", default="reports/benchmarks.md", help="the report (relative to --root)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, --quick 2)")
+    p.add_argument("--warmup", type=int, default=1, help="discarded rounds before the timed ones")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steady on a shared machine)")
+    p.add_argument("--quick", action="store_true",
+                   help="few repeats, small scaling grid, no pipeline or suite; missing models are skipped")
+    p.add_argument("--skip-pipeline", action="store_true", help="skip the cold and no-op snakemake runs")
+    p.add_argument("--skip-suite", action="store_true", help="skip timing the test suite")
+    p.add_argument("--pipeline-profile", choices=["default", "tiny"], default="default",
+                   help="profile of the cold pipeline run (default: default, ~12 min on 2 cores)")
+    p.add_argument("--root", default=str(REPO), help="project holding models/, data/, results/ (default: this repo)")
+    p.add_argument("--params", default=None, help="params file (default: <root>/params.yaml)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="training samples = this x train.batch_size, one epoch (default 24, --quick 3)")
+    p.add_argument("--max-test", type=int, default=None, help="use the first N test samples (default: all)")
+    p.add_argument("--scaling-mode", default="f-dht", help="the DHT mode of the scaling section")
+    p.add_argument("--scaling-seq", type=int, nargs="+", default=None, help="sequence lengths (default 32 64 128)")
+    p.add_argument("--scaling-batch", type=int, nargs="+", default=None, help="batch sizes (default 8 32 128)")
+    p.add_argument("--keep-pipeline-copy", action="store_true", help="keep the throw-away project of section 3")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.skip_pipeline = args.skip_suite = True
+    # Defaults that depend on --quick; explicit values win.
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 5
+    if args.train_steps is None:
+        args.train_steps = 3 if args.quick else 24
+    args.scaling_seq = args.scaling_seq or ([16, 32] if args.quick else [32, 64, 128])
+    args.scaling_batch = args.scaling_batch or ([4, 8] if args.quick else [8, 32, 128])
+    if args.repeats < 1 or args.warmup < 0 or args.train_steps < 1:
+        p.error("--repeats and --train-steps must be >= 1, --warmup >= 0")
+    if min(args.scaling_seq) < 1 or min(args.scaling_batch) < 1:
+        p.error("--scaling-seq and --scaling-batch take positive sizes")
+    return args
+
+
+def pipeline_command(dataset: str, model: str, profile: str) -> str:
+    """The command that trains `model` (baselines are built from 12-VaBERT by the same target)."""
+    extra = "" if profile == "default" else f" --config profile={profile}"
+    return f"snakemake --cores 4 results/{dataset}/{model}/metrics.json{extra}"
+
+
+@dataclass
+class DataInfo:
+    """A processed split and what a model must support to read it."""
+
+    split: SplitData
+    meta: dict[str, Any]
+    max_id: int
+    width: int  # longest sample (batches are trimmed to it)
+
+    @classmethod
+    def load(cls, processed: Path, split: str, limit: int | None = None) -> DataInfo:
+        data = SplitData.from_arrays(load_processed(processed, split))
+        if limit is not None:
+            data = subset(data, torch.arange(min(limit, len(data))))
+        meta = json.loads((processed / "meta.json").read_text())
+        return cls(data, meta, int(data.input_ids.max()), int(data.attention_mask.sum(1).max()))
+
+    def problem(self, where: str, vocab: int, positions: int, labels: int) -> str | None:
+        """Why a model of this shape cannot read the data (None: it can)."""
+        if self.max_id >= vocab:
+            return (f"{where} has a vocabulary of {vocab} tokens but the data's ids reach {self.max_id} "
+                    f"(its tokenizer has {self.meta.get('vocab_size')})")
+        if self.width > positions:
+            return f"{where} has {positions} positions but the data's samples reach {self.width} tokens"
+        if labels != self.meta["num_labels"]:
+            return f"{where} has {labels} labels, the data {self.meta['num_labels']}"
+        return None
+
+
+def subset(data: SplitData, index: torch.Tensor) -> SplitData:
+    return SplitData(data.input_ids[index], data.attention_mask[index], data.labels[index],
+                     None if data.difficulty is None else data.difficulty[index])
+
+
+def synthetic_split(n: int, seq_len: int, vocab: int, labels: int, gen: torch.Generator) -> SplitData:
+    """Random token ids, no padding: every sample is `seq_len` long, so the scaling grid means what it says."""
+    ids = torch.randint(5, vocab, (n, seq_len), generator=gen)
+    return SplitData(ids, torch.ones_like(ids), torch.randint(0, labels, (n,), generator=gen))
+
+
+def patched(cfg: Config, **changes: Any) -> Config:
+    """A copy of the (frozen) config with dotted keys replaced, e.g. patched(cfg, **{"train.epochs": 1})."""
+    data = cfg.model_dump(mode="json")
+    for dotted, value in changes.items():
+        node = data
+        *path, last = dotted.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return Config.model_validate(data)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Section 1: inference
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    """A trained model with the pipeline's prediction function for it."""
+
+    name: str
+    kind: str  # dht (12-VaBERT included), distil, fastbert, nas-prune
+    run: Callable[[SplitData], Predictions]
+    model: Any = None
+    policy: Policy | None = None
+
+
+def load_models(models_dir: Path, names: list[str], cfg: Config, data: DataInfo, device: torch.device,
+                batch: int, seq_len: int) -> tuple[dict[str, Loaded], dict[str, str]]:
+    """The models found (name -> Loaded) and the ones that cannot be used (name -> why)."""
+    from dht.baselines.distil import predict_student
+    from dht.baselines.fastbert import FastBERT, predict_fastbert
+    from dht.baselines.nas_prune import PrunedBert, predict_pruned
+
+    greedy = cfg.dht.inference == "greedy"
+    loaded: dict[str, Loaded] = {}
+    unusable: dict[str, str] = {}
+    for name in names:
+        directory = models_dir / name
+        if name in cfg.dht.modes:
+            if not (directory / POLICY_FILE).is_file():
+                unusable[name] = f"not trained ({directory} has no {POLICY_FILE})"
+                continue
+            model, policy, info = load_trained(directory, device)
+            trained = info.get("config", {}).get("profile")
+            if trained != cfg.profile:
+                unusable[name] = f"trained under profile '{trained}', this run uses '{cfg.profile}'"
+                continue
+            if info.get("max_length") not in (None, seq_len):
+                unusable[name] = f"trained at max_length {info['max_length']}, the data has {seq_len}"
+                continue
+            c = model.config
+            why = data.problem(str(directory), c.vocab_size, c.max_position_embeddings, c.num_labels)
+            if why:
+                unusable[name] = why
+                continue
+
+            def run_dht(split: SplitData, m: Any = model, pol: Policy = policy) -> Predictions:
+                return predict(m, pol, split, device, batch, seq_len, greedy=greedy)
+
+            loaded[name] = Loaded(name, "dht", run_dht, model, policy)
+            continue
+        try:
+            kind, value = parse_baseline(name)
+        except ValueError as err:
+            unusable[name] = str(err)
+            continue
+        if not (directory / "baseline.json").is_file():  # written last by the baseline stage: a complete model
+            unusable[name] = f"not trained ({directory} has no baseline.json)"
+            continue
+        if kind == "distil":
+            student = DHTForSequenceClassification.from_pretrained(directory).to(device).eval()
+            c = student.config
+            why = data.problem(str(directory), c.vocab_size, c.max_position_embeddings, c.num_labels)
+
+            def run_distil(split: SplitData, m: Any = student) -> Predictions:
+                return predict_student(m, split, device, batch, seq_len)
+
+            entry = Loaded(name, kind, run_distil, student)
+        elif kind == "fastbert":
+            if REFERENCE not in loaded:
+                unusable[name] = f"FastBERT's backbone is {REFERENCE}, which is not usable"
+                continue
+            fastbert = FastBERT.load(directory, loaded[REFERENCE].model)
+            why = None  # the backbone was checked as 12-VaBERT
+
+            def run_fastbert(split: SplitData, m: Any = fastbert, speed: float = value) -> Predictions:
+                return predict_fastbert(m, split, speed, device, batch, seq_len)
+
+            entry = Loaded(name, kind, run_fastbert, fastbert)
+        elif kind == "flexibert":
+            from dht.flexibert import FlexiBertForSequenceClassification
+            from dht.flexibert.pipeline import predictions as predict_flexibert
+
+            flexi = FlexiBertForSequenceClassification.from_pretrained(directory, device=device)
+            c = flexi.config
+            why = data.problem(str(directory), c.vocab_size, c.max_len, c.num_labels)
+
+            def run_flexi(split: SplitData, m: Any = flexi) -> Predictions:
+                return predict_flexibert(m, split, batch, seq_len, device)
+
+            entry = Loaded(name, kind, run_flexi, flexi)
+        else:
+            pruned = PrunedBert.load(directory, device)
+            a = pruned.arch
+            why = data.problem(str(directory), a.vocab_size, a.max_position_embeddings, a.num_labels)
+
+            def run_pruned(split: SplitData, m: Any = pruned) -> Predictions:
+                return predict_pruned(m, split, device, batch, seq_len)
+
+            entry = Loaded(name, kind, run_pruned, pruned)
+        if why:
+            unusable[name] = why
+        else:
+            loaded[name] = entry
+    return loaded, unusable
+
+
+@contextmanager
+def shared_head_sets(policy: Policy) -> Iterator[None]:
+    """The TSB still decides (its cost stays), but every sample keeping k heads keeps heads 0..k-1: one head
+    set per head count, so the sliced attention runs one F.linear per count instead of per-sample sets."""
+    tsb = policy.tsb
+    if tsb is None:
+        yield
+        return
+    original = tsb.select
+
+    def select(contexts: torch.Tensor, k: Any, greedy: bool = False, allowed: Any = None) -> torch.Tensor:
+        chosen = original(contexts, k, greedy=greedy, allowed=allowed)
+        n_heads = chosen.shape[1]
+        return torch.arange(n_heads, device=chosen.device)[None, :] < chosen.sum(-1, keepdim=True)
+
+    tsb.select = select  # an instance attribute shadows the method; deleted on exit
+    try:
+        yield
+    finally:
+        del tsb.select
+
+
+@torch.no_grad()
+def full_model_in_groups(model: DHTForSequenceClassification, data: SplitData, device: torch.device, batch: int,
+                         layers: torch.Tensor) -> float:
+    """12-VaBERT executed like DHT's predict (the first b layers on the whole batch, then each depth group on
+    its own) but with every layer and head: what splitting the batch costs by itself. Returns seconds."""
+    model.eval()
+    conf = model.config
+    b, n_layers = min(conf.fixed_layers, conf.num_hidden_layers), conf.num_hidden_layers
+    sync(device)
+    start = time.perf_counter()
+    for lo in range(0, len(data), batch):
+        index = torch.arange(lo, min(lo + batch, len(data)))
+        ids, mask, _ = data.batch(index, device)
+        hidden, keep = model.embed(ids, mask)
+        hidden = model.run_layers(hidden, keep, 0, b)
+        depth = layers[index]
+        for value in depth.unique().tolist():
+            sel = (depth == value).nonzero().squeeze(1).to(device)
+            h = model.run_layers(hidden[sel], None if keep is None else keep[sel], b, n_layers)
+            model.classify(h).float().softmax(-1).cpu()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def trimmed_flop_ratio(pred: Predictions, data: SplitData, conf: Any, batch: int) -> float:
+    """The FLOP ratio at the widths the batches really have (trimmed to their longest sample), not at the
+    padded max_length the pipeline counts: the work the CPU does, so padding shows as a difference."""
+    cache: dict[tuple[int, tuple[int, ...]], int] = {}
+    num = den = 0.0
+    full = [conf.num_attention_heads] * conf.num_hidden_layers
+    for lo in range(0, len(data), batch):
+        width = max(int(data.attention_mask[lo : lo + batch].sum(1).max()), 1)
+        ref = forward_flops(width, full, conf)
+        for row in pred.heads[lo : lo + batch].tolist():
+            key = (width, tuple(h for h in row if h))
+            if key not in cache:
+                cache[key] = forward_flops(width, list(key[1]), conf)
+            num += cache[key]
+            den += ref
+    return num / den
+
+
+def median_decision_seconds(run: Callable[[], Predictions], times: int) -> float:
+    """Seconds spent in the bandits' decisions during one predict run, median over `times` runs."""
+    decide = []
+    timers = Timers()
+    for _ in range(times):
+        timers.reset()
+        with instrumented(timers, DECISION_TIMERS):
+            run()
+        decide.append(timers.exclusive.get("decide", 0.0))
+    return statistics.median(decide)
+
+
+def inference_section(cfg: Config, args: argparse.Namespace, root: Path, device: torch.device) -> Section:
+    dataset = args.dataset
+    title = "1. Inference: wall time vs FLOPs, trained models"
+    processed = root / "data" / "processed" / dataset
+    names = list(dict.fromkeys([REFERENCE, *cfg.run.models, *cfg.run.baselines]))
+    if not (processed / "test.parquet").is_file():
+        why = (f"{processed}/test.parquet not found; make it with "
+               f"`snakemake --cores 4 {processed.relative_to(root)}/meta.json`")
+        if not args.quick:
+            raise BenchmarkError(why)
+        return Section(title, f"Skipped: {why}.", [f"inference not measured: {why}"])
+    data = DataInfo.load(processed, "test", args.max_test)
+    seq_len = int(data.meta["max_length"])
+    batch = cfg.train.eval_batch_size
+    loaded, unusable = load_models(root / "models" / dataset, names, cfg, data, device, batch, seq_len)
+    if unusable and not args.quick:
+        lines = [f"  - {n}: {why}" for n, why in unusable.items()]
+        cmds = [f"  {pipeline_command(dataset, n, cfg.profile)}" for n in unusable]
+        raise BenchmarkError(
+            f"{len(unusable)} model(s) of profile '{cfg.profile}' cannot be benchmarked on {processed}:\n"
+            + "\n".join(lines) + "\nTrain them (with the data they are evaluated on) first:\n" + "\n".join(cmds)
+            + "\nor pass --quick to list them as skipped, or --root for a project where they are trained."
+        )
+    if REFERENCE not in loaded:
+        why = unusable.get(REFERENCE, "missing")
+        return Section(title, f"Skipped: the reference {REFERENCE} is unusable ({why}); nothing to compare with.\n\n"
+                       + skipped_list(unusable, dataset, cfg.profile), [f"inference not measured: {REFERENCE} {why}"])
+    ref = loaded[REFERENCE]
+    test = data.split
+
+    # One untimed pass per model: the predictions the FLOP ratios and depth groups come from (and a warm-up).
+    preds = {name: m.run(test) for name, m in loaded.items()}
+    dht_names = [n for n, m in loaded.items() if m.kind == "dht" and n != REFERENCE]
+    runners: dict[str, Callable[[], float]] = {name: (lambda m=m: m.run(test).seconds) for name, m in loaded.items()}
+    for name in dht_names:
+        policy = loaded[name].policy
+
+        def run_shared(m: Loaded = loaded[name], pol: Policy = policy) -> float:
+            with shared_head_sets(pol):
+                return m.run(test).seconds
+
+        runners[f"{name} [one head set per count]"] = run_shared
+        runners[f"{name} [12-VaBERT in its depth groups]"] = (
+            lambda layers=preds[name].layers: full_model_in_groups(ref.model, test, device, batch, layers))
+    with shared_head_sets_all(loaded, dht_names):
+        shared_preds = {n: loaded[n].run(test) for n in dht_names}
+    print(f"[inference] {len(runners)} runners x {args.warmup + args.repeats} rounds on {len(test)} test samples",
+          flush=True)
+    timing = interleaved(runners, REFERENCE, args.repeats, args.warmup)
+    decisions = {n: median_decision_seconds(lambda m=loaded[n]: m.run(test), max(1, args.repeats // 2))
+                 for n in [REFERENCE, *dht_names]}
+
+    conf = ref.model.config
+    results = root / "results" / dataset
+    rows, dht_rows, shortfalls = [], [], []
+    t_ref = timing.median(REFERENCE)
+    for name in loaded:
+        flops = evaluate(preds[name], test, conf, seq_len, None)["infer_flop_ratio"]
+        recorded = read_metric(results / name / "metrics.json", "infer_flop_ratio")
+        wall = timing.ratio(name)
+        lo, hi = timing.spread(name)
+        goal = "—"
+        if name in dht_names:
+            goal = "yes" if wall <= WALL_GOAL * flops else "**no**"
+        rows.append([name, fmt_seconds(timing.median(name)), f"{wall:.2f}x ({lo:.2f}-{hi:.2f})", fmt_ratio(flops),
+                     fmt_ratio(recorded), f"{wall / flops:.2f}", goal])
+        if name not in dht_names:
+            continue
+        trimmed = trimmed_flop_ratio(preds[name], test, conf, batch)
+        shared_flops = evaluate(shared_preds[name], test, conf, seq_len, None)["infer_flop_ratio"]
+        heads_cost = statistics.median(
+            a - b for a, b in zip(timing.ratios[name], timing.ratios[f"{name} [one head set per count]"], strict=True)
+        ) - (flops - shared_flops)
+        grouped = timing.ratio(f"{name} [12-VaBERT in its depth groups]") - 1.0
+        decide_s = decisions[name]
+        causes = {
+            "bandit decisions at inference": decide_s / t_ref,
+            "per-sample head sets (vs one set per head count)": heads_cost,
+            "depth groups: smaller matrices after the b shared layers": grouped * flops,
+            "padding (FLOPs at trimmed widths - at max_length)": trimmed - flops,
+        }
+        unexplained = wall - flops - sum(causes.values())
+        groups_per_batch = mean_groups(preds[name].layers, batch)
+        dht_rows.append([name, fmt_ratio(flops), fmt_ratio(trimmed), fmt_ratio(wall),
+                         f"{decide_s * 1e3:.1f} ms ({fmt_pct(causes['bandit decisions at inference'])})",
+                         f"{heads_cost:+.3f}", f"{groups_per_batch:.1f} / {grouped:+.1%}",
+                         f"{unexplained:+.3f}"])
+        if wall > WALL_GOAL * flops:
+            named = sorted(((v, k) for k, v in causes.items() if v > 0.01), reverse=True)
+            cause = "; ".join(f"{k} {v:+.3f}" for v, k in named) or "no single measured cause above 0.01"
+            if unexplained > 0.01:
+                cause += (f"; unattributed {unexplained:+.3f} (costs FLOPs do not count: embeddings, LayerNorm, "
+                          "GELU, softmax, weight slicing, per-call dispatch of small matrices on CPU)")
+            shortfalls.append(f"inference {name}: wall {wall:.2f}x for {flops:.2f}x FLOPs "
+                              f"({wall / flops:.2f} > {WALL_GOAL}); measured causes (in 12-VaBERT time): {cause}")
+
+    body = [
+        f"Test split `{processed.relative_to(root) if processed.is_relative_to(root) else processed}/test.parquet`"
+        f" ({len(test)} samples, max_length {seq_len}, longest sample {data.width} tokens), batch size "
+        f"{batch} (`train.eval_batch_size`), inference policy `{cfg.dht.inference}`. Times are what the pipeline's "
+        f"predict functions measure (`infer_seconds`); median of {args.repeats} interleaved rounds after "
+        f"{args.warmup} warm-up, ratio to {REFERENCE} in the same round (min-max in brackets).",
+        "",
+        "FLOP ratio: recomputed here by `dht.trainer.evaluate` from this run's predictions (the pipeline's "
+        "function, reference = 12-VaBERT's full model at max_length); metrics.json: the value the pipeline wrote "
+        "in `results/<dataset>/<model>/metrics.json` (— when absent; it differs only if the data or model "
+        "changed since). Goal: DHT modes' wall ratio <= 1.25 x FLOP ratio.",
+        "",
+        table(["model", "time", "wall ratio", "FLOP ratio", "metrics.json", "wall / FLOPs", "goal met"], rows),
+        "",
+    ]
+    if dht_rows:
+        body += [
+            "### Where DHT's time goes beyond its FLOPs",
+            "",
+            "Each column is measured in the same rounds, in units of 12-VaBERT's time so that they compare with "
+            "the wall ratio: *decisions* = the bandits inside predict (pooling, normalisation, UCB/TSB "
+            "selection; timers around `Policy.choose_arms/choose_heads/layers_of`); *head sets* = wall ratio "
+            "minus the same model's with one head set per head count (the TSB still decides; FLOP difference "
+            "removed); *groups* = mean depth groups per batch / how much slower 12-VaBERT runs when split into "
+            "the same groups after the b shared layers; *unattributed* = wall - FLOPs - the measured causes "
+            "(padding = FLOPs at trimmed widths - FLOPs at max_length, and the groups' cost scaled by the FLOP "
+            "ratio).",
+            "",
+            table(["model", "FLOPs", "FLOPs at trimmed widths", "wall", "decisions", "head sets", "groups",
+                   "unattributed"], dht_rows),
+            "",
+        ]
+    body += [skipped_list(unusable, dataset, cfg.profile), "", shortfall_text(shortfalls, "inference goal")]
+    return Section(title, "\n".join(body), shortfalls)
+
+
+@contextmanager
+def shared_head_sets_all(loaded: dict[str, Loaded], names: list[str]) -> Iterator[None]:
+    with ExitStack() as stack:
+        for n in names:
+            stack.enter_context(shared_head_sets(loaded[n].policy))
+        yield
+
+
+def mean_groups(layers: torch.Tensor, batch: int) -> float:
+    counts = [len(layers[lo : lo + batch].unique()) for lo in range(0, len(layers), batch)]
+    return sum(counts) / max(len(counts), 1)
+
+
+def read_metric(path: Path, key: str) -> float | None:
+    try:
+        return float(json.loads(path.read_text())[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def skipped_list(unusable: dict[str, str], dataset: str, profile: str) -> str:
+    if not unusable:
+        return "Skipped models: none."
+    lines = [f"- `{n}`: {why}; make it with `{pipeline_command(dataset, n, profile)}`" for n, why in unusable.items()]
+    return "Skipped models (not measured):\n\n" + "\n".join(lines)
+
+
+def shortfall_text(shortfalls: list[str], what: str) -> str:
+    if not shortfalls:
+        return f"**Shortfalls:** none; every row meets the {what}."
+    return "**Shortfalls:**\n\n" + "\n".join(f"- {s}" for s in shortfalls)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Section 2: training
+# --------------------------------------------------------------------------------------------------------------
+
+
+def training_config(cfg: Config) -> Config:
+    """One epoch; P-DHT (any mode with a warm-up) in its own phase from the first step, since its warm-up steps
+    are the warm-up mode's (F-DHT's row)."""
+    changes: dict[str, Any] = {"train.epochs": 1}
+    for name, mode in cfg.dht.modes.items():
+        if mode.warmup_mode:
+            changes[f"dht.modes.{name}.warmup_epochs"] = 0
+    return patched(cfg, **changes)
+
+
+def training_section(cfg: Config, args: argparse.Namespace, root: Path, device: torch.device) -> Section:
+    dataset = args.dataset
+    title = "2. Training: wall time vs FLOPs, and the bandits' share"
+    processed = root / "data" / "processed" / dataset
+    features = root / "data" / "features" / dataset
+    needed = [processed / "train.parquet", features / "init_model" / "config.json",
+              features / "arm_features.safetensors"]
+    missing = [p for p in needed if not p.is_file()]
+    if missing:
+        why = (f"{', '.join(str(p) for p in missing)} not found; make them with "
+               f"`snakemake --cores 4 {features.relative_to(root)}/meta.json"
+               + ("" if cfg.profile == "default" else f" --config profile={cfg.profile}") + "`")
+        if not args.quick:
+            raise BenchmarkError(why)
+        return Section(title, f"Skipped: {why}.", [f"training not measured: {why}"])
+    q = cfg.train.batch_size
+    data = DataInfo.load(processed, "train")
+    init = DHTForSequenceClassification.from_pretrained(features / "init_model").to(device)
+    c = init.config
+    why = data.problem(str(features / "init_model"), c.vocab_size, c.max_position_embeddings, c.num_labels)
+    if why:
+        why += ("; the data and the features come from different runs, rebuild them together: `snakemake --cores 4 "
+                f"{features.relative_to(root)}/meta.json"
+                + ("" if cfg.profile == "default" else f" --config profile={cfg.profile}") + "`")
+        if not args.quick:
+            raise BenchmarkError(why)
+        return Section(title, f"Skipped: {why}.", [f"training not measured: {why}"])
+    arm_features = load_arm_features(features)
+    n = min(args.train_steps * q, len(data.split))
+    order = torch.randperm(len(data.split), generator=torch.Generator().manual_seed(cfg.seed))[:n]
+    train = subset(data.split, order)
+    seq_len = int(data.meta["max_length"])
+    bench_cfg = training_config(cfg)
+    modes = list(dict.fromkeys([REFERENCE, *[m for m in cfg.run.models if m in cfg.dht.modes]]))
+
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    timers = Timers()
+
+    def fit(mode: str) -> float:
+        model = copy.deepcopy(init)  # the same initial weights for every mode and round
+        trainer = Trainer(bench_cfg, mode, model, arm_features, train, device, seq_len=seq_len)
+        torch.manual_seed(cfg.seed)  # the same dropout masks: every round does the same work
+        timers.reset()
+        with instrumented(timers, TRAIN_TIMERS):
+            sync(device)
+            start = time.perf_counter()
+            progress = trainer.fit(progress_bar=False)
+            sync(device)
+            seconds = time.perf_counter() - start
+        results[mode].append({"seconds": seconds, "timers": timers.snapshot(), "steps": progress.step,
+                              "flop_ratio": progress.train_flops / progress.reference_flops})
+        return seconds
+
+    print(f"[training] {len(modes)} modes x {args.warmup + args.repeats} rounds, {n} samples each", flush=True)
+    timing = interleaved({m: (lambda m=m: fit(m)) for m in modes}, REFERENCE, args.repeats, args.warmup)
+    kept = {m: r[args.warmup:] for m, r in results.items()}  # the warm-up rounds' records are discarded too
+
+    rows, share_rows, shortfalls = [], [], []
+    for mode in modes:
+        runs = kept[mode]
+        flops = statistics.median(r["flop_ratio"] for r in runs)
+        steps = runs[0]["steps"]
+        wall = timing.ratio(mode)
+        lo, hi = timing.spread(mode)
+        per_step = timing.median(mode) / steps
+        rows.append([mode, steps, fmt_seconds(per_step), f"{wall:.2f}x ({lo:.2f}-{hi:.2f})", fmt_ratio(flops),
+                     f"{wall / flops:.2f}"])
+
+        def share(labels: list[str], runs: list[dict[str, Any]] = runs) -> float:
+            return statistics.median(sum(r["timers"].get(k, 0.0) for k in labels) / r["seconds"] for r in runs)
+
+        parts = {group: share(labels) for group, labels in OVERHEAD_GROUPS.items()}
+        total = sum(parts.values())
+        s1 = share(["S1 pass"])
+        accounting = share(["FLOP accounting"])
+        is_dht = mode != REFERENCE
+        goal = ("yes" if total < SHARE_GOAL else "**no**") if is_dht else "—"
+        share_rows.append([mode, fmt_pct(parts["bandits"]), fmt_pct(parts["pooling"]), fmt_pct(parts["queueing"]),
+                           fmt_pct(total), goal, fmt_pct(s1), fmt_pct(accounting)])
+        if is_dht and total >= SHARE_GOAL:
+            labels = [k for group in OVERHEAD_GROUPS.values() for k in group]
+            ms = {k: statistics.median(r["timers"].get(k, 0.0) / r["steps"] for r in runs) * 1e3 for k in labels}
+            top = sorted(ms.items(), key=lambda kv: kv[1], reverse=True)[:4]
+            where = ", ".join(f"{k} {v:.2f} ms/step" for k, v in top if v > 0)
+            shortfalls.append(f"training {mode}: bandits + pooling + queueing take {total:.1%} of the step time "
+                              f"(goal < {SHARE_GOAL:.0%}), at {per_step * 1e3:.0f} ms per step; "
+                              f"where it goes: {where}")
+
+    body = [
+        f"{n} training samples (`--train-steps` {args.train_steps} x `train.batch_size` {q}), one epoch through "
+        f"`Trainer.fit` per mode, from `{features.relative_to(root) if features.is_relative_to(root) else features}"
+        f"/init_model` and its arm features, on {device}. Wall ratio: to {REFERENCE}'s fit in the same round, median "
+        f"of {args.repeats} rounds after {args.warmup} warm-up (min-max). FLOP ratio: the trainer's own count for "
+        "these steps (`train_flops / reference_flops`, the pipeline's `train_flop_ratio`). DHT modes take more "
+        "steps than 12-VaBERT: partly filled depth queues are trained at the epoch's end (Algorithm 3), which a "
+        "short epoch makes relatively more frequent. P-DHT: its frozen phase only (its warm-up is F-DHT).",
+        "",
+        table(["mode", "steps", "time / step", "wall ratio", "FLOP ratio", "wall / FLOPs"], rows),
+        "",
+        "Share of the fit's wall time (timers wrapped around the methods at runtime; exclusive times, no double "
+        "counting): *bandits* = LinUCB and TSB selection and updates, rewards, the policy's tensor glue; "
+        "*pooling* = multi-granularity pooling and running normalisation; *queueing* = Algorithm 3's depth queues "
+        "and the enqueue loop. Goal: their sum < 3% for the DHT modes. For reference, not in the goal: the S1 "
+        "pass (encoder work the FLOP ratio counts) and the trainer's FLOP accounting (12-VaBERT pays it too).",
+        "",
+        table(["mode", "bandits", "pooling", "queueing", "sum", "< 3%", "S1 pass", "FLOP accounting"], share_rows),
+        "",
+        shortfall_text(shortfalls, "3% goal"),
+    ]
+    return Section(title, "\n".join(body), shortfalls)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Section 3: pipeline and test suite
+# --------------------------------------------------------------------------------------------------------------
+
+
+def venv_env() -> dict[str, str]:
+    """The environment a stage sees under `make`: this venv's tools first, the project's own MLflow store."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               DHT_NO_PROGRESS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def timed_command(cmd: list[str], cwd: Path,
+                  timeout: float | None = None) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=venv_env(), capture_output=True, text=True, timeout=timeout)
+    return time.perf_counter() - start, proc
+
+
+def time_suite(selection: list[str] | None = None) -> dict[str, Any]:
+    """Wall time of `pytest -q` in the repository (or of a `selection` of it), pytest's summary line and its
+    five slowest test phases."""
+    cmd = [str(Path(sys.executable).parent / "pytest"), "-q", "--durations=5", "-p", "no:cacheprovider",
+           *(selection or [])]
+    seconds, proc = timed_command(cmd, REPO)
+    out = proc.stdout.strip().splitlines()
+    summary = next((line for line in reversed(out) if re.search(r"\b(passed|failed|errors?)\b", line)), "?")
+    slowest = [line.strip() for line in out if re.match(r"^\s*\d+\.\d+s (call|setup|teardown)", line)][:5]
+    return {"seconds": seconds, "summary": summary.strip("= "), "slowest": slowest, "returncode": proc.returncode}
+
+
+def pipeline_section(args: argparse.Namespace) -> Section:
+    title = "3. Pipeline and test suite"
+    body: list[str] = []
+    shortfalls: list[str] = []
+    bin_dir = Path(sys.executable).parent
+    if args.skip_pipeline:
+        body += ["Pipeline runs: skipped (" + ("--quick" if args.quick else "--skip-pipeline") + ").", ""]
+    else:
+        profile = args.pipeline_profile
+        cmd = [str(bin_dir / "snakemake"), "--cores", "4", "reports/table1.md"]
+        if profile != "default":
+            cmd += ["--config", f"profile={profile}"]
+        shown = ("snakemake --cores 4 reports/table1.md"
+                 + ("" if profile == "default" else f" --config profile={profile}"))
+        workdir = Path(tempfile.mkdtemp(prefix="dht-bench-pipeline-"))
+        try:
+            project = copy_project(workdir / "project")
+            print(f"[pipeline] cold `{shown}` in {project}", flush=True)
+            cold_s, cold = timed_command(cmd, project)
+            if cold.returncode != 0:
+                raise BenchmarkError(f"the cold pipeline run failed ({cold.returncode}) in {project}:\n"
+                                     f"{cold.stdout[-3000:]}\n{cold.stderr[-3000:]}")
+            log = cold.stdout + cold.stderr
+            steps = re.findall(r"(\d+) of (\d+) steps \(100%\) done", log)
+            jobs = steps[-1][1] if steps else "?"
+            print("[pipeline] no-op rerun", flush=True)
+            noop_s, noop = timed_command(cmd, project)
+            nothing = "Nothing to be done" in noop.stdout + noop.stderr
+            startup_s, _ = timed_command([str(bin_dir / "snakemake"), "--version"], project)
+            dry_s, _ = timed_command(cmd + ["-n"], project)
+        finally:
+            if args.keep_pipeline_copy:
+                print(f"[pipeline] kept {workdir}", flush=True)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+        rows = [
+            [f"cold `{shown}` (fresh copy, profile {profile})", fmt_seconds(cold_s), f"{jobs} jobs", "—"],
+            ["immediate no-op rerun, same command", fmt_seconds(noop_s),
+             "nothing to do" if nothing else "**jobs reran**", "yes" if noop_s < NOOP_GOAL and nothing else "**no**"],
+            ["of which: `snakemake --version` (interpreter + imports)", fmt_seconds(startup_s), "", ""],
+            ["for comparison: dry run `-n`", fmt_seconds(dry_s), "", ""],
+        ]
+        body += [
+            f"A throw-away copy of the project (what `tests/conftest.py` copies: workflow, library, config; no "
+            f"data, models or stores), profile `{profile}`, `--cores 4` on {os.cpu_count()} logical cores.",
+            "",
+            table(["run", "wall time", "outcome", f"< {NOOP_GOAL:.0f} s"], rows),
+            "",
+        ]
+        if not nothing:
+            shortfalls.append("pipeline: the immediate rerun was not a no-op (Snakemake reran jobs); see its log")
+        if noop_s >= NOOP_GOAL:
+            shortfalls.append(
+                f"pipeline: the no-op rerun took {noop_s:.1f} s (goal < {NOOP_GOAL:.0f} s): {startup_s:.1f} s is "
+                f"starting Snakemake itself, the rest ({noop_s - startup_s:.1f} s) parsing the Snakefile (which "
+                "validates params.yaml and imports dht) and checking every job's inputs, params and code")
+    if args.skip_suite:
+        body += ["Test suite: skipped (" + ("--quick" if args.quick else "--skip-suite") + ").", ""]
+    else:
+        print("[suite] pytest -q", flush=True)
+        suite = time_suite()
+        body += [
+            f"`pytest -q` in the repository (slow tests included, as `make test` runs it): "
+            f"{fmt_seconds(suite['seconds'])} wall time; pytest's summary: `{suite['summary']}`.",
+            "",
+        ]
+        if suite["slowest"]:
+            body += ["Slowest test phases:", "", "\n".join(f"- `{line}`" for line in suite["slowest"]), ""]
+        if suite["returncode"] != 0:
+            shortfalls.append(f"test suite: pytest exited {suite['returncode']} ({suite['summary']})")
+    body.append(shortfall_text(shortfalls, "pipeline goals"))
+    return Section(title, "\n".join(body), shortfalls)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Section 4: scaling (random-init models)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def random_arms(policy: Policy, gen: torch.Generator) -> Iterator[None]:
+    """LinUCB choices (UCB_L / UCB_cp, and UCB_H for tree search) drawn uniformly: untrained bandits would pick
+    arbitrarily, so a known, even mix of the mode's arms makes the ratios mean something."""
+    bandits = [b for b in (policy.ucb, policy.ucb_h) if b is not None]
+    for b in bandits:
+        def select(contexts: torch.Tensor, extra: Any = None, greedy: bool = False, allowed: Any = None,
+                   k: int = b.num_arms) -> torch.Tensor:
+            return torch.randint(k, (contexts.shape[0],), generator=gen)
+
+        b.select = select
+    try:
+        yield
+    finally:
+        for b in bandits:
+            del b.select
+
+
+def depth_weights(policy: Policy) -> dict[int, tuple[float, list[int]]]:
+    """L -> (share of uniformly drawn arms with that depth, the arm indices of that depth)."""
+    arms = list(range(len(policy.layer_options))) if policy.search == "tree" else list(range(len(policy.arms)))
+    layers = policy.layers_of(torch.tensor(arms)).tolist()
+    out: dict[int, tuple[float, list[int]]] = {}
+    for L in sorted(set(layers)):
+        members = [a for a, la in zip(arms, layers, strict=True) if la == L]
+        out[L] = (len(members) / len(arms), members)
+    return out
+
+
+def scaling_grid(seqs: list[int], batches: list[int]) -> list[tuple[int, int]]:
+    """A cross through the middle values: every length at the middle batch, every batch at the middle length."""
+    mid_s, mid_b = sorted(seqs)[len(seqs) // 2], sorted(batches)[len(batches) // 2]
+    grid = [(s, mid_b) for s in sorted(seqs)] + [(mid_s, b) for b in sorted(batches) if b != mid_b]
+    return list(dict.fromkeys(grid))
+
+
+class ScalingPoint:
+    """One (seq, batch) point of the scaling grid: 12-VaBERT and a DHT mode on the same random-init weights."""
+
+    def __init__(self, cfg: Config, model: DHTForSequenceClassification, arm_feats: dict[str, torch.Tensor],
+                 mode_name: str, data: SplitData, seq_len: int, batch: int, device: torch.device) -> None:
+        self.cfg, self.model, self.arm_feats, self.mode_name = cfg, model, arm_feats, mode_name
+        self.data, self.seq_len, self.batch, self.device = data, seq_len, batch, device
+        self.arm_gen = torch.Generator()
+
+    def _seeded_arms(self, policy: Policy) -> Any:
+        self.arm_gen.manual_seed(self.cfg.seed)  # the same arms every run: the FLOP ratio holds for each timed run
+        return random_arms(policy, self.arm_gen)
+
+    def inference(self, repeats: int, warmup: int) -> dict[str, Any]:
+        """Timing of predict over the split (12-VaBERT, the DHT mode, and the DHT mode with one head set per head
+        count), the DHT's FLOP ratio by evaluate, and its decision time (in 12-VaBERT time units)."""
+        cfg, model, shared = self.cfg, self.model, f"{self.mode_name} [one head set per count]"
+        ref_policy = Policy(cfg, cfg.dht.modes[REFERENCE], self.arm_feats, model.config)
+        dht_policy = Policy(cfg, cfg.dht.modes[self.mode_name], self.arm_feats, model.config)
+
+        def run_ref() -> Predictions:
+            return predict(model, ref_policy, self.data, self.device, self.batch, self.seq_len)
+
+        def run_dht() -> Predictions:
+            with self._seeded_arms(dht_policy):
+                return predict(model, dht_policy, self.data, self.device, self.batch, self.seq_len)
+
+        def run_shared() -> Predictions:
+            with shared_head_sets(dht_policy):
+                return run_dht()
+
+        flops = evaluate(run_dht(), self.data, model.config, self.seq_len, None)["infer_flop_ratio"]
+        timing = interleaved({REFERENCE: lambda: run_ref().seconds, self.mode_name: lambda: run_dht().seconds,
+                              shared: lambda: run_shared().seconds}, REFERENCE, repeats, warmup)
+        decide = median_decision_seconds(run_dht, max(1, repeats // 2)) / timing.median(REFERENCE)
+        heads = statistics.median(a - b for a, b in zip(timing.ratios[self.mode_name], timing.ratios[shared],
+                                                            strict=True))
+        return {"timing": timing, "flops": flops, "decisions": decide, "head sets": heads}
+
+    def training(self, repeats: int, warmup: int) -> tuple[Any, float]:
+        """One training step: S1 + depth decisions for `batch` samples entering the queues (Trainer._enqueue),
+        then one queue batch of `batch` samples (Trainer.train_batch), its time averaged over the depths by how
+        often uniform arms pick them. Returns (timing, the DHT's training FLOP ratio as the trainer counts it)."""
+        cfg, batch, device = patched(self.cfg, **{"train.batch_size": self.batch}), self.batch, self.device
+        ref = Trainer(cfg, REFERENCE, copy.deepcopy(self.model), self.arm_feats, self.data, device,
+                      seq_len=self.seq_len)
+        dht = Trainer(cfg, self.mode_name, copy.deepcopy(self.model), self.arm_feats, self.data, device,
+                      seq_len=self.seq_len)
+        chunk = torch.arange(batch)
+        policy, frozen = dht.active(dht.mode.warmup_epochs)  # P-DHT: its own phase, after the warm-up
+        weights = depth_weights(policy)
+        context = torch.zeros(policy.pool_l.size)
+        flop_parts: dict[int, float] = {}
+
+        def ref_step() -> float:
+            ref.queue = LayerQueue(batch)
+            sync(device)
+            start = time.perf_counter()
+            for layers, items in ref._enqueue(ref.policy, chunk):  # one full queue of L = 12
+                ref.train_batch(ref.policy, False, layers, items)
+            sync(device)
+            return time.perf_counter() - start
+
+        def dht_step() -> float:
+            with self._seeded_arms(policy):
+                dht.queue = LayerQueue(batch)
+                sync(device)
+                start = time.perf_counter()
+                dht._enqueue(policy, chunk)
+                sync(device)
+                total = time.perf_counter() - start
+                for L, (share, members) in weights.items():
+                    items = [(i, members[i % len(members)], context) for i in range(batch)]
+                    before = dht.progress.train_flops
+                    start = time.perf_counter()
+                    dht.train_batch(policy, frozen, L, items)
+                    sync(device)
+                    total += share * (time.perf_counter() - start)
+                    flop_parts[L] = dht.progress.train_flops - before
+            return total
+
+        timing = interleaved({REFERENCE: ref_step, self.mode_name: dht_step}, REFERENCE, repeats, warmup)
+        flops = sum(share * flop_parts[L] for L, (share, _) in weights.items()) / (batch * dht.reference_step)
+        return timing, flops
+
+
+def scaling_section(cfg: Config, args: argparse.Namespace, device: torch.device) -> Section:
+    title = "4. Scaling with sequence length and batch size (random-init models)"
+    mode_name = args.scaling_mode
+    if mode_name not in cfg.dht.modes or cfg.dht.modes[mode_name].search == "fixed":
+        raise BenchmarkError(f"--scaling-mode {mode_name!r} is not a DHT mode of profile '{cfg.profile}'; "
+                             f"allowed: {', '.join(m for m, v in cfg.dht.modes.items() if v.search != 'fixed')}")
+    grid = scaling_grid(args.scaling_seq, args.scaling_batch)
+    max_seq = max(s for s, _ in grid)
+    vocab, labels = 1000, 4
+    scfg = patched(cfg, **{"model.max_position_embeddings": max(cfg.model.max_position_embeddings, max_seq),
+                           "run.models": list(cfg.dht.modes)})
+    torch.manual_seed(cfg.seed)
+    model = model_from_params(scfg, labels, vocab).to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    space = arm_space(scfg)
+    # Arm features from the random model itself (as the arm_features stage does for the initial model).
+    feat_seq = min(s for s, _ in grid)
+    n_batches = max(1, math.ceil(2 * len(space.pool) / 64))  # the random-arm pass must reach every arm
+    batches = [(synthetic_split(64, feat_seq, vocab, labels, gen).input_ids,
+                torch.ones(64, feat_seq, dtype=torch.long)) for _ in range(n_batches)]
+    arm_feats, _ = compute_arm_features(model, batches, space, scfg.dht.features, seed=cfg.seed)
+
+    infer_rows, train_rows, shortfalls = [], [], []
+    print(f"[scaling] {mode_name} vs {REFERENCE} at (seq, batch) {grid}", flush=True)
+    for seq_len, batch in grid:
+        data = synthetic_split(2 * batch, seq_len, vocab, labels, gen)
+        point = ScalingPoint(scfg, model, arm_feats, mode_name, data, seq_len, batch, device)
+        res = point.inference(args.repeats, args.warmup)
+        t, flops = res["timing"], res["flops"]
+        wall = t.ratio(mode_name)
+        rest = wall - flops - res["decisions"] - res["head sets"]
+        infer_rows.append([seq_len, batch, fmt_seconds(t.median(REFERENCE)), fmt_seconds(t.median(mode_name)),
+                           fmt_ratio(wall), fmt_ratio(flops), f"{wall / flops:.2f}", f"{res['decisions']:+.3f}",
+                           f"{res['head sets']:+.3f}", f"{rest:+.3f}"])
+        if wall > WALL_GOAL * flops:
+            shortfalls.append(
+                f"scaling, inference at seq {seq_len}, batch {batch}: wall {wall:.2f}x for {flops:.2f}x FLOPs "
+                f"({wall / flops:.2f} > {WALL_GOAL}); in 12-VaBERT time: bandit decisions {res['decisions']:+.3f}, "
+                f"per-sample head sets {res['head sets']:+.3f}, the rest (depth groups, small matrices, costs FLOPs "
+                f"do not count) {rest:+.3f}")
+        ts, train_flops = point.training(args.repeats, args.warmup)
+        train_wall = ts.ratio(mode_name)
+        train_rows.append([seq_len, batch, fmt_seconds(ts.median(REFERENCE)), fmt_seconds(ts.median(mode_name)),
+                           fmt_ratio(train_wall), fmt_ratio(train_flops), f"{train_wall / train_flops:.2f}"])
+    mix = depth_weights(Policy(scfg, scfg.dht.modes[mode_name], arm_feats, model.config))
+    arms_note = "arms drawn uniformly: depth " + ", ".join(f"{L} {share:.0%}" for L, (share, _) in mix.items())
+    body = [
+        f"{mode_name} ({arms_note}; heads by the untrained TSB, i.e. per-sample sets) against {REFERENCE}, both "
+        f"random-init at the profile's architecture (hidden {cfg.model.hidden_size}, "
+        f"{cfg.model.num_hidden_layers} layers, {cfg.model.num_attention_heads} heads, FFN "
+        f"{cfg.model.intermediate_size}), unpadded synthetic samples of exactly `seq` tokens. Median of "
+        f"{args.repeats} interleaved rounds after {args.warmup} warm-up.",
+        "",
+        "Inference (`dht.trainer.predict` over 2 batches; FLOP ratio by `evaluate`). As in section 1, in units of "
+        "12-VaBERT's time: *decisions* = the bandits inside predict, *head sets* = the extra time of per-sample "
+        "TSB head sets over one head set per head count (same FLOPs), *rest* = wall - FLOPs - both (depth "
+        "groups, small matrices, work FLOPs do not count). Fixed per-batch costs shrink relative to the encoder "
+        "as sequences and batches grow, so the ratio should approach the FLOP ratio down the table.",
+        "",
+        table(["seq", "batch", REFERENCE, mode_name, "wall ratio", "FLOP ratio", "wall / FLOPs", "decisions",
+               "head sets", "rest"], infer_rows),
+        "",
+        "One training step: for DHT, S1 and the depth decisions for one batch of samples entering the queues "
+        "(`Trainer._enqueue`) plus one queue batch (`Trainer.train_batch`: forward with the per-group head "
+        "decisions, backward, optimizer step, bandit updates), the batch's time averaged over the depths with the "
+        "uniform arms' frequencies; for 12-VaBERT the same two calls. FLOP ratio: the trainer's count for those "
+        "batches. Below 1 in wall / FLOPs means more time saved than FLOPs: work the count leaves out shrinks "
+        "with depth too (AdamW and gradient clipping skip the weights of layers a batch did not reach; element-wise "
+        "ops; activation memory); not broken down here.",
+        "",
+        table(["seq", "batch", REFERENCE, mode_name, "wall ratio", "FLOP ratio", "wall / FLOPs"], train_rows),
+        "",
+        shortfall_text(shortfalls, f"inference goal (wall <= {WALL_GOAL} x FLOPs)"),
+    ]
+    return Section(title, "\n".join(body), shortfalls)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def render(args: argparse.Namespace, cfg: Config, device: torch.device, sections: list[Section],
+           machine: list[tuple[str, str]], seconds: float, argv: list[str]) -> str:
+    skipped = [name for name, flag in (("pipeline runs", args.skip_pipeline), ("test suite", args.skip_suite))
+               if flag]
+    settings = [
+        ("command", "`" + " ".join(["python benchmarks/run.py", *map(shlex.quote, argv)]) + "`"),
+        ("profile / dataset", f"{cfg.profile} / {args.dataset}"),
+        ("pipeline profile (section 3)", args.pipeline_profile if not args.skip_pipeline else "— (not run)"),
+        ("repeats / warm-up rounds", f"{args.repeats} / {args.warmup}" + (" (--quick)" if args.quick else "")),
+        ("skipped", ", ".join(skipped) or "nothing"),
+        ("benchmark wall time", fmt_seconds(seconds)),
+    ]
+    # One line each here; the sections give the measured causes.
+    all_short = [f"{s.split('; ', 1)[0]} (section {sec.title.split('.')[0]})" for sec in sections
+                 for s in sec.shortfalls]
+    lines = [
+        "# Benchmarks: wall time next to FLOPs",
+        "",
+        "Generated by `benchmarks/run.py` (do not edit by hand; rerun it). Every ratio is measured side by side in "
+        "this one run, with the analytic FLOP ratio next to it.",
+        "",
+        table(["machine", ""], machine),
+        "",
+        table(["run", ""], settings),
+        "",
+        "## Summary of shortfalls",
+        "",
+        "\n".join(f"- {s}" for s in all_short) if all_short else "None: every goal measured here is met.",
+        "",
+    ]
+    lines += [sec.markdown() for sec in sections]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    root = Path(args.root).resolve()
+    params = Path(args.params) if args.params else root / "params.yaml"
+    try:
+        cfg = load_config(params, profile=args.profile)
+        cfg.dataset(args.dataset)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    from dht.runtime import resolve_device
+
+    device = resolve_device(cfg.device)
+    machine = machine_description(device, git_commit(REPO))
+    out = Path(args.out)
+    out = out if out.is_absolute() else root / out
+    sections: list[Section] = []
+    try:
+        for make in (lambda: inference_section(cfg, args, root, device),
+                     lambda: training_section(cfg, args, root, device),
+                     lambda: scaling_section(cfg, args, device),
+                     lambda: pipeline_section(args)):
+            section = make()
+            sections.append(section)
+            print("\n" + section.markdown(), flush=True)
+    except BenchmarkError as err:
+        raise SystemExit(f"error: {err}") from None
+    sections.sort(key=lambda s: s.title)  # numbered titles: the report reads 1, 2, 3, 4
+    report = render(args, cfg, device, sections, machine, time.perf_counter() - started, argv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(f"wrote {out}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
