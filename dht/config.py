@@ -229,25 +229,56 @@ class NASPruneConfig(_Strict):
     alpha_kd: Annotated[float, Field(ge=0, le=1)] = 0.5
 
 
+FlexiOp = Literal["sdp", "wma", "dft", "dct", "conv5", "conv9", "conv13"]  # dht.flexibert.space.OPS (tested)
+
+
+class FlexiBERTConfig(_Strict):
+    """FlexiBERT (Tuli et al. 2022): heterogeneous encoders searched by BOSHNAS, one search per dataset, then the
+    best architecture within each `flexibert-<ratio>` FLOP budget retrained (docs/baselines-flexibert.md)."""
+
+    # The design space; defaults: the paper's "Tiny" space with every operation type.
+    hidden: list[Annotated[int, Field(ge=1)]] = [128, 256]
+    layers: list[Annotated[int, Field(ge=1)]] = [2, 4]
+    heads: list[Annotated[int, Field(ge=1)]] = [2, 4]
+    ffn_widths: list[Annotated[int, Field(ge=1)]] = [512, 1024]
+    ffn_depths: list[Annotated[int, Field(ge=1)]] = [1, 2]
+    ops: list[FlexiOp] = ["sdp", "wma", "dft", "dct", "conv5", "conv9", "conv13"]
+    # BOSHNAS
+    candidates: Annotated[int, Field(ge=1)] = 5000  # sampled when the space is larger (then filtered by budget)
+    evaluations: Annotated[int, Field(ge=1)] = 12  # architectures trained by the search, over all budgets
+    n_init: Annotated[int, Field(ge=1)] = 3  # random queries per budget before the surrogate steers
+    kappa: Annotated[float, Field(ge=0)] = 0.5  # UCB weight of the surrogate's standard deviation
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # of the training split, scores the queries
+    search_epochs: Annotated[int, Field(ge=1)] = 1  # brief training of each queried architecture ...
+    search_max_steps: Annotated[int, Field(ge=1)] | None = None  # ... capped at this many steps
+    # The chosen architecture, retrained on the whole training split
+    epochs: Annotated[int, Field(ge=1)] = 3
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+
+
 class BaselinesConfig(_Strict):
     distil: DistilConfig = DistilConfig()
     fastbert: FastBERTConfig = FastBERTConfig()
     nas_prune: NASPruneConfig = NASPruneConfig()
+    flexibert: FlexiBERTConfig = FlexiBERTConfig()
 
 
-_BASELINE = re.compile(r"(distil)-(\d+)|(fastbert)-(\d*\.?\d+)|(nas-prune)-(\d*\.?\d+)")
+_BASELINE = re.compile(
+    r"(distil)-(\d+)|(fastbert)-(\d*\.?\d+)|(nas-prune)-(\d*\.?\d+)|(flexibert)-(\d*\.?\d+)"
+)
 
 
 def parse_baseline(name: str) -> tuple[str, float]:
-    """("distil", layers) / ("fastbert", speed) / ("nas-prune", FLOP target ratio) from a baseline's name."""
+    """("distil", layers) / ("fastbert", speed) / ("nas-prune" or "flexibert", FLOP ratio) from a baseline's name."""
     m = _BASELINE.fullmatch(name)
     if not m:
         raise ValueError(
             f"{name!r} is not a baseline: write distil-<layers> (e.g. distil-3), fastbert-<speed> "
-            "(e.g. fastbert-0.5) or nas-prune-<FLOP ratio> (e.g. nas-prune-0.5)"
+            "(e.g. fastbert-0.5), nas-prune-<FLOP ratio> (e.g. nas-prune-0.5) or flexibert-<FLOP ratio> "
+            "(e.g. flexibert-0.5)"
         )
-    kind = m.group(1) or m.group(3) or m.group(5)
-    value = m.group(2) or m.group(4) or m.group(6)
+    kind = m.group(1) or m.group(3) or m.group(5) or m.group(7)
+    value = m.group(2) or m.group(4) or m.group(6) or m.group(8)
     return kind, float(value)
 
 
@@ -496,8 +527,14 @@ def check_semantics(cfg: Config) -> list[str]:
             problems.append(f"run.baselines[{i}] = {name!r}: a student has 1..{m.num_hidden_layers} layers")
         if kind == "fastbert" and not 0 <= value <= 1:
             problems.append(f"run.baselines[{i}] = {name!r}: a FastBERT speed is in [0, 1]")
-        if kind == "nas-prune" and not 0 < value <= 1:
+        if kind in ("nas-prune", "flexibert") and not 0 < value <= 1:
             problems.append(f"run.baselines[{i}] = {name!r}: a FLOP target ratio is in (0, 1]")
+    fx = cfg.baselines.flexibert
+    if any(n.startswith("flexibert-") for n in cfg.run.baselines):
+        if not any(h % n == 0 for h in fx.hidden for n in fx.heads):
+            problems.append(f"baselines.flexibert.heads = {fx.heads}: none divides a hidden size in {fx.hidden}")
+        if fx.n_init > fx.evaluations:
+            problems.append(f"baselines.flexibert.n_init = {fx.n_init}: at most evaluations = {fx.evaluations}")
     if cfg.run.baselines and "vanilla-12" not in cfg.dht.modes:
         problems.append("run.baselines: the baselines distil 12-VaBERT; dht.modes must define vanilla-12")
     if cfg.tokenizer.kind == "pretrained" and not cfg.tokenizer.name_or_path:

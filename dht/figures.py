@@ -42,6 +42,7 @@ _STYLES = {
     "distil": {"color": "tab:orange", "marker": "s", "s": 55, "label": "DistilBERT (distil-L)"},
     "fastbert": {"color": "tab:green", "marker": "^", "s": 65, "label": "FastBERT (fastbert-speed)"},
     "nas-prune": {"color": "tab:red", "marker": "D", "s": 50, "label": "NAS pruning (nas-prune-ratio)"},
+    "flexibert": {"color": "tab:purple", "marker": "P", "s": 65, "label": "FlexiBERT (flexibert-ratio)"},
     "other": {"color": "tab:gray", "marker": "X", "s": 60, "label": "other"},
 }
 
@@ -280,7 +281,7 @@ def loss_figure(cfg: Config, root: Path, dataset: str) -> Figure:
 
 
 def model_family(cfg: Config, name: str) -> str:
-    """The Pareto figure's style key: reference, dht, distil, fastbert, nas-prune or other."""
+    """The Pareto figure's style key: reference, dht, distil, fastbert, nas-prune, flexibert or other."""
     if name == REFERENCE:
         return "reference"
     if name in cfg.dht.modes:

@@ -225,6 +225,13 @@ def mlflow_runs(cfg: Config, root: str | Path = ".") -> dict[tuple[str, str], tu
     return found
 
 
+def flexibert_search_figure(cfg: Config, dataset: str) -> str | None:
+    """The search stage's figure when the profile runs a flexibert-<ratio> baseline (it then exists)."""
+    if any(b.startswith("flexibert-") for b in cfg.run.baselines):
+        return f"results/{dataset}/flexibert-search/search.png"
+    return None
+
+
 def write_index(cfg: Config, out: str | Path, figures: list[str], root: str | Path = ".",
                 mlflow_url: str = "http://127.0.0.1:5000") -> str:
     """reports/index.md: what produced the reports (profile, data, commit), links to both tables and every
@@ -258,4 +265,8 @@ def write_index(cfg: Config, out: str | Path, figures: list[str], root: str | Pa
                              "MLflow run"], rows)]
         mine = [f for f in figures if Path(f).stem.endswith(f"-{name}")]
         parts += [f"![{Path(f).stem}]({rel(root / f)})" for f in mine]
+        search = flexibert_search_figure(cfg, name)
+        if search:
+            parts += ["FlexiBERT's architecture search (BOSHNAS; the trace beside it in `trace.json`):",
+                      f"![flexibert-search-{name}]({rel(root / search)})"]
     return _write(out, parts)

@@ -56,11 +56,15 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
     assert names[:6] == ["download-embedded-news", "download-embedded-sentiment", "tokenize-embedded-news",
                          "tokenize-embedded-sentiment", "arm_features-embedded-news", "arm_features-embedded-sentiment"]
     assert set(names[-4:]) == {"table1", "table2", "figures", "index"} and names[-1] == "index"
-    assert len(names) == 6 + 10 + 18 + 4
+    assert len(names) == 6 + 2 + 10 + 22 + 4
     # reports, metrics and plots are git-ignored outputs: cached, so that `dvc pull` restores them
     assert "reports/figures/pareto-embedded-news.png" in stages["figures"]["outs"]
+    assert names[6:8] == ["flexibert_search-embedded-news", "flexibert_search-embedded-sentiment"]
     assert {f"train-{d}-{m}" for d in ("embedded-news", "embedded-sentiment")
-            for m in ("vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht")} == set(names[6:16])
+            for m in ("vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht")} == set(names[8:18])
+    flexi = stages["baseline-embedded-news-flexibert-0.25"]
+    assert "results/embedded-news/flexibert-search/trace.json" in flexi["deps"]
+    assert flexi["cmd"].endswith("--search results/embedded-news/flexibert-search")
     assert "baseline-embedded-news-distil-3" in names and "baseline-embedded-sentiment-nas-prune-0.75" in names
     base = stages["baseline-embedded-news-fastbert-0.8"]
     assert "models/embedded-news/vanilla-12" in base["deps"] and "dht/baselines/fastbert.py" in base["deps"]
@@ -85,7 +89,8 @@ def test_dry_run_of_table1(project):
     base = run_cli(["snakemake", "-n", "--cores", "1", "results/embedded-news/distil-6/metrics.json"], cwd=project)
     assert job_counts(base.stdout) == {"download": 1, "tokenize": 1, "arm_features": 1, "train": 1, "baseline": 1}
     everything = run_cli(["snakemake", "-n", "--cores", "1"], cwd=project)
-    assert job_counts(everything.stdout)["baseline"] == 18 and job_counts(everything.stdout)["table2"] == 1
+    counts = job_counts(everything.stdout)
+    assert counts["baseline"] == 22 and counts["flexibert_search"] == 2 and counts["table2"] == 1
 
 
 def test_slurm_profile_submits_model_jobs_with_a_gpu_on_the_paper_profile(project):
@@ -101,6 +106,7 @@ def test_slurm_profile_submits_model_jobs_with_a_gpu_on_the_paper_profile(projec
         elif "resources:" in line and rule:
             gpu_jobs.setdefault(rule, set()).add("gpu=1" in line)
     assert gpu_jobs["train"] == {True} and gpu_jobs["baseline"] == {True} and gpu_jobs["arm_features"] == {True}
+    assert gpu_jobs["flexibert_search"] == {True}
     assert gpu_jobs["tokenize"] == {False} and gpu_jobs["table1"] == {False}
     assert job_counts(proc.stdout)["train"] == 20  # 4 datasets x 5 models
     default = run_cli(["snakemake", "-n", "--cores", "1", "results/embedded-news/t-dht/metrics.json"], cwd=project)
@@ -152,9 +158,9 @@ def test_end_to_end_tiny_then_noop(project):
     runs = set(mlflow_runs(project))
     for dataset in ("embedded-news", "embedded-sentiment"):
         for run in ("tokenize", "arm_features", "vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht",
-                    "distil-3", "fastbert-0.5", "nas-prune-0.5"):
+                    "distil-3", "fastbert-0.5", "nas-prune-0.5", "flexibert-search", "flexibert-0.5"):
             assert (dataset, run) in runs
-    for baseline in ("distil-3", "fastbert-0.5", "nas-prune-0.5"):  # the DHT runs' metrics schema
+    for baseline in ("distil-3", "fastbert-0.5", "nas-prune-0.5", "flexibert-0.5"):  # the DHT runs' schema
         m = json.loads((project / f"results/embedded-news/{baseline}/metrics.json").read_text())
         assert {"accuracy", "macro_f1", "train_flop_ratio", "infer_flop_ratio", "infer_flop_ratio_linear",
                 "mean_layers", "n_test", "accuracy_hard"} <= set(m)
@@ -168,10 +174,14 @@ def test_end_to_end_tiny_then_noop(project):
     assert metrics["n_test"] == 96 and 0 < metrics["infer_flop_ratio"] <= 1
     assert "| t-dht |" in table and "| vanilla-12 | " in table and "## The paper's Table 1" in table
     index = (project / "reports/index.md").read_text()
-    assert index.count("/#/experiments/") == 16  # 2 datasets x 8 models, each linked to its MLflow run
+    assert index.count("/#/experiments/") == 18  # 2 datasets x 9 models, each linked to its MLflow run
+    assert "](../results/embedded-news/flexibert-search/search.png)" in index
+    trace = json.loads((project / "results/embedded-news/flexibert-search/trace.json").read_text())
+    assert len(trace["queries"]) == 3 and all(q["flop_ratio"] <= 0.5 for q in trace["queries"])
+    assert ("embedded-news", "query-02") in runs  # one nested MLflow run per query
     assert (project / "reports/figures/selection-embedded-sentiment.png").is_file()
     table2 = (project / "reports/table2.md").read_text()
-    for model in ("vanilla-12", "distil-3", "fastbert-0.5", "nas-prune-0.5", "t-dht", "p-dht"):
+    for model in ("vanilla-12", "distil-3", "fastbert-0.5", "nas-prune-0.5", "flexibert-0.5", "t-dht", "p-dht"):
         assert f"| {model} |" in table2
     predicted = run_cli(["dht", "predict", "--model", "models/embedded-news/t-dht", "--format", "jsonl",
                          "--input", "data/raw/embedded-news/meta.json"], cwd=project)
@@ -189,8 +199,8 @@ def test_end_to_end_tiny_then_noop(project):
     # a changed parameter reruns exactly the jobs that read it
     set_params(project, lambda r: r["profiles"]["tiny"]["tokenizer"].__setitem__("vocab_size", 500))
     changed = run_cli(["snakemake", "-n", "--cores", "2", "--config", "profile=tiny"], cwd=project)
-    assert job_counts(changed.stdout) == {"tokenize": 2, "arm_features": 2, "train": 10, "baseline": 6, "table1": 1,
-                                          "table2": 1, "figures": 1, "index": 1, "all": 1}
+    assert job_counts(changed.stdout) == {"tokenize": 2, "arm_features": 2, "flexibert_search": 2, "train": 10,
+                                          "baseline": 8, "table1": 1, "table2": 1, "figures": 1, "index": 1, "all": 1}
 
 
 @pytest.mark.slow

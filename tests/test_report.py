@@ -37,6 +37,7 @@ def cfg():
     raw["datasets"]["my-ag"] = {"source": "csv", "path": "x", "fields": ["title", "description"], "max_length": 32,
                                 "paper": "ag_news"}
     raw["run"].update(datasets=["embedded-news", "ag_news", "my-ag"], baselines=BASELINES)
+    raw["profiles"]["tiny"]["run"]["baselines"] = BASELINES  # the overlay replaces the list
     return load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
 
 

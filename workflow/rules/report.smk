@@ -1,6 +1,7 @@
 # Reports: generated, never edited by hand. Short jobs: they run on the submitting host under a cluster executor.
 
 from dht.figures import figure_paths
+from dht.report import flexibert_search_figure
 
 REPORT_CODE = code("report.py", "report.py", "paper_values.yaml", "tracking.py")
 FIGURES = figure_paths(CFG)
@@ -52,6 +53,7 @@ rule index:
         code=REPORT_CODE + ["dht/figures.py"],
         tables=["reports/table1.md", "reports/table2.md"],
         figures=FIGURES,
+        searches=[f for f in (flexibert_search_figure(CFG, d) for d in DATASETS) if f],
     output:
         "reports/index.md",
     params:

@@ -1,6 +1,7 @@
 """Stage `baseline`: one baseline of Table 2 built from the trained 12-VaBERT on one dataset:
 distil-<layers> (DistilBERT, BL2), fastbert-<speed> (FastBERT, BL3) or nas-prune-<ratio> (differentiable NAS
-pruning). Writes results/<dataset>/<model>/metrics.json (the DHT runs' schema) and models/<dataset>/<model>/."""
+pruning) and flexibert-<ratio> (the best FlexiBERT architecture of the dataset's search within that FLOP ratio,
+retrained). Writes results/<dataset>/<model>/metrics.json (the DHT runs' schema) and models/<dataset>/<model>/."""
 
 import json
 import shutil
@@ -19,11 +20,13 @@ from dht.trainer import SplitData, evaluate
 
 p = _stage.parser(__doc__)
 p.add_argument("--dataset", required=True)
-p.add_argument("--model", required=True, help="distil-<layers>, fastbert-<speed> or nas-prune-<ratio>")
+p.add_argument("--model", required=True,
+               help="distil-<layers>, fastbert-<speed>, nas-prune-<ratio> or flexibert-<ratio>")
 p.add_argument("--processed", required=True)
 p.add_argument("--teacher", required=True, help="the trained 12-VaBERT model directory")
 p.add_argument("--results", required=True)
 p.add_argument("--out-model", required=True)
+p.add_argument("--search", default=None, help="flexibert-<ratio>: the dataset's flexibert_search output directory")
 _stage.add_threads(p)
 args = p.parse_args()
 cfg = _stage.config(args)
@@ -45,7 +48,7 @@ batch, eval_batch = cfg.train.batch_size, cfg.train.eval_batch_size
 out_model = Path(args.out_model)
 if out_model.exists():
     shutil.rmtree(out_model)
-section = {"distil": "distil", "fastbert": "fastbert", "nas-prune": "nas_prune"}[kind]
+section = {"distil": "distil", "fastbert": "fastbert", "nas-prune": "nas_prune", "flexibert": "flexibert"}[kind]
 params = {"model_name": args.model, "dataset": args.dataset, "seed": cfg.seed, "device": str(device),
           "baseline.kind": kind, "baseline.value": value, "baselines": cfg.section(f"baselines.{section}"),
           "model": cfg.section("model"), "train": cfg.section("train")}
@@ -79,6 +82,24 @@ with stage_run(args.dataset, args.model, stage="baseline", profile=cfg.profile, 
         history = info["epoch_kl"]
         pred = predict_fastbert(model, test, value, device, eval_batch, seq_len)
         model.save(out_model)
+    elif kind == "flexibert":
+        from dht.flexibert.pipeline import choose, predictions, retrain, search_train_flops
+
+        if not args.search:
+            sys.exit("error: flexibert baselines need --search (the flexibert_search stage's output directory)")
+        trace = json.loads((Path(args.search) / "trace.json").read_text())["queries"]
+        try:
+            arch = choose(trace, value)
+        except ValueError as err:
+            sys.exit(f"error: {err}")
+        mlflow.log_param("arch_id", arch.id)
+        model, info = retrain(cfg, arch, load_processed(processed, "train"), load_processed(processed, "test"), meta,
+                              device)
+        # The search's training counts too, as NAS pruning's does: it is what finding the architecture cost.
+        train_flops = search_train_flops(trace) + info["train_flops"]
+        history = [info["train_loss"]]
+        pred = predictions(model, test, eval_batch, seq_len, device)
+        model.save_pretrained(out_model)
     else:
         from dht.baselines.nas_prune import extract, finetune, predict_pruned, search
 

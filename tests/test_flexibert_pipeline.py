@@ -1,0 +1,104 @@
+"""FlexiBERT in the pipeline: the config section, the per-budget search on a small task, the choice within a
+budget, retraining and predictions in the pipeline's format (the stages themselves run in the e2e test)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from dht.config import ConfigError, FlexiBERTConfig, load_config, parse_baseline, read_params
+from dht.flexibert import OPS, Architecture, model_flops
+from dht.flexibert.pipeline import budgets, choose, hold_out, predictions, retrain, run_search, search_figure
+from dht.trainer import SplitData, evaluate
+
+
+def config(baselines=("distil-3", "flexibert-0.5", "flexibert-0.25"), **flexibert):
+    raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
+    raw["profiles"]["tiny"]["run"]["baselines"] = list(baselines)
+    raw["profiles"]["tiny"].setdefault("baselines", {})["flexibert"] = {
+        "hidden": [16, 32], "ffn_widths": [32, 64], "evaluations": 4, "n_init": 1, "search_max_steps": 4,
+        "epochs": 1, "candidates": 300, **flexibert}
+    return load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
+
+
+def task(n: int, seed: int) -> dict[str, np.ndarray]:
+    """Label = whether token 5 occurs: learnable by any mixer in a few steps."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(6, 40, size=(n, 12))
+    labels = rng.integers(0, 2, size=n)
+    ids[labels == 1, rng.integers(1, 11)] = 5
+    ids[:, 0] = 2
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "label": labels,
+            "difficulty": rng.integers(0, 3, size=n)}
+
+
+META = {"vocab_size": 40, "num_labels": 2, "max_length": 12}
+
+
+def test_config_names_and_checks_flexibert_baselines():
+    assert parse_baseline("flexibert-0.25") == ("flexibert", 0.25)
+    assert set(FlexiBERTConfig().ops) == set(OPS)  # the config's op names are the library's
+    assert budgets(config()) == [0.25, 0.5]
+    raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
+    raw["run"]["baselines"] = ["flexibert-1.5"]
+    raw["baselines"] = {**raw.get("baselines", {}), "flexibert": {"hidden": [30], "heads": [4], "ops": ["sdp"]}}
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "params.yaml", raw=raw)
+    assert "run.baselines[0] = 'flexibert-1.5': a FLOP target ratio is in (0, 1]" in str(err.value)
+    assert "baselines.flexibert.heads = [4]: none divides a hidden size in [30]" in str(err.value)
+    raw["baselines"]["flexibert"] = {"ops": ["lstm"]}
+    with pytest.raises(ConfigError, match="baselines.flexibert.ops"):
+        load_config(ROOT / "params.yaml", raw=raw)
+
+
+def test_hold_out_is_a_seeded_partition_of_the_training_split():
+    train = task(50, 0)
+    a, val = hold_out(train, 0.2, seed=3)
+    b, val2 = hold_out(train, 0.2, seed=3)
+    assert len(val["label"]) == 10 and len(a["label"]) == 40
+    assert np.array_equal(val["input_ids"], val2["input_ids"]) and np.array_equal(a["label"], b["label"])
+    rows = {tuple(r) for r in a["input_ids"]} | {tuple(r) for r in val["input_ids"]}
+    assert len(rows) == len({tuple(r) for r in train["input_ids"]})  # nothing lost, nothing duplicated
+
+
+def test_search_per_budget_then_choose_retrain_and_predict(tmp_path):
+    cfg = config()
+    reference = cfg.section("model")
+    trace = run_search(cfg, task(120, 0), META, reference)
+    assert len(trace) == 4 and [e["step"] for e in trace] == [0, 1, 2, 3]
+    assert [e["budget"] for e in trace] == [0.25, 0.25, 0.5, 0.5]  # evaluations split between the budgets
+    assert all(e["flop_ratio"] <= e["budget"] for e in trace)
+    assert len({e["arch_id"] for e in trace}) == 4  # no architecture trained twice
+    assert all(e["steps"] == 4 and e["train_samples"] == 4 * cfg.train.batch_size for e in trace)
+    best = choose(trace, 0.5)
+    assert best.id == max(trace, key=lambda e: e["accuracy"])["arch_id"]
+    with pytest.raises(ValueError, match="no searched architecture is within 0.001x"):
+        choose(trace, 0.001)
+
+    test = task(40, 1)
+    model, info = retrain(cfg, best, task(120, 0), test, META)
+    assert info["train_flops"] == 3 * model_flops(best, 12, 2) * 120  # one epoch of every sample
+    data = SplitData.from_arrays(test)
+    pred = predictions(model, data, 16, 12)
+    assert pred.labels.shape == (40,) and bool((pred.flops == model_flops(best, 12, 2)).all())
+    metrics = evaluate(pred, data, reference | {"num_labels": 2}, 12, ["easy", "medium", "hard"])
+    assert abs(metrics["infer_flop_ratio"] - next(e for e in trace if e["arch_id"] == best.id)["flop_ratio"]) < 1e-9
+    assert metrics["mean_layers"] == len(best.layers) and "accuracy_hard" in metrics
+    png = search_figure(trace, [0.25, 0.5], tmp_path / "search.png", "test")
+    assert png.stat().st_size > 10_000
+
+
+def test_a_budget_below_the_space_is_a_clear_error():
+    cfg = config(["flexibert-0.001"], hidden=[32], ffn_widths=[64], layers=[4], ffn_depths=[2])
+    with pytest.raises(ValueError, match=r"no architecture of the design space is within 0.001x"):
+        run_search(cfg, task(40, 0), META, cfg.section("model"))
+
+
+def test_architecture_ids_in_the_trace_rebuild_the_architecture():
+    cfg = config(["flexibert-0.5"], evaluations=2)
+    trace = run_search(cfg, task(60, 0), META, cfg.section("model"))
+    for e in trace:
+        assert Architecture.from_dict(e["arch"]).id == e["arch_id"]
