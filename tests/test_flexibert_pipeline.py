@@ -102,3 +102,34 @@ def test_architecture_ids_in_the_trace_rebuild_the_architecture():
     trace = run_search(cfg, task(60, 0), META, cfg.section("model"))
     for e in trace:
         assert Architecture.from_dict(e["arch"]).id == e["arch_id"]
+
+
+@pytest.mark.slow
+def test_search_on_the_tiny_profile_beats_the_median_random_architecture():
+    """The issue's check, on the tiny profile's embedded data (generated here, seeded): the best architecture
+    BOSHNAS queries scores above the median of as many random architectures of the same pool and budget,
+    trained and scored the same way."""
+    from dht.embedded import generate_split
+    from dht.flexibert import TrainingEvaluator, candidate_pool, search
+    from dht.flexibert.pipeline import _train_kwargs, space_of
+
+    cfg = config(["flexibert-0.5"], evaluations=6, n_init=2, search_max_steps=90)
+    df = generate_split(n=480, num_classes=4, seed=0)  # word-level ids: the test needs no tokenizer training
+    vocab = {w: i + 4 for i, w in enumerate(sorted({w for t in df["text"] for w in t.split()}))}
+    ids = np.zeros((len(df), 32), dtype=np.int64)
+    for i, text in enumerate(df["text"]):
+        toks = [2] + [vocab[w] for w in text.split()][:31]
+        ids[i, : len(toks)] = toks
+    train = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64), "label": df["label"].to_numpy()}
+    meta = {"vocab_size": len(vocab) + 4, "num_labels": 4, "max_length": 32}
+    a, val = hold_out(train, 0.25, seed=0)
+    f = cfg.baselines.flexibert
+    evaluator = TrainingEvaluator(a, val, epochs=4, max_steps=f.search_max_steps, **_train_kwargs(cfg, meta, "cpu"))
+    pool = candidate_pool(space_of(cfg), np.random.default_rng(0), max_candidates=500, seq_len=32, max_ratio=0.5,
+                          reference=cfg.section("model"), num_labels=4)
+    trace = search(pool, evaluator, f.evaluations, f.n_init, np.random.default_rng(0), f.kappa, seq_len=32,
+                   num_labels=4, reference=cfg.section("model"))
+    rng = np.random.default_rng(1)
+    random_scores = [evaluator(pool[i], None) for i in rng.choice(len(pool), size=f.evaluations, replace=False)]
+    best = max(e["accuracy"] for e in trace)
+    assert best > float(np.median(random_scores)), (best, random_scores)
