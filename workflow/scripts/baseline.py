@@ -40,8 +40,8 @@ device, _ = _stage.runtime(args, cfg)
 processed = Path(args.processed)
 meta = json.loads((processed / "meta.json").read_text())
 seq_len = meta["max_length"]
-train = SplitData.from_arrays(load_processed(processed, "train"))
-test = SplitData.from_arrays(load_processed(processed, "test"))
+train_arrays, test_arrays = load_processed(processed, "train"), load_processed(processed, "test")
+train, test = SplitData.from_arrays(train_arrays), SplitData.from_arrays(test_arrays)
 teacher = DHTForSequenceClassification.from_pretrained(args.teacher).to(device).eval()
 reference_train = full_model_flops(seq_len, teacher.config, "full", "train") * len(train) * cfg.train.epochs
 batch, eval_batch = cfg.train.batch_size, cfg.train.eval_batch_size
@@ -93,8 +93,7 @@ with stage_run(args.dataset, args.model, stage="baseline", profile=cfg.profile, 
         except ValueError as err:
             sys.exit(f"error: {err}")
         mlflow.log_param("arch_id", arch.id)
-        model, info = retrain(cfg, arch, load_processed(processed, "train"), load_processed(processed, "test"), meta,
-                              device)
+        model, info = retrain(cfg, arch, train_arrays, test_arrays, meta, device)
         # The search's training counts too, as NAS pruning's does: it is what finding the architecture cost.
         train_flops = search_train_flops(trace) + info["train_flops"]
         history = [info["train_loss"]]
