@@ -51,6 +51,11 @@ def _metrics(root: Path, dataset: str, model: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _metas(cfg: Config, root: Path) -> list[dict[str, Any]]:
+    """The processed datasets' meta.json, in run order."""
+    return [json.loads((root / "data" / "processed" / d / "meta.json").read_text()) for d in cfg.run.datasets]
+
+
 def _signed(x: float) -> str:
     return f"{x:+.3f}"
 
@@ -161,7 +166,7 @@ def _heading(cfg: Config, root: Path, title: str) -> list[str]:
 def write_table1(cfg: Config, out: str | Path, root: str | Path = ".") -> str:
     """Table 1 (training comparison): F1 and training FLOPs of 12-VaBERT and the DHT modes, per dataset."""
     root = Path(root)
-    metas = [json.loads((root / "data" / "processed" / d / "meta.json").read_text()) for d in cfg.run.datasets]
+    metas = _metas(cfg, root)
     parts = _heading(cfg, root, "Table 1: training comparison") + [
         "F1 on the test split; training FLOPs relative to 12-VaBERT's training (Section 6.2). The DHT modes' "
         "count includes the no-grad S1 pass when `dht.count_s1_flops` is on (the paper does not say; with it no "
@@ -238,7 +243,7 @@ def write_index(cfg: Config, out: str | Path, figures: list[str], root: str | Pa
     figure, and per dataset each model's headline numbers with a link to its MLflow run."""
     root, out = Path(root), Path(out)
     runs = mlflow_runs(cfg, root)
-    metas = [json.loads((root / "data" / "processed" / d / "meta.json").read_text()) for d in cfg.run.datasets]
+    metas = _metas(cfg, root)
     models = [REFERENCE, *(m for m in cfg.run.models if m != REFERENCE), *cfg.run.baselines]
 
     def rel(path: str | Path) -> str:
