@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import os
 import platform
-import shutil
 import statistics
 import time
 from collections import defaultdict
@@ -22,8 +21,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 # What a fresh clone has (tests/conftest.py copies the same): the workflow, the library and the config.
-PROJECT_FILES = ["Snakefile", "params.yaml", "dvc.yaml", "pyproject.toml", ".dvcignore"]
-PROJECT_DIRS = ["workflow", "dht", ".dvc"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -193,16 +190,10 @@ def machine_description(device: torch.device, commit: str) -> list[tuple[str, st
 
 
 def copy_project(dest: Path, root: Path = REPO) -> Path:
-    """The workflow, library and config of `root`, without outputs or stores: what a fresh clone has (as
-    tests/conftest.py copies it)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        if (root / name).exists():
-            shutil.copy2(root / name, dest / name)
-    for name in PROJECT_DIRS:
-        if (root / name).exists():
-            shutil.copytree(root / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
-    return dest
+    """The workflow, library and config of `root`, without outputs or stores: what a fresh clone has."""
+    from dht.pipeline import copy_project as copy
+
+    return copy(dest, root)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -33,6 +34,23 @@ DVC_HEADER = (
 # is missing on a fresh clone, and `dvc status` would then call its stage stale).
 METRICS_SUFFIX = "/metrics.json"
 PLOTS = {"/loss.csv": {"x": "step", "y": "loss", "title": "training loss (Figure 3)"}}
+
+
+# What a fresh clone holds for the pipeline to run: the workflow, the library and the config (no outputs or stores).
+PROJECT_FILES = ("Snakefile", "params.yaml", "dvc.yaml", "pyproject.toml", ".dvcignore")
+PROJECT_DIRS = ("workflow", "dht", ".dvc")
+
+
+def copy_project(dest: str | Path, root: str | Path) -> Path:
+    """A throw-away copy of the project at `root` as a fresh clone has it (tests and benchmarks run the pipeline
+    there, never in the working tree)."""
+    dest, root = Path(dest), Path(root)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        shutil.copy2(root / name, dest / name)
+    for name in PROJECT_DIRS:
+        shutil.copytree(root / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+    return dest
 
 
 class TrackedParams(dict):

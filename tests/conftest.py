@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,20 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from dht import pipeline
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["Snakefile", "params.yaml", "dvc.yaml", "pyproject.toml", ".dvcignore"]
-PROJECT_DIRS = ["workflow", "dht", ".dvc"]
 
 
 def copy_project(dest: Path) -> Path:
     """The workflow, library and config, without outputs or stores: what a fresh clone has."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        shutil.copy2(ROOT / name, dest / name)
-    for name in PROJECT_DIRS:
-        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
-    return dest
+    return pipeline.copy_project(dest, ROOT)
 
 
 @pytest.fixture(autouse=True, scope="session")
