@@ -178,6 +178,12 @@ def test_end_to_end_tiny_then_noop(project):
     assert "](../results/embedded-news/flexibert-search/search.png)" in index
     trace = json.loads((project / "results/embedded-news/flexibert-search/trace.json").read_text())
     assert len(trace["queries"]) == 3 and all(q["flop_ratio"] <= 0.5 for q in trace["queries"])
+    # the search measures its budgets against the 12-VaBERT the baseline stage evaluates against
+    from dht.flexibert.pipeline import choose
+
+    chosen = next(q for q in trace["queries"] if q["arch_id"] == choose(trace["queries"], 0.5).id)
+    flexi = json.loads((project / "results/embedded-news/flexibert-0.5/metrics.json").read_text())
+    assert chosen["flop_ratio"] == pytest.approx(flexi["infer_flop_ratio"], rel=1e-3)
     assert ("embedded-news", "query-02") in runs  # one nested MLflow run per query
     assert (project / "reports/figures/selection-embedded-sentiment.png").is_file()
     table2 = (project / "reports/table2.md").read_text()

@@ -38,6 +38,9 @@ rule flexibert_search:
         code=code("flexibert_search.py", *BASELINE_CODE["flexibert"], "trainer.py", "tracking.py", "runtime.py"),
         train="data/processed/{dataset}/train.parquet",
         meta="data/processed/{dataset}/meta.json",
+        # 12-VaBERT's architecture as built (the FLOP ratios' 1.00x), not the `model:` section, which need not
+        # describe a checkpoint named by model.init.
+        init_model="data/features/{dataset}/init_model",
     output:
         trace="results/{dataset}/flexibert-search/trace.json",
         figure="results/{dataset}/flexibert-search/search.png",
@@ -48,7 +51,8 @@ rule flexibert_search:
         gpu=GPU,
     shell:
         "python workflow/scripts/flexibert_search.py --profile {PROFILE} --dataset {wildcards.dataset}"
-        " --processed data/processed/{wildcards.dataset} --out results/{wildcards.dataset}/flexibert-search"
+        " --processed data/processed/{wildcards.dataset} --init-model {input.init_model}"
+        " --out results/{wildcards.dataset}/flexibert-search"
         " --threads {threads}"
 
 

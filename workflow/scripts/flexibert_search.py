@@ -10,12 +10,14 @@ from pathlib import Path
 import _stage
 
 from dht.flexibert.pipeline import budgets, run_search, search_figure
+from dht.model import DHTConfig
 from dht.tokenization import load_processed
 from dht.tracking import stage_run
 
 p = _stage.parser(__doc__)
 p.add_argument("--dataset", required=True)
 p.add_argument("--processed", required=True)
+p.add_argument("--init-model", required=True, help="data/features/<dataset>/init_model: 12-VaBERT as built")
 p.add_argument("--out", required=True)
 _stage.add_threads(p)
 args = p.parse_args()
@@ -25,9 +27,11 @@ device, _ = _stage.runtime(args, cfg)
 processed, out = Path(args.processed), Path(args.out)
 meta = json.loads((processed / "meta.json").read_text())
 train = load_processed(processed, "train")
-reference = cfg.section("model")  # 12-VaBERT's architecture: the FLOP ratios' 1.00x
+# 12-VaBERT's architecture as built from model.init (the FLOP ratios' 1.00x, the same reference the baseline
+# stage evaluates against); the `model:` section need not describe a checkpoint.
+reference = DHTConfig.from_pretrained(args.init_model)
 params = {"model_name": "flexibert-search", "dataset": args.dataset, "seed": cfg.seed, "device": str(device),
-          "baselines": cfg.section("baselines.flexibert"), "budgets": budgets(cfg), "model": reference,
+          "baselines": cfg.section("baselines.flexibert"), "budgets": budgets(cfg), "model": cfg.section("model"),
           "train": cfg.section("train")}
 
 with stage_run(args.dataset, "flexibert-search", stage="flexibert_search", profile=cfg.profile, params=params,
