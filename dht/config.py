@@ -117,6 +117,24 @@ class ModelConfig(_Strict):
     hidden_dropout_prob: Annotated[float, Field(ge=0, lt=1)] = 0.1
     attention_probs_dropout_prob: Annotated[float, Field(ge=0, lt=1)] = 0.1
     max_position_embeddings: Annotated[int, Field(ge=1)] = 64
+    # Scratch models only (a BERT checkpoint is post-LN with its own weights); docs/model.md, "Training from scratch".
+    layer_norm: Literal["post", "pre"] = "pre"
+    residual_init_scale: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+    @model_validator(mode="after")
+    def _scratch_only_fields(self) -> ModelConfig:
+        if self.init != "scratch" and (self.layer_norm != "post" or self.residual_init_scale != 1.0):
+            raise ValueError(
+                f"model.init = {self.init!r} is a BERT checkpoint, trained post-LN with its own weights: set "
+                "model.layer_norm: post and model.residual_init_scale: 1.0 (pre-LN and a scaled residual init are "
+                "for init: scratch)"
+            )
+        if self.layer_norm == "post" and self.residual_init_scale == 0:
+            raise ValueError(
+                "model.residual_init_scale = 0 needs layer_norm: pre (post-LN puts a LayerNorm after the zeroed "
+                "branch, so nothing would train); use pre, or a scale > 0 such as 1.0"
+            )
+        return self
 
 
 class ModeConfig(_Strict):

@@ -8,7 +8,8 @@ with ``xi_h = 1`` of the pruned multi-head attention
 
 transformers 5 dropped ``head_mask`` and ``prune_heads``, so this module is a small, self-contained BERT encoder
 (post-LN, parameter names identical to ``transformers.BertForSequenceClassification`` so that BERT checkpoints
-load as they are) that takes a per-sample *execution plan*:
+load as they are; a pre-LN variant for training from scratch, ``layer_norm="pre"``) that takes a per-sample
+*execution plan*:
 
 * ``depth``: LongTensor[B], the number of layers each sample runs (the bandit's L);
 * ``heads``: BoolTensor[B, N_L, N_H], the xi_h of every sample in every layer.
@@ -48,6 +49,7 @@ __all__ = [
 AttentionPath = Literal["sliced", "masked"]
 _ATTENTION_PATHS = ("sliced", "masked")
 _ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+_LAYER_NORMS = ("post", "pre")
 
 # Architecture fields that must come from the BERT checkpoint in ``from_bert`` (overriding them would change the
 # shapes of the weights being loaded).
@@ -78,6 +80,15 @@ class DHTConfig(PretrainedConfig):
     * ``group_size`` -- the paper's ``c`` (Section 4.2, 6.1: c = 3): adjacent dynamic layers that share one
       head decision. The encoder itself accepts any per-layer head plan; ``group_size`` is used by
       :meth:`dynamic_layer_groups` and :func:`head_mask_from_groups`.
+    * ``layer_norm`` -- ``"post"`` (BERT: ``LayerNorm(x + f(x))`` after each sub-layer; what BERT checkpoints
+      are) or ``"pre"`` (``x + f(LayerNorm(x))``, with a final LayerNorm before the pooler, as GPT-2 and most
+      encoders trained from scratch; the same parameter names, plus ``bert.final_layer_norm``). A 12-layer
+      post-LN encoder trained from scratch on a few thousand samples collapses to the majority class at the
+      learning rates that train its 3-layer version (docs/embedded-data.md), so the default profile is pre-LN.
+    * ``residual_init_scale`` -- multiplies the initial weights of the two projections that write into the
+      residual stream (attention output, FFN down-projection): 1 is BERT's init, ``1/sqrt(2 N_L)`` GPT-2's, 0
+      starts every layer as the identity (SkipInit, De & Smith 2020; with pre-LN the gradient still reaches
+      those weights), which lets a 12-layer encoder train from scratch as early as a shallow one.
     * ``attn_implementation`` -- ``"sdpa"`` (``F.scaled_dot_product_attention``) or ``"eager"`` (explicit
       matmul + softmax; what ``torch.utils.flop_counter.FlopCounterMode`` counts on CPU). Read at every forward,
       so it can be switched on a live model.
@@ -104,6 +115,8 @@ class DHTConfig(PretrainedConfig):
     fixed_layers: int = 3
     group_size: int = 3
     attn_implementation: str = "sdpa"
+    layer_norm: str = "post"
+    residual_init_scale: float | int = 1.0
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -137,6 +150,15 @@ class DHTConfig(PretrainedConfig):
         if self.hidden_act not in ACT2FN:
             raise ValueError(
                 f"DHTConfig.hidden_act {self.hidden_act!r} is not a transformers activation name"
+            )
+        if self.layer_norm not in _LAYER_NORMS:
+            raise ValueError(f"DHTConfig.layer_norm must be one of {_LAYER_NORMS}, got {self.layer_norm!r}")
+        if not 0.0 <= self.residual_init_scale <= 1.0:
+            raise ValueError(f"DHTConfig.residual_init_scale must be in [0, 1], got {self.residual_init_scale}")
+        if self.layer_norm == "post" and self.residual_init_scale == 0:
+            raise ValueError(
+                "DHTConfig.residual_init_scale = 0 with layer_norm = 'post' would never train: the post-LN residual "
+                "LayerNorm follows the zero branch, so no gradient reaches it; use layer_norm='pre' or a scale > 0"
             )
         if self.layer_norm_eps <= 0:
             raise ValueError(f"DHTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
@@ -357,7 +379,9 @@ class DHTSelfOutput(nn.Module):
 
 
 class DHTAttention(nn.Module):
-    """Multi-head self-attention with per-sample head pruning (Section 4.1) + BERT's post-LN residual."""
+    """Multi-head self-attention with per-sample head pruning (Section 4.1) + the residual: BERT's post-LN
+    ``LayerNorm(x + f(x))`` or pre-LN ``x + f(LayerNorm(x))`` (``config.layer_norm``; ``output.LayerNorm`` either
+    way, so the parameter names do not change)."""
 
     # Batch different head sets of equal size with per-sample gathered weights (see _sliced). A class attribute,
     # not a config field: it changes speed, never results; the benchmark flips it to compare.
@@ -370,6 +394,7 @@ class DHTAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_size = config.head_size
         self.scale = 1.0 / math.sqrt(self.head_size)
+        self.pre_ln = config.layer_norm == "pre"
 
     def forward(
         self,
@@ -380,12 +405,15 @@ class DHTAttention(nn.Module):
         implementation: str,
     ) -> torch.Tensor:
         """``hidden``: [A, n, d] of the active samples; ``head_rows``: BoolTensor[A, N_H] (None = all heads)."""
+        x = self.output.LayerNorm(hidden) if self.pre_ln else hidden
         if head_rows is None:
-            projected = self._project(hidden, key_keep, None, implementation)
+            projected = self._project(x, key_keep, None, implementation)
         elif attention_path == "masked":
-            projected = self._project(hidden, key_keep, None, implementation, head_gate=head_rows)
+            projected = self._project(x, key_keep, None, implementation, head_gate=head_rows)
         else:
-            projected = self._sliced(hidden, key_keep, head_rows, implementation)
+            projected = self._sliced(x, key_keep, head_rows, implementation)
+        if self.pre_ln:
+            return hidden + self.output.dropout(projected)
         return self.output(projected, hidden)
 
     def _project(
@@ -439,7 +467,7 @@ class DHTAttention(nn.Module):
             return self._project(hidden, key_keep, None, implementation)  # no slicing needed
         if head_idx.numel() == 0:
             # No head on: sum_h xi_h Att_h = 0, so the projection contributes only its bias b_O (the value the
-            # masked formula gives too). Nothing is computed; the residual LayerNorm still runs.
+            # masked formula gives too). Nothing is computed; the residual (and post-LN's LayerNorm) still runs.
             # .contiguous() materialises the broadcast: an expand() view of a parameter made under no_grad still
             # claims requires_grad, which trips autograd-based hooks (e.g. FlopCounterMode's module tracker).
             bias = self.output.dense.bias.to(_compute_dtype(hidden))
@@ -545,13 +573,14 @@ class DHTOutput(nn.Module):
 
 
 class DHTLayer(nn.Module):
-    """One post-LN transformer layer (BertLayer). The FFN runs batched over all samples given to it."""
+    """One transformer layer (BertLayer; post- or pre-LN). The FFN runs batched over all samples given to it."""
 
     def __init__(self, config: DHTConfig) -> None:
         super().__init__()
         self.attention = DHTAttention(config)
         self.intermediate = DHTIntermediate(config)
         self.output = DHTOutput(config)
+        self.pre_ln = config.layer_norm == "pre"
 
     def forward(
         self,
@@ -562,6 +591,9 @@ class DHTLayer(nn.Module):
         implementation: str,
     ) -> torch.Tensor:
         attention_output = self.attention(hidden, key_keep, head_rows, attention_path, implementation)
+        if self.pre_ln:
+            ffn = self.output.dense(self.intermediate(self.output.LayerNorm(attention_output)))
+            return attention_output + self.output.dropout(ffn)
         return self.output(self.intermediate(attention_output), attention_output)
 
 
@@ -688,13 +720,21 @@ class DHTPooler(nn.Module):
 
 
 class DHTBertModel(nn.Module):
-    """Embeddings + encoder + pooler, under the ``bert.`` prefix like BertForSequenceClassification."""
+    """Embeddings + encoder + pooler, under the ``bert.`` prefix like BertForSequenceClassification; pre-LN adds
+    ``final_layer_norm`` on each sample's last state (post-LN states are already normalised)."""
 
     def __init__(self, config: DHTConfig) -> None:
         super().__init__()
         self.embeddings = DHTEmbeddings(config)
         self.encoder = DHTEncoder(config)
+        if config.layer_norm == "pre":
+            self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pooler = DHTPooler(config)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A sample's last hidden states as the pooler and any exit classifier read them."""
+        norm = getattr(self, "final_layer_norm", None)
+        return hidden if norm is None else norm(hidden)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -711,7 +751,7 @@ class DHTSequenceClassifierOutput(ModelOutput):
         logits: [B, num_labels].
         per_sample_loss: cross-entropy per sample, ``reduction='none'`` ([B]); feeds the bandit rewards
             delta = loss_i * L_i (Section 4.3). Not detached: detach it for the bandits.
-        last_hidden_state: [B, n, d], every sample's state after its own depth.
+        last_hidden_state: [B, n, d], every sample's state after its own depth (and pre-LN's final LayerNorm).
         hidden_states: with ``output_hidden_states``: N_L + 1 tensors [B, n, d], the embeddings output then the
             output of each layer; a sample that stopped at depth L_i holds its last state in entries > L_i.
     """
@@ -752,6 +792,12 @@ class DHTForSequenceClassification(DHTPreTrainedModel):
         self.dropout = nn.Dropout(classifier_dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
+        if config.residual_init_scale != 1.0:
+            # After post_init (transformers' normal init); from_pretrained then loads over it as usual.
+            with torch.no_grad():
+                for layer in self.bert.encoder.layer:
+                    layer.attention.output.dense.weight.mul_(config.residual_init_scale)
+                    layer.output.dense.weight.mul_(config.residual_init_scale)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.bert.embeddings.word_embeddings
@@ -788,6 +834,9 @@ class DHTForSequenceClassification(DHTPreTrainedModel):
         bad = sorted(set(config_overrides) & set(_ARCHITECTURE_FIELDS))
         if bad:
             raise ValueError(f"from_bert takes the architecture from the checkpoint; cannot override {bad}")
+        if config_overrides.get("layer_norm", "post") != "post":
+            raise ValueError(f"{name_or_path} is a BERT checkpoint, trained post-LN: it cannot run as layer_norm="
+                             f"{config_overrides['layer_norm']!r} (pre-LN is for models trained from scratch)")
         kwargs = dict(load_kwargs or {})
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
@@ -882,6 +931,7 @@ class DHTForSequenceClassification(DHTPreTrainedModel):
             output_hidden_states,
         )
         # The classifier reads each sample's [CLS] at its own depth (``last`` is already per-sample).
+        last = self.bert.final_norm(last)
         logits = self.classifier(self.dropout(self.bert.pooler(last)))
         loss = per_sample_loss = None
         if labels is not None:
@@ -931,8 +981,9 @@ class DHTForSequenceClassification(DHTPreTrainedModel):
         return hidden
 
     def classify(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from each sample's final hidden states (pooler on [CLS], dropout, classifier)."""
-        return self.classifier(self.dropout(self.bert.pooler(last_hidden)))
+        """Logits from each sample's final hidden states (pre-LN's final LayerNorm, pooler on [CLS], dropout,
+        classifier)."""
+        return self.classifier(self.dropout(self.bert.pooler(self.bert.final_norm(last_hidden))))
 
     def encode_prefix(
         self,
@@ -977,6 +1028,8 @@ def model_from_params(cfg: Any, num_labels: int, vocab_size: int) -> DHTForSeque
             hidden_dropout_prob=m.hidden_dropout_prob,
             attention_probs_dropout_prob=m.attention_probs_dropout_prob,
             max_position_embeddings=m.max_position_embeddings,
+            layer_norm=m.layer_norm,
+            residual_init_scale=m.residual_init_scale,
             num_labels=num_labels,
             **dht_fields,
         )

@@ -97,6 +97,13 @@ def test_typo_is_an_unknown_key_with_the_allowed_ones():
     assert "model.hiden_size: unknown key; allowed here: init, hidden_size" in msg
 
 
+def test_pre_ln_only_from_scratch():
+    msg = errors_for(lambda r: r["model"].__setitem__("init", "bert-base-uncased"))
+    assert "model.init = 'bert-base-uncased' is a BERT checkpoint" in msg and "model.layer_norm: post" in msg
+    msg = errors_for(lambda r: r["model"].__setitem__("layer_norm", "post"))
+    assert "model.residual_init_scale = 0 needs layer_norm: pre" in msg
+
+
 def test_unknown_source():
     msg = errors_for(lambda r: r["datasets"]["embedded-news"].__setitem__("source", "ftp"))
     assert "datasets.embedded-news.source = 'ftp': unknown source; allowed: embedded, hub, csv" in msg

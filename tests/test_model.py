@@ -95,6 +95,9 @@ def bert() -> BertForSequenceClassification:
         (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
         (dict(hidden_act="no-such-act"), "hidden_act"),
         (dict(num_hidden_layers=0), "num_hidden_layers"),
+        (dict(layer_norm="sandwich"), "layer_norm"),
+        (dict(residual_init_scale=1.5), "residual_init_scale"),
+        (dict(residual_init_scale=0.0), "layer_norm='pre'"),  # post-LN with zeroed branches never trains
     ],
 )
 def test_config_rejects_invalid_values(kwargs, message):
@@ -187,8 +190,8 @@ def test_save_and_load_round_trip(tmp_path):
 # ---- the execution plan -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-def test_sliced_equals_masked_for_mixed_plan(monkeypatch, implementation):
+@pytest.mark.parametrize(("implementation", "layer_norm"), [("sdpa", "post"), ("eager", "post"), ("sdpa", "pre")])
+def test_sliced_equals_masked_for_mixed_plan(monkeypatch, implementation, layer_norm):
     gathered_calls = []
     original = DHTAttention._gathered
 
@@ -197,7 +200,7 @@ def test_sliced_equals_masked_for_mixed_plan(monkeypatch, implementation):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(DHTAttention, "_gathered", spy)
-    dht = make_dht(implementation)
+    dht = make_dht(implementation, layer_norm=layer_norm, residual_init_scale=0.5 if layer_norm == "pre" else 1.0)
     batch = make_batch()
     depth, heads = mixed_plan()
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
@@ -294,8 +297,9 @@ def test_uniform_pruning_matches_bert_with_zeroed_head_outputs(bert):
     assert (got - full).abs().max() > 1e-3
 
 
-def test_mixed_batch_equals_each_sample_alone():
-    dht = make_dht()
+@pytest.mark.parametrize("layer_norm", ["post", "pre"])
+def test_mixed_batch_equals_each_sample_alone(layer_norm):
+    dht = make_dht(layer_norm=layer_norm)
     batch = make_batch()
     depth, heads = mixed_plan()
     with torch.no_grad():
@@ -469,3 +473,63 @@ def test_head_mask_from_groups():
         assert not mask[1, layer].any()
     with pytest.raises(ValueError, match="groups"):
         head_mask_from_groups([[None, None, None]], config)
+
+
+# ---- pre-LN, for training from scratch ------------------------------------------------------------------------
+
+
+def _pre_ln_reference(dht: DHTForSequenceClassification, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """x + Att(LN1(x)), then + FFN(LN2(x)) per layer, final LayerNorm, pooler, classifier: written out from the
+    weights, independent of DHTAttention's code paths."""
+    x = dht.bert.embeddings(batch["input_ids"], batch["token_type_ids"])
+    keep = batch["attention_mask"].bool()[:, None, None, :]
+    n_heads, d_head = ARCH["num_attention_heads"], ARCH["hidden_size"] // ARCH["num_attention_heads"]
+    for layer in dht.bert.encoder.layer:
+        sa, att_out = layer.attention.self, layer.attention.output
+        h = att_out.LayerNorm(x)
+        q, k, v = (lin(h).view(*h.shape[:2], n_heads, d_head).transpose(1, 2) for lin in (sa.query, sa.key, sa.value))
+        scores = (q @ k.transpose(-1, -2)) / d_head**0.5
+        context = scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+        x = x + att_out.dense(context.transpose(1, 2).reshape(h.shape))
+        x = x + layer.output.dense(layer.intermediate(layer.output.LayerNorm(x)))
+    cls = dht.bert.final_layer_norm(x)[:, 0]
+    return dht.classifier(torch.tanh(dht.bert.pooler.dense(cls)))
+
+
+def test_pre_ln_matches_the_written_out_formula():
+    dht = make_dht("eager", layer_norm="pre", residual_init_scale=0.5)
+    batch = make_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(dht(**batch).logits, _pre_ln_reference(dht, batch), atol=ATOL, rtol=0)
+        post = make_dht("eager")
+        assert (post(**batch).logits - dht(**batch).logits).abs().max() > 1e-2  # the two really differ
+
+
+def test_zero_residual_init_starts_as_identity_and_still_learns():
+    dht = make_dht(layer_norm="pre", residual_init_scale=0.0).train()
+    assert "bert.final_layer_norm.weight" in dict(dht.named_parameters())
+    batch = make_batch()
+    out = dht(**batch, labels=torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), output_hidden_states=True)
+    dht.eval()
+    with torch.no_grad():
+        states = dht(**batch, output_hidden_states=True).hidden_states
+    for state in states[1:]:  # every layer adds exactly its (zero) output biases
+        torch.testing.assert_close(state, states[0], atol=ATOL, rtol=0)
+    out.loss.backward()
+    grad = dht.bert.encoder.layer[-1].output.dense.weight.grad
+    assert grad is not None and grad.abs().max() > 0  # pre-LN: the zeroed branch still gets a gradient
+
+
+def test_pre_ln_save_load_and_checkpoint_refusal(tmp_path, bert):
+    dht = make_dht(layer_norm="pre", residual_init_scale=0.5)
+    dht.save_pretrained(tmp_path / "pre")
+    loaded = DHTForSequenceClassification.from_pretrained(tmp_path / "pre").eval()
+    assert loaded.config.layer_norm == "pre"
+    batch = make_batch()
+    depth, heads = mixed_plan()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch, depth=depth, heads=heads).logits,
+                                   dht(**batch, depth=depth, heads=heads).logits)
+    bert.save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match="post-LN"):
+        DHTForSequenceClassification.from_bert(str(tmp_path / "bert"), layer_norm="pre")

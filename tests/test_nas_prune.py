@@ -1,5 +1,6 @@
 """Tests for dht.baselines.nas_prune: the differentiable NAS pruning baseline (report Sections 5.3-5.5)."""
 
+import json
 import random
 
 import pytest
@@ -33,11 +34,10 @@ def train_data() -> SplitData:
     return make_data(128, 1)
 
 
-@pytest.fixture(scope="module")
-def teacher(train_data: SplitData) -> DHTForSequenceClassification:
+def train_teacher(train_data: SplitData, **overrides) -> DHTForSequenceClassification:
     """A briefly trained tiny 12-layer teacher (hidden 48, 12 heads of 4, FFN 64), in eval mode."""
     torch.manual_seed(0)
-    model = DHTForSequenceClassification(DHTConfig(**TINY))
+    model = DHTForSequenceClassification(DHTConfig(**TINY, **overrides))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(25):
@@ -47,6 +47,27 @@ def teacher(train_data: SplitData) -> DHTForSequenceClassification:
         loss.backward()
         opt.step()
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def teacher(train_data: SplitData) -> DHTForSequenceClassification:
+    """The post-LN (BERT) teacher."""
+    return train_teacher(train_data)
+
+
+@pytest.fixture(scope="module")
+def pre_ln_teacher(train_data: SplitData) -> DHTForSequenceClassification:
+    """The same teacher with pre-LN layers and a final LayerNorm (a non-zero residual init, so that every branch
+    contributes and the supernet/extraction comparisons are meaningful)."""
+    model = train_teacher(train_data, layer_norm="pre", residual_init_scale=0.5)
+    assert hasattr(model.bert, "final_layer_norm")
+    return model
+
+
+@pytest.fixture(params=["post", "pre"])
+def any_teacher(request: pytest.FixtureRequest) -> DHTForSequenceClassification:
+    """Both teachers, for the tests whose forward passes depend on where the LayerNorms sit."""
+    return request.getfixturevalue("teacher" if request.param == "post" else "pre_ln_teacher")
 
 
 def random_arch(teacher: DHTForSequenceClassification, seed: int) -> nas.PrunedArch:
@@ -103,8 +124,10 @@ def test_rescaled_sigmoid_passes_the_mask_gradient_to_alpha():
 # ---- extraction and weight copying ------------------------------------------------------------------------
 
 
-def test_everything_kept_gives_the_teachers_logits(teacher, train_data):
+def test_everything_kept_gives_the_teachers_logits(any_teacher, train_data):
+    teacher = any_teacher
     arch = nas.PrunedArch.full(teacher)
+    assert arch.layer_norm == teacher.config.layer_norm
     pruned = nas.extract(teacher, arch)
     ids, mask = train_data.input_ids[:16], train_data.attention_mask[:16]
     with torch.no_grad():
@@ -115,16 +138,67 @@ def test_everything_kept_gives_the_teachers_logits(teacher, train_data):
     assert sum(p.numel() for p in pruned.parameters()) == sum(p.numel() for p in teacher.parameters())
 
 
-def test_pruned_model_equals_supernet_with_the_architectures_gates(teacher, train_data):
+def test_pruned_model_equals_supernet_with_the_architectures_gates(any_teacher, train_data):
     """The kept rows/columns are copied correctly and the masked LayerNorm is the pruned LayerNorm."""
+    teacher = any_teacher
     arch = random_arch(teacher, 0)
     pruned = nas.extract(teacher, arch)
     net = nas.Supernet(teacher)
     ids, mask = train_data.input_ids[:16], train_data.attention_mask[:16]
     with torch.no_grad():
-        assert torch.allclose(pruned(ids, mask), net(ids, mask, net.hard_gates(arch)), atol=1e-5)
+        expected = net(ids, mask, net.hard_gates(arch))
+        assert torch.allclose(pruned(ids, mask), expected, atol=1e-5)
+        # The comparison is not vacuous: the pruned architecture does change the teacher's logits.
+        assert not torch.allclose(expected, teacher(ids, attention_mask=mask).logits, atol=1e-3)
     assert pruned.word_embeddings.weight.shape == (30, 30)
     assert pruned.layers[3].value.weight.shape == (0, 30) and pruned.layers[5].intermediate.weight.shape == (0, 30)
+    pre = teacher.config.layer_norm == "pre"
+    assert hasattr(pruned, "final_norm") == pre and all(layer.pre_ln == pre for layer in pruned.layers)
+    if pre:
+        e = torch.tensor(arch.embed_dims)
+        assert torch.equal(pruned.final_norm.weight, teacher.bert.final_layer_norm.weight[e])
+        assert torch.equal(pruned.final_norm.bias, teacher.bert.final_layer_norm.bias[e])
+
+
+def test_supernet_keeps_the_residual_stream_zero_outside_the_kept_dimensions(any_teacher, train_data):
+    """The design rule of the module docstring, checked inside the forward: with an architecture's 0/1 gates, the
+    residual stream is exactly 0 outside the kept embedding dimensions. Post-LN: every masked LayerNorm output (the
+    stream after each add; its input x + f(x) is not zero there, the LayerNorm is what zeroes it). Pre-LN: the
+    stream itself (every LayerNorm input but the raw embeddings) and every LayerNorm output (sub-layer inputs, the
+    final LayerNorm)."""
+    teacher = any_teacher
+    arch = random_arch(teacher, 8)
+    net = nas.Supernet(teacher)
+    gates = net.hard_gates(arch)
+    pruned_dims = gates["embed"] == 0
+    seen: list[torch.Tensor] = []
+    original = nas._masked_layer_norm
+
+    def spy(x, ln, m):
+        out = original(x, ln, m)
+        seen.extend([x, out])
+        return out
+
+    nas._masked_layer_norm = spy
+    try:
+        with torch.no_grad():
+            net(train_data.input_ids[:4], train_data.attention_mask[:4], gates)
+    finally:
+        nas._masked_layer_norm = original
+    pre = teacher.config.layer_norm == "pre"
+    assert len(seen) == 2 * (1 + 2 * 12 + pre)  # embeddings, 2 per layer, pre-LN's final LayerNorm
+    checked = seen[1:] if pre else seen[1::2]
+    assert all(torch.count_nonzero(t[..., pruned_dims]) == 0 for t in checked)
+    assert all(torch.count_nonzero(t[..., ~pruned_dims]) > 0 for t in checked)
+
+
+def test_extract_rejects_an_architecture_of_the_other_layer_norm(teacher, pre_ln_teacher):
+    with pytest.raises(ValueError, match="layer_norm"):
+        nas.extract(pre_ln_teacher, nas.PrunedArch.full(teacher))
+    with pytest.raises(ValueError, match="layer_norm"):
+        nas.extract(teacher, nas.PrunedArch.full(pre_ln_teacher))
+    with pytest.raises(ValueError, match="layer_norm"):
+        nas.PrunedArch(**{**nas.PrunedArch.full(teacher).to_dict(), "layer_norm": "sandwich"})
 
 
 def test_derive_arch_applies_the_threshold_to_dimensions_and_heads(teacher):
@@ -171,7 +245,10 @@ def test_fit_threshold_keeps_the_reports_threshold_inside_the_band_and_moves_it_
 # ---- FLOPs ------------------------------------------------------------------------------------------------
 
 
-def test_pruned_flops_match_flop_counter_and_the_teachers_count(teacher, train_data):
+def test_pruned_flops_match_flop_counter_and_the_teachers_count(any_teacher, train_data):
+    """LayerNorms count 0 in this project (dht/flops.py) and FlopCounterMode does not count them either, so the
+    pre-LN model's extra final LayerNorm changes nothing."""
+    teacher = any_teacher
     full_arch = nas.PrunedArch.full(teacher)
     for convention in ("full", "linear"):
         assert nas.pruned_flops(full_arch, SEQ, convention) == full_model_flops(SEQ, teacher.config, convention)
@@ -219,7 +296,8 @@ def test_search_reaches_the_target_and_keeps_everything_at_ratio_one(teacher, tr
 # ---- fine-tuning, inference, save/load --------------------------------------------------------------------
 
 
-def test_distillation_loss_decreases_and_the_teacher_is_untouched(teacher, train_data):
+def test_distillation_loss_decreases_and_the_teacher_is_untouched(any_teacher, train_data):
+    teacher = any_teacher
     pruned = nas.extract(teacher, random_arch(teacher, 4))
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     out = nas.finetune(pruned, teacher, train_data, epochs=3, lr=3e-3, temperature=2.0, alpha_kd=0.5,
@@ -233,12 +311,13 @@ def test_distillation_loss_decreases_and_the_teacher_is_untouched(teacher, train
         assert torch.equal(tensor, before[name])
 
 
-def test_save_load_round_trip(teacher, train_data, tmp_path):
+def test_save_load_round_trip(any_teacher, train_data, tmp_path):
+    teacher = any_teacher
     pruned = nas.extract(teacher, random_arch(teacher, 5))
     pruned.save(tmp_path / "model")
     loaded = nas.PrunedBert.load(tmp_path / "model")
     assert not loaded.training
-    assert loaded.arch == pruned.arch
+    assert loaded.arch == pruned.arch and loaded.arch.layer_norm == teacher.config.layer_norm
     for (name, a), (name_b, b) in zip(pruned.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert name == name_b and torch.equal(a, b)
     ids, mask = train_data.input_ids[:16], train_data.attention_mask[:16]
@@ -254,7 +333,22 @@ def test_save_load_round_trip(teacher, train_data, tmp_path):
     assert all(torch.equal(again.alphas[k], result.alphas[k]) for k in result.alphas)
 
 
-def test_predictions_feed_the_pipelines_metrics(teacher, train_data):
+def test_post_ln_models_saved_without_the_layer_norm_field_still_load(teacher, train_data, tmp_path):
+    """Architectures written before ``PrunedArch.layer_norm`` existed are post-LN and load as such."""
+    pruned = nas.extract(teacher, random_arch(teacher, 9))
+    pruned.save(tmp_path)
+    data = json.loads((tmp_path / nas.ARCH_FILE).read_text())
+    del data["layer_norm"]
+    (tmp_path / nas.ARCH_FILE).write_text(json.dumps(data))
+    loaded = nas.PrunedBert.load(tmp_path)
+    assert loaded.arch.layer_norm == "post" and loaded.arch == pruned.arch
+    ids, mask = train_data.input_ids[:8], train_data.attention_mask[:8]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, mask), pruned(ids, mask))
+
+
+def test_predictions_feed_the_pipelines_metrics(any_teacher, train_data):
+    teacher = any_teacher
     arch = random_arch(teacher, 6)
     pruned = nas.extract(teacher, arch)
     test = make_data(40, 7)
@@ -270,3 +364,29 @@ def test_predictions_feed_the_pipelines_metrics(teacher, train_data):
     assert metrics["infer_flop_ratio"] == pytest.approx(ratio)
     assert metrics["infer_flop_ratio_linear"] == pytest.approx(
         nas.pruned_flops(arch, SEQ, "linear") / full_model_flops(SEQ, teacher.config, "linear"))
+
+
+def test_search_extract_finetune_predict_end_to_end(any_teacher, train_data, tmp_path):
+    """The whole baseline (as workflow/scripts/baseline.py runs it) on a post- and a pre-LN teacher: a short
+    search, extraction, distillation, save/load, predictions and metrics."""
+    teacher = any_teacher
+    result = nas.search(teacher, train_data, 0.5, lambda_cost=1.0, tolerance=0.05, epochs=1, lr_weights=1e-4,
+                        lr_arch=0.5, batch_size=32, device="cpu", seed=0, seq_len=SEQ)
+    assert result.arch.layer_norm == teacher.config.layer_norm
+    assert result.within_tolerance  # fit_threshold enters the band even after one epoch
+    pruned = nas.extract(teacher, result)
+    net = nas.Supernet(teacher)
+    ids, mask = train_data.input_ids[:8], train_data.attention_mask[:8]
+    with torch.no_grad():  # the searched architecture too: extracted model = supernet with its 0/1 gates
+        assert torch.allclose(pruned(ids, mask), net(ids, mask, net.hard_gates(result.arch)), atol=1e-5)
+    out = nas.finetune(pruned, teacher, train_data, epochs=1, lr=3e-3, temperature=2.0, alpha_kd=0.5,
+                       batch_size=32, device="cpu", seed=0, seq_len=SEQ)
+    assert len(out["loss_per_epoch"]) == 1 and out["train_flops"] > 0
+    pruned.save(tmp_path)
+    loaded = nas.PrunedBert.load(tmp_path)
+    test = make_data(24, 11)
+    pred = nas.predict_pruned(loaded, test, "cpu", batch_size=16, seq_len=SEQ)
+    with torch.no_grad():
+        assert torch.allclose(pred.probs, pruned(test.input_ids, test.attention_mask).softmax(-1), atol=1e-6)
+    metrics = evaluate(pred, test, teacher.config, SEQ, None)
+    assert metrics["infer_flop_ratio"] == pytest.approx(result.flop_ratio)

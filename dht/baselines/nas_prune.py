@@ -39,6 +39,13 @@ hidden width ``d_e``. In the supernet every LayerNorm takes its mean and varianc
 so the supernet with an architecture's 0/1 gates computes the extracted model's logits (tested). The pooler keeps
 its output width d (it is not part of the residual stream) and the classifier is copied whole.
 
+The teacher's ``config.layer_norm`` is followed. Post-LN (BERT, ``LayerNorm(x + f(x))``): the masked LayerNorm
+after each residual add is what zeroes the pruned dimensions of the stream. Pre-LN (``x + f(LayerNorm(x))``, a
+final LayerNorm before the pooler): the masked LayerNorms normalise the sub-layer inputs, and each branch output
+(attention output projection, FFN down-projection) is multiplied by ``m_e`` before the add, so the stream stays
+exactly zero outside the kept dimensions; the final LayerNorm is masked too. Either way the supernet with 0/1
+gates computes the extracted model and with all-ones gates the teacher (tested for both).
+
 Readings and adaptations are listed in ``docs/baselines-nas.md``.
 """
 
@@ -151,6 +158,13 @@ class PrunedArch:
     attention_probs_dropout_prob: float
     classifier_dropout: float | None = None
     pad_token_id: int | None = 0
+    # The teacher's residual LayerNorm placement ("post" or "pre", dht.model.DHTConfig.layer_norm). Last, with a
+    # default, so that architectures saved before the field existed (all post-LN) still load.
+    layer_norm: str = "post"
+
+    def __post_init__(self) -> None:
+        if self.layer_norm not in ("post", "pre"):
+            raise ValueError(f"PrunedArch.layer_norm must be 'post' or 'pre', got {self.layer_norm!r}")
 
     @property
     def head_size(self) -> int:
@@ -211,6 +225,7 @@ def teacher_fields(teacher: DHTForSequenceClassification) -> dict[str, Any]:
         "attention_probs_dropout_prob": float(c.attention_probs_dropout_prob),
         "classifier_dropout": None if c.classifier_dropout is None else float(c.classifier_dropout),
         "pad_token_id": c.pad_token_id,
+        "layer_norm": c.layer_norm,
     }
 
 
@@ -327,7 +342,9 @@ class Supernet(nn.Module):
     * every head's context is multiplied by its DARTS weight ``N_H * softmax(alpha_heads[l])_h`` (equation (5),
       rescaled by N_H so that the uniform initial weights are 1 and the supernet starts as the teacher);
     * the FFN activations are multiplied by ``m_ffn[l]`` (Section 5.4.3);
-    * the embedding output and every residual LayerNorm are masked LayerNorms with ``m_e`` (Section 5.4.1).
+    * the embedding output and every residual LayerNorm are masked LayerNorms with ``m_e`` (Section 5.4.1); with a
+      pre-LN teacher they normalise the sub-layer inputs, the two branch outputs are multiplied by ``m_e`` before
+      the residual add, and the final LayerNorm before the pooler is masked too (see the module docstring).
 
     ``gates`` may replace the masks by hard 0/1 gates of an architecture (:meth:`hard_gates`).
     """
@@ -342,6 +359,7 @@ class Supernet(nn.Module):
                                                           c.num_attention_heads, c.intermediate_size)
         self.head_size = self.d // self.n_heads
         self.num_labels = c.num_labels
+        self.pre_ln = c.layer_norm == "pre"
         device = next(teacher.parameters()).device
         self.alpha_embed = nn.Parameter(torch.full((self.d,), alpha_init, device=device))
         self.alpha_qk = nn.Parameter(torch.full((self.n_layers, self.d), alpha_init, device=device))
@@ -415,24 +433,38 @@ class Supernet(nn.Module):
         scale = 1.0 / math.sqrt(dh)
         act = ACT2FN[c.hidden_act]
         for i, layer in enumerate(bert.encoder.layer):
-            sa = layer.attention.self
+            sa, out = layer.attention.self, layer.attention.output
+            # Pre-LN: the attention reads the masked LayerNorm of the stream (zero outside the kept dimensions).
+            h = _masked_layer_norm(x, out.LayerNorm, m_e) if self.pre_ln else x
 
             def split(t: Tensor) -> Tensor:
                 return t.view(batch, n, heads, dh).transpose(1, 2)
 
-            q = split(sa.query(x) * g["qk"][i])
-            k = split(sa.key(x) * g["qk"][i])
-            v = split(sa.value(x) * g["v"][i])
+            q = split(sa.query(h) * g["qk"][i])
+            k = split(sa.key(h) * g["qk"][i])
+            v = split(sa.value(h) * g["v"][i])
             scores = torch.matmul(q, k.transpose(-1, -2)) * scale
             if add_mask is not None:
                 scores = scores + add_mask
             probs = F.dropout(torch.softmax(scores, dim=-1), p_attn)
             context = torch.matmul(probs, v) * g["heads"][i][None, :, None, None]
             context = context.transpose(1, 2).reshape(batch, n, heads * dh)
-            out = layer.attention.output
-            x = _masked_layer_norm(F.dropout(out.dense(context), p_hidden) + x, out.LayerNorm, m_e)
-            inter = act(layer.intermediate.dense(x)) * g["ffn"][i]
-            x = _masked_layer_norm(F.dropout(layer.output.dense(inter), p_hidden) + x, layer.output.LayerNorm, m_e)
+            attn = F.dropout(out.dense(context), p_hidden)
+            if self.pre_ln:
+                # No LayerNorm follows the add, so the branch itself is masked: the output projection's rows
+                # (and bias) outside the kept dimensions would otherwise refill the pruned part of the stream. With
+                # 0/1 gates the logits would not change (every read of the stream is a masked LayerNorm, blind to
+                # those dimensions), but the stream would no longer be the extracted model's padded with zeros,
+                # and with soft masks a dimension's m_e would not scale what the branches write into it.
+                x = x + attn * m_e
+                h = _masked_layer_norm(x, layer.output.LayerNorm, m_e)
+            else:
+                x = h = _masked_layer_norm(attn + x, out.LayerNorm, m_e)
+            inter = act(layer.intermediate.dense(h)) * g["ffn"][i]
+            ffn = F.dropout(layer.output.dense(inter), p_hidden)
+            x = x + ffn * m_e if self.pre_ln else _masked_layer_norm(ffn + x, layer.output.LayerNorm, m_e)
+        if self.pre_ln:
+            x = _masked_layer_norm(x, bert.final_layer_norm, m_e)  # DHTBertModel.final_norm, masked
         pooled = bert.pooler.activation(bert.pooler.dense(x[:, 0]))
         p_cls = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
         return self.net.classifier(F.dropout(pooled, p_cls if dropout else 0.0))
@@ -785,7 +817,12 @@ class _Dense(nn.Module):
 
 
 class _PrunedLayer(nn.Module):
-    """One post-LN layer of :class:`PrunedBert`: heads of their own Q/K and V widths, FFN of its own width."""
+    """One layer of :class:`PrunedBert`: heads of their own Q/K and V widths, FFN of its own width.
+
+    ``arch.layer_norm`` places the two LayerNorms as the teacher's :class:`dht.model.DHTLayer` does: post-LN
+    ``attention_norm(x + attn(x))``, ``output_norm(x + ffn(x))``; pre-LN ``x + attn(attention_norm(x))``,
+    ``x + ffn(output_norm(x))`` (the same teacher LayerNorms are copied into them either way).
+    """
 
     def __init__(self, layer: LayerArch, arch: PrunedArch) -> None:
         super().__init__()
@@ -803,6 +840,7 @@ class _PrunedLayer(nn.Module):
         self.act = ACT2FN[arch.hidden_act]
         self.scale = 1.0 / math.sqrt(arch.head_size)  # the teacher's scale: kept dims see the same logits
         self.p_hidden, self.p_attn = arch.hidden_dropout_prob, arch.attention_probs_dropout_prob
+        self.pre_ln = arch.layer_norm == "pre"
 
     def _attention(self, x: Tensor, add_mask: Tensor | None) -> Tensor:
         if not self.v_widths:
@@ -835,6 +873,9 @@ class _PrunedLayer(nn.Module):
 
     def forward(self, x: Tensor, add_mask: Tensor | None) -> Tensor:
         p = self.p_hidden if self.training else 0.0
+        if self.pre_ln:
+            x = x + F.dropout(self._attention(self.attention_norm(x), add_mask), p, self.training)
+            return x + F.dropout(self.output(self.act(self.intermediate(self.output_norm(x)))), p, self.training)
         x = self.attention_norm(F.dropout(self._attention(x, add_mask), p, self.training) + x)
         inter = self.act(self.intermediate(x))
         return self.output_norm(F.dropout(self.output(inter), p, self.training) + x)
@@ -845,8 +886,10 @@ class PrunedBert(nn.Module):
 
     Hidden (residual-stream) width ``d_e = len(arch.embed_dims)`` everywhere; per layer its own query/key and
     value widths (per head) and FFN width; LayerNorms over the kept dimensions; the pooler maps d_e -> d (the
-    teacher's width) and the classifier d -> num_labels. Post-LN BERT, eager attention (what FlopCounterMode
-    counts).
+    teacher's width) and the classifier d -> num_labels. Eager attention (what FlopCounterMode counts). Post-LN
+    BERT, or pre-LN when the teacher was (``arch.layer_norm``): then ``final_norm`` (the teacher's
+    ``bert.final_layer_norm`` over the kept dimensions) normalises the last hidden states before the pooler; a
+    post-LN model has no ``final_norm``, so its state dict is the one saved before pre-LN existed.
     """
 
     def __init__(self, arch: PrunedArch) -> None:
@@ -858,6 +901,8 @@ class PrunedBert(nn.Module):
         self.token_type_embeddings = nn.Embedding(arch.type_vocab_size, de)
         self.embedding_norm = nn.LayerNorm(de, eps=arch.layer_norm_eps)
         self.layers = nn.ModuleList([_PrunedLayer(layer, arch) for layer in arch.layers])
+        if arch.layer_norm == "pre":
+            self.final_norm = nn.LayerNorm(de, eps=arch.layer_norm_eps)
         self.pooler = _Dense(de, arch.hidden_size)
         self.classifier = _Dense(arch.hidden_size, arch.num_labels)
 
@@ -873,6 +918,8 @@ class PrunedBert(nn.Module):
         add_mask = _additive_mask(attention_mask, x.dtype)
         for layer in self.layers:
             x = layer(x, add_mask)
+        if self.arch.layer_norm == "pre":
+            x = self.final_norm(x)
         pooled = torch.tanh(self.pooler(x[:, 0]))
         p_cls = self.arch.classifier_dropout if self.arch.classifier_dropout is not None else self.arch.hidden_dropout_prob
         return self.classifier(F.dropout(pooled, p_cls if self.training else 0.0, self.training))
@@ -941,6 +988,9 @@ def extract(teacher: DHTForSequenceClassification, result: SearchResult | Pruned
             dst.output.bias.copy_(src.output.dense.bias[e])
             dst.output_norm.weight.copy_(src.output.LayerNorm.weight[e])
             dst.output_norm.bias.copy_(src.output.LayerNorm.bias[e])
+        if arch.layer_norm == "pre":
+            model.final_norm.weight.copy_(bert.final_layer_norm.weight[e])
+            model.final_norm.bias.copy_(bert.final_layer_norm.bias[e])
         model.pooler.weight.copy_(bert.pooler.dense.weight[:, e])
         model.pooler.bias.copy_(bert.pooler.dense.bias)
         model.classifier.weight.copy_(teacher.classifier.weight)
