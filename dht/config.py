@@ -44,6 +44,7 @@ class EmbeddedDatasetSpec(_Strict):
     n_test: Annotated[int, Field(ge=4)] = 1000
     difficulty_mix: tuple[float, float, float] = (0.4, 0.3, 0.3)
     max_length: Annotated[int, Field(ge=8)] = 48
+    alias_hops: Annotated[int, Field(ge=1, le=10)] = 1  # lookups a hard sample takes (chained aliases when > 1)
     seed: int | None = None  # None: the top-level seed
 
     @model_validator(mode="after")
@@ -52,6 +53,15 @@ class EmbeddedDatasetSpec(_Strict):
             raise ValueError(
                 f"difficulty_mix = {list(self.difficulty_mix)}: must be three non-negative shares "
                 "(easy, medium, hard) that sum to 1"
+            )
+        # A hard sample is its 2 x hops definitions (4 words each), >= 2 filler words, a negated distractor and
+        # the 3-word query at the end, plus [CLS]/[SEP]: truncation would cut the query off.
+        longest = 8 * self.alias_hops + 9 + 2
+        if self.alias_hops > 1 and longest > self.max_length:
+            raise ValueError(
+                f"alias_hops = {self.alias_hops}: hard samples take about {longest} tokens, more than max_length = "
+                f"{self.max_length}, and truncation would cut off their query; raise max_length (and "
+                "model.max_position_embeddings) or lower alias_hops"
             )
         return self
 

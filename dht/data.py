@@ -183,7 +183,7 @@ def load_text_dataset(
     if isinstance(spec, EmbeddedDatasetSpec):
         train, test, classes = embedded.generate(
             spec.num_classes, spec.n_train, spec.n_test, spec.seed if spec.seed is not None else seed,
-            tuple(spec.difficulty_mix),
+            tuple(spec.difficulty_mix), hops=spec.alias_hops,
         )
         return TextDataset(train, test, classes, source="embedded",
                            extra={"difficulty_names": list(embedded.DIFFICULTY_NAMES)})

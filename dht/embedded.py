@@ -16,7 +16,10 @@ Every sample is a sequence of filler words with class *keywords* inserted. Three
   third class in its middle (none with two classes), and ends with ``report on alias2`` (the label is B). Both
   classes' keywords appear un-negated, so counting gives chance; the model must find the queried alias, find
   where that alias was defined far back in the sequence, and read the keyword after ``means`` (an
-  induction-style chain of several attention hops).
+  induction-style chain of several attention hops). With ``hops`` > 1 each alias is a *chain*:
+  ``a1 means a2 . a2 means <keyword> .`` for two hops, the definitions of both chains shuffled together, so the
+  answer takes ``hops`` lookups, each depending on the previous one's result (docs/embedded-data.md: a way to
+  make depth matter more; the default stays at one hop).
 
 Two classes: every distractor then belongs to the one other class, and with two negated distractors per
 medium sample and one per hard sample a class's keywords would occur almost as often in the other class's
@@ -84,10 +87,11 @@ def class_vocabulary(num_classes: int) -> dict[str, list[str]]:
 class _Writer:
     """Builds one sample's words; `rng` decides everything so the output is a function of the seed."""
 
-    def __init__(self, rng: np.random.Generator, keywords: list[list[str]], length: tuple[int, int]):
+    def __init__(self, rng: np.random.Generator, keywords: list[list[str]], length: tuple[int, int], hops: int = 1):
         self.rng = rng
         self.keywords = keywords
         self.length = length
+        self.hops = hops
 
     def filler(self, n: int) -> list[str]:
         return [_FILLER[i] for i in self.rng.integers(0, len(_FILLER), size=n)]
@@ -131,14 +135,22 @@ class _Writer:
 
     def hard(self, cls: int) -> list[str]:
         other = self.other_class(cls)
-        a1, a2 = self.rng.choice(len(_ALIASES), size=2, replace=False)
-        alias_true, alias_false = _ALIASES[a1], _ALIASES[a2]
-        defs = [[alias_true, _MEANS, self.keyword(cls), "."], [alias_false, _MEANS, self.keyword(other), "."]]
-        if self.rng.random() < 0.5:
-            defs.reverse()
+        if self.hops == 1:  # the original recipe, kept draw for draw so that its data do not change
+            a1, a2 = self.rng.choice(len(_ALIASES), size=2, replace=False)
+            alias_true, alias_false = _ALIASES[a1], _ALIASES[a2]
+            defs = [[alias_true, _MEANS, self.keyword(cls), "."], [alias_false, _MEANS, self.keyword(other), "."]]
+            if self.rng.random() < 0.5:
+                defs.reverse()
+        else:
+            names = [_ALIASES[i] for i in self.rng.choice(len(_ALIASES), size=2 * self.hops, replace=False)]
+            chains = ((names[: self.hops], self.keyword(cls)), (names[self.hops :], self.keyword(other)))
+            alias_true = chains[0][0][0]
+            defs = [[chain[i], _MEANS, chain[i + 1] if i + 1 < self.hops else word, "."]
+                    for chain, word in chains for i in range(self.hops)]
+            defs = [defs[i] for i in self.rng.permutation(len(defs))]
         pieces = [self.negated(self.other_class(cls))] if len(self.keywords) > 2 else []
-        body = self.scatter(pieces, self.n_filler(14))
-        return defs[0] + defs[1] + body + [*_QUERY, alias_true]
+        body = self.scatter(pieces, self.n_filler(14 + 8 * (self.hops - 1)))
+        return [w for d in defs for w in d] + body + [*_QUERY, alias_true]
 
 
 def generate_split(
@@ -147,17 +159,21 @@ def generate_split(
     seed: int,
     difficulty_mix: tuple[float, float, float] = (0.4, 0.3, 0.3),
     length: tuple[int, int] = (18, 30),
+    hops: int = 1,
 ) -> pd.DataFrame:
-    """`n` samples with columns text, label (0-based), difficulty (0 easy, 1 medium, 2 hard).
+    """`n` samples with columns text, label (0-based), difficulty (0 easy, 1 medium, 2 hard); ``hops``: alias
+    lookups a hard sample's answer takes (at most 10: two chains of distinct aliases).
 
     Deterministic in its arguments. Labels are balanced to within one sample; within each class, difficulty
     levels follow `difficulty_mix` (largest-remainder rounding).
     """
     if n < num_classes:
         raise ValueError(f"n = {n}: need at least one sample per class ({num_classes} classes)")
+    if not 1 <= hops <= len(_ALIASES) // 2:
+        raise ValueError(f"alias_hops = {hops}: must be 1 to {len(_ALIASES) // 2} (two chains of distinct aliases)")
     rng = np.random.default_rng(seed)
     keywords = list(class_vocabulary(num_classes).values())
-    writer = _Writer(rng, keywords, length)
+    writer = _Writer(rng, keywords, length, hops)
 
     labels = np.arange(n) % num_classes
     difficulty = np.empty(n, dtype=np.int64)
@@ -187,9 +203,10 @@ def generate(
     n_test: int,
     seed: int,
     difficulty_mix: tuple[float, float, float] = (0.4, 0.3, 0.3),
+    hops: int = 1,
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Train and test splits (independent seeded streams) and the class names."""
     seeds = np.random.SeedSequence(seed).spawn(2)
-    train = generate_split(n_train, num_classes, int(seeds[0].generate_state(1)[0]), difficulty_mix)
-    test = generate_split(n_test, num_classes, int(seeds[1].generate_state(1)[0]), difficulty_mix)
+    train = generate_split(n_train, num_classes, int(seeds[0].generate_state(1)[0]), difficulty_mix, hops=hops)
+    test = generate_split(n_test, num_classes, int(seeds[1].generate_state(1)[0]), difficulty_mix, hops=hops)
     return train, test, list(class_vocabulary(num_classes))

@@ -104,6 +104,11 @@ def test_pre_ln_only_from_scratch():
     assert "model.residual_init_scale = 0 needs layer_norm: pre" in msg
 
 
+def test_alias_hops_must_fit_max_length():
+    msg = errors_for(lambda r: r["datasets"]["embedded-news"].__setitem__("alias_hops", 5))
+    assert "alias_hops = 5: hard samples take about 51 tokens, more than max_length = 48" in msg
+
+
 def test_unknown_source():
     msg = errors_for(lambda r: r["datasets"]["embedded-news"].__setitem__("source", "ftp"))
     assert "datasets.embedded-news.source = 'ftp': unknown source; allowed: embedded, hub, csv" in msg

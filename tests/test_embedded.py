@@ -67,6 +67,28 @@ def test_difficulty_levels_have_their_structure(num_classes):
             assert sum(neg for _, neg in kws) == (1 if num_classes > 2 else 0)
 
 
+@pytest.mark.parametrize("hops", [2, 3])
+def test_chained_aliases_resolve_to_the_label_in_hops_lookups(hops):
+    vocab = class_vocabulary(4)
+    frame = generate_split(300, 4, seed=6, hops=hops)
+    for text, label, difficulty in frame.itertuples(index=False):
+        if difficulty != 2:
+            continue
+        words = text.split()
+        defs = {}
+        for i in range(0, 8 * hops, 4):  # the definitions open the text
+            alias, means, value, stop = words[i : i + 4]
+            assert alias in _ALIASES and means == "means" and stop == "." and alias not in defs
+            defs[alias] = value
+        lookups, name = 0, words[-1]
+        while name in defs:
+            name, lookups = defs[name], lookups + 1
+        assert lookups == hops and _keyword_classes(name, vocab)[0][0] == label
+        plain = {c for c, neg in _keyword_classes(text, vocab) if not neg}
+        assert label in plain and len(plain) == 2  # the other chain ends in another class: counting cannot decide
+    assert generate_split(300, 4, seed=6)["text"].tolist() != frame["text"].tolist()
+
+
 def test_bag_of_words_cannot_solve_hard_samples():
     """A linear bag-of-words classifier is near perfect on easy samples and near chance on hard ones: the
     hard samples really need composition (this is what makes depth matter)."""

@@ -56,12 +56,12 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
     assert names[:6] == ["download-embedded-news", "download-embedded-sentiment", "tokenize-embedded-news",
                          "tokenize-embedded-sentiment", "arm_features-embedded-news", "arm_features-embedded-sentiment"]
     assert set(names[-4:]) == {"table1", "table2", "figures", "index"} and names[-1] == "index"
-    assert len(names) == 6 + 2 + 10 + 22 + 4
+    assert len(names) == 6 + 2 + 12 + 22 + 4
     # reports, metrics and plots are git-ignored outputs: cached, so that `dvc pull` restores them
     assert "reports/figures/pareto-embedded-news.png" in stages["figures"]["outs"]
     assert names[6:8] == ["flexibert_search-embedded-news", "flexibert_search-embedded-sentiment"]
     assert {f"train-{d}-{m}" for d in ("embedded-news", "embedded-sentiment")
-            for m in ("vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht")} == set(names[8:18])
+            for m in ("vanilla-12", "vanilla-3", "t-dht", "s-dht", "f-dht", "p-dht")} == set(names[8:20])
     flexi = stages["baseline-embedded-news-flexibert-0.25"]
     assert "results/embedded-news/flexibert-search/trace.json" in flexi["deps"]
     assert flexi["cmd"].endswith("--search results/embedded-news/flexibert-search")
@@ -83,7 +83,7 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
 
 def test_dry_run_of_table1(project):
     proc = run_cli(["snakemake", "-n", "--cores", "1", "reports/table1.md"], cwd=project)
-    assert job_counts(proc.stdout) == {"download": 2, "tokenize": 2, "arm_features": 2, "train": 10, "table1": 1}
+    assert job_counts(proc.stdout) == {"download": 2, "tokenize": 2, "arm_features": 2, "train": 12, "table1": 1}
     one = run_cli(["snakemake", "-n", "--cores", "1", "results/embedded-news/t-dht/metrics.json"], cwd=project)
     assert job_counts(one.stdout) == {"download": 1, "tokenize": 1, "arm_features": 1, "train": 1}
     base = run_cli(["snakemake", "-n", "--cores", "1", "results/embedded-news/distil-6/metrics.json"], cwd=project)
@@ -108,7 +108,7 @@ def test_slurm_profile_submits_model_jobs_with_a_gpu_on_the_paper_profile(projec
     assert gpu_jobs["train"] == {True} and gpu_jobs["baseline"] == {True} and gpu_jobs["arm_features"] == {True}
     assert gpu_jobs["flexibert_search"] == {True}
     assert gpu_jobs["tokenize"] == {False} and gpu_jobs["table1"] == {False}
-    assert job_counts(proc.stdout)["train"] == 20  # 4 datasets x 5 models
+    assert job_counts(proc.stdout)["train"] == 24  # 4 datasets x 6 models
     default = run_cli(["snakemake", "-n", "--cores", "1", "results/embedded-news/t-dht/metrics.json"], cwd=project)
     assert "gpu=0" in default.stdout and "gpu=1" not in default.stdout
 
@@ -157,7 +157,7 @@ def test_end_to_end_tiny_then_noop(project):
     assert "| embedded-sentiment | embedded | 2 | 320 | 96 | 40 |" in table
     runs = set(mlflow_runs(project))
     for dataset in ("embedded-news", "embedded-sentiment"):
-        for run in ("tokenize", "arm_features", "vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht",
+        for run in ("tokenize", "arm_features", "vanilla-12", "vanilla-3", "t-dht", "s-dht", "f-dht", "p-dht",
                     "distil-3", "fastbert-0.5", "nas-prune-0.5", "flexibert-search", "flexibert-0.5"):
             assert (dataset, run) in runs
     for baseline in ("distil-3", "fastbert-0.5", "nas-prune-0.5", "flexibert-0.5"):  # the DHT runs' schema
@@ -174,7 +174,7 @@ def test_end_to_end_tiny_then_noop(project):
     assert metrics["n_test"] == 96 and 0 < metrics["infer_flop_ratio"] <= 1
     assert "| t-dht |" in table and "| vanilla-12 | " in table and "## The paper's Table 1" in table
     index = (project / "reports/index.md").read_text()
-    assert index.count("/#/experiments/") == 18  # 2 datasets x 9 models, each linked to its MLflow run
+    assert index.count("/#/experiments/") == 20  # 2 datasets x 10 models, each linked to its MLflow run
     assert "](../results/embedded-news/flexibert-search/search.png)" in index
     trace = json.loads((project / "results/embedded-news/flexibert-search/trace.json").read_text())
     assert len(trace["queries"]) == 3 and all(q["flop_ratio"] <= 0.5 for q in trace["queries"])

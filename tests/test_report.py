@@ -42,7 +42,7 @@ def cfg():
 
 
 def write_results(root, dataset, accuracy):
-    for i, model in enumerate(MODELS + BASELINES):
+    for i, model in enumerate(MODELS + BASELINES + ["vanilla-3"]):
         path = root / "results" / dataset / model / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({
