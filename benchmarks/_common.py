@@ -20,8 +20,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-# What a fresh clone has (tests/conftest.py copies the same): the workflow, the library and the config.
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Interleaved timing
