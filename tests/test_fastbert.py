@@ -314,3 +314,27 @@ def test_bad_arguments(distilled):
         exit_flops(0, SEQ, distilled["teacher"].config)
     with pytest.raises(ValueError, match="convention"):
         classifier_flops(SEQ, 48, LABELS, "thop")  # type: ignore[arg-type]
+
+
+def test_pre_ln_exits_read_the_normalised_states():
+    """With a pre-LN backbone every exit reads a layer's state through the teacher's final LayerNorm, in training
+    (backbone_states) and in adaptive inference (predict_fastbert) alike."""
+    torch.manual_seed(0)
+    teacher = DHTForSequenceClassification(DHTConfig(**TINY, layer_norm="pre", residual_init_scale=0.5)).eval()
+    with torch.no_grad():  # a trained-looking final LayerNorm (at init it is nearly the identity on these states)
+        teacher.bert.final_layer_norm.weight.normal_(1.0, 0.5)
+        teacher.bert.final_layer_norm.bias.normal_(0.0, 0.5)
+    torch.manual_seed(1)
+    fb = FastBERT(teacher).eval()
+    data = make_data(24, seed=5)
+    states, _, _ = fb.backbone_states(data.input_ids, data.attention_mask)
+    with torch.no_grad():
+        raw = teacher(input_ids=data.input_ids, attention_mask=data.attention_mask, output_hidden_states=True)
+    for layer, state in enumerate(states):
+        torch.testing.assert_close(state, teacher.bert.final_layer_norm(raw.hidden_states[layer + 1]))
+        assert (state - raw.hidden_states[layer + 1]).abs().max() > 1e-2  # the norm is not a no-op here
+    u = fb.uncertainties(data.input_ids, data.attention_mask)
+    speed = float(u[:, 0].median())
+    pred = predict_fastbert(fb, data, speed, CPU, 8, SEQ)
+    assert torch.equal(pred.layers, expected_exits(u, speed))
+    assert bool((pred.layers == 1).any()) and bool((pred.layers > 1).any())
