@@ -84,14 +84,6 @@ def class_vocabulary(num_classes: int) -> dict[str, list[str]]:
     return {name: words.split() for name, words in list(pools.items())[:num_classes]}
 
 
-def vocabulary(num_classes: int) -> list[str]:
-    """Every word the generator can write for `num_classes` classes (keywords, filler, negators, the alias
-    machinery), in a fixed order: a word-level vocabulary that covers any sample of any seed."""
-    words = [w for kws in class_vocabulary(num_classes).values() for w in kws]
-    words += [*_FILLER, *_NEGATORS, *_ALIASES, _MEANS, ".", *_QUERY]
-    return list(dict.fromkeys(words))
-
-
 class _Writer:
     """Builds one sample's words; `rng` decides everything so the output is a function of the seed."""
 

@@ -39,7 +39,18 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
-from dht.embedded import _ALIASES, _FILLER, DIFFICULTY_NAMES, class_vocabulary, generate_split, vocabulary
+# The generator's own word lists (private: dht/embedded.py is an input of the pipeline's data stage, so the probe
+# reads them rather than adding to that module and making every pipeline output out of date).
+from dht.embedded import (
+    _ALIASES,
+    _FILLER,
+    _MEANS,
+    _NEGATORS,
+    _QUERY,
+    DIFFICULTY_NAMES,
+    class_vocabulary,
+    generate_split,
+)
 from dht.model import DHTConfig, DHTForSequenceClassification
 
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
@@ -86,6 +97,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
+
+
+def vocabulary(num_classes: int) -> list[str]:
+    """Every word the embedded generator can write for `num_classes` classes, in a fixed order: a word-level
+    vocabulary that covers any sample of any seed."""
+    words = [w for kws in class_vocabulary(num_classes).values() for w in kws]
+    words += [*_FILLER, *_NEGATORS, *_ALIASES, _MEANS, ".", *_QUERY]
+    return list(dict.fromkeys(words))
+
 
 
 def encode(texts: list[str], index: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:

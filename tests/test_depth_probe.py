@@ -85,3 +85,11 @@ def test_impossible_settings_are_refused_by_name(probe, capsys, argv, message):
     with pytest.raises(SystemExit):
         probe.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("num_classes,hops", [(2, 1), (4, 1), (4, 3), (8, 2)])
+def test_vocabulary_covers_every_generated_word(probe, num_classes, hops):
+    words = probe.vocabulary(num_classes)
+    assert len(words) == len(set(words))
+    frame = probe.generate_split(300, num_classes, seed=5, hops=hops)
+    assert set(" ".join(frame["text"]).split()) <= set(words)

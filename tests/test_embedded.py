@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dht.embedded import _ALIASES, _NEGATORS, class_vocabulary, generate, generate_split, vocabulary
+from dht.embedded import _ALIASES, _NEGATORS, class_vocabulary, generate, generate_split
 
 
 def test_same_seed_same_data_other_seed_other_data():
@@ -120,12 +120,3 @@ def test_keywords_still_point_to_their_class_with_two_classes():
 def test_unsupported_class_count():
     with pytest.raises(ValueError, match="2 to 8 classes"):
         class_vocabulary(9)
-
-
-@pytest.mark.parametrize("num_classes,hops", [(2, 1), (4, 1), (4, 3), (8, 2)])
-def test_vocabulary_covers_every_generated_word(num_classes, hops):
-    words = vocabulary(num_classes)
-    assert len(words) == len(set(words))
-    frame = generate_split(300, num_classes, seed=5, hops=hops)
-    assert set(" ".join(frame["text"]).split()) <= set(words)
-    assert set(class_vocabulary(num_classes)["world" if num_classes > 2 else "positive"]) <= set(words)
