@@ -20,9 +20,9 @@ Two tasks, each training one DHT encoder (dht.model, pre-LN + SkipInit as the de
 
 Examples (times on one core of the development machine)::
 
-    python experiments/depth_probe.py classify --layers 3 12 --epochs 3            # the default budget, ~3 min
+    python experiments/depth_probe.py classify --layers 3 12 --epochs 3            # the default budget, ~2 min
     python experiments/depth_probe.py classify --layers 3 --mix 0 0 1 --n-train 64000 --epochs 1   # fresh data
-    python experiments/depth_probe.py recall --layers 2 --steps 5000 --eval-every 500               # ~4 min
+    python experiments/depth_probe.py recall --layers 2 --steps 5000 --eval-every 500               # ~5 min
 
 One JSON line per evaluation on stdout; ``--out`` also writes the final results as JSON.
 """
