@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--nq {args.nq}: must be 1 to --ndef ({args.ndef}), each query asks a different alias")
         if args.ndef * args.hops > 20:
             parser.error(f"--ndef {args.ndef} x --hops {args.hops} needs more than the generator's 20 aliases")
+    if args.task == "classify" and (min(args.mix) < 0 or abs(sum(args.mix) - 1.0) > 1e-6):
+        shares = " ".join(map(str, args.mix))
+        parser.error(f"--mix {shares}: the easy, medium and hard shares must be >= 0 and sum to 1")
     if args.hidden % args.heads:
         parser.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
     return args
@@ -105,7 +108,6 @@ def vocabulary(num_classes: int) -> list[str]:
     words = [w for kws in class_vocabulary(num_classes).values() for w in kws]
     words += [*_FILLER, *_NEGATORS, *_ALIASES, _MEANS, ".", *_QUERY]
     return list(dict.fromkeys(words))
-
 
 
 def encode(texts: list[str], index: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:

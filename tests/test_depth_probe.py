@@ -80,6 +80,7 @@ def test_recall_texts_ask_back_what_they_define(probe):
     (["recall", "--ndef", "2", "--nq", "3"], "--nq 3"),
     (["recall", "--ndef", "8", "--hops", "3"], "20 aliases"),
     (["classify", "--hidden", "30", "--heads", "4"], "not divisible"),
+    (["classify", "--mix", "0.5", "0.5", "0.5"], "sum to 1"),
 ])
 def test_impossible_settings_are_refused_by_name(probe, capsys, argv, message):
     with pytest.raises(SystemExit):
