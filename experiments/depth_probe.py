@@ -155,10 +155,8 @@ def build(args: argparse.Namespace, layers: int, vocab_size: int, num_labels: in
 
 
 def token_states(model: DHTForSequenceClassification, ids: torch.Tensor) -> torch.Tensor:
-    """Every token's final (normalised) state: what a masked-LM head reads."""
-    bert = model.bert
-    states, _ = bert.encoder(bert.embeddings(ids), None, None, None, "sliced", "sdpa", False)
-    return bert.final_norm(states)
+    """Every token's final state (pre-LN's final LayerNorm applied): what a masked-LM head reads."""
+    return model(input_ids=ids).last_hidden_state
 
 
 def optimiser(params: list[torch.nn.Parameter], args: argparse.Namespace, steps: int):
