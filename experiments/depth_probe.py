@@ -11,7 +11,8 @@ Two tasks, each training one DHT encoder (dht.model, pre-LN + SkipInit as the de
     The embedded classification data (dht.embedded.generate_split) with the given classes, difficulty mix and
     alias hops; accuracy on a held-out split, overall and per difficulty level. ``--n-train`` samples are seen
     ``--epochs`` times; ``--epochs 1`` with a large ``--n-train`` gives every step fresh samples, which tells
-    "not learnable in this many steps" apart from "memorised the training set".
+    "not learnable in this many steps" apart from "memorised the training set". ``--curriculum 1 2 3`` trains
+    in stages of growing hop counts (equal shares of ``--n-train``, in order) and still tests on ``--hops``.
 ``recall``
     Multi-query associative recall as masked-LM, the skill a hard sample needs, with a dense signal: each text
     defines ``--ndef`` aliases (``vega means stadium .``, or chains of ``--hops`` aliases) and asks ``--nq`` of
@@ -80,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     classify.add_argument("--n-test", type=int, default=800)
     classify.add_argument("--epochs", type=int, default=3)
     classify.add_argument("--mix", type=float, nargs=3, default=[0.4, 0.3, 0.3], metavar=("EASY", "MEDIUM", "HARD"))
+    classify.add_argument("--curriculum", type=int, nargs="+", metavar="HOPS",
+                          help="train in stages of these hop counts, in order, each on an equal share of "
+                               "--n-train (e.g. 1 2 3); the test split keeps --hops")
     recall = parser.add_argument_group("recall")
     recall.add_argument("--steps", type=int, default=1500)
     recall.add_argument("--ndef", type=int, default=4, help="alias chains defined per text")
@@ -94,6 +98,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.task == "classify" and (min(args.mix) < 0 or abs(sum(args.mix) - 1.0) > 1e-6):
         shares = " ".join(map(str, args.mix))
         parser.error(f"--mix {shares}: the easy, medium and hard shares must be >= 0 and sum to 1")
+    if args.curriculum is not None:
+        if args.task != "classify":
+            parser.error("--curriculum is a classify option (recall draws fresh texts of --hops every step)")
+        if not all(1 <= h <= 10 for h in args.curriculum):
+            parser.error(f"--curriculum {' '.join(map(str, args.curriculum))}: hop counts must be 1 to 10")
+        if args.n_train // len(args.curriculum) < args.batch_size:
+            parser.error(f"--n-train {args.n_train} gives each of the {len(args.curriculum)} curriculum stages "
+                         f"less than one batch (--batch-size {args.batch_size})")
     if args.hidden % args.heads:
         parser.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
     return args
@@ -141,6 +153,17 @@ def recall_batch(rng: np.random.Generator, args: argparse.Namespace, index: dict
     return torch.tensor(ids), torch.tensor(labels)  # one length: every text has the same shape
 
 
+def stage_batches(sizes: list[int], batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Row indices of one epoch's batches over stages of `sizes` rows stored one after the other: the stages in
+    order, each shuffled on its own, a stage's last partial batch dropped. One stage is a plain shuffle."""
+    batches, start = [], 0
+    for size in sizes:
+        perm = start + torch.randperm(size, generator=generator)
+        batches += [perm[b * batch_size:(b + 1) * batch_size] for b in range(size // batch_size)]
+        start += size
+    return batches
+
+
 # ---- model -----------------------------------------------------------------------------------------------------
 
 
@@ -181,16 +204,19 @@ def step(loss: torch.Tensor, params: list[torch.nn.Parameter], opt, schedule, wh
 def run_classify(args: argparse.Namespace, layers: int, emit) -> dict:
     torch.manual_seed(args.seed)
     mix = tuple(args.mix)
-    train = generate_split(args.n_train, args.classes, 1 + 10 * args.seed, mix, hops=args.hops)
+    stages = args.curriculum or [args.hops]
+    # stage 0 keeps the single-stage seed, so a run without --curriculum draws the data it always drew
+    train = [generate_split(args.n_train // len(stages), args.classes, 1 + 10 * args.seed + 100 * s, mix, hops=h)
+             for s, h in enumerate(stages)]
     test = generate_split(args.n_test, args.classes, 2 + 10 * args.seed, mix, hops=args.hops)
     index = {w: i for i, w in enumerate(SPECIALS + vocabulary(args.classes))}
-    x, mask = encode(list(train["text"]), index)
-    y = torch.tensor(train["label"].to_numpy())
+    x, mask = encode([t for split in train for t in split["text"]], index)
+    y = torch.tensor(np.concatenate([split["label"].to_numpy() for split in train]))
     xt, mask_t = encode(list(test["text"]), index)
     yt, level = test["label"].to_numpy(), test["difficulty"].to_numpy()
     model = build(args, layers, len(index), args.classes, max(x.shape[1], xt.shape[1]))
     params = list(model.parameters())
-    per_epoch = len(x) // args.batch_size
+    per_epoch = sum(len(split) // args.batch_size for split in train)
     if per_epoch == 0:
         raise SystemExit(f"--n-train {args.n_train} is smaller than one batch (--batch-size {args.batch_size})")
     total = per_epoch * args.epochs
@@ -213,9 +239,7 @@ def run_classify(args: argparse.Namespace, layers: int, emit) -> dict:
     started, done = time.time(), 0
     model.train()
     for epoch in range(args.epochs):
-        perm = torch.randperm(len(x), generator=order)
-        for b in range(per_epoch):
-            rows = perm[b * args.batch_size:(b + 1) * args.batch_size]
+        for b, rows in enumerate(stage_batches([len(split) for split in train], args.batch_size, order)):
             width = int(mask[rows].sum(1).max())  # trim padding: it costs without changing anything
             loss = model(input_ids=x[rows, :width], attention_mask=mask[rows, :width], labels=y[rows]).loss
             step(loss, params, opt, schedule, f"epoch {epoch}, batch {b}")

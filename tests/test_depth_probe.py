@@ -51,6 +51,38 @@ def test_classify_reports_every_level_and_depth_and_is_deterministic(probe, tmp_
     assert _without_time(probe.main(args)) == _without_time(first)
 
 
+def test_stage_batches_train_the_stages_in_order_each_row_once(probe):
+    import torch
+
+    batches = probe.stage_batches([40, 25, 33], 8, torch.Generator().manual_seed(0))
+    stage_of = [0 if int(r) < 40 else 1 if int(r) < 65 else 2 for rows in batches for r in rows]
+    assert stage_of == sorted(stage_of)  # every batch of stage 1 before any of stage 2, never mixed
+    assert [sum(s == k for s in stage_of) for k in range(3)] == [40, 24, 32]  # partial batches dropped per stage
+    assert all(len(rows) == 8 for rows in batches)
+    rows = torch.cat(batches)
+    assert len(set(rows.tolist())) == len(rows)  # shuffled within a stage, no row twice
+    assert rows[:40].tolist() != list(range(40))
+
+
+def test_curriculum_trains_every_stage_and_tests_on_the_final_hops(probe, tmp_path, monkeypatch):
+    drawn = []
+    generate = probe.generate_split
+
+    def recording(n, num_classes, seed, mix, hops):
+        drawn.append((n, hops))
+        return generate(n, num_classes, seed, mix, hops=hops)
+
+    monkeypatch.setattr(probe, "generate_split", recording)
+    args = ["classify", "--layers", "1", "--mix", "0", "0", "1", "--curriculum", "1", "3", "--hops", "3",
+            "--n-train", "96", "--n-test", "40", "--epochs", "1", *SMALL, "--out", str(tmp_path / "c.json")]
+    (result,) = probe.main(args)
+    assert drawn == [(48, 1), (48, 3), (40, 3)]  # half of --n-train per stage; the test split at --hops
+    assert result["step"] == 2 * (48 // 16)  # both stages' batches were trained
+    assert result["accuracy"] == result["hard"]
+    assert json.loads((tmp_path / "c.json").read_text())["args"]["curriculum"] == [1, 3]
+    assert _without_time(probe.main(args)) == [_without_time([result])[0]]
+
+
 def test_recall_learns_a_single_definition(probe):
     # One definition per text: recalling it needs no binding, so accuracy must leave the ~0 of an untrained head.
     (result,) = probe.main(["recall", "--layers", "1", "--ndef", "1", "--nq", "1", "--steps", "200", *SMALL])
@@ -81,6 +113,9 @@ def test_recall_texts_ask_back_what_they_define(probe):
     (["recall", "--ndef", "8", "--hops", "3"], "20 aliases"),
     (["classify", "--hidden", "30", "--heads", "4"], "not divisible"),
     (["classify", "--mix", "0.5", "0.5", "0.5"], "sum to 1"),
+    (["recall", "--curriculum", "1", "2"], "classify option"),
+    (["classify", "--curriculum", "1", "11"], "1 to 10"),
+    (["classify", "--curriculum", "1", "2", "3", "--n-train", "90", "--batch-size", "32"], "less than one batch"),
 ])
 def test_impossible_settings_are_refused_by_name(probe, capsys, argv, message):
     with pytest.raises(SystemExit):
