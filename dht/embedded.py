@@ -18,8 +18,9 @@ Every sample is a sequence of filler words with class *keywords* inserted. Three
   where that alias was defined far back in the sequence, and read the keyword after ``means`` (an
   induction-style chain of several attention hops). With ``hops`` > 1 each alias is a *chain*:
   ``a1 means a2 . a2 means <keyword> .`` for two hops, the definitions of both chains shuffled together, so the
-  answer takes ``hops`` lookups, each depending on the previous one's result (docs/embedded-data.md: a way to
-  make depth matter more; the default stays at one hop).
+  answer takes ``hops`` lookups, each depending on the previous one's result (meant to make depth matter more;
+  docs/embedded-data.md measures that, taught in stages, 3 layers resolve such chains as well as 12 do; the
+  default stays at one hop).
 
 Two classes: every distractor then belongs to the one other class, and with two negated distractors per
 medium sample and one per hard sample a class's keywords would occur almost as often in the other class's
