@@ -25,18 +25,41 @@ from dht.data import TextDataset
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def train_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, lowercase: bool = True):
+def train_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, lowercase: bool = True,
+                    limit_alphabet: int = 1000):
     """A BERT-style WordPiece tokenizer (BERT normalizer and pre-tokenizer, [CLS] x [SEP]) trained on `texts`,
-    wrapped as a transformers tokenizer so it saves and loads with save_pretrained/AutoTokenizer."""
+    wrapped as a transformers tokenizer so it saves and loads with save_pretrained/AutoTokenizer.
+
+    Deterministic: the same texts give the same vocabulary, ids included, in every process. The library's trainer
+    alone does not (huggingface/tokenizers#1794): it gives the ``##c`` continuing-subword tokens their ids in
+    hash-map order, and those ids break ties between equally frequent merges, so two runs on the same data
+    learned different vocabularies (and every model trained on them different metrics). So the alphabet is
+    chosen here (the `limit_alphabet` most frequent characters, ties by code point) and its ``##c`` tokens are
+    handed to the trainer up front, which then assigns every id in a fixed order; the trained vocabulary is
+    rebuilt into a plain WordPiece tokenizer whose only special tokens are SPECIAL_TOKENS.
+    """
+    from collections import Counter
+
     from tokenizers.implementations import BertWordPieceTokenizer
     from transformers import BertTokenizerFast
 
+    texts = list(texts)
     wp = BertWordPieceTokenizer(lowercase=lowercase)
+    normalize, split = wp._tokenizer.normalizer.normalize_str, wp._tokenizer.pre_tokenizer.pre_tokenize_str
+    chars: Counter[str] = Counter()
+    for text in texts:
+        for word, _ in split(normalize(text)):
+            chars.update(word)
+    alphabet = sorted(c for c, _ in sorted(chars.items(), key=lambda kv: (-kv[1], kv[0]))[:limit_alphabet])
     wp.train_from_iterator(
-        texts, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+        texts, vocab_size=vocab_size, min_frequency=min_frequency, limit_alphabet=len(alphabet),
+        initial_alphabet=alphabet, special_tokens=SPECIAL_TOKENS + [f"##{c}" for c in alphabet],
         show_progress=False,
     )
-    return BertTokenizerFast(tokenizer_object=wp._tokenizer, do_lower_case=lowercase)
+    # Rebuilt from the vocabulary so that the ##c tokens are ordinary entries, not special tokens that would be
+    # split out of raw text and dropped by decode(skip_special_tokens=True).
+    plain = BertWordPieceTokenizer(vocab=wp.get_vocab(), lowercase=lowercase)
+    return BertTokenizerFast(tokenizer_object=plain._tokenizer, do_lower_case=lowercase)
 
 
 def load_pretrained_tokenizer(name_or_path: str):

@@ -39,6 +39,28 @@ def test_wordpiece_round_trip_through_save_pretrained(tmp_path, corpus):
     assert loaded.pad_token_id == 0
 
 
+def test_wordpiece_training_is_deterministic(corpus):
+    # The library's trainer alone learned a different vocabulary on most calls (huggingface/tokenizers#1794):
+    # eight calls gave eight vocabularies on the embedded data, so the same seed gave other metrics per run.
+    vocabs = {json.dumps(train_wordpiece(corpus.train["text"], vocab_size=300).get_vocab(), sort_keys=True)
+              for _ in range(6)}
+    assert len(vocabs) == 1
+    vocab = json.loads(vocabs.pop())
+    assert len(vocab) == 300
+    # the continuing-subword tokens handed to the trainer are ordinary vocabulary, not special tokens
+    tok = train_wordpiece(corpus.train["text"], vocab_size=300)
+    assert set(tok.all_special_tokens) == set(SPECIAL_TOKENS) and "##e" in vocab
+    ids = tok("officials said the stadium")["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == "officials said the stadium"
+
+
+def test_wordpiece_alphabet_limit_keeps_the_most_frequent_characters():
+    tok = train_wordpiece(["aaaa bbb cc d"] * 3, vocab_size=50, min_frequency=1, limit_alphabet=2)
+    vocab = tok.get_vocab()
+    assert {"a", "b", "##a", "##b"} <= vocab.keys() and not {"c", "d", "##c"} & vocab.keys()
+    assert tok.tokenize("cab") == ["[UNK]"]  # a word with a character outside the alphabet is unknown whole
+
+
 def test_unknown_words_are_split_into_pieces_not_lost(corpus):
     tok = train_wordpiece(corpus.train["text"], vocab_size=1000, min_frequency=1)  # room for every word
     pieces = tok.tokenize("goalkeeperish")
