@@ -25,11 +25,29 @@ and once per sample the pooler 2 * d * d and classifier 2 * d * num_labels, on t
 implementation pools only that token). A layer with H = 0 costs only its FFN: the sliced path computes nothing
 for it (its attention output is the output-projection bias).
 
-Training (``train_flops``) uses the usual convention backward = 2 x forward (one matmul for the gradient of the
-activations, one for the gradient of the weights; Kaplan et al. 2020), for every layer run with gradient, plus
-the DHT-specific no-grad pass of the first b layers that produces the bandits' state S1 (Section 4.2.1, step 1):
-forward only, all heads, no pooler/classifier. The reference for training ratios is 12-VaBERT's training step,
-which has no S1 pass (Section 6.2, BL1).
+Training FLOPs are counted by one function, :func:`train_flops` (the trainer's accounting, the 12-VaBERT reference
+and :func:`plan_flops` in ``mode="train"`` all call it). It counts what autograd computes, matmul by matmul: the
+backward of ``y = x W`` is ``dx = dy W^T`` (only when x needs a gradient) and ``dW = x^T dy`` (only when W trains),
+each as many FLOPs as the forward matmul. So, per layer of the path:
+
+* a layer that trains, with a gradient flowing in from below (embeddings or a lower layer train): 2 x forward
+  (Kaplan et al. 2020's usual convention);
+* a frozen layer with a gradient flowing through it (``p_dht_freeze: last_two``: the tail is frozen, lower layers
+  train): the activation gradients only, 1 x its Linear FLOPs + 2 x its attention matmuls (QK^T and AV have no
+  weights: both of their operands need gradients);
+* a frozen layer with nothing trainable below it (``all_but_last_two``: the trainer runs it under ``no_grad``):
+  forward only;
+* the lowest layer that trains when nothing below it needs a gradient: 2 x forward, except that in a post-LN
+  layer the Q/K/V projections read the layer input itself, which needs no gradient, so their dx matmuls are
+  skipped (1 x their FLOPs instead of 2 x). In a pre-LN layer they read ``LayerNorm(x)``, whose weight trains, so
+  dx is computed (and LayerNorm's own backward stops there).
+
+Plus the pooler and classifier (2 x forward), and the forward-only no-grad passes of a DHT step: the S1 pass of the
+first b layers (Section 4.2.1, step 1: all heads, no pooler/classifier) and, with ``dht.decision_states: clean``,
+the eval-mode pass that gives UCB_H and the TSB their states (the path's first layers, up to the start of its last
+head group; docs/training.md). The reference for training ratios is 12-VaBERT's training step, which has neither
+(Section 6.2, BL1). tests/test_training_flops.py checks the count against ``FlopCounterMode`` on real training
+steps of the trainer, for every ``p_dht_freeze`` reading, pre- and post-LN.
 """
 
 from collections.abc import Collection, Mapping, Sequence
@@ -66,6 +84,7 @@ class FlopShape:
     num_hidden_layers: int
     num_labels: int
     fixed_layers: int = 3
+    layer_norm: str = "post"  # "post" (BERT) or "pre": decides one backward matmul (see train_flops)
 
     @property
     def head_size(self) -> int:
@@ -93,9 +112,12 @@ class FlopShape:
             num_hidden_layers=int(get("num_hidden_layers")),
             num_labels=int(get("num_labels", 2)),
             fixed_layers=int(get("fixed_layers", 3)),
+            layer_norm=str(get("layer_norm", "post")),  # BertConfig has none: BERT is post-LN
         )
         if shape.hidden_size % shape.num_attention_heads:
             raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if shape.layer_norm not in ("post", "pre"):
+            raise ValueError(f"layer_norm must be 'post' or 'pre', got {shape.layer_norm!r}")
         return shape
 
 
@@ -164,31 +186,56 @@ def train_flops(
     fixed_layers: int | None = None,
     include_s1: bool = True,
     frozen_layers: Collection[int] = (),
+    embeddings_train: bool = True,
+    decision_layers: int = 0,
 ) -> int:
-    """FLOPs of one DHT training step for one sample (Section 4.2.1, steps 1-4).
+    """FLOPs of one DHT training step for one sample (Section 4.2.1, steps 1-4): the one training-FLOP count.
 
-    = forward (the plan, with gradient) + backward (2 x forward of every layer that trains, and of the pooler and
-    classifier) + the S1 pass (the first ``fixed_layers`` = b layers, all heads, forward only, no classifier).
+    = forward of the path (with gradient) + its backward, as autograd computes it (module docstring: 2 x forward
+    for layers that train, less for frozen ones and for the lowest trainable layer when nothing below it needs a
+    gradient; 2 x the pooler and classifier) + the no-grad S1 pass (the first ``fixed_layers`` = b layers, all
+    heads, forward only, no classifier) + the no-grad decision pass (the path's first ``decision_layers`` layers
+    with the path's heads, forward only, no classifier).
 
     Args:
         fixed_layers: b; defaults to ``config_like.fixed_layers`` (3 when absent).
-        include_s1: False gives a plain fine-tuning step (the 12-VaBERT reference).
-        frozen_layers: indices of layers whose weights do not train (e.g. a P-DHT reading, Section 6.1). Their
-            backward still propagates activation gradients (1 x their Linear FLOPs + 2 x their attention matmuls),
-            assuming something below them (embeddings or lower layers) trains.
+        include_s1: False gives a step without the S1 pass (12-VaBERT's, the reference).
+        frozen_layers: indices of path layers whose weights do not train (P-DHT, Section 6.1). Their backward
+            costs the activation gradients when a gradient flows through them, nothing when it does not.
+        embeddings_train: whether the embeddings train, i.e. whether layer 0's input needs a gradient (False
+            with ``p_dht_freeze: all_but_last_two``).
+        decision_layers: layers of the eval-mode pass that gives UCB_H and the TSB clean states
+            (``dht.decision_states: clean``): the start of the path's last head group, 0 without one.
     """
     _check_convention(convention)
     shape = FlopShape.of(config_like)
     b = shape.fixed_layers if fixed_layers is None else fixed_layers
     if not 0 <= b <= shape.num_hidden_layers:
         raise ValueError(f"fixed_layers must be in [0, {shape.num_hidden_layers}], got {b}")
+    if not 0 <= decision_layers <= len(heads_per_layer):
+        raise ValueError(f"decision_layers must be in [0, {len(heads_per_layer)}], got {decision_layers}")
     fwd = forward_flops(seq_len, heads_per_layer, shape, convention)
-    bwd = 2 * _classifier_flops(shape)
+    bwd = 0
+    grad_in = embeddings_train  # does the input of the current layer need a gradient?
     for layer, heads in enumerate(heads_per_layer):
         linear, attention = _layer_parts(seq_len, int(heads), shape, convention)
-        bwd += linear + 2 * attention if layer in frozen_layers else 2 * (linear + attention)
+        trains = layer not in frozen_layers
+        if not (trains or grad_in):
+            continue  # nothing below or in it trains: no backward (the trainer runs it under no_grad)
+        bwd += linear + 2 * attention  # activation gradients: dx of every Linear, both operands of QK^T and AV
+        if trains:
+            bwd += linear  # weight gradients
+        if not grad_in and shape.layer_norm == "post":
+            bwd -= 2 * 3 * seq_len * shape.hidden_size * int(heads) * shape.head_size  # no dx for Q/K/V
+        grad_in = True
+    # Pooler and classifier train; the pooler's input needs a gradient unless nothing below it does (never in
+    # the trainer: some layer always trains, and pre-LN's final LayerNorm trains with the classifier).
+    pooler = 2 * shape.hidden_size * shape.hidden_size
+    bwd += 2 * _classifier_flops(shape) - (0 if grad_in or shape.layer_norm == "pre" else pooler)
     s1 = forward_flops(seq_len, [shape.num_attention_heads] * b, shape, convention, include_classifier=False)
-    return fwd + bwd + (s1 if include_s1 else 0)
+    decision = forward_flops(seq_len, list(heads_per_layer)[:decision_layers], shape, convention,
+                             include_classifier=False)
+    return fwd + bwd + (s1 if include_s1 else 0) + decision
 
 
 def full_model_flops(
@@ -258,9 +305,9 @@ def plan_flops(
 ) -> torch.Tensor:
     """Per-sample FLOPs (LongTensor[B]) of an execution plan, the ``depth``/``heads`` of the model's forward.
 
-    Vectorised so the trainer can sum selections cheaply. Agrees with :func:`forward_flops` /
-    :func:`train_flops` (the S1 pass included in ``mode="train"``) sample by sample. Head rows of layers
-    >= depth[i] are ignored, as in the model.
+    Vectorised for inference; ``mode="train"`` calls :func:`train_flops` per sample (every layer trains, the S1
+    pass included unless ``include_s1=False``). Agrees with :func:`forward_flops` / :func:`train_flops` sample by
+    sample. Head rows of layers >= depth[i] are ignored, as in the model.
 
     Args:
         depth: LongTensor[B] or None (all layers). heads: BoolTensor[B, N_L, N_H] or None (all heads).
@@ -308,6 +355,9 @@ def plan_flops(
     forward = (per_head_linear + per_head_attention) * total_heads + ffn * depth_t + head
     if mode == "inference":
         return forward
-    b = shape.fixed_layers if fixed_layers is None else fixed_layers
-    s1 = b * ((per_head_linear + per_head_attention) * num_heads + ffn)
-    return 3 * forward + (s1 if include_s1 else 0)
+    # Training: the one count (train_flops), sample by sample.
+    rows = (per_layer * ran).tolist()
+    return torch.tensor(
+        [train_flops(length, row[:layers], shape, convention, fixed_layers=fixed_layers, include_s1=include_s1)
+         for length, row, layers in zip(n.tolist(), rows, depth_t.tolist(), strict=True)],
+        dtype=torch.long, device=device)

@@ -43,7 +43,7 @@ from dht.arm_features import arm_layer_heads, arm_matrix
 from dht.bandits import LinUCB, LogisticThompsonHeads, RewardBaseline, reward_delta, ts_reward
 from dht.config import Config, ModeConfig, parse_arm
 from dht.features import PoolingSpec, RunningNormalizer
-from dht.flops import forward_flops, full_model_flops, layer_flops
+from dht.flops import forward_flops, full_model_flops, train_flops
 from dht.model import DHTForSequenceClassification
 
 POLICY_FILE = "dht_policy.json"
@@ -360,7 +360,6 @@ class Trainer:
             self.optimizer, lambda s: min((s + 1) / max(warm, 1), max(0.0, (total - s) / max(total - warm, 1))))
         self.progress = Progress()
         self.reference_step = full_model_flops(seq_len, model.config, "full", "train")
-        self._flops_cache: dict[int, int] = {}  # layer FLOPs by number of heads kept
 
     # ---- which policy is active ----------------------------------------------------------------------------
 
@@ -390,9 +389,9 @@ class Trainer:
                 break
             info = policy.choose_heads(g, hidden.detach(), mask, arm, greedy=False, learn=True)
             stop = min(group.stop, layers)
-            plan = info["plan"][:, : stop - group.start].to(self.device)
-            hidden = self._run(hidden, keep, group.start, stop, plan, trainable)
-            heads_rows[:, group.start : stop] = info["counts"][:, : stop - group.start]
+            plan = info["plan"][:, : stop - group.start]
+            hidden = self._run(hidden, keep, group.start, stop, plan.to(self.device), trainable)
+            heads_rows[:, group.start : stop] = plan.sum(dim=2)
             groups.append(info)
         logits = model.classify(hidden)
         per_sample = F.cross_entropy(logits, labels, reduction="none")
@@ -445,29 +444,23 @@ class Trainer:
                     hidden = self.model.run_layers(hidden, keep, layer, layer + 1, sub)
         return hidden
 
-    def _layer_flops(self, heads: int) -> int:
-        if heads not in self._flops_cache:
-            self._flops_cache[heads] = layer_flops(self.seq_len, heads, self.model.config, "full")
-        return self._flops_cache[heads]
-
     def _account(self, policy: Policy, layers: int, heads_rows: Tensor, trainable: set[int],
                  groups: list[dict[str, Any]], arm: Tensor) -> None:
         """Training FLOPs of the batch, sample by sample (Table 1), and the selection counts (Figure 2).
 
-        Forward of every layer run + backward (2 x forward) of every layer from the lowest trainable one up and
-        of the pooler/classifier + (optionally) the no-grad S1 pass of the first b layers."""
+        Each sample's step is counted by :func:`dht.flops.train_flops` (docs/training.md, T12), from what this
+        step ran: its heads per layer, the layers whose weights trained, whether the embeddings did (so a
+        gradient enters layer 0) and the S1 pass when counted."""
         cfg, conf = self.cfg, self.model.config
         n = heads_rows.shape[0]
-        head_part = forward_flops(self.seq_len, [], conf, "full")  # pooler + classifier
-        lowest = min(trainable) if trainable else layers
-        per_layer = torch.tensor([[self._layer_flops(int(h)) for h in row] for row in heads_rows.tolist()],
-                                 dtype=torch.float64).reshape(n, layers)
-        fwd = per_layer.sum() + n * head_part
-        bwd = 2 * per_layer[:, lowest:].sum() + 2 * n * head_part
-        s1 = (forward_flops(self.seq_len, [conf.num_attention_heads] * cfg.dht.fixed_layers, conf, "full",
-                            include_classifier=False) if policy.uses_s1 and cfg.dht.count_s1_flops else 0)
+        frozen_layers = set(range(layers)) - trainable
+        embeddings_train = any(p.requires_grad for p in self.model.bert.embeddings.parameters())
+        include_s1 = policy.uses_s1 and cfg.dht.count_s1_flops
         p = self.progress
-        p.train_flops += float(fwd + bwd) + n * s1
+        for row, count in Counter(tuple(r) for r in heads_rows.tolist()).items():
+            p.train_flops += count * float(train_flops(
+                self.seq_len, row, conf, "full", fixed_layers=cfg.dht.fixed_layers, include_s1=include_s1,
+                frozen_layers=frozen_layers, embeddings_train=embeddings_train))
         p.reference_flops += n * self.reference_step
         p.samples_seen += n
         sel = p.selections.setdefault(str(p.epoch), {})
