@@ -210,6 +210,9 @@ class DHTConfig(_Strict):
     inference: Literal["greedy", "sample"] = "greedy"  # how the bandits act at test time (no updates)
     count_s1_flops: bool = True  # count the no-grad S1 pass in training FLOPs (the paper does not say)
     p_dht_freeze: Literal["all_but_last_two", "last_two", "none"] = "all_but_last_two"  # Section 6.1 reading
+    # States UCB_H and the TSB decide from in training: an eval-mode pass as at inference, or the dropout-noised
+    # states of the gradient pass (docs/training.md, T2)
+    decision_states: Literal["clean", "train"] = "clean"
     modes: dict[str, ModeConfig]
 
 

@@ -93,8 +93,10 @@ class Policy:
         self.pool_h = _spec(feats.ucb_h)
         self.pool_t = _spec(feats.tsb)
         self.norm_l = RunningNormalizer(self.pool_l.size)
-        self.norm_h = RunningNormalizer(self.pool_h.size)
-        self.norm_t = RunningNormalizer(self.pool_t.size)
+        # One normaliser per dynamic group for the UCB_H and TSB contexts: group o sees states of depth b + o c,
+        # whose scale and spread differ (docs/training.md, T14).
+        self.norm_h = [RunningNormalizer(self.pool_h.size) for _ in self.groups]
+        self.norm_t = [RunningNormalizer(self.pool_t.size) for _ in self.groups]
         self.baseline = RewardBaseline()
         seed = cfg.seed
         self.ucb: LinUCB | None = None
@@ -143,16 +145,19 @@ class Policy:
     # ---- Algorithm 2, lines 9-13: the heads of one group from the state reached so far ----------------------
 
     def choose_heads(self, g: int, state: Tensor, mask: Tensor, arm: Tensor, greedy: bool, learn: bool) -> dict[str, Any]:
-        """Per-layer head plan [B, len(group), N_H] for dynamic group g, and what the rewards need."""
+        """Per-layer head plan [B, len(group), N_H] for dynamic group g, and what the rewards need.
+
+        ``state`` is the hidden state entering the group; its contexts are normalised by group g's own running
+        statistics (updated first when ``learn``)."""
         group = self.groups[g]
         batch = state.shape[0]
         if self.search == "fixed":
             heads = torch.tensor([self.arm_heads[a][group.start : group.stop] for a in arm.tolist()])
             return {"plan": _first_k(heads, self.n_heads), "counts": heads}
-        xt = self.norm_t(self.pool_t(state.float(), mask).cpu(), update=learn)
+        xt = self.norm_t[g](self.pool_t(state.float(), mask).cpu(), update=learn)
         out: dict[str, Any] = {"xt": xt}
         if self.search == "tree":
-            xh = self.norm_h(self.pool_h(state.float(), mask).cpu(), update=learn)
+            xh = self.norm_h[g](self.pool_h(state.float(), mask).cpu(), update=learn)
             e = torch.zeros(batch, len(self.groups))
             e[:, g] = 1.0
             h_idx = self.ucb_h.select(xh, extra=e, greedy=greedy)
@@ -208,8 +213,10 @@ class Policy:
     # ---- persistence ------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"norm_l": self.norm_l.state_dict(), "norm_h": self.norm_h.state_dict(),
-                                 "norm_t": self.norm_t.state_dict(), "baseline": self.baseline.state_dict()}
+        state: dict[str, Any] = {"norm_l": self.norm_l.state_dict(),
+                                 "norm_h": [norm.state_dict() for norm in self.norm_h],
+                                 "norm_t": [norm.state_dict() for norm in self.norm_t],
+                                 "baseline": self.baseline.state_dict()}
         for name in ("ucb", "ucb_h", "tsb"):
             bandit = getattr(self, name)
             if bandit is not None:
@@ -218,8 +225,16 @@ class Policy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.norm_l.load_state_dict(state["norm_l"])
-        self.norm_h.load_state_dict(state["norm_h"])
-        self.norm_t.load_state_dict(state["norm_t"])
+        for name in ("norm_h", "norm_t"):
+            saved, norms = state[name], getattr(self, name)
+            if not isinstance(saved, list) or len(saved) != len(norms):
+                raise ValueError(
+                    f"policy state has {'one' if isinstance(saved, dict) else len(saved)} {name} normaliser(s), "
+                    f"this policy one per dynamic group ({len(norms)}): it was written by an older version "
+                    "(one normaliser for every group) or another model; retrain"
+                )
+            for norm, norm_state in zip(norms, saved, strict=True):
+                norm.load_state_dict(norm_state)
         self.baseline.load_state_dict(state["baseline"])
         for name in ("ucb", "ucb_h", "tsb"):
             bandit = getattr(self, name)
@@ -241,6 +256,30 @@ def _dynamic_heads(heads: list[int], b: int) -> int:
     """The arm's H: the heads of its dynamic part (12 when it has none, as 3L12H)."""
     dynamic = heads[b:]
     return min(dynamic) if dynamic else heads[-1]
+
+
+def decide_groups(model: DHTForSequenceClassification, policy: Policy, hidden: Tensor, keep: Tensor | None,
+                  mask: Tensor, arm: Tensor, layers: int, greedy: bool, learn: bool,
+                  run_last: bool = True) -> tuple[list[dict[str, Any]], Tensor]:
+    """Algorithm 2, lines 9-14 on the states of one plain pass: for each head group of an L-layer path, UCB_H
+    (tree) and the TSB decide from the state entering the group, then its layers run with the chosen heads.
+
+    ``hidden``: the state after the b fixed layers. Inference runs its whole path here; training, with
+    ``dht.decision_states: clean``, runs it in eval mode without gradient and ``run_last=False`` (the last
+    group's output decides nothing), so both decide from the same states. Returns the groups' decisions and the
+    state reached."""
+    infos: list[dict[str, Any]] = []
+    for g, group in enumerate(policy.groups):
+        if group.start >= layers:
+            break
+        info = policy.choose_heads(g, hidden, mask, arm, greedy=greedy, learn=learn)
+        infos.append(info)
+        stop = min(group.stop, layers)
+        if stop == layers and not run_last:
+            break
+        plan = info["plan"][:, : stop - group.start]
+        hidden = model.run_layers(hidden, keep, group.start, stop, None if bool(plan.all()) else plan.to(hidden.device))
+    return infos, hidden
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -378,16 +417,31 @@ class Trainer:
         context = torch.stack([c for _, _, c in items]) if policy.uses_s1 else torch.zeros(len(items), 0)
         ids, mask, labels = self.train_data.batch(index, self.device)
         trainable = self._trainable_layers(layers, frozen)
+        b = min(cfg.dht.fixed_layers, layers)
+        decided: list[dict[str, Any]] | None = None
+        decision_layers = 0  # layers of the eval-mode decision pass, for the FLOP count
+        if cfg.dht.decision_states == "clean" and policy.search != "fixed" and layers > b:
+            # UCB_H and the TSB decide from the states inference would give them (no dropout, the current
+            # weights: S2,0 and S2,l of Algorithm 2 without the training noise); docs/training.md, T2.
+            model.eval()
+            with torch.no_grad():
+                state, keep = model.embed(ids, mask)
+                state = model.run_layers(state, keep, 0, b)
+                decided, _ = decide_groups(model, policy, state, keep, mask, arm, layers, greedy=False, learn=True,
+                                           run_last=False)
+            decision_layers = policy.groups[len(decided) - 1].start
         model.train()
         hidden, keep = model.embed(ids, mask)
-        b = min(cfg.dht.fixed_layers, layers)
         hidden = self._run(hidden, keep, 0, b, None, trainable)  # S2,0: the b layers again, with gradient
         groups: list[dict[str, Any]] = []
         heads_rows = torch.full((len(items), layers), model.config.num_attention_heads, dtype=torch.long)
         for g, group in enumerate(policy.groups):
             if group.start >= layers:
                 break
-            info = policy.choose_heads(g, hidden.detach(), mask, arm, greedy=False, learn=True)
+            if decided is not None:
+                info = decided[g]
+            else:  # decision_states: train, the dropout-noised state of this pass
+                info = policy.choose_heads(g, hidden.detach(), mask, arm, greedy=False, learn=True)
             stop = min(group.stop, layers)
             plan = info["plan"][:, : stop - group.start]
             hidden = self._run(hidden, keep, group.start, stop, plan.to(self.device), trainable)
@@ -409,7 +463,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         policy.learn(Decision(arm, context, layers), groups, per_sample)
-        self._account(policy, layers, heads_rows, trainable, groups, arm)
+        self._account(policy, layers, heads_rows, trainable, groups, arm, decision_layers)
         return float(loss.detach())
 
     def _trainable_layers(self, layers: int, frozen: bool) -> set[int]:
@@ -445,12 +499,13 @@ class Trainer:
         return hidden
 
     def _account(self, policy: Policy, layers: int, heads_rows: Tensor, trainable: set[int],
-                 groups: list[dict[str, Any]], arm: Tensor) -> None:
+                 groups: list[dict[str, Any]], arm: Tensor, decision_layers: int = 0) -> None:
         """Training FLOPs of the batch, sample by sample (Table 1), and the selection counts (Figure 2).
 
         Each sample's step is counted by :func:`dht.flops.train_flops` (docs/training.md, T12), from what this
         step ran: its heads per layer, the layers whose weights trained, whether the embeddings did (so a
-        gradient enters layer 0) and the S1 pass when counted."""
+        gradient enters layer 0), the S1 pass when counted, and the eval-mode decision pass of ``decision_layers``
+        layers."""
         cfg, conf = self.cfg, self.model.config
         n = heads_rows.shape[0]
         frozen_layers = set(range(layers)) - trainable
@@ -460,7 +515,7 @@ class Trainer:
         for row, count in Counter(tuple(r) for r in heads_rows.tolist()).items():
             p.train_flops += count * float(train_flops(
                 self.seq_len, row, conf, "full", fixed_layers=cfg.dht.fixed_layers, include_s1=include_s1,
-                frozen_layers=frozen_layers, embeddings_train=embeddings_train))
+                frozen_layers=frozen_layers, embeddings_train=embeddings_train, decision_layers=decision_layers))
         p.reference_flops += n * self.reference_step
         p.samples_seen += n
         sel = p.selections.setdefault(str(p.epoch), {})
@@ -661,14 +716,10 @@ def predict(model: DHTForSequenceClassification, policy: Policy, data: SplitData
             h, k_sub, m = hidden[sel_dev], None if keep is None else keep[sel_dev], mask[sel_dev]
             h_rows = torch.full((len(sel), n_layers), 0, dtype=torch.long)
             h_rows[:, :first] = n_heads
-            for g, group in enumerate(policy.groups):
-                if group.start >= L:
-                    break
-                info = policy.choose_heads(g, h, m, arm[sel], greedy=greedy, learn=False)
+            infos, h = decide_groups(model, policy, h, k_sub, m, arm[sel], L, greedy=greedy, learn=False)
+            for group, info in zip(policy.groups, infos, strict=False):
                 stop = min(group.stop, L)
-                plan = info["plan"][:, : stop - group.start]
-                h = model.run_layers(h, k_sub, group.start, stop, None if bool(plan.all()) else plan.to(device))
-                h_rows[:, group.start:stop] = plan.sum(dim=2)
+                h_rows[:, group.start:stop] = info["plan"][:, : stop - group.start].sum(dim=2)
             logits = model.classify(h).float().cpu()
             p = logits.softmax(-1)
             rows = index[sel]

@@ -183,15 +183,16 @@ def test_vanilla_is_the_full_model_and_dht_saves(setup):
     _, t_metrics = run(trainer_for(setup, "t-dht"), test)
     assert t_metrics["infer_flop_ratio"] <= 1.0 and set(t_metrics) >= {"accuracy_easy", "mean_layers_hard"}
     # A T-DHT with one path (6 layers, 8 heads in its one group) costs, per sample, 3 forwards of the path + the
-    # S1 pass, against 3 forwards of the full model (docs/training.md, T12): below 1 by exactly that.
+    # S1 pass + the decision pass (the b fixed layers: the path has one group), against 3 forwards of the full
+    # model (docs/training.md, T12): below 1 by exactly that.
     cfg = make_cfg()
     cfg.dht.modes["t-6l8h"] = ModeConfig(search="tree", layers=[6], heads=[8])
     one_path, _ = run(trainer_for(setup, "t-6l8h", cfg), test)
     conf = setup[0].config
     fixed, dynamic, head = 3 * layer_flops(SEQ, 12, conf), 3 * layer_flops(SEQ, 8, conf), forward_flops(SEQ, [], conf)
-    expected = (3 * (fixed + dynamic + head) + fixed) / (3 * (4 * fixed + head))
+    expected = (3 * (fixed + dynamic + head) + 2 * fixed) / (3 * (4 * fixed + head))
     assert one_path.train_flops / one_path.reference_flops == pytest.approx(expected, rel=1e-12)
-    assert 0.5 < expected < 0.6
+    assert 0.5 < expected < 0.7
 
 
 def test_inference_chooses_allowed_architectures_and_counts_them(setup):

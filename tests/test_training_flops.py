@@ -1,6 +1,6 @@
 """Training FLOPs: the trainer's count (dht.flops.train_flops) against FlopCounterMode on real training steps.
 
-Every training step of a run (its S1 pass, its forward and backward) runs inside
+Every training step of a run (its S1 pass, its eval-mode decision pass, its forward and backward) runs inside
 FlopCounterMode; the bandits' own arithmetic (pooling, normalisers, LinUCB, TSB) runs outside it, since it is
 not the model's. FlopCounterMode counts matrix multiplications only, and so does the analytic "full" convention
 (LayerNorm, softmax, GELU, dropout, embeddings, the loss and the optimizer count 0 in both), so the two must agree
@@ -115,10 +115,11 @@ def test_p_dht_frozen_epoch_matches_flop_counter(layer_norm, freeze, counted):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layer_norm", LAYER_NORMS)
-@pytest.mark.parametrize("mode", ["t-dht", "s-dht", "vanilla-12"])
-def test_dht_epoch_matches_flop_counter(layer_norm, mode, counted):
-    """Tree and integrated search (S1 pass, mixed depths and heads) and 12-VaBERT."""
-    cfg = make_cfg(epochs=2)
+@pytest.mark.parametrize("mode, decision_states", [("t-dht", "clean"), ("t-dht", "train"), ("s-dht", "clean"),
+                                                   ("vanilla-12", "clean")])
+def test_dht_epoch_matches_flop_counter(layer_norm, mode, decision_states, counted):
+    """Tree and integrated search (S1 pass, decision pass or none, mixed depths and heads) and 12-VaBERT."""
+    cfg = make_cfg({"decision_states": decision_states}, epochs=2)
     progress = make_trainer(layer_norm, mode, cfg).fit(progress_bar=False)
     assert counted["steps"] >= 6 and progress.samples_seen == 2 * N_TRAIN
     assert progress.train_flops == counted["flops"]

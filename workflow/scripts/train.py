@@ -54,7 +54,8 @@ params = {"model_name": args.model, "dataset": args.dataset, "seed": cfg.seed, "
           "model": cfg.section("model"), "train": cfg.section("train"), "mode": mode.model_dump(mode="json"),
           "dht.fixed_layers": cfg.dht.fixed_layers, "dht.group_size": cfg.dht.group_size,
           "dht.bandits": cfg.section("dht.bandits"), "dht.inference": cfg.dht.inference,
-          "dht.p_dht_freeze": cfg.dht.p_dht_freeze, "dht.count_s1_flops": cfg.dht.count_s1_flops}
+          "dht.p_dht_freeze": cfg.dht.p_dht_freeze, "dht.count_s1_flops": cfg.dht.count_s1_flops,
+          "dht.decision_states": cfg.dht.decision_states}
 
 with stage_run(args.dataset, args.model, stage="train", profile=cfg.profile, params=params,
                prefix=cfg.tracking.experiment_prefix, run_id=trainer.progress.run_id) as run:
