@@ -567,9 +567,10 @@ def check_semantics(cfg: Config) -> list[str]:
         problems.append("run.baselines: the baselines distil 12-VaBERT; dht.modes must define vanilla-12")
     if cfg.tokenizer.kind == "pretrained" and not cfg.tokenizer.name_or_path:
         problems.append(
-            "tokenizer.name_or_path = null: tokenizer.kind = pretrained needs a hub name or a local directory "
-            "(e.g. bert-base-uncased)"
+            "tokenizer.name_or_path = null: tokenizer.kind = pretrained needs a hub name, a local directory "
+            "(e.g. bert-base-uncased) or package:NAME"
         )
+    problems += _pretrained_package_problems(cfg)
 
     allowed_l = allowed_layer_counts(cfg)
     layer_rule = (
@@ -619,6 +620,66 @@ def check_semantics(cfg: Config) -> list[str]:
                     f"{key}.warmup_epochs = {mode.warmup_epochs}: must be fewer than train.epochs = "
                     f"{cfg.train.epochs}, or the mode never leaves its warm-up"
                 )
+    return problems
+
+
+# The checkpoint's architecture wins over `model:` (model_from_params), but the arms, the layer rule and the
+# feature splits above are checked against `model:`; so for a package, whose config.json is at hand, they must agree.
+_CHECKPOINT_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def _pretrained_package_problems(cfg: Config) -> list[str]:
+    """``package:NAME`` values (dht/pretrained.py): a known, importable package whose architecture is `model:`'s,
+    used with its own tokenizer. The weights' checksum is not computed here (0.3 s a profile, at every job's
+    config load); it is verified when the model or tokenizer is loaded."""
+    from dht import pretrained
+
+    problems: list[str] = []
+    m, tok = cfg.model, cfg.tokenizer
+    usable: dict[str, bool] = {}
+    refs = [("model.init", m.init)]
+    if tok.kind == "pretrained":
+        refs.append(("tokenizer.name_or_path", tok.name_or_path))
+    for key, value in refs:
+        if not pretrained.is_package_ref(value):
+            continue
+        try:
+            pretrained.package_dir(value)
+            usable[key] = True
+        except pretrained.PretrainedPackageError as err:
+            problems.append(f"{key} = {err}")
+            usable[key] = False
+    if not usable.get("model.init"):
+        return problems
+    entry = pretrained.lookup(m.init)
+    own_tokenizer = (
+        tok.kind == "pretrained"
+        and pretrained.is_package_ref(tok.name_or_path)
+        and (not usable["tokenizer.name_or_path"] or pretrained.lookup(tok.name_or_path) == entry)
+    )  # an unusable tokenizer package is reported above already
+    if not own_tokenizer:
+        problems.append(
+            f"tokenizer.name_or_path = {tok.name_or_path!r} (kind: {tok.kind}): model.init = {m.init!r} needs its "
+            "own tokenizer, since token ids index its embeddings; set tokenizer.kind: pretrained and "
+            f"tokenizer.name_or_path: {m.init}"
+        )
+    try:
+        ckpt = pretrained.checkpoint_config(m.init)
+    except pretrained.PretrainedPackageError as err:
+        return [*problems, f"model.init = {err}"]
+    for field in _CHECKPOINT_SIZES:
+        if getattr(m, field) != ckpt.get(field):
+            problems.append(
+                f"model.{field} = {getattr(m, field)}: model.init = {m.init!r} has {ckpt.get(field)}; set "
+                f"model.{field}: {ckpt.get(field)} (the checkpoint's architecture is what runs, and the arms and "
+                "feature splits are checked against model:)"
+            )
+    limit = ckpt.get("max_position_embeddings")
+    if isinstance(limit, int) and m.max_position_embeddings > limit:
+        problems.append(
+            f"model.max_position_embeddings = {m.max_position_embeddings}: model.init = {m.init!r} has {limit} "
+            f"positions; allowed: at most {limit}"
+        )
     return problems
 
 

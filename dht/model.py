@@ -1015,7 +1015,11 @@ class DHTForSequenceClassification(DHTPreTrainedModel):
 def model_from_params(cfg: Any, num_labels: int, vocab_size: int) -> DHTForSequenceClassification:
     """The initial model a profile describes (`dht.config.Config`): from scratch (seeded by the caller) when
     ``model.init`` is ``scratch``, else BERT weights from a hub name or local directory (``bert-base-uncased``
-    in the paper profile), whose architecture then wins over ``model:``'s sizes."""
+    in the paper profile) or ``package:NAME`` (a pip package's checkpoint directory, checksum verified:
+    dht/pretrained.py), whose architecture then wins over ``model:``'s sizes. The classifier is new (seeded by
+    the caller too); a checkpoint's pooler is loaded when it has one."""
+    from dht.pretrained import is_package_ref, resolve
+
     m = cfg.model
     dht_fields = {"fixed_layers": cfg.dht.fixed_layers, "group_size": cfg.dht.group_size}
     if m.init == "scratch":
@@ -1035,8 +1039,10 @@ def model_from_params(cfg: Any, num_labels: int, vocab_size: int) -> DHTForSeque
         )
         return DHTForSequenceClassification(config)
     model = DHTForSequenceClassification.from_bert(
-        m.init, num_labels=num_labels, hidden_dropout_prob=m.hidden_dropout_prob,
-        attention_probs_dropout_prob=m.attention_probs_dropout_prob, **dht_fields,
+        resolve(m.init), num_labels=num_labels, hidden_dropout_prob=m.hidden_dropout_prob,
+        attention_probs_dropout_prob=m.attention_probs_dropout_prob,
+        # A package is a local directory: never ask the hub, even for a file the directory lacks.
+        load_kwargs={"local_files_only": True} if is_package_ref(m.init) else None, **dht_fields,
     )
     if model.config.vocab_size < vocab_size:
         raise ValueError(
