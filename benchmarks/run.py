@@ -406,8 +406,9 @@ def full_model_in_groups(model: DHTForSequenceClassification, data: SplitData, d
         depth = layers[index]
         for value in depth.unique().tolist():
             sel = (depth == value).nonzero().squeeze(1).to(device)
-            h = model.run_layers(hidden[sel], None if keep is None else keep[sel], b, n_layers)
-            model.classify(h).float().softmax(-1).cpu()
+            k = None if keep is None else keep[sel]
+            h = model.run_layers(hidden[sel], k, b, n_layers)
+            model.classify(h, k).float().softmax(-1).cpu()
     sync(device)
     return time.perf_counter() - start
 

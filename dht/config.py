@@ -130,6 +130,9 @@ class ModelConfig(_Strict):
     # Scratch models only (a BERT checkpoint is post-LN with its own weights); docs/model.md, "Training from scratch".
     layer_norm: Literal["post", "pre"] = "pre"
     residual_init_scale: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # What the classifier reads: cls (BERT's pooler on [CLS], the paper) | mean (mean of the token states, no
+    # pooler: how sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained). docs/training.md.
+    classifier_pooling: Literal["cls", "mean"] = "cls"
 
     @model_validator(mode="after")
     def _scratch_only_fields(self) -> ModelConfig:

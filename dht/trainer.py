@@ -394,7 +394,7 @@ class Trainer:
             hidden = self._run(hidden, keep, group.start, stop, plan, trainable)
             heads_rows[:, group.start : stop] = info["counts"][:, : stop - group.start]
             groups.append(info)
-        logits = model.classify(hidden)
+        logits = model.classify(hidden, keep)
         per_sample = F.cross_entropy(logits, labels, reduction="none")
         loss = per_sample.mean()
         if not torch.isfinite(loss):
@@ -676,7 +676,7 @@ def predict(model: DHTForSequenceClassification, policy: Policy, data: SplitData
                 plan = info["plan"][:, : stop - group.start]
                 h = model.run_layers(h, k_sub, group.start, stop, None if bool(plan.all()) else plan.to(device))
                 h_rows[:, group.start:stop] = plan.sum(dim=2)
-            logits = model.classify(h).float().cpu()
+            logits = model.classify(h, k_sub).float().cpu()
             p = logits.softmax(-1)
             rows = index[sel]
             out_labels[rows] = p.argmax(-1)
