@@ -150,9 +150,9 @@ def test_non_finite_loss_stops_with_the_step_and_batch(setup, monkeypatch):
     calls = {"n": 0}
     original = trainer.model.classify
 
-    def poisoned(hidden):
+    def poisoned(hidden, key_keep=None):
         calls["n"] += 1
-        logits = original(hidden)
+        logits = original(hidden, key_keep)
         return logits * float("nan") if calls["n"] == 3 else logits
 
     monkeypatch.setattr(trainer.model, "classify", poisoned)
