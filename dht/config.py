@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 PROFILE_KEY = "profile"
 OVERLAYS_KEY = "profiles"
+EXTENDS_KEY = "extends"  # a profile that starts from another one
 
 
 class ConfigError(ValueError):
@@ -416,24 +417,41 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
 
 
 def resolve_params(raw: Mapping[str, Any], profile: str | None = None) -> dict[str, Any]:
-    """Apply the chosen profile's overlay to the top-level (default) sections."""
+    """Apply the chosen profile's overlay to the top-level (default) sections.
+
+    An overlay may start from another profile with ``extends: <profile>`` (resolved first, recursively): the
+    ``tiny`` CI profile is the ``embedded`` profile made smaller, without restating it."""
     overlays = raw.get(OVERLAYS_KEY) or {}
     if not isinstance(overlays, Mapping):
         raise ConfigError(f"{OVERLAYS_KEY}: must be a mapping of profile name to overlay")
     name = profile if profile is not None else raw.get(PROFILE_KEY, "default")
+    base = {k: v for k, v in raw.items() if k not in (OVERLAYS_KEY, PROFILE_KEY)}
+    resolved = _apply_overlay(base, overlays, name, [])
+    resolved[PROFILE_KEY] = name
+    return resolved
+
+
+def _apply_overlay(base: dict[str, Any], overlays: Mapping[str, Any], name: str, chain: list[str]) -> dict[str, Any]:
     if name not in overlays and name != "default":
         raise ConfigError(
             f"profile = {name!r}: unknown profile; allowed: {', '.join(sorted(overlays) or ['default'])}"
         )
-    base = {k: v for k, v in raw.items() if k not in (OVERLAYS_KEY, PROFILE_KEY)}
+    if name in chain:
+        raise ConfigError(f"{OVERLAYS_KEY}: profiles extend each other in a cycle: {' -> '.join([*chain, name])}")
     overlay = overlays.get(name) or {}
     if not isinstance(overlay, Mapping):
         raise ConfigError(f"{OVERLAYS_KEY}.{name}: must be a mapping (use {{}} for no changes)")
     if PROFILE_KEY in overlay or OVERLAYS_KEY in overlay:
         raise ConfigError(f"{OVERLAYS_KEY}.{name}: an overlay cannot set '{PROFILE_KEY}' or '{OVERLAYS_KEY}'")
-    resolved = deep_merge(base, overlay)
-    resolved[PROFILE_KEY] = name
-    return resolved
+    parent = overlay.get(EXTENDS_KEY)
+    if parent is not None:
+        if not isinstance(parent, str) or parent not in overlays:
+            raise ConfigError(
+                f"{OVERLAYS_KEY}.{name}.{EXTENDS_KEY} = {parent!r}: must name another profile; allowed: "
+                f"{', '.join(sorted(p for p in overlays if p != name))}"
+            )
+        base = _apply_overlay(base, overlays, parent, [*chain, name])
+    return deep_merge(base, {k: v for k, v in overlay.items() if k != EXTENDS_KEY})
 
 
 def load_config(

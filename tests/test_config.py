@@ -46,6 +46,19 @@ def test_deep_merge_merges_mappings_and_replaces_lists():
     assert merged == {"a": {"x": 1, "y": [3]}, "b": 1, "c": 2}
 
 
+def test_a_profile_extends_another_and_cycles_are_refused():
+    raw = {"seed": 0, "model": {"hidden_size": 96, "init": "scratch"},
+           "profiles": {"small": {"model": {"hidden_size": 48}}, "smaller": {"extends": "small", "seed": 1},
+                        "loop_a": {"extends": "loop_b"}, "loop_b": {"extends": "loop_a"}, "bad": {"extends": "nope"}}}
+    resolved = resolve_params(raw, "smaller")
+    assert resolved["model"] == {"hidden_size": 48, "init": "scratch"} and resolved["seed"] == 1
+    assert "extends" not in resolved and resolved["profile"] == "smaller"
+    with pytest.raises(ConfigError, match=r"cycle: loop_a -> loop_b -> loop_a"):
+        resolve_params(raw, "loop_a")
+    with pytest.raises(ConfigError, match=r"profiles.bad.extends = 'nope': must name another profile"):
+        resolve_params(raw, "bad")
+
+
 def test_unknown_profile():
     with pytest.raises(ConfigError, match=r"profile = 'huge': unknown profile; allowed: default, paper, tiny"):
         resolve_params(RAW, "huge")
