@@ -492,14 +492,17 @@ class LogisticThompsonHeads:
 # ----------------------------------------------------------------------------------------------------------
 # Rewards: paper Section 4.3
 # ----------------------------------------------------------------------------------------------------------
-def reward_delta(loss: Tensor, layers: Tensor | int, heads: Tensor | int | None = None) -> Tensor:
+def reward_delta(loss: Tensor, layers: Tensor | int, heads: Tensor | int | None = None,
+                 cost_exponent: float = 1.0) -> Tensor:
     """Cost-weighted loss of Section 4.3: ``delta_L = loss * L`` and ``delta_H = delta_cp = loss * L * H``.
 
-    ``loss`` is the per-sample loss (cross-entropy with ``reduction='none'``), detached.
+    ``loss`` is the per-sample loss (cross-entropy with ``reduction='none'``), detached. ``cost_exponent`` (gamma,
+    not in the paper, which has 1) weighs the cost: ``loss * L**gamma (* H**gamma)``. With gamma = 1 a 6-layer arm
+    beats a 2-layer one only when its loss is 3x lower; gamma = 0 rewards the loss alone (docs/training.md).
     """
-    delta = loss.detach() * torch.as_tensor(layers, device=loss.device)
+    delta = loss.detach() * torch.as_tensor(layers, device=loss.device, dtype=loss.dtype) ** cost_exponent
     if heads is not None:
-        delta = delta * torch.as_tensor(heads, device=loss.device)
+        delta = delta * torch.as_tensor(heads, device=loss.device, dtype=loss.dtype) ** cost_exponent
     return delta
 
 

@@ -200,6 +200,8 @@ class BanditConfig(_Strict):
     reward_alpha: Annotated[float, Field(gt=0)] = 1.0  # alpha of r_L
     reward_beta_h: Annotated[float, Field(gt=0)] = 1.0  # beta_1 of r_H
     reward_beta_cp: Annotated[float, Field(gt=0)] = 1.0  # beta_cp of r_cp
+    # gamma of delta = loss * L**gamma (* H**gamma): 1 is the paper; lower values let deeper arms win on loss.
+    cost_exponent: Annotated[float, Field(ge=0)] = 1.0
     reward_clip: Annotated[float, Field(gt=0)] | None = 10.0  # cap on ratio rewards (one tiny loss must not dominate)
     reward_baseline: Literal["global", "per_queue"] = "global"  # "the previous batch": any queue's, or the same L's
     ts_reward_sign: Literal["text", "printed"] = "text"  # ambiguity 1 of docs/paper-notes.md

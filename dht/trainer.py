@@ -182,13 +182,13 @@ class Policy:
         if self.search == "tree":
             key_l = "ucb_l" + key
             first = self.baseline.get(key_l) is None
-            r_l = self.baseline.reward(key_l, reward_delta(loss, layers), bc.reward_alpha, clip=bc.reward_clip)
+            r_l = self.baseline.reward(key_l, reward_delta(loss, layers, cost_exponent=bc.cost_exponent), bc.reward_alpha, clip=bc.reward_clip)
             self.ucb.update(decision.context, decision.arm, r_l)
             del first  # UCB_L learns from the neutral first reward too (a ridge regression, not a binary model)
             for g, info in enumerate(groups):
                 key_h = f"ucb_h/g{g}" + key
                 first_h = self.baseline.get(key_h) is None
-                delta = reward_delta(loss, layers, info["k"].double())
+                delta = reward_delta(loss, layers, info["k"].double(), cost_exponent=bc.cost_exponent)
                 r_h = self.baseline.reward(key_h, delta, bc.reward_beta_h, clip=bc.reward_clip)
                 self.ucb_h.update(info["xh"], info["h_idx"], r_h, extra=info["e"])
                 if not first_h:  # a neutral first-batch reward carries no information for a binary learner
@@ -198,7 +198,7 @@ class Policy:
                                  dtype=torch.float64)
             key_cp = "ucb_cp" + key
             first = self.baseline.get(key_cp) is None
-            r_cp = self.baseline.reward(key_cp, reward_delta(loss, layers, heads), bc.reward_beta_cp, clip=bc.reward_clip)
+            r_cp = self.baseline.reward(key_cp, reward_delta(loss, layers, heads, cost_exponent=bc.cost_exponent), bc.reward_beta_cp, clip=bc.reward_clip)
             self.ucb.update(decision.context, decision.arm, r_cp)
             if not first:
                 r_ts = ts_reward(r_cp, bc.reward_beta_cp, printed_cases=printed)
