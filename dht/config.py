@@ -522,6 +522,20 @@ def allowed_layer_counts(cfg: Config) -> list[int]:
     return [layers for layers in range(max(b, 1), n + 1) if (layers - b) % c == 0]
 
 
+def modes_in_use(cfg: Config) -> set[str]:
+    """The modes a profile runs: run.models, the warm-up modes they start with, and the reference and control.
+    Only these are checked against the model's shape."""
+    used = set(cfg.run.models)
+    for name in (getattr(cfg.run, "reference", None), getattr(cfg.run, "control", None)):
+        if name:
+            used.add(name)
+    for name in list(used):
+        mode = cfg.dht.modes.get(name)
+        if mode is not None and mode.warmup_mode:
+            used.add(mode.warmup_mode)
+    return used
+
+
 def check_semantics(cfg: Config) -> list[str]:
     """Cross-field rules of the paper and of the pipeline; returns one message per problem."""
     problems: list[str] = []
@@ -601,6 +615,8 @@ def check_semantics(cfg: Config) -> list[str]:
         f"layer counts are {', '.join(map(str, allowed_l)) or 'none'}"
     )
     for mode_name, mode in d.modes.items():
+        if mode_name not in modes_in_use(cfg):
+            continue  # a profile may keep modes of another model shape (the paper's 12-layer arms) that it never runs
         key = f"dht.modes.{mode_name}"
         bad_heads: set[int] = {h for h in mode.heads or [] if not 1 <= h <= m.num_attention_heads}
         if mode.search == "tree":
