@@ -9,6 +9,7 @@ they change. :func:`load_config` deep-merges the chosen overlay, validates the s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -375,6 +376,19 @@ class Arm:
     def __str__(self) -> str:
         return "+".join(f"{n}L{h}H" for n, h in self.segments)
 
+    def runs_as(self, fixed_layers: int, num_heads: int) -> Arm:
+        """The plan this arm really runs: the first b layers keep every head (Section 4.2), so 1L8H+2L12H with
+        b = 3 runs as 3L12H. Segments of equal heads are merged. Heads per layer: the same as
+        :func:`dht.arm_features.arm_layer_heads` (kept here so validation needs no torch)."""
+        heads = [num_heads if layer < fixed_layers else h for layer, h in enumerate(self.heads_per_layer())]
+        merged: list[list[int]] = []
+        for h in heads:
+            if merged and merged[-1][1] == h:
+                merged[-1][0] += 1
+            else:
+                merged.append([1, h])
+        return Arm(tuple((n, h) for n, h in merged))
+
 
 def parse_arm(text: str) -> Arm:
     """Parse "6L8H" or "4L8H+2L12H" into an :class:`Arm`; raise ValueError on anything else."""
@@ -536,6 +550,29 @@ def modes_in_use(cfg: Config) -> set[str]:
     return used
 
 
+def _same_plan_arms(key: str, arms: list[str], b: int, num_heads: int) -> list[str]:
+    """One message per group of arms that run the same per-layer plan (they would be one arm under several
+    names: the bandit splits its updates between them, and the reward's H of the ones written with fewer heads
+    in the first b layers is not the H they run)."""
+    runs: dict[Arm, list[Arm]] = {}
+    for text in arms:
+        with contextlib.suppress(ValueError):  # unparsable arms have their own message
+            arm = parse_arm(text)
+            runs.setdefault(arm.runs_as(b, num_heads), []).append(arm)
+    problems = []
+    for plan, same in runs.items():
+        if len(same) < 2:
+            continue
+        k = next((i for i, a in enumerate(same) if a.heads_per_layer() == plan.heads_per_layer()), 0)
+        keep, drop = same[k], [str(a) for i, a in enumerate(same) if i != k]
+        problems.append(
+            f"{key}.arms: {', '.join(map(str, same))} all run {plan} (the first b = {b} layers always keep all "
+            f"{num_heads} heads), so they are one arm under {len(same)} names; keep {keep} and drop "
+            f"{', '.join(drop)}, or make them differ after layer {b}"
+        )
+    return problems
+
+
 def check_semantics(cfg: Config) -> list[str]:
     """Cross-field rules of the paper and of the pipeline; returns one message per problem."""
     problems: list[str] = []
@@ -643,6 +680,7 @@ def check_semantics(cfg: Config) -> list[str]:
                 if arm.num_layers not in allowed_l:
                     problems.append(f"{key}.arms[{i}] = {text!r}: has L = {arm.num_layers} layers; {layer_rule}")
                 bad_heads |= {h for _, h in arm.segments if not 1 <= h <= m.num_attention_heads}
+            problems += _same_plan_arms(key, mode.arms or [], b, m.num_attention_heads)
         if bad_heads:
             problems.append(
                 f"{key}: head counts {', '.join(map(str, sorted(bad_heads)))} are outside 1.."
