@@ -130,23 +130,31 @@ class Bin:
         return int(self.mask.sum())
 
 
-def quartile_bins(values: np.ndarray, unit: str, fmt: str = "{:g}") -> list[Bin]:
+def quartile_bins(values: np.ndarray, unit: str, digits: int | None = None) -> list[Bin]:
     """Samples in four groups by the quartiles of `values`: Q1 holds values <= the 25th percentile, Q2 those up
     to the median, and so on. Equal values always share a group, so with many ties (sample lengths) a group can
-    be empty and is left out; each label gives the group's range, e.g. "Q1: 9-14 tokens"."""
+    be empty and is left out; each label gives the group's range, e.g. "Q1: 9-14 tokens". `digits`: decimals of
+    the ranges (None: integers), raised up to 6 until no two groups read the same (nearly constant confidences)."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return []
     edges = np.quantile(values, [0.25, 0.5, 0.75])
     group = np.searchsorted(edges, values, side="left")
-    bins = []
-    for q in range(4):
-        mask = group == q
-        if mask.any():
+    masks = {q: group == q for q in range(4) if (group == q).any()}
+
+    def spans(d: int | None) -> list[str]:
+        fmt = "{:g}" if d is None else f"{{:.{d}f}}"
+        out = []
+        for mask in masks.values():
             lo, hi = fmt.format(values[mask].min()), fmt.format(values[mask].max())
-            span = lo if lo == hi else f"{lo}-{hi}"
-            bins.append(Bin(f"Q{q + 1}: {span} {unit}".rstrip(), mask))
-    return bins
+            out.append(lo if lo == hi else f"{lo}-{hi}")
+        return out
+
+    labels = spans(digits)
+    while digits is not None and digits < 6 and len(set(labels)) < len(labels):
+        digits += 1
+        labels = spans(digits)
+    return [Bin(f"Q{q + 1}: {span} {unit}".rstrip(), mask) for (q, mask), span in zip(masks.items(), labels, strict=True)]
 
 
 @dataclass
@@ -194,6 +202,6 @@ def depth_analysis(modes: dict[str, SamplePredictions], reference: tuple[str, Sa
         right_wrong = [Bin(f"{name} right", c.correct), Bin(f"{name} wrong", ~c.correct)]
         groupings["control"] = (f"{GROUPINGS['control']} ({name})", [b for b in right_wrong if b.n])
     groupings["confidence"] = (f"{GROUPINGS['confidence']} ({ref_name})",
-                               quartile_bins(ref.prob, "", fmt="{:.3f}"))
+                               quartile_bins(ref.prob, "", digits=3))
     context = {ref_name: ref, **({control[0]: control[1]} if control else {})}
     return DepthAnalysis(groupings, modes, context)

@@ -122,6 +122,11 @@ def test_quartile_bins_keep_equal_values_together():
     assert [(b.label, b.n) for b in bins] == [("Q1: 5 tokens", 50), ("Q3: 6-7 tokens", 10), ("Q4: 8-20 tokens", 20)]
     spread = quartile_bins(np.arange(100), "tokens")
     assert [b.n for b in spread] == [25, 25, 25, 25] and spread[1].label == "Q2: 25-49 tokens"
+    # Confidences of a nearly constant model: ranges get the decimals that tell the groups apart.
+    close = quartile_bins(0.25 + np.arange(8) / 10_000, "", digits=3)
+    assert [b.label for b in close] == ["Q1: 0.2500-0.2501", "Q2: 0.2502-0.2503", "Q3: 0.2504-0.2505",
+                                        "Q4: 0.2506-0.2507"]
+    assert quartile_bins(np.array([0.1, 0.2, 0.3, 0.4]), "", digits=3)[0].label == "Q1: 0.100"
 
 
 def sample_predictions(n: int, layers, correct, prob=None, n_tokens=None) -> SamplePredictions:
