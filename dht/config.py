@@ -110,6 +110,12 @@ class RunConfig(_Strict):
     datasets: list[str] = Field(min_length=1)
     models: list[str] = Field(min_length=1)
     baselines: list[str] = Field(default_factory=list)  # distil-<layers>, fastbert-<speed>, nas-prune-<ratio>
+    # The full-depth model (a fixed mode running every layer with every head): the 1.00x of every FLOP ratio,
+    # the row the reports compare against and the teacher of the baselines (12-VaBERT in the paper).
+    reference: str = "vanilla-12"
+    # A shallow fixed mode (b layers): the depth analysis asks whether DHT gives more layers to the samples it
+    # gets wrong. None: no control.
+    control: str | None = None
 
 
 class TokenizerConfig(_Strict):
@@ -637,8 +643,7 @@ def check_semantics(cfg: Config) -> list[str]:
             problems.append(f"baselines.flexibert.heads = {fx.heads}: none divides a hidden size in {fx.hidden}")
         if fx.n_init > fx.evaluations:
             problems.append(f"baselines.flexibert.n_init = {fx.n_init}: at most evaluations = {fx.evaluations}")
-    if cfg.run.baselines and "vanilla-12" not in cfg.dht.modes:
-        problems.append("run.baselines: the baselines distil 12-VaBERT; dht.modes must define vanilla-12")
+    problems += _check_reference(cfg)
     if cfg.tokenizer.kind == "pretrained" and not cfg.tokenizer.name_or_path:
         problems.append(
             "tokenizer.name_or_path = null: tokenizer.kind = pretrained needs a hub name, a local directory "
@@ -756,6 +761,42 @@ def _pretrained_package_problems(cfg: Config) -> list[str]:
         problems.append(
             f"model.max_position_embeddings = {m.max_position_embeddings}: model.init = {m.init!r} has {limit} "
             f"positions; allowed: at most {limit}"
+        )
+    return problems
+
+
+def _check_reference(cfg: Config) -> list[str]:
+    """run.reference: a fixed mode running all N_L layers with all heads (the 1.00x of the FLOP ratios and the
+    baselines' teacher; in run.models when baselines are run); run.control, when set: a fixed mode."""
+    problems: list[str] = []
+    m, modes, ref = cfg.model, cfg.dht.modes, cfg.run.reference
+    fixed = [n for n, mode in modes.items() if mode.search == "fixed"]
+    full = f"{m.num_hidden_layers}L{m.num_attention_heads}H"
+    if ref not in modes or modes[ref].search != "fixed":
+        problems.append(
+            f"run.reference = {ref!r}: must be a fixed mode of dht.modes (search: fixed, arms: [{full}]); "
+            f"fixed modes: {', '.join(fixed) or 'none'}"
+        )
+    else:
+        try:
+            arm = parse_arm((modes[ref].arms or [""])[0])
+        except ValueError:
+            arm = None  # reported with the mode's own arms
+        if arm is not None and arm.heads_per_layer() != [m.num_attention_heads] * m.num_hidden_layers:
+            problems.append(
+                f"run.reference = {ref!r}: its arm {arm} must run every layer with every head ({full}, "
+                f"model.num_hidden_layers x model.num_attention_heads): it is the 1.00x of every FLOP ratio"
+            )
+    if cfg.run.baselines and ref not in cfg.run.models:
+        problems.append(
+            f"run.reference = {ref!r}: the baselines are built from the trained reference, so run.models must "
+            f"include it (run.models: {', '.join(cfg.run.models)})"
+        )
+    control = cfg.run.control
+    if control is not None and (control not in modes or modes[control].search != "fixed"):
+        problems.append(
+            f"run.control = {control!r}: must be a fixed mode of dht.modes (e.g. {cfg.dht.fixed_layers}L"
+            f"{m.num_attention_heads}H), or null; fixed modes: {', '.join(fixed) or 'none'}"
         )
     return problems
 
