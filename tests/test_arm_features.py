@@ -1,4 +1,5 @@
-"""Arm features (Section 4.2): which arms, the random-arm plan, exact means, bounded streaming, storage."""
+"""Arm features (Section 4.2): which arms, the random-arm plan, exact means, bounded streaming, storage; the
+warm-up that lets an identity-initialised model tell arms apart, and the per-epoch refresh in training."""
 
 from __future__ import annotations
 
@@ -14,16 +15,23 @@ from conftest import ROOT
 from dht.arm_features import (
     arm_layer_heads,
     arm_matrix,
+    arm_separation,
     arm_space,
     compute_arm_features,
     iter_batches,
     load_arm_features,
     random_arm_plan,
     save_arm_features,
+    warm_up,
 )
 from dht.config import load_config, parse_arm, read_params
 from dht.features import PoolingSpec
 from dht.model import DHTConfig, DHTForSequenceClassification
+
+# Two arms of one family closer than this (distance / the family's mean norm) are "the same vector". An
+# identity initialisation gives exactly 0 (float rounding: < 1e-6); the tiny profile's stage gives >= 0.0095
+# (UCB_cp, four seeds measured; UCB_L >= 0.05).
+INDISTINCT = 2e-3
 
 
 def config(**run):
@@ -159,3 +167,91 @@ def test_save_load_and_stack(tmp_path):
         load_arm_features(tmp_path)
     with pytest.raises(FileNotFoundError, match="run the arm_features stage first"):
         load_arm_features(tmp_path / "nowhere")
+
+
+# ---- identity initialisation, warm-up, control variate ---------------------------------------------------
+
+
+def identity_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = DHTConfig(vocab_size=50, hidden_size=48, num_hidden_layers=12, num_attention_heads=12,
+                    intermediate_size=64, max_position_embeddings=32, num_labels=3, layer_norm="pre",
+                    residual_init_scale=0.0)
+    return DHTForSequenceClassification(cfg).eval()
+
+
+def labelled(n=64, width=16, seed=0):
+    ids, mask = (torch.cat(t) for t in zip(*batches(n=n, width=width, batch_size=n, seed=seed), strict=True))
+    return ids, mask, (ids[:, 1] % 3).long()  # learnable from the first token
+
+
+def test_identity_model_gives_every_arm_one_vector_and_the_warm_up_separates_them():
+    cfg = config()
+    space = arm_space(cfg)
+    model = identity_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    feats, _ = compute_arm_features(model, batches(n=64), space, cfg.dht.features)
+    sep = arm_separation(feats, 3, 12)
+    # every layer is the identity: depth and heads change nothing, so the vectors can say nothing
+    assert sep["ucb_l"]["min_relative_distance"] < 1e-6 and sep["ucb_cp"]["min_relative_distance"] < 1e-6
+    assert sep["ucb_h"]["min_relative_distance"] < 1e-6
+
+    ids, mask, labels = labelled()
+    warm, stats = warm_up(model, ids, mask, labels, 40, cfg.train, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # training starts from this one
+    assert not warm.training and set(stats) == {"loss_first", "loss_last"}
+    feats, _ = compute_arm_features(warm, batches(n=64), space, cfg.dht.features)
+    for family, s in arm_separation(feats, 3, 12).items():
+        assert s["min_relative_distance"] > INDISTINCT, (family, s)
+    again, _ = warm_up(model, ids, mask, labels, 40, cfg.train, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(warm.state_dict().values(), again.state_dict().values(), strict=True))
+
+
+def test_arms_that_run_the_same_network_share_one_vector(model):
+    """With b = 3, 1L8H+2L12H and 1L12H+2L12H run three full layers: the arm 3L12H; 10L12H+2L12H is 12L12H."""
+    cfg = config()
+    feats, counts = compute_arm_features(model, batches(n=64), arm_space(cfg), cfg.dht.features, seed=0)
+    assert torch.equal(feats["ucb_cp/1L8H+2L12H"], feats["ucb_cp/3L12H"])
+    assert torch.equal(feats["ucb_cp/1L12H+2L12H"], feats["ucb_cp/3L12H"])
+    assert torch.equal(feats["ucb_cp/10L12H+2L12H"], feats["ucb_cp/12L12H"])
+    assert not torch.equal(feats["ucb_cp/4L8H+2L12H"], feats["ucb_cp/6L8H"])
+    pool = {k: v for k, v in counts.items() if k.startswith("pool/")}
+    assert sum(pool.values()) == 64 and max(pool.values()) - min(pool.values()) <= 1  # one arm per sample, evenly
+    assert "pool/1L8H+2L12H" not in pool and "pool/3L12H" in pool
+
+
+def test_the_control_variate_removes_the_sampling_noise_of_few_samples_per_arm(model):
+    """UCB_cp/UCB_H estimate the mean over all samples: with the full state as control variate, which samples
+    ran an arm matters much less than in a plain mean over them (the module doc)."""
+    cfg = config(models=["f-dht"])
+    space = arm_space(cfg)
+    a, _ = compute_arm_features(model, batches(n=80), space, cfg.dht.features, seed=1)
+    b, _ = compute_arm_features(model, batches(n=80), space, cfg.dht.features, seed=2)
+    exact = {}  # every sample through every arm, one random head order per sample (the estimand, estimated)
+    ids = torch.cat([x for x, _ in batches(n=80)])
+    mask = torch.cat([m for _, m in batches(n=80)])
+    pool = PoolingSpec((1, 2), (4, 8, 16))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for arm in space.cp_arms:
+            heads = arm_layer_heads(parse_arm(arm), 3, 12)
+            depth, plan = random_arm_plan([heads], torch.zeros(80, dtype=torch.long), 12, 12,
+                                          model.config.dynamic_layer_groups(), gen)
+            states = model(input_ids=ids, attention_mask=mask, depth=depth, heads=plan,
+                           output_hidden_states=True).hidden_states
+            exact[arm] = pool(states[len(heads)], mask).mean(0)
+    for arm in space.cp_arms:  # 8 samples per arm, against 80: the estimate stays within 5% of the norm
+        for feats in (a, b):
+            error = float((feats[f"ucb_cp/{arm}"] - exact[arm]).norm() / exact[arm].norm())
+            assert error < 0.05, (arm, error)
+
+
+def test_arm_separation_measures_the_closest_pair():
+    feats = {"ucb_l/3": torch.tensor([1.0, 0.0]), "ucb_l/6": torch.tensor([1.0, 0.1]), "ucb_l/9": torch.tensor([0.0, 1.0]),
+             "ucb_cp/3L12H": torch.tensor([1.0, 0.0]), "ucb_cp/1L8H+2L12H": torch.tensor([1.0, 0.0]),
+             "ucb_cp/6L8H": torch.tensor([0.0, 2.0]), "tsb/0": torch.ones(2)}
+    sep = arm_separation(feats, 3, 12)
+    assert sep["ucb_l"]["pair"] == ["3", "6"] and sep["ucb_l"]["arms"] == 3
+    assert sep["ucb_l"]["min_relative_distance"] == pytest.approx(0.1 / ((1 + 1.01**0.5 + 1) / 3))
+    assert sep["ucb_cp"]["arms"] == 2 and sep["ucb_cp"]["min_relative_distance"] == pytest.approx(5**0.5 / 1.5)
+    assert "tsb" not in sep and "ucb_h" not in sep  # one arm, none: nothing to tell apart
