@@ -4,13 +4,14 @@ warm-up that lets an identity-initialised model tell arms apart, and the per-epo
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 from dht.arm_features import (
     arm_layer_heads,
@@ -255,3 +256,39 @@ def test_arm_separation_measures_the_closest_pair():
     assert sep["ucb_l"]["min_relative_distance"] == pytest.approx(0.1 / ((1 + 1.01**0.5 + 1) / 3))
     assert sep["ucb_cp"]["arms"] == 2 and sep["ucb_cp"]["min_relative_distance"] == pytest.approx(5**0.5 / 1.5)
     assert "tsb" not in sep and "ucb_h" not in sep  # one arm, none: nothing to tell apart
+
+
+@pytest.fixture(scope="module")
+def tiny_stage(tmp_path_factory):
+    """The tiny profile's arm_features stage, run as the pipeline runs it (data stages first)."""
+    from conftest import copy_project
+
+    project = copy_project(tmp_path_factory.mktemp("armfeat") / "project")
+    run_cli(["snakemake", "--cores", "1", "data/features/embedded-news/meta.json", "--config", "profile=tiny"],
+            cwd=project)
+    return project
+
+
+@pytest.mark.slow
+def test_the_tiny_profiles_stage_output_tells_every_arm_apart(tiny_stage):
+    from dht.model import model_from_params
+    from dht.runtime import seed_everything
+
+    out = tiny_stage / "data/features/embedded-news"
+    feats = load_arm_features(out)
+    cfg = load_config(tiny_stage / "params.yaml", profile="tiny")
+    sep = arm_separation(feats, cfg.dht.fixed_layers, cfg.model.num_attention_heads)
+    assert set(sep) == {"ucb_l", "ucb_h", "ucb_cp", "tsb"} and sep["ucb_cp"]["arms"] == 16
+    for family, s in sep.items():
+        assert s["min_relative_distance"] > INDISTINCT, (family, s)
+    meta = json.loads((out / "meta.json").read_text())
+    assert cfg.model.residual_init_scale == 0 and meta["warmup"]["steps"] == cfg.dht.features.warmup_steps > 0
+    for family, s in sep.items():  # the stage records the same measure
+        assert meta["separation"][family]["pair"] == s["pair"]
+        assert meta["separation"][family]["min_relative_distance"] == pytest.approx(s["min_relative_distance"])
+    # init_model/ is the initial model, not the warmed-up copy: every run starts from the same weights
+    init = DHTForSequenceClassification.from_pretrained(out / "init_model")
+    data_meta = json.loads((tiny_stage / "data/processed/embedded-news/meta.json").read_text())
+    seed_everything(cfg.seed)
+    fresh = model_from_params(cfg, num_labels=data_meta["num_labels"], vocab_size=data_meta["vocab_size"])
+    assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), fresh.state_dict().values(), strict=True))
