@@ -187,6 +187,9 @@ class FeaturesConfig(_Strict):
     # Plain full-depth training steps on a copy of the initial model before the arm-feature pass; training
     # still starts from the initial model (docs/paper-notes.md, row 10). 0: the initial model itself.
     warmup_steps: Annotated[int, Field(ge=0)] = 100
+    # epoch: recompute the arm features from the model being trained at the start of every epoch after the
+    # first (docs/training.md, T14); none: the stage's single pass (the paper).
+    refresh: Literal["none", "epoch"] = "none"
 
 
 class BanditConfig(_Strict):

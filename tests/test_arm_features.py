@@ -292,3 +292,133 @@ def test_the_tiny_profiles_stage_output_tells_every_arm_apart(tiny_stage):
     seed_everything(cfg.seed)
     fresh = model_from_params(cfg, num_labels=data_meta["num_labels"], vocab_size=data_meta["vocab_size"])
     assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), fresh.state_dict().values(), strict=True))
+
+
+# ---- dht.features.refresh: epoch (the trainer) -----------------------------------------------------------
+
+
+def refresh_setup(refresh="epoch"):
+    from test_trainer import N_TRAIN, make_split
+
+    raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
+    tiny = raw["profiles"]["tiny"]
+    tiny["train"].update({"batch_size": 16, "checkpoint_every": 2})
+    tiny["dht"]["features"] = {"refresh": refresh}
+    cfg = load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
+    torch.manual_seed(0)
+    conf = DHTConfig(vocab_size=60, hidden_size=48, num_hidden_layers=12, num_attention_heads=12, intermediate_size=64,
+                     max_position_embeddings=12, num_labels=3, layer_norm="pre", residual_init_scale=0.0)
+    model = DHTForSequenceClassification(conf)
+    train = make_split(N_TRAIN, 1)
+    stage = [(train.input_ids[i : i + 32], train.attention_mask[i : i + 32]) for i in range(0, N_TRAIN, 32)]
+    feats, _ = compute_arm_features(model, stage, arm_space(cfg), cfg.dht.features, seed=0)  # the identity's
+    return cfg, model, feats, train, make_split(24, 2)
+
+
+def refresh_trainer(setup, mode, **kw):
+    from dht.trainer import Trainer
+
+    cfg, model, feats, train, _ = setup
+    torch.manual_seed(cfg.seed)
+    return Trainer(cfg, mode, copy.deepcopy(model), feats, train, torch.device("cpu"), 12, run_fingerprint="fp", **kw)
+
+
+def finish(trainer, test):
+    from dht.trainer import evaluate, predict
+
+    progress = trainer.fit(progress_bar=False)
+    metrics = evaluate(predict(trainer.model, trainer.policy, test, torch.device("cpu"), 16, 12), test,
+                       trainer.model.config, 12, None)
+    metrics.pop("infer_seconds")
+    return progress, metrics
+
+
+@pytest.mark.parametrize("mode", ["t-dht", "s-dht"])
+def test_refresh_replaces_the_arm_matrices_with_the_trained_models_features(mode, monkeypatch):
+    import dht.trainer
+
+    setup = refresh_setup()
+    real = dht.trainer.compute_arm_features
+    calls = []
+
+    def recording(model, batches, space, features, seed=0):
+        feats, counts = real(model, batches, space, features, seed=seed)
+        calls.append((trainer.progress.epoch, trainer.progress.train_flops, feats, counts))
+        return feats, counts
+
+    monkeypatch.setattr(dht.trainer, "compute_arm_features", recording)
+    trainer = refresh_trainer(setup, mode)
+    stage_z = trainer.policy.ucb.arm_features.clone()
+    assert float(torch.cdist(stage_z, stage_z).max()) < 1e-6  # the identity model: one vector for every arm
+    trainer.fit(progress_bar=False)
+    assert [c[0] for c in calls] == [1]  # once, at the start of the second (last) epoch
+    _, _, feats, counts = calls[0]
+    family, arms = ("ucb_l", trainer.policy.layer_options) if mode == "t-dht" else ("ucb_cp", trainer.policy.arms)
+    z = trainer.policy.ucb.arm_features
+    assert torch.equal(z, arm_matrix(feats, family, arms).double())
+    assert float(torch.cdist(z, z).max()) > 0  # one epoch of training moved the layers off the identity
+    if mode == "t-dht":
+        assert torch.equal(trainer.policy.ucb_h.arm_features, arm_matrix(feats, "ucb_h", [8, 10, 12]).double())
+    assert sum(v for k, v in counts.items() if k.startswith("pool/")) == len(setup[3])
+
+    plain = refresh_trainer(refresh_setup("none"), mode)
+    plain.fit(progress_bar=False)
+    assert torch.equal(plain.policy.ucb.arm_features, stage_z)  # refresh: none keeps the stage's
+
+
+def test_refresh_costs_training_flops(monkeypatch):
+    """Two forward passes' worth at most per sample: the full model and one arm of the pool."""
+    from dht.flops import forward_flops
+    from dht.trainer import Trainer
+
+    setup = refresh_setup()
+    trainer = refresh_trainer(setup, "f-dht")
+    real = Trainer._refresh_arm_features
+    added = []
+
+    def measured(self, policy):
+        before = self.progress.train_flops
+        real(self, policy)
+        added.append(self.progress.train_flops - before)
+
+    monkeypatch.setattr(Trainer, "_refresh_arm_features", measured)
+    trainer.fit(progress_bar=False)
+    full = forward_flops(12, [12] * 12, trainer.model.config)
+    assert len(added) == 1 and len(setup[3]) * full < added[0] < 2 * len(setup[3]) * full
+
+
+@pytest.mark.parametrize(("mode", "kill_epoch_step"), [("t-dht", 1), ("f-dht", 3), ("p-dht", 3)])
+def test_a_resumed_run_restores_the_refreshed_features_exactly(mode, kill_epoch_step, tmp_path):
+    """Killed 1 step into the second epoch: the last checkpoint is the first epoch's end, written before the
+    refresh, and the resumed run refreshes again; 3 steps in: a checkpoint holds the refreshed features."""
+    setup = refresh_setup()
+    test = setup[4]
+    ref_progress, ref_metrics = finish(refresh_trainer(setup, mode), test)
+
+    class Killed(Exception):
+        pass
+
+    first_step = {}
+
+    def kill(step):
+        p = first.progress
+        if p.epoch == 1:
+            first_step.setdefault("step", step)
+            if step - first_step["step"] + 1 == kill_epoch_step:
+                raise Killed
+
+    first = refresh_trainer(setup, mode, checkpoint_dir=tmp_path, on_step=kill)
+    with pytest.raises(Killed):
+        first.fit(progress_bar=False)
+    resumed = refresh_trainer(setup, mode, checkpoint_dir=tmp_path)
+    assert resumed.load_checkpoint() and resumed.progress.epoch == 1
+    if kill_epoch_step == 3:  # restored from the checkpoint, not recomputed
+        assert resumed.progress.position > 0
+        assert torch.equal(resumed.policy.ucb.arm_features, first.policy.ucb.arm_features)
+        family, arms = ("ucb_l", resumed.policy.layer_options) if mode == "t-dht" else ("ucb_cp", resumed.policy.arms)
+        assert not torch.equal(resumed.policy.ucb.arm_features, arm_matrix(setup[2], family, arms).double())
+    else:
+        assert resumed.progress.position == 0
+    progress, metrics = finish(resumed, test)
+    assert metrics == ref_metrics
+    assert progress.train_flops == ref_progress.train_flops and progress.selections == ref_progress.selections
