@@ -11,8 +11,8 @@ starts from the initial model. ``dht.features.refresh: epoch`` recomputes them f
 - **UCB_L**, arm L: the mean of all samples' states after layer L (all heads).
 - **UCB_H**, arm H: "each sample is randomly and evenly assigned a head number"; the mean of the states after
   every dynamic layer group that ran with H heads.
-- **UCB_cp**, arm (L, H) (and P-DHT's segmented arms such as 4L8H+2L12H): the mean of the states at layer L of
-  the samples that ran that arm's exact plan.
+- **UCB_cp**, arm (L, H) (and P-DHT's segmented arms such as 4L8H+2L12H): the mean of all samples' states at
+  layer L under that arm's exact plan, estimated from the samples that ran it (below).
 - **TSB**, arm h: the h-th of N_H slices of the states along the hidden dimension, at every layer, with every
   head count, averaged.
 
