@@ -195,6 +195,12 @@ class FeaturesConfig(_Strict):
     tsb: PoolingConfig = _pool([1], [4, 8])
     arm_feature_samples: Annotated[int, Field(ge=1)] | None = None  # None: the whole training split
     batch_size: Annotated[int, Field(ge=1)] = 256
+    # Plain full-depth training steps on a copy of the initial model before the arm-feature pass; training
+    # still starts from the initial model (docs/paper-notes.md, row 10). 0: the initial model itself.
+    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    # epoch: recompute the arm features from the model being trained at the start of every epoch after the
+    # first (docs/training.md, T14); none: the stage's single pass (the paper).
+    refresh: Literal["none", "epoch"] = "none"
 
 
 class BanditConfig(_Strict):
