@@ -104,7 +104,6 @@ from dht.trainer import (  # noqa: E402
     predict,
 )
 
-REFERENCE = "vanilla-12"
 WALL_GOAL = 1.25  # wall ratio <= 1.25 x FLOP ratio (inference, DHT modes)
 SHARE_GOAL = 0.03  # bandits + pooling + queueing < 3% of the training step time
 NOOP_GOAL = 10.0  # seconds for a no-op pipeline rerun
@@ -283,6 +282,7 @@ def load_models(models_dir: Path, names: list[str], cfg: Config, data: DataInfo,
     from dht.baselines.nas_prune import PrunedBert, predict_pruned
 
     greedy = cfg.dht.inference == "greedy"
+    reference = cfg.run.reference  # FastBERT's backbone: the baselines' teacher
     loaded: dict[str, Loaded] = {}
     unusable: dict[str, str] = {}
     for name in names:
@@ -328,10 +328,10 @@ def load_models(models_dir: Path, names: list[str], cfg: Config, data: DataInfo,
 
             entry = Loaded(name, kind, run_distil, student)
         elif kind == "fastbert":
-            if REFERENCE not in loaded:
-                unusable[name] = f"FastBERT's backbone is {REFERENCE}, which is not usable"
+            if reference not in loaded:
+                unusable[name] = f"FastBERT's backbone is {reference}, which is not usable"
                 continue
-            fastbert = FastBERT.load(directory, loaded[REFERENCE].model)
+            fastbert = FastBERT.load(directory, loaded[reference].model)
             why = None  # the backbone was checked as 12-VaBERT
 
             def run_fastbert(split: SplitData, m: Any = fastbert, speed: float = value) -> Predictions:
@@ -406,8 +406,9 @@ def full_model_in_groups(model: DHTForSequenceClassification, data: SplitData, d
         depth = layers[index]
         for value in depth.unique().tolist():
             sel = (depth == value).nonzero().squeeze(1).to(device)
-            h = model.run_layers(hidden[sel], None if keep is None else keep[sel], b, n_layers)
-            model.classify(h).float().softmax(-1).cpu()
+            k = None if keep is None else keep[sel]
+            h = model.run_layers(hidden[sel], k, b, n_layers)
+            model.classify(h, k).float().softmax(-1).cpu()
     sync(device)
     return time.perf_counter() - start
 
@@ -446,7 +447,8 @@ def inference_section(cfg: Config, args: argparse.Namespace, root: Path, device:
     dataset = args.dataset
     title = "1. Inference: wall time vs FLOPs, trained models"
     processed = root / "data" / "processed" / dataset
-    names = list(dict.fromkeys([REFERENCE, *cfg.run.models, *cfg.run.baselines]))
+    reference = cfg.run.reference
+    names = list(dict.fromkeys([reference, *cfg.run.models, *cfg.run.baselines]))
     if not (processed / "test.parquet").is_file():
         why = (f"{processed}/test.parquet not found; make it with "
                f"`snakemake --cores 4 {processed.relative_to(root)}/meta.json`")
@@ -465,16 +467,16 @@ def inference_section(cfg: Config, args: argparse.Namespace, root: Path, device:
             + "\n".join(lines) + "\nTrain them (with the data they are evaluated on) first:\n" + "\n".join(cmds)
             + "\nor pass --quick to list them as skipped, or --root for a project where they are trained."
         )
-    if REFERENCE not in loaded:
-        why = unusable.get(REFERENCE, "missing")
-        return Section(title, f"Skipped: the reference {REFERENCE} is unusable ({why}); nothing to compare with.\n\n"
-                       + skipped_list(unusable, dataset, cfg.profile), [f"inference not measured: {REFERENCE} {why}"])
-    ref = loaded[REFERENCE]
+    if reference not in loaded:
+        why = unusable.get(reference, "missing")
+        return Section(title, f"Skipped: the reference {reference} is unusable ({why}); nothing to compare with.\n\n"
+                       + skipped_list(unusable, dataset, cfg.profile), [f"inference not measured: {reference} {why}"])
+    ref = loaded[reference]
     test = data.split
 
     # One untimed pass per model: the predictions the FLOP ratios and depth groups come from (and a warm-up).
     preds = {name: m.run(test) for name, m in loaded.items()}
-    dht_names = [n for n, m in loaded.items() if m.kind == "dht" and n != REFERENCE]
+    dht_names = [n for n, m in loaded.items() if m.kind == "dht" and n != reference]
     runners: dict[str, Callable[[], float]] = {name: (lambda m=m: m.run(test).seconds) for name, m in loaded.items()}
     for name in dht_names:
         policy = loaded[name].policy
@@ -490,14 +492,14 @@ def inference_section(cfg: Config, args: argparse.Namespace, root: Path, device:
         shared_preds = {n: loaded[n].run(test) for n in dht_names}
     print(f"[inference] {len(runners)} runners x {args.warmup + args.repeats} rounds on {len(test)} test samples",
           flush=True)
-    timing = interleaved(runners, REFERENCE, args.repeats, args.warmup)
+    timing = interleaved(runners, reference, args.repeats, args.warmup)
     decisions = {n: median_decision_seconds(lambda m=loaded[n]: m.run(test), max(1, args.repeats // 2))
-                 for n in [REFERENCE, *dht_names]}
+                 for n in [reference, *dht_names]}
 
     conf = ref.model.config
     results = root / "results" / dataset
     rows, dht_rows, shortfalls = [], [], []
-    t_ref = timing.median(REFERENCE)
+    t_ref = timing.median(reference)
     for name in loaded:
         flops = evaluate(preds[name], test, conf, seq_len, None)["infer_flop_ratio"]
         recorded = read_metric(results / name / "metrics.json", "infer_flop_ratio")
@@ -543,7 +545,7 @@ def inference_section(cfg: Config, args: argparse.Namespace, root: Path, device:
         f" ({len(test)} samples, max_length {seq_len}, longest sample {data.width} tokens), batch size "
         f"{batch} (`train.eval_batch_size`), inference policy `{cfg.dht.inference}`. Times are what the pipeline's "
         f"predict functions measure (`infer_seconds`); median of {args.repeats} interleaved rounds after "
-        f"{args.warmup} warm-up, ratio to {REFERENCE} in the same round (min-max in brackets).",
+        f"{args.warmup} warm-up, ratio to {reference} in the same round (min-max in brackets).",
         "",
         "FLOP ratio: recomputed here by `dht.trainer.evaluate` from this run's predictions (the pipeline's "
         "function, reference = 12-VaBERT's full model at max_length); metrics.json: the value the pipeline wrote "
@@ -655,7 +657,8 @@ def training_section(cfg: Config, args: argparse.Namespace, root: Path, device: 
     train = subset(data.split, order)
     seq_len = int(data.meta["max_length"])
     bench_cfg = training_config(cfg)
-    modes = list(dict.fromkeys([REFERENCE, *[m for m in cfg.run.models if m in cfg.dht.modes]]))
+    reference = cfg.run.reference
+    modes = list(dict.fromkeys([reference, *[m for m in cfg.run.models if m in cfg.dht.modes]]))
 
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     timers = Timers()
@@ -676,7 +679,7 @@ def training_section(cfg: Config, args: argparse.Namespace, root: Path, device: 
         return seconds
 
     print(f"[training] {len(modes)} modes x {args.warmup + args.repeats} rounds, {n} samples each", flush=True)
-    timing = interleaved({m: (lambda m=m: fit(m)) for m in modes}, REFERENCE, args.repeats, args.warmup)
+    timing = interleaved({m: (lambda m=m: fit(m)) for m in modes}, reference, args.repeats, args.warmup)
     kept = {m: r[args.warmup:] for m, r in results.items()}  # the warm-up rounds' records are discarded too
 
     rows, share_rows, shortfalls = [], [], []
@@ -697,7 +700,7 @@ def training_section(cfg: Config, args: argparse.Namespace, root: Path, device: 
         total = sum(parts.values())
         s1 = share(["S1 pass"])
         accounting = share(["FLOP accounting"])
-        is_dht = mode != REFERENCE
+        is_dht = mode != reference
         goal = ("yes" if total < SHARE_GOAL else "**no**") if is_dht else "—"
         share_rows.append([mode, fmt_pct(parts["bandits"]), fmt_pct(parts["pooling"]), fmt_pct(parts["queueing"]),
                            fmt_pct(total), goal, fmt_pct(s1), fmt_pct(accounting)])
@@ -713,7 +716,7 @@ def training_section(cfg: Config, args: argparse.Namespace, root: Path, device: 
     body = [
         f"{n} training samples (`--train-steps` {args.train_steps} x `train.batch_size` {q}), one epoch through "
         f"`Trainer.fit` per mode, from `{features.relative_to(root) if features.is_relative_to(root) else features}"
-        f"/init_model` and its arm features, on {device}. Wall ratio: to {REFERENCE}'s fit in the same round, median "
+        f"/init_model` and its arm features, on {device}. Wall ratio: to {reference}'s fit in the same round, median "
         f"of {args.repeats} rounds after {args.warmup} warm-up (min-max). FLOP ratio: the trainer's own count for "
         "these steps (`train_flops / reference_flops`, the pipeline's `train_flop_ratio`). DHT modes take more "
         "steps than 12-VaBERT: partly filled depth queues are trained at the epoch's end (Algorithm 3), which a "
@@ -898,7 +901,8 @@ class ScalingPoint:
         """Timing of predict over the split (12-VaBERT, the DHT mode, and the DHT mode with one head set per head
         count), the DHT's FLOP ratio by evaluate, and its decision time (in 12-VaBERT time units)."""
         cfg, model, shared = self.cfg, self.model, f"{self.mode_name} [one head set per count]"
-        ref_policy = Policy(cfg, cfg.dht.modes[REFERENCE], self.arm_feats, model.config)
+        reference = cfg.run.reference
+        ref_policy = Policy(cfg, cfg.dht.modes[reference], self.arm_feats, model.config)
         dht_policy = Policy(cfg, cfg.dht.modes[self.mode_name], self.arm_feats, model.config)
 
         def run_ref() -> Predictions:
@@ -913,9 +917,9 @@ class ScalingPoint:
                 return run_dht()
 
         flops = evaluate(run_dht(), self.data, model.config, self.seq_len, None)["infer_flop_ratio"]
-        timing = interleaved({REFERENCE: lambda: run_ref().seconds, self.mode_name: lambda: run_dht().seconds,
-                              shared: lambda: run_shared().seconds}, REFERENCE, repeats, warmup)
-        decide = median_decision_seconds(run_dht, max(1, repeats // 2)) / timing.median(REFERENCE)
+        timing = interleaved({reference: lambda: run_ref().seconds, self.mode_name: lambda: run_dht().seconds,
+                              shared: lambda: run_shared().seconds}, reference, repeats, warmup)
+        decide = median_decision_seconds(run_dht, max(1, repeats // 2)) / timing.median(reference)
         heads = statistics.median(a - b for a, b in zip(timing.ratios[self.mode_name], timing.ratios[shared],
                                                             strict=True))
         return {"timing": timing, "flops": flops, "decisions": decide, "head sets": heads}
@@ -925,7 +929,8 @@ class ScalingPoint:
         then one queue batch of `batch` samples (Trainer.train_batch), its time averaged over the depths by how
         often uniform arms pick them. Returns (timing, the DHT's training FLOP ratio as the trainer counts it)."""
         cfg, batch, device = patched(self.cfg, **{"train.batch_size": self.batch}), self.batch, self.device
-        ref = Trainer(cfg, REFERENCE, copy.deepcopy(self.model), self.arm_feats, self.data, device,
+        reference = cfg.run.reference
+        ref = Trainer(cfg, reference, copy.deepcopy(self.model), self.arm_feats, self.data, device,
                       seq_len=self.seq_len)
         dht = Trainer(cfg, self.mode_name, copy.deepcopy(self.model), self.arm_feats, self.data, device,
                       seq_len=self.seq_len)
@@ -962,13 +967,14 @@ class ScalingPoint:
                     flop_parts[L] = dht.progress.train_flops - before
             return total
 
-        timing = interleaved({REFERENCE: ref_step, self.mode_name: dht_step}, REFERENCE, repeats, warmup)
+        timing = interleaved({reference: ref_step, self.mode_name: dht_step}, reference, repeats, warmup)
         flops = sum(share * flop_parts[L] for L, (share, _) in weights.items()) / (batch * dht.reference_step)
         return timing, flops
 
 
 def scaling_section(cfg: Config, args: argparse.Namespace, device: torch.device) -> Section:
     title = "4. Scaling with sequence length and batch size (random-init models)"
+    reference = cfg.run.reference
     mode_name = args.scaling_mode
     if mode_name not in cfg.dht.modes or cfg.dht.modes[mode_name].search == "fixed":
         raise BenchmarkError(f"--scaling-mode {mode_name!r} is not a DHT mode of profile '{cfg.profile}'; "
@@ -990,7 +996,7 @@ def scaling_section(cfg: Config, args: argparse.Namespace, device: torch.device)
     arm_feats, _ = compute_arm_features(model, batches, space, scfg.dht.features, seed=cfg.seed)
 
     infer_rows, train_rows, shortfalls = [], [], []
-    print(f"[scaling] {mode_name} vs {REFERENCE} at (seq, batch) {grid}", flush=True)
+    print(f"[scaling] {mode_name} vs {reference} at (seq, batch) {grid}", flush=True)
     for seq_len, batch in grid:
         data = synthetic_split(2 * batch, seq_len, vocab, labels, gen)
         point = ScalingPoint(scfg, model, arm_feats, mode_name, data, seq_len, batch, device)
@@ -998,7 +1004,7 @@ def scaling_section(cfg: Config, args: argparse.Namespace, device: torch.device)
         t, flops = res["timing"], res["flops"]
         wall = t.ratio(mode_name)
         rest = wall - flops - res["decisions"] - res["head sets"]
-        infer_rows.append([seq_len, batch, fmt_seconds(t.median(REFERENCE)), fmt_seconds(t.median(mode_name)),
+        infer_rows.append([seq_len, batch, fmt_seconds(t.median(reference)), fmt_seconds(t.median(mode_name)),
                            fmt_ratio(wall), fmt_ratio(flops), f"{wall / flops:.2f}", f"{res['decisions']:+.3f}",
                            f"{res['head sets']:+.3f}", f"{rest:+.3f}"])
         if wall > WALL_GOAL * flops:
@@ -1009,12 +1015,12 @@ def scaling_section(cfg: Config, args: argparse.Namespace, device: torch.device)
                 f"do not count) {rest:+.3f}")
         ts, train_flops = point.training(args.repeats, args.warmup)
         train_wall = ts.ratio(mode_name)
-        train_rows.append([seq_len, batch, fmt_seconds(ts.median(REFERENCE)), fmt_seconds(ts.median(mode_name)),
+        train_rows.append([seq_len, batch, fmt_seconds(ts.median(reference)), fmt_seconds(ts.median(mode_name)),
                            fmt_ratio(train_wall), fmt_ratio(train_flops), f"{train_wall / train_flops:.2f}"])
     mix = depth_weights(Policy(scfg, scfg.dht.modes[mode_name], arm_feats, model.config))
     arms_note = "arms drawn uniformly: depth " + ", ".join(f"{L} {share:.0%}" for L, (share, _) in mix.items())
     body = [
-        f"{mode_name} ({arms_note}; heads by the untrained TSB, i.e. per-sample sets) against {REFERENCE}, both "
+        f"{mode_name} ({arms_note}; heads by the untrained TSB, i.e. per-sample sets) against {reference}, both "
         f"random-init at the profile's architecture (hidden {cfg.model.hidden_size}, "
         f"{cfg.model.num_hidden_layers} layers, {cfg.model.num_attention_heads} heads, FFN "
         f"{cfg.model.intermediate_size}), unpadded synthetic samples of exactly `seq` tokens. Median of "
@@ -1026,7 +1032,7 @@ def scaling_section(cfg: Config, args: argparse.Namespace, device: torch.device)
         "groups, small matrices, work FLOPs do not count). Fixed per-batch costs shrink relative to the encoder "
         "as sequences and batches grow, so the ratio should approach the FLOP ratio down the table.",
         "",
-        table(["seq", "batch", REFERENCE, mode_name, "wall ratio", "FLOP ratio", "wall / FLOPs", "decisions",
+        table(["seq", "batch", reference, mode_name, "wall ratio", "FLOP ratio", "wall / FLOPs", "decisions",
                "head sets", "rest"], infer_rows),
         "",
         "One training step: for DHT, S1 and the depth decisions for one batch of samples entering the queues "
@@ -1037,7 +1043,7 @@ def scaling_section(cfg: Config, args: argparse.Namespace, device: torch.device)
         "with depth too (AdamW and gradient clipping skip the weights of layers a batch did not reach; element-wise "
         "ops; activation memory); not broken down here.",
         "",
-        table(["seq", "batch", REFERENCE, mode_name, "wall ratio", "FLOP ratio", "wall / FLOPs"], train_rows),
+        table(["seq", "batch", reference, mode_name, "wall ratio", "FLOP ratio", "wall / FLOPs"], train_rows),
         "",
         shortfall_text(shortfalls, f"inference goal (wall <= {WALL_GOAL} x FLOPs)"),
     ]

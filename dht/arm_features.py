@@ -1,36 +1,55 @@
-"""Arm features (Section 4.2): one pass over the training samples through the initial model, without
-gradient, that gives every bandit arm a feature vector z.
+"""Arm features (Section 4.2): one pass over the training samples through the model, without gradient, that
+gives every bandit arm a feature vector z.
+
+Which model (docs/paper-notes.md, row 10): the run's initial model, or, with ``dht.features.warmup_steps: N``,
+a copy of it after N plain full-depth training steps (:func:`warm_up`). An identity initialisation
+(``model.residual_init_scale: 0``) makes every layer the identity, so the initial model gives every depth and
+every head count the same state; the warm-up gives the arms something to tell them apart. Training still
+starts from the initial model. ``dht.features.refresh: epoch`` recomputes them from the model being trained
+(:class:`dht.trainer.Trainer`).
 
 - **UCB_L**, arm L: the mean of all samples' states after layer L (all heads).
 - **UCB_H**, arm H: "each sample is randomly and evenly assigned a head number"; the mean of the states after
   every dynamic layer group that ran with H heads.
-- **UCB_cp**, arm (L, H) (and P-DHT's segmented arms such as 4L8H+2L12H): the mean of the states at layer L of
-  the samples that ran that arm's exact plan.
+- **UCB_cp**, arm (L, H) (and P-DHT's segmented arms such as 4L8H+2L12H): the mean of all samples' states at
+  layer L under that arm's exact plan, estimated from the samples that ran it (below).
 - **TSB**, arm h: the h-th of N_H slices of the states along the hidden dimension, at every layer, with every
   head count, averaged.
 
 Two forward passes per batch: the full model (UCB_L, TSB), and a *random-arm* pass in which every sample is
 assigned one arm of the run's arm pool (round robin over a shuffled order, so arms are evenly covered) with a
-random head subset per dynamic group (UCB_H, UCB_cp, TSB). Each state is reduced at once by the pooling of its
-bandit (Section 7.1) and only running sums are kept, so memory does not grow with the dataset.
-Mean pooling is linear, so the mean of pooled states is the pooled mean state (up to padding, where the
-per-sample reading is the sensible one).
+random head subset per dynamic group (UCB_H, UCB_cp, TSB). Arms that resolve to the same per-layer plan (with
+b = 3, P-DHT's 1L8H+2L12H runs three full layers: it is 3L12H) are one arm of the pool and get one vector.
+Each state is reduced at once by the pooling of its bandit (Section 7.1) and only running sums are kept, so
+memory does not grow with the dataset. Mean pooling is linear, so the mean of pooled states is the pooled mean
+state (up to padding, where the per-sample reading is the sensible one).
+
+UCB_cp and UCB_H estimate the mean state *of all samples* under the arm with the full model's state as a
+control variate: z = mean over the samples that ran the arm of (arm state - full state at the same layer)
++ mean over all samples of the full state at that layer. Both passes see the same samples, so the difference
+varies little from sample to sample: a few samples per arm estimate it well, where the plain mean over those
+samples carried their sampling noise (on the tiny profile that noise, ~10% of the norm, exceeded the
+difference between arms). The estimand is unchanged; an arm that keeps every head gets exactly UCB_L's state.
 
 Keys: ``ucb_l/<L>``, ``ucb_h/<H>``, ``ucb_cp/<arm>``, ``tsb/<head index>``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from dht.config import Arm, Config, FeaturesConfig, PoolingConfig, parse_arm
+from dht.config import Arm, Config, FeaturesConfig, PoolingConfig, TrainConfig, parse_arm
 from dht.features import ArmFeatureAccumulator, PoolingSpec, pool_head_slices
 
 FEATURES_FILE = "arm_features.safetensors"
@@ -47,9 +66,11 @@ class ArmSpace:
     pool: tuple[str, ...]  # arms of the random-arm pass: cp_arms and every tree combination
 
 
-def arm_space(cfg: Config) -> ArmSpace:
-    modes = set(cfg.run.models)
-    modes |= {cfg.dht.modes[m].warmup_mode for m in list(modes) if cfg.dht.modes[m].warmup_mode}
+def arm_space(cfg: Config, modes: Iterable[str] | None = None, warmup_modes: bool = True) -> ArmSpace:
+    """The arms of `modes` (default: the run's models) and, with `warmup_modes`, of their warm-up modes."""
+    modes = set(cfg.run.models if modes is None else modes)
+    if warmup_modes:
+        modes |= {cfg.dht.modes[m].warmup_mode for m in list(modes) if cfg.dht.modes[m].warmup_mode}
     layers: set[int] = set()
     heads: set[int] = set()
     cp: dict[str, None] = {}
@@ -109,6 +130,20 @@ def _spec(pool: PoolingConfig, width: int | None = None) -> PoolingSpec:
     return PoolingSpec(tuple(pool.seq_splits), hidden)
 
 
+def distinct_plans(names: Iterable[str], fixed_layers: int, num_heads: int) -> tuple[list[list[int]], dict[str, int]]:
+    """The distinct per-layer head plans of arms `names` and each arm's plan index (arms that run the same
+    network, such as 1L8H+2L12H and 3L12H with b = 3, share one)."""
+    plans: list[list[int]] = []
+    index: dict[tuple[int, ...], int] = {}
+    plan_of: dict[str, int] = {}
+    for name in names:
+        heads = arm_layer_heads(parse_arm(name), fixed_layers, num_heads)
+        plan_of[name] = index.setdefault(tuple(heads), len(plans))
+        if plan_of[name] == len(plans):
+            plans.append(heads)
+    return plans, plan_of
+
+
 @torch.no_grad()
 def compute_arm_features(
     model: torch.nn.Module,
@@ -117,7 +152,10 @@ def compute_arm_features(
     features: FeaturesConfig,
     seed: int = 0,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """Mean pooled state per arm key over `batches` of (input_ids, attention_mask); see the module doc."""
+    """Mean pooled state per arm key over `batches` of (input_ids, attention_mask); see the module doc.
+
+    The counts give the samples behind each key and, under ``pool/<arm>``, the samples of the random-arm pass
+    that ran each distinct plan of the pool (what the pass cost)."""
     config = model.config
     n_layers, n_heads = config.num_hidden_layers, config.num_attention_heads
     groups = config.dynamic_layer_groups()
@@ -126,8 +164,13 @@ def compute_arm_features(
     gen = torch.Generator().manual_seed(seed)
     pool_l, pool_cp, pool_h = _spec(features.ucb_l), _spec(features.ucb_cp), _spec(features.ucb_h)
     tsb = _spec(features.tsb, width=config.hidden_size // n_heads)
-    arms = [arm_layer_heads(parse_arm(a), config.fixed_layers, n_heads) for a in space.pool]
-    acc = ArmFeatureAccumulator()
+    arms, plan_of = distinct_plans(space.pool, config.fixed_layers, n_heads)
+    cp_plans = sorted({plan_of[a] for a in space.cp_arms})
+    acc = ArmFeatureAccumulator()  # UCB_L, TSB: plain means
+    diff = ArmFeatureAccumulator()  # UCB_cp, UCB_H: arm state - full state (control variate, module doc)
+    ref = ArmFeatureAccumulator()  # the full state's mean over all samples, per layer
+    h_ends: Counter[tuple[int, int]] = Counter()  # (heads, group end) -> pairs behind ucb_h/<heads>
+    ran_plan = torch.zeros(len(arms), dtype=torch.long)
     assigned = 0
 
     def add_tsb(states: Tensor, mask: Tensor) -> None:
@@ -145,40 +188,141 @@ def compute_arm_features(
         for layer in range(1, n_layers + 1):
             acc.add(f"ucb_l/{layer}", pool_l(full[layer], mask).cpu())
             add_tsb(full[layer], mask)
+        for layer in {len(arms[k]) for k in cp_plans}:
+            ref.add(f"cp/{layer}", pool_cp(full[layer], mask).cpu())
+        for group in groups:
+            ref.add(f"h/{group.stop}", pool_h(full[group.stop], mask).cpu())
 
         # Random-arm pass: round robin over a shuffled order covers the arms evenly across batches.
         order = torch.randperm(batch, generator=gen)
         arm_ids = torch.empty(batch, dtype=torch.long)
         arm_ids[order] = (assigned + torch.arange(batch)) % len(arms)
         assigned += batch
+        ran_plan += torch.bincount(arm_ids, minlength=len(arms))
         depth, plan = random_arm_plan(arms, arm_ids, n_layers, n_heads, groups, gen)
         states = model(input_ids=ids, attention_mask=mask, depth=depth.to(device), heads=plan.to(device),
                        output_hidden_states=True).hidden_states
-        for k, name in enumerate(space.pool):
+        for k in cp_plans:
             sel = (arm_ids == k).to(device)
-            if sel.any() and name in space.cp_arms:
-                acc.add(f"ucb_cp/{name}", pool_cp(states[len(arms[k])][sel], mask[sel]).cpu())
+            if sel.any():
+                layer = len(arms[k])
+                m = mask[sel]
+                diff.add(f"cp/{k}", (pool_cp(states[layer][sel], m) - pool_cp(full[layer][sel], m)).cpu())
         for group in groups:
             end = group.stop
             ran = depth >= end
             kept = plan[:, group.start].sum(dim=1)
             for h in kept[ran].unique().tolist():
-                sel = (ran & (kept == h)).to(device)
-                acc.add(f"ucb_h/{h}", pool_h(states[end][sel], mask[sel]).cpu())
+                sel = ran & (kept == h)
+                h_ends[h, end] += int(sel.sum())
+                sel, m = sel.to(device), mask[sel.to(device)]
+                diff.add(f"h/{h}", (pool_h(states[end][sel], m) - pool_h(full[end][sel], m)).cpu())
         for layer in range(1, n_layers + 1):
             sel = (depth >= layer).to(device)
             if sel.any():
                 add_tsb(states[layer][sel], mask[sel])
 
-    needed = ([f"ucb_l/{L}" for L in space.layer_options] + [f"ucb_h/{H}" for H in space.head_options]
-              + [f"ucb_cp/{a}" for a in space.cp_arms])
-    missing = [k for k in needed if k not in acc]
+    missing = [f"ucb_l/{L}" for L in space.layer_options if f"ucb_l/{L}" not in acc]
+    missing += [f"ucb_h/{H}" for H in space.head_options if f"h/{H}" not in diff]
+    missing += [f"ucb_cp/{a}" for a in space.cp_arms if f"cp/{plan_of[a]}" not in diff]
     if missing:
         raise ValueError(
             f"no sample reached arm(s) {', '.join(missing)}: the arm-feature pass saw too few samples "
             f"({assigned}) for {len(arms)} arms; raise dht.features.arm_feature_samples"
         )
-    return {k: acc.mean(k).float() for k in acc}, {k: acc.count(k) for k in acc}
+    out = {k: acc.mean(k) for k in acc}
+    counts = {k: acc.count(k) for k in acc}
+    for name in space.cp_arms:
+        k = plan_of[name]
+        out[f"ucb_cp/{name}"] = diff.mean(f"cp/{k}") + ref.mean(f"cp/{len(arms[k])}")
+        counts[f"ucb_cp/{name}"] = diff.count(f"cp/{k}")
+    for h in sorted({h for h, _ in h_ends}):
+        n = diff.count(f"h/{h}")
+        mixed = sum(c / n * ref.mean(f"h/{end}") for (hh, end), c in sorted(h_ends.items()) if hh == h)
+        out[f"ucb_h/{h}"] = diff.mean(f"h/{h}") + mixed
+        counts[f"ucb_h/{h}"] = n
+    first = {k: name for name, k in reversed(plan_of.items())}  # each plan under the first arm that names it
+    counts.update({f"pool/{first[k]}": int(n) for k, n in enumerate(ran_plan.tolist())})
+    return {k: v.float() for k, v in out.items()}, counts
+
+
+def warm_up(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    steps: int,
+    train: TrainConfig,
+    seed: int = 0,
+) -> tuple[torch.nn.Module, dict[str, float]]:
+    """A copy of `model` after `steps` plain training steps: full depth, every head, cross-entropy, the
+    profile's optimiser (AdamW, ``train.learning_rate``, ``weight_decay``, ``grad_clip``, batches of
+    ``train.batch_size`` in seeded random order, a linear ramp over ``warmup_ratio`` of the steps, then a
+    constant rate). Only the arm features are computed from it (docs/paper-notes.md, row 10); `model` is left
+    as it is. Returns the copy (in eval mode) and the mean loss of its first and last ten steps."""
+    model = copy.deepcopy(model)
+    if steps == 0:
+        return model.eval(), {}
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
+    ramp = max(1, math.ceil(train.warmup_ratio * steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / ramp))
+    gen = torch.Generator().manual_seed(seed)
+    n, q = labels.numel(), train.batch_size
+    order = torch.empty(0, dtype=torch.long)
+    losses: list[float] = []
+    model.train()
+    # Dropout draws from the global generator: a forked one, seeded here, makes the copy depend on `seed` only
+    # and leaves the caller's random state as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for step in range(steps):
+            if order.numel() < min(q, n):  # every sample once per pass over the data, passes end to end
+                order = torch.cat([order, torch.randperm(n, generator=gen)])
+            index, order = order[:q], order[q:]
+            mask = attention_mask[index]
+            width = max(int(mask.sum(dim=1).max()), 1)
+            logits = model(input_ids=input_ids[index, :width].to(device),
+                           attention_mask=mask[:, :width].to(device)).logits
+            loss = F.cross_entropy(logits, labels[index].to(device))
+            if not torch.isfinite(loss):
+                raise ValueError(f"non-finite loss in warm-up step {step + 1} of {steps}: lower "
+                                 "train.learning_rate or dht.features.warmup_steps")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+    tail = min(10, steps)
+    return model.eval(), {"loss_first": sum(losses[:tail]) / tail, "loss_last": sum(losses[-tail:]) / tail}
+
+
+FAMILIES = ("ucb_l", "ucb_h", "ucb_cp", "tsb")
+
+
+def arm_separation(features: dict[str, Tensor], fixed_layers: int, num_heads: int) -> dict[str, dict[str, Any]]:
+    """How well each family's vectors tell its arms apart: the smallest distance between two of them, relative
+    to the family's mean norm, and that pair. UCB_cp arms that run the same network (distinct_plans) count
+    once: their vectors are the same by construction. A family with one arm is left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for family in FAMILIES:
+        # one order whatever the dict's (a loaded file's keys are sorted): shorter names first, so 9 < 10
+        names = sorted((k.split("/", 1)[1] for k in features if k.startswith(family + "/")), key=lambda n: (len(n), n))
+        if family == "ucb_cp":
+            _, plan_of = distinct_plans(names, fixed_layers, num_heads)
+            names = [n for i, n in enumerate(names) if plan_of[n] not in {plan_of[m] for m in names[:i]}]
+        if len(names) < 2:
+            continue
+        z = torch.stack([features[f"{family}/{n}"] for n in names]).double()
+        dist = torch.cdist(z, z)
+        dist.fill_diagonal_(math.inf)
+        i, j = divmod(int(dist.argmin()), len(names))
+        norm = float(z.norm(dim=1).mean())
+        out[family] = {"min_relative_distance": float(dist[i, j]) / max(norm, 1e-12), "pair": [names[i], names[j]],
+                       "mean_norm": norm, "arms": len(names)}
+    return out
 
 
 def iter_batches(

@@ -263,6 +263,20 @@ class LinUCB:
             self.A_inv[refresh] = _chol_inverse(self.A[refresh])
             self._since_refresh[refresh] = 0
 
+    def replace_arm_features(self, arm_features: Tensor) -> None:
+        """New arm features ``z_k`` ``[K, dz]`` for the next rounds (``dht.features.refresh``); ``A``, ``b`` stay.
+
+        The past rounds stay in ``A_k``, ``b_k`` with the ``z_k`` they were played with: with disjoint
+        parameters ``z_k`` is a per-arm constant, so ``theta_k``'s z-part has acted as the arm's intercept. Seen
+        with the new ``z'_k``, the part of ``z'_k`` along the old ``z_k`` keeps that estimate and the part
+        orthogonal to it has only the ridge prior (mean 0, a full exploration bonus): the arm is explored again
+        in proportion to how far its feature moved (docs/training.md, T14).
+        """
+        z = _to64(arm_features, self.device)
+        if tuple(z.shape) != (self.num_arms, self.arm_dim):
+            raise ValueError(f"arm_features must be [{self.num_arms}, {self.arm_dim}], got {tuple(z.shape)}")
+        self.arm_features = z.clone()
+
     # -- checkpointing ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         """All state as tensors (safetensors / torch.save friendly), including the RNG state."""
@@ -463,6 +477,17 @@ class LogisticThompsonHeads:
         self.m = w
         self.counts += c.sum(0)
 
+    def replace_arm_features(self, arm_features: Tensor) -> None:
+        """New head features ``z_h`` ``[N_H, dz]`` (``use_arm_features=True`` only; ``dht.features.refresh``).
+        The posterior (m, q) stays; as in :meth:`LinUCB.replace_arm_features`, its z-part has acted as a
+        per-head bias learned with the old ``z_h``."""
+        if not self.use_arm_features:
+            raise ValueError("this TSB was built with use_arm_features=False: its feature is the constant 1")
+        z = _to64(arm_features, self.device)
+        if tuple(z.shape) != tuple(self.arm_features.shape):
+            raise ValueError(f"arm_features must be {tuple(self.arm_features.shape)}, got {tuple(z.shape)}")
+        self.arm_features = z.clone()
+
     def state_dict(self) -> dict[str, Tensor]:
         """All state as tensors (safetensors / torch.save friendly), including the RNG state."""
         return {
@@ -492,14 +517,17 @@ class LogisticThompsonHeads:
 # ----------------------------------------------------------------------------------------------------------
 # Rewards: paper Section 4.3
 # ----------------------------------------------------------------------------------------------------------
-def reward_delta(loss: Tensor, layers: Tensor | int, heads: Tensor | int | None = None) -> Tensor:
+def reward_delta(loss: Tensor, layers: Tensor | int, heads: Tensor | int | None = None,
+                 cost_exponent: float = 1.0) -> Tensor:
     """Cost-weighted loss of Section 4.3: ``delta_L = loss * L`` and ``delta_H = delta_cp = loss * L * H``.
 
-    ``loss`` is the per-sample loss (cross-entropy with ``reduction='none'``), detached.
+    ``loss`` is the per-sample loss (cross-entropy with ``reduction='none'``), detached. ``cost_exponent`` (gamma,
+    not in the paper, which has 1) weighs the cost: ``loss * L**gamma (* H**gamma)``. With gamma = 1 a 6-layer arm
+    beats a 2-layer one only when its loss is 3x lower; gamma = 0 rewards the loss alone (docs/training.md).
     """
-    delta = loss.detach() * torch.as_tensor(layers, device=loss.device)
+    delta = loss.detach() * torch.as_tensor(layers, device=loss.device, dtype=loss.dtype) ** cost_exponent
     if heads is not None:
-        delta = delta * torch.as_tensor(heads, device=loss.device)
+        delta = delta * torch.as_tensor(heads, device=loss.device, dtype=loss.dtype) ** cost_exponent
     return delta
 
 

@@ -7,7 +7,8 @@
     dht sync-snakemake [STAGE...]        after `dvc pull` / `dvc checkout`: record the restored outputs as current
                                          in Snakemake (refused unless `dvc status` says they are)
     dht predict --model DIR [--input F]  classify texts (one a line; stdin without --input) with a trained model:
-                                         label, probability, and the layers and heads chosen for each text
+                                         label, probability, and the layers and heads chosen for each text; the
+                                         bandits act as the model's dht.inference says (--inference overrides)
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def _predict(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
+    from dht.config import Config
     from dht.runtime import resolve_device
     from dht.trainer import SplitData, load_trained, predict
 
@@ -107,7 +109,9 @@ def _predict(args: argparse.Namespace) -> int:
     max_length = int(info.get("max_length", tokenizer.model_max_length))
     enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
     data = SplitData(enc["input_ids"], enc["attention_mask"], torch.zeros(len(texts), dtype=torch.long))
-    pred = predict(model, policy, data, device, args.batch_size, max_length, greedy=True)
+    # The bandits act at test time as the model was evaluated (its saved dht.inference), unless overridden.
+    inference = args.inference or Config.model_validate(info["config"]).dht.inference
+    pred = predict(model, policy, data, device, args.batch_size, max_length, greedy=inference == "greedy")
     classes = info.get("classes") or [str(i) for i in range(model.config.num_labels)]
     rows = []
     for i, text in enumerate(texts):
@@ -156,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--format", choices=["tsv", "jsonl"], default="tsv")
     pred.add_argument("--batch-size", type=int, default=64)
     pred.add_argument("--device", default="auto")
+    pred.add_argument("--inference", choices=["greedy", "sample"], default=None,
+                      help="how the bandits choose layers and heads: greedy (no exploration) or sample "
+                           "(default: the model's saved dht.inference, as its test metrics were computed)")
     pred.set_defaults(func=_predict)
     return p
 

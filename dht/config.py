@@ -9,6 +9,7 @@ they change. :func:`load_config` deep-merges the chosen overlay, validates the s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 PROFILE_KEY = "profile"
 OVERLAYS_KEY = "profiles"
+EXTENDS_KEY = "extends"  # a profile that starts from another one
 
 
 class ConfigError(ValueError):
@@ -108,6 +110,12 @@ class RunConfig(_Strict):
     datasets: list[str] = Field(min_length=1)
     models: list[str] = Field(min_length=1)
     baselines: list[str] = Field(default_factory=list)  # distil-<layers>, fastbert-<speed>, nas-prune-<ratio>
+    # The full-depth model (a fixed mode running every layer with every head): the 1.00x of every FLOP ratio,
+    # the row the reports compare against and the teacher of the baselines (12-VaBERT in the paper).
+    reference: str = "vanilla-12"
+    # A shallow fixed mode (b layers): the depth analysis asks whether DHT gives more layers to the samples it
+    # gets wrong. None: no control.
+    control: str | None = None
 
 
 class TokenizerConfig(_Strict):
@@ -130,6 +138,9 @@ class ModelConfig(_Strict):
     # Scratch models only (a BERT checkpoint is post-LN with its own weights); docs/model.md, "Training from scratch".
     layer_norm: Literal["post", "pre"] = "pre"
     residual_init_scale: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # What the classifier reads: cls (BERT's pooler on [CLS], the paper) | mean (mean of the token states, no
+    # pooler: how sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained). docs/training.md.
+    classifier_pooling: Literal["cls", "mean"] = "cls"
 
     @model_validator(mode="after")
     def _scratch_only_fields(self) -> ModelConfig:
@@ -184,6 +195,12 @@ class FeaturesConfig(_Strict):
     tsb: PoolingConfig = _pool([1], [4, 8])
     arm_feature_samples: Annotated[int, Field(ge=1)] | None = None  # None: the whole training split
     batch_size: Annotated[int, Field(ge=1)] = 256
+    # Plain full-depth training steps on a copy of the initial model before the arm-feature pass; training
+    # still starts from the initial model (docs/paper-notes.md, row 10). 0: the initial model itself.
+    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    # epoch: recompute the arm features from the model being trained at the start of every epoch after the
+    # first (docs/training.md, T14); none: the stage's single pass (the paper).
+    refresh: Literal["none", "epoch"] = "none"
 
 
 class BanditConfig(_Strict):
@@ -196,6 +213,8 @@ class BanditConfig(_Strict):
     reward_alpha: Annotated[float, Field(gt=0)] = 1.0  # alpha of r_L
     reward_beta_h: Annotated[float, Field(gt=0)] = 1.0  # beta_1 of r_H
     reward_beta_cp: Annotated[float, Field(gt=0)] = 1.0  # beta_cp of r_cp
+    # gamma of delta = loss * L**gamma (* H**gamma): 1 is the paper; lower values let deeper arms win on loss.
+    cost_exponent: Annotated[float, Field(ge=0)] = 1.0
     reward_clip: Annotated[float, Field(gt=0)] | None = 10.0  # cap on ratio rewards (one tiny loss must not dominate)
     reward_baseline: Literal["global", "per_queue"] = "global"  # "the previous batch": any queue's, or the same L's
     ts_reward_sign: Literal["text", "printed"] = "text"  # ambiguity 1 of docs/paper-notes.md
@@ -372,6 +391,19 @@ class Arm:
     def __str__(self) -> str:
         return "+".join(f"{n}L{h}H" for n, h in self.segments)
 
+    def runs_as(self, fixed_layers: int, num_heads: int) -> Arm:
+        """The plan this arm really runs: the first b layers keep every head (Section 4.2), so 1L8H+2L12H with
+        b = 3 runs as 3L12H. Segments of equal heads are merged. Heads per layer: the same as
+        :func:`dht.arm_features.arm_layer_heads` (kept here so validation needs no torch)."""
+        heads = [num_heads if layer < fixed_layers else h for layer, h in enumerate(self.heads_per_layer())]
+        merged: list[list[int]] = []
+        for h in heads:
+            if merged and merged[-1][1] == h:
+                merged[-1][0] += 1
+            else:
+                merged.append([1, h])
+        return Arm(tuple((n, h) for n, h in merged))
+
 
 def parse_arm(text: str) -> Arm:
     """Parse "6L8H" or "4L8H+2L12H" into an :class:`Arm`; raise ValueError on anything else."""
@@ -416,24 +448,41 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
 
 
 def resolve_params(raw: Mapping[str, Any], profile: str | None = None) -> dict[str, Any]:
-    """Apply the chosen profile's overlay to the top-level (default) sections."""
+    """Apply the chosen profile's overlay to the top-level (default) sections.
+
+    An overlay may start from another profile with ``extends: <profile>`` (resolved first, recursively): the
+    ``tiny`` CI profile is the ``embedded`` profile made smaller, without restating it."""
     overlays = raw.get(OVERLAYS_KEY) or {}
     if not isinstance(overlays, Mapping):
         raise ConfigError(f"{OVERLAYS_KEY}: must be a mapping of profile name to overlay")
     name = profile if profile is not None else raw.get(PROFILE_KEY, "default")
+    base = {k: v for k, v in raw.items() if k not in (OVERLAYS_KEY, PROFILE_KEY)}
+    resolved = _apply_overlay(base, overlays, name, [])
+    resolved[PROFILE_KEY] = name
+    return resolved
+
+
+def _apply_overlay(base: dict[str, Any], overlays: Mapping[str, Any], name: str, chain: list[str]) -> dict[str, Any]:
     if name not in overlays and name != "default":
         raise ConfigError(
             f"profile = {name!r}: unknown profile; allowed: {', '.join(sorted(overlays) or ['default'])}"
         )
-    base = {k: v for k, v in raw.items() if k not in (OVERLAYS_KEY, PROFILE_KEY)}
+    if name in chain:
+        raise ConfigError(f"{OVERLAYS_KEY}: profiles extend each other in a cycle: {' -> '.join([*chain, name])}")
     overlay = overlays.get(name) or {}
     if not isinstance(overlay, Mapping):
         raise ConfigError(f"{OVERLAYS_KEY}.{name}: must be a mapping (use {{}} for no changes)")
     if PROFILE_KEY in overlay or OVERLAYS_KEY in overlay:
         raise ConfigError(f"{OVERLAYS_KEY}.{name}: an overlay cannot set '{PROFILE_KEY}' or '{OVERLAYS_KEY}'")
-    resolved = deep_merge(base, overlay)
-    resolved[PROFILE_KEY] = name
-    return resolved
+    parent = overlay.get(EXTENDS_KEY)
+    if parent is not None:
+        if not isinstance(parent, str) or parent not in overlays:
+            raise ConfigError(
+                f"{OVERLAYS_KEY}.{name}.{EXTENDS_KEY} = {parent!r}: must name another profile; allowed: "
+                f"{', '.join(sorted(p for p in overlays if p != name))}"
+            )
+        base = _apply_overlay(base, overlays, parent, [*chain, name])
+    return deep_merge(base, {k: v for k, v in overlay.items() if k != EXTENDS_KEY})
 
 
 def load_config(
@@ -502,6 +551,43 @@ def allowed_layer_counts(cfg: Config) -> list[int]:
     return [layers for layers in range(max(b, 1), n + 1) if (layers - b) % c == 0]
 
 
+def modes_in_use(cfg: Config) -> set[str]:
+    """The modes a profile runs: run.models, the warm-up modes they start with, and the reference and control.
+    Only these are checked against the model's shape."""
+    used = set(cfg.run.models)
+    for name in (getattr(cfg.run, "reference", None), getattr(cfg.run, "control", None)):
+        if name:
+            used.add(name)
+    for name in list(used):
+        mode = cfg.dht.modes.get(name)
+        if mode is not None and mode.warmup_mode:
+            used.add(mode.warmup_mode)
+    return used
+
+
+def _same_plan_arms(key: str, arms: list[str], b: int, num_heads: int) -> list[str]:
+    """One message per group of arms that run the same per-layer plan (they would be one arm under several
+    names: the bandit splits its updates between them, and the reward's H of the ones written with fewer heads
+    in the first b layers is not the H they run)."""
+    runs: dict[Arm, list[Arm]] = {}
+    for text in arms:
+        with contextlib.suppress(ValueError):  # unparsable arms have their own message
+            arm = parse_arm(text)
+            runs.setdefault(arm.runs_as(b, num_heads), []).append(arm)
+    problems = []
+    for plan, same in runs.items():
+        if len(same) < 2:
+            continue
+        k = next((i for i, a in enumerate(same) if a.heads_per_layer() == plan.heads_per_layer()), 0)
+        keep, drop = same[k], [str(a) for i, a in enumerate(same) if i != k]
+        problems.append(
+            f"{key}.arms: {', '.join(map(str, same))} all run {plan} (the first b = {b} layers always keep all "
+            f"{num_heads} heads), so they are one arm under {len(same)} names; keep {keep} and drop "
+            f"{', '.join(drop)}, or make them differ after layer {b}"
+        )
+    return problems
+
+
 def check_semantics(cfg: Config) -> list[str]:
     """Cross-field rules of the paper and of the pipeline; returns one message per problem."""
     problems: list[str] = []
@@ -566,13 +652,13 @@ def check_semantics(cfg: Config) -> list[str]:
             problems.append(f"baselines.flexibert.heads = {fx.heads}: none divides a hidden size in {fx.hidden}")
         if fx.n_init > fx.evaluations:
             problems.append(f"baselines.flexibert.n_init = {fx.n_init}: at most evaluations = {fx.evaluations}")
-    if cfg.run.baselines and "vanilla-12" not in cfg.dht.modes:
-        problems.append("run.baselines: the baselines distil 12-VaBERT; dht.modes must define vanilla-12")
+    problems += _check_reference(cfg)
     if cfg.tokenizer.kind == "pretrained" and not cfg.tokenizer.name_or_path:
         problems.append(
-            "tokenizer.name_or_path = null: tokenizer.kind = pretrained needs a hub name or a local directory "
-            "(e.g. bert-base-uncased)"
+            "tokenizer.name_or_path = null: tokenizer.kind = pretrained needs a hub name, a local directory "
+            "(e.g. bert-base-uncased) or package:NAME"
         )
+    problems += _pretrained_package_problems(cfg)
 
     allowed_l = allowed_layer_counts(cfg)
     layer_rule = (
@@ -580,6 +666,8 @@ def check_semantics(cfg: Config) -> list[str]:
         f"layer counts are {', '.join(map(str, allowed_l)) or 'none'}"
     )
     for mode_name, mode in d.modes.items():
+        if mode_name not in modes_in_use(cfg):
+            continue  # a profile may keep modes of another model shape (the paper's 12-layer arms) that it never runs
         key = f"dht.modes.{mode_name}"
         bad_heads: set[int] = {h for h in mode.heads or [] if not 1 <= h <= m.num_attention_heads}
         if mode.search == "tree":
@@ -606,6 +694,7 @@ def check_semantics(cfg: Config) -> list[str]:
                 if arm.num_layers not in allowed_l:
                     problems.append(f"{key}.arms[{i}] = {text!r}: has L = {arm.num_layers} layers; {layer_rule}")
                 bad_heads |= {h for _, h in arm.segments if not 1 <= h <= m.num_attention_heads}
+            problems += _same_plan_arms(key, mode.arms or [], b, m.num_attention_heads)
         if bad_heads:
             problems.append(
                 f"{key}: head counts {', '.join(map(str, sorted(bad_heads)))} are outside 1.."
@@ -622,6 +711,102 @@ def check_semantics(cfg: Config) -> list[str]:
                     f"{key}.warmup_epochs = {mode.warmup_epochs}: must be fewer than train.epochs = "
                     f"{cfg.train.epochs}, or the mode never leaves its warm-up"
                 )
+    return problems
+
+
+# The checkpoint's architecture wins over `model:` (model_from_params), but the arms, the layer rule and the
+# feature splits above are checked against `model:`; so for a package, whose config.json is at hand, they must agree.
+_CHECKPOINT_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def _pretrained_package_problems(cfg: Config) -> list[str]:
+    """``package:NAME`` values (dht/pretrained.py): a known, importable package whose architecture is `model:`'s,
+    used with its own tokenizer. The weights' checksum is not computed here (0.3 s a profile, at every job's
+    config load); it is verified when the model or tokenizer is loaded."""
+    from dht import pretrained
+
+    problems: list[str] = []
+    m, tok = cfg.model, cfg.tokenizer
+    usable: dict[str, bool] = {}
+    refs = [("model.init", m.init)]
+    if tok.kind == "pretrained":
+        refs.append(("tokenizer.name_or_path", tok.name_or_path))
+    for key, value in refs:
+        if not pretrained.is_package_ref(value):
+            continue
+        try:
+            pretrained.package_dir(value)
+            usable[key] = True
+        except pretrained.PretrainedPackageError as err:
+            problems.append(f"{key} = {err}")
+            usable[key] = False
+    if not usable.get("model.init"):
+        return problems
+    entry = pretrained.lookup(m.init)
+    own_tokenizer = (
+        tok.kind == "pretrained"
+        and pretrained.is_package_ref(tok.name_or_path)
+        and (not usable["tokenizer.name_or_path"] or pretrained.lookup(tok.name_or_path) == entry)
+    )  # an unusable tokenizer package is reported above already
+    if not own_tokenizer:
+        problems.append(
+            f"tokenizer.name_or_path = {tok.name_or_path!r} (kind: {tok.kind}): model.init = {m.init!r} needs its "
+            "own tokenizer, since token ids index its embeddings; set tokenizer.kind: pretrained and "
+            f"tokenizer.name_or_path: {m.init}"
+        )
+    try:
+        ckpt = pretrained.checkpoint_config(m.init)
+    except pretrained.PretrainedPackageError as err:
+        return [*problems, f"model.init = {err}"]
+    for field in _CHECKPOINT_SIZES:
+        if getattr(m, field) != ckpt.get(field):
+            problems.append(
+                f"model.{field} = {getattr(m, field)}: model.init = {m.init!r} has {ckpt.get(field)}; set "
+                f"model.{field}: {ckpt.get(field)} (the checkpoint's architecture is what runs, and the arms and "
+                "feature splits are checked against model:)"
+            )
+    limit = ckpt.get("max_position_embeddings")
+    if isinstance(limit, int) and m.max_position_embeddings > limit:
+        problems.append(
+            f"model.max_position_embeddings = {m.max_position_embeddings}: model.init = {m.init!r} has {limit} "
+            f"positions; allowed: at most {limit}"
+        )
+    return problems
+
+
+def _check_reference(cfg: Config) -> list[str]:
+    """run.reference: a fixed mode running all N_L layers with all heads (the 1.00x of the FLOP ratios and the
+    baselines' teacher; in run.models when baselines are run); run.control, when set: a fixed mode."""
+    problems: list[str] = []
+    m, modes, ref = cfg.model, cfg.dht.modes, cfg.run.reference
+    fixed = [n for n, mode in modes.items() if mode.search == "fixed"]
+    full = f"{m.num_hidden_layers}L{m.num_attention_heads}H"
+    if ref not in modes or modes[ref].search != "fixed":
+        problems.append(
+            f"run.reference = {ref!r}: must be a fixed mode of dht.modes (search: fixed, arms: [{full}]); "
+            f"fixed modes: {', '.join(fixed) or 'none'}"
+        )
+    else:
+        try:
+            arm = parse_arm((modes[ref].arms or [""])[0])
+        except ValueError:
+            arm = None  # reported with the mode's own arms
+        if arm is not None and arm.heads_per_layer() != [m.num_attention_heads] * m.num_hidden_layers:
+            problems.append(
+                f"run.reference = {ref!r}: its arm {arm} must run every layer with every head ({full}, "
+                f"model.num_hidden_layers x model.num_attention_heads): it is the 1.00x of every FLOP ratio"
+            )
+    if cfg.run.baselines and ref not in cfg.run.models:
+        problems.append(
+            f"run.reference = {ref!r}: the baselines are built from the trained reference, so run.models must "
+            f"include it (run.models: {', '.join(cfg.run.models)})"
+        )
+    control = cfg.run.control
+    if control is not None and (control not in modes or modes[control].search != "fixed"):
+        problems.append(
+            f"run.control = {control!r}: must be a fixed mode of dht.modes (e.g. {cfg.dht.fixed_layers}L"
+            f"{m.num_attention_heads}H), or null; fixed modes: {', '.join(fixed) or 'none'}"
+        )
     return problems
 
 

@@ -4,11 +4,14 @@ Tables 1-2, one set per dataset under ``reports/figures/``.
 - ``selection-<dataset>.png``, Figure 2 of Meng et al. (2024), "the trends of layer number and head number
   throughout training": per DHT mode, the share of choices of each layer count and of each head count, epoch by
   epoch (from ``results/<dataset>/<model>/selections.json``).
-- ``loss-<dataset>.png``, Figure 3, "loss trends": the training loss of every mode (12-VaBERT included) against
-  the optimizer step, raw and smoothed (from ``loss.csv``).
-- ``pareto-<dataset>.png``: accuracy (micro-F1) against inference FLOPs of every model and baseline, with the
-  Pareto front (Table 2 as a picture).
+- ``loss-<dataset>.png``, Figure 3, "loss trends": the training loss of every mode (the reference included)
+  against the optimizer step, raw and smoothed (from ``loss.csv``).
+- ``pareto-<dataset>.png``: accuracy (micro-F1, with its 95% bootstrap interval) against inference FLOPs of every
+  model and baseline, with the Pareto front (Table 2 as a picture).
 - ``difficulty-<dataset>.png``: mean layers and accuracy per difficulty level, for data that have levels.
+- ``depth-<dataset>.png``: where the depth goes on any data: the DHT modes' mean layers by sample length, by
+  whether the shallow control gets the sample right, and by the reference's confidence (from ``predictions.csv``;
+  Table 1's "Where the depth goes").
 
 :func:`figure_paths` is the list Snakemake declares as the stage's outputs, so it reads the configuration only,
 never results or data files; :func:`write_figures` writes exactly those files.
@@ -28,7 +31,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from dht.config import Config, parse_baseline
-from dht.report import REFERENCE, _metrics
+from dht.evaluation import DepthAnalysis
+from dht.report import _metrics, depth_models, fixed_layers_of, load_depth_analysis, reference_label
 
 FIGURES_DIR = "reports/figures"
 DPI = 120
@@ -37,7 +41,7 @@ SMOOTHING_STEPS = 50  # Figure 3's moving average spans 1/50 of a run's steps (a
 
 # Pareto figure: the DHT modes share one style, each baseline family has its own (dht.config.parse_baseline).
 _STYLES = {
-    "reference": {"color": "black", "marker": "*", "s": 160, "label": "12-VaBERT (reference)"},
+    "reference": {"color": "black", "marker": "*", "s": 160, "label": "reference"},  # the label: reference_label
     "dht": {"color": "tab:blue", "marker": "o", "s": 60, "label": "DHT modes"},
     "distil": {"color": "tab:orange", "marker": "s", "s": 55, "label": "DistilBERT (distil-L)"},
     "fastbert": {"color": "tab:green", "marker": "^", "s": 65, "label": "FastBERT (fastbert-speed)"},
@@ -58,11 +62,12 @@ def has_difficulty(cfg: Config, dataset: str) -> bool:
 
 
 def _figure_names(cfg: Config) -> list[tuple[str, str, str]]:
-    """(kind, dataset, file name) of every figure, in a fixed order: per dataset, selection, loss, pareto and,
-    with difficulty levels, difficulty."""
+    """(kind, dataset, file name) of every figure, in a fixed order: per dataset, selection, loss, pareto, with
+    difficulty levels difficulty, and with a DHT mode in run.models depth."""
     names = []
     for dataset in cfg.run.datasets:
         kinds = ["selection", "loss", "pareto"] + (["difficulty"] if has_difficulty(cfg, dataset) else [])
+        kinds += ["depth"] if depth_models(cfg) else []
         names += [(kind, dataset, f"{kind}-{dataset}.png") for kind in kinds]
     return names
 
@@ -201,8 +206,8 @@ def _cmap(name: str, i: int, n: int) -> Any:
 
 def selection_figure(cfg: Config, root: Path, dataset: str) -> Figure:
     """Figure 2: per DHT mode (rows, in run.models order), the share of samples choosing each layer count and
-    the share of head decisions choosing each head count, per epoch. Fixed-arm modes (12-VaBERT) are left out:
-    their shares are 1 for 12 layers and 12 heads in every epoch."""
+    the share of head decisions choosing each head count, per epoch. Fixed-arm modes (the reference, the
+    control) are left out: their shares are 1 for their one arm in every epoch."""
     modes = [m for m in cfg.run.models if cfg.dht.modes[m].search != "fixed"]
     fig = Figure(figsize=(10, 0.6 + 2.4 * max(len(modes), 1)), layout="constrained")
     fig.suptitle(f"{dataset}: layer and head selection over training (Figure 2)")
@@ -282,7 +287,7 @@ def loss_figure(cfg: Config, root: Path, dataset: str) -> Figure:
 
 def model_family(cfg: Config, name: str) -> str:
     """The Pareto figure's style key: reference, dht, distil, fastbert, nas-prune, flexibert or other."""
-    if name == REFERENCE:
+    if name == cfg.run.reference:
         return "reference"
     if name in cfg.dht.modes:
         return "dht"
@@ -296,10 +301,12 @@ def pareto_figure(cfg: Config, root: Path, dataset: str) -> Figure:
     """Accuracy against inference FLOPs of every model and baseline, with the Pareto front as a step line:
     the best accuracy reachable with at most that FLOP ratio."""
     names = list(dict.fromkeys([*cfg.run.models, *cfg.run.baselines]))
-    points = []
+    points, intervals = [], {}
     for name in names:
         m = _metrics(root, dataset, name)
         points.append((name, float(m["infer_flop_ratio"]), float(m["accuracy"])))
+        if m.get("accuracy_ci95"):
+            intervals[name] = tuple(float(v) for v in m["accuracy_ci95"])
     fig = Figure(figsize=(8, 5.5), layout="constrained")
     ax = fig.add_subplot()
     seen: set[str] = set()
@@ -308,8 +315,13 @@ def pareto_figure(cfg: Config, root: Path, dataset: str) -> Figure:
         family = model_family(cfg, name)
         style = dict(_STYLES[family])
         label = style.pop("label")
+        label = reference_label(cfg) if family == "reference" else label
         label = label if family not in seen else None  # one legend entry per family
         seen.add(family)
+        if name in intervals:  # the accuracy's 95% bootstrap interval, in the point's colour
+            lo, hi = intervals[name]
+            ax.errorbar([flops], [acc], yerr=[[max(acc - lo, 0.0)], [max(hi - acc, 0.0)]], fmt="none",
+                        ecolor=style["color"], elinewidth=1, capsize=3, alpha=0.6, zorder=2)
         ax.scatter([flops], [acc], label=label, zorder=3, edgecolors="black", linewidths=0.5, **style)
         ax.annotate(name, (flops, acc), xytext=(4, offsets[name]), textcoords="offset points", fontsize=7)
     front = pareto_front(points)
@@ -325,8 +337,8 @@ def pareto_figure(cfg: Config, root: Path, dataset: str) -> Figure:
                 label="Pareto front", zorder=2)
     ax.axvline(1.0, color="0.7", linewidth=0.8, zorder=1)
     ax.margins(x=0.1, y=0.1)  # room for the labels of the extreme points
-    ax.set_xlabel("inference FLOPs relative to 12-VaBERT (full convention)")
-    ax.set_ylabel("accuracy (= micro-F1)")
+    ax.set_xlabel(f"inference FLOPs (full convention) relative to the {reference_label(cfg)}")
+    ax.set_ylabel("accuracy (= micro-F1), bars: 95% bootstrap interval")
     ax.set_title(f"{dataset}: accuracy against inference FLOPs (Table 2)")
     # Outside the axes: inside, "best" still hides points when many models share a corner.
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -385,8 +397,45 @@ def difficulty_figure(cfg: Config, root: Path, dataset: str) -> Figure:
     return fig
 
 
+def depth_figure(cfg: Config, root: Path, dataset: str) -> Figure:
+    """Where the depth goes: one panel per grouping of the test samples (length quartiles, the shallow control
+    right or wrong, the reference's confidence quartiles), the mean layers of each DHT mode per group as a line.
+    Dotted: the depth of the reference and of the control, for scale."""
+    analysis = load_depth_analysis(cfg, root, dataset)
+    if analysis is None:  # figure_paths declares no depth figure then; kept total for direct calls
+        fig = Figure(figsize=(6, 3))
+        _note(fig.add_subplot(), "no DHT mode in run.models")
+        return fig
+    return _depth_panels(cfg, analysis, dataset)
+
+
+def _depth_panels(cfg: Config, analysis: DepthAnalysis, dataset: str) -> Figure:
+    groupings = list(analysis.groupings.items())
+    fig = Figure(figsize=(4.6 * len(groupings), 4.6), layout="constrained")
+    fig.suptitle(f"{dataset}: where the depth goes (mean layers of the DHT modes, inference policy)")
+    axes = fig.subplots(1, len(groupings), squeeze=False)[0]
+    fixed = {m: fixed_layers_of(cfg, m) for m in analysis.context}
+    for ax, (key, (title, bins)) in zip(axes, groupings, strict=True):
+        x = np.arange(len(bins))
+        for i, mode in enumerate(analysis.modes):
+            ax.plot(x, [analysis.mean_layers(mode, b) for b in bins], marker="o", color=f"C{i % 10}", label=mode)
+        for j, (model, depth) in enumerate(fixed.items()):
+            ax.axhline(depth, color="0.5", linestyle=":" if j else "--", linewidth=1,
+                       label=f"{model} ({depth} layers)")
+        ax.set_xticks(x, [f"{b.label}\nn={b.n}" for b in bins], fontsize=7)
+        ax.set_xlim(-0.4, len(bins) - 0.6)
+        ax.set_ylim(0, cfg.model.num_hidden_layers + 0.5)
+        ax.set_title(title, fontsize=8, loc="left", wrap=True)
+        ax.set_xlabel({"length": "length quartile", "control": "the control's prediction",
+                       "confidence": "confidence quartile"}.get(key, key))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("mean layers run")
+    axes[-1].legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
 _BUILDERS = {"selection": selection_figure, "loss": loss_figure, "pareto": pareto_figure,
-             "difficulty": difficulty_figure}
+             "difficulty": difficulty_figure, "depth": depth_figure}
 
 
 def write_figures(cfg: Config, out_dir: str | Path = FIGURES_DIR, root: str | Path = ".") -> list[Path]:

@@ -50,6 +50,7 @@ AttentionPath = Literal["sliced", "masked"]
 _ATTENTION_PATHS = ("sliced", "masked")
 _ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 _LAYER_NORMS = ("post", "pre")
+_POOLINGS = ("cls", "mean")
 
 # Architecture fields that must come from the BERT checkpoint in ``from_bert`` (overriding them would change the
 # shapes of the weights being loaded).
@@ -89,6 +90,12 @@ class DHTConfig(PretrainedConfig):
       residual stream (attention output, FFN down-projection): 1 is BERT's init, ``1/sqrt(2 N_L)`` GPT-2's, 0
       starts every layer as the identity (SkipInit, De & Smith 2020; with pre-LN the gradient still reaches
       those weights), which lets a 12-layer encoder train from scratch as early as a shallow one.
+    * ``classifier_pooling`` -- what the classifier reads from each sample's last hidden states: ``"cls"`` (BERT:
+      the pooler, dense + tanh, on the [CLS] token; the paper's setting) or ``"mean"`` (the mean over the non-padding
+      tokens, then the classifier; no pooler). A checkpoint trained for sentence embeddings with mean pooling (the
+      shipped all-MiniLM-L6-v2) has an untrained pooler and a [CLS] state that carries little at shallow depths:
+      through ``"cls"`` a 2-layer exit sits on a loss plateau for ~100 steps (docs/training.md, "Why the DHT modes
+      did not learn on MiniLM").
     * ``attn_implementation`` -- ``"sdpa"`` (``F.scaled_dot_product_attention``) or ``"eager"`` (explicit
       matmul + softmax; what ``torch.utils.flop_counter.FlopCounterMode`` counts on CPU). Read at every forward,
       so it can be switched on a live model.
@@ -117,6 +124,7 @@ class DHTConfig(PretrainedConfig):
     attn_implementation: str = "sdpa"
     layer_norm: str = "post"
     residual_init_scale: float | int = 1.0
+    classifier_pooling: str = "cls"
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -159,6 +167,10 @@ class DHTConfig(PretrainedConfig):
             raise ValueError(
                 "DHTConfig.residual_init_scale = 0 with layer_norm = 'post' would never train: the post-LN residual "
                 "LayerNorm follows the zero branch, so no gradient reaches it; use layer_norm='pre' or a scale > 0"
+            )
+        if self.classifier_pooling not in _POOLINGS:
+            raise ValueError(
+                f"DHTConfig.classifier_pooling must be one of {_POOLINGS}, got {self.classifier_pooling!r}"
             )
         if self.layer_norm_eps <= 0:
             raise ValueError(f"DHTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
@@ -932,7 +944,7 @@ class DHTForSequenceClassification(DHTPreTrainedModel):
         )
         # The classifier reads each sample's [CLS] at its own depth (``last`` is already per-sample).
         last = self.bert.final_norm(last)
-        logits = self.classifier(self.dropout(self.bert.pooler(last)))
+        logits = self.classifier(self.dropout(self.pool(last, key_keep)))
         loss = per_sample_loss = None
         if labels is not None:
             if self.num_labels < 2:
@@ -980,10 +992,20 @@ class DHTForSequenceClassification(DHTPreTrainedModel):
             hidden = layer(hidden, key_keep, layer_heads, attention_path, self.config.attn_implementation)
         return hidden
 
-    def classify(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from each sample's final hidden states (pre-LN's final LayerNorm, pooler on [CLS], dropout,
-        classifier)."""
-        return self.classifier(self.dropout(self.bert.pooler(self.bert.final_norm(last_hidden))))
+    def pool(self, last: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The sentence vector the classifier reads (``config.classifier_pooling``): the pooler on [CLS], or the
+        mean of the non-padding token states (``key_keep``: BoolTensor[B, n], None when nothing is padded)."""
+        if self.config.classifier_pooling == "cls":
+            return self.bert.pooler(last)
+        if key_keep is None:
+            return last.mean(dim=1)
+        weights = key_keep.to(last.dtype).unsqueeze(-1)
+        return (last * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+    def classify(self, last_hidden: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from each sample's final hidden states (pre-LN's final LayerNorm, :meth:`pool`, dropout,
+        classifier). ``key_keep`` is the key mask of :meth:`embed`; mean pooling needs it when samples are padded."""
+        return self.classifier(self.dropout(self.pool(self.bert.final_norm(last_hidden), key_keep)))
 
     def encode_prefix(
         self,
@@ -1015,9 +1037,14 @@ class DHTForSequenceClassification(DHTPreTrainedModel):
 def model_from_params(cfg: Any, num_labels: int, vocab_size: int) -> DHTForSequenceClassification:
     """The initial model a profile describes (`dht.config.Config`): from scratch (seeded by the caller) when
     ``model.init`` is ``scratch``, else BERT weights from a hub name or local directory (``bert-base-uncased``
-    in the paper profile), whose architecture then wins over ``model:``'s sizes."""
+    in the paper profile) or ``package:NAME`` (a pip package's checkpoint directory, checksum verified:
+    dht/pretrained.py), whose architecture then wins over ``model:``'s sizes. The classifier is new (seeded by
+    the caller too); a checkpoint's pooler is loaded when it has one."""
+    from dht.pretrained import is_package_ref, resolve
+
     m = cfg.model
-    dht_fields = {"fixed_layers": cfg.dht.fixed_layers, "group_size": cfg.dht.group_size}
+    dht_fields = {"fixed_layers": cfg.dht.fixed_layers, "group_size": cfg.dht.group_size,
+                  "classifier_pooling": m.classifier_pooling}
     if m.init == "scratch":
         config = DHTConfig(
             vocab_size=vocab_size,
@@ -1035,8 +1062,10 @@ def model_from_params(cfg: Any, num_labels: int, vocab_size: int) -> DHTForSeque
         )
         return DHTForSequenceClassification(config)
     model = DHTForSequenceClassification.from_bert(
-        m.init, num_labels=num_labels, hidden_dropout_prob=m.hidden_dropout_prob,
-        attention_probs_dropout_prob=m.attention_probs_dropout_prob, **dht_fields,
+        resolve(m.init), num_labels=num_labels, hidden_dropout_prob=m.hidden_dropout_prob,
+        attention_probs_dropout_prob=m.attention_probs_dropout_prob,
+        # A package is a local directory: never ask the hub, even for a file the directory lacks.
+        load_kwargs={"local_files_only": True} if is_package_ref(m.init) else None, **dht_fields,
     )
     if model.config.vocab_size < vocab_size:
         raise ValueError(

@@ -38,7 +38,7 @@ PLOTS = {"/loss.csv": {"x": "step", "y": "loss", "title": "training loss (Figure
 
 # What a fresh clone holds for the pipeline to run: the workflow, the library and the config (no outputs or stores).
 PROJECT_FILES = ("Snakefile", "params.yaml", "dvc.yaml", "pyproject.toml", ".dvcignore")
-PROJECT_DIRS = ("workflow", "dht", ".dvc")
+PROJECT_DIRS = ("workflow", "dht", ".dvc", "data/external")  # data/external: the shipped real text
 
 
 def copy_project(dest: str | Path, root: str | Path) -> Path:
@@ -49,6 +49,7 @@ def copy_project(dest: str | Path, root: str | Path) -> Path:
     for name in PROJECT_FILES:
         shutil.copy2(root / name, dest / name)
     for name in PROJECT_DIRS:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(root / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
     return dest
 

@@ -63,11 +63,16 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 
 
 def load_pretrained_tokenizer(name_or_path: str):
-    """A pretrained tokenizer by hub name (needs internet once) or local directory."""
+    """A pretrained tokenizer by hub name (needs internet once), local directory, or ``package:NAME`` (the
+    checkpoint directory a pip package ships, its weights' checksum verified: dht/pretrained.py)."""
     from transformers import AutoTokenizer
 
+    from dht.pretrained import is_package_ref, resolve
+
+    source = resolve(name_or_path)  # PretrainedPackageError (unknown, not installed, checksum) passes through
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        # A package is a local directory: never ask the hub, even for a file the directory lacks.
+        return AutoTokenizer.from_pretrained(source, local_files_only=is_package_ref(name_or_path))
     except Exception as err:  # hub/offline/missing-file errors come in many types
         raise ValueError(
             f"could not load tokenizer {name_or_path!r}: {type(err).__name__}: {err}\n"

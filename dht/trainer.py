@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dht.arm_features import arm_layer_heads, arm_matrix
+from dht.arm_features import ArmSpace, arm_layer_heads, arm_matrix, arm_space, compute_arm_features
 from dht.bandits import LinUCB, LogisticThompsonHeads, RewardBaseline, reward_delta, ts_reward
 from dht.config import Config, ModeConfig, parse_arm
 from dht.features import PoolingSpec, RunningNormalizer
@@ -94,7 +94,7 @@ class Policy:
         self.pool_t = _spec(feats.tsb)
         self.norm_l = RunningNormalizer(self.pool_l.size)
         # One normaliser per dynamic group for the UCB_H and TSB contexts: group o sees states of depth b + o c,
-        # whose scale and spread differ (docs/training.md, T14).
+        # whose scale and spread differ (docs/training.md, T18).
         self.norm_h = [RunningNormalizer(self.pool_h.size) for _ in self.groups]
         self.norm_t = [RunningNormalizer(self.pool_t.size) for _ in self.groups]
         self.baseline = RewardBaseline()
@@ -187,13 +187,13 @@ class Policy:
         if self.search == "tree":
             key_l = "ucb_l" + key
             first = self.baseline.get(key_l) is None
-            r_l = self.baseline.reward(key_l, reward_delta(loss, layers), bc.reward_alpha, clip=bc.reward_clip)
+            r_l = self.baseline.reward(key_l, reward_delta(loss, layers, cost_exponent=bc.cost_exponent), bc.reward_alpha, clip=bc.reward_clip)
             self.ucb.update(decision.context, decision.arm, r_l)
             del first  # UCB_L learns from the neutral first reward too (a ridge regression, not a binary model)
             for g, info in enumerate(groups):
                 key_h = f"ucb_h/g{g}" + key
                 first_h = self.baseline.get(key_h) is None
-                delta = reward_delta(loss, layers, info["k"].double())
+                delta = reward_delta(loss, layers, info["k"].double(), cost_exponent=bc.cost_exponent)
                 r_h = self.baseline.reward(key_h, delta, bc.reward_beta_h, clip=bc.reward_clip)
                 self.ucb_h.update(info["xh"], info["h_idx"], r_h, extra=info["e"])
                 if not first_h:  # a neutral first-batch reward carries no information for a binary learner
@@ -203,7 +203,7 @@ class Policy:
                                  dtype=torch.float64)
             key_cp = "ucb_cp" + key
             first = self.baseline.get(key_cp) is None
-            r_cp = self.baseline.reward(key_cp, reward_delta(loss, layers, heads), bc.reward_beta_cp, clip=bc.reward_clip)
+            r_cp = self.baseline.reward(key_cp, reward_delta(loss, layers, heads, cost_exponent=bc.cost_exponent), bc.reward_beta_cp, clip=bc.reward_clip)
             self.ucb.update(decision.context, decision.arm, r_cp)
             if not first:
                 r_ts = ts_reward(r_cp, bc.reward_beta_cp, printed_cases=printed)
@@ -388,6 +388,13 @@ class Trainer:
         self.warmup = cfg.dht.modes[self.mode.warmup_mode] if self.mode.warmup_mode else None
         self.policy = Policy(cfg, self.mode, arm_features, model.config)
         self.warmup_policy = Policy(cfg, self.warmup, arm_features, model.config) if self.warmup else None
+        # dht.features.refresh = epoch (docs/training.md, T14): the arms of each policy's own mode, for the
+        # pass that recomputes their features from the model being trained
+        self.refresh_spaces: dict[int, ArmSpace] = {}
+        if cfg.dht.features.refresh == "epoch":
+            for policy, name in ((self.policy, mode_name), (self.warmup_policy, self.mode.warmup_mode)):
+                if policy is not None and policy.search != "fixed":
+                    self.refresh_spaces[id(policy)] = arm_space(cfg, [name], warmup_modes=False)
         q = cfg.train.batch_size
         self.queue = LayerQueue(q)
         steps_per_epoch = math.ceil(len(train) / q) + 8  # queues release at most a few partial batches more
@@ -447,7 +454,7 @@ class Trainer:
             hidden = self._run(hidden, keep, group.start, stop, plan.to(self.device), trainable)
             heads_rows[:, group.start : stop] = plan.sum(dim=2)
             groups.append(info)
-        logits = model.classify(hidden)
+        logits = model.classify(hidden, keep)
         per_sample = F.cross_entropy(logits, labels, reduction="none")
         loss = per_sample.mean()
         if not torch.isfinite(loss):
@@ -548,6 +555,10 @@ class Trainer:
         since_checkpoint = 0
         while p.epoch < cfg.train.epochs:
             policy, frozen = self.active(p.epoch)
+            if p.epoch > 0 and p.position == 0 and id(policy) in self.refresh_spaces:
+                # Position 0: no sample of this epoch has been queued. A checkpoint with position 0 was written
+                # at the end of the previous epoch, before this refresh, so a resumed run refreshes here too.
+                self._refresh_arm_features(policy)
             order = self.order(p.epoch)
             bar = tqdm(total=len(order), initial=p.position, desc=f"{self.mode_name} epoch {p.epoch + 1}/{cfg.train.epochs}",
                        disable=not progress_bar or os.environ.get("DHT_NO_PROGRESS") == "1", mininterval=1.0,
@@ -581,6 +592,39 @@ class Trainer:
                 since_checkpoint = 0
         p.seconds = time.perf_counter() - start_time
         return p
+
+    def _refresh_arm_features(self, policy: Policy) -> None:
+        """``dht.features.refresh: epoch`` (docs/training.md, T14): Section 4.2's pass, on the model being trained
+        and the arms of `policy`'s mode, over the training split (all of it, or a seeded subset of
+        ``arm_feature_samples`` drawn anew each epoch); the new vectors replace the bandits' arm matrices (their
+        A, b and posteriors stay). The pass's forward FLOPs count as training FLOPs: unlike the stage's one-off pass, it is paid
+        every epoch by this mode only."""
+        cfg, p, conf = self.cfg, self.progress, self.model.config
+        features_cfg = cfg.dht.features
+        space = self.refresh_spaces[id(policy)]
+        seed = cfg.seed * 1000 + p.epoch
+        n = len(self.train_data)
+        rows = torch.arange(n)
+        if features_cfg.arm_feature_samples is not None and features_cfg.arm_feature_samples < n:
+            pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: features_cfg.arm_feature_samples]
+            rows = pick.sort().values
+        size = features_cfg.batch_size
+        batches = (self.train_data.batch(rows[i : i + size], self.device)[:2] for i in range(0, len(rows), size))
+        features, counts = compute_arm_features(self.model, batches, space, features_cfg, seed=seed)
+        if policy.search == "tree":
+            policy.ucb.replace_arm_features(arm_matrix(features, "ucb_l", policy.layer_options))
+            policy.ucb_h.replace_arm_features(arm_matrix(features, "ucb_h", policy.head_options))
+        else:
+            policy.ucb.replace_arm_features(arm_matrix(features, "ucb_cp", policy.arms))
+        if policy.tsb.use_arm_features:
+            policy.tsb.replace_arm_features(arm_matrix(features, "tsb", range(conf.num_attention_heads)))
+        self.arm_features = features
+        # cost: the full pass for every sample, plus the random-arm pass (each sample runs one arm of the pool)
+        full = forward_flops(self.seq_len, [conf.num_attention_heads] * conf.num_hidden_layers, conf, "full")
+        arms = sum(c * forward_flops(self.seq_len, arm_layer_heads(parse_arm(k.split("/", 1)[1]), conf.fixed_layers,
+                                                                   conf.num_attention_heads), conf, "full")
+                   for k, c in counts.items() if k.startswith("pool/"))
+        p.train_flops += float(len(rows) * full + arms)
 
     def _enqueue(self, policy: Policy, chunk: Tensor) -> list[tuple[int, list[tuple[int, int, Tensor]]]]:
         """S1 and the depth decision for a round of samples; the queues that fill up (Algorithm 3, lines 2-5)."""
@@ -720,7 +764,7 @@ def predict(model: DHTForSequenceClassification, policy: Policy, data: SplitData
             for group, info in zip(policy.groups, infos, strict=False):
                 stop = min(group.stop, L)
                 h_rows[:, group.start:stop] = info["plan"][:, : stop - group.start].sum(dim=2)
-            logits = model.classify(h).float().cpu()
+            logits = model.classify(h, k_sub).float().cpu()
             p = logits.softmax(-1)
             rows = index[sel]
             out_labels[rows] = p.argmax(-1)
@@ -736,13 +780,20 @@ def predict(model: DHTForSequenceClassification, policy: Policy, data: SplitData
 
 
 def evaluate(pred: Predictions, data: SplitData, conf: Any, seq_len: int, difficulty_names: list[str] | None) -> dict[str, Any]:
-    """The metrics of Tables 1-2 (micro-F1 = accuracy and macro-F1) and what the selections cost."""
+    """The metrics of Tables 1-2 (micro-F1 = accuracy and macro-F1) and what the selections cost.
+
+    `accuracy_ci95` is the accuracy's 95% percentile-bootstrap interval over the test samples
+    (:func:`dht.evaluation.bootstrap_ci`: 1000 resamples, a fixed seed), which the paper does not give."""
     from sklearn.metrics import accuracy_score, f1_score
+
+    from dht.evaluation import bootstrap_ci
 
     y, p = data.labels.numpy(), pred.labels.numpy()
     ran = pred.heads > 0
+    lo, hi = bootstrap_ci(y == p)
     metrics: dict[str, Any] = {
         "accuracy": float(accuracy_score(y, p)),
+        "accuracy_ci95": [round(lo, 6), round(hi, 6)],
         "macro_f1": float(f1_score(y, p, average="macro")),
         "infer_flop_ratio": float(pred.flops.mean() / full_model_flops(seq_len, conf, "full", "inference")),
         "infer_flop_ratio_linear": float(pred.flops_linear.mean() / full_model_flops(seq_len, conf, "linear", "inference")),

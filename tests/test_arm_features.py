@@ -1,29 +1,38 @@
-"""Arm features (Section 4.2): which arms, the random-arm plan, exact means, bounded streaming, storage."""
+"""Arm features (Section 4.2): which arms, the random-arm plan, exact means, bounded streaming, storage; the
+warm-up that lets an identity-initialised model tell arms apart, and the per-epoch refresh in training."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 from dht.arm_features import (
     arm_layer_heads,
     arm_matrix,
+    arm_separation,
     arm_space,
     compute_arm_features,
     iter_batches,
     load_arm_features,
     random_arm_plan,
     save_arm_features,
+    warm_up,
 )
 from dht.config import load_config, parse_arm, read_params
 from dht.features import PoolingSpec
 from dht.model import DHTConfig, DHTForSequenceClassification
+
+# Two arms of one family closer than this (distance / the family's mean norm) are "the same vector". An
+# identity initialisation gives exactly 0 (float rounding: < 1e-6); the tiny profile's stage gives >= 0.0095
+# (UCB_cp, four seeds measured; UCB_L >= 0.05).
+INDISTINCT = 2e-3
 
 
 def config(**run):
@@ -159,3 +168,257 @@ def test_save_load_and_stack(tmp_path):
         load_arm_features(tmp_path)
     with pytest.raises(FileNotFoundError, match="run the arm_features stage first"):
         load_arm_features(tmp_path / "nowhere")
+
+
+# ---- identity initialisation, warm-up, control variate ---------------------------------------------------
+
+
+def identity_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = DHTConfig(vocab_size=50, hidden_size=48, num_hidden_layers=12, num_attention_heads=12,
+                    intermediate_size=64, max_position_embeddings=32, num_labels=3, layer_norm="pre",
+                    residual_init_scale=0.0)
+    return DHTForSequenceClassification(cfg).eval()
+
+
+def labelled(n=64, width=16, seed=0):
+    ids, mask = (torch.cat(t) for t in zip(*batches(n=n, width=width, batch_size=n, seed=seed), strict=True))
+    return ids, mask, (ids[:, 1] % 3).long()  # learnable from the first token
+
+
+def test_identity_model_gives_every_arm_one_vector_and_the_warm_up_separates_them():
+    cfg = config()
+    space = arm_space(cfg)
+    model = identity_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    feats, _ = compute_arm_features(model, batches(n=64), space, cfg.dht.features)
+    sep = arm_separation(feats, 3, 12)
+    # every layer is the identity: depth and heads change nothing, so the vectors can say nothing
+    assert sep["ucb_l"]["min_relative_distance"] < 1e-6 and sep["ucb_cp"]["min_relative_distance"] < 1e-6
+    assert sep["ucb_h"]["min_relative_distance"] < 1e-6
+
+    ids, mask, labels = labelled()
+    warm, stats = warm_up(model, ids, mask, labels, 40, cfg.train, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # training starts from this one
+    assert not warm.training and set(stats) == {"loss_first", "loss_last"}
+    feats, _ = compute_arm_features(warm, batches(n=64), space, cfg.dht.features)
+    for family, s in arm_separation(feats, 3, 12).items():
+        assert s["min_relative_distance"] > INDISTINCT, (family, s)
+    again, _ = warm_up(model, ids, mask, labels, 40, cfg.train, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(warm.state_dict().values(), again.state_dict().values(), strict=True))
+
+
+def test_arms_that_run_the_same_network_share_one_vector(model):
+    """With b = 3, 1L8H+2L12H and 1L12H+2L12H run three full layers: the arm 3L12H; 10L12H+2L12H is 12L12H."""
+    cfg = config()
+    feats, counts = compute_arm_features(model, batches(n=64), arm_space(cfg), cfg.dht.features, seed=0)
+    assert torch.equal(feats["ucb_cp/1L8H+2L12H"], feats["ucb_cp/3L12H"])
+    assert torch.equal(feats["ucb_cp/1L12H+2L12H"], feats["ucb_cp/3L12H"])
+    assert torch.equal(feats["ucb_cp/10L12H+2L12H"], feats["ucb_cp/12L12H"])
+    assert not torch.equal(feats["ucb_cp/4L8H+2L12H"], feats["ucb_cp/6L8H"])
+    pool = {k: v for k, v in counts.items() if k.startswith("pool/")}
+    assert sum(pool.values()) == 64 and max(pool.values()) - min(pool.values()) <= 1  # one arm per sample, evenly
+    assert "pool/1L8H+2L12H" not in pool and "pool/3L12H" in pool
+
+
+def test_the_control_variate_removes_the_sampling_noise_of_few_samples_per_arm(model):
+    """UCB_cp/UCB_H estimate the mean over all samples: with the full state as control variate, which samples
+    ran an arm matters much less than in a plain mean over them (the module doc)."""
+    cfg = config(models=["f-dht"])
+    space = arm_space(cfg)
+    a, _ = compute_arm_features(model, batches(n=80), space, cfg.dht.features, seed=1)
+    b, _ = compute_arm_features(model, batches(n=80), space, cfg.dht.features, seed=2)
+    exact = {}  # every sample through every arm, one random head order per sample (the estimand, estimated)
+    ids = torch.cat([x for x, _ in batches(n=80)])
+    mask = torch.cat([m for _, m in batches(n=80)])
+    pool = PoolingSpec((1, 2), (4, 8, 16))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for arm in space.cp_arms:
+            heads = arm_layer_heads(parse_arm(arm), 3, 12)
+            depth, plan = random_arm_plan([heads], torch.zeros(80, dtype=torch.long), 12, 12,
+                                          model.config.dynamic_layer_groups(), gen)
+            states = model(input_ids=ids, attention_mask=mask, depth=depth, heads=plan,
+                           output_hidden_states=True).hidden_states
+            exact[arm] = pool(states[len(heads)], mask).mean(0)
+    for arm in space.cp_arms:  # 8 samples per arm, against 80: the estimate stays within 5% of the norm
+        for feats in (a, b):
+            error = float((feats[f"ucb_cp/{arm}"] - exact[arm]).norm() / exact[arm].norm())
+            assert error < 0.05, (arm, error)
+
+
+def test_arm_separation_measures_the_closest_pair():
+    feats = {"ucb_l/3": torch.tensor([1.0, 0.0]), "ucb_l/6": torch.tensor([1.0, 0.1]), "ucb_l/9": torch.tensor([0.0, 1.0]),
+             "ucb_cp/3L12H": torch.tensor([1.0, 0.0]), "ucb_cp/1L8H+2L12H": torch.tensor([1.0, 0.0]),
+             "ucb_cp/6L8H": torch.tensor([0.0, 2.0]), "tsb/0": torch.ones(2)}
+    sep = arm_separation(feats, 3, 12)
+    assert sep["ucb_l"]["pair"] == ["3", "6"] and sep["ucb_l"]["arms"] == 3
+    assert sep["ucb_l"]["min_relative_distance"] == pytest.approx(0.1 / ((1 + 1.01**0.5 + 1) / 3))
+    assert sep["ucb_cp"]["arms"] == 2 and sep["ucb_cp"]["min_relative_distance"] == pytest.approx(5**0.5 / 1.5)
+    assert "tsb" not in sep and "ucb_h" not in sep  # one arm, none: nothing to tell apart
+
+
+@pytest.fixture(scope="module")
+def tiny_stage(tmp_path_factory):
+    """The tiny profile's arm_features stage, run as the pipeline runs it (data stages first)."""
+    from conftest import copy_project
+
+    project = copy_project(tmp_path_factory.mktemp("armfeat") / "project")
+    run_cli(["snakemake", "--cores", "1", "data/features/embedded-news/meta.json", "--config", "profile=tiny"],
+            cwd=project)
+    return project
+
+
+@pytest.mark.slow
+def test_the_tiny_profiles_stage_output_tells_every_arm_apart(tiny_stage):
+    from dht.model import model_from_params
+    from dht.runtime import seed_everything
+
+    out = tiny_stage / "data/features/embedded-news"
+    feats = load_arm_features(out)
+    cfg = load_config(tiny_stage / "params.yaml", profile="tiny")
+    sep = arm_separation(feats, cfg.dht.fixed_layers, cfg.model.num_attention_heads)
+    assert set(sep) == {"ucb_l", "ucb_h", "ucb_cp", "tsb"} and sep["ucb_cp"]["arms"] == 16
+    for family, s in sep.items():
+        assert s["min_relative_distance"] > INDISTINCT, (family, s)
+    meta = json.loads((out / "meta.json").read_text())
+    assert cfg.model.residual_init_scale == 0 and meta["warmup"]["steps"] == cfg.dht.features.warmup_steps > 0
+    for family, s in sep.items():  # the stage records the same measure
+        assert meta["separation"][family]["pair"] == s["pair"]
+        assert meta["separation"][family]["min_relative_distance"] == pytest.approx(s["min_relative_distance"])
+    # init_model/ is the initial model, not the warmed-up copy: every run starts from the same weights
+    init = DHTForSequenceClassification.from_pretrained(out / "init_model")
+    data_meta = json.loads((tiny_stage / "data/processed/embedded-news/meta.json").read_text())
+    seed_everything(cfg.seed)
+    fresh = model_from_params(cfg, num_labels=data_meta["num_labels"], vocab_size=data_meta["vocab_size"])
+    assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), fresh.state_dict().values(), strict=True))
+
+
+# ---- dht.features.refresh: epoch (the trainer) -----------------------------------------------------------
+
+
+def refresh_setup(refresh="epoch"):
+    from test_trainer import N_TRAIN, make_split
+
+    raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
+    tiny = raw["profiles"]["tiny"]
+    tiny["train"].update({"batch_size": 16, "checkpoint_every": 2})
+    tiny["dht"]["features"] = {"refresh": refresh}
+    cfg = load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
+    torch.manual_seed(0)
+    conf = DHTConfig(vocab_size=60, hidden_size=48, num_hidden_layers=12, num_attention_heads=12, intermediate_size=64,
+                     max_position_embeddings=12, num_labels=3, layer_norm="pre", residual_init_scale=0.0)
+    model = DHTForSequenceClassification(conf)
+    train = make_split(N_TRAIN, 1)
+    stage = [(train.input_ids[i : i + 32], train.attention_mask[i : i + 32]) for i in range(0, N_TRAIN, 32)]
+    feats, _ = compute_arm_features(model, stage, arm_space(cfg), cfg.dht.features, seed=0)  # the identity's
+    return cfg, model, feats, train, make_split(24, 2)
+
+
+def refresh_trainer(setup, mode, **kw):
+    from dht.trainer import Trainer
+
+    cfg, model, feats, train, _ = setup
+    torch.manual_seed(cfg.seed)
+    return Trainer(cfg, mode, copy.deepcopy(model), feats, train, torch.device("cpu"), 12, run_fingerprint="fp", **kw)
+
+
+def finish(trainer, test):
+    from dht.trainer import evaluate, predict
+
+    progress = trainer.fit(progress_bar=False)
+    metrics = evaluate(predict(trainer.model, trainer.policy, test, torch.device("cpu"), 16, 12), test,
+                       trainer.model.config, 12, None)
+    metrics.pop("infer_seconds")
+    return progress, metrics
+
+
+@pytest.mark.parametrize("mode", ["t-dht", "s-dht"])
+def test_refresh_replaces_the_arm_matrices_with_the_trained_models_features(mode, monkeypatch):
+    import dht.trainer
+
+    setup = refresh_setup()
+    real = dht.trainer.compute_arm_features
+    calls = []
+
+    def recording(model, batches, space, features, seed=0):
+        feats, counts = real(model, batches, space, features, seed=seed)
+        calls.append((trainer.progress.epoch, trainer.progress.train_flops, feats, counts))
+        return feats, counts
+
+    monkeypatch.setattr(dht.trainer, "compute_arm_features", recording)
+    trainer = refresh_trainer(setup, mode)
+    stage_z = trainer.policy.ucb.arm_features.clone()
+    assert float(torch.cdist(stage_z, stage_z).max()) < 1e-6  # the identity model: one vector for every arm
+    trainer.fit(progress_bar=False)
+    assert [c[0] for c in calls] == [1]  # once, at the start of the second (last) epoch
+    _, _, feats, counts = calls[0]
+    family, arms = ("ucb_l", trainer.policy.layer_options) if mode == "t-dht" else ("ucb_cp", trainer.policy.arms)
+    z = trainer.policy.ucb.arm_features
+    assert torch.equal(z, arm_matrix(feats, family, arms).double())
+    assert float(torch.cdist(z, z).max()) > 0  # one epoch of training moved the layers off the identity
+    if mode == "t-dht":
+        assert torch.equal(trainer.policy.ucb_h.arm_features, arm_matrix(feats, "ucb_h", [8, 10, 12]).double())
+    assert sum(v for k, v in counts.items() if k.startswith("pool/")) == len(setup[3])
+
+    plain = refresh_trainer(refresh_setup("none"), mode)
+    plain.fit(progress_bar=False)
+    assert torch.equal(plain.policy.ucb.arm_features, stage_z)  # refresh: none keeps the stage's
+
+
+def test_refresh_costs_training_flops(monkeypatch):
+    """Two forward passes' worth at most per sample: the full model and one arm of the pool."""
+    from dht.flops import forward_flops
+    from dht.trainer import Trainer
+
+    setup = refresh_setup()
+    trainer = refresh_trainer(setup, "f-dht")
+    real = Trainer._refresh_arm_features
+    added = []
+
+    def measured(self, policy):
+        before = self.progress.train_flops
+        real(self, policy)
+        added.append(self.progress.train_flops - before)
+
+    monkeypatch.setattr(Trainer, "_refresh_arm_features", measured)
+    trainer.fit(progress_bar=False)
+    full = forward_flops(12, [12] * 12, trainer.model.config)
+    assert len(added) == 1 and len(setup[3]) * full < added[0] < 2 * len(setup[3]) * full
+
+
+@pytest.mark.parametrize(("mode", "kill_epoch_step"), [("t-dht", 1), ("f-dht", 3), ("p-dht", 3)])
+def test_a_resumed_run_restores_the_refreshed_features_exactly(mode, kill_epoch_step, tmp_path):
+    """Killed 1 step into the second epoch: the last checkpoint is the first epoch's end, written before the
+    refresh, and the resumed run refreshes again; 3 steps in: a checkpoint holds the refreshed features."""
+    setup = refresh_setup()
+    test = setup[4]
+    ref_progress, ref_metrics = finish(refresh_trainer(setup, mode), test)
+
+    class Killed(Exception):
+        pass
+
+    first_step = {}
+
+    def kill(step):
+        p = first.progress
+        if p.epoch == 1:
+            first_step.setdefault("step", step)
+            if step - first_step["step"] + 1 == kill_epoch_step:
+                raise Killed
+
+    first = refresh_trainer(setup, mode, checkpoint_dir=tmp_path, on_step=kill)
+    with pytest.raises(Killed):
+        first.fit(progress_bar=False)
+    resumed = refresh_trainer(setup, mode, checkpoint_dir=tmp_path)
+    assert resumed.load_checkpoint() and resumed.progress.epoch == 1
+    if kill_epoch_step == 3:  # restored from the checkpoint, not recomputed
+        assert resumed.progress.position > 0
+        assert torch.equal(resumed.policy.ucb.arm_features, first.policy.ucb.arm_features)
+        family, arms = ("ucb_l", resumed.policy.layer_options) if mode == "t-dht" else ("ucb_cp", resumed.policy.arms)
+        assert not torch.equal(resumed.policy.ucb.arm_features, arm_matrix(setup[2], family, arms).double())
+    else:
+        assert resumed.progress.position == 0
+    progress, metrics = finish(resumed, test)
+    assert metrics == ref_metrics
+    assert progress.train_flops == ref_progress.train_flops and progress.selections == ref_progress.selections

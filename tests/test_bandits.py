@@ -447,6 +447,10 @@ def test_reward_delta() -> None:
     loss = torch.tensor([0.5, 1.0])
     torch.testing.assert_close(reward_delta(loss, torch.tensor([3, 6])), torch.tensor([1.5, 6.0]))
     torch.testing.assert_close(reward_delta(loss, 12, torch.tensor([8, 10])), torch.tensor([48.0, 120.0]))
+    # gamma weighs the cost: 0 leaves the loss alone, 0.5 the square roots of L and H.
+    torch.testing.assert_close(reward_delta(loss, torch.tensor([3, 6]), cost_exponent=0.0), loss)
+    torch.testing.assert_close(reward_delta(loss, torch.tensor([4, 9]), torch.tensor([4, 4]), cost_exponent=0.5),
+                               loss * torch.tensor([4.0, 6.0]))
 
 
 def test_reward_baseline_keys_and_state() -> None:

@@ -46,6 +46,19 @@ def test_deep_merge_merges_mappings_and_replaces_lists():
     assert merged == {"a": {"x": 1, "y": [3]}, "b": 1, "c": 2}
 
 
+def test_a_profile_extends_another_and_cycles_are_refused():
+    raw = {"seed": 0, "model": {"hidden_size": 96, "init": "scratch"},
+           "profiles": {"small": {"model": {"hidden_size": 48}}, "smaller": {"extends": "small", "seed": 1},
+                        "loop_a": {"extends": "loop_b"}, "loop_b": {"extends": "loop_a"}, "bad": {"extends": "nope"}}}
+    resolved = resolve_params(raw, "smaller")
+    assert resolved["model"] == {"hidden_size": 48, "init": "scratch"} and resolved["seed"] == 1
+    assert "extends" not in resolved and resolved["profile"] == "smaller"
+    with pytest.raises(ConfigError, match=r"cycle: loop_a -> loop_b -> loop_a"):
+        resolve_params(raw, "loop_a")
+    with pytest.raises(ConfigError, match=r"profiles.bad.extends = 'nope': must name another profile"):
+        resolve_params(raw, "bad")
+
+
 def test_unknown_profile():
     with pytest.raises(ConfigError, match=r"profile = 'huge': unknown profile; allowed: default, paper, tiny"):
         resolve_params(RAW, "huge")
@@ -70,6 +83,46 @@ def test_layer_option_not_a_multiple_of_c():
 def test_arm_with_bad_layer_count():
     msg = errors_for(lambda r: r["dht"]["modes"]["f-dht"]["arms"].append("7L8H"))
     assert "dht.modes.f-dht.arms[10] = '7L8H': has L = 7 layers" in msg
+
+
+def test_arms_that_run_the_same_plan_are_refused_naming_them():
+    # The paper's P-DHT list: with b = 3 its three 1LyH+2L12H arms all run 3L12H.
+    paper_p = ["1L8H+2L12H", "1L10H+2L12H", "1L12H+2L12H", "4L8H+2L12H", "4L10H+2L12H", "4L12H+2L12H"]
+    msg = errors_for(lambda r: r["dht"]["modes"]["p-dht"].__setitem__("arms", paper_p))
+    assert ("dht.modes.p-dht.arms: 1L8H+2L12H, 1L10H+2L12H, 1L12H+2L12H all run 3L12H (the first b = 3 layers "
+            "always keep all 12 heads), so they are one arm under 3 names; keep 1L12H+2L12H and drop 1L8H+2L12H, "
+            "1L10H+2L12H") in msg
+    assert "4L8H" not in msg  # distinct arms are not named
+    # any mode with arms, and the same plan under other spellings (6L12H = 3L12H+3L12H = 4L12H+2L12H)
+    msg = errors_for(lambda r: r["dht"]["modes"]["s-dht"]["arms"].extend(["4L12H+2L12H", "3L12H+3L12H"]))
+    assert "dht.modes.s-dht.arms: 6L12H, 4L12H+2L12H, 3L12H+3L12H all run 6L12H" in msg and "keep 6L12H" in msg
+    msg = errors_for(lambda r: r["dht"]["modes"]["f-dht"]["arms"].append("6L8H"))
+    assert "dht.modes.f-dht.arms: 6L8H, 6L8H all run 3L12H+3L8H" in msg and "drop 6L8H" in msg
+    # b = 6: then 6L8H and 6L12H run the same plan too
+    def six_fixed(r):
+        r["dht"]["fixed_layers"] = 6
+        r["dht"]["modes"] = {"vanilla-12": {"search": "fixed", "arms": ["12L12H"]},
+                             "s-dht": {"search": "integrated", "arms": ["6L8H", "6L12H", "9L8H"]}}
+        r["run"]["models"] = ["s-dht"]
+    msg = errors_for(six_fixed)
+    assert "dht.modes.s-dht.arms: 6L8H, 6L12H all run 6L12H (the first b = 6 layers" in msg and "9L8H" not in msg
+
+
+def test_default_p_dht_arms_are_distinct_and_keep_the_papers_shape():
+    from dht.arm_features import arm_layer_heads
+
+    for profile in ("default", "tiny", "paper"):
+        cfg = load_config(ROOT / "params.yaml", profile=profile)
+        b, n = cfg.dht.fixed_layers, cfg.model.num_attention_heads
+        for mode in cfg.dht.modes.values():
+            plans = [arm_layer_heads(parse_arm(a), b, n) for a in mode.arms or []]
+            assert len({tuple(p) for p in plans}) == len(plans)
+            # the plan validation compares is the one training runs
+            assert [parse_arm(a).runs_as(b, n).heads_per_layer() for a in mode.arms or []] == plans
+        arms = [parse_arm(a) for a in cfg.dht.modes["p-dht"].arms]
+        assert all(a.segments[-1] == (2, 12) for a in arms)  # xLyH followed by 2L12H
+        # each arm's reward H (the heads of its dynamic part, 12 when it has none) is the y written in xLyH
+        assert len(arms) == 10 and all(min(arm_layer_heads(a, b, n)[b:] or [n]) == a.segments[0][1] for a in arms)
 
 
 def test_malformed_arm():

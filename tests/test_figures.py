@@ -14,17 +14,22 @@ import pytest
 import yaml
 from conftest import ROOT
 from matplotlib.image import imread
+from test_report import six_layer_raw
+from test_report import write_predictions as write_predictions_csv
 
 from dht.config import load_config, read_params
 from dht.figures import (
+    depth_figure,
     figure_paths,
     model_family,
     moving_average,
+    pareto_figure,
     pareto_front,
     selection_shares,
     smoothing_window,
     write_figures,
 )
+from dht.report import depth_models
 
 MODELS = ["vanilla-12", "t-dht"]
 BASELINES = ["distil-3"]
@@ -54,7 +59,8 @@ def write_results(root, dataset, epochs=3, steps_per_epoch=40, difficulty=True):
         run = root / "results" / dataset / model
         run.mkdir(parents=True, exist_ok=True)
         layers = 12.0 if model == "vanilla-12" else 5.0
-        metrics = {"accuracy": accuracy[model], "macro_f1": accuracy[model] - 0.05,
+        metrics = {"accuracy": accuracy[model], "accuracy_ci95": [accuracy[model] - 0.03, accuracy[model] + 0.02],
+                   "macro_f1": accuracy[model] - 0.05,
                    "infer_flop_ratio": flops[model], "infer_flop_ratio_linear": flops[model],
                    "mean_layers": layers, "mean_heads": 11.0, "infer_seconds": 1.0}
         if difficulty:
@@ -83,6 +89,8 @@ def write_results(root, dataset, epochs=3, steps_per_epoch=40, difficulty=True):
 def write_all(cfg, root):
     for dataset in cfg.run.datasets:
         write_results(root, dataset, difficulty=cfg.datasets[dataset].source == "embedded")
+        for model in depth_models(cfg):  # t-dht, the reference vanilla-12 and the control vanilla-3
+            write_predictions_csv(root, dataset, model)
 
 
 # --- the declared outputs -----------------------------------------------------------------------------------
@@ -95,17 +103,20 @@ def test_figure_paths_come_from_the_config_alone(cfg, tmp_path, monkeypatch):
         "reports/figures/loss-embedded-news.png",
         "reports/figures/pareto-embedded-news.png",
         "reports/figures/difficulty-embedded-news.png",  # embedded data have difficulty levels
+        "reports/figures/depth-embedded-news.png",  # where the depth goes: any data, with a DHT mode to run
         "reports/figures/selection-ag_news.png",
         "reports/figures/loss-ag_news.png",
         "reports/figures/pareto-ag_news.png",  # a hub dataset has none: no difficulty figure
+        "reports/figures/depth-ag_news.png",
     ]
     assert figure_paths(cfg, out_dir="out/") == [p.replace("reports/figures/", "out/") for p in figure_paths(cfg)]
 
 
 def test_the_default_profiles_figures():
     paths = figure_paths(load_config(ROOT / "params.yaml"))
-    assert len(paths) == 8 and len(set(paths)) == 8  # two embedded datasets, four figures each
+    assert len(paths) == 10 and len(set(paths)) == 10  # two embedded datasets, five figures each
     assert "reports/figures/difficulty-embedded-sentiment.png" in paths
+    assert "reports/figures/depth-embedded-sentiment.png" in paths
 
 
 def test_write_figures_writes_exactly_the_declared_pngs(cfg, tmp_path):
@@ -205,3 +216,35 @@ def test_selection_shares_per_epoch_sorted_numerically():
 def test_model_families_for_the_pareto_styles(cfg):
     assert [model_family(cfg, m) for m in ["vanilla-12", "t-dht", "distil-3", "fastbert-0.5", "nas-prune-0.5", "xyz"]] == [
         "reference", "dht", "distil", "fastbert", "nas-prune", "other"]
+
+
+def test_model_families_follow_the_configured_reference():
+    six = load_config(ROOT / "params.yaml", profile="tiny", raw=six_layer_raw())
+    assert [model_family(six, m) for m in ["vanilla-6", "vanilla-3", "t-dht"]] == ["reference", "dht", "dht"]
+
+
+def test_the_pareto_figure_names_the_reference_and_draws_the_intervals(cfg, tmp_path):
+    write_all(cfg, tmp_path)
+    fig = pareto_figure(cfg, tmp_path, "ag_news")
+    ax = fig.axes[0]
+    assert "reference (vanilla-12, 12 layers)" in ax.get_xlabel()
+    assert "reference (vanilla-12, 12 layers)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    # one error bar per model: t-dht's spans its interval [0.75, 0.80]
+    spans = sorted(tuple(np.round(seg[:, 1], 6)) for coll in ax.collections if hasattr(coll, "get_segments")
+                   for seg in coll.get_segments())
+    assert (0.75, 0.8) in spans and len(spans) == 3
+
+
+def test_the_depth_figure_shows_where_the_layers_go(cfg, tmp_path):
+    write_all(cfg, tmp_path)
+    fig = depth_figure(cfg, tmp_path, "ag_news")
+    panels = [ax for ax in fig.axes if ax.get_xlabel()]
+    assert [ax.get_xlabel() for ax in panels] == ["length quartile", "the control's prediction", "confidence quartile"]
+    length = panels[0]
+    t_dht = next(line for line in length.get_lines() if line.get_label() == "t-dht")
+    layers = t_dht.get_ydata()
+    # write_predictions gives t-dht 12 layers on samples over 30 tokens and 3 on the rest
+    assert layers[0] == 3 and layers[-1] == 12 and layers[-1] > layers[0]
+    assert [t.get_text().split("\n")[0] for t in length.get_xticklabels()][0].startswith("Q1: 5-")
+    labels = {line.get_label() for line in panels[1].get_lines()}
+    assert {"t-dht", "vanilla-12 (12 layers)", "vanilla-3 (3 layers)"} <= labels

@@ -533,3 +533,29 @@ def test_pre_ln_save_load_and_checkpoint_refusal(tmp_path, bert):
     bert.save_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match="post-LN"):
         DHTForSequenceClassification.from_bert(str(tmp_path / "bert"), layer_norm="pre")
+
+
+def test_mean_pooling_reads_only_real_tokens_and_skips_the_pooler():
+    """classifier_pooling='mean': the classifier reads the mean of each sample's non-padding token states (how
+    sentence-embedding checkpoints were trained), so padding a sample does not change its logits, and the pooler
+    takes no part (no gradient reaches it)."""
+    model = make_dht(classifier_pooling="mean")
+    batch = make_batch()
+    short = batch["attention_mask"][1].sum().item()
+    assert short < batch["input_ids"].shape[1]  # sample 1 is padded
+    logits = model(**batch).logits
+    alone = model(input_ids=batch["input_ids"][1:2, :short], token_type_ids=batch["token_type_ids"][1:2, :short]).logits
+    torch.testing.assert_close(logits[1:2], alone, atol=ATOL, rtol=0)
+    # The stepwise path (embed / run_layers / classify with the key mask) gives the forward's logits.
+    hidden, keep = model.embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    stepwise = model.classify(model.run_layers(hidden, keep, 0, ARCH["num_hidden_layers"]), keep)
+    torch.testing.assert_close(stepwise, logits, atol=ATOL, rtol=0)
+    # Mean pooling is not the [CLS] pooler: the same weights under 'cls' give other logits.
+    cls_model = make_dht()
+    assert (cls_model(**batch).logits - logits).abs().max() > 1e-2
+    model.train()
+    model(**batch, labels=torch.zeros(8, dtype=torch.long)).loss.backward()
+    assert model.bert.pooler.dense.weight.grad is None
+    assert model.classifier.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="classifier_pooling"):
+        DHTConfig(**ARCH, classifier_pooling="max")

@@ -1,5 +1,6 @@
 """Tests for dht.baselines.nas_prune: the differentiable NAS pruning baseline (report Sections 5.3-5.5)."""
 
+import dataclasses
 import json
 import random
 
@@ -64,10 +65,33 @@ def pre_ln_teacher(train_data: SplitData) -> DHTForSequenceClassification:
     return model
 
 
-@pytest.fixture(params=["post", "pre"])
+@pytest.fixture(scope="module")
+def mean_teacher(train_data: SplitData) -> DHTForSequenceClassification:
+    """The post-LN teacher trained with classifier_pooling='mean' (no pooler)."""
+    return train_teacher(train_data, classifier_pooling="mean")
+
+
+@pytest.fixture(scope="module")
+def pre_ln_mean_teacher(train_data: SplitData) -> DHTForSequenceClassification:
+    return train_teacher(train_data, layer_norm="pre", residual_init_scale=0.5, classifier_pooling="mean")
+
+
+TEACHERS = {"post-cls": "teacher", "pre-cls": "pre_ln_teacher", "post-mean": "mean_teacher",
+            "pre-mean": "pre_ln_mean_teacher"}
+
+
+@pytest.fixture(params=list(TEACHERS))
 def any_teacher(request: pytest.FixtureRequest) -> DHTForSequenceClassification:
-    """Both teachers, for the tests whose forward passes depend on where the LayerNorms sit."""
-    return request.getfixturevalue("teacher" if request.param == "post" else "pre_ln_teacher")
+    """The four teachers, for the tests whose forward passes depend on where the LayerNorms sit and on what
+    the classifier reads."""
+    return request.getfixturevalue(TEACHERS[request.param])
+
+
+def padded_batch(data: SplitData, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n samples; some are padded (so that mean pooling must skip the padding)."""
+    ids, mask = data.input_ids[:n], data.attention_mask[:n]
+    assert not bool(mask.bool().all()) and bool(mask.bool().any(1).all())
+    return ids, mask
 
 
 def random_arch(teacher: DHTForSequenceClassification, seed: int) -> nas.PrunedArch:
@@ -128,14 +152,19 @@ def test_everything_kept_gives_the_teachers_logits(any_teacher, train_data):
     teacher = any_teacher
     arch = nas.PrunedArch.full(teacher)
     assert arch.layer_norm == teacher.config.layer_norm
+    assert arch.classifier_pooling == teacher.config.classifier_pooling
     pruned = nas.extract(teacher, arch)
-    ids, mask = train_data.input_ids[:16], train_data.attention_mask[:16]
+    ids, mask = padded_batch(train_data, 16)
     with torch.no_grad():
         expected = teacher(ids, attention_mask=mask).logits
         assert torch.allclose(pruned(ids, mask), expected, atol=1e-5)
         net = nas.Supernet(teacher)  # the masked supernet with all gates 1 is the teacher too
         assert torch.allclose(net(ids, mask, net.hard_gates(arch)), expected, atol=1e-5)
-    assert sum(p.numel() for p in pruned.parameters()) == sum(p.numel() for p in teacher.parameters())
+    # Mean pooling: the teacher's pooler is neither run nor copied.
+    pooler = teacher.bert.pooler.dense
+    unused = pooler.weight.numel() + pooler.bias.numel() if teacher.config.classifier_pooling == "mean" else 0
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    assert sum(p.numel() for p in pruned.parameters()) == n_teacher - unused
 
 
 def test_pruned_model_equals_supernet_with_the_architectures_gates(any_teacher, train_data):
@@ -144,20 +173,33 @@ def test_pruned_model_equals_supernet_with_the_architectures_gates(any_teacher, 
     arch = random_arch(teacher, 0)
     pruned = nas.extract(teacher, arch)
     net = nas.Supernet(teacher)
-    ids, mask = train_data.input_ids[:16], train_data.attention_mask[:16]
+    ids, mask = padded_batch(train_data, 16)
     with torch.no_grad():
         expected = net(ids, mask, net.hard_gates(arch))
-        assert torch.allclose(pruned(ids, mask), expected, atol=1e-5)
+        logits = pruned(ids, mask)
+        assert torch.allclose(logits, expected, atol=1e-5)
         # The comparison is not vacuous: the pruned architecture does change the teacher's logits.
         assert not torch.allclose(expected, teacher(ids, attention_mask=mask).logits, atol=1e-3)
+        # Padding is ignored: a padded sample alone at its own length has the logits it has in the batch.
+        row = int(mask.sum(1).argmin())
+        length = int(mask[row].sum())
+        assert length < ids.shape[1]
+        assert torch.allclose(pruned(ids[row:row + 1, :length]), logits[row:row + 1], atol=1e-5)
     assert pruned.word_embeddings.weight.shape == (30, 30)
     assert pruned.layers[3].value.weight.shape == (0, 30) and pruned.layers[5].intermediate.weight.shape == (0, 30)
     pre = teacher.config.layer_norm == "pre"
     assert hasattr(pruned, "final_norm") == pre and all(layer.pre_ln == pre for layer in pruned.layers)
+    e = torch.tensor(arch.embed_dims)
     if pre:
-        e = torch.tensor(arch.embed_dims)
         assert torch.equal(pruned.final_norm.weight, teacher.bert.final_layer_norm.weight[e])
         assert torch.equal(pruned.final_norm.bias, teacher.bert.final_layer_norm.bias[e])
+    assert pruned.arch.classifier_pooling == teacher.config.classifier_pooling
+    if teacher.config.classifier_pooling == "mean":  # no pooler; the classifier reads the d_e kept dimensions
+        assert not hasattr(pruned, "pooler")
+        assert torch.equal(pruned.classifier.weight, teacher.classifier.weight[:, e])
+    else:
+        assert torch.equal(pruned.pooler.weight, teacher.bert.pooler.dense.weight[:, e])
+        assert torch.equal(pruned.classifier.weight, teacher.classifier.weight)
 
 
 def test_supernet_keeps_the_residual_stream_zero_outside_the_kept_dimensions(any_teacher, train_data):
@@ -192,13 +234,21 @@ def test_supernet_keeps_the_residual_stream_zero_outside_the_kept_dimensions(any
     assert all(torch.count_nonzero(t[..., ~pruned_dims]) > 0 for t in checked)
 
 
-def test_extract_rejects_an_architecture_of_the_other_layer_norm(teacher, pre_ln_teacher):
+def test_extract_rejects_an_architecture_of_the_other_layer_norm_or_pooling(
+    teacher, pre_ln_teacher, mean_teacher
+):
     with pytest.raises(ValueError, match="layer_norm"):
         nas.extract(pre_ln_teacher, nas.PrunedArch.full(teacher))
     with pytest.raises(ValueError, match="layer_norm"):
         nas.extract(teacher, nas.PrunedArch.full(pre_ln_teacher))
     with pytest.raises(ValueError, match="layer_norm"):
         nas.PrunedArch(**{**nas.PrunedArch.full(teacher).to_dict(), "layer_norm": "sandwich"})
+    with pytest.raises(ValueError, match="classifier_pooling"):
+        nas.extract(teacher, nas.PrunedArch.full(mean_teacher))
+    with pytest.raises(ValueError, match="classifier_pooling"):
+        nas.extract(mean_teacher, nas.PrunedArch.full(teacher))
+    with pytest.raises(ValueError, match="classifier_pooling"):
+        nas.PrunedArch(**{**nas.PrunedArch.full(teacher).to_dict(), "classifier_pooling": "max"})
 
 
 def test_derive_arch_applies_the_threshold_to_dimensions_and_heads(teacher):
@@ -246,12 +296,22 @@ def test_fit_threshold_keeps_the_reports_threshold_inside_the_band_and_moves_it_
 
 
 def test_pruned_flops_match_flop_counter_and_the_teachers_count(any_teacher, train_data):
-    """LayerNorms count 0 in this project (dht/flops.py) and FlopCounterMode does not count them either, so the
-    pre-LN model's extra final LayerNorm changes nothing."""
+    """LayerNorms count 0 in this project (dht/flops.py) and FlopCounterMode does not count them either, so
+    the pre-LN model's extra final LayerNorm changes nothing. Mean pooling runs no pooler and its mean is no
+    matmul: the count has no pooler term and the classifier reads d_e inputs (FlopCounterMode agrees)."""
     teacher = any_teacher
     full_arch = nas.PrunedArch.full(teacher)
+    mean = teacher.config.classifier_pooling == "mean"
+    d, labels = teacher.config.hidden_size, teacher.config.num_labels
     for convention in ("full", "linear"):
-        assert nas.pruned_flops(full_arch, SEQ, convention) == full_model_flops(SEQ, teacher.config, convention)
+        if not mean:
+            assert nas.pruned_flops(full_arch, SEQ, convention) == full_model_flops(
+                SEQ, teacher.config, convention)
+        for arch in (full_arch, random_arch(teacher, 1)):
+            as_cls = nas.pruned_flops(dataclasses.replace(arch, classifier_pooling="cls"), SEQ, convention)
+            de = arch.embed_width
+            head = 2 * de * labels if mean else 2 * de * d + 2 * d * labels
+            assert nas.pruned_flops(arch, SEQ, convention) == as_cls - (2 * de * d + 2 * d * labels) + head
     ids = train_data.input_ids[:8]  # no attention mask: every sample is SEQ tokens
     for arch in (full_arch, random_arch(teacher, 1), random_arch(teacher, 2)):
         pruned = nas.extract(teacher, arch)
@@ -262,7 +322,9 @@ def test_pruned_flops_match_flop_counter_and_the_teachers_count(any_teacher, tra
         assert linear == 8 * nas.pruned_flops(arch, SEQ, "linear")
 
 
-def test_expected_flops_of_binary_gates_are_the_architectures_flops(teacher):
+@pytest.mark.parametrize("name", ["teacher", "mean_teacher"])
+def test_expected_flops_of_binary_gates_are_the_architectures_flops(name, request):
+    teacher = request.getfixturevalue(name)
     net = nas.Supernet(teacher)
     arch = random_arch(teacher, 3)
     for convention in ("full", "linear"):
@@ -318,6 +380,7 @@ def test_save_load_round_trip(any_teacher, train_data, tmp_path):
     loaded = nas.PrunedBert.load(tmp_path / "model")
     assert not loaded.training
     assert loaded.arch == pruned.arch and loaded.arch.layer_norm == teacher.config.layer_norm
+    assert loaded.arch.classifier_pooling == teacher.config.classifier_pooling
     for (name, a), (name_b, b) in zip(pruned.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert name == name_b and torch.equal(a, b)
     ids, mask = train_data.input_ids[:16], train_data.attention_mask[:16]
@@ -334,14 +397,16 @@ def test_save_load_round_trip(any_teacher, train_data, tmp_path):
 
 
 def test_post_ln_models_saved_without_the_layer_norm_field_still_load(teacher, train_data, tmp_path):
-    """Architectures written before ``PrunedArch.layer_norm`` existed are post-LN and load as such."""
+    """Architectures written before ``PrunedArch.layer_norm`` and ``classifier_pooling`` existed are post-LN
+    with the [CLS] pooler and load as such."""
     pruned = nas.extract(teacher, random_arch(teacher, 9))
     pruned.save(tmp_path)
     data = json.loads((tmp_path / nas.ARCH_FILE).read_text())
-    del data["layer_norm"]
+    del data["layer_norm"], data["classifier_pooling"]
     (tmp_path / nas.ARCH_FILE).write_text(json.dumps(data))
     loaded = nas.PrunedBert.load(tmp_path)
-    assert loaded.arch.layer_norm == "post" and loaded.arch == pruned.arch
+    assert loaded.arch.layer_norm == "post" and loaded.arch.classifier_pooling == "cls"
+    assert loaded.arch == pruned.arch
     ids, mask = train_data.input_ids[:8], train_data.attention_mask[:8]
     with torch.no_grad():
         assert torch.equal(loaded(ids, mask), pruned(ids, mask))
@@ -373,6 +438,7 @@ def test_search_extract_finetune_predict_end_to_end(any_teacher, train_data, tmp
     result = nas.search(teacher, train_data, 0.5, lambda_cost=1.0, tolerance=0.05, epochs=1, lr_weights=1e-4,
                         lr_arch=0.5, batch_size=32, device="cpu", seed=0, seq_len=SEQ)
     assert result.arch.layer_norm == teacher.config.layer_norm
+    assert result.arch.classifier_pooling == teacher.config.classifier_pooling
     assert result.within_tolerance  # fit_threshold enters the band even after one epoch
     pruned = nas.extract(teacher, result)
     net = nas.Supernet(teacher)

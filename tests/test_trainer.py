@@ -151,9 +151,9 @@ def test_non_finite_loss_stops_with_the_step_and_batch(setup, monkeypatch):
     calls = {"n": 0}
     original = trainer.model.classify
 
-    def poisoned(hidden):
+    def poisoned(hidden, key_keep=None):
         calls["n"] += 1
-        logits = original(hidden)
+        logits = original(hidden, key_keep)
         return logits * float("nan") if calls["n"] == 3 else logits
 
     monkeypatch.setattr(trainer.model, "classify", poisoned)
@@ -238,3 +238,42 @@ def test_save_and_load_a_trained_model(setup, tmp_path):
     assert torch.equal(a.labels, b.labels) and torch.equal(a.heads, b.heads)
     with pytest.raises(FileNotFoundError, match="not a trained DHT model directory"):
         load_trained(tmp_path / "nothing", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("rule", ["all_but_last_two", "last_two"])
+def test_p_dht_frozen_phase_trains_exactly_what_its_freeze_rule_says(setup, rule, monkeypatch):
+    """After the warm-up, with `all_but_last_two` the last two layers of every trained path, the classifier and
+    nothing else change (embeddings and earlier layers frozen); with `last_two` the converse: those two layers
+    stay, the earlier layers and the embeddings change. Which depths were trained is recorded, not assumed."""
+    raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
+    raw["profiles"]["tiny"]["train"].update({"batch_size": 16, "checkpoint_every": 2, "epochs": 2})
+    raw["profiles"]["tiny"]["dht"]["p_dht_freeze"] = rule
+    trainer = trainer_for(setup, "p-dht", cfg=load_config(ROOT / "params.yaml", profile="tiny", raw=raw))
+    trained: list[tuple[int, bool]] = []
+    original = Trainer.train_batch
+
+    def recording(self, policy, frozen, layers, items):
+        trained.append((layers, frozen))
+        return original(self, policy, frozen, layers, items)
+
+    monkeypatch.setattr(Trainer, "train_batch", recording)
+    trainer.progress.epoch = 1  # skip the warm-up: train one frozen epoch
+    model = trainer.model
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainer.fit(progress_bar=False)
+    assert trained and all(frozen for _, frozen in trained)
+
+    def changed(prefix: str) -> bool:
+        keys = [k for k in before if k.startswith(prefix)]
+        assert keys, prefix
+        return any(not torch.equal(before[k], model.state_dict()[k]) for k in keys)
+
+    depths = {layers for layers, _ in trained}
+    tails = {layer for L in depths for layer in (L - 2, L - 1)}
+    # layers that train under the rule in at least one batch (a tail of one depth is a body layer of another)
+    expected = tails if rule == "all_but_last_two" else {layer for L in depths for layer in range(L - 2)}
+    n_layers = model.config.num_hidden_layers
+    assert expected and set(range(n_layers)) - expected  # the check has both kinds to look at
+    assert {layer for layer in range(n_layers) if changed(f"bert.encoder.layer.{layer}.")} == expected, depths
+    assert changed("bert.embeddings.") == (rule == "last_two")
+    assert changed("classifier.") and changed("bert.pooler.")

@@ -224,7 +224,7 @@ class FastBERT(nn.Module):
                 # A pre-LN backbone's intermediate states are un-normalised; every exit reads them through the
                 # teacher's (frozen) final LayerNorm, as its own classifier does. Identity for post-LN BERT.
                 states.append(teacher.bert.final_norm(hidden))
-        return states, teacher.classify(hidden), key_keep
+        return states, teacher.classify(hidden, key_keep), key_keep
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(student logits [N_L - 1, B, C] with gradient, teacher logits [B, C] without): the self-distillation
@@ -464,7 +464,7 @@ def predict_fastbert(
         for layer in range(n_layers):
             hidden = teacher.run_layers(hidden, key_keep, layer, layer + 1)
             last = layer == n_layers - 1
-            logits = (teacher.classify(hidden) if last
+            logits = (teacher.classify(hidden, key_keep) if last
                       else fastbert.students[layer](teacher.bert.final_norm(hidden), key_keep))
             p = logits.float().softmax(-1)
             done = torch.ones(len(rows), dtype=torch.bool, device=p.device) if last else normalized_entropy(p) < speed

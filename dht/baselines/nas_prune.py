@@ -32,12 +32,18 @@ trained teacher :class:`dht.model.DHTForSequenceClassification` (our 12-VaBERT):
    model, Section 5.2 step 3), fine-tuned by distillation from the teacher (:func:`finetune`; Section 4.2: "TAS
    performs knowledge distillation from the unpruned network to the searched architecture").
 
-Residual stream: the embedding mask prunes the hidden size everywhere the residual stream carries it (embedding
-output, both residual adds and LayerNorms of every layer, the pooler input), so the extracted model has one reduced
-hidden width ``d_e``. In the supernet every LayerNorm takes its mean and variance over the dimensions weighted by
-``m_e`` and multiplies its output by ``m_e``; with 0/1 masks this is exactly a LayerNorm over the kept dimensions,
-so the supernet with an architecture's 0/1 gates computes the extracted model's logits (tested). The pooler keeps
-its output width d (it is not part of the residual stream) and the classifier is copied whole.
+Residual stream: the embedding mask prunes the hidden size everywhere the residual stream carries it
+(embedding output, both residual adds and LayerNorms of every layer, the pooler or classifier input), so the
+extracted model has one reduced hidden width ``d_e``. In the supernet every LayerNorm takes its mean and
+variance over the dimensions weighted by ``m_e`` and multiplies its output by ``m_e``; with 0/1 masks this is
+exactly a LayerNorm over the kept dimensions, so the supernet with an architecture's 0/1 gates computes the
+extracted model's logits (tested). The pooler keeps its output width d (it is not part of the residual stream)
+and the classifier is copied whole.
+
+The teacher's ``config.classifier_pooling`` is followed too. ``"cls"`` (BERT, the paper): the pooler (dense +
+tanh) on [CLS], as above. ``"mean"``: the classifier reads the mean of the last stream over the non-padding
+tokens (no pooler); the stream is zero outside the kept dimensions, so the extracted classifier takes the
+teacher's classifier columns of the kept embedding dimensions (``weight[:, e]``) and runs on d_e inputs.
 
 The teacher's ``config.layer_norm`` is followed. Post-LN (BERT, ``LayerNorm(x + f(x))``): the masked LayerNorm
 after each residual add is what zeroes the pruned dimensions of the stream. Pre-LN (``x + f(LayerNorm(x))``, a
@@ -161,10 +167,18 @@ class PrunedArch:
     # The teacher's residual LayerNorm placement ("post" or "pre", dht.model.DHTConfig.layer_norm). Last, with a
     # default, so that architectures saved before the field existed (all post-LN) still load.
     layer_norm: str = "post"
+    # What the classifier reads (dht.model.DHTConfig.classifier_pooling): "cls" (the pooler on [CLS]) or
+    # "mean" (the mean of the real tokens' states, no pooler). Defaulted for the same reason: older
+    # architectures are "cls".
+    classifier_pooling: str = "cls"
 
     def __post_init__(self) -> None:
         if self.layer_norm not in ("post", "pre"):
             raise ValueError(f"PrunedArch.layer_norm must be 'post' or 'pre', got {self.layer_norm!r}")
+        if self.classifier_pooling not in ("cls", "mean"):
+            raise ValueError(
+                f"PrunedArch.classifier_pooling must be 'cls' or 'mean', got {self.classifier_pooling!r}"
+            )
 
     @property
     def head_size(self) -> int:
@@ -226,6 +240,7 @@ def teacher_fields(teacher: DHTForSequenceClassification) -> dict[str, Any]:
         "classifier_dropout": None if c.classifier_dropout is None else float(c.classifier_dropout),
         "pad_token_id": c.pad_token_id,
         "layer_norm": c.layer_norm,
+        "classifier_pooling": c.classifier_pooling,
     }
 
 
@@ -242,8 +257,10 @@ def pruned_flops(arch: PrunedArch, seq_len: int, convention: Convention = "full"
         FFN                  2 * 2n * d_e * f
         QK^T and AV          2n^2 * (q + v)           ("full" only; every head its own widths)
 
-    plus the pooler ``2 * d_e * d`` and classifier ``2 * d * num_labels`` on [CLS]. With everything kept this equals
-    :func:`dht.flops.full_model_flops` of the teacher (tested).
+    plus, with ``"cls"`` pooling, the pooler ``2 * d_e * d`` and classifier ``2 * d * num_labels`` on [CLS];
+    with ``"mean"`` pooling the classifier ``2 * d_e * num_labels`` only (no pooler; the mean over tokens is
+    no matmul). With everything kept and ``"cls"`` this equals :func:`dht.flops.full_model_flops` of the
+    teacher (tested).
     """
     if convention not in ("full", "linear"):
         raise ValueError(f"convention must be 'full' or 'linear', got {convention!r}")
@@ -254,7 +271,14 @@ def pruned_flops(arch: PrunedArch, seq_len: int, convention: Convention = "full"
         total += 2 * n * de * (2 * q + v) + 2 * n * v * de + 4 * n * de * f
         if convention == "full":
             total += 2 * n * n * (q + v)
-    return total + 2 * de * arch.hidden_size + 2 * arch.hidden_size * arch.num_labels
+    return total + _head_flops(de, arch.hidden_size, arch.num_labels, arch.classifier_pooling)
+
+
+def _head_flops(de: Any, d: int, num_labels: int, pooling: str) -> Any:
+    """Pooler and classifier FLOPs on d_e kept hidden dimensions (a number, or a tensor for E_cost)."""
+    if pooling == "mean":
+        return 2 * de * num_labels
+    return 2 * de * d + 2 * d * num_labels
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -318,6 +342,15 @@ def _masked_layer_norm(x: Tensor, ln: nn.LayerNorm, m: Tensor) -> Tensor:
     return (centred * torch.rsqrt(var + ln.eps) * ln.weight + ln.bias) * m
 
 
+def _mean_pool(x: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """The mean of every sample's non-padding token states, as ``DHTForSequenceClassification.pool`` takes it
+    for ``classifier_pooling="mean"`` (the same arithmetic: a plain mean when nothing is padded)."""
+    if attention_mask is None or bool(attention_mask.bool().all()):
+        return x.mean(dim=1)
+    weights = attention_mask.bool().to(x.dtype).unsqueeze(-1)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
 def _additive_mask(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if attention_mask is None or bool(attention_mask.bool().all()):
         return None
@@ -344,7 +377,9 @@ class Supernet(nn.Module):
     * the FFN activations are multiplied by ``m_ffn[l]`` (Section 5.4.3);
     * the embedding output and every residual LayerNorm are masked LayerNorms with ``m_e`` (Section 5.4.1); with a
       pre-LN teacher they normalise the sub-layer inputs, the two branch outputs are multiplied by ``m_e`` before
-      the residual add, and the final LayerNorm before the pooler is masked too (see the module docstring).
+      the residual add, and the final LayerNorm before the pooler is masked too (see the module docstring);
+    * with ``classifier_pooling="mean"`` the classifier reads the mean over the real tokens of the last
+      (gated) stream instead of the pooler's output on [CLS].
 
     ``gates`` may replace the masks by hard 0/1 gates of an architecture (:meth:`hard_gates`).
     """
@@ -360,6 +395,7 @@ class Supernet(nn.Module):
         self.head_size = self.d // self.n_heads
         self.num_labels = c.num_labels
         self.pre_ln = c.layer_norm == "pre"
+        self.pooling = c.classifier_pooling
         device = next(teacher.parameters()).device
         self.alpha_embed = nn.Parameter(torch.full((self.d,), alpha_init, device=device))
         self.alpha_qk = nn.Parameter(torch.full((self.n_layers, self.d), alpha_init, device=device))
@@ -465,7 +501,10 @@ class Supernet(nn.Module):
             x = x + ffn * m_e if self.pre_ln else _masked_layer_norm(ffn + x, layer.output.LayerNorm, m_e)
         if self.pre_ln:
             x = _masked_layer_norm(x, bert.final_layer_norm, m_e)  # DHTBertModel.final_norm, masked
-        pooled = bert.pooler.activation(bert.pooler.dense(x[:, 0]))
+        if self.pooling == "mean":
+            pooled = _mean_pool(x, attention_mask)  # zero outside the kept dimensions, like the stream
+        else:
+            pooled = bert.pooler.activation(bert.pooler.dense(x[:, 0]))
         p_cls = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
         return self.net.classifier(F.dropout(pooled, p_cls if dropout else 0.0))
 
@@ -484,7 +523,7 @@ class Supernet(nn.Module):
         per_layer = 2 * n * de * (2 * q + v) + 2 * n * v * de + 4 * n * de * f
         if convention == "full":
             per_layer = per_layer + 2 * n * n * (q + v)
-        return per_layer.sum() + 2 * de * self.d + 2 * self.d * self.num_labels
+        return per_layer.sum() + _head_flops(de, self.d, self.num_labels, self.pooling)
 
     def sampled_gates(self, generator: torch.Generator) -> dict[str, Tensor]:
         """A binary architecture sampled from the masks (dimension i kept with probability m_i, independently),
@@ -889,7 +928,9 @@ class PrunedBert(nn.Module):
     teacher's width) and the classifier d -> num_labels. Eager attention (what FlopCounterMode counts). Post-LN
     BERT, or pre-LN when the teacher was (``arch.layer_norm``): then ``final_norm`` (the teacher's
     ``bert.final_layer_norm`` over the kept dimensions) normalises the last hidden states before the pooler; a
-    post-LN model has no ``final_norm``, so its state dict is the one saved before pre-LN existed.
+    post-LN model has no ``final_norm``, so its state dict is the one saved before pre-LN existed. With
+    ``arch.classifier_pooling == "mean"`` there is no pooler: the classifier maps the mean of the real tokens'
+    d_e-wide states to num_labels.
     """
 
     def __init__(self, arch: PrunedArch) -> None:
@@ -903,8 +944,11 @@ class PrunedBert(nn.Module):
         self.layers = nn.ModuleList([_PrunedLayer(layer, arch) for layer in arch.layers])
         if arch.layer_norm == "pre":
             self.final_norm = nn.LayerNorm(de, eps=arch.layer_norm_eps)
-        self.pooler = _Dense(de, arch.hidden_size)
-        self.classifier = _Dense(arch.hidden_size, arch.num_labels)
+        if arch.classifier_pooling == "mean":
+            self.classifier = _Dense(de, arch.num_labels)
+        else:
+            self.pooler = _Dense(de, arch.hidden_size)
+            self.classifier = _Dense(arch.hidden_size, arch.num_labels)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [B, num_labels]."""
@@ -920,7 +964,10 @@ class PrunedBert(nn.Module):
             x = layer(x, add_mask)
         if self.arch.layer_norm == "pre":
             x = self.final_norm(x)
-        pooled = torch.tanh(self.pooler(x[:, 0]))
+        if self.arch.classifier_pooling == "mean":
+            pooled = _mean_pool(x, attention_mask)
+        else:
+            pooled = torch.tanh(self.pooler(x[:, 0]))
         p_cls = self.arch.classifier_dropout if self.arch.classifier_dropout is not None else self.arch.hidden_dropout_prob
         return self.classifier(F.dropout(pooled, p_cls if self.training else 0.0, self.training))
 
@@ -991,9 +1038,14 @@ def extract(teacher: DHTForSequenceClassification, result: SearchResult | Pruned
         if arch.layer_norm == "pre":
             model.final_norm.weight.copy_(bert.final_layer_norm.weight[e])
             model.final_norm.bias.copy_(bert.final_layer_norm.bias[e])
-        model.pooler.weight.copy_(bert.pooler.dense.weight[:, e])
-        model.pooler.bias.copy_(bert.pooler.dense.bias)
-        model.classifier.weight.copy_(teacher.classifier.weight)
+        if arch.classifier_pooling == "mean":
+            # The mean of a stream that is zero outside the kept dimensions: only their classifier columns
+            # act.
+            model.classifier.weight.copy_(teacher.classifier.weight[:, e])
+        else:
+            model.pooler.weight.copy_(bert.pooler.dense.weight[:, e])
+            model.pooler.bias.copy_(bert.pooler.dense.bias)
+            model.classifier.weight.copy_(teacher.classifier.weight)
         model.classifier.bias.copy_(teacher.classifier.bias)
     return model.to(next(teacher.parameters()).device).eval()
 

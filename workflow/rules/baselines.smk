@@ -1,7 +1,9 @@
-# Baselines of Table 2: built from the trained 12-VaBERT of the same dataset (distil, fastbert, nas-prune), or
-# found by a FlexiBERT architecture search per dataset and retrained (flexibert).
+# Baselines of Table 2: built from the trained reference (run.reference, 12-VaBERT in the paper) of the same
+# dataset (distil, fastbert, nas-prune), or found by a FlexiBERT architecture search per dataset and retrained
+# (flexibert).
 
 BASELINES = CFG.run.baselines
+REFERENCE = CFG.run.reference
 BASELINE_CODE = {"distil": ["baselines/distil.py"], "fastbert": ["baselines/fastbert.py"],
                  "nas-prune": ["baselines/nas_prune.py"],
                  "flexibert": [f"flexibert/{m}.py" for m in ("__init__", "pipeline", "model", "flops", "space", "search",
@@ -11,7 +13,7 @@ BASELINE_SECTION = {"distil": "distil", "fastbert": "fastbert", "nas-prune": "na
 
 def baseline_code(wildcards):
     kind, _ = parse_baseline(wildcards.baseline)
-    return code("baseline.py", "trainer.py", "model.py", "flops.py", "tracking.py", "runtime.py",
+    return code("baseline.py", "trainer.py", "model.py", "flops.py", "evaluation.py", "tracking.py", "runtime.py",
                 *BASELINE_CODE[kind])
 
 
@@ -38,7 +40,7 @@ rule flexibert_search:
         code=code("flexibert_search.py", *BASELINE_CODE["flexibert"], "trainer.py", "tracking.py", "runtime.py"),
         train="data/processed/{dataset}/train.parquet",
         meta="data/processed/{dataset}/meta.json",
-        # 12-VaBERT's architecture as built (the FLOP ratios' 1.00x), not the `model:` section, which need not
+        # The reference's architecture as built (the FLOP ratios' 1.00x), not the `model:` section, which need not
         # describe a checkpoint named by model.init.
         init_model="data/features/{dataset}/init_model",
     output:
@@ -63,9 +65,10 @@ rule baseline:
         train="data/processed/{dataset}/train.parquet",
         test="data/processed/{dataset}/test.parquet",
         meta="data/processed/{dataset}/meta.json",
-        teacher="models/{dataset}/vanilla-12",
+        teacher=f"models/{{dataset}}/{REFERENCE}",
     output:
         metrics="results/{dataset}/{baseline}/metrics.json",
+        predictions="results/{dataset}/{baseline}/predictions.csv",
         model=directory("models/{dataset}/{baseline}"),
     wildcard_constraints:
         baseline=r"distil-\d+|fastbert-[0-9.]+|nas-prune-[0-9.]+|flexibert-[0-9.]+",
@@ -78,5 +81,5 @@ rule baseline:
     shell:
         "python workflow/scripts/baseline.py --profile {PROFILE} --dataset {wildcards.dataset}"
         " --model {wildcards.baseline} --processed data/processed/{wildcards.dataset}"
-        " --teacher models/{wildcards.dataset}/vanilla-12 --results results/{wildcards.dataset}/{wildcards.baseline}"
+        " --teacher {input.teacher} --results results/{wildcards.dataset}/{wildcards.baseline}"
         " --out-model models/{wildcards.dataset}/{wildcards.baseline} --threads {threads} {params.search}"

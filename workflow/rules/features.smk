@@ -1,9 +1,10 @@
-# Arm features (Section 4.2): one pass without gradient through the initial model, per dataset.
+# Arm features (Section 4.2): one pass without gradient through the initial model (or, with
+# dht.features.warmup_steps, a copy of it after that many plain training steps), per dataset.
 
 
 rule arm_features:
     input:
-        code=code("arm_features.py", "arm_features.py", "features.py", "model.py", "runtime.py"),
+        code=code("arm_features.py", "arm_features.py", "features.py", "model.py", "runtime.py", "tokenization.py"),
         train="data/processed/{dataset}/train.parquet",
         meta="data/processed/{dataset}/meta.json",
     output:
@@ -11,7 +12,9 @@ rule arm_features:
         meta="data/features/{dataset}/meta.json",
         model=directory("data/features/{dataset}/init_model"),
     params:
-        tracked=tracked("seed", "device", "model", "dht", "run.models"),
+        # the warm-up (dht.features.warmup_steps) trains with the profile's optimiser settings
+        tracked=tracked("seed", "device", "model", "dht", "run.models", "train.learning_rate", "train.weight_decay",
+                        "train.warmup_ratio", "train.batch_size", "train.grad_clip"),
     # One torch thread per job; parallelism comes from Snakemake running jobs side by side (two 2-thread
     # jobs on 2 cores made this stage 14x slower: OpenMP threads spin at barriers when oversubscribed).
     threads: 1

@@ -1,10 +1,13 @@
 # Reports: generated, never edited by hand. Short jobs: they run on the submitting host under a cluster executor.
 
 from dht.figures import figure_paths
-from dht.report import flexibert_search_figure
+from dht.report import depth_models, flexibert_search_figure
 
-REPORT_CODE = code("report.py", "report.py", "paper_values.yaml", "tracking.py")
+REPORT_CODE = code("report.py", "report.py", "evaluation.py", "paper_values.yaml", "tracking.py")
 FIGURES = figure_paths(CFG)
+# Per-sample predictions of the DHT modes, the reference and the control: "Where the depth goes" (Table 1 and
+# depth-<dataset>.png).
+DEPTH_PREDICTIONS = expand("results/{dataset}/{model}/predictions.csv", dataset=DATASETS, model=depth_models(CFG))
 
 localrules: all, table1, table2, figures, index
 
@@ -14,6 +17,7 @@ rule table1:
         code=REPORT_CODE,
         metas=expand("data/processed/{dataset}/meta.json", dataset=DATASETS),
         metrics=expand("results/{dataset}/{model}/metrics.json", dataset=DATASETS, model=MODELS),
+        predictions=DEPTH_PREDICTIONS,
     output:
         "reports/table1.md",
     params:
@@ -36,10 +40,11 @@ rule table2:
 
 rule figures:
     input:
-        code=code("figures.py", "figures.py", "report.py"),
+        code=code("figures.py", "figures.py", "report.py", "evaluation.py"),
         metrics=expand("results/{dataset}/{model}/metrics.json", dataset=DATASETS, model=MODELS + BASELINES),
         selections=expand("results/{dataset}/{model}/selections.json", dataset=DATASETS, model=MODELS),
         loss=expand("results/{dataset}/{model}/loss.csv", dataset=DATASETS, model=MODELS),
+        predictions=DEPTH_PREDICTIONS,
     output:
         FIGURES,
     params:

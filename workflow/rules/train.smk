@@ -1,4 +1,5 @@
-# DHT training per mode and dataset (Algorithms 2-3), evaluated with the inference policy.
+# DHT training per mode and dataset (Algorithms 2-3), evaluated with the inference policy. The fixed modes (the
+# reference, the shallow control) are the same trainer with one arm.
 
 MODELS = CFG.run.models
 
@@ -20,7 +21,7 @@ def mode_keys(wildcards):
 rule train:
     input:
         code=code("train.py", "trainer.py", "model.py", "bandits.py", "features.py", "flops.py", "arm_features.py",
-                  "tracking.py", "runtime.py"),
+                  "evaluation.py", "tracking.py", "runtime.py"),
         train="data/processed/{dataset}/train.parquet",
         test="data/processed/{dataset}/test.parquet",
         meta="data/processed/{dataset}/meta.json",
@@ -31,6 +32,7 @@ rule train:
         metrics="results/{dataset}/{model}/metrics.json",
         selections="results/{dataset}/{model}/selections.json",
         loss="results/{dataset}/{model}/loss.csv",
+        predictions="results/{dataset}/{model}/predictions.csv",
         model=directory("models/{dataset}/{model}"),
     params:
         tracked=mode_keys,

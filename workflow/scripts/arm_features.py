@@ -1,4 +1,6 @@
-"""Stage `arm_features`: the initial model and its arm features (Section 4.2) in data/features/<dataset>/."""
+"""Stage `arm_features`: the initial model and its arm features (Section 4.2) in data/features/<dataset>/.
+With dht.features.warmup_steps > 0 the features come from a copy of the initial model after that many plain
+training steps; init_model/ is the untouched initial model that every training run starts from."""
 
 import json
 import time
@@ -6,7 +8,14 @@ from pathlib import Path
 
 import _stage
 
-from dht.arm_features import arm_space, compute_arm_features, iter_batches, save_arm_features
+from dht.arm_features import (
+    arm_separation,
+    arm_space,
+    compute_arm_features,
+    iter_batches,
+    save_arm_features,
+    warm_up,
+)
 from dht.model import model_from_params
 from dht.tracking import stage_run
 
@@ -27,22 +36,42 @@ model.save_pretrained(out / "init_model")
 
 space = arm_space(cfg)
 features_cfg = cfg.dht.features
-params = {"model": cfg.section("model"), "dht.features": cfg.section("dht.features"), "seed": cfg.seed}
+train_keys = ("learning_rate", "weight_decay", "warmup_ratio", "batch_size", "grad_clip")
+params = {"model": cfg.section("model"), "dht.features": cfg.section("dht.features"), "seed": cfg.seed,
+          **{f"train.{k}": getattr(cfg.train, k) for k in train_keys}}
 with stage_run(args.dataset, "arm_features", stage="arm_features", profile=cfg.profile, params=params,
                prefix=cfg.tracking.experiment_prefix) as run:
     import mlflow
 
     start = time.perf_counter()
+    warm = {}
+    if features_cfg.warmup_steps:
+        import torch
+
+        from dht.tokenization import load_processed
+
+        train = load_processed(args.processed, "train")
+        model, warm = warm_up(model, torch.from_numpy(train["input_ids"]), torch.from_numpy(train["attention_mask"]),
+                              torch.from_numpy(train["label"].astype("int64")), features_cfg.warmup_steps, cfg.train,
+                              seed=cfg.seed)
+        warm["seconds"] = round(time.perf_counter() - start, 2)
     batches = iter_batches(Path(args.processed) / "train.parquet", features_cfg.batch_size,
                            features_cfg.arm_feature_samples, cfg.seed)
     features, counts = compute_arm_features(model, batches, space, features_cfg, seed=cfg.seed)
     seconds = time.perf_counter() - start
+    separation = arm_separation(features, model.config.fixed_layers, model.config.num_attention_heads)
     info = {"dataset": args.dataset, "profile": cfg.profile, "device": str(device), "threads": threads,
-            "seconds": round(seconds, 2), "arm_space": {"layers": space.layer_options, "heads": space.head_options,
-                                                        "cp_arms": space.cp_arms, "pool": space.pool}}
+            "seconds": round(seconds, 2), "warmup": {"steps": features_cfg.warmup_steps, **warm},
+            "separation": separation,
+            "arm_space": {"layers": space.layer_options, "heads": space.head_options, "cp_arms": space.cp_arms,
+                          "pool": space.pool}}
     written = save_arm_features(out, features, counts, info)
     mlflow.log_metrics({"seconds": seconds, "samples": counts[f"ucb_l/{model.config.num_hidden_layers}"],
-                        "arms": len(features)})
+                        "arms": len(features),
+                        **{f"separation.{f}": s["min_relative_distance"] for f, s in separation.items()},
+                        **{f"warmup.{k}": v for k, v in warm.items()}})
     mlflow.log_dict(written, "arm_features_meta.json")
 print(f"arm_features {args.dataset}: {len(features)} arm vectors from "
-      f"{counts[f'ucb_l/{model.config.num_hidden_layers}']} samples in {seconds:.1f}s on {device} -> {out}")
+      f"{counts[f'ucb_l/{model.config.num_hidden_layers}']} samples in {seconds:.1f}s on {device} -> {out}; "
+      "closest arms per family (distance / norm): "
+      + ", ".join(f"{f} {s['min_relative_distance']:.3g}" for f, s in separation.items()))

@@ -1,7 +1,8 @@
-"""Stage `baseline`: one baseline of Table 2 built from the trained 12-VaBERT on one dataset:
+"""Stage `baseline`: one baseline of Table 2 built from the trained reference (run.reference) on one dataset:
 distil-<layers> (DistilBERT, BL2), fastbert-<speed> (FastBERT, BL3) or nas-prune-<ratio> (differentiable NAS
 pruning) and flexibert-<ratio> (the best FlexiBERT architecture of the dataset's search within that FLOP ratio,
-retrained). Writes results/<dataset>/<model>/metrics.json (the DHT runs' schema) and models/<dataset>/<model>/."""
+retrained). Writes results/<dataset>/<model>/metrics.json (the DHT runs' schema), predictions.csv and
+models/<dataset>/<model>/."""
 
 import json
 import shutil
@@ -12,18 +13,20 @@ from pathlib import Path
 import _stage
 
 from dht.config import parse_baseline
+from dht.evaluation import accuracy_text, write_predictions
 from dht.flops import full_model_flops
 from dht.model import DHTForSequenceClassification
 from dht.tokenization import load_processed
 from dht.tracking import stage_run
-from dht.trainer import SplitData, evaluate
+from dht.trainer import POLICY_FILE, SplitData, evaluate
 
 p = _stage.parser(__doc__)
 p.add_argument("--dataset", required=True)
 p.add_argument("--model", required=True,
                help="distil-<layers>, fastbert-<speed>, nas-prune-<ratio> or flexibert-<ratio>")
 p.add_argument("--processed", required=True)
-p.add_argument("--teacher", required=True, help="the trained 12-VaBERT model directory")
+p.add_argument("--teacher", default=None,
+               help="the trained reference's model directory (default: models/<dataset>/<run.reference>)")
 p.add_argument("--results", required=True)
 p.add_argument("--out-model", required=True)
 p.add_argument("--search", default=None, help="flexibert-<ratio>: the dataset's flexibert_search output directory")
@@ -36,13 +39,23 @@ try:
 except ValueError as err:
     sys.exit(f"error: {err}")
 
+teacher_dir = Path(args.teacher) if args.teacher else _stage.root() / "models" / args.dataset / cfg.run.reference
+policy_file = teacher_dir / POLICY_FILE
+trained_as = json.loads(policy_file.read_text()).get("mode_name") if policy_file.is_file() else None
+if trained_as != cfg.run.reference:
+    # The teacher is the reference by definition (its FLOPs are the 1.00x): a directory of another mode, or
+    # none, would give baselines measured against the wrong model.
+    sys.exit(f"error: --teacher {teacher_dir}: not the trained reference {cfg.run.reference!r} of run.reference "
+             f"({policy_file} names {trained_as!r}); train it first (snakemake --cores 4 "
+             f"results/{args.dataset}/{cfg.run.reference}/metrics.json)")
+
 device, _ = _stage.runtime(args, cfg)
 processed = Path(args.processed)
 meta = json.loads((processed / "meta.json").read_text())
 seq_len = meta["max_length"]
 train_arrays, test_arrays = load_processed(processed, "train"), load_processed(processed, "test")
 train, test = SplitData.from_arrays(train_arrays), SplitData.from_arrays(test_arrays)
-teacher = DHTForSequenceClassification.from_pretrained(args.teacher).to(device).eval()
+teacher = DHTForSequenceClassification.from_pretrained(teacher_dir).to(device).eval()
 reference_train = full_model_flops(seq_len, teacher.config, "full", "train") * len(train) * cfg.train.epochs
 batch, eval_batch = cfg.train.batch_size, cfg.train.eval_batch_size
 out_model = Path(args.out_model)
@@ -121,6 +134,7 @@ with stage_run(args.dataset, args.model, stage="baseline", profile=cfg.profile, 
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_predictions(results / "predictions.csv", pred, test)
     shutil.copytree(processed / "tokenizer", out_model / "tokenizer", dirs_exist_ok=True)
     (out_model / "baseline.json").write_text(json.dumps({"model_name": args.model, "kind": kind, "value": value,
                                                           "dataset": args.dataset, "classes": meta["classes"],
@@ -128,7 +142,9 @@ with stage_run(args.dataset, args.model, stage="baseline", profile=cfg.profile, 
     for epoch, loss in enumerate(history or [], start=1):
         mlflow.log_metric("train_loss", float(loss), step=epoch)
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+    lo, hi = metrics["accuracy_ci95"]  # MLflow metrics are scalars
+    mlflow.log_metrics({"accuracy_ci95_lo": lo, "accuracy_ci95_hi": hi})
     if cfg.train.log_model:
         mlflow.log_artifacts(str(out_model), artifact_path="model")
-print(f"baseline {args.dataset}/{args.model}: accuracy {metrics['accuracy']:.3f}, inference FLOPs "
+print(f"baseline {args.dataset}/{args.model}: accuracy {accuracy_text(metrics)}, inference FLOPs "
       f"{metrics['infer_flop_ratio']:.2f}x, mean layers {metrics['mean_layers']:.1f} ({seconds:.0f}s)")

@@ -1,6 +1,7 @@
 """Stage `figures`: reports/figures/*.png, the paper's Figure 2 (layer/head selection over training) and
-Figure 3 (loss trends) per dataset, with accuracy against FLOPs (Pareto front) and, on data with difficulty
-levels, layers and accuracy per difficulty."""
+Figure 3 (loss trends) per dataset, with accuracy against FLOPs (Pareto front), on data with difficulty
+levels layers and accuracy per difficulty, and where the DHT modes' depth goes (by length, the shallow
+control's correctness and the reference's confidence)."""
 
 import sys
 

@@ -1,6 +1,7 @@
-"""Stages `table1` / `table2` / `index`: reports/table1.md (training comparison) and reports/table2.md
-(inference comparison), the measured values beside the paper's, and reports/index.md (what produced them,
-links to the tables, the figures and each model's MLflow run)."""
+"""Stages `table1` / `table2` / `index`: reports/table1.md (training comparison, and where the DHT modes' depth
+goes) and reports/table2.md (inference comparison), the measured values with their 95% intervals beside the
+paper's, and reports/index.md (what produced them, links to the tables, the figures and each model's MLflow
+run)."""
 
 import sys
 

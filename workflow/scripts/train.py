@@ -1,5 +1,6 @@
-"""Stage `train`: one DHT mode (or 12-VaBERT) on one dataset: train (Algorithms 2-3), evaluate with the
-inference policy, write results/<dataset>/<model>/ and models/<dataset>/<model>/. Resumes after a kill."""
+"""Stage `train`: one DHT mode (or a fixed one: the reference, the shallow control) on one dataset: train
+(Algorithms 2-3), evaluate with the inference policy, write results/<dataset>/<model>/ (metrics.json,
+selections.json, loss.csv, predictions.csv) and models/<dataset>/<model>/. Resumes after a kill."""
 
 import csv
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 import _stage
 
 from dht.arm_features import load_arm_features
+from dht.evaluation import accuracy_text, write_predictions
 from dht.model import DHTForSequenceClassification
 from dht.tokenization import load_processed
 from dht.tracking import stage_run
@@ -17,7 +19,7 @@ from dht.trainer import SplitData, Trainer, TrainingError, evaluate, fingerprint
 
 p = _stage.parser(__doc__)
 p.add_argument("--dataset", required=True)
-p.add_argument("--model", required=True, help="a mode of dht.modes (vanilla-12, t-dht, s-dht, f-dht, p-dht)")
+p.add_argument("--model", required=True, help="a mode of dht.modes (e.g. run.reference, t-dht, s-dht, f-dht, p-dht)")
 p.add_argument("--processed", required=True)
 p.add_argument("--features", required=True)
 p.add_argument("--results", required=True)
@@ -102,6 +104,7 @@ with stage_run(args.dataset, args.model, stage="train", profile=cfg.profile, par
     results, out_model = Path(args.results), Path(args.out_model)
     results.mkdir(parents=True, exist_ok=True)
     (results / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_predictions(results / "predictions.csv", pred, test)
     (results / "selections.json").write_text(json.dumps(progress.selections, indent=2, sort_keys=True) + "\n")
     with (results / "loss.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
@@ -115,10 +118,12 @@ with stage_run(args.dataset, args.model, stage="train", profile=cfg.profile, par
     shutil.copy2(features / "arm_features.safetensors", out_model / "arm_features.safetensors")
 
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+    lo, hi = metrics["accuracy_ci95"]  # MLflow metrics are scalars
+    mlflow.log_metrics({"accuracy_ci95_lo": lo, "accuracy_ci95_hi": hi})
     mlflow.log_artifact(str(results / "selections.json"))
     if cfg.train.log_model:
         mlflow.log_artifacts(str(out_model), artifact_path="model")
 trainer.remove_checkpoint()
-print(f"train {args.dataset}/{args.model}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, "
+print(f"train {args.dataset}/{args.model}: accuracy {accuracy_text(metrics)}, macro-F1 {metrics['macro_f1']:.3f}, "
       f"train FLOPs {metrics['train_flop_ratio']:.2f}x, inference FLOPs {metrics['infer_flop_ratio']:.2f}x, "
       f"mean layers {metrics['mean_layers']:.1f} ({progress.seconds:.0f}s)")
