@@ -22,7 +22,8 @@ Per layer with n tokens, hidden d, FFN size f, head size d_h = d / N_H and H kep
     FFN                      2 * 2 * n * d * f               (both conventions)
 
 and once per sample the pooler 2 * d * d and classifier 2 * d * num_labels, on the [CLS] vector only (the
-implementation pools only that token). A layer with H = 0 costs only its FFN: the sliced path computes nothing
+implementation pools only that token); with ``classifier_pooling: mean`` there is no pooler (the token mean is no
+matmul), only the classifier. A layer with H = 0 costs only its FFN: the sliced path computes nothing
 for it (its attention output is the output-projection bias).
 
 Training FLOPs are counted by one function, :func:`train_flops` (the trainer's accounting, the 12-VaBERT reference
@@ -85,6 +86,7 @@ class FlopShape:
     num_labels: int
     fixed_layers: int = 3
     layer_norm: str = "post"  # "post" (BERT) or "pre": decides one backward matmul (see train_flops)
+    classifier_pooling: str = "cls"  # "cls": the pooler (d x d) on [CLS]; "mean": token mean, no pooler
 
     @property
     def head_size(self) -> int:
@@ -113,11 +115,14 @@ class FlopShape:
             num_labels=int(get("num_labels", 2)),
             fixed_layers=int(get("fixed_layers", 3)),
             layer_norm=str(get("layer_norm", "post")),  # BertConfig has none: BERT is post-LN
+            classifier_pooling=str(get("classifier_pooling", "cls")),
         )
         if shape.hidden_size % shape.num_attention_heads:
             raise ValueError("hidden_size must be divisible by num_attention_heads")
         if shape.layer_norm not in ("post", "pre"):
             raise ValueError(f"layer_norm must be 'post' or 'pre', got {shape.layer_norm!r}")
+        if shape.classifier_pooling not in ("cls", "mean"):
+            raise ValueError(f"classifier_pooling must be 'cls' or 'mean', got {shape.classifier_pooling!r}")
         return shape
 
 
@@ -148,9 +153,14 @@ def layer_flops(seq_len: int, heads: int, config_like: Any, convention: Conventi
     return linear + attention
 
 
+def _pooler_flops(shape: FlopShape) -> int:
+    # The pooler (d x d) on the [CLS] vector only; mean pooling has no matmul.
+    return 2 * shape.hidden_size * shape.hidden_size if shape.classifier_pooling == "cls" else 0
+
+
 def _classifier_flops(shape: FlopShape) -> int:
-    # Pooler (d x d) and classifier (d x num_labels) on the [CLS] vector only; Linear in both conventions.
-    return 2 * shape.hidden_size * shape.hidden_size + 2 * shape.hidden_size * shape.num_labels
+    # Pooler and classifier (d x num_labels) on one vector per sample; Linear in both conventions.
+    return _pooler_flops(shape) + 2 * shape.hidden_size * shape.num_labels
 
 
 def forward_flops(
@@ -228,10 +238,11 @@ def train_flops(
         if not grad_in and shape.layer_norm == "post":
             bwd -= 2 * 3 * seq_len * shape.hidden_size * int(heads) * shape.head_size  # no dx for Q/K/V
         grad_in = True
-    # Pooler and classifier train; the pooler's input needs a gradient unless nothing below it does (never in
-    # the trainer: some layer always trains, and pre-LN's final LayerNorm trains with the classifier).
-    pooler = 2 * shape.hidden_size * shape.hidden_size
-    bwd += 2 * _classifier_flops(shape) - (0 if grad_in or shape.layer_norm == "pre" else pooler)
+    # Pooler and classifier train. The input of the first (the pooler, or the classifier with mean pooling)
+    # needs a gradient unless nothing below it does (never in the trainer: some layer always trains, and
+    # pre-LN's final LayerNorm trains with the classifier).
+    first_dx = _pooler_flops(shape) or 2 * shape.hidden_size * shape.num_labels
+    bwd += 2 * _classifier_flops(shape) - (0 if grad_in or shape.layer_norm == "pre" else first_dx)
     s1 = forward_flops(seq_len, [shape.num_attention_heads] * b, shape, convention, include_classifier=False)
     decision = forward_flops(seq_len, list(heads_per_layer)[:decision_layers], shape, convention,
                              include_classifier=False)

@@ -108,6 +108,17 @@ def test_analytic_count_matches_flop_counter(model, heads_per_layer):
     assert set(per_op) <= LINEAR_OPS | {"aten.bmm"}  # nothing else is counted, so the split above is complete
 
 
+def test_mean_pooling_has_no_pooler_matmul():
+    torch.manual_seed(0)
+    mean_model = DHTForSequenceClassification(DHTConfig(**SMALL, classifier_pooling="mean")).eval()
+    input_ids = torch.randint(1, SMALL["vocab_size"], (2, SEQ))
+    with torch.no_grad():
+        total, _ = count(lambda: mean_model(input_ids))
+    assert total == 2 * forward_flops(SEQ, [12] * 12, mean_model.config)
+    cls_shape = FlopShape.of(DHTConfig(**SMALL))
+    assert forward_flops(SEQ, [12] * 12, cls_shape) - total // 2 == 2 * SMALL["hidden_size"] ** 2  # the pooler
+
+
 def test_masked_path_computes_every_head(model):
     heads_per_layer = [12] * 3 + [8] * 9
     depth, heads = plan_for([heads_per_layer])

@@ -33,6 +33,7 @@ N_TRAIN, SEQ = 48, 10
 def make_cfg(dht: dict | None = None, modes: dict | None = None, **train):
     raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
     raw["profiles"]["tiny"]["train"].update({"batch_size": 16, "checkpoint_every": 1000, **train})
+    raw["profiles"]["tiny"].setdefault("dht", {}).setdefault("modes", {})["p-dht"] = {"warmup_epochs": 1}
     raw["dht"].update(dht or {})
     raw["dht"]["modes"].update(modes or {})
     return load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
@@ -45,10 +46,11 @@ def full_length_split(n: int, seed: int) -> SplitData:
 
 
 @functools.cache
-def setup(layer_norm: str):
+def setup(layer_norm: str, pooling: str = "cls"):
     torch.manual_seed(0)
     conf = DHTConfig(vocab_size=60, hidden_size=48, num_hidden_layers=12, num_attention_heads=12,
                      intermediate_size=64, max_position_embeddings=SEQ, num_labels=3, layer_norm=layer_norm,
+                     classifier_pooling=pooling,
                      attn_implementation="eager")  # SDPA's CPU kernel is not in FlopCounterMode's registry
     model = DHTForSequenceClassification(conf)
     train = full_length_split(N_TRAIN, 1)
@@ -57,8 +59,8 @@ def setup(layer_norm: str):
     return model, feats, train
 
 
-def make_trainer(layer_norm: str, mode: str, cfg) -> Trainer:
-    model, feats, train = setup(layer_norm)
+def make_trainer(layer_norm: str, mode: str, cfg, pooling: str = "cls") -> Trainer:
+    model, feats, train = setup(layer_norm, pooling)
     torch.manual_seed(cfg.seed)
     return Trainer(cfg, mode, copy.deepcopy(model), feats, train, torch.device("cpu"), SEQ)
 
@@ -101,16 +103,25 @@ LAYER_NORMS = ["post", "pre"]
 @pytest.mark.slow
 @pytest.mark.parametrize("layer_norm", LAYER_NORMS)
 @pytest.mark.parametrize("freeze", ["all_but_last_two", "last_two", "none"])
-def test_p_dht_frozen_epoch_matches_flop_counter(layer_norm, freeze, counted):
-    """P-DHT after its warm-up: depths 3 to 12, per-sample TSB head sets, each p_dht_freeze reading."""
+def test_p_dht_frozen_steps_match_flop_counter(layer_norm, freeze, counted):
+    """P-DHT after its warm-up, each p_dht_freeze reading: the S1 pass of every sample, then one batch per arm
+    (depths 3 to 12; 8, 10 or 12 heads in the dynamic layers, sets chosen per sample by the TSB), so every
+    depth is covered whatever the bandits would pick."""
     cfg = make_cfg({"p_dht_freeze": freeze}, epochs=2)
     assert cfg.dht.modes["p-dht"].warmup_epochs == 1
     trainer = make_trainer(layer_norm, "p-dht", cfg)
-    trainer.progress.epoch = 1  # skip the warm-up: one epoch of the P-DHT arms, frozen as the reading says
-    progress = trainer.fit(progress_bar=False)
-    assert counted["steps"] >= 3 and progress.samples_seen == N_TRAIN
-    assert len({k for k in progress.selections["1"] if k.startswith("layers/")}) >= 2  # mixed depths
-    assert progress.train_flops == counted["flops"]
+    policy, frozen = trainer.active(1)
+    assert frozen == (freeze != "none") and {len(h) for h in policy.arm_heads} == {3, 6, 9, 12}
+    trainer._enqueue(policy, torch.arange(N_TRAIN))  # S1 of every sample; the queues it fills are dropped
+    trainer.queue.drain()
+    per_arm = N_TRAIN // len(policy.arms)
+    for a, heads in enumerate(policy.arm_heads):
+        items = [(i, a, torch.zeros(policy.pool_l.size)) for i in range(a * per_arm, (a + 1) * per_arm)]
+        trainer.train_batch(policy, frozen, len(heads), items)
+    assert counted["steps"] == len(policy.arms) and trainer.progress.samples_seen == per_arm * len(policy.arms)
+    s1_of_unused = (N_TRAIN - per_arm * len(policy.arms)) * forward_flops(SEQ, [12] * 3, trainer.model.config,
+                                                                             include_classifier=False)
+    assert trainer.progress.train_flops + s1_of_unused == counted["flops"]
 
 
 @pytest.mark.slow
@@ -125,6 +136,19 @@ def test_dht_epoch_matches_flop_counter(layer_norm, mode, decision_states, count
     assert progress.train_flops == counted["flops"]
     if mode == "vanilla-12":
         assert progress.train_flops == progress.reference_flops
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, freeze", [("p-dht", "all_but_last_two"), ("t-dht", "none")])
+def test_mean_pooling_matches_flop_counter(mode, freeze, counted):
+    """classifier_pooling: mean (no pooler matmul), post-LN: the classifier reads the token mean."""
+    cfg = make_cfg({"p_dht_freeze": freeze}, epochs=2)
+    trainer = make_trainer("post", mode, cfg, pooling="mean")
+    assert trainer.model.config.classifier_pooling == "mean"
+    if mode == "p-dht":
+        trainer.progress.epoch = 1  # the frozen epoch only
+    progress = trainer.fit(progress_bar=False)
+    assert counted["steps"] >= 3 and progress.train_flops == counted["flops"]
 
 
 def test_frozen_layers_cost_what_autograd_computes():
