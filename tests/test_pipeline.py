@@ -281,8 +281,8 @@ def test_dvc_repro_makes_the_reports_and_a_restored_checkout_does_not_retrain(pr
 
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["tokenize-embedded-news"]["params"]["params.yaml"]["profile"] == "tiny"
-    assert {"table1", "table2", "figures", "index", "train-embedded-news-t-dht", "baseline-embedded-news-distil-1"} \
-        <= set(lock["stages"])
+    assert {"table1", "table2", "figures", "index", "train-embedded-news-t-dht", "baseline-embedded-news-distil-1",
+            "train-embedded-news-vanilla-3"} <= set(lock["stages"])  # the shallow control: the depth analysis reads it
     index = (project / "reports/index.md").read_text()
     assert "Profile `tiny`" in index and "](table1.md)" in index and "figures/pareto-embedded-news.png" in index
     assert "| t-dht | " in index and "/#/experiments/" in index  # each cell links its MLflow run
@@ -319,7 +319,8 @@ def test_dvc_repro_makes_the_reports_and_a_restored_checkout_does_not_retrain(pr
     set_params(project, lambda r: r["profiles"]["tiny"]["train"].__setitem__("epochs", 3))
     refused = run_cli(["dht", "sync-snakemake"], cwd=project, check=False)
     assert refused.returncode == 1 and "train-embedded-news-t-dht" in refused.stderr
-    assert job_counts(run_cli(["snakemake", "-n", "--cores", "1"], cwd=project).stdout)["train"] == 2
+    # the two models and the control vanilla-3 (tiny's run.control, kept by the run: overlay above)
+    assert job_counts(run_cli(["snakemake", "-n", "--cores", "1"], cwd=project).stdout)["train"] == 3
 
 
 @pytest.mark.slow
