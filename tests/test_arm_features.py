@@ -396,10 +396,13 @@ def test_refresh_costs_training_flops(monkeypatch):
     assert len(added) == 1 and len(setup[3]) * full < added[0] < 2 * len(setup[3]) * full
 
 
-@pytest.mark.parametrize(("mode", "kill_epoch_step"), [("t-dht", 1), ("f-dht", 3), ("p-dht", 3)])
-def test_a_resumed_run_restores_the_refreshed_features_exactly(mode, kill_epoch_step, tmp_path):
-    """Killed 1 step into the second epoch: the last checkpoint is the first epoch's end, written before the
-    refresh, and the resumed run refreshes again; 3 steps in: a checkpoint holds the refreshed features."""
+@pytest.mark.parametrize(("mode", "kill_at"), [("t-dht", "first_step"), ("f-dht", "after_checkpoint"),
+                                             ("p-dht", "after_checkpoint")])
+def test_a_resumed_run_restores_the_refreshed_features_exactly(mode, kill_at, tmp_path):
+    """Killed at the first step of the second epoch: the last checkpoint is the first epoch's end, written before
+    the refresh, and the resumed run refreshes again; killed at the first step after a checkpoint inside the second
+    epoch: that checkpoint holds the refreshed features. (Which step follows a checkpoint depends on when the
+    bandits' queues release batches, so the kill waits for the checkpoint rather than counting steps.)"""
     setup = refresh_setup()
     test = setup[4]
     ref_progress, ref_metrics = finish(refresh_trainer(setup, mode), test)
@@ -407,22 +410,27 @@ def test_a_resumed_run_restores_the_refreshed_features_exactly(mode, kill_epoch_
     class Killed(Exception):
         pass
 
-    first_step = {}
+    mid_epoch_checkpoints = []
 
     def kill(step):
-        p = first.progress
-        if p.epoch == 1:
-            first_step.setdefault("step", step)
-            if step - first_step["step"] + 1 == kill_epoch_step:
-                raise Killed
+        if first.progress.epoch == 1 and (kill_at == "first_step" or mid_epoch_checkpoints):
+            raise Killed
 
     first = refresh_trainer(setup, mode, checkpoint_dir=tmp_path, on_step=kill)
+    save = first.save_checkpoint
+
+    def recording_save():
+        save()
+        if first.progress.epoch == 1 and first.progress.position > 0:
+            mid_epoch_checkpoints.append(first.progress.step)
+
+    first.save_checkpoint = recording_save
     with pytest.raises(Killed):
         first.fit(progress_bar=False)
     resumed = refresh_trainer(setup, mode, checkpoint_dir=tmp_path)
     assert resumed.load_checkpoint() and resumed.progress.epoch == 1
-    if kill_epoch_step == 3:  # restored from the checkpoint, not recomputed
-        assert resumed.progress.position > 0
+    if kill_at == "after_checkpoint":  # restored from the checkpoint, not recomputed
+        assert resumed.progress.position > 0 and resumed.progress.step == mid_epoch_checkpoints[0]
         assert torch.equal(resumed.policy.ucb.arm_features, first.policy.ucb.arm_features)
         family, arms = ("ucb_l", resumed.policy.layer_options) if mode == "t-dht" else ("ucb_cp", resumed.policy.arms)
         assert not torch.equal(resumed.policy.ucb.arm_features, arm_matrix(setup[2], family, arms).double())
