@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from dht import pipeline
+from dht.config import read_params, resolve_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -19,6 +21,29 @@ BIN = Path(sys.executable).parent
 def copy_project(dest: Path) -> Path:
     """The workflow, library and config, without outputs or stores: what a fresh clone has."""
     return pipeline.copy_project(dest, ROOT)
+
+
+def embedded_raw() -> dict:
+    """params.yaml with the `embedded` profile (the embedded data, the 12-layer BERT from scratch, b = c = 3)
+    resolved into its top level, for tests about that structure that edit the top-level sections and load the
+    "default" profile. The `embedded` overlay is emptied, since it is already applied: `tiny` and `paper`, which
+    extend it, then start from the edited top level, as they start from `embedded` in params.yaml."""
+    raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
+    resolved = resolve_params(raw, "embedded")
+    resolved["profile"] = "default"
+    resolved["profiles"] = {**raw["profiles"], "embedded": {}}
+    return resolved
+
+
+def two_epoch_tiny(raw: dict) -> dict:
+    """`raw` with the tiny overlay trained for 2 epochs and P-DHT warming up for 1 of them: the schedule the
+    trainer tests count on (one epoch before and one after a refresh or the end of P-DHT's warm-up), whatever
+    tiny's own training budget is. Edits and returns `raw`."""
+    tiny = raw["profiles"]["tiny"]
+    tiny.setdefault("train", {})["epochs"] = 2
+    modes = tiny.setdefault("dht", {}).setdefault("modes", {})
+    modes.setdefault("p-dht", {})["warmup_epochs"] = 1
+    return raw
 
 
 @pytest.fixture(autouse=True, scope="session")

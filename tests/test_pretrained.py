@@ -46,15 +46,18 @@ SLICED_ATOL = 5e-5
 
 
 def minilm_raw(**changes) -> dict:
-    """params.yaml's default sections set up for the MiniLM checkpoint (6 layers: b = 3, c = 3 allow 3 and 6)."""
+    """params.yaml's default sections, which are the MiniLM checkpoint's (6 layers, b = c = 2: arms of 2, 4 or 6
+    layers), stated here in full so that the tests below read the checkpoint whatever the default becomes."""
     raw = copy.deepcopy(RAW)
     raw["tokenizer"] = {"kind": "pretrained", "name_or_path": PACKAGE}
     raw["model"] = {"init": PACKAGE, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
                     "intermediate_size": 1536, "max_position_embeddings": 512, "layer_norm": "post",
                     "residual_init_scale": 1.0}
+    raw["dht"].update(fixed_layers=2, group_size=2)
     raw["dht"]["modes"] = {"vanilla-6": {"search": "fixed", "arms": ["6L12H"]},
-                           "f-dht": {"search": "integrated", "arms": ["3L12H", "6L8H", "6L12H"]}}
-    raw["run"].update(models=["vanilla-6", "f-dht"], baselines=[])
+                           "vanilla-2": {"search": "fixed", "arms": ["2L12H"]},
+                           "f-dht": {"search": "integrated", "arms": ["2L12H", "4L8H", "6L8H", "6L12H"]}}
+    raw["run"].update(models=["vanilla-6", "f-dht"], baselines=[], reference="vanilla-6", control="vanilla-2")
     for dotted, value in changes.items():
         section, key = dotted.split(".")
         raw[section][key] = value

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, embedded_raw
 
-from dht.config import ConfigError, load_config, read_params
+from dht.config import ConfigError, load_config
 from dht.report import (
     comparison_table,
     depth_models,
@@ -69,7 +68,7 @@ def test_paper_values_are_complete_and_cite_their_rows():
 
 @pytest.fixture
 def cfg():
-    raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
+    raw = embedded_raw()  # the 12-layer structure at the top level: tiny, which extends it, keeps these edits
     raw["datasets"]["ag_news"]["max_length"] = 32
     raw["datasets"]["my-ag"] = {"source": "csv", "path": "x", "fields": ["title", "description"], "max_length": 32,
                                 "paper": "ag_news"}
@@ -227,8 +226,8 @@ def test_a_missing_predictions_file_names_its_stage(cfg, tmp_path):
 
 
 def six_layer_raw() -> dict:
-    """A 6-layer profile as the MiniLM default will be: its reference is vanilla-6, its control vanilla-3."""
-    raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
+    """A 6-layer variant of the embedded profile (b = c = 3): its reference is vanilla-6, its control vanilla-3."""
+    raw = embedded_raw()
     raw["model"]["num_hidden_layers"] = 6
     raw["dht"]["modes"] = {"vanilla-6": {"search": "fixed", "arms": ["6L12H"]},
                            "vanilla-3": {"search": "fixed", "arms": ["3L12H"]},

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, two_epoch_tiny
 
 from dht.arm_features import arm_space, compute_arm_features
 from dht.config import ModeConfig, load_config, read_params
@@ -28,7 +28,8 @@ N_TRAIN, N_TEST, SEQ = 70, 24, 12
 
 
 def make_cfg(**train):
-    raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
+    """The tiny profile trained 2 epochs (P-DHT: 1 of warm-up, 1 frozen), batches of 16, a checkpoint every 2 steps."""
+    raw = two_epoch_tiny(copy.deepcopy(read_params(ROOT / "params.yaml")))
     raw["profiles"]["tiny"]["train"].update({"batch_size": 16, "checkpoint_every": 2, **train})
     return load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
 
@@ -245,8 +246,8 @@ def test_p_dht_frozen_phase_trains_exactly_what_its_freeze_rule_says(setup, rule
     """After the warm-up, with `all_but_last_two` the last two layers of every trained path, the classifier and
     nothing else change (embeddings and earlier layers frozen); with `last_two` the converse: those two layers
     stay, the earlier layers and the embeddings change. Which depths were trained is recorded, not assumed."""
-    raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
-    raw["profiles"]["tiny"]["train"].update({"batch_size": 16, "checkpoint_every": 2, "epochs": 2})
+    raw = two_epoch_tiny(copy.deepcopy(read_params(ROOT / "params.yaml")))
+    raw["profiles"]["tiny"]["train"].update({"batch_size": 16, "checkpoint_every": 2})
     raw["profiles"]["tiny"]["dht"]["p_dht_freeze"] = rule
     trainer = trainer_for(setup, "p-dht", cfg=load_config(ROOT / "params.yaml", profile="tiny", raw=raw))
     trained: list[tuple[int, bool]] = []
