@@ -38,6 +38,15 @@ def test_dvc_yaml_is_generated_from_the_current_workflow(project):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_a_csv_datasets_files_are_inputs_of_its_download(project):
+    """Editing a shipped CSV (data/external) must rerun its download in both runners."""
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    deps = next(s["deps"] for name, s in stages.items() if name.startswith("download") and "sst2" in name)
+    assert {"data/external/sst2/train.csv", "data/external/sst2/test.csv", "data/external/sst2/classes.txt"} <= set(deps)
+    dry = run_cli(["snakemake", "-n", "--cores", "1", "data/raw/sst2/meta.json"], cwd=project)
+    assert "data/external/sst2/train.csv" in dry.stdout
+
+
 def test_drift_between_snakefile_and_dvc_yaml_is_detected(project):
     rules = project / "workflow" / "rules" / "report.smk"
     text = rules.read_text()

@@ -1,9 +1,19 @@
 # Dataset download (or generation, or reading local CSV) and tokenization.
 
 
+def local_files(wildcards):
+    """A `csv` dataset's files (the shipped data/external sets among them): editing one reruns its download."""
+    spec = CFG.datasets[wildcards.dataset]
+    if spec.source != "csv":
+        return []
+    folder = Path(spec.path)
+    return [str(folder / name) for name in ("train.csv", "test.csv", "classes.txt") if (folder / name).is_file()]
+
+
 rule download:
     input:
         code=code("download.py", "data.py", "embedded.py"),
+        local=local_files,
     output:
         train="data/raw/{dataset}/train.parquet",
         test="data/raw/{dataset}/test.parquet",
