@@ -46,9 +46,11 @@ def pretrained_shaped_config():
     tiny = raw["profiles"]["tiny"]
     modes = {"shallow": {"search": "fixed", "arms": ["2L12H"]},
              "mix": {"search": "integrated", "arms": ["2L12H", "6L12H"]}}
-    raw.setdefault("dht", {})["modes"] = modes
-    tiny["dht"] = {"fixed_layers": 2, "group_size": 2, "modes": modes}
-    tiny["run"] = {**tiny.get("run", {}), "models": ["shallow", "mix"], "baselines": []}
+    raw["dht"]["modes"].update(modes)
+    tiny["dht"] = {**tiny.get("dht", {}), "fixed_layers": 2, "group_size": 2}
+    # tiny extends the 12-layer embedded profile: its reference and control are the default's 6-layer ones here
+    tiny["run"] = {**tiny.get("run", {}), "models": ["shallow", "mix"], "baselines": [],
+                   "reference": "vanilla-6", "control": "shallow"}
     tiny["model"] = {**tiny.get("model", {}), "num_hidden_layers": 6, "layer_norm": "post",
                      "residual_init_scale": 1.0, "classifier_pooling": "mean"}
     tiny["train"] = {**tiny.get("train", {}), "learning_rate": 1.0e-3, "epochs": 3, "batch_size": 16}
