@@ -163,7 +163,7 @@ class Section:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default=None, help="params.yaml profile (default: its `profile:` key)")
-    p.add_argument("--dataset", default="embedded-news")
+    p.add_argument("--dataset", default=None, help="a dataset the profile runs (default: its first)")
     p.add_argument("--out", default="reports/benchmarks.md", help="the report (relative to --root)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, --quick 2)")
     p.add_argument("--warmup", type=int, default=1, help="discarded rounds before the timed ones")
@@ -1098,6 +1098,8 @@ def main(argv: list[str] | None = None) -> Path:
     params = Path(args.params) if args.params else root / "params.yaml"
     try:
         cfg = load_config(params, profile=args.profile)
+        if args.dataset is None:
+            args.dataset = cfg.run.datasets[0]
         cfg.dataset(args.dataset)
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
