@@ -85,10 +85,9 @@ def arm_space(cfg: Config, modes: Iterable[str] | None = None, warmup_modes: boo
 
 
 def arm_layer_heads(arm: Arm, fixed_layers: int, num_heads: int) -> list[int]:
-    """Heads per layer for an arm: the first b layers always run every head (Section 4.2), the rest follow
-    the arm's segments (4L8H+2L12H with b = 3: 12, 12, 12, 8, 12, 12)."""
-    heads = arm.heads_per_layer()
-    return [num_heads if layer < fixed_layers else h for layer, h in enumerate(heads)]
+    """Heads per layer for an arm (:meth:`dht.config.Arm.layer_heads`: the first b layers always run every head,
+    Section 4.2)."""
+    return arm.layer_heads(fixed_layers, num_heads)
 
 
 def random_arm_plan(

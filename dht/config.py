@@ -391,11 +391,15 @@ class Arm:
     def __str__(self) -> str:
         return "+".join(f"{n}L{h}H" for n, h in self.segments)
 
+    def layer_heads(self, fixed_layers: int, num_heads: int) -> list[int]:
+        """Heads each layer really runs: the first b layers always run every head (Section 4.2), the rest follow
+        the segments (4L8H+2L12H with b = 3: 12, 12, 12, 8, 12, 12)."""
+        return [num_heads if layer < fixed_layers else h for layer, h in enumerate(self.heads_per_layer())]
+
     def runs_as(self, fixed_layers: int, num_heads: int) -> Arm:
-        """The plan this arm really runs: the first b layers keep every head (Section 4.2), so 1L8H+2L12H with
-        b = 3 runs as 3L12H. Segments of equal heads are merged. Heads per layer: the same as
-        :func:`dht.arm_features.arm_layer_heads` (kept here so validation needs no torch)."""
-        heads = [num_heads if layer < fixed_layers else h for layer, h in enumerate(self.heads_per_layer())]
+        """The plan this arm really runs (:meth:`layer_heads`) as an arm, segments of equal heads merged:
+        1L8H+2L12H with b = 3 runs as 3L12H."""
+        heads = self.layer_heads(fixed_layers, num_heads)
         merged: list[list[int]] = []
         for h in heads:
             if merged and merged[-1][1] == h:
@@ -555,7 +559,7 @@ def modes_in_use(cfg: Config) -> set[str]:
     """The modes a profile runs: run.models, the warm-up modes they start with, and the reference and control.
     Only these are checked against the model's shape."""
     used = set(cfg.run.models)
-    for name in (getattr(cfg.run, "reference", None), getattr(cfg.run, "control", None)):
+    for name in (cfg.run.reference, cfg.run.control):
         if name:
             used.add(name)
     for name in list(used):
@@ -665,8 +669,9 @@ def check_semantics(cfg: Config) -> list[str]:
         f"(L - b) must be a multiple of c; with b = {b}, c = {c} and {m.num_hidden_layers} layers the allowed "
         f"layer counts are {', '.join(map(str, allowed_l)) or 'none'}"
     )
+    in_use = modes_in_use(cfg)
     for mode_name, mode in d.modes.items():
-        if mode_name not in modes_in_use(cfg):
+        if mode_name not in in_use:
             continue  # a profile may keep modes of another model shape (the paper's 12-layer arms) that it never runs
         key = f"dht.modes.{mode_name}"
         bad_heads: set[int] = {h for h in mode.heads or [] if not 1 <= h <= m.num_attention_heads}
