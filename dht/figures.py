@@ -32,7 +32,14 @@ from matplotlib.figure import Figure
 
 from dht.config import Config, parse_baseline
 from dht.evaluation import DepthAnalysis
-from dht.report import _metrics, depth_models, fixed_layers_of, load_depth_analysis, reference_label
+from dht.report import (
+    _metrics,
+    depth_models,
+    dht_modes,
+    fixed_layers_of,
+    load_depth_analysis,
+    reference_label,
+)
 
 FIGURES_DIR = "reports/figures"
 DPI = 120
@@ -208,7 +215,7 @@ def selection_figure(cfg: Config, root: Path, dataset: str) -> Figure:
     """Figure 2: per DHT mode (rows, in run.models order), the share of samples choosing each layer count and
     the share of head decisions choosing each head count, per epoch. Fixed-arm modes (the reference, the
     control) are left out: their shares are 1 for their one arm in every epoch."""
-    modes = [m for m in cfg.run.models if cfg.dht.modes[m].search != "fixed"]
+    modes = dht_modes(cfg)
     fig = Figure(figsize=(10, 0.6 + 2.4 * max(len(modes), 1)), layout="constrained")
     fig.suptitle(f"{dataset}: layer and head selection over training (Figure 2)")
     if not modes:
