@@ -28,5 +28,4 @@ rule all:
         "reports/table1.md",
         "reports/table2.md",
         "reports/index.md",
-        expand("results/{dataset}/{model}/metrics.json", dataset=DATASETS, model=MODELS),
-        expand("results/{dataset}/{baseline}/metrics.json", dataset=DATASETS, baseline=BASELINES),
+        run_paths(f"results/{RUN}/metrics.json", dataset=DATASETS, model=MODELS + BASELINES),

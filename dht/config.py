@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROFILE_KEY = "profile"
 OVERLAYS_KEY = "profiles"
@@ -116,6 +116,25 @@ class RunConfig(_Strict):
     # A shallow fixed mode (b layers): the depth analysis asks whether DHT gives more layers to the samples it
     # gets wrong. None: no control.
     control: str | None = None
+    # Training seeds: every model of run.models and run.baselines is trained once per seed, and the reports show
+    # mean and standard deviation over them. None: one run with the top-level `seed`. The top-level seed still
+    # draws the data subsets, the arm features and the FlexiBERT search, so seeds vary the training only
+    # (order, dropout, exploration); docs/pipeline.md, "Several seeds".
+    seeds: list[int] | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None:
+            if not seeds:
+                raise ValueError("an empty list trains nothing: list at least one seed, or remove the key")
+            repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+            if repeated:
+                raise ValueError(f"seed {', '.join(map(str, repeated))} listed twice: each seed is one run per model")
+            negative = [s for s in seeds if s < 0]
+            if negative:
+                raise ValueError(f"seeds must be >= 0 (torch seeds); got {', '.join(map(str, negative))}")
+        return seeds
 
 
 class TokenizerConfig(_Strict):
@@ -361,6 +380,11 @@ class Config(_Strict):
                 "after changing the dataset list, regenerate dvc.yaml with `dht dvc-yaml`)."
             )
         return self.datasets[name]
+
+    @property
+    def training_seeds(self) -> list[int]:
+        """The seeds each model is trained with: run.seeds, or the top-level seed alone."""
+        return list(self.run.seeds) if self.run.seeds is not None else [self.seed]
 
     def section(self, dotted: str) -> Any:
         """A resolved sub-tree by dotted key (`datasets.embedded-news`), as plain data."""

@@ -6,12 +6,16 @@ Tables 1-2, one set per dataset under ``reports/figures/``.
   epoch (from ``results/<dataset>/<model>/selections.json``).
 - ``loss-<dataset>.png``, Figure 3, "loss trends": the training loss of every mode (the reference included)
   against the optimizer step, raw and smoothed (from ``loss.csv``).
-- ``pareto-<dataset>.png``: accuracy (micro-F1, with its 95% bootstrap interval) against inference FLOPs of every
-  model and baseline, with the Pareto front (Table 2 as a picture).
+- ``pareto-<dataset>.png``: accuracy (micro-F1, with its 95% bootstrap interval, or its mean ± std over
+  several seeds) against inference FLOPs of every model and baseline, with the Pareto front (Table 2 as a
+  picture).
 - ``difficulty-<dataset>.png``: mean layers and accuracy per difficulty level, for data that have levels.
 - ``depth-<dataset>.png``: where the depth goes on any data: the DHT modes' mean layers by sample length, by
   whether the shallow control gets the sample right, and by the reference's confidence (from ``predictions.csv``;
   Table 1's "Where the depth goes").
+
+With several training seeds (`run.seeds`), the Pareto and difficulty figures show the mean over the seeds; the
+selection, loss and depth figures show the first seed's run.
 
 :func:`figure_paths` is the list Snakemake declares as the stage's outputs, so it reads the configuration only,
 never results or data files; :func:`write_figures` writes exactly those files.
@@ -33,13 +37,13 @@ from matplotlib.figure import Figure
 from dht.config import Config, parse_baseline
 from dht.evaluation import DepthAnalysis
 from dht.report import (
-    _metrics,
     depth_models,
     dht_modes,
     fixed_layers_of,
     load_depth_analysis,
     reference_label,
 )
+from dht.results import read_metrics, result_file, seeded
 
 FIGURES_DIR = "reports/figures"
 DPI = 120
@@ -151,21 +155,15 @@ def selection_shares(selections: dict[str, dict[str, int]], family: str) -> tupl
 # --- reading results ----------------------------------------------------------------------------------------
 
 
-def _result_file(root: Path, dataset: str, model: str, name: str) -> Path:
-    path = root / "results" / dataset / model / name
-    if not path.is_file():
-        # The same message as dht.report's for metrics.json: the file and the command that makes it.
-        raise FileNotFoundError(f"{path}: missing; run its stage first (snakemake --cores 4 {path})")
-    return path
+def read_selections(cfg: Config, root: Path, dataset: str, model: str) -> dict[str, dict[str, int]]:
+    """selections.json of a model (the first training seed's)."""
+    return json.loads(result_file(cfg, root, dataset, model, "selections.json").read_text())
 
 
-def read_selections(root: Path, dataset: str, model: str) -> dict[str, dict[str, int]]:
-    return json.loads(_result_file(root, dataset, model, "selections.json").read_text())
-
-
-def read_loss(root: Path, dataset: str, model: str) -> dict[str, np.ndarray]:
-    """loss.csv as columns: step, epoch (1-based) and loss (the layers column is not plotted)."""
-    path = _result_file(root, dataset, model, "loss.csv")
+def read_loss(cfg: Config, root: Path, dataset: str, model: str) -> dict[str, np.ndarray]:
+    """loss.csv as columns: step, epoch (1-based) and loss (the layers column is not plotted); the first training
+    seed's."""
+    path = result_file(cfg, root, dataset, model, "loss.csv")
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         missing = {"step", "epoch", "loss"} - set(reader.fieldnames or [])
@@ -223,7 +221,7 @@ def selection_figure(cfg: Config, root: Path, dataset: str) -> Figure:
         return fig
     axes = fig.subplots(len(modes), 2, squeeze=False)
     for row, model in zip(axes, modes, strict=True):
-        selections = read_selections(root, dataset, model)
+        selections = read_selections(cfg, root, dataset, model)
         _stacked_shares(row[0], selections, "layers", "layers")
         _stacked_shares(row[1], selections, "heads", "heads")
         mode = cfg.dht.modes[model]
@@ -254,7 +252,7 @@ def loss_figure(cfg: Config, root: Path, dataset: str) -> Figure:
     curve; then one panel per model with its raw curve (faint), the moving average (window max(1, steps//50))
     and its epochs shaded alternately (step counts per epoch differ between modes, so each panel has its own)."""
     models = list(cfg.run.models)
-    losses = {m: read_loss(root, dataset, m) for m in models}
+    losses = {m: read_loss(cfg, root, dataset, m) for m in models}
     ncols = 2
     nrows = math.ceil((len(models) + 1) / ncols)
     fig = Figure(figsize=(11, 0.6 + 2.8 * nrows), layout="constrained")
@@ -310,9 +308,11 @@ def pareto_figure(cfg: Config, root: Path, dataset: str) -> Figure:
     names = list(dict.fromkeys([*cfg.run.models, *cfg.run.baselines]))
     points, intervals = [], {}
     for name in names:
-        m = _metrics(root, dataset, name)
+        m = read_metrics(cfg, root, dataset, name)
         points.append((name, float(m["infer_flop_ratio"]), float(m["accuracy"])))
-        if m.get("accuracy_ci95"):
+        if "accuracy_std" in m:  # several seeds: their spread (one standard deviation)
+            intervals[name] = (m["accuracy"] - m["accuracy_std"], m["accuracy"] + m["accuracy_std"])
+        elif m.get("accuracy_ci95"):
             intervals[name] = tuple(float(v) for v in m["accuracy_ci95"])
     fig = Figure(figsize=(8, 5.5), layout="constrained")
     ax = fig.add_subplot()
@@ -325,7 +325,7 @@ def pareto_figure(cfg: Config, root: Path, dataset: str) -> Figure:
         label = reference_label(cfg) if family == "reference" else label
         label = label if family not in seen else None  # one legend entry per family
         seen.add(family)
-        if name in intervals:  # the accuracy's 95% bootstrap interval, in the point's colour
+        if name in intervals:  # bootstrap interval or the seeds' spread, in the point's colour
             lo, hi = intervals[name]
             ax.errorbar([flops], [acc], yerr=[[max(acc - lo, 0.0)], [max(hi - acc, 0.0)]], fmt="none",
                         ecolor=style["color"], elinewidth=1, capsize=3, alpha=0.6, zorder=2)
@@ -345,7 +345,8 @@ def pareto_figure(cfg: Config, root: Path, dataset: str) -> Figure:
     ax.axvline(1.0, color="0.7", linewidth=0.8, zorder=1)
     ax.margins(x=0.1, y=0.1)  # room for the labels of the extreme points
     ax.set_xlabel(f"inference FLOPs (full convention) relative to the {reference_label(cfg)}")
-    ax.set_ylabel("accuracy (= micro-F1), bars: 95% bootstrap interval")
+    spread = f"mean ± std over {len(cfg.training_seeds)} seeds" if seeded(cfg) else "95% bootstrap interval"
+    ax.set_ylabel(f"accuracy (= micro-F1), bars: {spread}")
     ax.set_title(f"{dataset}: accuracy against inference FLOPs (Table 2)")
     # Outside the axes: inside, "best" still hides points when many models share a corner.
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -374,7 +375,7 @@ def _label_offsets(points: Sequence[tuple[str, float, float]]) -> dict[str, floa
 def difficulty_figure(cfg: Config, root: Path, dataset: str) -> Figure:
     """Mean layers run and accuracy per difficulty level (easy, medium, hard) for each model of run.models that
     reports them: a sample-adaptive model should run more layers on harder samples."""
-    rows = {m: _metrics(root, dataset, m) for m in cfg.run.models}
+    rows = {m: read_metrics(cfg, root, dataset, m) for m in cfg.run.models}
     models = [m for m, metrics in rows.items() if f"mean_layers_{LEVELS[0]}" in metrics]
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     fig.suptitle(f"{dataset}: layers and accuracy by difficulty")

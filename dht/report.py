@@ -36,6 +36,7 @@ from dht.evaluation import (
     depth_analysis,
     read_predictions,
 )
+from dht.results import read_metrics, result_file, run_name, seeded
 from dht.tracking import git_commit
 
 PAPER_FILE = Path(__file__).with_name("paper_values.yaml")
@@ -46,6 +47,31 @@ CI_LEGEND = (
     "the test set's sampling noise, not the training seed's. Two models whose intervals do not overlap differ "
     "beyond that noise; overlapping intervals do not settle it (the models share their test samples)."
 )
+SEEDS_LEGEND = (
+    "Every model was trained once per seed of `run.seeds` ({seeds}); each number is the mean over those runs, "
+    "and accuracy is written `0.891 ± 0.012 (3 seeds)`: the mean and the sample standard deviation over the "
+    "seeds (the training's noise; each run's own bootstrap interval over the test samples is in its "
+    "metrics.json, results/<dataset>/<model>/seed-<s>/). FLOP ratios that vary with the seed carry their "
+    "standard deviation too. The depth analysis reads the first seed's predictions."
+)
+
+
+def accuracy_legend(cfg: Config) -> str:
+    """How the tables write accuracy: with its bootstrap interval (one seed) or mean ± std (several)."""
+    if seeded(cfg):
+        return SEEDS_LEGEND.format(seeds=", ".join(map(str, cfg.training_seeds)))
+    return CI_LEGEND
+
+
+def accuracy_spread(cfg: Config) -> str:
+    """The accuracy column's header suffix: "[95% CI]" or "(mean ± std over seeds)"."""
+    return "(mean ± std over seeds)" if seeded(cfg) else "[95% CI]"
+
+
+def ratio_text(metrics: dict[str, Any], key: str) -> str:
+    """A FLOP ratio, "0.38x", with its standard deviation over seeds when it has one that shows ("0.38x ± 0.02")."""
+    std = metrics.get(f"{key}_std", 0.0)
+    return f"{metrics[key]:.2f}x" + (f" ± {std:.2f}" if round(std, 2) > 0 else "")
 
 
 @cache
@@ -94,17 +120,6 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _result_path(root: Path, dataset: str, model: str, name: str) -> Path:
-    path = root / "results" / dataset / model / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; run its stage first (snakemake --cores 4 {path})")
-    return path
-
-
-def _metrics(root: Path, dataset: str, model: str) -> dict[str, Any]:
-    return json.loads(_result_path(root, dataset, model, "metrics.json").read_text())
-
-
 def _metas(cfg: Config, root: Path) -> list[dict[str, Any]]:
     """The processed datasets' meta.json, in run order."""
     return [json.loads((root / "data" / "processed" / d / "meta.json").read_text()) for d in cfg.run.datasets]
@@ -131,14 +146,15 @@ def _paper_relative(cfg: Config, table: str, model: str, column: int) -> str:
 
 def comparison_table(cfg: Config, root: Path, dataset: str, models: list[str], table: str) -> str:
     """One dataset's rows of Table 1 (`table1`: training FLOPs) or Table 2 (`table2`: inference FLOPs)."""
-    measured = {m: _metrics(root, dataset, m) for m in models}
+    measured = {m: read_metrics(cfg, root, dataset, m) for m in models}
     reference = measured.get(cfg.run.reference)
     paper = paper_dataset(cfg, dataset)
     flop_key = "train_flop_ratio" if table == "table1" else "infer_flop_ratio"
+    spread = accuracy_spread(cfg)
     wall_ref = reference["infer_seconds"] if reference else None
     rows = []
     if paper is not None:
-        header = ["model", "paper row", "accuracy (micro-F1) [95% CI]", "paper F1", "diff", "macro-F1", "FLOPs",
+        header = ["model", "paper row", f"accuracy (micro-F1) {spread}", "paper F1", "diff", "macro-F1", "FLOPs",
                   "paper FLOPs", "diff"]
         if table == "table2":
             header += ["FLOPs (linear)", "wall time"]
@@ -146,14 +162,14 @@ def comparison_table(cfg: Config, root: Path, dataset: str, models: list[str], t
             p = _paper_row(cfg, table, model)
             row = [model, p["row"] if p else "-", accuracy_text(m),
                    f"{p[paper][0]:.3f}" if p else "-", _signed(m["accuracy"] - p[paper][0]) if p else "-",
-                   f"{m['macro_f1']:.3f}", f"{m[flop_key]:.2f}x", f"{p[paper][1]:.2f}x" if p else "-",
+                   f"{m['macro_f1']:.3f}", ratio_text(m, flop_key), f"{p[paper][1]:.2f}x" if p else "-",
                    f"{m[flop_key] - p[paper][1]:+.2f}" if p else "-"]
             if table == "table2":
                 row += [f"{m['infer_flop_ratio_linear']:.2f}x",
                         f"{m['infer_seconds'] / wall_ref:.2f}x" if wall_ref else "-"]
             rows.append(row)
         return _md_table(header, rows)
-    header = ["model", "paper row", "accuracy (micro-F1) [95% CI]", "macro-F1",
+    header = ["model", "paper row", f"accuracy (micro-F1) {spread}", "macro-F1",
               f"F1 change vs {cfg.run.reference}", "paper: F1 change vs 12-VaBERT, mean (range)", "FLOPs",
               "paper: FLOPs, mean (range)"]
     if table == "table2":
@@ -162,7 +178,7 @@ def comparison_table(cfg: Config, root: Path, dataset: str, models: list[str], t
         p = _paper_row(cfg, table, model)
         change = _signed(m["accuracy"] - reference["accuracy"]) if reference else "-"
         row = [model, p["row"] if p else "-", accuracy_text(m), f"{m['macro_f1']:.3f}", change,
-               _paper_relative(cfg, table, model, 0), f"{m[flop_key]:.2f}x", _paper_relative(cfg, table, model, 1)]
+               _paper_relative(cfg, table, model, 0), ratio_text(m, flop_key), _paper_relative(cfg, table, model, 1)]
         if table == "table2":
             row += [f"{m['infer_flop_ratio_linear']:.2f}x", f"{m['infer_seconds'] / wall_ref:.2f}x" if wall_ref else "-"]
         rows.append(row)
@@ -180,12 +196,12 @@ def paper_table(table: str) -> str:
     return _md_table(header, rows)
 
 
-def difficulty_table(root: Path, dataset: str, models: list[str], names: list[str]) -> str:
+def difficulty_table(cfg: Config, root: Path, dataset: str, models: list[str], names: list[str]) -> str:
     """Accuracy and mean layers per difficulty level (the embedded data's ground truth)."""
     header = ["model", *(f"acc. {n}" for n in names), *(f"layers {n}" for n in names)]
     rows = []
     for model in models:
-        m = _metrics(root, dataset, model)
+        m = read_metrics(cfg, root, dataset, model)
         rows.append([model, *(f"{m.get(f'accuracy_{n}', float('nan')):.3f}" for n in names),
                      *(f"{m.get(f'mean_layers_{n}', float('nan')):.1f}" for n in names)])
     return _md_table(header, rows)
@@ -213,7 +229,7 @@ def load_depth_analysis(cfg: Config, root: Path, dataset: str) -> DepthAnalysis 
         return None
 
     def read(model: str) -> Any:
-        return read_predictions(_result_path(root, dataset, model, "predictions.csv"))
+        return read_predictions(result_file(cfg, root, dataset, model, "predictions.csv"))
 
     ref, control = cfg.run.reference, cfg.run.control
     return depth_analysis({m: read(m) for m in dht_modes(cfg)}, (ref, read(ref)),
@@ -288,14 +304,14 @@ def write_table1(cfg: Config, out: str | Path, root: str | Path = ".") -> str:
         "6.2 (the paper's reference is 12-VaBERT: the reference's row stands beside its BL1 row, whatever its "
         "depth). The DHT modes' count includes the no-grad S1 pass when `dht.count_s1_flops` "
         "is on (the paper does not say; with it no arm goes below 0.33x, see docs/training.md T12). "
-        + CI_LEGEND,
+        + accuracy_legend(cfg),
     ]
     for meta in metas:
         name = meta["name"]
         parts += [f"## {name}", comparison_table(cfg, root, name, cfg.run.models, "table1")]
         if meta.get("has_difficulty"):
             parts += ["By difficulty (inference policy):",
-                      difficulty_table(root, name, cfg.run.models, meta.get("difficulty_names", ["easy", "medium", "hard"]))]
+                      difficulty_table(cfg, root, name, cfg.run.models, meta.get("difficulty_names", ["easy", "medium", "hard"]))]
         analysis = load_depth_analysis(cfg, root, name)
         if analysis is not None:
             parts += [depth_legend(cfg), depth_table(analysis)]
@@ -311,7 +327,7 @@ def write_table2(cfg: Config, out: str | Path, root: str | Path = ".") -> str:
         f"F1 on the test split; inference FLOPs relative to the inference of the {reference_label(cfg)} (the "
         "paper's reference is 12-VaBERT: the reference's row stands beside its BL1 row), in the full convention (every matmul) and FastBERT's linear-only convention; wall time = "
         "the model's measured inference time on the test split over the reference's (timings come from pipeline "
-        "jobs that may have shared the CPU: indicative; benchmarks/ measures side by side). " + CI_LEGEND,
+        "jobs that may have shared the CPU: indicative; benchmarks/ measures side by side). " + accuracy_legend(cfg),
     ]
     for name in cfg.run.datasets:
         parts += [f"## {name}", comparison_table(cfg, root, name, models, "table2")]
@@ -388,14 +404,14 @@ def write_index(cfg: Config, out: str | Path, figures: list[str], root: str | Pa
     for name in cfg.run.datasets:
         rows = []
         for model in models:
-            m = _metrics(root, name, model)
-            run = runs.get((name, model))
+            m = read_metrics(cfg, root, name, model)
+            run = runs.get((name, run_name(cfg, model, cfg.training_seeds[0])))
             link = f"[{run[1][:8]}]({mlflow_url}/#/experiments/{run[0]}/runs/{run[1]})" if run else "not in the store"
             rows.append([model, accuracy_text(m), f"{m['macro_f1']:.3f}",
                          f"{m['train_flop_ratio']:.2f}x" if "train_flop_ratio" in m else "-",
                          f"{m['infer_flop_ratio']:.2f}x", f"{m['mean_layers']:.1f}", link])
         parts += [f"## {name}",
-                  _md_table(["model", "accuracy [95% CI]", "macro-F1", "training FLOPs", "inference FLOPs", "mean layers",
+                  _md_table(["model", f"accuracy {accuracy_spread(cfg)}", "macro-F1", "training FLOPs", "inference FLOPs", "mean layers",
                              "MLflow run"], rows)]
         mine = [f for f in figures if Path(f).stem.endswith(f"-{name}")]
         parts += [f"![{Path(f).stem}]({rel(root / f)})" for f in mine]

@@ -4,6 +4,7 @@
 
 BASELINES = CFG.run.baselines
 REFERENCE = CFG.run.reference
+BASELINE_RUN = run_pattern(CFG, "baseline")
 BASELINE_CODE = {"distil": ["baselines/distil.py"], "fastbert": ["baselines/fastbert.py"],
                  "nas-prune": ["baselines/nas_prune.py"],
                  "flexibert": [f"flexibert/{m}.py" for m in ("__init__", "pipeline", "model", "flops", "space", "search",
@@ -13,7 +14,7 @@ BASELINE_SECTION = {"distil": "distil", "fastbert": "fastbert", "nas-prune": "na
 
 def baseline_code(wildcards):
     kind, _ = parse_baseline(wildcards.baseline)
-    return code("baseline.py", "trainer.py", "model.py", "flops.py", "evaluation.py", "tracking.py", "runtime.py",
+    return code("baseline.py", "results.py", "trainer.py", "model.py", "flops.py", "evaluation.py", "tracking.py", "runtime.py",
                 *BASELINE_CODE[kind])
 
 
@@ -65,21 +66,24 @@ rule baseline:
         train="data/processed/{dataset}/train.parquet",
         test="data/processed/{dataset}/test.parquet",
         meta="data/processed/{dataset}/meta.json",
-        teacher=f"models/{{dataset}}/{REFERENCE}",
+        # the reference trained with the same seed
+        teacher=f"models/{RUN.replace('{model}', REFERENCE)}",
     output:
-        metrics="results/{dataset}/{baseline}/metrics.json",
-        predictions="results/{dataset}/{baseline}/predictions.csv",
-        model=directory("models/{dataset}/{baseline}"),
+        metrics=f"results/{BASELINE_RUN}/metrics.json",
+        predictions=f"results/{BASELINE_RUN}/predictions.csv",
+        model=directory(f"models/{BASELINE_RUN}"),
     wildcard_constraints:
         baseline=r"distil-\d+|fastbert-[0-9.]+|nas-prune-[0-9.]+|flexibert-[0-9.]+",
     params:
         tracked=baseline_keys,
         search=search_arg,
+        seed=seed_of,
+        results=lambda wildcards, output: os.path.dirname(output.metrics),
     threads: 1
     resources:
         gpu=GPU,
     shell:
         "python workflow/scripts/baseline.py --profile {PROFILE} --dataset {wildcards.dataset}"
-        " --model {wildcards.baseline} --processed data/processed/{wildcards.dataset}"
-        " --teacher {input.teacher} --results results/{wildcards.dataset}/{wildcards.baseline}"
-        " --out-model models/{wildcards.dataset}/{wildcards.baseline} --threads {threads} {params.search}"
+        " --model {wildcards.baseline} --seed {params.seed} --processed data/processed/{wildcards.dataset}"
+        " --teacher {input.teacher} --results {params.results} --out-model {output.model} --threads {threads}"
+        " {params.search}"

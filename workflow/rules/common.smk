@@ -8,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 
 from dht.config import ConfigError, load_config, parse_baseline  # noqa: F401 (rule files use it)
 from dht.pipeline import check_cli_overrides, tracked_params  # noqa: F401 (rule files use it)
+from dht.results import run_pattern, seeded
 from dht.tracking import init_store
 
 # Stage commands call `python`: make it this interpreter's, so `.venv/bin/snakemake` works unactivated.
@@ -27,8 +28,25 @@ DATASETS = CFG.run.datasets
 # `device: auto` asks for none: where the job lands decides (a login node rarely has a GPU to look at).
 GPU = 1 if CFG.device.startswith("cuda") else 0
 
+# Training seeds (run.seeds): with several, every trained model has a {seed} level in its paths,
+# results/<dataset>/<model>/seed-<s>/ (dht/results.py); with one, the paths have none.
+SEEDS = CFG.training_seeds
+SEEDED = seeded(CFG)
+RUN = run_pattern(CFG)  # "{dataset}/{model}" or "{dataset}/{model}/seed-{seed}"
+
 wildcard_constraints:
     dataset="|".join(re.escape(d) for d in DATASETS),
+    seed="|".join(str(s) for s in SEEDS),
+
+
+def run_paths(pattern, **names):
+    """Every seed's copy of a path pattern written with {RUN} (expand() over the other wildcards too)."""
+    return expand(pattern, seed=SEEDS, **names) if SEEDED else expand(pattern, **names)
+
+
+def seed_of(wildcards):
+    """The training seed of a job: its {seed} wildcard, or the one seed."""
+    return int(wildcards.seed) if SEEDED else SEEDS[0]
 
 
 def tracked(*keys):

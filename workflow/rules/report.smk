@@ -3,11 +3,12 @@
 from dht.figures import figure_paths
 from dht.report import depth_models, flexibert_search_figure
 
-REPORT_CODE = code("report.py", "report.py", "evaluation.py", "paper_values.yaml", "tracking.py")
+REPORT_CODE = code("report.py", "report.py", "results.py", "evaluation.py", "paper_values.yaml", "tracking.py")
 FIGURES = figure_paths(CFG)
 # Per-sample predictions of the DHT modes, the reference and the control: "Where the depth goes" (Table 1 and
 # depth-<dataset>.png).
-DEPTH_PREDICTIONS = expand("results/{dataset}/{model}/predictions.csv", dataset=DATASETS, model=depth_models(CFG))
+# (The first seed's: the analysis reads one run.)
+DEPTH_PREDICTIONS = expand(f"results/{RUN}/predictions.csv", dataset=DATASETS, model=depth_models(CFG), seed=SEEDS[0])
 
 localrules: all, table1, table2, figures, index
 
@@ -16,7 +17,7 @@ rule table1:
     input:
         code=REPORT_CODE,
         metas=expand("data/processed/{dataset}/meta.json", dataset=DATASETS),
-        metrics=expand("results/{dataset}/{model}/metrics.json", dataset=DATASETS, model=MODELS),
+        metrics=run_paths(f"results/{RUN}/metrics.json", dataset=DATASETS, model=MODELS),
         predictions=DEPTH_PREDICTIONS,
     output:
         "reports/table1.md",
@@ -29,7 +30,7 @@ rule table1:
 rule table2:
     input:
         code=REPORT_CODE,
-        metrics=expand("results/{dataset}/{model}/metrics.json", dataset=DATASETS, model=MODELS + BASELINES),
+        metrics=run_paths(f"results/{RUN}/metrics.json", dataset=DATASETS, model=MODELS + BASELINES),
     output:
         "reports/table2.md",
     params:
@@ -40,10 +41,10 @@ rule table2:
 
 rule figures:
     input:
-        code=code("figures.py", "figures.py", "report.py", "evaluation.py"),
-        metrics=expand("results/{dataset}/{model}/metrics.json", dataset=DATASETS, model=MODELS + BASELINES),
-        selections=expand("results/{dataset}/{model}/selections.json", dataset=DATASETS, model=MODELS),
-        loss=expand("results/{dataset}/{model}/loss.csv", dataset=DATASETS, model=MODELS),
+        code=code("figures.py", "figures.py", "results.py", "report.py", "evaluation.py"),
+        metrics=run_paths(f"results/{RUN}/metrics.json", dataset=DATASETS, model=MODELS + BASELINES),
+        selections=expand(f"results/{RUN}/selections.json", dataset=DATASETS, model=MODELS, seed=SEEDS[0]),
+        loss=expand(f"results/{RUN}/loss.csv", dataset=DATASETS, model=MODELS, seed=SEEDS[0]),
         predictions=DEPTH_PREDICTIONS,
     output:
         FIGURES,

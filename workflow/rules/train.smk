@@ -20,7 +20,7 @@ def mode_keys(wildcards):
 
 rule train:
     input:
-        code=code("train.py", "trainer.py", "model.py", "bandits.py", "features.py", "flops.py", "arm_features.py",
+        code=code("train.py", "results.py", "trainer.py", "model.py", "bandits.py", "features.py", "flops.py", "arm_features.py",
                   "evaluation.py", "tracking.py", "runtime.py"),
         train="data/processed/{dataset}/train.parquet",
         test="data/processed/{dataset}/test.parquet",
@@ -29,18 +29,20 @@ rule train:
         features_meta="data/features/{dataset}/meta.json",
         init_model="data/features/{dataset}/init_model",
     output:
-        metrics="results/{dataset}/{model}/metrics.json",
-        selections="results/{dataset}/{model}/selections.json",
-        loss="results/{dataset}/{model}/loss.csv",
-        predictions="results/{dataset}/{model}/predictions.csv",
-        model=directory("models/{dataset}/{model}"),
+        metrics=f"results/{RUN}/metrics.json",
+        selections=f"results/{RUN}/selections.json",
+        loss=f"results/{RUN}/loss.csv",
+        predictions=f"results/{RUN}/predictions.csv",
+        model=directory(f"models/{RUN}"),
     params:
         tracked=mode_keys,
+        seed=seed_of,
+        results=lambda wildcards, output: os.path.dirname(output.metrics),
     threads: 1
     resources:
         gpu=GPU,
     shell:
         "python workflow/scripts/train.py --profile {PROFILE} --dataset {wildcards.dataset} --model {wildcards.model}"
-        " --processed data/processed/{wildcards.dataset} --features data/features/{wildcards.dataset}"
-        " --results results/{wildcards.dataset}/{wildcards.model} --out-model models/{wildcards.dataset}/{wildcards.model}"
+        " --seed {params.seed} --processed data/processed/{wildcards.dataset}"
+        " --features data/features/{wildcards.dataset} --results {params.results} --out-model {output.model}"
         " --threads {threads}"

@@ -21,10 +21,24 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def config(args: argparse.Namespace) -> Config:
+    """The resolved profile; with ``--seed`` (:func:`add_seed`), its training seed in place of `seed`."""
     try:
-        return load_config(args.params, profile=args.profile)
+        cfg = load_config(args.params, profile=args.profile)
     except ConfigError as err:
         sys.exit(f"error: {err}")
+    seed = getattr(args, "seed", None)
+    if seed is not None:
+        if seed not in cfg.training_seeds:
+            sys.exit(f"error: --seed {seed} is not a training seed of profile '{cfg.profile}' (run.seeds: "
+                     f"{cfg.training_seeds}); add it to run.seeds in params.yaml")
+        cfg = cfg.model_copy(update={"seed": seed})
+    return cfg
+
+
+def add_seed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=None,
+                   help="the training seed of this run, one of run.seeds (default: the top-level seed); the data "
+                        "and arm features were drawn with the top-level seed before")
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:

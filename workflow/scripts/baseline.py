@@ -16,6 +16,7 @@ from dht.config import parse_baseline
 from dht.evaluation import accuracy_text, write_predictions
 from dht.flops import full_model_flops
 from dht.model import DHTForSequenceClassification
+from dht.results import run_name, run_subdir
 from dht.tokenization import load_processed
 from dht.tracking import stage_run
 from dht.trainer import POLICY_FILE, SplitData, evaluate
@@ -26,11 +27,13 @@ p.add_argument("--model", required=True,
                help="distil-<layers>, fastbert-<speed>, nas-prune-<ratio> or flexibert-<ratio>")
 p.add_argument("--processed", required=True)
 p.add_argument("--teacher", default=None,
-               help="the trained reference's model directory (default: models/<dataset>/<run.reference>)")
+               help="the trained reference's model directory (default: models/<dataset>/<run.reference>, with "
+                    "the seed's level when run.seeds lists several)")
 p.add_argument("--results", required=True)
 p.add_argument("--out-model", required=True)
 p.add_argument("--search", default=None, help="flexibert-<ratio>: the dataset's flexibert_search output directory")
 _stage.add_threads(p)
+_stage.add_seed(p)
 args = p.parse_args()
 cfg = _stage.config(args)
 cfg.dataset(args.dataset)
@@ -39,7 +42,8 @@ try:
 except ValueError as err:
     sys.exit(f"error: {err}")
 
-teacher_dir = Path(args.teacher) if args.teacher else _stage.root() / "models" / args.dataset / cfg.run.reference
+teacher_dir = (Path(args.teacher) if args.teacher
+               else _stage.root() / "models" / run_subdir(cfg, args.dataset, cfg.run.reference, cfg.seed))
 policy_file = teacher_dir / POLICY_FILE
 trained_as = json.loads(policy_file.read_text()).get("mode_name") if policy_file.is_file() else None
 if trained_as != cfg.run.reference:
@@ -66,7 +70,7 @@ params = {"model_name": args.model, "dataset": args.dataset, "seed": cfg.seed, "
           "baseline.kind": kind, "baseline.value": value, "baselines": cfg.section(f"baselines.{section}"),
           "model": cfg.section("model"), "train": cfg.section("train")}
 
-with stage_run(args.dataset, args.model, stage="baseline", profile=cfg.profile, params=params,
+with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baseline", profile=cfg.profile, params=params,
                prefix=cfg.tracking.experiment_prefix) as run:
     import mlflow
 

@@ -13,6 +13,7 @@ import _stage
 from dht.arm_features import load_arm_features
 from dht.evaluation import accuracy_text, write_predictions
 from dht.model import DHTForSequenceClassification
+from dht.results import run_name, run_subdir
 from dht.tokenization import load_processed
 from dht.tracking import stage_run
 from dht.trainer import SplitData, Trainer, TrainingError, evaluate, fingerprint, predict, save_trained
@@ -26,6 +27,7 @@ p.add_argument("--results", required=True)
 p.add_argument("--out-model", required=True)
 p.add_argument("--checkpoints", default="checkpoints")
 _stage.add_threads(p)
+_stage.add_seed(p)
 args = p.parse_args()
 cfg = _stage.config(args)
 cfg.dataset(args.dataset)
@@ -42,7 +44,7 @@ arm_features = load_arm_features(features)
 run_fp = fingerprint(cfg, args.model, args.dataset,
                      {"data": meta["splits"], "features": json.loads((features / "meta.json").read_text())["sizes"]})
 trainer = Trainer(cfg, args.model, model, arm_features, train, device, seq_len=meta["max_length"],
-                  checkpoint_dir=Path(args.checkpoints) / args.dataset / args.model, run_fingerprint=run_fp)
+                  checkpoint_dir=Path(args.checkpoints) / run_subdir(cfg, args.dataset, args.model, cfg.seed), run_fingerprint=run_fp)
 try:
     resumed = trainer.load_checkpoint()
 except TrainingError as err:
@@ -59,7 +61,7 @@ params = {"model_name": args.model, "dataset": args.dataset, "seed": cfg.seed, "
           "dht.p_dht_freeze": cfg.dht.p_dht_freeze, "dht.count_s1_flops": cfg.dht.count_s1_flops,
           "dht.decision_states": cfg.dht.decision_states}
 
-with stage_run(args.dataset, args.model, stage="train", profile=cfg.profile, params=params,
+with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="train", profile=cfg.profile, params=params,
                prefix=cfg.tracking.experiment_prefix, run_id=trainer.progress.run_id) as run:
     import mlflow
     from mlflow.entities import Metric

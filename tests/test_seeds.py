@@ -1,0 +1,139 @@
+"""`run.seeds`: every model trained once per seed, in its own directory, and the reports' mean ± std."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from conftest import ROOT, embedded_raw, run_cli
+from test_pipeline import job_counts, set_params
+
+from dht.config import ConfigError, load_config
+from dht.evaluation import accuracy_text
+from dht.report import comparison_table
+from dht.results import aggregate, read_metrics, result_file, run_name, run_subdir, seeded
+
+
+def tiny(seeds):
+    raw = embedded_raw()
+    raw["run"]["seeds"] = seeds
+    return load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
+
+
+def test_seeds_are_validated():
+    assert tiny(None).training_seeds == [0] and not seeded(tiny(None))
+    assert tiny([3]).training_seeds == [3] and not seeded(tiny([3]))
+    assert tiny([0, 2]).training_seeds == [0, 2] and seeded(tiny([0, 2]))
+    with pytest.raises(ConfigError, match=r"run.seeds.*seed 1 listed twice"):
+        tiny([1, 0, 1])
+    with pytest.raises(ConfigError, match=r"run.seeds.*at least one seed"):
+        tiny([])
+
+
+def test_one_seed_keeps_the_paths_several_get_a_level_each():
+    assert run_subdir(tiny(None), "sst2", "t-dht") == "sst2/t-dht"
+    assert run_subdir(tiny([0, 2]), "sst2", "t-dht", 2) == "sst2/t-dht/seed-2"
+    assert run_name(tiny([0, 2]), "t-dht", 2) == "t-dht/seed-2" and run_name(tiny([5]), "t-dht", 5) == "t-dht"
+    with pytest.raises(ValueError, match="name the seed"):
+        run_subdir(tiny([0, 2]), "sst2", "t-dht")
+
+
+def test_aggregate_is_the_mean_and_the_sample_std():
+    runs = {0: {"accuracy": 0.80, "accuracy_ci95": [0.7, 0.9], "infer_flop_ratio": 0.4, "n_test": 500, "tag": "x"},
+            1: {"accuracy": 0.84, "accuracy_ci95": [0.7, 0.9], "infer_flop_ratio": 0.5, "n_test": 500, "tag": "y"},
+            2: {"accuracy": 0.88, "accuracy_ci95": [0.7, 0.9], "infer_flop_ratio": 0.6, "n_test": 500, "tag": "z"}}
+    m = aggregate(runs)
+    assert m["accuracy"] == pytest.approx(0.84) and m["accuracy_std"] == pytest.approx(0.04)  # n - 1
+    assert m["infer_flop_ratio_std"] == pytest.approx(0.1) and m["n_test_std"] == 0
+    assert m["seeds"] == [0, 1, 2] and m["per_seed"]["2"] == {"accuracy": 0.88}
+    assert "accuracy_ci95" not in m  # one run's interval is not the seeds' spread
+    assert m["tag"] == "x"
+    assert accuracy_text(m) == "0.840 ± 0.040 (3 seeds)"
+    assert aggregate({0: runs[0]}) == runs[0] and accuracy_text(runs[0]) == "0.800 [0.700, 0.900]"
+
+
+def write_metrics(root, cfg, dataset, model, seed, accuracy, flops):
+    path = root / "results" / run_subdir(cfg, dataset, model, seed) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"accuracy": accuracy, "accuracy_ci95": [accuracy - 0.05, accuracy + 0.05],
+                                "macro_f1": accuracy, "train_flop_ratio": flops, "infer_flop_ratio": flops,
+                                "infer_flop_ratio_linear": flops, "infer_seconds": 1.0, "mean_layers": 6.0}))
+
+
+def test_the_tables_show_mean_and_std_over_seeds(tmp_path):
+    cfg = tiny([0, 1])
+    models = ["vanilla-12", "t-dht"]
+    for seed, (ref, dht, flops) in {0: (0.80, 0.70, 0.40), 1: (0.82, 0.76, 0.50)}.items():
+        write_metrics(tmp_path, cfg, "embedded-news", "vanilla-12", seed, ref, 1.0)
+        write_metrics(tmp_path, cfg, "embedded-news", "t-dht", seed, dht, flops)
+    assert read_metrics(cfg, tmp_path, "embedded-news", "t-dht")["accuracy"] == pytest.approx(0.73)
+    table = comparison_table(cfg, tmp_path, "embedded-news", models, "table2")
+    assert "accuracy (micro-F1) (mean ± std over seeds)" in table
+    row = next(line for line in table.splitlines() if line.startswith("| t-dht "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    std = math.sqrt(2 * 0.03**2)
+    assert cells[2] == f"0.730 ± {std:.3f} (2 seeds)"
+    assert cells[4] == "-0.080"  # against the reference's mean, 0.81
+    assert cells[6] == f"0.45x ± {math.sqrt(2 * 0.05**2):.2f}"
+    ref = next(line for line in table.splitlines() if line.startswith("| vanilla-12 "))
+    assert "| 1.00x |" in ref  # a ratio without spread shows none
+    # a seed's missing run names its file and the command
+    (tmp_path / "results/embedded-news/t-dht/seed-1/metrics.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"results/embedded-news/t-dht/seed-1/metrics.json: missing"):
+        read_metrics(cfg, tmp_path, "embedded-news", "t-dht")
+    assert result_file(cfg, tmp_path, "embedded-news", "t-dht", "metrics.json").parent.name == "seed-0"
+
+
+def seeded_tiny(raw, seeds=(0, 1)):
+    raw["profiles"]["tiny"].setdefault("run", {})["seeds"] = list(seeds)
+
+
+def test_dry_run_trains_every_model_once_per_seed(project):
+    set_params(project, seeded_tiny)
+    proc = run_cli(["snakemake", "-n", "-p", "--cores", "1", "reports/table2.md", "--config", "profile=tiny"],
+                   cwd=project)
+    counts = job_counts(proc.stdout)
+    cfg = load_config(project / "params.yaml", profile="tiny")
+    n_data = len(cfg.run.datasets)
+    assert counts["train"] == 2 * n_data * len(cfg.run.models)  # each model once per seed
+    assert counts["baseline"] == 2 * n_data * len(cfg.run.baselines)
+    assert counts["arm_features"] == n_data and counts["flexibert_search"] == n_data  # drawn once, with `seed`
+    out = proc.stdout
+    assert "--model t-dht --seed 1 " in out and "--results results/embedded-news/t-dht/seed-1 " in out
+    assert "--out-model models/embedded-news/t-dht/seed-1 " in out
+    # each seed's baseline learns from the reference trained with the same seed
+    assert ("--model distil-3 --seed 1 --processed data/processed/embedded-news "
+            "--teacher models/embedded-news/vanilla-12/seed-1 ") in out
+    # a seed that is not listed has no job
+    none = run_cli(["snakemake", "-n", "--cores", "1", "results/embedded-news/t-dht/seed-7/metrics.json",
+                    "--config", "profile=tiny"], cwd=project, check=False)
+    assert none.returncode != 0
+    # dvc.yaml follows: one stage per seed
+    run_cli(["dht", "dvc-yaml", "--profile", "tiny"], cwd=project)
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    assert "train-embedded-news-t-dht-1" in stages
+    assert "results/embedded-news/t-dht/seed-1/metrics.json" in stages["train-embedded-news-t-dht-1"]["metrics"]
+
+
+@pytest.mark.slow
+def test_two_seeds_train_two_different_runs_through_the_pipeline(project):
+    """The real stages: two seeds of one fixed model on the tiny profile, each in its own directory, its own
+    MLflow run and its own checkpoint directory, with training that differs (the seed reaches the trainer)."""
+    set_params(project, seeded_tiny)
+    targets = [f"results/embedded-news/vanilla-3/seed-{s}/loss.csv" for s in (0, 1)]
+    run_cli(["snakemake", "--cores", "2", *targets, "--config", "profile=tiny"], cwd=project, timeout=900)
+    losses = [(project / t).read_text() for t in targets]
+    assert losses[0].splitlines()[0] == losses[1].splitlines()[0] == "step,epoch,loss,layers"
+    assert losses[0] != losses[1]  # other batches, other dropout: other losses
+    from test_pipeline import mlflow_runs
+
+    runs = set(mlflow_runs(project))
+    assert {("embedded-news", "vanilla-3/seed-0"), ("embedded-news", "vanilla-3/seed-1")} <= runs
+    assert (project / "models/embedded-news/vanilla-3/seed-1/model.safetensors").is_file()
+    # a seed outside run.seeds is refused by the stage itself, before any work
+    bad = run_cli(["python", "workflow/scripts/train.py", "--profile", "tiny", "--dataset", "embedded-news",
+                   "--model", "vanilla-3", "--seed", "9", "--processed", "x", "--features", "x", "--results", "x",
+                   "--out-model", "x"], cwd=project, check=False)
+    assert bad.returncode != 0 and "--seed 9 is not a training seed" in bad.stderr
