@@ -90,6 +90,7 @@ from dht.config import Config, ConfigError, load_config, parse_baseline  # noqa:
 from dht.features import PoolingSpec, RunningNormalizer  # noqa: E402
 from dht.flops import forward_flops  # noqa: E402
 from dht.model import DHTForSequenceClassification, model_from_params  # noqa: E402
+from dht.results import run_subdir  # noqa: E402
 from dht.tokenization import load_processed  # noqa: E402
 from dht.tracking import git_commit  # noqa: E402
 from dht.trainer import (  # noqa: E402
@@ -274,9 +275,10 @@ class Loaded:
     policy: Policy | None = None
 
 
-def load_models(models_dir: Path, names: list[str], cfg: Config, data: DataInfo, device: torch.device,
+def load_models(root: Path, dataset: str, names: list[str], cfg: Config, data: DataInfo, device: torch.device,
                 batch: int, seq_len: int) -> tuple[dict[str, Loaded], dict[str, str]]:
-    """The models found (name -> Loaded) and the ones that cannot be used (name -> why)."""
+    """The models found (name -> Loaded) and the ones that cannot be used (name -> why); with several training
+    seeds, the first seed's."""
     from dht.baselines.distil import predict_student
     from dht.baselines.fastbert import FastBERT, predict_fastbert
     from dht.baselines.nas_prune import PrunedBert, predict_pruned
@@ -286,7 +288,7 @@ def load_models(models_dir: Path, names: list[str], cfg: Config, data: DataInfo,
     loaded: dict[str, Loaded] = {}
     unusable: dict[str, str] = {}
     for name in names:
-        directory = models_dir / name
+        directory = root / "models" / run_subdir(cfg, dataset, name, cfg.training_seeds[0])
         if name in cfg.dht.modes:
             if not (directory / POLICY_FILE).is_file():
                 unusable[name] = f"not trained ({directory} has no {POLICY_FILE})"
@@ -458,7 +460,7 @@ def inference_section(cfg: Config, args: argparse.Namespace, root: Path, device:
     data = DataInfo.load(processed, "test", args.max_test)
     seq_len = int(data.meta["max_length"])
     batch = cfg.train.eval_batch_size
-    loaded, unusable = load_models(root / "models" / dataset, names, cfg, data, device, batch, seq_len)
+    loaded, unusable = load_models(root, dataset, names, cfg, data, device, batch, seq_len)
     if unusable and not args.quick:
         lines = [f"  - {n}: {why}" for n, why in unusable.items()]
         cmds = [f"  {pipeline_command(dataset, n, cfg.profile)}" for n in unusable]
@@ -497,12 +499,12 @@ def inference_section(cfg: Config, args: argparse.Namespace, root: Path, device:
                  for n in [reference, *dht_names]}
 
     conf = ref.model.config
-    results = root / "results" / dataset
     rows, dht_rows, shortfalls = [], [], []
     t_ref = timing.median(reference)
     for name in loaded:
         flops = evaluate(preds[name], test, conf, seq_len, None)["infer_flop_ratio"]
-        recorded = read_metric(results / name / "metrics.json", "infer_flop_ratio")
+        recorded = read_metric(root / "results" / run_subdir(cfg, dataset, name, cfg.training_seeds[0]) / "metrics.json",
+                               "infer_flop_ratio")
         wall = timing.ratio(name)
         lo, hi = timing.spread(name)
         goal = "—"
