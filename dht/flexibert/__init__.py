@@ -16,7 +16,7 @@ What follows the paper and what was adapted: docs/baselines-flexibert.md.
 """
 
 from .embedding import ArchEmbedder, embedding_distance
-from .flops import flop_ratio, layer_flops, mixer_flops, model_flops, reference_flops
+from .flops import flop_ratio, layer_flops, mixer_flops, model_flops, reference_flops, within_budget
 from .model import FlexiBertConfig, FlexiBertForSequenceClassification, FlexiBertOutput
 from .search import (
     TrainingEvaluator,
@@ -39,7 +39,6 @@ from .space import (
     neighbours,
     sample,
     sample_unique,
-    within_budget,
 )
 from .surrogate import HeteroscedasticEnsemble, SurrogatePrediction
 

@@ -39,6 +39,8 @@ implementation could not be checked; at this project's lengths (n <= 128) the de
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from typing import Any
 
 from dht.flops import Convention, FlopShape, full_model_flops
@@ -147,3 +149,26 @@ def flop_ratio(
     """Forward FLOPs of ``arch`` / those of the reference (e.g. 12-VaBERT) at the same length and label count:
     the x-axis of DHT's Table 2, so budgets like 0.25x or 0.5x of 12-VaBERT apply directly."""
     return model_flops(arch, seq_len, num_labels, convention) / reference_flops(seq_len, reference, num_labels, convention)
+
+
+def within_budget(
+    archs: Sequence[Architecture],
+    seq_len: int,
+    *,
+    max_flops: int | None = None,
+    max_ratio: float | None = None,
+    reference: Any = None,
+    num_labels: int = 2,
+) -> list[Architecture]:
+    """The architectures whose forward FLOPs per sample (:func:`model_flops`, ``seq_len``
+    tokens) are at most ``max_flops`` and/or at most ``max_ratio`` x the reference model's
+    (:func:`flop_ratio`; ``reference`` = a config-like for :mod:`dht.flops`, e.g. the
+    12-VaBERT's)."""
+    if max_flops is None and max_ratio is None:
+        raise ValueError("give max_flops and/or max_ratio")
+    limit = math.inf if max_flops is None else max_flops
+    if max_ratio is not None:
+        if reference is None:
+            raise ValueError("max_ratio needs a reference config (e.g. the 12-VaBERT's model config)")
+        limit = min(limit, max_ratio * reference_flops(seq_len, reference, num_labels))
+    return [a for a in archs if model_flops(a, seq_len, num_labels) <= limit]

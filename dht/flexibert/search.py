@@ -33,9 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from .embedding import ArchEmbedder
-from .flops import flop_ratio, model_flops
+from .flops import flop_ratio, model_flops, within_budget
 from .model import FlexiBertConfig, FlexiBertForSequenceClassification
-from .space import Architecture, SpaceConfig, enumerate_space, sample_unique, within_budget
+from .space import Architecture, SpaceConfig, enumerate_space, sample_unique
 from .surrogate import HeteroscedasticEnsemble
 
 __all__ = [

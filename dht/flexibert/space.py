@@ -28,7 +28,6 @@ Architectures are plain frozen dataclasses with a readable, path-safe string id,
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -49,7 +48,6 @@ __all__ = [
     "op_family",
     "sample",
     "sample_unique",
-    "within_budget",
 ]
 
 ATTENTION_OPS = ("sdp", "wma")
@@ -384,28 +382,3 @@ def neighbours(arch: Architecture, space: SpaceConfig) -> list[Architecture]:
         elif depth > len(stacks):
             add([*stacks, *[stacks[-1]] * (depth - len(stacks))])
     return list(out.values())
-
-
-def within_budget(
-    archs: Sequence[Architecture],
-    seq_len: int,
-    *,
-    max_flops: int | None = None,
-    max_ratio: float | None = None,
-    reference: Any = None,
-    num_labels: int = 2,
-) -> list[Architecture]:
-    """The architectures whose forward FLOPs per sample (:func:`dht.flexibert.flops.model_flops`, ``seq_len``
-    tokens) are at most ``max_flops`` and/or at most ``max_ratio`` x the reference model's
-    (:func:`dht.flexibert.flops.flop_ratio`; ``reference`` = a config-like for :mod:`dht.flops`, e.g. the
-    12-VaBERT's)."""
-    from dht.flexibert.flops import model_flops, reference_flops  # flops imports this module
-
-    if max_flops is None and max_ratio is None:
-        raise ValueError("give max_flops and/or max_ratio")
-    limit = math.inf if max_flops is None else max_flops
-    if max_ratio is not None:
-        if reference is None:
-            raise ValueError("max_ratio needs a reference config (e.g. the 12-VaBERT's model config)")
-        limit = min(limit, max_ratio * reference_flops(seq_len, reference, num_labels))
-    return [a for a in archs if model_flops(a, seq_len, num_labels) <= limit]
