@@ -11,6 +11,7 @@ as default and tiny do). A profile with other datasets (paper) needs ``dht dvc-y
 
 from __future__ import annotations
 
+import ast
 import json
 import shlex
 import shutil
@@ -52,6 +53,82 @@ def copy_project(dest: str | Path, root: str | Path) -> Path:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(root / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
     return dest
+
+
+LIBRARY = "dht"
+SCRIPTS_DIR = "workflow/scripts"
+
+
+def _module_file(root: Path, module: str) -> Path | None:
+    """The file of a module of the project (dht.x.y or a stage script's sibling such as _stage), or None."""
+    base = root / Path(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(path: Path, package: str, top_level_only: bool = False) -> list[str]:
+    """Module names a file imports (absolute; relative imports resolved against `package`), with every
+    ``from pkg import name`` also listed as ``pkg.name`` in case `name` is a submodule."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names: list[str] = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, *([node.module] if node.module else [])])
+            else:
+                base = node.module or ""
+            names.append(base)
+            names += [f"{base}.{alias.name}" for alias in node.names]
+    return names
+
+
+def stage_code(script: str, *modules: str, root: str | Path = ".", top_level_only: bool = False) -> list[str]:
+    """A stage's code, as the files its script really imports: the script, the project modules it imports
+    (``dht.*`` and the scripts' own helpers such as ``_stage``), and everything those import in turn, lazy
+    imports inside functions included, plus the packages' ``__init__.py`` files an import runs. `modules` adds
+    modules the script imports for one job only (``dht.baselines.distil`` for a distil-<n> job), and
+    `top_level_only` then leaves the script's own function-level imports out. Snakemake and DVC take this list
+    as the stage's inputs (`code(...)` in workflow/rules/common.smk), so editing any of it reruns the stage;
+    ``tests/test_pipeline.py`` checks it against the modules a stage really loads."""
+    root = Path(root)
+    script_path = root / SCRIPTS_DIR / script
+    if not script_path.is_file():
+        raise ValueError(f"{script_path}: no such stage script")
+    found: dict[Path, None] = {script_path: None}
+    todo: list[tuple[Path, str, bool]] = [(script_path, "", top_level_only)]
+
+    def visit(name: str, importer: Path) -> bool:
+        """Queue the project files an import of `name` runs (a package's __init__.py files included)."""
+        parts = name.split(".")
+        if parts[0] == LIBRARY:
+            prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]  # dht, dht.flexibert, ...
+            files = [(f, p) for p in prefixes if (f := _module_file(root, p))]
+        elif importer.parent == root / SCRIPTS_DIR and (f := _module_file(root / SCRIPTS_DIR, name)):
+            files = [(f, "")]
+        else:
+            return False
+        for file, module in files:
+            if file not in found:
+                found[file] = None
+                todo.append((file, module if file.name == "__init__.py" else module.rpartition(".")[0], False))
+        return bool(files)
+
+    for m in modules:
+        if not m.startswith(f"{LIBRARY}.") or _module_file(root, m) is None or not visit(m, script_path):
+            raise ValueError(f"{m}: not a module of the {LIBRARY} package under {root}")
+    while todo:
+        path, package, shallow = todo.pop()
+        for name in _imports(path, package, shallow):
+            visit(name, path)
+    first = [script_path]
+    rest = sorted((f for f in found if f != script_path), key=lambda f: f.relative_to(root).as_posix())
+    return [f.relative_to(root).as_posix() for f in first + rest]
 
 
 class TrackedParams(dict):

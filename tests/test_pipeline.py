@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import BIN, run_cli
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -90,6 +90,78 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
     assert "data/raw/sst2/train.parquet" in tok["deps"] and "dht/tokenization.py" in tok["deps"]
     assert tok["params"] == ["profile", "tokenizer", "datasets.sst2", "profiles.${profile}"]
     assert "data/processed/sst2/tokenizer" in tok["outs"]
+
+
+LOADED_FILES = r"""
+import importlib, json, runpy, sys
+sys.path.insert(0, "workflow/scripts")
+loaded = {}
+for job in json.loads(sys.argv[1]):
+    script, extra = job[0], job[1:]
+    # Forget the project's modules, so this job imports them afresh (third-party ones such as torch stay loaded,
+    # which keeps one process for every stage cheap).
+    for name in [n for n in sys.modules if n == "dht" or n.startswith("dht.") or n == "_stage"]:
+        del sys.modules[name]
+    sys.argv = [script, "--help"]  # every stage script stops at argument parsing, after its module-level imports
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit:
+        pass
+    for module in extra:  # what a job imports on top (a baseline's kind)
+        importlib.import_module(module)
+    loaded[" ".join(job)] = sorted({m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)})
+print(json.dumps(loaded))
+"""
+
+
+def test_each_stage_declares_the_code_it_really_runs(project):
+    """A stage's declared code inputs hold every project file its script loads (and, for a baseline job, its
+    kind's module): a module added to a stage's imports reruns the stage, and dvc.yaml's deps say the same."""
+    import os
+
+    from dht.pipeline import snakemake_jobs
+
+    kinds = {"distil": "dht.baselines.distil", "fastbert": "dht.baselines.fastbert",
+             "nas-prune": "dht.baselines.nas_prune", "flexibert": "dht.flexibert.pipeline"}
+    declared: dict[str, set[str]] = {}
+    for job in snakemake_jobs(project, "tiny"):
+        script = next(c for c in job.cmd.split() if c.startswith("workflow/scripts/"))
+        extra = [kinds[k] for k in kinds if job.rule == "baseline" and dict(job.wildcards)["baseline"].startswith(k)]
+        key = " ".join([script, *extra])
+        code = {f for f in job.inputs if f.endswith(".py")}
+        assert declared.setdefault(key, code) == code, key  # every job of a script declares the same code
+    assert len(declared) == 11  # 7 scripts (report.py serves three rules), baseline.py once per kind
+    env = dict(os.environ, PYTHONPATH=str(project))
+    proc = subprocess.run([str(BIN / "python"), "-c", LOADED_FILES, json.dumps([k.split() for k in declared])],
+                          cwd=project, env=env, capture_output=True, text=True, check=True)
+    root = project.resolve()
+    for key, files in json.loads(proc.stdout.splitlines()[-1]).items():
+        paths = {Path(f).resolve() for f in files}
+        mine = {f.relative_to(root).as_posix() for f in paths if f.is_relative_to(root)}
+        assert {"workflow/scripts/_stage.py", "dht/config.py"} <= mine, (key, sorted(mine))
+        missing = mine - declared[key]
+        assert not missing, f"{key} loads code its stage does not declare: {sorted(missing)}"
+
+
+def test_stage_code_follows_lazy_and_relative_imports(tmp_path):
+    from dht.pipeline import stage_code
+
+    (tmp_path / "workflow/scripts").mkdir(parents=True)
+    (tmp_path / "dht/sub").mkdir(parents=True)
+    for f in ("dht/__init__.py", "dht/sub/__init__.py", "dht/unused.py"):
+        (tmp_path / f).write_text("")
+    (tmp_path / "dht/a.py").write_text("def f():\n    from dht.sub import b\n")  # lazy, from-import of a module
+    (tmp_path / "dht/sub/b.py").write_text("from .c import x\n")  # relative
+    (tmp_path / "dht/sub/c.py").write_text("import json\nx = 1\n")
+    (tmp_path / "workflow/scripts/_helper.py").write_text("import dht.a\n")
+    (tmp_path / "workflow/scripts/s.py").write_text("import _helper\ndef main():\n    import dht.unused\n")
+    assert stage_code("s.py", root=tmp_path) == [
+        "workflow/scripts/s.py", "dht/__init__.py", "dht/a.py", "dht/sub/__init__.py", "dht/sub/b.py",
+        "dht/sub/c.py", "dht/unused.py", "workflow/scripts/_helper.py"]
+    shallow = stage_code("s.py", root=tmp_path, top_level_only=True)
+    assert "dht/unused.py" not in shallow and "dht/sub/c.py" in shallow  # only the script's own lazy import
+    with pytest.raises(ValueError, match="not a module of the dht package"):
+        stage_code("s.py", "dht.nothing", root=tmp_path)
 
 
 def test_dry_run_of_table1(project):

@@ -5,17 +5,15 @@
 BASELINES = CFG.run.baselines
 REFERENCE = CFG.run.reference
 BASELINE_RUN = run_pattern(CFG, "baseline")
-BASELINE_CODE = {"distil": ["baselines/distil.py"], "fastbert": ["baselines/fastbert.py"],
-                 "nas-prune": ["baselines/nas_prune.py"],
-                 "flexibert": [f"flexibert/{m}.py" for m in ("__init__", "pipeline", "model", "flops", "space", "search",
-                                                             "embedding", "surrogate")]}
+# The module behind each kind: baseline.py imports it inside the job (the others are not its code).
+BASELINE_MODULE = {"distil": "dht.baselines.distil", "fastbert": "dht.baselines.fastbert",
+                   "nas-prune": "dht.baselines.nas_prune", "flexibert": "dht.flexibert.pipeline"}
 BASELINE_SECTION = {"distil": "distil", "fastbert": "fastbert", "nas-prune": "nas_prune", "flexibert": "flexibert"}
 
 
 def baseline_code(wildcards):
     kind, _ = parse_baseline(wildcards.baseline)
-    return code("baseline.py", "results.py", "trainer.py", "model.py", "flops.py", "evaluation.py", "tracking.py", "runtime.py",
-                *BASELINE_CODE[kind])
+    return code("baseline.py", BASELINE_MODULE[kind], top_level_only=True)
 
 
 def baseline_keys(wildcards):
@@ -38,7 +36,7 @@ def search_arg(wildcards):
 
 rule flexibert_search:
     input:
-        code=code("flexibert_search.py", *BASELINE_CODE["flexibert"], "trainer.py", "tracking.py", "runtime.py"),
+        code=code("flexibert_search.py"),
         train="data/processed/{dataset}/train.parquet",
         meta="data/processed/{dataset}/meta.json",
         # The reference's architecture as built (the FLOP ratios' 1.00x), not the `model:` section, which need not

@@ -7,7 +7,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from dht.config import ConfigError, load_config, parse_baseline  # noqa: F401 (rule files use it)
-from dht.pipeline import check_cli_overrides, tracked_params  # noqa: F401 (rule files use it)
+from dht.pipeline import check_cli_overrides, stage_code, tracked_params  # noqa: F401 (rule files use it)
 from dht.results import run_pattern, seeded
 from dht.tracking import init_store
 
@@ -55,9 +55,11 @@ def tracked(*keys):
     return lambda wildcards: tracked_params(CFG, [k.format(**wildcards) for k in keys])
 
 
-def code(script, *modules):
-    """A stage's code as inputs, so editing it reruns the stage in Snakemake and DVC alike."""
-    return [f"workflow/scripts/{script}", "dht/config.py", *(f"dht/{m}" for m in modules)]
+def code(script, *modules, files=(), top_level_only=False):
+    """A stage's code as inputs, so editing it reruns the stage in Snakemake and DVC alike: the files the script
+    really imports, transitively (dht.pipeline.stage_code; `modules`: ones a job imports on top of the
+    script's module-level imports, which `top_level_only` then limits it to), and data `files` the code reads."""
+    return [*stage_code(script, *modules, top_level_only=top_level_only), *files]
 
 
 def init_tracking_store():

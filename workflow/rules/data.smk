@@ -12,7 +12,7 @@ def local_files(wildcards):
 
 rule download:
     input:
-        code=code("download.py", "data.py", "embedded.py"),
+        code=code("download.py"),
         local=local_files,
     output:
         train="data/raw/{dataset}/train.parquet",
@@ -27,7 +27,7 @@ rule download:
 
 rule tokenize:
     input:
-        code=code("tokenize_data.py", "data.py", "tokenization.py", "tracking.py"),
+        code=code("tokenize_data.py"),
         train="data/raw/{dataset}/train.parquet",
         test="data/raw/{dataset}/test.parquet",
         meta="data/raw/{dataset}/meta.json",

@@ -4,7 +4,7 @@
 
 rule arm_features:
     input:
-        code=code("arm_features.py", "arm_features.py", "features.py", "model.py", "runtime.py", "tokenization.py"),
+        code=code("arm_features.py"),
         train="data/processed/{dataset}/train.parquet",
         meta="data/processed/{dataset}/meta.json",
     output:

@@ -3,7 +3,7 @@
 from dht.figures import figure_paths
 from dht.report import depth_models, flexibert_search_figure
 
-REPORT_CODE = code("report.py", "report.py", "results.py", "evaluation.py", "paper_values.yaml", "tracking.py")
+REPORT_CODE = code("report.py", files=["dht/paper_values.yaml"])
 FIGURES = figure_paths(CFG)
 # Per-sample predictions of the DHT modes, the reference and the control: "Where the depth goes" (Table 1 and
 # depth-<dataset>.png).
@@ -41,7 +41,7 @@ rule table2:
 
 rule figures:
     input:
-        code=code("figures.py", "figures.py", "results.py", "report.py", "evaluation.py"),
+        code=code("figures.py"),
         metrics=run_paths(f"results/{RUN}/metrics.json", dataset=DATASETS, model=MODELS + BASELINES),
         selections=expand(f"results/{RUN}/selections.json", dataset=DATASETS, model=MODELS, seed=SEEDS[0]),
         loss=expand(f"results/{RUN}/loss.csv", dataset=DATASETS, model=MODELS, seed=SEEDS[0]),
@@ -56,7 +56,7 @@ rule figures:
 
 rule index:
     input:
-        code=REPORT_CODE + ["dht/figures.py"],
+        code=REPORT_CODE,
         tables=["reports/table1.md", "reports/table2.md"],
         figures=FIGURES,
         searches=[f for f in (flexibert_search_figure(CFG, d) for d in DATASETS) if f],

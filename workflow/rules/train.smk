@@ -20,8 +20,7 @@ def mode_keys(wildcards):
 
 rule train:
     input:
-        code=code("train.py", "results.py", "trainer.py", "model.py", "bandits.py", "features.py", "flops.py", "arm_features.py",
-                  "evaluation.py", "tracking.py", "runtime.py"),
+        code=code("train.py"),
         train="data/processed/{dataset}/train.parquet",
         test="data/processed/{dataset}/test.parquet",
         meta="data/processed/{dataset}/meta.json",
