@@ -44,15 +44,12 @@ from dht.bandits import LinUCB, LogisticThompsonHeads, RewardBaseline, reward_de
 from dht.config import Config, ModeConfig, parse_arm
 from dht.features import PoolingSpec, RunningNormalizer
 from dht.flops import forward_flops, full_model_flops, train_flops
+from dht.guard import FiniteGuard, TrainingError  # noqa: F401 (TrainingError: raised and re-exported here)
 from dht.model import DHTForSequenceClassification
 
 POLICY_FILE = "dht_policy.json"
 BANDITS_FILE = "bandits.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a checkpoint that does not fit); the message says why."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -646,6 +643,9 @@ class Trainer:
     def _step(self, policy: Policy, frozen: bool, layers: int, items: list[tuple[int, int, Tensor]]) -> None:
         loss = self.train_batch(policy, frozen, layers, items)
         self.progress.step += 1
+        # train_batch stops on a non-finite loss; a weight the update made non-finite stops here (dht.guard)
+        FiniteGuard(f"train {self.mode_name}", f"lower train.learning_rate (now {self.cfg.train.learning_rate:g})"
+                    ).parameters(self.model.named_parameters(), self.progress.step, self.progress.epoch + 1)
         self.progress.pending_log.append((self.progress.step, loss, float(layers)))
         self.progress.history.append((self.progress.step, self.progress.epoch, loss, float(layers)))
         if self.on_step is not None:

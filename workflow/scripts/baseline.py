@@ -34,6 +34,7 @@ _stage.add_threads(p)
 args = p.parse_args()
 cfg = _stage.config(args)
 cfg.dataset(args.dataset)
+_stage.stop_cleanly(f"baseline {args.dataset}/{args.model}")
 try:
     kind, value = parse_baseline(args.model)
 except ValueError as err:
