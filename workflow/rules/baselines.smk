@@ -14,7 +14,7 @@ BASELINE_SECTION = {"distil": "distil", "fastbert": "fastbert", "nas-prune": "na
 def baseline_code(wildcards):
     kind, _ = parse_baseline(wildcards.baseline)
     return code("baseline.py", "trainer.py", "model.py", "flops.py", "evaluation.py", "tracking.py", "runtime.py",
-                *BASELINE_CODE[kind])
+                "guard.py", "integrity.py", *BASELINE_CODE[kind])
 
 
 def baseline_keys(wildcards):
@@ -37,7 +37,8 @@ def search_arg(wildcards):
 
 rule flexibert_search:
     input:
-        code=code("flexibert_search.py", *BASELINE_CODE["flexibert"], "trainer.py", "tracking.py", "runtime.py"),
+        code=code("flexibert_search.py", *BASELINE_CODE["flexibert"], "trainer.py", "tracking.py", "runtime.py",
+                  "guard.py"),
         train="data/processed/{dataset}/train.parquet",
         meta="data/processed/{dataset}/meta.json",
         # The reference's architecture as built (the FLOP ratios' 1.00x), not the `model:` section, which need not

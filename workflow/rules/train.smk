@@ -21,7 +21,7 @@ def mode_keys(wildcards):
 rule train:
     input:
         code=code("train.py", "trainer.py", "model.py", "bandits.py", "features.py", "flops.py", "arm_features.py",
-                  "evaluation.py", "tracking.py", "runtime.py"),
+                  "evaluation.py", "tracking.py", "runtime.py", "guard.py", "integrity.py"),
         train="data/processed/{dataset}/train.parquet",
         test="data/processed/{dataset}/test.parquet",
         meta="data/processed/{dataset}/meta.json",
