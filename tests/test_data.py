@@ -226,3 +226,17 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_first_class(tmp_path):
     write(tmp_path / "ag" / "classes.txt", "\ufeffWorld\nSports\nBusiness\nSci/Tech\n")
     ds = load_zhang_dir(tmp_path / "ag", ["title", "description"])
     assert ds.classes[0] == "World" and ds.train["label"].tolist() == [2, 3, 0, 1]
+
+
+def test_a_hub_dataset_with_empty_texts_or_a_single_class_is_refused(tmp_path):
+    import datasets
+
+    def save(name, texts, labels):
+        split = datasets.Dataset.from_dict({"text": texts, "label": labels})
+        datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / name))
+        return HubDatasetSpec(source="hub", path=str(tmp_path / name))
+
+    with pytest.raises(DatasetError, match=r"\[train\]: a single class in the training split \(0: 3 rows, of 1 class"):
+        load_text_dataset(save("one", ["a", "b", "c"], [0, 0, 0]), seed=0)
+    with pytest.raises(DatasetError, match=r"\[train\]: empty text in row\(s\) 1, 2 \(0-based\)"):
+        load_text_dataset(save("empty", ["a", "", " ", "d"], [0, 1, 0, 1]), seed=0)
