@@ -6,7 +6,8 @@
 #
 # dvc.yaml is generated from this workflow's jobs (`dht dvc-yaml`); tests fail when the two drift apart.
 
-configfile: "params.yaml"
+# params.yaml is read by dht.config (workflow/rules/common.smk), not by `configfile:`: Snakemake's own reader
+# reports a malformed file without its line and column, and keeps the last of a key written twice.
 
 
 include: "workflow/rules/common.smk"

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
+import codecs
 import json
 import sys
 from pathlib import Path
@@ -85,28 +85,75 @@ def _sync_snakemake(args: argparse.Namespace) -> int:
     return 0
 
 
+class _InputError(ValueError):
+    pass
+
+
+def _read_texts(source: str | None) -> tuple[list[str], list[int]]:
+    """The texts to classify (one a non-blank line, UTF-8 with or without a byte-order mark) and their line
+    numbers; :class:`_InputError` names the file and the line of bytes that are not UTF-8."""
+    if source is None:
+        name, data = "standard input", sys.stdin.buffer.read()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise _InputError(f"--input {source}: no such file (one text a line; leave --input out to read standard "
+                              "input)")
+        name, data = source, path.read_bytes()
+    data = data.removeprefix(codecs.BOM_UTF8)
+    texts, lines = [], []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as err:
+            raise _InputError(f"{name}, line {number}: bytes {raw[err.start : err.end]!r} are not UTF-8 ({err.reason}); "
+                              "save the texts as UTF-8 (e.g. `iconv -f latin1 -t utf-8`, with their real encoding)"
+                              ) from None
+        if line.strip():
+            texts.append(line)
+            lines.append(number)
+    return texts, lines
+
+
 def _predict(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
     from dht.config import Config
+    from dht.integrity import read_error, retrain_hint
     from dht.runtime import resolve_device
     from dht.trainer import SplitData, load_trained, predict
 
+    def fail(message: object) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
     model_dir = Path(args.model)
     try:
-        device = resolve_device(args.device)
-        model, policy, info = load_trained(model_dir, device)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
-    with open(args.input, encoding="utf-8") if args.input else contextlib.nullcontext(sys.stdin) as source:
-        texts = [line.rstrip("\n") for line in source if line.strip()]
+        texts, lines = _read_texts(args.input)
+    except _InputError as err:
+        return fail(err)
     if not texts:
-        print("error: no text to classify (one text a line)", file=sys.stderr)
-        return 1
+        return fail("no text to classify (one text a line)")
+    try:
+        device = resolve_device(args.device)
+        model, policy, info = load_trained(model_dir, device)  # checksums.sha256 first (dht.integrity)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        return fail(err)
+    tokenizer_dir = model_dir / "tokenizer"
+    if not tokenizer_dir.is_dir():
+        return fail(f"{tokenizer_dir}: missing; {retrain_hint(info)}")
+    try:  # local_files_only: a local model directory must never send transformers to the hub
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    except Exception as err:  # transformers raises many types for a broken tokenizer directory
+        return fail(read_error(tokenizer_dir, err, retrain_hint(info)))
     max_length = int(info.get("max_length", tokenizer.model_max_length))
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
+    cut = [line for line, n in zip(lines, lengths, strict=True) if n > max_length]
+    if cut:
+        shown = ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else "")
+        print(f"note: {len(cut)} text(s) longer than the model's {max_length} tokens were truncated to their first "
+              f"{max_length} (line {shown})", file=sys.stderr)
     enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
     data = SplitData(enc["input_ids"], enc["attention_mask"], torch.zeros(len(texts), dtype=torch.long))
     # The bandits act at test time as the model was evaluated (its saved dht.inference), unless overridden.

@@ -16,7 +16,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -462,14 +463,44 @@ def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str,
     return out
 
 
+class _DuplicateKey(yaml.MarkedYAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping (it would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<:` merges: later keys override them on purpose
+            key = self.construct_object(key_node, deep=True)
+            with contextlib.suppress(TypeError):  # an unhashable key is the base loader's error to report
+                if key in first:
+                    raise _DuplicateKey(
+                        None, None,
+                        f"key {key!r} is written twice in this mapping (first on line {first[key] + 1}); YAML would "
+                        "keep the last one silently: delete one of them", key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """params.yaml as a mapping; invalid YAML and a key written twice are refused with the line and column."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file. Run from the project root, or pass the path of params.yaml.")
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open(encoding="utf-8") as fh:  # a stream, so that YAML's messages name the file
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
+    except _DuplicateKey as err:
+        mark = err.problem_mark
+        raise ConfigError(f"{path}, line {mark.line + 1}, column {mark.column + 1}: {err.problem}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must be a mapping of sections (profile, datasets, run, model, ...)")
     return data
@@ -525,18 +556,99 @@ def load_config(
         raw = read_params(path)
     resolved = resolve_params(raw, profile)
     where = f"{Path(path).name} (profile '{resolved[PROFILE_KEY]}')"
+    booleans = booleans_for_numbers(Config, resolved)
     try:
         cfg = Config.model_validate(resolved)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(where, err, resolved)) from None
-    problems = check_semantics(cfg)
+        raise ConfigError(_format_validation_error(where, err, resolved, booleans)) from None
+    problems = booleans + check_semantics(cfg) + dataset_path_problems(cfg, Path(path).parent)
     if problems:
         raise ConfigError(f"{where} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
     return cfg
 
 
-def _format_validation_error(where: str, err: ValidationError, data: Mapping[str, Any]) -> str:
-    lines = []
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field takes an int or a float (alone, optional, or as the items of a list or tuple)."""
+    if annotation in (int, float):
+        return True
+    if get_origin(annotation) is Annotated:
+        return _wants_number(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType, list, tuple):
+        args = [a for a in get_args(annotation) if a is not type(None) and a is not Ellipsis]
+        return bool(args) and bool not in args and all(_wants_number(a) for a in args)
+    return False
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's value may be (through Annotated, unions and optional)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if get_origin(annotation) in (Annotated, Union, UnionType):
+        args = get_args(annotation)[:1] if get_origin(annotation) is Annotated else get_args(annotation)
+        return [m for a in args for m in _models_in(a)]
+    return []
+
+
+def booleans_for_numbers(model: type[BaseModel], data: Any, prefix: str = "") -> list[str]:
+    """Keys given a boolean where a number is needed. YAML 1.1 reads yes/no/on/off (and true/false) as
+    booleans, which pydantic would take as 1 and 0: `checkpoint_every: yes` would checkpoint every step."""
+    if not isinstance(data, Mapping):
+        return []
+    problems = []
+    for key, value in data.items():
+        field = model.model_fields.get(str(key))
+        if field is None:
+            continue  # unknown keys are the validation's to report
+        name = f"{prefix}{key}"
+        items = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(v, bool) for v in items) and _wants_number(field.annotation):
+            problems.append(f"{name} = {json.dumps(value)}: a number is needed, not a yes/no (YAML reads yes, no, "
+                            "on, off, true and false as booleans)")
+        elif isinstance(value, Mapping):
+            annotation = field.annotation
+            if get_origin(annotation) is dict:  # name -> model (datasets, dht.modes)
+                inner = _models_in(get_args(annotation)[1])
+                for sub, sub_value in value.items():
+                    problems += booleans_for_numbers(_pick(inner, sub_value), sub_value, f"{name}.{sub}.")
+            elif _models_in(annotation):
+                problems += booleans_for_numbers(_pick(_models_in(annotation), value), value, f"{name}.")
+    return problems
+
+
+def _pick(models: list[type[BaseModel]], value: Any) -> type[BaseModel]:
+    """The model of a discriminated union (by `source`) that `value` is; the first when it says nothing."""
+    if not models:
+        return BaseModel
+    source = value.get("source") if isinstance(value, Mapping) else None
+    for m in models:
+        if "source" in m.model_fields and source in get_args(m.model_fields["source"].annotation):
+            return m
+    return models[0]
+
+
+def dataset_path_problems(cfg: Config, root: str | Path = ".") -> list[str]:
+    """A `csv` dataset the profile runs must be there (relative paths from ``root``, the directory of
+    params.yaml, where the stages run): checked with every other parameter, not in its first job."""
+    problems = []
+    for name in cfg.run.datasets:
+        spec = cfg.datasets.get(name)
+        if not isinstance(spec, CsvDatasetSpec):
+            continue
+        directory = Path(spec.path) if Path(spec.path).is_absolute() else Path(root) / spec.path
+        if not directory.is_dir():
+            problems.append(f"datasets.{name}.path = {spec.path!r}: no such directory; point it at the folder that "
+                            "holds train.csv and test.csv (relative paths start at the project root)")
+            continue
+        missing = [f for f in ("train.csv", "test.csv") if not (directory / f).is_file()]
+        if missing:
+            problems.append(f"datasets.{name}.path = {spec.path!r}: no {' and no '.join(missing)} in it; a csv "
+                            "dataset is a folder with train.csv and test.csv (and optionally classes.txt)")
+    return problems
+
+
+def _format_validation_error(where: str, err: ValidationError, data: Mapping[str, Any],
+                             also: list[str] | None = None) -> str:
+    lines = list(also or [])
     for e in err.errors():
         # Drop pydantic's discriminated-union tags ('embedded', 'hub', ...) from the key path.
         loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("embedded", "hub", "csv"))]

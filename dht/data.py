@@ -50,11 +50,12 @@ class TextDataset:
 def read_zhang_csv(
     path: str | Path, fields: list[str], unescape_newlines: bool | None = None
 ) -> pd.DataFrame:
-    """Read one split of a Zhang et al. (2015) CSV file into columns ``label`` (1-based, as in the file) and
-    ``text`` (the text fields joined by a newline).
+    """Read one split of a Zhang et al. (2015) CSV file into columns ``label`` (1-based, as in the file),
+    ``text`` (the text fields joined by a newline) and ``line`` (the file line where the row starts).
 
-    Raises :class:`DatasetError` naming the file and line for a wrong column count, a label that is not a
-    positive integer, or broken quoting.
+    The file is UTF-8, with or without a byte-order mark. Raises :class:`DatasetError` naming the file and line
+    for bytes that are not UTF-8, a wrong column count, a label that is not a positive integer, broken quoting,
+    or rows whose text is empty.
     """
     path = Path(path)
     if not path.is_file():
@@ -64,35 +65,72 @@ def read_zhang_csv(
     expected = 1 + len(fields)
     labels: list[int] = []
     texts: list[str] = []
-    with path.open(newline="", encoding="utf-8") as fh:
+    lines: list[int] = []
+    empty: list[int] = []
+    with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not part of the class
         reader = csv.reader(fh, delimiter=",", quotechar='"', doublequote=True, strict=True)
+        start = 1
         try:
             for row in reader:
+                line, start = start, reader.line_num + 1
                 if not row:
                     continue
                 if len(row) != expected:
                     raise DatasetError(
-                        f"{path}, line {reader.line_num}: {len(row)} columns, expected {expected} "
+                        f"{path}, line {line}: {len(row)} columns, expected {expected} "
                         f"(class, {', '.join(fields)}). Set `fields:` for this dataset in params.yaml to the "
                         "text columns after the class column."
                     )
                 raw_label = row[0].strip()
                 if not raw_label.isdigit() or int(raw_label) < 1:
                     raise DatasetError(
-                        f"{path}, line {reader.line_num}: class {raw_label!r} is not a 1-based class index"
+                        f"{path}, line {line}: class {raw_label!r} is not a 1-based class index"
                     )
                 parts = [p.replace("\\n", "\n") if unescape_newlines else p for p in row[1:]]
+                text = "\n".join(p for p in parts if p)
+                if not text.strip():
+                    empty.append(line)
                 labels.append(int(raw_label))
-                texts.append("\n".join(p for p in parts if p))
+                texts.append(text)
+                lines.append(line)
         except csv.Error as err:
             raise DatasetError(f"{path}, line {reader.line_num}: malformed CSV ({err})") from err
+        except UnicodeDecodeError:
+            raise DatasetError(_not_utf8(path)) from None
     if not labels:
         raise DatasetError(f"{path}: the split is empty")
-    return pd.DataFrame({"text": texts, "label": labels})
+    if empty:
+        more = f" and {len(empty) - 1} more (lines {_lines(empty[1:])})" if len(empty) > 1 else ""
+        raise DatasetError(
+            f"{path}, line {empty[0]}{more}: empty text (every text field of the row is empty): there is nothing to "
+            "classify; remove these rows or fill them in"
+        )
+    return pd.DataFrame({"text": texts, "label": labels, "line": lines})
+
+
+def _lines(numbers: list[int], at_most: int = 5) -> str:
+    return ", ".join(map(str, numbers[:at_most])) + (", ..." if len(numbers) > at_most else "")
+
+
+def _not_utf8(path: Path) -> str:
+    """The first line of `path` that is not UTF-8, named with its bytes (the decoder only knows a chunk's offset)."""
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad = raw[err.start : err.end]
+                return (f"{path}, line {number}: bytes {bad!r} are not UTF-8 ({err.reason}); save the file as UTF-8 "
+                        "(e.g. `iconv -f latin1 -t utf-8`, with the file's real encoding)")
+    return f"{path}: not UTF-8 text; save the file as UTF-8"
 
 
 def load_zhang_dir(directory: str | Path, fields: list[str], unescape_newlines: bool | None = None) -> TextDataset:
-    """A directory with ``train.csv``, ``test.csv`` and optionally ``classes.txt`` (one class name a line)."""
+    """A directory with ``train.csv``, ``test.csv`` and optionally ``classes.txt`` (one class name a line).
+
+    Without ``classes.txt`` the classes are 1..K, K the largest training label, and every one of them must have
+    training rows (a stray label would otherwise add empty classes); with it, every label must be one of its
+    classes. Either way the training split must hold at least two classes."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetError(
@@ -103,20 +141,44 @@ def load_zhang_dir(directory: str | Path, fields: list[str], unescape_newlines: 
     test = read_zhang_csv(directory / "test.csv", fields, unescape_newlines)
     classes_file = directory / "classes.txt"
     if classes_file.is_file():
-        classes = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
+        classes = [line.strip() for line in classes_file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     else:
-        classes = [str(i) for i in range(1, int(train["label"].max()) + 1)]
+        k = int(train["label"].max())
+        classes = [str(i) for i in range(1, k + 1)]
+        missing = sorted(set(range(1, k + 1)) - set(train["label"]))
+        if missing:
+            beyond = train[train["label"] > missing[0]]
+            rows = ", ".join(f"line {line} (class {label})" for line, label in
+                             zip(beyond["line"][:5], beyond["label"][:5], strict=True))
+            raise DatasetError(
+                f"{directory / 'train.csv'}: without classes.txt the classes are 1..{k} (the largest label), but "
+                f"class {', '.join(map(str, missing))} {'has' if len(missing) == 1 else 'have'} no training row: "
+                f"the labels above {missing[0] - 1} are at {rows}{', ...' if len(beyond) > 5 else ''}. Correct them, "
+                "or add classes.txt (one class name a line) if those classes are meant to be there"
+            )
     for split, frame in (("train", train), ("test", test)):
-        bad = frame.loc[frame["label"] > len(classes), "label"]
+        bad = frame.loc[frame["label"] > len(classes)]
         if len(bad):
             where = "classes.txt lists" if classes_file.is_file() else "the training split has"
             raise DatasetError(
-                f"{directory / (split + '.csv')}: class {int(bad.iloc[0])} is out of range: {where} "
-                f"{len(classes)} classes (labels 1..{len(classes)})"
+                f"{directory / (split + '.csv')}, line {int(bad['line'].iloc[0])}: class {int(bad['label'].iloc[0])} "
+                f"is out of range: {where} {len(classes)} classes (labels 1..{len(classes)})"
             )
     train["label"] -= 1
     test["label"] -= 1
-    return TextDataset(train, test, classes, source=f"csv:{directory}")
+    check_classes(train["label"], classes, str(directory / "train.csv"))
+    return TextDataset(train.drop(columns="line"), test.drop(columns="line"), classes, source=f"csv:{directory}")
+
+
+def check_classes(labels: pd.Series, classes: list[str], where: str) -> None:
+    """A training split must hold at least two classes: with one, every prediction is right by construction."""
+    counts = labels.value_counts().sort_index()
+    if len(counts) < 2:
+        shown = ", ".join(f"{classes[int(c)] if 0 <= int(c) < len(classes) else c}: {n}" for c, n in counts.items())
+        raise DatasetError(
+            f"{where}: a single class in the training split ({shown} rows, of {len(classes)} class(es)); "
+            "a classifier needs at least two: check the label column"
+        )
 
 
 # --- Hugging Face datasets ----------------------------------------------------------------------------------
@@ -170,6 +232,10 @@ def load_hub(spec: HubDatasetSpec) -> TextDataset:
                 f"{spec.path} [{role}]: labels span {frame['label'].min()}..{frame['label'].max()}, "
                 f"outside 0..{len(classes) - 1} ({len(classes)} classes)"
             )
+        empty = frame.index[frame["text"].str.strip() == ""].tolist()
+        if empty:
+            raise DatasetError(f"{spec.path} [{role}]: empty text in row(s) {_lines(empty)} (0-based); remove or fill them")
+    check_classes(frames["train"]["label"], classes, f"{spec.path} [train]")
     return TextDataset(frames["train"], frames["test"], classes, source=f"hub:{spec.path}")
 
 

@@ -44,15 +44,13 @@ from dht.bandits import LinUCB, LogisticThompsonHeads, RewardBaseline, reward_de
 from dht.config import Config, ModeConfig, parse_arm
 from dht.features import PoolingSpec, RunningNormalizer
 from dht.flops import forward_flops, full_model_flops, train_flops
+from dht.guard import FiniteGuard, TrainingError  # noqa: F401 (TrainingError: raised and re-exported here)
+from dht.integrity import checkpoint_problem, seal
 from dht.model import DHTForSequenceClassification
 
 POLICY_FILE = "dht_policy.json"
 BANDITS_FILE = "bandits.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a checkpoint that does not fit); the message says why."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -646,6 +644,9 @@ class Trainer:
     def _step(self, policy: Policy, frozen: bool, layers: int, items: list[tuple[int, int, Tensor]]) -> None:
         loss = self.train_batch(policy, frozen, layers, items)
         self.progress.step += 1
+        # train_batch stops on a non-finite loss; a weight the update made non-finite stops here (dht.guard)
+        FiniteGuard(f"train {self.mode_name}", f"lower train.learning_rate (now {self.cfg.train.learning_rate:g})"
+                    ).parameters(self.model.named_parameters(), self.progress.step, self.progress.epoch + 1)
         self.progress.pending_log.append((self.progress.step, loss, float(layers)))
         self.progress.history.append((self.progress.step, self.progress.epoch, loss, float(layers)))
         if self.on_step is not None:
@@ -675,7 +676,7 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
         tmp = self.checkpoint_dir / (CHECKPOINT_FILE + ".tmp")
-        torch.save(state, tmp)
+        torch.save(seal(state), tmp)  # with the checksum of its content, verified before a resume (dht.integrity)
         os.replace(tmp, self.checkpoint_dir / CHECKPOINT_FILE)  # atomic: a kill never leaves half a checkpoint
 
     def load_checkpoint(self) -> bool:
@@ -692,6 +693,10 @@ class Trainer:
                 f"{path}: corrupt checkpoint ({type(err).__name__}: {err}). Delete it to start this run over: "
                 f"rm -r {self.checkpoint_dir}"
             ) from err
+        problem = checkpoint_problem(state) if isinstance(state, dict) else None
+        if problem is not None:
+            raise TrainingError(f"{path}: {problem}. It is not resumed and not overwritten; delete it to start this run "
+                                f"over: rm -r {self.checkpoint_dir}")
         if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
             raise TrainingError(
                 f"{path}: this checkpoint was written by a run with other parameters, data or code inputs "
@@ -831,20 +836,32 @@ def save_trained(out_dir: Path, model: DHTForSequenceClassification, policy: Pol
 def load_trained(model_dir: str | Path, device: torch.device) -> tuple[DHTForSequenceClassification, Policy, dict[str, Any]]:
     """A trained model, its policy (bandits restored) and its description, as written by the train stage."""
     from dht.arm_features import load_arm_features
+    from dht.integrity import IntegrityError, load_checked_model, read_error, retrain_hint
 
     model_dir = Path(model_dir)
     policy_path = model_dir / POLICY_FILE
     if not policy_path.is_file():
         raise FileNotFoundError(f"{model_dir}: not a trained DHT model directory (no {POLICY_FILE}); "
                                 "train it first (snakemake --cores 4 results/<dataset>/<model>/metrics.json)")
-    info = json.loads(policy_path.read_text())
+    try:
+        info = json.loads(policy_path.read_text())
+    except ValueError as err:
+        raise IntegrityError(f"{policy_path}: not valid JSON ({err}); {retrain_hint({})}") from err
+    fix = retrain_hint(info)
     cfg = Config.model_validate(info["config"])
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a weight-loading bar per call is noise in a CLI
-    model = DHTForSequenceClassification.from_pretrained(model_dir).to(device)
+    model = load_checked_model(model_dir, fix).to(device)  # checksums.sha256 first (dht.integrity)
     mode = ModeConfig.model_validate(info["mode"])
-    arm_features = load_arm_features(model_dir)
+    for name in ("arm_features.safetensors", BANDITS_FILE):  # the train stage writes both with the model
+        if not (model_dir / name).is_file():
+            raise IntegrityError(f"{model_dir / name}: missing; {fix}")
+    try:
+        arm_features = load_arm_features(model_dir)
+        bandits = torch.load(model_dir / BANDITS_FILE, map_location="cpu", weights_only=False)
+    except Exception as err:  # a damaged file, in a directory saved before checksums
+        raise read_error(model_dir, err, fix) from err
     policy = Policy(cfg, mode, arm_features, model.config)
-    policy.load_state_dict(torch.load(model_dir / BANDITS_FILE, map_location="cpu", weights_only=False))
+    policy.load_state_dict(bandits)
     return model, policy, info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 from conftest import ROOT, embedded_raw
@@ -237,3 +238,42 @@ def test_schema_file_is_current():
     from dht.cli import SCHEMA_PATH, render_schema
 
     assert (ROOT / SCHEMA_PATH).read_text() == render_schema(), "run `dht config schema`"
+
+
+def test_a_key_written_twice_is_refused_with_its_line(tmp_path):
+    text = (ROOT / "params.yaml").read_text()
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith("  checkpoint_every:"))
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("  checkpoint_every:", "  checkpoint_every: 3\n  checkpoint_every:", 1))
+    with pytest.raises(ConfigError, match=rf"params.yaml, line {line + 1}, column 3: key 'checkpoint_every' is written "
+                                          rf"twice in this mapping \(first on line {line}\)"):
+        read_params(path)
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "true"])
+def test_a_yes_for_a_number_is_refused(tmp_path, value):
+    """YAML 1.1 reads yes/on/true as a boolean, which pydantic took as 1: checkpoint_every: yes checkpointed
+    every step."""
+    text = (ROOT / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(re.sub(r"(?m)^  checkpoint_every: \d+", f"  checkpoint_every: {value}", text, count=1))
+    with pytest.raises(ConfigError, match=r"train.checkpoint_every = true: a number is needed, not a yes/no"):
+        load_config(path)
+    msg = errors_for(lambda r: r["datasets"]["embedded-news"].__setitem__("difficulty_mix", [True, 0.5, 0.5]))
+    assert "datasets.embedded-news.difficulty_mix = [true, 0.5, 0.5]: a number is needed" in msg
+    assert load_config(ROOT / "params.yaml").train.log_model is True  # a boolean where one is asked stays one
+
+
+def test_a_csv_dataset_that_is_not_there_fails_validation(tmp_path):
+    def add(raw, path):
+        raw["datasets"]["mine"] = {"source": "csv", "path": str(path), "fields": ["text"]}
+        raw["run"]["datasets"] = ["mine"]
+    msg = errors_for(lambda r: add(r, "data/external/mine"))
+    assert "datasets.mine.path = 'data/external/mine': no such directory; point it at the folder" in msg
+    (tmp_path / "train.csv").write_text('"1","a"\n')
+    msg = errors_for(lambda r: add(r, tmp_path))
+    assert f"datasets.mine.path = '{tmp_path}': no test.csv in it" in msg
+    (tmp_path / "test.csv").write_text('"1","a"\n')
+    raw = copy.deepcopy(RAW)
+    add(raw, tmp_path)
+    assert load_config(ROOT / "params.yaml", raw=raw).run.datasets == ["mine"]

@@ -81,10 +81,10 @@ def test_zhang_label_not_an_index(tmp_path):
 def test_zhang_label_out_of_range_of_classes(tmp_path):
     write(tmp_path / "d" / "train.csv", '"1","a"\n"2","b"\n')
     write(tmp_path / "d" / "test.csv", '"3","c"\n')
-    with pytest.raises(DatasetError, match=r"test.csv: class 3 is out of range: the training split has 2 classes"):
+    with pytest.raises(DatasetError, match=r"test.csv, line 1: class 3 is out of range: the training split has 2 classes"):
         load_zhang_dir(tmp_path / "d", ["text"])
     write(tmp_path / "d" / "classes.txt", "neg\n")
-    with pytest.raises(DatasetError, match=r"train.csv: class 2 is out of range: classes.txt lists 1 classes"):
+    with pytest.raises(DatasetError, match=r"train.csv, line 2: class 2 is out of range: classes.txt lists 1 classes"):
         load_zhang_dir(tmp_path / "d", ["text"])
 
 
@@ -181,3 +181,62 @@ def test_subsample_is_stratified_and_seeded():
     assert a.equals(b) and len(a) == 100
     assert a["label"].value_counts().tolist() == [25, 25, 25, 25]
     assert subsample(frame, None, 0).equals(frame)
+
+
+def test_without_classes_txt_a_stray_label_is_refused_naming_its_rows(tmp_path):
+    """AG News with one "9" among 1-4 was taken as 9 classes, 5 of them empty."""
+    write(tmp_path / "ag" / "train.csv", AG_TRAIN + '"9","Stray","A mistyped label."\n' + AG_TRAIN)
+    write(tmp_path / "ag" / "test.csv", AG_TEST)
+    with pytest.raises(DatasetError, match=r"train.csv: without classes.txt the classes are 1..9 \(the largest label\), "
+                                           r"but class 5, 6, 7, 8 have no training row: the labels above 4 are at "
+                                           r"line 5 \(class 9\)\. Correct them, or add classes.txt"):
+        load_zhang_dir(tmp_path / "ag", ["title", "description"])
+    write(tmp_path / "ag" / "classes.txt", "\n".join(f"c{i}" for i in range(1, 10)) + "\n")  # declared: accepted
+    assert len(load_zhang_dir(tmp_path / "ag", ["title", "description"]).classes) == 9
+
+
+def test_rows_with_empty_text_are_refused_with_their_lines(tmp_path):
+    path = write(tmp_path / "train.csv", AG_TRAIN + '"1","",""\n"2","x","y"\n"3"," ",""\n')
+    with pytest.raises(DatasetError, match=r"train.csv, line 5 and 1 more \(lines 7\): empty text"):
+        read_zhang_csv(path, ["title", "description"])
+    title_only = read_zhang_csv(write(tmp_path / "t.csv", '"1","","a text"\n'), ["title", "description"])
+    assert title_only["text"].tolist() == ["a text"]  # one empty field of two is fine (the DBpedia subset)
+
+
+def test_a_single_class_is_refused_with_the_counts(tmp_path):
+    write(tmp_path / "one" / "train.csv", '"1","a"\n"1","b"\n"1","c"\n')
+    write(tmp_path / "one" / "test.csv", '"1","d"\n')
+    with pytest.raises(DatasetError, match=r"train.csv: a single class in the training split \(1: 3 rows, of 1 class"):
+        load_zhang_dir(tmp_path / "one", ["text"])
+    write(tmp_path / "one" / "classes.txt", "neg\npos\n")
+    with pytest.raises(DatasetError, match=r"a single class in the training split \(neg: 3 rows, of 2 class"):
+        load_zhang_dir(tmp_path / "one", ["text"])
+
+
+def test_bytes_that_are_not_utf8_are_named_by_file_and_line(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes(AG_TRAIN.encode() * 300 + '"1","Caf\xe9","cr\xe8me"\n'.encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"train.csv, line 1201: bytes b'\\xe9' are not UTF-8"):
+        read_zhang_csv(path, ["title", "description"])
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_class(tmp_path):
+    write(tmp_path / "ag" / "train.csv", "\ufeff" + AG_TRAIN)
+    write(tmp_path / "ag" / "test.csv", "\ufeff" + AG_TEST)
+    write(tmp_path / "ag" / "classes.txt", "\ufeffWorld\nSports\nBusiness\nSci/Tech\n")
+    ds = load_zhang_dir(tmp_path / "ag", ["title", "description"])
+    assert ds.classes[0] == "World" and ds.train["label"].tolist() == [2, 3, 0, 1]
+
+
+def test_a_hub_dataset_with_empty_texts_or_a_single_class_is_refused(tmp_path):
+    import datasets
+
+    def save(name, texts, labels):
+        split = datasets.Dataset.from_dict({"text": texts, "label": labels})
+        datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / name))
+        return HubDatasetSpec(source="hub", path=str(tmp_path / name))
+
+    with pytest.raises(DatasetError, match=r"\[train\]: a single class in the training split \(0: 3 rows, of 1 class"):
+        load_text_dataset(save("one", ["a", "b", "c"], [0, 0, 0]), seed=0)
+    with pytest.raises(DatasetError, match=r"\[train\]: empty text in row\(s\) 1, 2 \(0-based\)"):
+        load_text_dataset(save("empty", ["a", "", " ", "d"], [0, 1, 0, 1]), seed=0)

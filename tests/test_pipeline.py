@@ -327,15 +327,34 @@ def test_a_user_adds_a_local_zhang_csv_dataset(project):
     assert meta["splits"]["train"]["n"] == 40 and meta["splits"]["train"]["label_counts"] == [10, 10, 10, 10]
 
 
-@pytest.mark.slow
-def test_a_missing_csv_dataset_fails_with_a_clear_error(project):
+def test_a_missing_csv_dataset_fails_validation_and_the_dry_run(project):
     def add(raw):
         raw["datasets"]["mine"] = {"source": "csv", "path": "data/external/mine", "fields": ["text"], "max_length": 32}
         raw["run"]["datasets"] = ["mine"]
     set_params(project, add)
-    proc = run_cli(["snakemake", "--cores", "1", "data/raw/mine/meta.json"], cwd=project, check=False)
-    assert proc.returncode != 0
-    assert "dataset 'mine': data/external/mine: no such directory" in proc.stdout + proc.stderr
+    expected = "datasets.mine.path = 'data/external/mine': no such directory"
+    validate = run_cli(["dht", "config", "validate"], cwd=project, check=False)
+    assert validate.returncode == 1 and expected in validate.stderr
+    proc = run_cli(["snakemake", "-n", "--cores", "1", "data/raw/mine/meta.json"], cwd=project, check=False)
+    assert proc.returncode != 0 and expected in proc.stdout + proc.stderr
+
+
+def test_a_malformed_or_ambiguous_params_file_fails_the_dry_run_with_its_line(project):
+    """Snakemake's own reader said only "Config file is not valid JSON or YAML", and kept the last of a key
+    written twice; params.yaml is read by dht.config alone now."""
+    import re
+
+    path = project / "params.yaml"
+    text = path.read_text()
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith("  checkpoint_every:"))
+    for broken, expected in [
+        (text.replace("\n  epochs:", "\n   epochs:", 1), r'in "params.yaml", line \d+, column \d+'),
+        (text.replace("  checkpoint_every:", "  checkpoint_every: 3\n  checkpoint_every:", 1),
+         rf"params.yaml, line {line + 1}, column 3: key 'checkpoint_every' is written twice"),
+    ]:
+        path.write_text(broken)
+        proc = run_cli(["snakemake", "-n", "--cores", "1"], cwd=project, check=False)
+        assert proc.returncode != 0 and re.search(expected, proc.stdout + proc.stderr), proc.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from safetensors.torch import save_file
 from dht import cli, trainer
 from dht.arm_features import arm_space, compute_arm_features
 from dht.config import load_config, read_params
+from dht.integrity import MANIFEST_FILE, write_manifest
 from dht.model import DHTConfig, DHTForSequenceClassification
 from dht.tokenization import train_wordpiece
 from dht.trainer import Policy, save_trained
@@ -36,9 +38,11 @@ def save_model(directory, inference: str):
     batches = [(enc["input_ids"][i : i + 8], enc["attention_mask"][i : i + 8]) for i in range(0, len(TEXTS), 8)]
     feats, _ = compute_arm_features(model, batches, arm_space(cfg), cfg.dht.features, seed=0)
     policy = Policy(cfg, cfg.dht.modes["t-dht"], feats, model.config)
-    save_trained(directory, model, policy, "t-dht", cfg, {"classes": ["a", "b"], "max_length": SEQ})
+    save_trained(directory, model, policy, "t-dht", cfg, {"dataset": "embedded-news", "classes": ["a", "b"],
+                                                          "max_length": SEQ})
     save_file(feats, str(directory / "arm_features.safetensors"))
     tokenizer.save_pretrained(directory / "tokenizer")
+    write_manifest(directory)  # as the train stage does, last
     return directory
 
 
@@ -82,3 +86,115 @@ def test_an_unknown_inference_setting_is_refused(models, capsys):
     with pytest.raises(SystemExit):
         cli.main(["predict", "--model", str(models["greedy"]), "--inference", "random"])
     assert "invalid choice: 'random'" in capsys.readouterr().err
+
+
+# ---- what goes wrong: one line naming the problem and the fix, exit status 1 -------------------------------------
+
+RETRAIN = "retrain it: snakemake --cores 4 --force results/embedded-news/t-dht/metrics.json"  # the train rule's output
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every connection attempt is recorded and refused: a local model directory must never reach for the hub
+    (a missing tokenizer/ took ~45 s of retries, then said "check your internet connection")."""
+    import socket
+
+    attempts = []
+
+    def refuse(self, address, *args):
+        attempts.append(address)
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    return attempts
+
+
+def predict_fails(capsys, model_dir, texts_file) -> str:
+    code = cli.main(["predict", "--model", str(model_dir), "--input", str(texts_file), "--device", "cpu"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def texts(tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_text("the striker scored\nshares fell\n")
+    return path
+
+
+@pytest.fixture
+def damaged(models, tmp_path):
+    """A copy of a saved model directory, to damage."""
+    import shutil
+
+    return shutil.copytree(models["greedy"], tmp_path / "model")
+
+
+def test_input_that_is_not_utf8_or_not_there(models, capsys, tmp_path):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("the striker scored\nun caf\xe9 cr\xe8me\n".encode("latin-1"))
+    line = predict_fails(capsys, models["greedy"], latin)
+    assert line == (f"error: {latin}, line 2: bytes b'\\xe9' are not UTF-8 (invalid continuation byte); save the "
+                    "texts as UTF-8 (e.g. `iconv -f latin1 -t utf-8`, with their real encoding)")
+    line = predict_fails(capsys, models["greedy"], tmp_path / "nope.txt")
+    assert line.startswith(f"error: --input {tmp_path / 'nope.txt'}: no such file")
+
+
+@pytest.mark.parametrize("manifest", [True, False], ids=["with checksums", "saved before checksums"])
+def test_missing_or_truncated_weights(damaged, capsys, texts, manifest):
+    if not manifest:
+        (damaged / MANIFEST_FILE).unlink()
+    weights = damaged / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    line = predict_fails(capsys, damaged, texts)
+    if manifest:
+        assert f"{weights}: checksum mismatch with {MANIFEST_FILE}" in line
+    else:  # no checksums to compare: the read error itself, in one line
+        assert f"{weights}: cannot be read (SafetensorError" in line
+    assert line.endswith(RETRAIN)
+    weights.unlink()
+    line = predict_fails(capsys, damaged, texts)
+    assert f"{weights}: missing" in line and line.endswith(RETRAIN)
+
+
+@pytest.mark.parametrize("name", ["config.json", "arm_features.safetensors", "bandits.pt"])
+def test_a_missing_file_names_it_and_a_target_that_exists(damaged, capsys, texts, name):
+    """A missing config.json was a size-mismatch report against BERT-base's 768; a missing arm_features file
+    suggested `snakemake ... models/<dataset>/<model>/arm_features.safetensors`, which no rule makes."""
+    for manifest in (True, False):
+        (damaged / name).unlink(missing_ok=True)
+        if not manifest:
+            (damaged / MANIFEST_FILE).unlink()
+        line = predict_fails(capsys, damaged, texts)
+        assert f"{damaged / name}: missing" in line and line.endswith(RETRAIN), line
+
+
+def test_a_missing_or_broken_tokenizer_never_reaches_the_network(damaged, capsys, texts, no_network, monkeypatch):
+    import shutil
+    import time
+
+    monkeypatch.chdir(damaged.parent)  # a relative "model/tokenizer" also reads as a hub id "namespace/name"
+    start = time.perf_counter()
+    shutil.rmtree("model/tokenizer")
+    Path("model", MANIFEST_FILE).unlink()  # saved before checksums: nothing tells the tokenizer is gone but itself
+    line = predict_fails(capsys, "model", texts)
+    assert line == f"error: model/tokenizer: missing; {RETRAIN}"
+    Path("model/tokenizer").mkdir()  # there, but empty
+    line = predict_fails(capsys, "model", texts)
+    assert line.startswith("error: model/tokenizer: cannot be read (") and line.endswith(RETRAIN)
+    assert no_network == [] and time.perf_counter() - start < 30
+
+
+def test_a_text_longer_than_the_model_is_truncated_with_a_note(models, capsys, tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_text("shares fell\n" + " ".join(["the striker scored twice"] * 10) + "\n\nrain today\n")
+    code = cli.main(["predict", "--model", str(models["greedy"]), "--input", str(path), "--device", "cpu",
+                     "--format", "jsonl"])
+    out = capsys.readouterr()
+    assert code == 0 and len(out.out.splitlines()) == 3
+    assert out.err.strip() == (f"note: 1 text(s) longer than the model's {SEQ} tokens were truncated to their first "
+                               f"{SEQ} (line 2)")

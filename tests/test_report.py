@@ -70,7 +70,7 @@ def test_paper_values_are_complete_and_cite_their_rows():
 def cfg():
     raw = embedded_raw()  # the 12-layer structure at the top level: tiny, which extends it, keeps these edits
     raw["datasets"]["ag_news"]["max_length"] = 32
-    raw["datasets"]["my-ag"] = {"source": "csv", "path": "x", "fields": ["title", "description"], "max_length": 32,
+    raw["datasets"]["my-ag"] = {"source": "csv", "path": "data/external/dbpedia", "fields": ["title", "description"], "max_length": 32,
                                 "paper": "ag_news"}
     raw["run"].update(datasets=["embedded-news", "ag_news", "my-ag"], baselines=BASELINES)
     raw["profiles"]["tiny"]["run"]["baselines"] = BASELINES  # the overlay replaces the list

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections import Counter
 
 import pytest
@@ -145,6 +146,52 @@ def test_corrupt_or_mismatched_checkpoint_is_refused(setup, tmp_path):
     with pytest.raises(TrainingError, match="corrupt checkpoint"):
         trainer.load_checkpoint()
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # never silently overwritten
+
+
+def mid_epoch_checkpoint(setup, tmp_path, mode="s-dht"):
+    class Killed(Exception):
+        pass
+
+    def kill_at(step):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        trainer_for(setup, mode, checkpoint_dir=tmp_path, on_step=kill_at).fit(progress_bar=False)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    assert 0 < state["progress"]["position"] < N_TRAIN  # mid-epoch
+    return path, state
+
+
+@pytest.mark.parametrize("damage", ["bit flips", "random bytes"])
+def test_a_checkpoint_whose_content_changed_is_refused_and_kept(setup, tmp_path, damage):
+    """Twenty bit flips in the embedding weights resumed silently (other metrics); random bytes resumed and then
+    failed as a "non-finite loss". The checksum inside the checkpoint is verified first."""
+    path, state = mid_epoch_checkpoint(setup, tmp_path)
+    data = bytearray(path.read_bytes())
+    weights = state["model"]["bert.embeddings.word_embeddings.weight"].numpy().tobytes()
+    at = data.find(weights)  # torch.save stores tensor bytes uncompressed
+    assert at > 0 and data.find(weights, at + 1) < 0
+    if damage == "bit flips":
+        for i in range(20):
+            data[at + 37 * i + 3] ^= 0x10
+    else:
+        data[at + 100 : at + 164] = torch.randint(0, 256, (64,), generator=torch.Generator().manual_seed(0),
+                                                  dtype=torch.uint8).numpy().tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(TrainingError, match=rf"{re.escape(str(path))}: checksum mismatch .* the file changed after it was written .* "
+                                            rf"not resumed and not overwritten; delete it .*: rm -r {re.escape(str(tmp_path))}$"):
+        trainer_for(setup, "s-dht", checkpoint_dir=tmp_path).load_checkpoint()
+    assert path.read_bytes() == bytes(data)  # neither overwritten nor deleted
+
+
+def test_a_checkpoint_without_a_checksum_is_refused(setup, tmp_path):
+    path, state = mid_epoch_checkpoint(setup, tmp_path)
+    del state["checksum"]
+    torch.save(state, path)
+    with pytest.raises(TrainingError, match="carries no checksum .* cannot be verified.*rm -r"):
+        trainer_for(setup, "s-dht", checkpoint_dir=tmp_path).load_checkpoint()
 
 
 def test_non_finite_loss_stops_with_the_step_and_batch(setup, monkeypatch):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dht.flops import forward_flops
+from dht.guard import FiniteGuard
 from dht.model import DHTConfig, DHTForSequenceClassification
 from dht.trainer import Predictions, SplitData
 
@@ -63,9 +64,12 @@ def distill(
     device: torch.device,
     seed: int,
     seq_len: int,
+    guard: FiniteGuard | None = None,
 ) -> dict[str, Any]:
     """Train the student on the teacher's softened distribution (and the labels); returns the mean loss per
-    epoch and the training FLOPs (teacher forward + student forward and backward, full convention)."""
+    epoch and the training FLOPs (teacher forward + student forward and backward, full convention). A non-finite
+    loss or weight stops it (:mod:`dht.guard`)."""
+    guard = guard or FiniteGuard("distil: distillation", f"lower baselines.distil.learning_rate (now {lr:g})")
     teacher = teacher.to(device).eval()
     student = student.to(device)
     for p in teacher.parameters():
@@ -79,7 +83,8 @@ def distill(
                                       student.config))
     flops = 0.0
     start = time.perf_counter()
-    for _ in range(epochs):
+    step = 0
+    for epoch in range(1, epochs + 1):
         student.train()
         order = torch.randperm(len(train), generator=gen)
         total, count = 0.0, 0
@@ -95,12 +100,13 @@ def distill(
                 keep = mask.bool()
                 cos = F.cosine_similarity(s_out.last_hidden_state[keep], t_out.last_hidden_state[keep], dim=-1)
                 loss = loss + alpha_cos * (1 - cos).mean()
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite distillation loss at epoch {len(losses) + 1}, batch {lo // batch_size + 1}")
+            step += 1
+            guard.loss(loss, step, epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimizer.step()
+            guard.parameters(student.named_parameters(), step, epoch)
             total += float(loss.detach()) * len(labels)
             count += len(labels)
             flops += per_sample * len(labels)

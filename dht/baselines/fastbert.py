@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from dht.flops import Convention, FlopShape, forward_flops, full_model_flops
+from dht.guard import FiniteGuard
 from dht.model import DHTForSequenceClassification
 from dht.trainer import Predictions, SplitData
 
@@ -332,6 +333,7 @@ def distill(
     weight_decay: float = 0.01,
     warmup_ratio: float = 0.1,
     seq_len: int | None = None,
+    guard: FiniteGuard | None = None,
 ) -> dict[str, Any]:
     """Train the students on the teacher's distribution; backbone and teacher stay frozen (FastBERT Section 3.2).
 
@@ -346,6 +348,8 @@ def distill(
     Args:
         on_epoch: called after every epoch with (epoch number from 1, mean KL of the epoch).
         seq_len: length the training FLOPs are counted at (default: the padded width of ``train``).
+        guard: stops on a non-finite loss or student weight (:mod:`dht.guard`; default: names
+            ``baselines.fastbert.learning_rate``).
 
     Returns:
         ``epoch_kl`` (mean summed KL per epoch, sample-weighted), ``train_flops`` (total, "full" convention, see
@@ -355,6 +359,7 @@ def distill(
         raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
     if len(train) == 0:
         raise ValueError("distill needs training samples")
+    guard = guard or FiniteGuard("fastbert: self-distillation", f"lower baselines.fastbert.learning_rate (now {lr:g})")
     device = torch.device(device)
     fastbert.to(device)
     n = len(train)
@@ -391,13 +396,13 @@ def distill(
                 p_t = F.softmax(teacher_logits.float(), dim=-1).expand_as(log_q)
                 # KLDivLoss(reduction="batchmean") per student, summed over students.
                 loss = F.kl_div(log_q, p_t, reduction="sum") / len(index)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite distillation loss at epoch {epoch + 1}, step {steps + 1}")
+                guard.loss(loss, steps + 1, epoch + 1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 steps += 1
+                guard.parameters(fastbert.students.named_parameters(), steps, epoch + 1)
                 total_kl += float(loss.detach()) * len(index)
             epoch_kl.append(total_kl / n)
             if on_epoch is not None:

@@ -72,6 +72,7 @@ from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
 from dht.flops import full_model_flops, train_flops
+from dht.guard import FiniteGuard
 from dht.model import DHTForSequenceClassification
 from dht.trainer import Predictions, SplitData
 
@@ -717,6 +718,7 @@ def search(
     threshold: float = KEEP_THRESHOLD,
     alpha_clip: float = ALPHA_CLIP,
     head_lr_scale: float = HEAD_LR_SCALE,
+    guard: FiniteGuard | None = None,
 ) -> SearchResult:
     """Differentiable architecture search for a pruned teacher (report Sections 5.3-5.5, first-order DARTS).
 
@@ -741,6 +743,8 @@ def search(
         alpha_clip: bound of the dimension alphas. head_lr_scale: the head alphas learn at
             ``head_lr_scale x lr_arch`` (their useful range, a few units of log-weight, is much narrower than the
             masks' [-5, 5], and Adam turns their often tiny CE gradients into full-size steps).
+        guard: stops on a non-finite loss, weight or architecture variable (:mod:`dht.guard`; default: names
+            ``baselines.nas_prune.lr_weights`` and ``lr_arch``).
 
     Returns:
         :class:`SearchResult` with the extracted architecture (:func:`fit_threshold`).
@@ -753,6 +757,8 @@ def search(
         raise ValueError("search needs at least two training samples (one per half)")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
+    guard = guard or FiniteGuard("nas-prune: architecture search", f"lower baselines.nas_prune.lr_weights (now "
+                                 f"{lr_weights:g}) or baselines.nas_prune.lr_arch (now {lr_arch:g})")
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     fields = teacher_fields(teacher)
@@ -782,6 +788,7 @@ def search(
         history: list[dict[str, Any]] = []
         spent = 0.0
         arch_iter = _cycle(arch_half, batch_size, gen)
+        step = 0
         for epoch in range(epochs):
             sums = {"ce": 0.0, "ce_weights": 0.0, "cost_loss": 0.0, "sampled_flop_ratio": 0.0}
             steps = 0
@@ -796,8 +803,11 @@ def search(
                 expected = net.expected_flops(seq_len, convention)
                 actual = float(net.expected_flops(seq_len, convention, {k: t.detach() for k, t in gates.items()}))
                 cost = tas_cost_loss(expected, actual, target, tolerance)
+                step += 1
+                arch_loss = ce + lambda_cost * cost
+                guard.loss(arch_loss, step, epoch + 1, what="architecture loss")
                 arch_opt.zero_grad(set_to_none=True)
-                (ce + lambda_cost * cost).backward()
+                arch_loss.backward()
                 arch_opt.step()
                 with torch.no_grad():
                     for alpha in dims:
@@ -809,9 +819,11 @@ def search(
                 with torch.no_grad():
                     gates = {k: t.detach() for k, t in net.sampled_gates(gen).items()}
                 ce_w = F.cross_entropy(net(ids, mask, gates, dropout=True), labels)
+                guard.loss(ce_w, step, epoch + 1, what="weight loss")
                 weight_opt.zero_grad(set_to_none=True)
                 ce_w.backward()
                 weight_opt.step()
+                guard.parameters(net.named_parameters(), step, epoch + 1)
                 for schedule in schedules:
                     schedule.step()
                 spent += len(a_index) * arch_step + len(w_index) * weight_step
@@ -1068,6 +1080,7 @@ def finetune(
     seed: int,
     *,
     seq_len: int | None = None,
+    guard: FiniteGuard | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the extracted model by distillation from the teacher (report Section 4.2: TAS distils the
     unpruned network into the searched one; Hinton et al. 2015, report Section 2.2.4).
@@ -1080,7 +1093,10 @@ def finetune(
         ``{"loss_per_epoch": [...], "kd_per_epoch": [...], "ce_per_epoch": [...]}`` (means per epoch) and
         ``"train_flops"``: teacher forward + student forward and backward (3 x forward), full convention, per
         sample at ``seq_len`` (pass the pipeline's padded length; default: each batch's own width).
+        A non-finite loss or weight stops it (``guard``, :mod:`dht.guard`; default: names
+        ``baselines.nas_prune.lr_weights``, the rate the stage fine-tunes with).
     """
+    guard = guard or FiniteGuard("nas-prune: fine-tuning", f"lower baselines.nas_prune.lr_weights (now {lr:g})")
     device = torch.device(device)
     pruned = pruned.to(device)
     teacher = teacher.to(device)
@@ -1095,7 +1111,8 @@ def finetune(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             pruned.train()
-            for _ in range(epochs):
+            step = 0
+            for epoch in range(1, epochs + 1):
                 sums, steps = [0.0, 0.0, 0.0], 0
                 for index in _batches(torch.arange(len(train)), batch_size, gen):
                     ids, mask, labels = train.batch(index, device)
@@ -1106,9 +1123,12 @@ def finetune(
                                   reduction="batchmean") * temperature**2
                     ce = F.cross_entropy(s_logits, labels)
                     loss = alpha_kd * kd + (1 - alpha_kd) * ce
+                    step += 1
+                    guard.loss(loss, step, epoch)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    guard.parameters(pruned.named_parameters(), step, epoch)
                     n = seq_len if seq_len is not None else ids.shape[1]
                     out["train_flops"] += len(index) * (full_model_flops(n, teacher.config, "full")
                                                         + 3 * pruned_flops(pruned.arch, n, "full"))

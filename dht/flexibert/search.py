@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dht.guard import FiniteGuard
+
 from .embedding import ArchEmbedder
 from .flops import flop_ratio, model_flops, within_budget
 from .model import FlexiBertConfig, FlexiBertForSequenceClassification
@@ -153,6 +155,7 @@ def train_and_evaluate(
     grad_clip: float | None = 1.0,
     eval_batch_size: int = 128,
     device: torch.device | str = "cpu",
+    guard: FiniteGuard | None = None,
 ) -> TrainResult:
     """Train ``arch`` briefly on ``train_split`` and return its accuracy on ``val_split``.
 
@@ -164,7 +167,11 @@ def train_and_evaluate(
     tokenizer's and dataset's real sizes (``meta.json``) when the splits may not contain them all.
     ``max_len`` defaults to the padded length. Sequences are not trimmed to the longest sample: DFT/DCT mix over
     the padded length, and the FLOPs of :mod:`dht.flexibert.flops` are counted at that length.
+    A non-finite loss or weight stops it (``guard``, :mod:`dht.guard`; default: names the architecture and
+    ``baselines.flexibert.learning_rate``).
     """
+    guard = guard or FiniteGuard(f"flexibert: training {arch.id}",
+                                 f"lower baselines.flexibert.learning_rate (now {lr:g})")
     start = time.perf_counter()
     ids, mask, labels = _tensors(train_split)
     vids, vmask, vlabels = _tensors(val_split)
@@ -195,6 +202,7 @@ def train_and_evaluate(
                 if step >= total:
                     break
                 out = model(ids[index].to(device), mask[index].to(device), labels[index].to(device))
+                guard.loss(out.loss, step + 1)
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
                 if grad_clip is not None:
@@ -202,6 +210,7 @@ def train_and_evaluate(
                 opt.step()
                 sched.step()
                 step += 1
+                guard.parameters(model.named_parameters(), step)
                 epoch_losses.append(float(out.loss.detach()))
     probs = predict_proba(model, val_split, eval_batch_size, device)
     accuracy = float((probs.argmax(-1) == vlabels.numpy()).mean()) if len(probs) else float("nan")

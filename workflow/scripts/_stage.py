@@ -58,6 +58,22 @@ def runtime(args: argparse.Namespace, cfg: Config) -> tuple[object, int]:
         sys.exit(f"error: {err}")
 
 
+def stop_cleanly(what: str) -> None:
+    """A training that diverges (:class:`dht.guard.TrainingError`, raised by every training loop's guard) ends
+    the stage with one line naming ``what`` (the stage, dataset and model), the step and the fix, and exit status
+    1, instead of a traceback. The exception still unwinds through the MLflow run (marked FAILED) and past
+    everything that writes a model or metrics, so nothing is written."""
+    from dht.guard import TrainingError
+
+    def hook(kind, value, tb):
+        if issubclass(kind, TrainingError):
+            print(f"error: {what}: {value}; no model or metrics were written", file=sys.stderr)
+        else:
+            sys.__excepthook__(kind, value, tb)
+
+    sys.excepthook = hook
+
+
 def root() -> Path:
     """Stages run from the project root (Snakemake and DVC both start them there); paths stay relative so
     messages show them as params.yaml writes them."""

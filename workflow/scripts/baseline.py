@@ -15,7 +15,7 @@ import _stage
 from dht.config import parse_baseline
 from dht.evaluation import accuracy_text, write_predictions
 from dht.flops import full_model_flops
-from dht.model import DHTForSequenceClassification
+from dht.integrity import IntegrityError, load_checked_model, retrain_hint, write_manifest
 from dht.results import run_name, run_subdir
 from dht.tokenization import load_processed
 from dht.tracking import stage_run
@@ -37,6 +37,7 @@ _stage.add_seed(p)
 args = p.parse_args()
 cfg = _stage.config(args)
 cfg.dataset(args.dataset)
+_stage.stop_cleanly(f"baseline {args.dataset}/{args.model}")
 try:
     kind, value = parse_baseline(args.model)
 except ValueError as err:
@@ -59,7 +60,11 @@ meta = json.loads((processed / "meta.json").read_text())
 seq_len = meta["max_length"]
 train_arrays, test_arrays = load_processed(processed, "train"), load_processed(processed, "test")
 train, test = SplitData.from_arrays(train_arrays), SplitData.from_arrays(test_arrays)
-teacher = DHTForSequenceClassification.from_pretrained(teacher_dir).to(device).eval()
+try:  # checked against its checksums.sha256 first (dht.integrity)
+    teacher = load_checked_model(teacher_dir, retrain_hint({"results": f"results/{run_subdir(cfg, args.dataset, cfg.run.reference, cfg.seed)}"}))
+except IntegrityError as err:
+    sys.exit(f"error: --teacher {teacher_dir}: {err}")
+teacher = teacher.to(device).eval()
 reference_train = full_model_flops(seq_len, teacher.config, "full", "train") * len(train) * cfg.train.epochs
 batch, eval_batch = cfg.train.batch_size, cfg.train.eval_batch_size
 out_model = Path(args.out_model)
@@ -143,6 +148,7 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baselin
     (out_model / "baseline.json").write_text(json.dumps({"model_name": args.model, "kind": kind, "value": value,
                                                           "dataset": args.dataset, "classes": meta["classes"],
                                                           "history": history}, indent=2) + "\n")
+    write_manifest(out_model)  # last: checksums of every file (dht.integrity)
     for epoch, loss in enumerate(history or [], start=1):
         mlflow.log_metric("train_loss", float(loss), step=epoch)
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})

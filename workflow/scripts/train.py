@@ -12,6 +12,7 @@ import _stage
 
 from dht.arm_features import load_arm_features
 from dht.evaluation import accuracy_text, write_predictions
+from dht.integrity import write_manifest
 from dht.model import DHTForSequenceClassification
 from dht.results import run_name, run_subdir
 from dht.tokenization import load_processed
@@ -115,9 +116,11 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="train",
     if out_model.exists():
         shutil.rmtree(out_model)
     save_trained(out_model, trainer.model, trainer.policy, args.model, cfg,
-                 {"dataset": args.dataset, "classes": meta["classes"], "max_length": meta["max_length"]})
+                 {"dataset": args.dataset, "classes": meta["classes"], "max_length": meta["max_length"],
+                  "results": args.results})
     shutil.copytree(processed / "tokenizer", out_model / "tokenizer")
     shutil.copy2(features / "arm_features.safetensors", out_model / "arm_features.safetensors")
+    write_manifest(out_model)  # last: checksums of every file, verified by whatever loads the model
 
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
     lo, hi = metrics["accuracy_ci95"]  # MLflow metrics are scalars
