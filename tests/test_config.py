@@ -79,7 +79,7 @@ def test_a_profile_extends_another_and_cycles_are_refused():
 
 
 def test_unknown_profile():
-    with pytest.raises(ConfigError, match=r"profile = 'huge': unknown profile; allowed: default, embedded, full, paper, tiny"):
+    with pytest.raises(ConfigError, match=r"profile = 'huge': unknown profile; allowed: default, embedded, full, paper, seeds, tiny"):
         resolve_params(RAW, "huge")
 
 
