@@ -1,7 +1,7 @@
 # DHT pipeline: a table of contents. Stages live in workflow/rules/*.smk, their scripts in workflow/scripts/,
 # and every parameter in params.yaml (validated by dht/config.py before any job runs).
 #
-#   snakemake --cores 4 reports/table1.md                    # default profile (embedded data, CPU)
+#   snakemake --cores 4 reports/table1.md                    # default profile (pretrained MiniLM, real text, CPU)
 #   snakemake --cores 4 reports/table1.md --config profile=tiny
 #
 # dvc.yaml is generated from this workflow's jobs (`dht dvc-yaml`); tests fail when the two drift apart.

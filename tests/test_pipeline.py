@@ -84,7 +84,8 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
     assert "models/sst2/p-dht" in train["outs"]
     assert train["metrics"] == ["results/sst2/p-dht/metrics.json"]
     assert list(train["plots"][0]) == ["results/sst2/p-dht/loss.csv"]
-    assert stages["arm_features-sst2"]["cmd"].endswith("--threads 1")  # the rule's threads
+    assert "--threads 1 " in stages["arm_features-sst2"]["cmd"]  # the rule's threads
+    assert stages["arm_features-sst2"]["cmd"].endswith(" --log logs/arm_features/sst2.log")  # the rule's log:
     tok = stages["tokenize-sst2"]
     assert tok["cmd"].startswith("python workflow/scripts/tokenize_data.py --profile ${profile} ")
     assert "data/raw/sst2/train.parquet" in tok["deps"] and "dht/tokenization.py" in tok["deps"]
@@ -231,6 +232,14 @@ def test_tokenization_stage_runs_through_snakemake(project):
     assert (project / "data/processed/embedded-news/tokenizer/tokenizer.json").is_file()
     assert ("embedded-news", "tokenize") in mlflow_runs(project)
     assert not (project / "data/processed/embedded-sentiment").exists()  # only what was asked for
+    # every rule keeps a log of what its stage printed (log:, written by the stage itself, so DVC runs get it too)
+    log = (project / "logs/tokenize/embedded-news.log").read_text().splitlines()
+    assert log[0].startswith("=== ") and "workflow/scripts/tokenize_data.py --profile tiny" in log[0]
+    assert any(line.startswith("tokenize embedded-news: vocab ") for line in log)
+    failed = run_cli(["python", "workflow/scripts/download.py", "--profile", "tiny", "--dataset", "nope",
+                      "--out", "x", "--log", "logs/x/nope.log"], cwd=project, check=False)
+    assert failed.returncode != 0  # an error ends up in the log as well, in a folder the stage made
+    assert "error: " in (project / "logs/x/nope.log").read_text()
 
 
 @pytest.mark.slow

@@ -62,5 +62,11 @@ def code(script, *modules, files=(), top_level_only=False):
     return [*stage_code(script, *modules, top_level_only=top_level_only), *files]
 
 
+def folder(name, of="output"):
+    """A rule's params entry: the folder of one of its named outputs (or inputs, `of="input"`), so a command
+    names a path the rule already wrote once instead of rebuilding it from the wildcards."""
+    return lambda wildcards, input, output: os.path.dirname((output if of == "output" else input)[name])
+
+
 def init_tracking_store():
     init_store(".")

@@ -20,9 +20,12 @@ rule download:
         meta="data/raw/{dataset}/meta.json",
     params:
         tracked=tracked("seed", "datasets.{dataset}"),
+        out=folder("meta"),
+    log:
+        "logs/download/{dataset}.log",
     shell:
-        "python workflow/scripts/download.py --profile {PROFILE} --dataset {wildcards.dataset}"
-        " --out data/raw/{wildcards.dataset}"
+        "python workflow/scripts/download.py --profile {PROFILE} --dataset {wildcards.dataset} --out {params.out}"
+        " --log {log}"
 
 
 rule tokenize:
@@ -38,6 +41,10 @@ rule tokenize:
         tokenizer=directory("data/processed/{dataset}/tokenizer"),
     params:
         tracked=tracked("tokenizer", "datasets.{dataset}"),
+        raw=folder("meta", of="input"),
+        out=folder("meta"),
+    log:
+        "logs/tokenize/{dataset}.log",
     shell:
         "python workflow/scripts/tokenize_data.py --profile {PROFILE} --dataset {wildcards.dataset}"
-        " --raw data/raw/{wildcards.dataset} --out data/processed/{wildcards.dataset}"
+        " --raw {params.raw} --out {params.out} --log {log}"

@@ -15,12 +15,15 @@ rule arm_features:
         # the warm-up (dht.features.warmup_steps) trains with the profile's optimiser settings
         tracked=tracked("seed", "device", "model", "dht", "run.models", "train.learning_rate", "train.weight_decay",
                         "train.warmup_ratio", "train.batch_size", "train.grad_clip"),
+        processed=folder("meta", of="input"),
+        out=folder("meta"),
     # One torch thread per job; parallelism comes from Snakemake running jobs side by side (two 2-thread
     # jobs on 2 cores made this stage 14x slower: OpenMP threads spin at barriers when oversubscribed).
+    log:
+        "logs/arm_features/{dataset}.log",
     threads: 1
     resources:
         gpu=GPU,
     shell:
         "python workflow/scripts/arm_features.py --profile {PROFILE} --dataset {wildcards.dataset}"
-        " --processed data/processed/{wildcards.dataset} --out data/features/{wildcards.dataset}"
-        " --threads {threads}"
+        " --processed {params.processed} --out {params.out} --threads {threads} --log {log}"

@@ -1,6 +1,6 @@
 # Reports: generated, never edited by hand. Short jobs: they run on the submitting host under a cluster executor.
 
-from dht.figures import figure_paths
+from dht.figures import FIGURES_DIR, figure_paths
 from dht.report import depth_models, flexibert_search_figure
 
 REPORT_CODE = code("report.py", files=["dht/paper_values.yaml"])
@@ -23,8 +23,10 @@ rule table1:
         "reports/table1.md",
     params:
         tracked=tracked("run", "dht.count_s1_flops"),
+    log:
+        "logs/report/table1.log",
     shell:
-        "python workflow/scripts/report.py --profile {PROFILE} --report table1 --out {output}"
+        "python workflow/scripts/report.py --profile {PROFILE} --report table1 --out {output} --log {log}"
 
 
 rule table2:
@@ -35,8 +37,10 @@ rule table2:
         "reports/table2.md",
     params:
         tracked=tracked("run"),
+    log:
+        "logs/report/table2.log",
     shell:
-        "python workflow/scripts/report.py --profile {PROFILE} --report table2 --out {output}"
+        "python workflow/scripts/report.py --profile {PROFILE} --report table2 --out {output} --log {log}"
 
 
 rule figures:
@@ -50,8 +54,11 @@ rule figures:
         FIGURES,
     params:
         tracked=tracked("run"),
+        out=FIGURES_DIR,
+    log:
+        "logs/report/figures.log",
     shell:
-        "python workflow/scripts/figures.py --profile {PROFILE} --out-dir reports/figures"
+        "python workflow/scripts/figures.py --profile {PROFILE} --out-dir {params.out} --log {log}"
 
 
 rule index:
@@ -64,5 +71,7 @@ rule index:
         "reports/index.md",
     params:
         tracked=tracked("run", "tracking"),
+    log:
+        "logs/report/index.log",
     shell:
-        "python workflow/scripts/report.py --profile {PROFILE} --report index --out {output}"
+        "python workflow/scripts/report.py --profile {PROFILE} --report index --out {output} --log {log}"

@@ -17,11 +17,51 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     p.add_argument("--profile", default=None, help="profile to resolve (default: params.yaml's `profile:`)")
+    p.add_argument("--log", default=None,
+                   help="also write everything the stage prints to this file (the rule's log:; its folder is made)")
     return p
 
 
+class _Tee:
+    """A text stream that writes to the terminal's stream and to the stage's log file."""
+
+    def __init__(self, stream: object, log: object) -> None:
+        self._stream, self._log = stream, log
+
+    def write(self, text: str) -> int:
+        self._stream.write(text)
+        self._log.write(text)
+        self._log.flush()  # a killed job keeps what it printed
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+        self._log.flush()
+
+    def __getattr__(self, name: str) -> object:  # isatty, encoding, fileno...: the terminal's
+        return getattr(self._stream, name)
+
+
+def start_log(path: str | Path) -> None:
+    """Copy stdout and stderr (messages, progress, an error's traceback) into `path`, appended after a header
+    line, so a resumed job's log keeps the attempt before it. Snakemake makes the folder; DVC does not, so it is
+    made here."""
+    import datetime
+    import shlex
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = path.open("a", encoding="utf-8")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    log.write(f"=== {stamp}: {shlex.join(sys.argv)}\n")
+    sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+
+
 def config(args: argparse.Namespace) -> Config:
-    """The resolved profile; with ``--seed`` (:func:`add_seed`), its training seed in place of `seed`."""
+    """The resolved profile (after starting the ``--log`` copy); with ``--seed`` (:func:`add_seed`), its
+    training seed in place of `seed`."""
+    if getattr(args, "log", None):
+        start_log(args.log)
     try:
         cfg = load_config(args.params, profile=args.profile)
     except ConfigError as err:
