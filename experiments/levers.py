@@ -1,0 +1,277 @@
+"""Levers the paper leaves open, measured on the default profile (issue 16; docs/real-text.md, section 3).
+
+Each *setting* is the default profile (params.yaml's top level: the pretrained MiniLM, SST-2 and the DBpedia
+subset, 2 epochs at lr 2e-4) with one value changed: a dict overlay deep-merged into the resolved configuration
+and validated again through the pydantic model and the semantic checks of dht.config, so a typo in a lever fails
+like a typo in params.yaml. params.yaml itself is never edited and no profile is added to it. A setting's name is
+one or more atoms of ATOMS joined by ``+`` (``ucb_alpha-3+gamma-0.25`` applies both overlays, left to right).
+
+Every run trains and evaluates one mode as workflow/scripts/train.py does (the same seed_everything, the arm
+features and initial model of the pipeline's arm_features stage, dht.trainer.Trainer, predict with the inference
+policy, evaluate) without MLflow and without checkpoints, and writes
+``experiments/levers/<setting>/<dataset>/<model>/`` metrics.json, selections.json, predictions.csv and loss.csv.
+A run whose metrics.json exists is skipped, so a killed sweep resumes by running the command again.
+The reference (run.reference) and the control (run.control) train once, under ``default``: every lever's depth
+analysis compares with them.
+
+Steps (from the project root, with the worktree's dht package on PYTHONPATH)::
+
+    # 1. data and arm features, through the pipeline (default profile)
+    snakemake --cores 1 data/features/sst2/meta.json data/features/dbpedia-subset/meta.json
+    # 2. the runs: the default first (with the reference and control), then each lever; one training at a time
+    python experiments/levers.py run --threads 1
+    # what summary.md also holds: a fixed 4-layer model, the fixed modes at 4 epochs, a combination
+    python experiments/levers.py run --settings with-vanilla-4 --models vanilla-4
+    python experiments/levers.py run --settings epochs-4 --models vanilla-2
+    python experiments/levers.py run --settings epochs-4 --datasets dbpedia-subset --models vanilla-6
+    python experiments/levers.py run --settings ucb_alpha-3+gamma-0.25 --datasets sst2
+    # 3. the table (also written to experiments/levers/summary.md)
+    python experiments/levers.py summary
+
+``run`` without ``--settings`` runs DEFAULT_SETTINGS; ``--models`` defaults to t-dht and f-dht (plus the
+reference and control under ``default``). ``python experiments/levers.py list`` prints the atoms.
+
+The summary gives, per setting x dataset x mode: accuracy with its 95% bootstrap interval (dht.evaluation, as the
+reports compute it), inference FLOPs relative to the reference, mean layers at test, the distance to the
+"random mixing" line between the control and the reference (the accuracy a mode would get by sending the same
+share of FLOPs deep at random: docs/real-text.md, section 3), the mean layers on the test samples the control gets
+wrong and right, and the share of training samples run at b layers in the last epoch. The depth columns reuse
+dht.evaluation.depth_analysis, the code of Table 1's "Where the depth goes".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dht.config import Config, ConfigError, check_semantics, deep_merge, load_config
+
+OUT = Path("experiments/levers")
+DATASETS = ["sst2", "dbpedia-subset"]
+DHT_MODES = ["t-dht", "f-dht"]
+
+# One lever value each (docs/training.md holds each key's reading); combined with "+".
+ATOMS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "ucb_alpha-0.1": {"dht": {"bandits": {"ucb_alpha": 0.1}}},
+    "ucb_alpha-3": {"dht": {"bandits": {"ucb_alpha": 3.0}}},
+    "refresh-epoch": {"dht": {"features": {"refresh": "epoch"}}},
+    "epochs-4": {"train": {"epochs": 4}},
+    "per_queue": {"dht": {"bandits": {"reward_baseline": "per_queue"}}},
+    "states-train": {"dht": {"decision_states": "train"}},
+    "gamma-0.25": {"dht": {"bandits": {"cost_exponent": 0.25}}},
+    # not a lever: a fixed 4-layer model (the middle depth), to compare with modes that settle on 4 layers
+    "with-vanilla-4": {"dht": {"modes": {"vanilla-4": {"search": "fixed", "arms": ["4L12H"]}}}},
+}
+DEFAULT_SETTINGS = ["default", "ucb_alpha-0.1", "ucb_alpha-3", "refresh-epoch", "epochs-4", "per_queue",
+                    "states-train"]
+
+
+def overlay_of(setting: str) -> dict[str, Any]:
+    """The overlay of a setting name: its atoms' overlays merged left to right."""
+    out: dict[str, Any] = {}
+    for atom in setting.split("+"):
+        if atom not in ATOMS:
+            raise ConfigError(f"setting {setting!r}: unknown lever {atom!r}; allowed: {', '.join(ATOMS)}")
+        out = deep_merge(out, ATOMS[atom])
+    return out
+
+
+def setting_config(setting: str, params: str | Path = "params.yaml") -> Config:
+    """The default profile with the setting's overlay, validated as params.yaml is (structure, then semantics)."""
+    base = load_config(params, profile="default")
+    data = deep_merge(base.model_dump(mode="json"), overlay_of(setting))
+    try:
+        cfg = Config.model_validate(data)
+    except Exception as err:  # pydantic's ValidationError, named with the setting
+        raise ConfigError(f"setting {setting!r}: {err}") from None
+    problems = check_semantics(cfg)
+    if problems:
+        raise ConfigError(f"setting {setting!r}: " + "; ".join(problems))
+    return cfg
+
+
+def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: int) -> Path:
+    """Train and evaluate one mode as workflow/scripts/train.py does; write its results directory."""
+    from dht.arm_features import load_arm_features
+    from dht.evaluation import accuracy_text, write_predictions
+    from dht.model import DHTForSequenceClassification
+    from dht.runtime import configure_threads, resolve_device, seed_everything
+    from dht.tokenization import load_processed
+    from dht.trainer import SplitData, Trainer, evaluate, predict
+
+    out = OUT / setting / dataset / model_name
+    if (out / "metrics.json").is_file():
+        print(f"{setting} {dataset}/{model_name}: done before, skipped", flush=True)
+        return out
+    cfg.dataset(dataset)
+    configure_threads(threads)
+    seed_everything(cfg.seed)  # where train.py seeds (dht.runtime via _stage.runtime), before the model loads
+    device = resolve_device(cfg.device)
+    processed, features = Path("data/processed") / dataset, Path("data/features") / dataset
+    meta = json.loads((processed / "meta.json").read_text())
+    train = SplitData.from_arrays(load_processed(processed, "train"))
+    test = SplitData.from_arrays(load_processed(processed, "test"))
+    model = DHTForSequenceClassification.from_pretrained(features / "init_model")
+    trainer = Trainer(cfg, model_name, model, load_arm_features(features), train, device, seq_len=meta["max_length"])
+    progress = trainer.fit(progress_bar=False)
+    pred = predict(trainer.model, trainer.policy, test, device, cfg.train.eval_batch_size, meta["max_length"],
+                   greedy=cfg.dht.inference == "greedy")
+    metrics = evaluate(pred, test, trainer.model.config, meta["max_length"], meta.get("difficulty_names"))
+    metrics.update({
+        "train_flop_ratio": progress.train_flops / progress.reference_flops,
+        "train_seconds": round(progress.seconds, 3),
+        "train_steps": progress.step,
+        "train_samples": progress.samples_seen,
+        "epochs": cfg.train.epochs,
+        "setting": setting,
+        "overlay": overlay_of(setting),
+    })
+    metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    write_predictions(out / "predictions.csv", pred, test)
+    (out / "selections.json").write_text(json.dumps(progress.selections, indent=2, sort_keys=True) + "\n")
+    with (out / "loss.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "epoch", "loss", "layers"])
+        writer.writerows((s, e + 1, round(loss, 6), layers) for s, e, loss, layers in progress.history)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")  # last: marks the run as done
+    print(f"{setting} {dataset}/{model_name}: accuracy {accuracy_text(metrics)}, inference FLOPs "
+          f"{metrics['infer_flop_ratio']:.2f}x, mean layers {metrics['mean_layers']:.2f} ({progress.seconds:.0f} s)",
+          flush=True)
+    return out
+
+
+def _read(setting: str, dataset: str, model: str) -> tuple[dict[str, Any], Any, dict[str, Any]] | None:
+    from dht.evaluation import read_predictions
+
+    d = OUT / setting / dataset / model
+    if not (d / "metrics.json").is_file():
+        return None
+    return (json.loads((d / "metrics.json").read_text()), read_predictions(d / "predictions.csv"),
+            json.loads((d / "selections.json").read_text()))
+
+
+def _shallow_share(selections: dict[str, Any], b: int) -> float:
+    """Share of the last epoch's training samples that ran the b fixed layers only."""
+    last = selections[max(selections, key=int)]
+    total = sum(v for k, v in last.items() if k.startswith("layers/"))
+    return last.get(f"layers/{b}", 0) / total if total else float("nan")
+
+
+def summary(settings: list[str] | None = None, models: list[str] | None = None) -> str:
+    """The markdown table of every finished run (rows in ATOMS order, then any other setting found)."""
+    from dht.evaluation import depth_analysis
+
+    cfg = load_config("params.yaml", profile="default")
+    ref, control, b = cfg.run.reference, cfg.run.control, cfg.dht.fixed_layers
+    found = sorted(p.name for p in OUT.iterdir() if p.is_dir()) if OUT.is_dir() else []
+    order = settings or [*(s for s in DEFAULT_SETTINGS if s in found), *(s for s in found if s not in DEFAULT_SETTINGS)]
+    models = models or DHT_MODES
+    lines = [
+        "# Levers on the default profile (experiments/levers.py)",
+        "",
+        f"One seed (seed {cfg.seed}) per run; each setting is the default profile with one value changed "
+        f"(`python experiments/levers.py list`). Reference {ref} and control {control} from the `default` runs.",
+        "Accuracy [95% bootstrap interval over the test samples, dht.evaluation]; FLOPs: inference FLOPs / the "
+        f"reference's; vs line: accuracy minus the line from the control to the reference at the same FLOPs "
+        f"(random mixing of {b} and {cfg.model.num_hidden_layers} layers; always the `default` runs' line, so under "
+        "a setting that also changes the fixed modes, such as epochs-4, compare with its own fixed rows); "
+        f"layers ctrl wrong / right: mean layers on "
+        f"the test samples {control} gets wrong / right; train {b}L: share of the last training epoch's samples run "
+        f"at {b} layers. Train time: one training at a time, one thread, on 2 cores shared with other jobs "
+        "(indicative only).",
+        "",
+    ]
+    for dataset in DATASETS:
+        r, c = _read("default", dataset, ref), _read("default", dataset, control)
+        if r is None or c is None:
+            lines.append(f"{dataset}: the default's {ref} / {control} have not run yet.\n")
+            continue
+        (rm, rp, _), (cm, cp, _) = r, c
+        lines += [f"## {dataset}", "",
+                  f"{ref}: {_acc(rm)} at 1.00x ({rm['train_seconds']:.0f} s); "
+                  f"{control}: {_acc(cm)} at {cm['infer_flop_ratio']:.2f}x ({cm['train_seconds']:.0f} s)", "",
+                  "| setting | mode | accuracy [95% CI] | FLOPs | mean layers | vs line | layers ctrl wrong / right "
+                  f"| train {b}L | train time |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        slope = (rm["accuracy"] - cm["accuracy"]) / (rm["infer_flop_ratio"] - cm["infer_flop_ratio"])
+        for setting in order:
+            # fixed modes run under a setting (the reference and control with more epochs, vanilla-4): no depth
+            modes = setting_config(setting).dht.modes
+            found_models = sorted(p.name for p in (OUT / setting / dataset).glob("*") if p.is_dir())
+            fixed = [m for m in found_models if modes[m].search == "fixed" and setting != "default"]
+            for model in [*models, *fixed]:
+                got = _read(setting, dataset, model)
+                if got is None:
+                    continue
+                m, p, sel = got
+                line = cm["accuracy"] + slope * (m["infer_flop_ratio"] - cm["infer_flop_ratio"])
+                if model in fixed:
+                    lines.append(f"| {setting} | {model} | {_acc(m)} | {m['infer_flop_ratio']:.2f}x | "
+                                 f"{m['mean_layers']:.2f} | {100 * (m['accuracy'] - line):+.1f} pt | - | - | "
+                                 f"{m['train_seconds']:.0f} s |")
+                    continue
+                analysis = depth_analysis({model: p}, (ref, rp), (control, cp))
+                bins = {x.label: x for x in analysis.groupings["control"][1]}
+                wrong, right = (analysis.mean_layers(model, bins[f"{control} {w}"]) for w in ("wrong", "right"))
+                lines.append(
+                    f"| {setting} | {model} | {_acc(m)} | {m['infer_flop_ratio']:.2f}x | {m['mean_layers']:.2f} | "
+                    f"{100 * (m['accuracy'] - line):+.1f} pt | {wrong:.2f} / {right:.2f} | "
+                    f"{_shallow_share(sel, b):.2f} | {m['train_seconds']:.0f} s |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _acc(m: dict[str, Any]) -> str:
+    from dht.evaluation import accuracy_text
+
+    return accuracy_text(m)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train and evaluate the settings' runs (one at a time)")
+    r.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS)
+    r.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
+    r.add_argument("--models", nargs="+", default=DHT_MODES)
+    r.add_argument("--threads", type=int, default=1)
+    s = sub.add_parser("summary", help="write experiments/levers/summary.md from the finished runs")
+    s.add_argument("--settings", nargs="+", default=None)
+    sub.add_parser("list", help="print each lever atom and its overlay")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "list":
+            for name, overlay in ATOMS.items():
+                print(f"{name}: {json.dumps(overlay)}")
+        elif args.command == "run":
+            configs = {s: setting_config(s) for s in args.settings}  # every setting validated before any run
+            for setting in args.settings:
+                cfg = configs[setting]
+                extra = [cfg.run.reference, cfg.run.control] if setting == "default" else []
+                for dataset in args.datasets:
+                    for model in dict.fromkeys([*extra, *args.models]):
+                        if model is None:
+                            continue
+                        start = time.perf_counter()
+                        run_one(cfg, setting, dataset, model, args.threads)
+                        print(f"  ({time.perf_counter() - start:.0f} s wall)", flush=True)
+        else:
+            text = summary(args.settings)
+            OUT.mkdir(parents=True, exist_ok=True)
+            (OUT / "summary.md").write_text(text + "\n")
+            print(text)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
