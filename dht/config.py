@@ -221,6 +221,9 @@ class FeaturesConfig(_Strict):
     # epoch: recompute the arm features from the model being trained at the start of every epoch after the
     # first (docs/training.md, T14); none: the stage's single pass (the paper).
     refresh: Literal["none", "epoch"] = "none"
+    # Add the shallow exit's uncertainty (1 - the top-class probability of the shared classifier read on S1) to
+    # the UCB_L / UCB_cp context: not the paper's (its context is the pooled S1 alone); docs/training.md T20.
+    exit_confidence: bool = False
 
 
 class BanditConfig(_Strict):

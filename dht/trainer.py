@@ -62,6 +62,13 @@ def _spec(pool: Any) -> PoolingSpec:
     return PoolingSpec(tuple(pool.seq_splits), tuple(pool.hidden_splits))
 
 
+def exit_uncertainty(model: DHTForSequenceClassification, s1: Tensor, mask: Tensor) -> Tensor:
+    """1 - the top-class probability of the model's classifier read on S1 [B] (the shared head after the b
+    fixed layers; T20). The caller sets the mode and the gradient (S1's: eval, none)."""
+    keep = None if bool(mask.all()) else mask.bool()
+    return 1.0 - model.classify(s1, keep).float().softmax(-1).max(-1).values
+
+
 @dataclass
 class Decision:
     """What the policy chose for the samples of one queue batch, kept for the rewards."""
@@ -90,7 +97,10 @@ class Policy:
         self.pool_l = _spec(feats.ucb_cp if self.search == "integrated" else feats.ucb_l)
         self.pool_h = _spec(feats.ucb_h)
         self.pool_t = _spec(feats.tsb)
-        self.norm_l = RunningNormalizer(self.pool_l.size)
+        # T20: the shallow exit's uncertainty as one more context entry of UCB_L / UCB_cp (normalised with it)
+        self.exit_confidence = feats.exit_confidence and self.search != "fixed"
+        self.context_size = self.pool_l.size + int(self.exit_confidence)
+        self.norm_l = RunningNormalizer(self.context_size)
         # One normaliser per dynamic group for the UCB_H and TSB contexts: group o sees states of depth b + o c,
         # whose scale and spread differ (docs/training.md, T18).
         self.norm_h = [RunningNormalizer(self.pool_h.size) for _ in self.groups]
@@ -103,7 +113,7 @@ class Policy:
         if self.search == "tree":
             self.layer_options = list(mode.layers or [])
             self.head_options = list(mode.heads or [])
-            self.ucb = LinUCB(arm_matrix(arm_features, "ucb_l", self.layer_options), self.pool_l.size,
+            self.ucb = LinUCB(arm_matrix(arm_features, "ucb_l", self.layer_options), self.context_size,
                               alpha=bc.ucb_alpha, lam=bc.ucb_lambda, seed=seed)
             self.ucb_h = LinUCB(arm_matrix(arm_features, "ucb_h", self.head_options), self.pool_h.size,
                                 extra_dim=len(self.groups), alpha=bc.ucb_alpha, lam=bc.ucb_lambda, seed=seed + 1)
@@ -113,7 +123,7 @@ class Policy:
             self.arm_heads = [arm_layer_heads(parse_arm(a), self.b, self.n_heads) for a in self.arms]
             self.layer_options = sorted({len(h) for h in self.arm_heads})
             if self.search == "integrated":
-                self.ucb = LinUCB(arm_matrix(arm_features, "ucb_cp", self.arms), self.pool_l.size,
+                self.ucb = LinUCB(arm_matrix(arm_features, "ucb_cp", self.arms), self.context_size,
                                   alpha=bc.ucb_alpha, lam=bc.ucb_lambda, seed=seed)
         if self.search != "fixed":
             tsb_z = arm_matrix(arm_features, "tsb", range(self.n_heads)) if bc.tsb_arm_features else None
@@ -127,11 +137,17 @@ class Policy:
 
     # ---- Algorithm 2, lines 2-6: the depth from S1 ------------------------------------------------------------
 
-    def choose_arms(self, s1: Tensor | None, mask: Tensor, batch: int, greedy: bool, learn: bool) -> tuple[Tensor, Tensor]:
-        """(arm index [B], normalised context [B, F]) for `batch` samples."""
+    def choose_arms(self, s1: Tensor | None, mask: Tensor, batch: int, greedy: bool, learn: bool,
+                    uncertainty: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(arm index [B], normalised context [B, F]) for `batch` samples; `uncertainty` [B] is the shallow exit's
+        (:func:`exit_uncertainty`), required when the policy uses it (T20)."""
         if self.ucb is None:
             return torch.zeros(batch, dtype=torch.long), torch.zeros(batch, 0)
         x = self.pool_l(s1.float(), mask).cpu()
+        if self.exit_confidence:
+            if uncertainty is None:
+                raise ValueError("this policy reads the shallow exit's uncertainty (dht.features.exit_confidence)")
+            x = torch.cat([x, uncertainty.float().cpu()[:, None]], dim=1)
         x = self.norm_l(x, update=learn)
         return self.ucb.select(x, greedy=greedy), x
 
@@ -627,12 +643,13 @@ class Trainer:
     def _enqueue(self, policy: Policy, chunk: Tensor) -> list[tuple[int, list[tuple[int, int, Tensor]]]]:
         """S1 and the depth decision for a round of samples; the queues that fill up (Algorithm 3, lines 2-5)."""
         ids, mask, _ = self.train_data.batch(chunk, self.device)
-        s1 = None
+        s1 = u = None
         if policy.uses_s1:
             self.model.eval()  # S1: the previous weights, no gradient, no dropout
             with torch.no_grad():
                 s1 = self.model.encode_prefix(ids, mask)
-        arm, context = policy.choose_arms(s1, mask, len(chunk), greedy=False, learn=True)
+                u = exit_uncertainty(self.model, s1, mask) if policy.exit_confidence else None
+        arm, context = policy.choose_arms(s1, mask, len(chunk), greedy=False, learn=True, uncertainty=u)
         layers = policy.layers_of(arm)
         released = []
         for row, index in enumerate(chunk.tolist()):
@@ -757,7 +774,9 @@ def predict(model: DHTForSequenceClassification, policy: Policy, data: SplitData
         hidden, keep = model.embed(ids, mask)
         first = min(b, n_layers)
         hidden = model.run_layers(hidden, keep, 0, first)  # S1 (= S2,0: the weights do not change)
-        arm, _ = policy.choose_arms(hidden if policy.uses_s1 else None, mask, len(index), greedy=greedy, learn=False)
+        u = exit_uncertainty(model, hidden, mask) if policy.exit_confidence else None
+        arm, _ = policy.choose_arms(hidden if policy.uses_s1 else None, mask, len(index), greedy=greedy, learn=False,
+                                    uncertainty=u)
         layers = policy.layers_of(arm)
         for L in layers.unique().tolist():
             sel = (layers == L).nonzero().squeeze(1)
