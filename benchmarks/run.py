@@ -939,7 +939,7 @@ class ScalingPoint:
         chunk = torch.arange(batch)
         policy, frozen = dht.active(dht.mode.warmup_epochs)  # P-DHT: its own phase, after the warm-up
         weights = depth_weights(policy)
-        context = torch.zeros(policy.pool_l.size)
+        context = torch.zeros(policy.context_size)
         flop_parts: dict[int, float] = {}
 
         def ref_step() -> float:
@@ -985,7 +985,9 @@ def scaling_section(cfg: Config, args: argparse.Namespace, device: torch.device)
     max_seq = max(s for s, _ in grid)
     vocab, labels = 1000, 4
     scfg = patched(cfg, **{"model.max_position_embeddings": max(cfg.model.max_position_embeddings, max_seq),
-                           "run.models": list(cfg.dht.modes)})
+                           # the modes in use (the profile's and the scaling mode): the others may be another
+                           # profile's, with arms deeper than this model
+                           "run.models": list(dict.fromkeys([*cfg.run.models, mode_name]))})
     torch.manual_seed(cfg.seed)
     model = model_from_params(scfg, labels, vocab).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
