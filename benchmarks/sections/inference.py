@@ -30,7 +30,7 @@ from sections.inputs import BenchmarkError, DataInfo
 
 WALL_GOAL = 1.25  # wall ratio <= 1.25 x FLOP ratio (inference, DHT modes)
 
-# Inference: the bandits' decisions inside predict (pooling, normalisation and selection are nested in these).
+# The bandits' decisions inside predict (pooling, normalisation and selection are nested in these).
 DECISION_TIMERS: list[tuple[Any, str, str]] = [
     (Policy, "choose_arms", "decide"),
     (Policy, "choose_heads", "decide"),

@@ -1,6 +1,6 @@
 """Section 3: a cold `snakemake --cores 4 reports/table1.md` in a throw-away copy of the project, then an
-immediate no-op rerun (goal < 10 s), and the test suite's duration (`pytest -q`). Each is run once: these are
-minutes, not milliseconds, and nothing is compared within a round."""
+immediate no-op rerun (goal < 10 s), and the test suite's duration (`pytest -q`). Each runs once: minutes, not
+milliseconds, so there are no rounds."""
 
 from __future__ import annotations
 
