@@ -190,8 +190,8 @@ def test_full_run_names_the_command_for_a_missing_model(project):
 
 
 def test_interleaving_pairs_rounds_and_timers_restore_methods():
-    run = load_run()
-    common = sys.modules["_common"]
+    load_run()  # puts benchmarks/ on sys.path and imports its modules
+    common, inference = sys.modules["_common"], sys.modules["sections.inference"]
     calls: list[str] = []
     seconds = {"ref": [2.0, 4.0, 8.0], "other": [1.0, 2.0, 4.0]}
 
@@ -207,6 +207,6 @@ def test_interleaving_pairs_rounds_and_timers_restore_methods():
 
     timers = common.Timers()
     original = Policy.choose_arms
-    with common.instrumented(timers, run.DECISION_TIMERS):
+    with common.instrumented(timers, inference.DECISION_TIMERS):
         assert Policy.choose_arms is not original
     assert Policy.choose_arms is original
