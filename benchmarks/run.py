@@ -71,6 +71,8 @@ from sections.training import training_section  # noqa: E402
 from dht.config import ConfigError, load_config  # noqa: E402
 from dht.tracking import git_commit  # noqa: E402
 
+SECTIONS = ("inference", "training", "scaling", "pipeline")  # in the order they run
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scaling-seq", type=int, nargs="+", default=None, help="sequence lengths (default 32 64 128)")
     p.add_argument("--scaling-batch", type=int, nargs="+", default=None, help="batch sizes (default 8 32 128)")
     p.add_argument("--keep-pipeline-copy", action="store_true", help="keep the throw-away project of section 3")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                   help="the sections to run (default: all four); the report holds only those")
     args = p.parse_args(argv)
     if args.quick:
         args.skip_pipeline = args.skip_suite = True
@@ -134,11 +138,14 @@ def main(argv: list[str] | None = None) -> Path:
     out = out if out.is_absolute() else root / out
     sections: list[Section] = []
     try:
-        for make in (lambda: inference_section(cfg, args, root, device),
-                     lambda: training_section(cfg, args, root, device),
-                     lambda: scaling_section(cfg, args, device),
-                     lambda: pipeline_section(args)):
-            section = make()
+        makers = {"inference": lambda: inference_section(cfg, args, root, device),
+                  "training": lambda: training_section(cfg, args, root, device),
+                  "scaling": lambda: scaling_section(cfg, args, device),
+                  "pipeline": lambda: pipeline_section(args)}
+        for name in SECTIONS:
+            if name not in args.sections:
+                continue
+            section = makers[name]()
             sections.append(section)
             print("\n" + section.markdown(), flush=True)
     except BenchmarkError as err:

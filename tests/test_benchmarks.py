@@ -138,6 +138,16 @@ def ratios(text: str) -> list[float]:
 
 
 @pytest.mark.slow
+def test_sections_runs_only_the_sections_asked_for(project):
+    run = load_run()
+    out = run.main(run_args(project, "--quick", "--repeats", "1", "--warmup", "0", "--sections", "scaling",
+                            "--scaling-seq", "8", "--scaling-batch", "2", "--out", str(project / "scaling.md")))
+    report = Path(out).read_text()
+    section(report, 4)
+    assert not re.search(r"^## [123]\. ", report, flags=re.M)
+
+
+@pytest.mark.slow
 def test_quick_report_has_every_section_and_machine(quick_report):
     for number in (1, 2, 3, 4):
         section(quick_report, number)
