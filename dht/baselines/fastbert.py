@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from dht.baselines import loop
 from dht.flops import Convention, FlopShape, forward_flops, full_model_flops
 from dht.guard import FiniteGuard
 from dht.model import DHTForSequenceClassification
@@ -377,42 +378,29 @@ def distill(
     per_sample = distill_flops_per_sample(
         train.input_ids.shape[1] if seq_len is None else seq_len, fastbert.teacher.config, fastbert.cla_hidden_size
     )
-    epoch_kl: list[float] = []
-    steps = 0
+
+    def loss_of(index: Tensor) -> Tensor:
+        ids, mask, _ = train.batch(index, device)
+        student_logits, teacher_logits = fastbert(ids, mask)
+        log_q = F.log_softmax(student_logits.float(), dim=-1)  # [S, B, C]
+        p_t = F.softmax(teacher_logits.float(), dim=-1).expand_as(log_q)
+        # KLDivLoss(reduction="batchmean") per student, summed over students.
+        return F.kl_div(log_q, p_t, reduction="sum") / len(index)
+
+    report = None if on_epoch is None else lambda epoch, seen: on_epoch(epoch, seen.sample_mean())
     start = time.perf_counter()
     fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        for epoch in range(epochs):
-            fastbert.students.train()
-            order = torch.randperm(n, generator=generator)
-            total_kl = 0.0
-            for lo in range(0, n, batch_size):
-                index = order[lo : lo + batch_size]
-                ids, mask, _ = train.batch(index, device)
-                student_logits, teacher_logits = fastbert(ids, mask)
-                log_q = F.log_softmax(student_logits.float(), dim=-1)  # [S, B, C]
-                p_t = F.softmax(teacher_logits.float(), dim=-1).expand_as(log_q)
-                # KLDivLoss(reduction="batchmean") per student, summed over students.
-                loss = F.kl_div(log_q, p_t, reduction="sum") / len(index)
-                guard.loss(loss, steps + 1, epoch + 1)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                steps += 1
-                guard.parameters(fastbert.students.named_parameters(), steps, epoch + 1)
-                total_kl += float(loss.detach()) * len(index)
-            epoch_kl.append(total_kl / n)
-            if on_epoch is not None:
-                on_epoch(epoch + 1, epoch_kl[-1])
+        history = loop.train(fastbert.students, optimizer, loss_of, n, epochs=epochs, batch_size=batch_size,
+                             generator=torch.Generator().manual_seed(seed), guard=guard, scheduler=scheduler,
+                             on_epoch=report)
     fastbert.eval()
     return {
-        "epoch_kl": epoch_kl,
+        "epoch_kl": [epoch.sample_mean() for epoch in history],
         "train_flops": float(per_sample) * n * epochs,
         "train_flops_per_sample": float(per_sample),
-        "steps": steps,
+        "steps": sum(len(epoch.losses) for epoch in history),
         "samples": n * epochs,
         "seconds": time.perf_counter() - start,
     }

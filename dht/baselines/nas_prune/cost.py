@@ -50,7 +50,6 @@ def head_flops(de: Any, d: int, num_labels: int, pooling: str) -> Any:
     return 2 * de * d + 2 * d * num_labels
 
 
-
 def tas_cost_loss(expected: Tensor, actual: float, target: float, tolerance: float) -> Tensor:
     """The computation cost loss, equation (4) of the report (TAS, Dong & Yang 2019, equation (8)).
 

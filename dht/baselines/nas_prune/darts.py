@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dht.baselines import loop
 from dht.baselines.nas_prune.arch import PrunedArch, teacher_fields
 from dht.baselines.nas_prune.cost import Convention, pruned_flops, tas_cost_loss
 from dht.baselines.nas_prune.masks import unit_gates
@@ -83,23 +83,9 @@ class SearchResult:
         return cls(alphas=alphas, **info)
 
 
-
 def _halves(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     perm = torch.randperm(n, generator=generator)
     return perm[: n // 2], perm[n // 2 :]
-
-
-
-def _batches(index: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    order = index[torch.randperm(len(index), generator=generator)]
-    for lo in range(0, len(order), batch_size):
-        yield order[lo : lo + batch_size]
-
-
-def _cycle(index: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    while True:
-        yield from _batches(index, batch_size, generator)
-
 
 
 def search(
@@ -189,12 +175,12 @@ def search(
         dims = [net.alpha_embed, net.alpha_qk, net.alpha_v, net.alpha_ffn]
         history: list[dict[str, Any]] = []
         spent = 0.0
-        arch_iter = _cycle(arch_half, batch_size, gen)
+        arch_iter = loop.cycle(arch_half, batch_size, gen)
         step = 0
         for epoch in range(epochs):
             sums = {"ce": 0.0, "ce_weights": 0.0, "cost_loss": 0.0, "sampled_flop_ratio": 0.0}
             steps = 0
-            for w_index in _batches(weight_half, batch_size, gen):
+            for w_index in loop.batches(weight_half, batch_size, gen):
                 a_index = next(arch_iter)
                 # Architecture step (equation (3)), weights fixed.
                 for p in net.weight_parameters():
@@ -207,10 +193,7 @@ def search(
                 cost = tas_cost_loss(expected, actual, target, tolerance)
                 step += 1
                 arch_loss = ce + lambda_cost * cost
-                guard.loss(arch_loss, step, epoch + 1, what="architecture loss")
-                arch_opt.zero_grad(set_to_none=True)
-                arch_loss.backward()
-                arch_opt.step()
+                loop.update(arch_loss, arch_opt, guard, step, epoch + 1, what="architecture loss")
                 with torch.no_grad():
                     for alpha in dims:
                         alpha.clamp_(-alpha_clip, alpha_clip)
@@ -221,11 +204,8 @@ def search(
                 with torch.no_grad():
                     gates = {k: t.detach() for k, t in net.sampled_gates(gen).items()}
                 ce_w = F.cross_entropy(net(ids, mask, gates, dropout=True), labels)
-                guard.loss(ce_w, step, epoch + 1, what="weight loss")
-                weight_opt.zero_grad(set_to_none=True)
-                ce_w.backward()
-                weight_opt.step()
-                guard.parameters(net.named_parameters(), step, epoch + 1)
+                # The guard checks every parameter of the supernet, the alphas too.
+                loop.update(ce_w, weight_opt, guard, step, epoch + 1, model=net, what="weight loss")
                 for schedule in schedules:
                     schedule.step()
                 spent += len(a_index) * arch_step + len(w_index) * weight_step

@@ -3,14 +3,15 @@ in the pipeline's format."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from dht.baselines import loop
+from dht.baselines.inference import predict_probs, static_predictions
 from dht.baselines.nas_prune.cost import pruned_flops
-from dht.baselines.nas_prune.darts import _batches
 from dht.baselines.nas_prune.pruned import PrunedBert
 from dht.flops import full_model_flops
 from dht.guard import FiniteGuard
@@ -53,45 +54,35 @@ def finetune(
     teacher = teacher.to(device)
     was_training = teacher.training
     teacher.eval()
-    gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(pruned.parameters(), lr=lr, weight_decay=0.01)
-    keys = ("loss_per_epoch", "kd_per_epoch", "ce_per_epoch")
-    out: dict[str, Any] = {key: [] for key in keys}
-    out["train_flops"] = 0.0
+
+    def loss_of(index: Tensor) -> tuple[Tensor, dict[str, Tensor | float]]:
+        ids, mask, labels = train.batch(index, device)
+        with torch.no_grad():
+            t_logits = teacher(ids, attention_mask=mask).logits
+        s_logits = pruned(ids, mask)
+        kd = F.kl_div(F.log_softmax(s_logits / temperature, -1), F.softmax(t_logits / temperature, -1),
+                      reduction="batchmean") * temperature**2
+        ce = F.cross_entropy(s_logits, labels)
+        n = seq_len if seq_len is not None else ids.shape[1]
+        flops = len(index) * (full_model_flops(n, teacher.config, "full") + 3 * pruned_flops(pruned.arch, n, "full"))
+        return alpha_kd * kd + (1 - alpha_kd) * ce, {"kd": kd, "ce": ce, "flops": flops}
+
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            pruned.train()
-            step = 0
-            for epoch in range(1, epochs + 1):
-                sums, steps = [0.0, 0.0, 0.0], 0
-                for index in _batches(torch.arange(len(train)), batch_size, gen):
-                    ids, mask, labels = train.batch(index, device)
-                    with torch.no_grad():
-                        t_logits = teacher(ids, attention_mask=mask).logits
-                    s_logits = pruned(ids, mask)
-                    kd = F.kl_div(F.log_softmax(s_logits / temperature, -1), F.softmax(t_logits / temperature, -1),
-                                  reduction="batchmean") * temperature**2
-                    ce = F.cross_entropy(s_logits, labels)
-                    loss = alpha_kd * kd + (1 - alpha_kd) * ce
-                    step += 1
-                    guard.loss(loss, step, epoch)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    guard.parameters(pruned.named_parameters(), step, epoch)
-                    n = seq_len if seq_len is not None else ids.shape[1]
-                    out["train_flops"] += len(index) * (full_model_flops(n, teacher.config, "full")
-                                                        + 3 * pruned_flops(pruned.arch, n, "full"))
-                    for i, value in enumerate((loss, kd, ce)):
-                        sums[i] += float(value.detach())
-                    steps += 1
-                for i, key in enumerate(keys):
-                    out[key].append(sums[i] / max(steps, 1))
+            history = loop.train(pruned, optimizer, loss_of, len(train), epochs=epochs, batch_size=batch_size,
+                                 generator=torch.Generator().manual_seed(seed), guard=guard)
     finally:
         pruned.eval()
         teacher.train(was_training)
-    return out
+    spent = 0.0
+    for epoch in history:
+        for flops in epoch.extras.get("flops", []):
+            spent += flops
+    return {"loss_per_epoch": [epoch.mean() for epoch in history],
+            "kd_per_epoch": [epoch.mean("kd") for epoch in history],
+            "ce_per_epoch": [epoch.mean("ce") for epoch in history], "train_flops": spent}
 
 
 @torch.no_grad()
@@ -103,22 +94,7 @@ def predict_pruned(pruned: PrunedBert, data: SplitData, device: torch.device | s
     ``flops`` / ``flops_linear`` = :func:`pruned_flops` at the padded length ``seq_len`` (as ``dht.trainer.predict``
     counts), so :func:`dht.trainer.evaluate` computes the FLOP ratios against the teacher's full model.
     """
-    device = torch.device(device)
-    pruned = pruned.to(device).eval()
-    n = len(data)
-    labels = torch.zeros(n, dtype=torch.long)
-    probs = torch.zeros(n, pruned.arch.num_labels)
-    start = time.perf_counter()
-    for lo in range(0, n, batch_size):
-        index = torch.arange(lo, min(lo + batch_size, n))
-        ids, mask, _ = data.batch(index, device)
-        p = pruned(ids, mask).float().softmax(-1).cpu()
-        probs[index] = p
-        labels[index] = p.argmax(-1)
-    seconds = time.perf_counter() - start
-    n_layers = len(pruned.arch.layers)
-    heads = torch.tensor(pruned.arch.heads_per_layer(), dtype=torch.long).expand(n, n_layers).clone()
-    flops = torch.full((n,), float(pruned_flops(pruned.arch, seq_len, "full")), dtype=torch.float64)
-    flops_linear = torch.full((n,), float(pruned_flops(pruned.arch, seq_len, "linear")), dtype=torch.float64)
-    return Predictions(labels, probs, torch.full((n,), n_layers, dtype=torch.long), heads, flops, flops_linear,
-                       seconds)
+    pruned = pruned.to(torch.device(device)).eval()
+    probs, seconds = predict_probs(pruned, data, batch_size, device)
+    return static_predictions(probs, pruned.arch.heads_per_layer(), pruned_flops(pruned.arch, seq_len, "full"),
+                              pruned_flops(pruned.arch, seq_len, "linear"), seconds)

@@ -40,7 +40,6 @@ def rescaled_sigmoid(alpha: Tensor) -> Tensor:
     return _RescaledSigmoid.apply(alpha)
 
 
-
 def unit_gates(alphas: dict[str, Tensor]) -> dict[str, Tensor]:
     """The factor every searchable unit's output is multiplied by in the supernet: ``sigmoid(alpha)`` for the
     dimensions (Section 5.5.1), ``N_H * softmax(alpha)`` for the heads of a layer (equation (5), rescaled so that
@@ -48,7 +47,6 @@ def unit_gates(alphas: dict[str, Tensor]) -> dict[str, Tensor]:
     out = {k: torch.sigmoid(v) for k, v in alphas.items() if k != "heads"}
     out["heads"] = alphas["heads"].shape[-1] * torch.softmax(alphas["heads"], dim=-1)
     return out
-
 
 
 def masked_layer_norm(x: Tensor, ln: nn.LayerNorm, m: Tensor) -> Tensor:

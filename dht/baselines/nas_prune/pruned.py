@@ -105,7 +105,6 @@ def fit_threshold(alphas: dict[str, Tensor], fields: dict[str, Any], target: flo
     return cands[left], derive_arch(alphas, fields, cands[left])
 
 
-
 class _Dense(nn.Module):
     """``nn.Linear`` that accepts zero input or output features (a fully pruned FFN or attention).
 
