@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dht.baselines import loop
+from dht.baselines import BaselineJob, BaselineRun, loop
 from dht.baselines.inference import predict_probs, static_predictions
 from dht.flops import forward_flops
 from dht.guard import FiniteGuard
@@ -120,3 +120,16 @@ def predict_student(model: DHTForSequenceClassification, data: SplitData, device
     return static_predictions(probs, full, forward_flops(seq_len, full, conf, "full"),
                               forward_flops(seq_len, full, conf, "linear"), seconds,
                               width=max(conf.num_hidden_layers, 12))
+
+
+def run(layers: float, job: BaselineJob) -> BaselineRun:
+    """The ``distil-<layers>`` baseline (:func:`dht.baselines.run_baseline`): a student of ``layers`` of the
+    teacher's layers, distilled, written to ``job.out_model`` and run on the test split."""
+    c = job.cfg.baselines.distil
+    model = student_from_teacher(job.teacher, int(layers))
+    info = distill(model, job.teacher, job.train, epochs=c.epochs, lr=c.learning_rate, temperature=c.temperature,
+                   alpha_kd=c.alpha_kd, alpha_ce=c.alpha_ce, alpha_cos=c.alpha_cos,
+                   batch_size=job.cfg.train.batch_size, device=job.device, seed=job.cfg.seed, seq_len=job.seq_len)
+    pred = predict_student(model, job.test, job.device, job.cfg.train.eval_batch_size, job.seq_len)
+    model.save_pretrained(job.out_model)
+    return BaselineRun(pred, info["train_flops"], info["loss_per_epoch"])

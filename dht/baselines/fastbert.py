@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from dht.baselines import loop
+from dht.baselines import BaselineJob, BaselineRun, loop
 from dht.flops import Convention, FlopShape, forward_flops, full_model_flops
 from dht.guard import FiniteGuard
 from dht.model import DHTForSequenceClassification
@@ -55,6 +55,7 @@ __all__ = [
     "exit_flops",
     "normalized_entropy",
     "predict_fastbert",
+    "run",
 ]
 
 STUDENTS_FILE = "fastbert_students.safetensors"
@@ -494,3 +495,23 @@ def predict_fastbert(
         flops_linear=per_exit["linear"][exits - 1],
         seconds=seconds,
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The baseline fastbert-<speed>
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run(speed: float, job: BaselineJob) -> BaselineRun:
+    """The ``fastbert-<speed>`` baseline (:func:`dht.baselines.run_baseline`): students on the teacher, distilled,
+    written to ``job.out_model`` (the students only) and run on the test split at ``speed``."""
+    c = job.cfg.baselines.fastbert
+    # FastBERT's branch classifier is 128 wide on BERT-base (768): keep that proportion on smaller models,
+    # or a 128-wide classifier costs more than the layers it lets a sample skip (docs/baselines-fastbert.md).
+    width = c.classifier_size or max(8, round(job.teacher.config.hidden_size * 128 / 768))
+    model = FastBERT(job.teacher, cla_hidden_size=width)
+    info = distill(model, job.train, c.epochs, c.learning_rate, job.cfg.train.batch_size, job.device, job.cfg.seed,
+                   seq_len=job.seq_len)
+    pred = predict_fastbert(model, job.test, speed, job.device, job.cfg.train.eval_batch_size, job.seq_len)
+    model.save(job.out_model)
+    return BaselineRun(pred, info["train_flops"], info["epoch_kl"])
