@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dht.baselines import nas_prune as nas
+from dht.baselines.nas_prune import supernet as supernet_module
 from dht.flops import full_model_flops
 from dht.model import DHTConfig, DHTForSequenceClassification
 from dht.trainer import SplitData, evaluate
@@ -214,19 +215,19 @@ def test_supernet_keeps_the_residual_stream_zero_outside_the_kept_dimensions(any
     gates = net.hard_gates(arch)
     pruned_dims = gates["embed"] == 0
     seen: list[torch.Tensor] = []
-    original = nas._masked_layer_norm
+    original = supernet_module.masked_layer_norm
 
     def spy(x, ln, m):
         out = original(x, ln, m)
         seen.extend([x, out])
         return out
 
-    nas._masked_layer_norm = spy
+    supernet_module.masked_layer_norm = spy
     try:
         with torch.no_grad():
             net(train_data.input_ids[:4], train_data.attention_mask[:4], gates)
     finally:
-        nas._masked_layer_norm = original
+        supernet_module.masked_layer_norm = original
     pre = teacher.config.layer_norm == "pre"
     assert len(seen) == 2 * (1 + 2 * 12 + pre)  # embeddings, 2 per layer, pre-LN's final LayerNorm
     checked = seen[1:] if pre else seen[1::2]

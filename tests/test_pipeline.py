@@ -120,10 +120,10 @@ def test_each_stage_declares_the_code_it_really_runs(project):
     kind's module): a module added to a stage's imports reruns the stage, and dvc.yaml's deps say the same."""
     import os
 
+    from dht.baselines import KINDS
     from dht.pipeline import snakemake_jobs
 
-    kinds = {"distil": "dht.baselines.distil", "fastbert": "dht.baselines.fastbert",
-             "nas-prune": "dht.baselines.nas_prune", "flexibert": "dht.flexibert.pipeline"}
+    kinds = {kind: b.module for kind, b in KINDS.items()}
     declared: dict[str, set[str]] = {}
     for job in snakemake_jobs(project, "tiny"):
         script = next(c for c in job.cmd.split() if c.startswith("workflow/scripts/"))

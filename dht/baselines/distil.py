@@ -14,7 +14,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from dht.baselines import BaselineJob, BaselineRun, loop
+from dht.baselines.inference import predict_probs, static_predictions
 from dht.flops import forward_flops
 from dht.guard import FiniteGuard
 from dht.model import DHTConfig, DHTForSequenceClassification
@@ -75,63 +78,58 @@ def distill(
     for p in teacher.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
     t_layers = teacher.config.num_hidden_layers
     per_sample = (forward_flops(seq_len, [teacher.config.num_attention_heads] * t_layers, teacher.config)
                   + 3 * forward_flops(seq_len, [student.config.num_attention_heads] * student.config.num_hidden_layers,
                                       student.config))
-    flops = 0.0
+
+    def loss_of(index: Tensor) -> Tensor:
+        ids, mask, labels = train.batch(index, device)
+        with torch.no_grad():
+            t_out = teacher(input_ids=ids, attention_mask=mask)
+        s_out = student(input_ids=ids, attention_mask=mask, labels=labels)
+        kd = F.kl_div(F.log_softmax(s_out.logits / temperature, -1), F.softmax(t_out.logits / temperature, -1),
+                      reduction="batchmean") * temperature**2
+        loss = alpha_kd * kd + alpha_ce * s_out.loss
+        if alpha_cos:
+            keep = mask.bool()
+            cos = F.cosine_similarity(s_out.last_hidden_state[keep], t_out.last_hidden_state[keep], dim=-1)
+            loss = loss + alpha_cos * (1 - cos).mean()
+        return loss
+
     start = time.perf_counter()
-    step = 0
-    for epoch in range(1, epochs + 1):
-        student.train()
-        order = torch.randperm(len(train), generator=gen)
-        total, count = 0.0, 0
-        for lo in range(0, len(order), batch_size):
-            ids, mask, labels = train.batch(order[lo : lo + batch_size], device)
-            with torch.no_grad():
-                t_out = teacher(input_ids=ids, attention_mask=mask)
-            s_out = student(input_ids=ids, attention_mask=mask, labels=labels)
-            kd = F.kl_div(F.log_softmax(s_out.logits / temperature, -1), F.softmax(t_out.logits / temperature, -1),
-                          reduction="batchmean") * temperature**2
-            loss = alpha_kd * kd + alpha_ce * s_out.loss
-            if alpha_cos:
-                keep = mask.bool()
-                cos = F.cosine_similarity(s_out.last_hidden_state[keep], t_out.last_hidden_state[keep], dim=-1)
-                loss = loss + alpha_cos * (1 - cos).mean()
-            step += 1
-            guard.loss(loss, step, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            guard.parameters(student.named_parameters(), step, epoch)
-            total += float(loss.detach()) * len(labels)
-            count += len(labels)
-            flops += per_sample * len(labels)
-        losses.append(total / count)
-    return {"loss_per_epoch": losses, "train_flops": flops, "seconds": time.perf_counter() - start}
+    history = loop.train(student, optimizer, loss_of, len(train), epochs=epochs, batch_size=batch_size,
+                         generator=torch.Generator().manual_seed(seed), guard=guard, clip=1.0)
+    flops = 0.0
+    for epoch in history:
+        for size in epoch.sizes:
+            flops += per_sample * size
+    return {"loss_per_epoch": [epoch.sample_mean() for epoch in history], "train_flops": flops,
+            "seconds": time.perf_counter() - start}
 
 
-@torch.no_grad()
 def predict_student(model: DHTForSequenceClassification, data: SplitData, device: torch.device, batch_size: int,
                     seq_len: int) -> Predictions:
     """Plain inference of a (student) model: every sample runs all its layers and heads."""
     model = model.to(device).eval()
     conf = model.config
-    probs = []
-    start = time.perf_counter()
-    for lo in range(0, len(data), batch_size):
-        ids, mask, _ = data.batch(torch.arange(lo, min(lo + batch_size, len(data))), device)
-        probs.append(model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1).cpu())
-    seconds = time.perf_counter() - start
-    p = torch.cat(probs)
-    n, layers, heads = len(data), conf.num_hidden_layers, conf.num_attention_heads
-    full = [heads] * layers
-    teacher_layers = max(layers, 12)  # rows of `heads` have room for the reference model's layers
-    heads_rows = torch.zeros(n, teacher_layers, dtype=torch.long)
-    heads_rows[:, :layers] = heads
-    flops = torch.full((n,), float(forward_flops(seq_len, full, conf, "full")), dtype=torch.float64)
-    flops_lin = torch.full((n,), float(forward_flops(seq_len, full, conf, "linear")), dtype=torch.float64)
-    return Predictions(p.argmax(-1), p, torch.full((n,), layers), heads_rows, flops, flops_lin, seconds)
+    probs, seconds = predict_probs(lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits, data,
+                                   batch_size, device)
+    full = [conf.num_attention_heads] * conf.num_hidden_layers
+    # rows of `heads` have room for the reference model's layers
+    return static_predictions(probs, full, forward_flops(seq_len, full, conf, "full"),
+                              forward_flops(seq_len, full, conf, "linear"), seconds,
+                              width=max(conf.num_hidden_layers, 12))
+
+
+def run(layers: float, job: BaselineJob) -> BaselineRun:
+    """The ``distil-<layers>`` baseline (:func:`dht.baselines.run_baseline`): a student of ``layers`` of the
+    teacher's layers, distilled, written to ``job.out_model`` and run on the test split."""
+    c = job.cfg.baselines.distil
+    model = student_from_teacher(job.teacher, int(layers))
+    info = distill(model, job.teacher, job.train, epochs=c.epochs, lr=c.learning_rate, temperature=c.temperature,
+                   alpha_kd=c.alpha_kd, alpha_ce=c.alpha_ce, alpha_cos=c.alpha_cos,
+                   batch_size=job.cfg.train.batch_size, device=job.device, seed=job.cfg.seed, seq_len=job.seq_len)
+    pred = predict_student(model, job.test, job.device, job.cfg.train.eval_batch_size, job.seq_len)
+    model.save_pretrained(job.out_model)
+    return BaselineRun(pred, info["train_flops"], info["loss_per_epoch"])

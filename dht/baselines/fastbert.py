@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from dht.baselines import BaselineJob, BaselineRun, loop
 from dht.flops import Convention, FlopShape, forward_flops, full_model_flops
 from dht.guard import FiniteGuard
 from dht.model import DHTForSequenceClassification
@@ -54,6 +55,7 @@ __all__ = [
     "exit_flops",
     "normalized_entropy",
     "predict_fastbert",
+    "run",
 ]
 
 STUDENTS_FILE = "fastbert_students.safetensors"
@@ -377,42 +379,29 @@ def distill(
     per_sample = distill_flops_per_sample(
         train.input_ids.shape[1] if seq_len is None else seq_len, fastbert.teacher.config, fastbert.cla_hidden_size
     )
-    epoch_kl: list[float] = []
-    steps = 0
+
+    def loss_of(index: Tensor) -> Tensor:
+        ids, mask, _ = train.batch(index, device)
+        student_logits, teacher_logits = fastbert(ids, mask)
+        log_q = F.log_softmax(student_logits.float(), dim=-1)  # [S, B, C]
+        p_t = F.softmax(teacher_logits.float(), dim=-1).expand_as(log_q)
+        # KLDivLoss(reduction="batchmean") per student, summed over students.
+        return F.kl_div(log_q, p_t, reduction="sum") / len(index)
+
+    report = None if on_epoch is None else lambda epoch, seen: on_epoch(epoch, seen.sample_mean())
     start = time.perf_counter()
     fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        for epoch in range(epochs):
-            fastbert.students.train()
-            order = torch.randperm(n, generator=generator)
-            total_kl = 0.0
-            for lo in range(0, n, batch_size):
-                index = order[lo : lo + batch_size]
-                ids, mask, _ = train.batch(index, device)
-                student_logits, teacher_logits = fastbert(ids, mask)
-                log_q = F.log_softmax(student_logits.float(), dim=-1)  # [S, B, C]
-                p_t = F.softmax(teacher_logits.float(), dim=-1).expand_as(log_q)
-                # KLDivLoss(reduction="batchmean") per student, summed over students.
-                loss = F.kl_div(log_q, p_t, reduction="sum") / len(index)
-                guard.loss(loss, steps + 1, epoch + 1)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                steps += 1
-                guard.parameters(fastbert.students.named_parameters(), steps, epoch + 1)
-                total_kl += float(loss.detach()) * len(index)
-            epoch_kl.append(total_kl / n)
-            if on_epoch is not None:
-                on_epoch(epoch + 1, epoch_kl[-1])
+        history = loop.train(fastbert.students, optimizer, loss_of, n, epochs=epochs, batch_size=batch_size,
+                             generator=torch.Generator().manual_seed(seed), guard=guard, scheduler=scheduler,
+                             on_epoch=report)
     fastbert.eval()
     return {
-        "epoch_kl": epoch_kl,
+        "epoch_kl": [epoch.sample_mean() for epoch in history],
         "train_flops": float(per_sample) * n * epochs,
         "train_flops_per_sample": float(per_sample),
-        "steps": steps,
+        "steps": sum(len(epoch.losses) for epoch in history),
         "samples": n * epochs,
         "seconds": time.perf_counter() - start,
     }
@@ -506,3 +495,23 @@ def predict_fastbert(
         flops_linear=per_exit["linear"][exits - 1],
         seconds=seconds,
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The baseline fastbert-<speed>
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run(speed: float, job: BaselineJob) -> BaselineRun:
+    """The ``fastbert-<speed>`` baseline (:func:`dht.baselines.run_baseline`): students on the teacher, distilled,
+    written to ``job.out_model`` (the students only) and run on the test split at ``speed``."""
+    c = job.cfg.baselines.fastbert
+    # FastBERT's branch classifier is 128 wide on BERT-base (768): keep that proportion on smaller models,
+    # or a 128-wide classifier costs more than the layers it lets a sample skip (docs/baselines-fastbert.md).
+    width = c.classifier_size or max(8, round(job.teacher.config.hidden_size * 128 / 768))
+    model = FastBERT(job.teacher, cla_hidden_size=width)
+    info = distill(model, job.train, c.epochs, c.learning_rate, job.cfg.train.batch_size, job.device, job.cfg.seed,
+                   seq_len=job.seq_len)
+    pred = predict_fastbert(model, job.test, speed, job.device, job.cfg.train.eval_batch_size, job.seq_len)
+    model.save(job.out_model)
+    return BaselineRun(pred, info["train_flops"], info["epoch_kl"])

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dht.baselines.inference import static_predictions
 from dht.config import Config, parse_baseline
 from dht.flexibert.flops import model_flops
 from dht.flexibert.model import FlexiBertForSequenceClassification
@@ -144,13 +145,10 @@ def predictions(model: FlexiBertForSequenceClassification, data: SplitData, batc
     start = time.perf_counter()
     probs = torch.from_numpy(predict_proba(model, split, batch_size, device))
     seconds = time.perf_counter() - start
-    n, n_layers, num_labels = len(data), len(arch.layers), model.config.num_labels
-    heads = torch.tensor([layer.heads for layer in arch.layers], dtype=torch.long).expand(n, n_layers).clone()
-    full = float(model_flops(arch, seq_len, num_labels, "full"))
-    linear = float(model_flops(arch, seq_len, num_labels, "linear"))
-    return Predictions(probs.argmax(-1), probs, torch.full((n,), n_layers, dtype=torch.long), heads,
-                       torch.full((n,), full, dtype=torch.float64), torch.full((n,), linear, dtype=torch.float64),
-                       seconds)
+    num_labels = model.config.num_labels
+    return static_predictions(probs, [layer.heads for layer in arch.layers],
+                              model_flops(arch, seq_len, num_labels, "full"),
+                              model_flops(arch, seq_len, num_labels, "linear"), seconds)
 
 
 def search_figure(trace: list[Mapping[str, Any]], budget_ratios: list[float], out: str | Path, title: str) -> Path:

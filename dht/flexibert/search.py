@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dht.baselines import loop
 from dht.guard import FiniteGuard
 
 from .embedding import ArchEmbedder
@@ -160,8 +161,8 @@ def train_and_evaluate(
     """Train ``arch`` briefly on ``train_split`` and return its accuracy on ``val_split``.
 
     FlexiBERT fine-tunes each queried model for a few epochs; here training is from scratch or
-    from ``inherit_from`` (weights copied by :func:`inherit_weights`), AdamW with linear warm-up and decay,
-    seeded: the same arguments give the same result. The global torch RNG is left untouched.
+    from ``inherit_from`` (weights copied by :func:`inherit_weights`), AdamW with linear warm-up and decay in the
+    baselines' loop (:func:`dht.baselines.loop.train`), seeded: the same arguments give the same result. The global torch RNG is left untouched.
 
     ``vocab_size`` / ``num_labels`` default to what the data show (max id + 1, max label + 1); pass the
     tokenizer's and dataset's real sizes (``meta.json``) when the splits may not contain them all.
@@ -194,24 +195,16 @@ def train_and_evaluate(
         warm = max(1, int(warmup_ratio * total))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
-        order_gen = torch.Generator().manual_seed(seed)
-        step, epoch_losses = 0, []
-        while step < total:
-            epoch_losses = []
-            for index in torch.randperm(ids.shape[0], generator=order_gen).split(batch_size):
-                if step >= total:
-                    break
-                out = model(ids[index].to(device), mask[index].to(device), labels[index].to(device))
-                guard.loss(out.loss, step + 1)
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                if grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                opt.step()
-                sched.step()
-                step += 1
-                guard.parameters(model.named_parameters(), step)
-                epoch_losses.append(float(out.loss.detach()))
+
+        def loss_of(index: Tensor) -> Tensor:
+            return model(ids[index].to(device), mask[index].to(device), labels[index].to(device)).loss
+
+        # `total` steps bound the epochs; the guard's messages name the step only.
+        history = loop.train(model, opt, loss_of, ids.shape[0], epochs=epochs, batch_size=batch_size,
+                             generator=torch.Generator().manual_seed(seed), guard=guard, clip=grad_clip,
+                             scheduler=sched, max_steps=total, name_epoch=False)
+    step = sum(len(epoch.losses) for epoch in history)
+    epoch_losses = history[-1].losses if history else []  # the last epoch's
     probs = predict_proba(model, val_split, eval_batch_size, device)
     accuracy = float((probs.argmax(-1) == vlabels.numpy()).mean()) if len(probs) else float("nan")
     return TrainResult(accuracy=accuracy, model=model.cpu(), steps=step,

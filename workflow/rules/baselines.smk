@@ -2,24 +2,23 @@
 # dataset (distil, fastbert, nas-prune), or found by a FlexiBERT architecture search per dataset and retrained
 # (flexibert).
 
+from dht.baselines import KINDS  # each kind's params.yaml section and module
+
 BASELINES = CFG.run.baselines
 REFERENCE = CFG.run.reference
 BASELINE_RUN = run_pattern(CFG, "baseline")
-# The module behind each kind: baseline.py imports it inside the job (the others are not its code).
-BASELINE_MODULE = {"distil": "dht.baselines.distil", "fastbert": "dht.baselines.fastbert",
-                   "nas-prune": "dht.baselines.nas_prune", "flexibert": "dht.flexibert.pipeline"}
-BASELINE_SECTION = {"distil": "distil", "fastbert": "fastbert", "nas-prune": "nas_prune", "flexibert": "flexibert"}
 
 
 def baseline_code(wildcards):
+    """baseline.py and its kind's module (dht.baselines.KINDS), which run_baseline imports inside the job
+    by name: the other kinds' modules are not its code."""
     kind, _ = parse_baseline(wildcards.baseline)
-    return code("baseline.py", BASELINE_MODULE[kind], top_level_only=True)
+    return code("baseline.py", KINDS[kind].module, top_level_only=True)
 
 
 def baseline_keys(wildcards):
     kind, _ = parse_baseline(wildcards.baseline)
-    keys = ["seed", "device", "train", f"baselines.{BASELINE_SECTION[kind]}"]
-    return tracked_params(CFG, keys + (["model"] if kind == "flexibert" else []))
+    return tracked_params(CFG, KINDS[kind].params)
 
 
 def search_input(wildcards):

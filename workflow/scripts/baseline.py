@@ -1,8 +1,8 @@
 """Stage `baseline`: one baseline of Table 2 built from the trained reference (run.reference) on one dataset:
-distil-<layers> (DistilBERT, BL2), fastbert-<speed> (FastBERT, BL3) or nas-prune-<ratio> (differentiable NAS
-pruning) and flexibert-<ratio> (the best FlexiBERT architecture of the dataset's search within that FLOP ratio,
-retrained). Writes results/<dataset>/<model>/metrics.json (the DHT runs' schema), predictions.csv and
-models/<dataset>/<model>/."""
+distil-<layers> (DistilBERT, BL2), fastbert-<speed> (FastBERT, BL3), nas-prune-<ratio> (differentiable NAS
+pruning) or flexibert-<ratio> (the best FlexiBERT architecture of the dataset's search within that FLOP ratio,
+retrained), each built by its module through dht.baselines.run_baseline. Writes results/<dataset>/<model>/
+metrics.json (the DHT runs' schema), predictions.csv and models/<dataset>/<model>/."""
 
 import json
 import shutil
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import _stage
 
+from dht.baselines import KINDS, BaselineError, BaselineJob, run_baseline
 from dht.config import parse_baseline
 from dht.evaluation import accuracy_text, write_predictions
 from dht.flops import full_model_flops
@@ -58,21 +59,21 @@ device, _ = _stage.runtime(args, cfg)
 processed = Path(args.processed)
 meta = json.loads((processed / "meta.json").read_text())
 seq_len = meta["max_length"]
-train_arrays, test_arrays = load_processed(processed, "train"), load_processed(processed, "test")
-train, test = SplitData.from_arrays(train_arrays), SplitData.from_arrays(test_arrays)
+train = SplitData.from_arrays(load_processed(processed, "train"))
+test = SplitData.from_arrays(load_processed(processed, "test"))
 try:  # checked against its checksums.sha256 first (dht.integrity)
     teacher = load_checked_model(teacher_dir, retrain_hint({"results": f"results/{run_subdir(cfg, args.dataset, cfg.run.reference, cfg.seed)}"}))
 except IntegrityError as err:
     sys.exit(f"error: --teacher {teacher_dir}: {err}")
 teacher = teacher.to(device).eval()
 reference_train = full_model_flops(seq_len, teacher.config, "full", "train") * len(train) * cfg.train.epochs
-batch, eval_batch = cfg.train.batch_size, cfg.train.eval_batch_size
 out_model = Path(args.out_model)
 if out_model.exists():
     shutil.rmtree(out_model)
-section = {"distil": "distil", "fastbert": "fastbert", "nas-prune": "nas_prune", "flexibert": "flexibert"}[kind]
+job = BaselineJob(cfg, teacher, train, test, meta, device, out_model, Path(args.search) if args.search else None)
 params = {"model_name": args.model, "dataset": args.dataset, "seed": cfg.seed, "device": str(device),
-          "baseline.kind": kind, "baseline.value": value, "baselines": cfg.section(f"baselines.{section}"),
+          "baseline.kind": kind, "baseline.value": value,
+          "baselines": cfg.section(f"baselines.{KINDS[kind].section}"),
           "model": cfg.section("model"), "train": cfg.section("train")}
 
 with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baseline", profile=cfg.profile, params=params,
@@ -80,65 +81,17 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baselin
     import mlflow
 
     start = time.perf_counter()
-    if kind == "distil":
-        from dht.baselines.distil import distill, predict_student, student_from_teacher
-
-        c = cfg.baselines.distil
-        model = student_from_teacher(teacher, int(value))
-        info = distill(model, teacher, train, epochs=c.epochs, lr=c.learning_rate, temperature=c.temperature,
-                      alpha_kd=c.alpha_kd, alpha_ce=c.alpha_ce, alpha_cos=c.alpha_cos, batch_size=batch,
-                      device=device, seed=cfg.seed, seq_len=seq_len)
-        train_flops, history = info["train_flops"], info["loss_per_epoch"]
-        pred = predict_student(model, test, device, eval_batch, seq_len)
-        model.save_pretrained(out_model)
-    elif kind == "fastbert":
-        from dht.baselines.fastbert import FastBERT, distill, predict_fastbert
-
-        c = cfg.baselines.fastbert
-        # FastBERT's branch classifier is 128 wide on BERT-base (768): keep that proportion on smaller models,
-        # or a 128-wide classifier costs more than the layers it lets a sample skip (docs/baselines-fastbert.md).
-        width = c.classifier_size or max(8, round(teacher.config.hidden_size * 128 / 768))
-        model = FastBERT(teacher, cla_hidden_size=width)
-        info = distill(model, train, c.epochs, c.learning_rate, batch, device, cfg.seed, seq_len=seq_len)
-        train_flops = info["train_flops"]
-        history = info["epoch_kl"]
-        pred = predict_fastbert(model, test, value, device, eval_batch, seq_len)
-        model.save(out_model)
-    elif kind == "flexibert":
-        from dht.flexibert.pipeline import choose, predictions, retrain, search_train_flops
-
-        if not args.search:
-            sys.exit("error: flexibert baselines need --search (the flexibert_search stage's output directory)")
-        trace = json.loads((Path(args.search) / "trace.json").read_text())["queries"]
-        try:
-            arch = choose(trace, value)
-        except ValueError as err:
-            sys.exit(f"error: {err}")
-        mlflow.log_param("arch_id", arch.id)
-        model, info = retrain(cfg, arch, train_arrays, test_arrays, meta, device)
-        # The search's training counts too, as NAS pruning's does: it is what finding the architecture cost.
-        train_flops = search_train_flops(trace) + info["train_flops"]
-        history = [info["train_loss"]]
-        pred = predictions(model, test, eval_batch, seq_len, device)
-        model.save_pretrained(out_model)
-    else:
-        from dht.baselines.nas_prune import extract, finetune, predict_pruned, search
-
-        c = cfg.baselines.nas_prune
-        found = search(teacher, train, value, c.lambda_cost, c.tolerance, c.search_epochs, c.lr_weights, c.lr_arch,
-                       batch, device, cfg.seed, seq_len)
-        model = extract(teacher, found)
-        tuned = finetune(model, teacher, train, c.finetune_epochs, c.lr_weights, c.temperature, c.alpha_kd, batch,
-                         device, cfg.seed, seq_len=seq_len)
-        train_flops = found.train_flops + tuned["train_flops"]
-        history = tuned["loss_per_epoch"]
-        pred = predict_pruned(model, test, device, eval_batch, seq_len)
-        model.save(out_model)
-        found.save(out_model / "search")
+    try:
+        built = run_baseline(kind, value, job)
+    except BaselineError as err:
+        sys.exit(f"error: {err}")
     seconds = time.perf_counter() - start
+    pred, history = built.predictions, built.history
+    if built.params:
+        mlflow.log_params(built.params)
 
     metrics = evaluate(pred, test, teacher.config, seq_len, meta.get("difficulty_names"))
-    metrics.update({"train_flop_ratio": train_flops / reference_train, "train_seconds": round(seconds, 3)})
+    metrics.update({"train_flop_ratio": built.train_flops / reference_train, "train_seconds": round(seconds, 3)})
     metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)

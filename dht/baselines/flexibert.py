@@ -1,0 +1,37 @@
+"""The ``flexibert-<ratio>`` baseline: the most accurate architecture the dataset's FlexiBERT search
+(``flexibert_search`` stage, :mod:`dht.flexibert.pipeline`) found within ``ratio`` of the teacher's FLOPs,
+retrained on the whole training split (docs/baselines-flexibert.md)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from dht.baselines import BaselineError, BaselineJob, BaselineRun
+from dht.flexibert.pipeline import choose, predictions, retrain, search_train_flops
+from dht.trainer import SplitData
+
+
+def _arrays(data: SplitData) -> dict[str, np.ndarray]:
+    """The split as the FlexiBERT code takes it (the columns of dht.tokenization.load_processed)."""
+    return {"input_ids": data.input_ids.numpy(), "attention_mask": data.attention_mask.numpy(),
+            "label": data.labels.numpy()}
+
+
+def run(ratio: float, job: BaselineJob) -> BaselineRun:
+    """Choose, retrain, write to ``job.out_model`` and run on the test split (:func:`dht.baselines.run_baseline`).
+    The search's training counts in its training FLOPs, as NAS pruning's does: it is what finding the
+    architecture cost."""
+    if job.search is None:
+        raise BaselineError("flexibert baselines need --search (the flexibert_search stage's output directory)")
+    trace = json.loads((job.search / "trace.json").read_text())["queries"]
+    try:
+        arch = choose(trace, ratio)
+    except ValueError as err:
+        raise BaselineError(str(err)) from None
+    model, info = retrain(job.cfg, arch, _arrays(job.train), _arrays(job.test), job.meta, job.device)
+    pred = predictions(model, job.test, job.cfg.train.eval_batch_size, job.seq_len, job.device)
+    model.save_pretrained(job.out_model)
+    return BaselineRun(pred, search_train_flops(trace) + info["train_flops"], [info["train_loss"]],
+                       params={"arch_id": arch.id})
