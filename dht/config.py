@@ -235,6 +235,14 @@ class DHTConfig(_Strict):
     modes: dict[str, ModeConfig]
 
 
+class DistributedConfig(_Strict):
+    """One model trained by several processes (torchrun + DistributedDataParallel, docs/distributed.md): each
+    rank trains `train.batch_size` samples a step, so a step trains nproc_per_node x batch_size samples."""
+
+    nproc_per_node: Annotated[int, Field(ge=1)] = 1  # processes (GPUs) of one node; 1: no torchrun, no DDP
+    backend: Literal["nccl", "gloo"] = "nccl"  # nccl: CUDA GPUs; gloo: CPU (the tests)
+
+
 class TrainConfig(_Strict):
     epochs: Annotated[int, Field(ge=1)] = 3
     learning_rate: Annotated[float, Field(gt=0)] = 3e-4
@@ -245,6 +253,7 @@ class TrainConfig(_Strict):
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     checkpoint_every: Annotated[int, Field(ge=1)] = 50  # optimizer steps between resumable checkpoints
     log_model: bool = True  # copy the model directory into MLflow's artifacts
+    distributed: DistributedConfig = DistributedConfig()
 
 
 class DistilConfig(_Strict):
@@ -619,6 +628,15 @@ def check_semantics(cfg: Config) -> list[str]:
             )
     if cfg.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", cfg.device):
         problems.append(f"device = {cfg.device!r}: allowed: auto, cpu, cuda, cuda:N, mps")
+    distributed = cfg.train.distributed
+    if distributed.nproc_per_node > 1:
+        if cfg.device not in ("auto", "cpu", "cuda"):
+            problems.append(
+                f"device = {cfg.device!r}: train.distributed.nproc_per_node = {distributed.nproc_per_node} gives each "
+                "process its own device (cuda:<local rank>); use auto, cuda or cpu"
+            )
+        if cfg.device == "cpu" and distributed.backend == "nccl":
+            problems.append("train.distributed.backend = 'nccl' needs CUDA GPUs, but device = 'cpu'; use gloo")
 
     for name in cfg.run.datasets:
         if name not in cfg.datasets:
