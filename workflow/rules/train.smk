@@ -2,6 +2,10 @@
 # reference, the shallow control) are the same trainer with one arm.
 
 MODELS = CFG.run.models
+# train.distributed.nproc_per_node > 1: one model trained by N processes under torchrun (DDP, docs/distributed.md),
+# one GPU each on a CUDA profile; `--standalone` rendezvouses on a free local port, so jobs on one node do not clash.
+NPROC = CFG.train.distributed.nproc_per_node
+TRAIN_LAUNCH = "python" if NPROC == 1 else f"python -m torch.distributed.run --standalone --nproc-per-node {NPROC}"
 
 
 wildcard_constraints:
@@ -36,11 +40,11 @@ rule train:
         model=directory("models/{dataset}/{model}"),
     params:
         tracked=mode_keys,
-    threads: 1
+    threads: NPROC  # the ranks share them (one torch thread each unless a profile grants more)
     resources:
-        gpu=GPU,
+        gpu=GPU * NPROC,
     shell:
-        "python workflow/scripts/train.py --profile {PROFILE} --dataset {wildcards.dataset} --model {wildcards.model}"
+        TRAIN_LAUNCH + " workflow/scripts/train.py --profile {PROFILE} --dataset {wildcards.dataset} --model {wildcards.model}"
         " --processed data/processed/{wildcards.dataset} --features data/features/{wildcards.dataset}"
         " --results results/{wildcards.dataset}/{wildcards.model} --out-model models/{wildcards.dataset}/{wildcards.model}"
         " --threads {threads}"
