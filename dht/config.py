@@ -241,6 +241,10 @@ class DistributedConfig(_Strict):
 
     nproc_per_node: Annotated[int, Field(ge=1)] = 1  # processes (GPUs) of one node; 1: no torchrun, no DDP
     backend: Literal["nccl", "gloo"] = "nccl"  # nccl: CUDA GPUs; gloo: CPU (the tests)
+    # rank: each rank's own per-L queues of q (the ranks of a step may run different depths, and a step lasts as
+    # long as its deepest batch); global: one set of queues of N x q on every rank, each released batch split over
+    # the ranks, so a step runs one depth everywhere (docs/distributed.md, T22)
+    queues: Literal["rank", "global"] = "rank"
 
 
 class TrainConfig(_Strict):

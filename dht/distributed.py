@@ -65,6 +65,7 @@ class World:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the process group (drop DistributedDataParallel first: Trainer.close_distributed)."""
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -112,10 +113,10 @@ def start(cfg: Config, device: torch.device) -> World | None:
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 
-def shard(order: Tensor, world: World) -> Tensor:
-    """This rank's share of an epoch's order: every size-th sample from its rank on (DistributedSampler's split,
+def shard(order: Tensor, rank: int, size: int) -> Tensor:
+    """Rank `rank`'s share of an epoch's order: every size-th sample from its rank on (DistributedSampler's split,
     without its padding: the shares differ by at most one sample and together hold each sample exactly once)."""
-    return order[world.rank :: world.size]
+    return order[rank::size]
 
 
 class _Pass(torch.nn.Module):

@@ -23,6 +23,7 @@ Readings of the paper taken here are listed in docs/training.md.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -419,7 +420,8 @@ class Trainer:
                 if policy is not None and policy.search != "fixed":
                     self.refresh_spaces[id(policy)] = arm_space(cfg, [name], warmup_modes=False)
         q = cfg.train.batch_size
-        self.queue = LayerQueue(q)
+        shared = world is not None and cfg.train.distributed.queues == "global"
+        self.queue = LayerQueue(q * world.size if shared else q)  # global: one set of queues for all ranks
         # Several processes (docs/distributed.md): this rank's place, DDP around the model for the gradient pass,
         # the batches its queues released that wait for a step, and the per-rank state a checkpoint gathers.
         self.world = world
@@ -719,12 +721,13 @@ class Trainer:
             policy, frozen = self.active(p.epoch)
             if p.epoch > 0 and p.position == 0 and id(policy) in self.refresh_spaces:
                 self._refresh_arm_features(policy)  # as in fit: before any sample of the epoch is queued
-            share = shard(self.order(p.epoch), world)
+            order = self.order(p.epoch)
+            shares = [shard(order, r, world.size) for r in range(world.size)]  # every rank's, for global queues
             bar = tqdm(total=length, initial=p.position, desc=f"{self.mode_name} epoch {p.epoch + 1}/{cfg.train.epochs}",
                        disable=not progress_bar or not world.is_main or os.environ.get("DHT_NO_PROGRESS") == "1",
                        mininterval=1.0, leave=False)
             while p.position < length:  # rounds in lockstep: a shorter share sends an empty chunk last
-                self.ready += self._enqueue_distributed(policy, share[p.position : p.position + q])
+                self.ready += self._enqueue_distributed(policy, [s[p.position : p.position + q] for s in shares])
                 since_checkpoint += self._steps_distributed(policy, frozen, drain=False)
                 p.position += q
                 bar.update(min(q, length - bar.n))
@@ -747,13 +750,19 @@ class Trainer:
         self._check_in_step()
         return p
 
-    def _enqueue_distributed(self, policy: Policy, chunk: Tensor) -> list[tuple[int, list[tuple[int, int, Tensor]]]]:
-        """:meth:`_enqueue` for this rank's chunk of a round, deciding jointly: every rank pools its S1 contexts,
-        they are gathered in rank order and UCB_L / UCB_cp decide on all of them on every rank (the same
-        normaliser update, the same draws), and each rank keeps its rows."""
+    def _enqueue_distributed(self, policy: Policy, chunks: list[Tensor]) -> list[tuple[int, list[tuple[int, int, Tensor]]]]:
+        """:meth:`_enqueue` for a round (``chunks``: every rank's part of it), deciding jointly: every rank pools the
+        S1 contexts of its own chunk, they are gathered in rank order and UCB_L / UCB_cp decide on all of them on
+        every rank (the same normaliser update, the same draws). Each rank queues its own rows, or, with
+        ``train.distributed.queues: global``, every rank queues all rows in its copy of the shared queues."""
+        chunk = chunks[self.world.rank]
         n = len(chunk)
+        shared = self.cfg.train.distributed.queues == "global"
         if policy.ucb is None:  # one fixed arm: nothing to decide or share
-            arm, context = policy.decide_arms(None, n, greedy=False, learn=True)
+            total = sum(map(len, chunks)) if shared else n
+            arm, context = policy.decide_arms(None, total, greedy=False, learn=True)
+            if not shared:
+                chunks = [chunk]
         else:
             x = None
             if n:
@@ -765,12 +774,13 @@ class Trainer:
             rows = [part for part in parts if part is not None]
             if not rows:
                 return []
-            arms, contexts = policy.decide_arms(torch.cat(rows), sum(len(r) for r in rows), greedy=False, learn=True)
-            start = sum(len(part) for part in parts[: self.world.rank] if part is not None)
-            arm, context = arms[start : start + n], contexts[start : start + n]
+            arm, context = policy.decide_arms(torch.cat(rows), sum(len(r) for r in rows), greedy=False, learn=True)
+            if not shared:
+                start = sum(len(part) for part in parts[: self.world.rank] if part is not None)
+                arm, context, chunks = arm[start : start + n], context[start : start + n], [chunk]
         layers = policy.layers_of(arm)
         released = []
-        for row, index in enumerate(chunk.tolist()):
+        for row, index in enumerate(torch.cat(chunks).tolist()):  # rank order, as the decisions
             full = self.queue.push(int(layers[row]), index, int(arm[row]), context[row])
             if full is not None:
                 released.append((int(layers[row]), full))
@@ -781,7 +791,15 @@ class Trainer:
 
         Within an epoch, as many steps as the rank with the fewest ready batches has (the others' wait for the
         next round: a rank's released batches never run ahead of another's by more than its number of queues);
-        at the epoch's end, as many as the rank with the most, the others taking part with an empty batch."""
+        at the epoch's end, as many as the rank with the most, the others taking part with an empty batch. With
+        ``queues: global`` every rank holds the same released batches: each is one step, split over the ranks
+        (every size-th sample from the rank's on; a rank left without samples takes part with an empty batch)."""
+        if self.cfg.train.distributed.queues == "global":
+            released, self.ready = self.ready, []
+            for layers, items in released:
+                mine = items[self.world.rank :: self.world.size]
+                self._train_batch_distributed(policy, frozen, (layers, mine) if mine else None, len(items))
+            return len(released)
         sizes = self.world.all_gather([len(items) for _, items in self.ready])
         steps = max(map(len, sizes)) if drain else min(map(len, sizes))
         mine, self.ready = self.ready[:steps], self.ready[steps:]
@@ -957,6 +975,16 @@ class Trainer:
         torch.set_rng_state(mine["torch_rng"])
         if mine["cuda_rng"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+
+    def close_distributed(self) -> None:
+        """Leave the process group after a distributed run: DDP first, while the group is still registered, then the
+        group. DDP's reducer holds the group too, and when it drops the last reference it destroys the group with the
+        GIL held, which deadlocks when gloo's worker thread is still releasing the last collective's tensors (seen
+        here at exit; pytorch/pytorch#56297); the group's own Python handle releases the GIL first."""
+        if self.world is not None:
+            self.ddp = None
+            gc.collect()
+            self.world.close()
 
     def _check_in_step(self) -> None:
         """The ranks must end with bit-identical weights and bandits: DDP keeps the weights so, the joint decisions

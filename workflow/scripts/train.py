@@ -71,7 +71,7 @@ if world is not None and not world.is_main:  # the other ranks train, then leave
     except TrainingError as err:
         sys.exit(f"error: rank {world.rank}: {err}")
     distributed.write_trace(world, trainer.trace, trainer.digests)
-    world.close()
+    trainer.close_distributed()
     sys.exit(0)
 
 mode = cfg.dht.modes[args.model]
@@ -114,7 +114,7 @@ with stage_run(args.dataset, args.model, stage="train", profile=cfg.profile, par
         sys.exit(f"error: {err}")
     if world is not None:
         distributed.write_trace(world, trainer.trace, trainer.digests)
-        world.close()
+        trainer.close_distributed()
     pred = predict(trainer.model, trainer.policy, test, device, cfg.train.eval_batch_size, meta["max_length"],
                    greedy=cfg.dht.inference == "greedy")
     metrics = evaluate(pred, test, trainer.model.config, meta["max_length"], meta.get("difficulty_names"))
