@@ -707,9 +707,10 @@ class Trainer:
     def _fit_distributed(self, log: Callable[[list[tuple[int, float, float]], Progress], None] | None,
                          progress_bar: bool) -> Progress:
         """:meth:`fit` on several ranks: each queues its share of the epoch's order (:func:`dht.distributed.shard`)
-        in rounds of q into its own queues (Algorithm 3); the decisions of a round are taken jointly on every rank's
-        contexts, and the released batches train in steps every rank takes together (one batch per rank, or an
-        empty part; docs/distributed.md). Every rank ends with the same weights and bandits (checked)."""
+        in rounds of q into its own queues (Algorithm 3), or all ranks' rows into shared ones
+        (``train.distributed.queues: global``); the decisions of a round are taken jointly on every rank's contexts,
+        and the released batches train in steps every rank takes together (one batch or an empty part per rank;
+        docs/distributed.md). Every rank ends with the same weights and bandits (checked)."""
         from tqdm.auto import tqdm
 
         cfg, p, world = self.cfg, self.progress, self.world
@@ -814,7 +815,7 @@ class Trainer:
         rank's does not): contexts gathered in rank order, one decision on all of them on every rank, this rank's
         rows returned ({} when it has none; None when no rank reaches the group)."""
         mine = None if state is None else (*policy.head_contexts(state, mask), arm)
-        parts = [part for part in self.world.all_gather(mine)]
+        parts = self.world.all_gather(mine)
         rows = [part for part in parts if part is not None]
         if not rows:
             return None
