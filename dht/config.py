@@ -222,7 +222,7 @@ class FeaturesConfig(_Strict):
     # first (docs/training.md, T14); none: the stage's single pass (the paper).
     refresh: Literal["none", "epoch"] = "none"
     # Add the shallow exit's uncertainty (1 - the top-class probability of the shared classifier read on S1) to
-    # the UCB_L / UCB_cp context: not the paper's (its context is the pooled S1 alone); docs/training.md T20.
+    # the UCB_L / UCB_cp context: not the paper's (its context is the pooled S1 alone); docs/training.md T23.
     exit_confidence: bool = False
 
 
@@ -258,6 +258,18 @@ class DHTConfig(_Strict):
     modes: dict[str, ModeConfig]
 
 
+class DistributedConfig(_Strict):
+    """One model trained by several processes (torchrun + DistributedDataParallel, docs/distributed.md): each
+    rank trains `train.batch_size` samples a step, so a step trains nproc_per_node x batch_size samples."""
+
+    nproc_per_node: Annotated[int, Field(ge=1)] = 1  # processes (GPUs) of one node; 1: no torchrun, no DDP
+    backend: Literal["nccl", "gloo"] = "nccl"  # nccl: CUDA GPUs; gloo: CPU (the tests)
+    # rank: each rank's own per-L queues of q (the ranks of a step may run different depths, and a step lasts as
+    # long as its deepest batch); global: one set of queues of N x q on every rank, each released batch split over
+    # the ranks, so a step runs one depth everywhere (docs/distributed.md, T22)
+    queues: Literal["rank", "global"] = "rank"
+
+
 class TrainConfig(_Strict):
     epochs: Annotated[int, Field(ge=1)] = 3
     learning_rate: Annotated[float, Field(gt=0)] = 3e-4
@@ -268,6 +280,7 @@ class TrainConfig(_Strict):
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     checkpoint_every: Annotated[int, Field(ge=1)] = 50  # optimizer steps between resumable checkpoints
     log_model: bool = True  # copy the model directory into MLflow's artifacts
+    distributed: DistributedConfig = DistributedConfig()
 
 
 class DistilConfig(_Strict):
@@ -758,6 +771,15 @@ def check_semantics(cfg: Config) -> list[str]:
             )
     if cfg.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", cfg.device):
         problems.append(f"device = {cfg.device!r}: allowed: auto, cpu, cuda, cuda:N, mps")
+    distributed = cfg.train.distributed
+    if distributed.nproc_per_node > 1:
+        if cfg.device not in ("auto", "cpu", "cuda"):
+            problems.append(
+                f"device = {cfg.device!r}: train.distributed.nproc_per_node = {distributed.nproc_per_node} gives each "
+                "process its own device (cuda:<local rank>); use auto, cuda or cpu"
+            )
+        if cfg.device == "cpu" and distributed.backend == "nccl":
+            problems.append("train.distributed.backend = 'nccl' needs CUDA GPUs, but device = 'cpu'; use gloo")
 
     for name in cfg.run.datasets:
         if name not in cfg.datasets:

@@ -65,6 +65,7 @@ ATOMS: dict[str, dict[str, Any]] = {
     "per_queue": {"dht": {"bandits": {"reward_baseline": "per_queue"}}},
     "states-train": {"dht": {"decision_states": "train"}},
     "gamma-0.25": {"dht": {"bandits": {"cost_exponent": 0.25}}},
+    "gamma-0.5": {"dht": {"bandits": {"cost_exponent": 0.5}}},
     "exit-confidence": {"dht": {"features": {"exit_confidence": True}}},
     # not a lever: a fixed 4-layer model (the middle depth), to compare with modes that settle on 4 layers
     "with-vanilla-4": {"dht": {"modes": {"vanilla-4": {"search": "fixed", "arms": ["4L12H"]}}}},

@@ -177,6 +177,22 @@ def test_negative_learning_rate():
     assert "train.learning_rate = -0.001: Input should be greater than 0" in msg
 
 
+def test_distributed_training_needs_a_device_per_rank_and_nccl_needs_cuda():
+    def two_ranks(device, backend="nccl"):
+        def mutate(r):
+            r["device"] = device
+            r["train"]["distributed"] = {"nproc_per_node": 2, "backend": backend}
+        return mutate
+
+    assert "train.distributed.backend = 'nccl' needs CUDA GPUs, but device = 'cpu'; use gloo" in errors_for(two_ranks("cpu"))
+    assert "device = 'cuda:1': train.distributed.nproc_per_node = 2 gives each process" in errors_for(two_ranks("cuda:1"))
+    assert "nproc_per_node = 0: Input should be greater than or equal to 1" in errors_for(
+        lambda r: r["train"].__setitem__("distributed", {"nproc_per_node": 0}))
+    raw = copy.deepcopy(RAW)
+    two_ranks("cpu", "gloo")(raw)
+    assert load_config(ROOT / "params.yaml", raw=raw).train.distributed.nproc_per_node == 2
+
+
 def test_typo_is_an_unknown_key_with_the_allowed_ones():
     msg = errors_for(lambda r: r["model"].__setitem__("hiden_size", 64))
     assert "model.hiden_size: unknown key; allowed here: init, hidden_size" in msg

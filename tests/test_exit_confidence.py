@@ -1,4 +1,4 @@
-"""dht.features.exit_confidence (docs/training.md T20): the shallow exit's uncertainty in the UCB_L / UCB_cp
+"""dht.features.exit_confidence (docs/training.md T23): the shallow exit's uncertainty in the UCB_L / UCB_cp
 context, in training and at inference, and a LinUCB that can route on it."""
 
 from __future__ import annotations

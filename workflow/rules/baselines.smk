@@ -28,9 +28,9 @@ def search_input(wildcards):
     return {}
 
 
-def search_arg(wildcards):
-    kind, _ = parse_baseline(wildcards.baseline)
-    return f"--search results/{wildcards.dataset}/flexibert-search" if kind == "flexibert" else ""
+def search_arg(wildcards, input):
+    """--search <the folder of the search's trace> for a flexibert-<ratio> baseline."""
+    return f"--search {os.path.dirname(input.search)}" if "search" in input.keys() else ""
 
 
 rule flexibert_search:
@@ -46,14 +46,17 @@ rule flexibert_search:
         figure="results/{dataset}/flexibert-search/search.png",
     params:
         tracked=tracked("seed", "device", "model", "train", "baselines.flexibert", "run.baselines"),
+        processed=folder("meta", of="input"),
+        out=folder("trace"),
+    log:
+        "logs/flexibert_search/{dataset}.log",
     threads: 1
     resources:
         gpu=GPU,
     shell:
         "python workflow/scripts/flexibert_search.py --profile {PROFILE} --dataset {wildcards.dataset}"
-        " --processed data/processed/{wildcards.dataset} --init-model {input.init_model}"
-        " --out results/{wildcards.dataset}/flexibert-search"
-        " --threads {threads}"
+        " --processed {params.processed} --init-model {input.init_model} --out {params.out} --threads {threads}"
+        " --log {log}"
 
 
 rule baseline:
@@ -75,12 +78,15 @@ rule baseline:
         tracked=baseline_keys,
         search=search_arg,
         seed=seed_of,
-        results=lambda wildcards, output: os.path.dirname(output.metrics),
+        processed=folder("meta", of="input"),
+        results=folder("metrics"),
+    log:
+        "logs/baseline/" + BASELINE_RUN + ".log",
     threads: 1
     resources:
         gpu=GPU,
     shell:
         "python workflow/scripts/baseline.py --profile {PROFILE} --dataset {wildcards.dataset}"
-        " --model {wildcards.baseline} --seed {params.seed} --processed data/processed/{wildcards.dataset}"
+        " --model {wildcards.baseline} --seed {params.seed} --processed {params.processed}"
         " --teacher {input.teacher} --results {params.results} --out-model {output.model} --threads {threads}"
-        " {params.search}"
+        " --log {log} {params.search}"

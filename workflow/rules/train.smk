@@ -2,6 +2,10 @@
 # reference, the shallow control) are the same trainer with one arm.
 
 MODELS = CFG.run.models
+# train.distributed.nproc_per_node > 1: one model trained by N processes under torchrun (DDP, docs/distributed.md),
+# one GPU each on a CUDA profile; `--standalone` rendezvouses on a free local port, so jobs on one node do not clash.
+NPROC = CFG.train.distributed.nproc_per_node
+TRAIN_LAUNCH = "python" if NPROC == 1 else f"python -m torch.distributed.run --standalone --nproc-per-node {NPROC}"
 
 
 wildcard_constraints:
@@ -36,12 +40,15 @@ rule train:
     params:
         tracked=mode_keys,
         seed=seed_of,
-        results=lambda wildcards, output: os.path.dirname(output.metrics),
-    threads: 1
+        processed=folder("meta", of="input"),
+        features=folder("features_meta", of="input"),
+        results=folder("metrics"),
+    log:
+        "logs/train/" + RUN + ".log",
+    threads: NPROC  # the ranks share them (one torch thread each unless a profile grants more)
     resources:
-        gpu=GPU,
+        gpu=GPU * NPROC,
     shell:
-        "python workflow/scripts/train.py --profile {PROFILE} --dataset {wildcards.dataset} --model {wildcards.model}"
-        " --seed {params.seed} --processed data/processed/{wildcards.dataset}"
-        " --features data/features/{wildcards.dataset} --results {params.results} --out-model {output.model}"
-        " --threads {threads}"
+        TRAIN_LAUNCH + " workflow/scripts/train.py --profile {PROFILE} --dataset {wildcards.dataset}"
+        " --model {wildcards.model} --seed {params.seed} --processed {params.processed} --features {params.features}"
+        " --results {params.results} --out-model {output.model} --threads {threads} --log {log}"

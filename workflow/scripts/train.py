@@ -1,15 +1,18 @@
 """Stage `train`: one DHT mode (or a fixed one: the reference, the shallow control) on one dataset: train
 (Algorithms 2-3), evaluate with the inference policy, write results/<dataset>/<model>/ (metrics.json,
-selections.json, loss.csv, predictions.csv) and models/<dataset>/<model>/. Resumes after a kill."""
+selections.json, loss.csv, predictions.csv) and models/<dataset>/<model>/. Resumes after a kill. Under torchrun
+(train.distributed.nproc_per_node > 1) every rank trains; rank 0 alone logs, evaluates and writes."""
 
 import csv
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import _stage
 
+from dht import distributed
 from dht.arm_features import load_arm_features
 from dht.evaluation import accuracy_text, write_predictions
 from dht.integrity import write_manifest
@@ -35,7 +38,16 @@ cfg.dataset(args.dataset)
 if args.model not in cfg.dht.modes:
     sys.exit(f"error: --model {args.model!r} is not a mode; allowed: {', '.join(cfg.dht.modes)}")
 
-device, _ = _stage.runtime(args, cfg)
+device, threads = _stage.runtime(args, cfg)
+try:
+    world = distributed.start(cfg, device)
+except distributed.DistributedError as err:
+    sys.exit(f"error: {err}")
+if world is not None:
+    from dht.runtime import configure_threads
+
+    device = world.device
+    configure_threads(max(1, threads // world.size))  # the rule's threads are shared by its ranks
 processed, features = Path(args.processed), Path(args.features)
 meta = json.loads((processed / "meta.json").read_text())
 train = SplitData.from_arrays(load_processed(processed, "train"))
@@ -45,14 +57,26 @@ arm_features = load_arm_features(features)
 run_fp = fingerprint(cfg, args.model, args.dataset,
                      {"data": meta["splits"], "features": json.loads((features / "meta.json").read_text())["sizes"]})
 trainer = Trainer(cfg, args.model, model, arm_features, train, device, seq_len=meta["max_length"],
-                  checkpoint_dir=Path(args.checkpoints) / run_subdir(cfg, args.dataset, args.model, cfg.seed), run_fingerprint=run_fp)
+                  checkpoint_dir=Path(args.checkpoints) / run_subdir(cfg, args.dataset, args.model, cfg.seed),
+                  run_fingerprint=run_fp, world=world)
+if world is not None and os.environ.get(distributed.TRACE_ENV):
+    trainer.trace = {}
 try:
     resumed = trainer.load_checkpoint()
 except TrainingError as err:
     sys.exit(f"error: {err}")
-if resumed:
+if resumed and (world is None or world.is_main):
     pr = trainer.progress
     print(f"train {args.dataset}/{args.model}: resuming at epoch {pr.epoch + 1}, step {pr.step} from {trainer.checkpoint_dir}")
+
+if world is not None and not world.is_main:  # the other ranks train, then leave the rest to rank 0
+    try:
+        trainer.fit(progress_bar=False)
+    except TrainingError as err:
+        sys.exit(f"error: rank {world.rank}: {err}")
+    distributed.write_trace(world, trainer.trace, trainer.digests)
+    trainer.close_distributed()
+    sys.exit(0)
 
 mode = cfg.dht.modes[args.model]
 params = {"model_name": args.model, "dataset": args.dataset, "seed": cfg.seed, "device": str(device),
@@ -92,6 +116,9 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="train",
         progress = trainer.fit(log=log)
     except TrainingError as err:
         sys.exit(f"error: {err}")
+    if world is not None:
+        distributed.write_trace(world, trainer.trace, trainer.digests)
+        trainer.close_distributed()
     pred = predict(trainer.model, trainer.policy, test, device, cfg.train.eval_batch_size, meta["max_length"],
                    greedy=cfg.dht.inference == "greedy")
     metrics = evaluate(pred, test, trainer.model.config, meta["max_length"], meta.get("difficulty_names"))
