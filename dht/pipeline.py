@@ -2,7 +2,8 @@
 
 :func:`snakemake_jobs` builds the workflow's DAG for a profile (every job, as if nothing existed yet) through
 Snakemake's API; :func:`dvc_stages` turns each job into a DVC stage with the same command, inputs (``deps``),
-outputs (``outs``) and tracked params. The profile in commands and params is written as ``${profile}``, so
+outputs (``outs``) and tracked params, and writes the jobs of a rule whose stages differ only in their wildcard
+values as one ``matrix:`` (or ``foreach:``) stage, which DVC expands back into them (``train@sst2-t-dht``). The profile in commands and params is written as ``${profile}``, so
 ``dvc exp run -S profile=tiny`` runs the same stages on the tiny profile (profiles that share dataset names,
 as default and tiny do). A profile with other datasets (paper) needs ``dht dvc-yaml --profile paper`` first.
 
