@@ -58,7 +58,7 @@ def _config_schema(args: argparse.Namespace) -> int:
 
 
 def _dvc_yaml(args: argparse.Namespace) -> int:
-    from dht.pipeline import render_dvc_yaml
+    from dht.pipeline import expand_dvc_stages, render_dvc_yaml
 
     text = render_dvc_yaml(".", args.profile)
     path = Path("dvc.yaml")
@@ -69,7 +69,9 @@ def _dvc_yaml(args: argparse.Namespace) -> int:
         print("dvc.yaml matches the Snakemake workflow")
         return 0
     path.write_text(text)
-    print(f"wrote dvc.yaml ({len(yaml.safe_load(text)['stages'])} stages, profile {args.profile})")
+    stages = yaml.safe_load(text)["stages"]
+    print(f"wrote dvc.yaml ({len(stages)} stages, {len(expand_dvc_stages(stages))} once matrix and foreach stages "
+          f"are expanded; profile {args.profile})")
     return 0
 
 
@@ -198,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     dvc.set_defaults(func=_dvc_yaml)
 
     sync = sub.add_parser("sync-snakemake", help="after dvc pull/checkout: no Snakemake rerun of restored outputs")
-    sync.add_argument("stages", nargs="*", help="DVC stages to sync (default: every stage of dvc.yaml)")
+    sync.add_argument("stages", nargs="*", help="DVC stages to sync, e.g. train@sst2-t-dht or all of train (default: every stage)")
     sync.set_defaults(func=_sync_snakemake)
 
     pred = sub.add_parser("predict", help="classify texts with a trained model (models/<dataset>/<model>)")

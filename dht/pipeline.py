@@ -2,7 +2,8 @@
 
 :func:`snakemake_jobs` builds the workflow's DAG for a profile (every job, as if nothing existed yet) through
 Snakemake's API; :func:`dvc_stages` turns each job into a DVC stage with the same command, inputs (``deps``),
-outputs (``outs``) and tracked params. The profile in commands and params is written as ``${profile}``, so
+outputs (``outs``) and tracked params, and writes the jobs of a rule whose stages differ only in their wildcard
+values as one ``matrix:`` (or ``foreach:``) stage, which DVC expands back into them (``train@sst2-t-dht``). The profile in commands and params is written as ``${profile}``, so
 ``dvc exp run -S profile=tiny`` runs the same stages on the tiny profile (profiles that share dataset names,
 as default and tiny do). A profile with other datasets (paper) needs ``dht dvc-yaml --profile paper`` first.
 
@@ -12,7 +13,10 @@ as default and tiny do). A profile with other datasets (paper) needs ``dht dvc-y
 from __future__ import annotations
 
 import ast
+import itertools
 import json
+import math
+import re
 import shlex
 import shutil
 import subprocess
@@ -243,37 +247,268 @@ def _templated(text: str, profile: str) -> str:
     return text.replace(f"--profile {shlex.quote(profile)}", "--profile ${profile}")
 
 
+def _stage_body(job: Job, profile: str) -> dict[str, Any]:
+    """The DVC stage of one Snakemake job: its command, inputs, tracked params and outputs."""
+    outs: list[Any] = []
+    metrics: list[Any] = []
+    plots: list[Any] = []
+    for out in job.outputs:
+        if out.endswith(METRICS_SUFFIX):
+            metrics.append(out)
+        elif any(out.endswith(suffix) for suffix in PLOTS):
+            spec = next(v for k, v in PLOTS.items() if out.endswith(k))
+            plots.append({out: dict(spec)})
+        else:
+            outs.append(out)
+    stage: dict[str, Any] = {"cmd": _templated(job.cmd, profile)}
+    if job.inputs:
+        stage["deps"] = list(dict.fromkeys(job.inputs))
+    stage["params"] = [PROFILE_KEY, *job.tracked, f"{OVERLAYS_KEY}.${{{PROFILE_KEY}}}"]
+    stage["outs"] = outs
+    if metrics:
+        stage["metrics"] = metrics
+    if plots:
+        stage["plots"] = plots
+    return stage
+
+
+# A wildcard value is written as `${item.<wildcard>}` only where it stands between separators: a whole command
+# argument, path component or params key part, or one side of a '-' (`seed-{seed}`). `vanilla-2` inside
+# `vanilla-2x` or `sst2` inside `sst2x` stay literal. Interpolations already there (`${profile}`) are skipped.
+_SEPARATORS = r"\s/.=-"
+_ITEM = re.compile(r"\$\{item\.([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _template(value: Any, wildcards: Mapping[str, str]) -> Any:
+    """`value` (a stage body, or part of one) with each wildcard value written as DVC's `${item.<name>}`."""
+    if isinstance(value, dict):
+        return {_template(k, wildcards): _template(v, wildcards) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_template(v, wildcards) for v in value]
+    if not isinstance(value, str) or not wildcards:
+        return value
+    by_value: dict[str, str] = {}
+    for name, v in wildcards.items():
+        by_value.setdefault(v, name)  # two wildcards with one value: the first one's name
+    alternatives = "|".join(re.escape(v) for v in sorted(by_value, key=len, reverse=True) if v)
+    if not alternatives:
+        return value
+    pattern = re.compile(rf"(\$\{{[^}}]*\}})|(?<![^{_SEPARATORS}])({alternatives})(?![^{_SEPARATORS}])")
+    return pattern.sub(lambda m: m.group(1) or f"${{item.{by_value[m.group(2)]}}}", value)
+
+
+def _expand(value: Any, item: Mapping[str, str]) -> Any:
+    """A templated stage body with `${item.<name>}` filled in for one item (as DVC does; `${profile}` stays)."""
+    if isinstance(value, dict):
+        return {_expand(k, item): _expand(v, item) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, item) for v in value]
+    if isinstance(value, str):
+        return _ITEM.sub(lambda m: item[m.group(1)] if m.group(1) in item else m.group(0), value)
+    return value
+
+
+def _refit(template: Any, constants: Mapping[str, str], body: Any, item: Mapping[str, str]) -> Any:
+    """`template` (a group's stage, `constants` the wildcards with one value in the whole group) changed as
+    little as needed to expand to `body` for a job with wildcard values `item` too: a slot `${item.x}` where
+    the body holds the group's one value of x rather than the job's becomes that value again (seed 2 in
+    `--threads 2` was a slot only by accident). None when no such template exists."""
+    if isinstance(template, dict):
+        if not isinstance(body, dict) or len(body) != len(template):
+            return None
+        pairs = [(_refit(tk, constants, bk, item), _refit(tv, constants, bv, item))
+                 for (tk, tv), (bk, bv) in zip(template.items(), body.items(), strict=True)]
+        return None if any(k is None or v is None for k, v in pairs) else dict(pairs)
+    if isinstance(template, list):
+        if not isinstance(body, list) or len(body) != len(template):
+            return None
+        values = [_refit(t, constants, b, item) for t, b in zip(template, body, strict=True)]
+        return None if any(v is None for v in values) else values
+    if not isinstance(template, str) or not isinstance(body, str):
+        return template if template == body else None
+    parts = _ITEM.split(template)  # literal, wildcard name, literal, ...
+    pattern = []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            pattern.append(re.escape(part))
+        elif part not in item:
+            return None
+        else:  # the job's own value first: a slot stays a slot wherever it can
+            alternatives = [f"(?P<t{i}>{re.escape(item[part])})"]
+            if constants.get(part, item[part]) != item[part]:
+                alternatives.append(f"(?P<l{i}>{re.escape(constants[part])})")
+            pattern.append(f"(?:{'|'.join(alternatives)})")
+    match = re.fullmatch("".join(pattern), body)
+    if match is None:
+        return None
+    return "".join(
+        part if i % 2 == 0 else constants[part] if match.group(f"t{i}") is None else f"${{item.{part}}}"
+        for i, part in enumerate(parts))
+
+
+@dataclass
+class _Group:
+    """Jobs of one rule and a template their stages are (None: a job that stays a plain stage)."""
+    template: dict[str, Any] | None
+    jobs: list[tuple[int, Job, dict[str, Any]]]  # (position in the DAG order, job, its plain stage)
+
+    def add(self, entry: tuple[int, Job, dict[str, Any]]) -> bool:
+        """Take the job in if one template, the group's with the fewest slots made literal, serves it too."""
+        if self.template is None:
+            return False
+        items = [dict(job.wildcards) for _, job, _ in self.jobs]
+        constants = {n: v for n, v in items[0].items() if all(item[n] == v for item in items)}
+        _, job, body = entry
+        template = _refit(self.template, constants, body, dict(job.wildcards))
+        members = [*self.jobs, entry]
+        if template is None or any(_expand(template, dict(j.wildcards)) != b for _, j, b in members):
+            return False
+        self.template, self.jobs = template, members
+        return True
+
+
+def _group_jobs(jobs: list[tuple[int, Job, dict[str, Any]]]) -> list[_Group]:
+    """Partition one rule's jobs into groups whose stages are one template expanded over their wildcards.
+
+    A job starts a group with its stage with every whole wildcard value written as a slot (`_template`), and
+    joins the first group whose template, with slots it contradicts made literal again, gives its stage too.
+    A value that stands in a stage by accident (seed 2 in `--threads 2`) is thus a slot only until a job with
+    another value shows it is not; a stage that differs otherwise (an extra param) starts a group of its own."""
+    groups: list[_Group] = []
+    for entry in jobs:
+        _, job, body = entry
+        if any(group.add(entry) for group in groups):
+            continue
+        template = _template(body, dict(job.wildcards))
+        if _expand(template, dict(job.wildcards)) != body:
+            template = None  # a stage that already held `${item.` text: keep it plain
+        groups.append(_Group(template, [entry]))
+    return groups
+
+
+def _common_prefix(values: list[str]) -> str:
+    """The '-'-separated words every value starts with (`fastbert-0.5`, `fastbert-0.8`: `fastbert`)."""
+    words = [v.split("-") for v in values]
+    common: list[str] = []
+    for parts in zip(*words, strict=False):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return "-".join(common)
+
+
+class _FlowList(list):
+    """A list YAML writes on one line, as DVC's examples write a matrix (`dataset: [sst2, dbpedia-subset]`)."""
+
+
+class _FlowDict(dict):
+    """A mapping YAML writes on one line (a foreach item: `{dataset: sst2, model: t-dht}`)."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_FlowList, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+_Dumper.add_representer(_FlowDict, lambda d, v: d.represent_mapping("tag:yaml.org,2002:map", v, flow_style=True))
+
+
+def _group_stage(group: _Group, fixed: Iterable[str] = ()) -> tuple[dict[str, Any], list[str]]:
+    """A `matrix:` stage when the group's items are every combination of its wildcard values, else a
+    `foreach:` over named items (named by their values joined by '-', as a matrix names them); with the names
+    of its stages' items, in the jobs' order. Wildcards in `fixed` (one value in the whole group, and named in
+    the stage's name) are written as that value instead of being an axis: `train-p-dht@sst2`."""
+    items = [dict(job.wildcards) for _, job, _ in group.jobs]
+    assert group.template is not None and all(list(item) == list(items[0]) for item in items)
+    constants = {n: items[0][n] for n in fixed}
+    assert all(item[n] == v for item in items for n, v in constants.items())
+    template = _expand(group.template, constants)
+    items = [{n: v for n, v in item.items() if n not in constants} for item in items]
+    keys = ["-".join(item.values()) for item in items]
+    axes = {n: list(dict.fromkeys(item[n] for item in items)) for n in items[0]}
+    combos = {tuple(item.values()) for item in items}
+    if len(combos) == len(items) == math.prod(len(v) for v in axes.values()):
+        return {"matrix": {n: _FlowList(v) for n, v in axes.items()}, **template}, keys
+    return {"foreach": {k: _FlowDict(item) for k, item in zip(keys, items, strict=True)}, "do": template}, keys
+
+
+def _group_names(rule: str, groups: list[_Group]) -> dict[int, tuple[str, list[str]]]:
+    """A name for each of a rule's groups (keyed by id), and the wildcards written as a value rather than an
+    axis of its stage. One group is named after the rule. Several are told apart by the wildcards whose values
+    differ between them (the model, not the dataset): the rule's name and the words each group's values of
+    those share (`train-p-dht`, `baseline-fastbert` for fastbert-0.5 and -0.8), numbered where two would share
+    a name; such a wildcard with one value in the group is then written as that value (`train-p-dht@sst2`)."""
+    if len(groups) <= 1:
+        return {id(g): (rule, []) for g in groups}
+    values = [[dict(job.wildcards) for _, job, _ in g.jobs] for g in groups]
+    wildcards = list(values[0][0])
+    apart = [n for n in wildcards if len({frozenset(v[n] for v in vs) for vs in values}) > 1]
+    labels = ["-".join(p for n in apart if (p := _common_prefix([v[n] for v in vs]))) for vs in values]
+    names = {}
+    for i, (g, vs, label) in enumerate(zip(groups, values, labels, strict=True)):
+        name = "-".join(filter(None, [rule, label]))
+        fixed = [n for n in apart if len({v[n] for v in vs}) == 1]
+        names[id(g)] = (name if labels.count(label) == 1 else f"{name}-{i + 1}", fixed)
+    return names
+
+
 def dvc_stages(jobs: list[Job], profile: str) -> dict[str, Any]:
-    stages: dict[str, Any] = {}
-    for job in jobs:
-        outs: list[Any] = []
-        metrics: list[Any] = []
-        plots: list[Any] = []
-        for out in job.outputs:
-            if out.endswith(METRICS_SUFFIX):
-                metrics.append(out)
-            elif any(out.endswith(suffix) for suffix in PLOTS):
-                spec = next(v for k, v in PLOTS.items() if out.endswith(k))
-                plots.append({out: dict(spec)})
-            else:
-                outs.append(out)
-        stage: dict[str, Any] = {"cmd": _templated(job.cmd, profile)}
-        if job.inputs:
-            stage["deps"] = list(dict.fromkeys(job.inputs))
-        stage["params"] = [PROFILE_KEY, *job.tracked, f"{OVERLAYS_KEY}.${{{PROFILE_KEY}}}"]
-        stage["outs"] = outs
-        if metrics:
-            stage["metrics"] = metrics
-        if plots:
-            stage["plots"] = plots
-        stages[job.stage_name] = stage
-    return {"stages": stages}
+    """dvc.yaml's stages for the jobs: one plain stage per job, except that the jobs of a rule whose stages
+    differ only in their wildcard values become one `matrix:` or `foreach:` stage (`train`, run as
+    `train@sst2-t-dht`); jobs whose stages differ otherwise (p-dht's warm-up mode among the params, each
+    baseline kind's code) get a stage of their own, named by the values they share (`train-p-dht`)."""
+    bodies = [(i, job, _stage_body(job, profile)) for i, job in enumerate(jobs)]
+    rules = list(dict.fromkeys(job.rule for job in jobs))
+    entries: list[tuple[int, str, dict[str, Any]]] = []
+    for rule in rules:
+        groups = _group_jobs([b for b in bodies if b[1].rule == rule])
+        several = [g for g in groups if len(g.jobs) > 1 and g.template is not None]
+        names = _group_names(rule, several)
+        for group in groups:
+            if any(g is group for g in several):
+                name, fixed = names[id(group)]
+                stage, keys = _group_stage(group, fixed)
+                # The generator's own check: expanded as DVC expands it, the stage is every job's plain stage
+                # (names included); a group that is not falls back to plain stages.
+                expected = {f"{name}@{k}": body for k, (_, _, body) in zip(keys, group.jobs, strict=True)}
+                if len(expected) == len(group.jobs) and expand_dvc_stages({name: stage}) == expected:
+                    entries.append((group.jobs[0][0], name, stage))
+                    continue
+            entries += [(i, job.stage_name, body) for i, job, body in group.jobs]
+    names = [name for _, name, _ in entries]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise RuntimeError(f"dvc.yaml would define these stages twice: {', '.join(duplicates)}")
+    return {"stages": {name: stage for _, name, stage in sorted(entries, key=lambda e: e[0])}}
+
+
+def expand_dvc_stages(stages: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """dvc.yaml's `stages:` as DVC runs them: every `matrix:` / `foreach:` stage expanded into its
+    `<stage>@<item>` stages (`${item.<name>}` filled in; `${profile}` left to DVC). For the stages this module
+    writes: DVC's own reading of them is `dvc stage list --all`."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, stage in stages.items():
+        if "matrix" in stage:
+            axes = stage["matrix"]
+            body = {k: v for k, v in stage.items() if k != "matrix"}
+            for combo in itertools.product(*axes.values()):
+                item = dict(zip(axes, map(str, combo), strict=True))
+                out[f"{name}@{'-'.join(item.values())}"] = _expand(body, item)
+        elif "foreach" in stage:
+            for key, item in stage["foreach"].items():
+                out[f"{name}@{key}"] = _expand(stage["do"], {k: str(v) for k, v in item.items()})
+        else:
+            out[name] = stage
+    return out
+
+
+def dvc_yaml_text(stages: Mapping[str, Any], profile: str) -> str:
+    """dvc.yaml's text for `dvc_stages`' result: the header, then the stages in order, matrix axes on one line."""
+    return DVC_HEADER.format(profile=profile) + yaml.dump(stages, Dumper=_Dumper, sort_keys=False, width=1000)
 
 
 def render_dvc_yaml(root: str | Path = ".", profile: str = "default") -> str:
-    stages = dvc_stages(snakemake_jobs(root, profile), profile)
-    body = yaml.safe_dump(stages, sort_keys=False, width=1000)
-    return DVC_HEADER.format(profile=profile) + body
+    return dvc_yaml_text(dvc_stages(snakemake_jobs(root, profile), profile), profile)
 
 
 def write_dvc_yaml(root: str | Path = ".", profile: str = "default") -> Path:
@@ -292,6 +527,29 @@ def _tool(name: str) -> str:
     return str(local) if local.is_file() else name
 
 
+def _dvc_stages_of(root: Path, targets: list[str]) -> dict[str, list[str]]:
+    """The outputs (outs, metrics and plots) of dvc.yaml's stages as DVC reads them, by stage name: every stage,
+    or those `targets` name (a stage such as `train@sst2-t-dht`, or a whole `matrix:`/`foreach:` stage such
+    as `train`). DVC expands the matrix and foreach stages, so its names are the ones `dvc status` reports."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        found: dict[str, list[str]] = {}
+        unknown = []
+        for target in targets or ["dvc.yaml"]:
+            try:
+                collected = repo.stage.collect(target)
+            except DvcException:
+                unknown.append(target)
+                continue
+            for stage in collected:
+                found[stage.addressing] = [str(out.def_path) for out in stage.outs]
+    if unknown:
+        raise SyncError(f"not stages of dvc.yaml: {', '.join(unknown)} (see `dvc stage list --all`)")
+    return found
+
+
 def sync_snakemake(root: str | Path = ".", stages: Iterable[str] = ()) -> list[str]:
     """After ``dvc pull`` or ``dvc checkout``: make Snakemake accept the restored outputs instead of retraining.
 
@@ -300,14 +558,13 @@ def sync_snakemake(root: str | Path = ".", stages: Iterable[str] = ()) -> list[s
     every output with ``dvc.lock``, and ``dvc.lock`` with params.yaml and the code. When DVC reports the stages up
     to date, ``snakemake --touch`` on their outputs records them as current (file times and Snakemake's
     metadata, so later edits of params or code still rerun exactly the jobs they affect). When it does not, this
-    refuses and names the stages. Returns the outputs touched.
+    refuses and names the stages. `stages` are DVC's names (`train@sst2-t-dht`, or `train` for all of a
+    `matrix:` stage); DVC itself expands dvc.yaml, so they are the stages `dvc status` knows. Returns the outputs
+    touched.
     """
     root = Path(root)
-    dvc_yaml = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    names = list(stages) or list(dvc_yaml)
-    unknown = [n for n in names if n not in dvc_yaml]
-    if unknown:
-        raise SyncError(f"not stages of dvc.yaml: {', '.join(unknown)} (see `dvc stage list`)")
+    stages_of = _dvc_stages_of(root, list(stages))
+    names = list(stages_of)
     proc = subprocess.run([_tool("dvc"), "status", "--json", *names], cwd=root, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SyncError(f"`dvc status` failed: {proc.stderr.strip() or proc.stdout.strip()}")
@@ -318,8 +575,7 @@ def sync_snakemake(root: str | Path = ".", stages: Iterable[str] = ()) -> list[s
             f"{', '.join(sorted(changed))}. Restore them (`dvc pull` / `dvc checkout`) or rebuild them "
             "(`dvc repro` or snakemake), or sync only the stages that are current: dht sync-snakemake STAGE..."
         )
-    outs = [next(iter(o)) if isinstance(o, dict) else o
-            for n in names for kind in ("outs", "metrics", "plots") for o in dvc_yaml[n].get(kind, [])]
+    outs = [out for n in names for out in stages_of[n]]
     # --forceall: touch (and record) every job behind the outputs, also when their times already look current,
     # so that Snakemake has params and code records to compare with later.
     cmd = [_tool("snakemake"), "--cores", "1", "--touch", "--forceall", *outs]

@@ -40,7 +40,9 @@ def test_dvc_yaml_is_generated_from_the_current_workflow(project):
 
 def test_a_csv_datasets_files_are_inputs_of_its_download(project):
     """Editing a shipped CSV (data/external) must rerun its download in both runners."""
-    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    from dht.pipeline import expand_dvc_stages
+
+    stages = expand_dvc_stages(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
     deps = next(s["deps"] for name, s in stages.items() if name.startswith("download") and "sst2" in name)
     assert {"data/external/sst2/train.csv", "data/external/sst2/test.csv", "data/external/sst2/classes.txt"} <= set(deps)
     dry = run_cli(["snakemake", "-n", "--cores", "1", "data/raw/sst2/meta.json"], cwd=project)
@@ -60,37 +62,148 @@ def test_drift_between_snakefile_and_dvc_yaml_is_detected(project):
 
 
 def test_dvc_stages_mirror_snakemake_jobs(project):
-    """dvc.yaml is generated for the default profile: sst2 and dbpedia-subset, six models, five baselines."""
-    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    """dvc.yaml is generated for the default profile: sst2 and dbpedia-subset, six models, five baselines; a
+    rule's jobs that differ only in their wildcards are one `matrix:` stage, as DVC's examples write them."""
+    from dht.pipeline import expand_dvc_stages
+
+    written = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    datasets = ["dbpedia-subset", "sst2"]
+    # the two downloads read differently named folders of data/external: two stages
+    assert list(written) == ["download-dbpedia-subset", "download-sst2", "tokenize", "arm_features",
+                             "flexibert_search", "train", "train-p-dht", "baseline-distil-2", "baseline-fastbert",
+                             "baseline-flexibert-0.5", "baseline-nas-prune-0.5", "table1", "figures", "table2",
+                             "index"]
+    for name in ("tokenize", "arm_features", "flexibert_search"):
+        assert written[name]["matrix"] == {"dataset": datasets}
+    assert written["train"]["matrix"] == {"dataset": datasets,
+                                          "model": ["f-dht", "s-dht", "t-dht", "vanilla-2", "vanilla-6"]}
+    assert written["train"]["cmd"].startswith("python workflow/scripts/train.py --profile ${profile} "
+                                              "--dataset ${item.dataset} --model ${item.model} ")
+    assert written["train-p-dht"]["matrix"] == {"dataset": datasets}  # p-dht's warm-up mode is one more param
+    assert written["baseline-fastbert"]["matrix"] == {"dataset": datasets, "baseline": ["fastbert-0.5", "fastbert-0.8"]}
+
+    stages = expand_dvc_stages(written)  # as DVC runs them (checked against DVC below)
     names = list(stages)
-    assert names[:6] == ["download-dbpedia-subset", "download-sst2", "tokenize-dbpedia-subset",
-                         "tokenize-sst2", "arm_features-dbpedia-subset", "arm_features-sst2"]
+    assert names[:8] == ["download-dbpedia-subset", "download-sst2", "tokenize@dbpedia-subset", "tokenize@sst2",
+                         "arm_features@dbpedia-subset", "arm_features@sst2", "flexibert_search@dbpedia-subset",
+                         "flexibert_search@sst2"]
     assert set(names[-4:]) == {"table1", "table2", "figures", "index"} and names[-1] == "index"
     assert len(names) == 6 + 2 + 12 + 10 + 4
     # reports, metrics and plots are git-ignored outputs: cached, so that `dvc pull` restores them
     assert "reports/figures/pareto-sst2.png" in stages["figures"]["outs"]
-    assert names[6:8] == ["flexibert_search-dbpedia-subset", "flexibert_search-sst2"]
-    assert {f"train-{d}-{m}" for d in ("sst2", "dbpedia-subset")
-            for m in ("vanilla-6", "vanilla-2", "t-dht", "s-dht", "f-dht", "p-dht")} == set(names[8:20])
-    assert {f"baseline-{d}-{b}" for d in ("sst2", "dbpedia-subset")
-            for b in ("distil-2", "fastbert-0.5", "fastbert-0.8", "nas-prune-0.5", "flexibert-0.5")} == set(names[20:30])
-    flexi = stages["baseline-sst2-flexibert-0.5"]
+    assert {f"train@{d}-{m}" for d in datasets for m in ("vanilla-6", "vanilla-2", "t-dht", "s-dht", "f-dht")} | {
+        f"train-p-dht@{d}" for d in datasets} == set(names[8:20])
+    assert {f"baseline-fastbert@{d}-{b}" for d in datasets for b in ("fastbert-0.5", "fastbert-0.8")} | {
+        f"baseline-{b}@{d}" for d in datasets for b in ("distil-2", "nas-prune-0.5", "flexibert-0.5")} == set(names[20:30])
+    flexi = stages["baseline-flexibert-0.5@sst2"]
     assert "results/sst2/flexibert-search/trace.json" in flexi["deps"]
     assert flexi["cmd"].endswith("--search results/sst2/flexibert-search")
-    base = stages["baseline-sst2-fastbert-0.8"]
+    base = stages["baseline-fastbert@sst2-fastbert-0.8"]
     assert "models/sst2/vanilla-6" in base["deps"] and "dht/baselines/fastbert.py" in base["deps"]
-    train = stages["train-sst2-p-dht"]
+    assert "--model fastbert-0.8 " in base["cmd"] and "models/sst2/fastbert-0.8" in base["outs"]
+    train = stages["train-p-dht@sst2"]
     assert "dht.modes.p-dht" in train["params"] and "dht.modes.f-dht" in train["params"]  # its warm-up mode
     assert "models/sst2/p-dht" in train["outs"]
     assert train["metrics"] == ["results/sst2/p-dht/metrics.json"]
     assert list(train["plots"][0]) == ["results/sst2/p-dht/loss.csv"]
-    assert "--threads 1 " in stages["arm_features-sst2"]["cmd"]  # the rule's threads
-    assert stages["arm_features-sst2"]["cmd"].endswith(" --log logs/arm_features/sst2.log")  # the rule's log:
-    tok = stages["tokenize-sst2"]
+    assert stages["train@sst2-t-dht"]["params"][-2:] == ["dht.modes.t-dht", "profiles.${profile}"]
+    assert "--threads 1 " in stages["arm_features@sst2"]["cmd"]  # the rule's threads
+    assert stages["arm_features@sst2"]["cmd"].endswith(" --log logs/arm_features/sst2.log")  # the rule's log:
+    tok = stages["tokenize@sst2"]
     assert tok["cmd"].startswith("python workflow/scripts/tokenize_data.py --profile ${profile} ")
     assert "data/raw/sst2/train.parquet" in tok["deps"] and "dht/tokenization.py" in tok["deps"]
     assert tok["params"] == ["profile", "tokenizer", "datasets.sst2", "profiles.${profile}"]
     assert "data/processed/sst2/tokenizer" in tok["outs"]
+
+
+def dvc_reads(project: Path) -> dict:
+    """dvc.yaml's stages as DVC itself expands and interpolates them (${profile} from params.yaml)."""
+    from dvc.parsing import DataResolver
+    from dvc.repo import Repo
+
+    if not (project / ".git").is_dir():
+        subprocess.run(["git", "init", "-q"], cwd=project, check=True)  # DVC wants a git repository
+    if not (project / ".dvc").is_dir():
+        run_cli(["dvc", "init", "-q"], cwd=project)
+    with Repo(str(project)) as repo:
+        return DataResolver(repo, repo.root_dir, yaml.safe_load((project / "dvc.yaml").read_text())).resolve()["stages"]
+
+
+def test_dvc_runs_exactly_one_stage_per_snakemake_job(project):
+    """The matrix stages are a way of writing, nothing more: DVC's own expansion of dvc.yaml is, stage for stage,
+    the plain stage of each Snakemake job (command, deps, params, outs, metrics, plots)."""
+    from dht.pipeline import _stage_body, expand_dvc_stages, snakemake_jobs
+
+    written = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    read = dvc_reads(project)
+    assert len(written) < len(read)  # grouped
+
+    def interpolated(body):
+        return json.loads(json.dumps(body).replace("${profile}", "default"))
+    assert {name: interpolated(body) for name, body in expand_dvc_stages(written).items()} == read
+    by_cmd = {body["cmd"]: body for body in read.values()}
+    jobs = snakemake_jobs(project, "default")
+    assert len(jobs) == len(by_cmd) == len(read)
+    for job in jobs:
+        assert by_cmd[interpolated(job.cmd)] == interpolated(_stage_body(job, "default")), job.stage_name
+
+
+def fit_job(dataset: str, model: str, seed: str, extra: tuple[str, ...] = ()):
+    from dht.pipeline import Job
+
+    run = f"{dataset}/{model}/seed-{seed}"
+    return Job(rule="fit", wildcards=(("dataset", dataset), ("model", model), ("seed", seed)),
+               cmd=f"python fit.py --profile p --dataset {dataset} --model {model} --seed {seed} --threads 2 "
+                   f"--out out/{run}",
+               inputs=(f"data/{dataset}/train.csv", "static/m-1x/vocab.txt", "static/a2/notes.txt"),
+               outputs=(f"out/{run}/model", f"out/{run}/metrics.json", f"out/{run}/loss.csv"),
+               tracked=("seed", f"datasets.{dataset}", f"modes.{model}", *extra))
+
+
+def test_jobs_that_differ_only_in_wildcards_become_one_stage_that_dvc_expands_back(tmp_path):
+    """A rule's jobs whose stages differ only in their wildcard values are one stage: `matrix:` over a full
+    product, else `foreach:` over named items; a job whose stage differs otherwise is a stage of its own. Values
+    are replaced only where they stand whole (`m-1` in `static/m-1x` and `a` in `static/a2` stay), a value met
+    by accident (seed 2 in `--threads 2`) stays literal, and DVC expands the result back to every job's stage."""
+    from dht.pipeline import Job, _stage_body, _template, dvc_stages, dvc_yaml_text, expand_dvc_stages
+
+    assert _template("out/a/m-1/seed-2 --threads 2 ${profile} a2 m-1x", {"dataset": "a", "model": "m-1", "seed": "2"}) \
+        == "out/${item.dataset}/${item.model}/seed-${item.seed} --threads ${item.seed} ${profile} a2 m-1x"
+    full = [fit_job(d, m, s) for d in ("a", "b") for m in ("m-1", "k-2") for s in ("1", "2")]
+    partial = [j for j in full if (dict(j.wildcards)["dataset"], dict(j.wildcards)["model"]) != ("b", "k-2")]
+    warm = [fit_job(d, "p-3", s, extra=("modes.m-1",)) for d in ("a", "b") for s in ("1", "2")]
+    odd = Job(rule="fit", wildcards=(("dataset", "c"), ("model", "m-1"), ("seed", "1")), cmd="echo ${item.dataset} c",
+              inputs=(), outputs=("out/c",), tracked=())
+    solo = Job(rule="report", wildcards=(("dataset", "a"),), cmd="python report.py --profile p out/a", inputs=(),
+               outputs=("reports/a.md",), tracked=())
+
+    matrix = dvc_stages(full + [solo], "p")["stages"]
+    assert list(matrix) == ["fit", "report-a"]  # one job: a plain stage, named as before
+    assert matrix["fit"]["matrix"] == {"dataset": ["a", "b"], "model": ["m-1", "k-2"], "seed": ["1", "2"]}
+    assert matrix["fit"]["cmd"] == ("python fit.py --profile ${profile} --dataset ${item.dataset} --model ${item.model}"
+                                    " --seed ${item.seed} --threads 2 --out out/${item.dataset}/${item.model}/seed-${item.seed}")
+    assert matrix["fit"]["deps"][1:] == ["static/m-1x/vocab.txt", "static/a2/notes.txt"]
+    assert matrix["fit"]["params"][1:4] == ["seed", "datasets.${item.dataset}", "modes.${item.model}"]
+
+    stages = dvc_stages(partial + warm + [odd], "p")["stages"]
+    assert list(stages) == ["fit", "fit-p-3", "fit-c-m-1-1"]  # fit-p-3: its extra param; fit-c-...: plain
+    assert stages["fit-c-m-1-1"]["cmd"] == "echo ${item.dataset} c"  # not a template: left as it was
+    del stages["fit-c-m-1-1"]  # (and no stage DVC could read)
+    assert stages["fit"]["foreach"]["a-k-2-1"] == {"dataset": "a", "model": "k-2", "seed": "1"}
+    assert len(stages["fit"]["foreach"]) == 6 and "b-k-2-1" not in stages["fit"]["foreach"]
+    assert stages["fit-p-3"]["matrix"] == {"dataset": ["a", "b"], "seed": ["1", "2"]}  # p-3 is in its name
+    assert "--model p-3 " in stages["fit-p-3"]["cmd"] and stages["fit"]["do"]["cmd"] == matrix["fit"]["cmd"]
+    assert stages["fit-p-3"]["params"][-2] == "modes.m-1"  # `1` there is no seed, though the jobs of seed 1 say so
+
+    # DVC's own reading of what was written: every job's plain stage, under the names expand_dvc_stages gives
+    (tmp_path / "params.yaml").write_text("profile: p\n")
+    for written, jobs in ((matrix, [*full, solo]), (stages, [*partial, *warm])):
+        (tmp_path / "dvc.yaml").write_text(dvc_yaml_text({"stages": written}, "p"))
+        read = dvc_reads(tmp_path)
+        assert read == json.loads(json.dumps(expand_dvc_stages(written)).replace("${profile}", "p"))
+        assert sorted(map(json.dumps, read.values())) == sorted(
+            json.dumps(_stage_body(j, "p")).replace("${profile}", "p") for j in jobs)
+    assert set(read) >= {"fit@a-k-2-1", "fit-p-3@b-2", "fit@b-m-1-2"}
 
 
 LOADED_FILES = r"""
@@ -389,8 +502,9 @@ def test_dvc_repro_makes_the_reports_and_a_restored_checkout_does_not_retrain(pr
 
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["tokenize-embedded-news"]["params"]["params.yaml"]["profile"] == "tiny"
-    assert {"table1", "table2", "figures", "index", "train-embedded-news-t-dht", "baseline-embedded-news-distil-1",
-            "train-embedded-news-vanilla-3"} <= set(lock["stages"])  # the shallow control: the depth analysis reads it
+    # one dataset: the trained models are one matrix stage, the single baseline and tokenize plain stages
+    assert {"table1", "table2", "figures", "index", "train@embedded-news-t-dht", "baseline-embedded-news-distil-1",
+            "train@embedded-news-vanilla-3"} <= set(lock["stages"])  # the shallow control: the depth analysis reads it
     index = (project / "reports/index.md").read_text()
     assert "Profile `tiny`" in index and "](table1.md)" in index and "figures/pareto-embedded-news.png" in index
     assert "| t-dht | " in index and "/#/experiments/" in index  # each cell links its MLflow run
@@ -423,10 +537,15 @@ def test_dvc_repro_makes_the_reports_and_a_restored_checkout_does_not_retrain(pr
     assert (project / "reports/figures/loss-embedded-news.png").is_file()
     assert "mean_layers_easy" in (project / "results/embedded-news/t-dht/metrics.json").read_text()
     assert "Nothing to be done" in snakemake_todo()
+    # a matrix stage is synced by its name (all its items: 3 models x 5 outputs) or by one item's
+    assert "takes 15 outputs" in run_cli(["dht", "sync-snakemake", "train"], cwd=project).stdout
+    assert "takes 5 outputs" in run_cli(["dht", "sync-snakemake", "train@embedded-news-t-dht"], cwd=project).stdout
     # ... but a changed parameter still reruns what reads it, and the sync refuses to hide it
     set_params(project, lambda r: r["profiles"]["tiny"]["train"].__setitem__("epochs", 3))
     refused = run_cli(["dht", "sync-snakemake"], cwd=project, check=False)
-    assert refused.returncode == 1 and "train-embedded-news-t-dht" in refused.stderr
+    assert refused.returncode == 1 and "train@embedded-news-t-dht" in refused.stderr
+    nothing = run_cli(["dht", "sync-snakemake", "train@embedded-news-nothing"], cwd=project, check=False)
+    assert nothing.returncode == 1 and "not stages of dvc.yaml: train@embedded-news-nothing" in nothing.stderr
     # the two models and the control vanilla-3 (tiny's run.control, kept by the run: overlay above)
     assert job_counts(run_cli(["snakemake", "-n", "--cores", "1"], cwd=project).stdout)["train"] == 3
 

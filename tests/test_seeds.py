@@ -12,6 +12,7 @@ from test_pipeline import job_counts, set_params
 
 from dht.config import ConfigError, load_config
 from dht.evaluation import accuracy_text
+from dht.pipeline import expand_dvc_stages
 from dht.report import comparison_table
 from dht.results import aggregate, read_metrics, result_file, run_name, run_subdir, seeded
 
@@ -110,11 +111,14 @@ def test_dry_run_trains_every_model_once_per_seed(project):
     none = run_cli(["snakemake", "-n", "--cores", "1", "results/embedded-news/t-dht/seed-7/metrics.json",
                     "--config", "profile=tiny"], cwd=project, check=False)
     assert none.returncode != 0
-    # dvc.yaml follows: one stage per seed
+    # dvc.yaml follows: one stage per seed (the seed is an axis of the train matrix)
     run_cli(["dht", "dvc-yaml", "--profile", "tiny"], cwd=project)
-    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    assert "train-embedded-news-t-dht-1" in stages
-    assert "results/embedded-news/t-dht/seed-1/metrics.json" in stages["train-embedded-news-t-dht-1"]["metrics"]
+    written = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    assert written["train"]["matrix"]["seed"] == ["0", "1"]
+    stages = expand_dvc_stages(written)
+    assert "train@embedded-news-t-dht-1" in stages
+    assert "results/embedded-news/t-dht/seed-1/metrics.json" in stages["train@embedded-news-t-dht-1"]["metrics"]
+    assert "--seed 1 " in stages["train@embedded-news-t-dht-1"]["cmd"]
 
 
 @pytest.mark.slow
