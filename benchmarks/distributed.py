@@ -48,8 +48,9 @@ sys.path.insert(0, str(REPO))
 from dht import distributed  # noqa: E402
 from dht.arm_features import arm_space, compute_arm_features  # noqa: E402
 from dht.config import load_config, read_params, resolve_params  # noqa: E402
+from dht.evaluation import SplitData  # noqa: E402
 from dht.model import model_from_params  # noqa: E402
-from dht.trainer import SplitData, Trainer  # noqa: E402
+from dht.trainer import Trainer  # noqa: E402
 
 
 def config(args: argparse.Namespace, nproc: int, paper: bool = False):

@@ -13,7 +13,7 @@ prints each section's tables as it finishes. Four sections:
    12-VaBERT and DHT, predict_student / predict_fastbert / predict_pruned for the baselines. The time is the
    one those functions measure around their inference loop (what results/.../metrics.json calls
    infer_seconds). Each wall-time ratio to 12-VaBERT stands next to the analytic inference FLOP ratio,
-   recomputed by dht.trainer.evaluate from this run's predictions (the function and inputs the pipeline uses;
+   recomputed by dht.evaluation.evaluate from this run's predictions (the function and inputs the pipeline uses;
    metrics.json's value is shown beside it). Goal of the issue: for each DHT mode, wall ratio <= 1.25 x FLOP
    ratio. To name the cause of a miss, three counterfactuals are timed in the same rounds: the DHT model with
    one head set per head count instead of per-sample TSB sets (same FLOPs), 12-VaBERT split into the DHT's

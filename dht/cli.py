@@ -122,9 +122,11 @@ def _predict(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from dht.config import Config
+    from dht.evaluation import SplitData
     from dht.integrity import read_error, retrain_hint
+    from dht.policy import predict
     from dht.runtime import resolve_device
-    from dht.trainer import SplitData, load_trained, predict
+    from dht.trainer import load_trained
 
     def fail(message: object) -> int:
         print(f"error: {message}", file=sys.stderr)

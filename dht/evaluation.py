@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0  # fixed: the same predictions always give the same interval
@@ -22,6 +24,84 @@ PREDICTION_COLUMNS = ("index", "label", "pred", "prob", "layers", "n_tokens")
 # Draws per chunk of the bootstrap: 1000 resamples of a 70 000-sample test split (DBpedia) at once would take
 # 560 MB of indices.
 _CHUNK_DRAWS = 4_000_000
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a model is evaluated on and what it predicted
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitData:
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    difficulty: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> SplitData:
+        diff = arrays.get("difficulty")
+        return cls(torch.from_numpy(arrays["input_ids"]), torch.from_numpy(arrays["attention_mask"].astype(np.int64)),
+                   torch.from_numpy(arrays["label"].astype(np.int64)),
+                   None if diff is None else torch.from_numpy(diff.astype(np.int64)))
+
+    def batch(self, index: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows `index`, trimmed to the longest sample: padding beyond it costs without changing anything."""
+        mask = self.attention_mask[index]
+        width = max(int(mask.sum(dim=1).max()), 1)
+        return (self.input_ids[index, :width].to(device), mask[:, :width].to(device), self.labels[index].to(device))
+
+
+@dataclass
+class Predictions:
+    labels: Tensor  # [N]
+    probs: Tensor  # [N, C]
+    layers: Tensor  # [N]
+    heads: Tensor  # [N, N_L] heads per layer (0 beyond the sample's depth)
+    flops: Tensor  # [N] full convention
+    flops_linear: Tensor  # [N]
+    seconds: float
+
+
+def evaluate(pred: Predictions, data: SplitData, conf: Any, seq_len: int, difficulty_names: list[str] | None) -> dict[str, Any]:
+    """The metrics of Tables 1-2 (micro-F1 = accuracy and macro-F1) and what the selections cost.
+
+    `accuracy_ci95` is the accuracy's 95% percentile-bootstrap interval over the test samples
+    (:func:`dht.evaluation.bootstrap_ci`: 1000 resamples, a fixed seed), which the paper does not give."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from dht.flops import full_model_flops
+
+    y, p = data.labels.numpy(), pred.labels.numpy()
+    ran = pred.heads > 0
+    lo, hi = bootstrap_ci(y == p)
+    metrics: dict[str, Any] = {
+        "accuracy": float(accuracy_score(y, p)),
+        "accuracy_ci95": [round(lo, 6), round(hi, 6)],
+        "macro_f1": float(f1_score(y, p, average="macro")),
+        "infer_flop_ratio": float(pred.flops.mean() / full_model_flops(seq_len, conf, "full", "inference")),
+        "infer_flop_ratio_linear": float(pred.flops_linear.mean() / full_model_flops(seq_len, conf, "linear", "inference")),
+        "mean_layers": float(pred.layers.float().mean()),
+        "mean_heads": float((pred.heads.sum(1).float() / ran.sum(1).clamp(min=1)).mean()),
+        "infer_seconds": round(pred.seconds, 3),
+        "n_test": len(data),
+    }
+    if data.difficulty is not None:
+        names = difficulty_names or [str(d) for d in range(int(data.difficulty.max()) + 1)]
+        for d, name in enumerate(names):
+            sel = data.difficulty == d
+            if sel.any():
+                metrics[f"accuracy_{name}"] = float((pred.labels[sel] == data.labels[sel]).float().mean())
+                metrics[f"mean_layers_{name}"] = float(pred.layers[sel].float().mean())
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The accuracy's interval
+# --------------------------------------------------------------------------------------------------------------
 
 
 def bootstrap_ci(correct: Sequence[bool] | np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95,
@@ -62,8 +142,8 @@ def accuracy_text(metrics: dict[str, Any], digits: int = 3) -> str:
 
 
 def write_predictions(path: str | Path, pred: Any, data: Any) -> Path:
-    """results/<dataset>/<model>/predictions.csv from a :class:`dht.trainer.Predictions` and its
-    :class:`dht.trainer.SplitData`: per test sample its position in the split, true label, predicted label,
+    """results/<dataset>/<model>/predictions.csv from a :class:`dht.evaluation.Predictions` and its
+    :class:`dht.evaluation.SplitData`: per test sample its position in the split, true label, predicted label,
     probability of the predicted class, layers run (DHT: the chosen depth; FastBERT: the exit layer; other
     baselines: their depth) and non-padding tokens (special tokens included)."""
     path = Path(path)

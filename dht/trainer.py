@@ -14,9 +14,9 @@ One epoch (Algorithm 3 around Algorithm 2):
 
 12-VaBERT (BL1) is the same loop with one fixed arm (12L12H): no S1 pass, no bandits.
 
-Inference: S1 is computed once (the weights no longer change, so it doubles as S2,0), the bandits act
-greedily (``dht.inference``) without updates, samples are grouped by depth and each group runs only its
-layers and its kept heads (sliced), so the savings are real.
+The bandits' decisions and updates, the queues and inference live in :mod:`dht.policy`; what a model is
+evaluated on and the metrics in :mod:`dht.evaluation`. This module is the training loop around them, its
+checkpoints, and saving / loading a trained model with its bandits.
 
 Readings of the paper taken here are listed in docs/training.md.
 """
@@ -29,7 +29,7 @@ import json
 import math
 import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,14 +41,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dht.arm_features import ArmSpace, arm_layer_heads, arm_matrix, arm_space, compute_arm_features
-from dht.bandits import LinUCB, LogisticThompsonHeads, RewardBaseline, reward_delta, ts_reward
 from dht.config import Config, ModeConfig, parse_arm
 from dht.distributed import World, digest, shard, wrap
-from dht.features import PoolingSpec, RunningNormalizer
+from dht.evaluation import SplitData
 from dht.flops import forward_flops, full_model_flops, train_flops
 from dht.guard import FiniteGuard, TrainingError  # noqa: F401 (TrainingError: raised and re-exported here)
 from dht.integrity import checkpoint_problem, seal
 from dht.model import DHTForSequenceClassification
+from dht.policy import Decision, LayerQueue, Policy, decide_groups, exit_uncertainty
 
 POLICY_FILE = "dht_policy.json"
 BANDITS_FILE = "bandits.pt"
@@ -56,332 +56,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The bandits of one mode
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _spec(pool: Any) -> PoolingSpec:
-    return PoolingSpec(tuple(pool.seq_splits), tuple(pool.hidden_splits))
-
-
-def exit_uncertainty(model: DHTForSequenceClassification, s1: Tensor, mask: Tensor) -> Tensor:
-    """1 - the top-class probability of the model's classifier read on S1 [B] (the shared head after the b
-    fixed layers; T23). The caller sets the mode and the gradient (S1's: eval, none)."""
-    keep = None if bool(mask.all()) else mask.bool()
-    return 1.0 - model.classify(s1, keep).float().softmax(-1).max(-1).values
-
-
-@dataclass
-class Decision:
-    """What the policy chose for the samples of one queue batch, kept for the rewards."""
-
-    arm: Tensor  # [B] index into the layer options (tree) or the arms (integrated); -1 for fixed
-    context: Tensor  # [B, F_L] normalised S1 context of UCB_L / UCB_cp
-    layers: int  # L, shared by the batch (one queue)
-
-
-class Policy:
-    """UCB_L + UCB_H + TSB (tree search), UCB_cp + TSB (integrated search), or one fixed arm (12-VaBERT).
-
-    Arms in `integrated` and `fixed` modes are sequences of (layers, heads) segments (Section 6.1); the first b
-    layers always keep every head.
-    """
-
-    def __init__(self, cfg: Config, mode: ModeConfig, arm_features: dict[str, Tensor], model_config: Any):
-        self.cfg = cfg
-        self.mode = mode
-        self.search = mode.search
-        self.b = cfg.dht.fixed_layers
-        self.n_heads = model_config.num_attention_heads
-        self.groups = model_config.dynamic_layer_groups()
-        bc = cfg.dht.bandits
-        feats = cfg.dht.features
-        self.pool_l = _spec(feats.ucb_cp if self.search == "integrated" else feats.ucb_l)
-        self.pool_h = _spec(feats.ucb_h)
-        self.pool_t = _spec(feats.tsb)
-        # T23: the shallow exit's uncertainty as one more context entry of UCB_L / UCB_cp (normalised with it)
-        self.exit_confidence = feats.exit_confidence and self.search != "fixed"
-        self.context_size = self.pool_l.size + int(self.exit_confidence)
-        self.norm_l = RunningNormalizer(self.context_size)
-        # One normaliser per dynamic group for the UCB_H and TSB contexts: group o sees states of depth b + o c,
-        # whose scale and spread differ (docs/training.md, T18).
-        self.norm_h = [RunningNormalizer(self.pool_h.size) for _ in self.groups]
-        self.norm_t = [RunningNormalizer(self.pool_t.size) for _ in self.groups]
-        self.baseline = RewardBaseline()
-        seed = cfg.seed
-        self.ucb: LinUCB | None = None
-        self.ucb_h: LinUCB | None = None
-        self.tsb: LogisticThompsonHeads | None = None
-        if self.search == "tree":
-            self.layer_options = list(mode.layers or [])
-            self.head_options = list(mode.heads or [])
-            self.ucb = LinUCB(arm_matrix(arm_features, "ucb_l", self.layer_options), self.context_size,
-                              alpha=bc.ucb_alpha, lam=bc.ucb_lambda, seed=seed)
-            self.ucb_h = LinUCB(arm_matrix(arm_features, "ucb_h", self.head_options), self.pool_h.size,
-                                extra_dim=len(self.groups), alpha=bc.ucb_alpha, lam=bc.ucb_lambda, seed=seed + 1)
-            self.arm_heads: list[list[int]] = []
-        else:
-            self.arms = [str(parse_arm(a)) for a in mode.arms or []]
-            self.arm_heads = [arm_layer_heads(parse_arm(a), self.b, self.n_heads) for a in self.arms]
-            self.layer_options = sorted({len(h) for h in self.arm_heads})
-            if self.search == "integrated":
-                self.ucb = LinUCB(arm_matrix(arm_features, "ucb_cp", self.arms), self.context_size,
-                                  alpha=bc.ucb_alpha, lam=bc.ucb_lambda, seed=seed)
-        if self.search != "fixed":
-            tsb_z = arm_matrix(arm_features, "tsb", range(self.n_heads)) if bc.tsb_arm_features else None
-            self.tsb = LogisticThompsonHeads(self.n_heads, self.pool_t.size, alpha=bc.ts_alpha, lam=bc.ts_lambda,
-                                             use_arm_features=bc.tsb_arm_features, arm_features=tsb_z,
-                                             seed=seed + 2)
-
-    @property
-    def uses_s1(self) -> bool:
-        return self.search != "fixed"
-
-    # ---- Algorithm 2, lines 2-6: the depth from S1 ------------------------------------------------------------
-
-    def choose_arms(self, s1: Tensor | None, mask: Tensor, batch: int, greedy: bool, learn: bool,
-                    uncertainty: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(arm index [B], normalised context [B, F]) for `batch` samples; `uncertainty` [B] is the shallow exit's
-        (:func:`exit_uncertainty`), required when the policy uses it (T23)."""
-        return self.decide_arms(self.arm_context(s1, mask, uncertainty), batch, greedy=greedy, learn=learn)
-
-    def arm_context(self, s1: Tensor | None, mask: Tensor, uncertainty: Tensor | None = None) -> Tensor | None:
-        """UCB_L's / UCB_cp's pooled S1 context [B, F] on the CPU, not yet normalised (None without a bandit), with
-        the shallow exit's uncertainty as its last entry when the policy reads it (T23)."""
-        if self.ucb is None:
-            return None
-        x = self.pool_l(s1.float(), mask).cpu()
-        if self.exit_confidence:
-            if uncertainty is None:
-                raise ValueError("this policy reads the shallow exit's uncertainty (dht.features.exit_confidence)")
-            x = torch.cat([x, uncertainty.float().cpu()[:, None]], dim=1)
-        return x
-
-    def decide_arms(self, x: Tensor | None, batch: int, greedy: bool, learn: bool) -> tuple[Tensor, Tensor]:
-        """:meth:`choose_arms` from pooled contexts (a distributed run pools on each rank, decides on all rows)."""
-        if self.ucb is None:
-            return torch.zeros(batch, dtype=torch.long), torch.zeros(batch, 0)
-        x = self.norm_l(x, update=learn)
-        return self.ucb.select(x, greedy=greedy), x
-
-    def layers_of(self, arm: Tensor) -> Tensor:
-        if self.search == "tree":
-            return torch.tensor(self.layer_options)[arm]
-        return torch.tensor([len(self.arm_heads[a]) for a in arm.tolist()], dtype=torch.long)
-
-    # ---- Algorithm 2, lines 9-13: the heads of one group from the state reached so far ----------------------
-
-    def choose_heads(self, g: int, state: Tensor, mask: Tensor, arm: Tensor, greedy: bool, learn: bool) -> dict[str, Any]:
-        """Per-layer head plan [B, len(group), N_H] for dynamic group g, and what the rewards need.
-
-        ``state`` is the hidden state entering the group; its contexts are normalised by group g's own running
-        statistics (updated first when ``learn``)."""
-        return self.decide_heads(g, *self.head_contexts(state, mask), arm, greedy=greedy, learn=learn)
-
-    def head_contexts(self, state: Tensor, mask: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """The TSB's and (tree search) UCB_H's pooled contexts [B, F] of a state entering a group, on the CPU, not
-        yet normalised (None where the mode has no such bandit)."""
-        if self.search == "fixed":
-            return None, None
-        xt = self.pool_t(state.float(), mask).cpu()
-        return xt, self.pool_h(state.float(), mask).cpu() if self.search == "tree" else None
-
-    def decide_heads(self, g: int, xt: Tensor | None, xh: Tensor | None, arm: Tensor, greedy: bool,
-                     learn: bool) -> dict[str, Any]:
-        """:meth:`choose_heads` from pooled contexts (a distributed run pools on each rank, decides on all rows)."""
-        group = self.groups[g]
-        batch = arm.shape[0]
-        if self.search == "fixed":
-            heads = torch.tensor([self.arm_heads[a][group.start : group.stop] for a in arm.tolist()])
-            return {"plan": _first_k(heads, self.n_heads), "counts": heads}
-        xt = self.norm_t[g](xt, update=learn)
-        out: dict[str, Any] = {"xt": xt}
-        if self.search == "tree":
-            xh = self.norm_h[g](xh, update=learn)
-            e = torch.zeros(batch, len(self.groups))
-            e[:, g] = 1.0
-            h_idx = self.ucb_h.select(xh, extra=e, greedy=greedy)
-            k = torch.tensor(self.head_options)[h_idx]
-            counts = k[:, None].expand(batch, len(group)).clone()
-            out.update(xh=xh, e=e, h_idx=h_idx)
-        else:
-            counts = torch.tensor([self.arm_heads[a][group.start : group.stop] for a in arm.tolist()])
-            k = counts[:, 0]
-        chosen = self.tsb.select(xt, k, greedy=greedy)  # [B, N_H]
-        # Layers of the group that keep more heads than the TSB chose (P-DHT's full tail layers) keep all.
-        plan = chosen[:, None, :].expand(batch, len(group), self.n_heads).clone()
-        plan |= counts[:, :, None] >= self.n_heads
-        out.update(plan=plan, chosen=chosen, k=k, counts=counts)
-        return out
-
-    # ---- Algorithm 2, lines 15-16: rewards (Section 4.3) and updates ------------------------------------------
-
-    def learn(self, decision: Decision, groups: list[dict[str, Any]], loss: Tensor) -> None:
-        if self.search == "fixed":
-            return
-        bc = self.cfg.dht.bandits
-        loss = loss.detach().double().cpu()
-        layers = torch.full_like(loss, float(decision.layers))
-        key = f"/L{decision.layers}" if bc.reward_baseline == "per_queue" else ""
-        printed = bc.ts_reward_sign == "printed"
-        if self.search == "tree":
-            key_l = "ucb_l" + key
-            first = self.baseline.get(key_l) is None
-            r_l = self.baseline.reward(key_l, reward_delta(loss, layers, cost_exponent=bc.cost_exponent), bc.reward_alpha, clip=bc.reward_clip)
-            self.ucb.update(decision.context, decision.arm, r_l)
-            del first  # UCB_L learns from the neutral first reward too (a ridge regression, not a binary model)
-            for g, info in enumerate(groups):
-                key_h = f"ucb_h/g{g}" + key
-                first_h = self.baseline.get(key_h) is None
-                delta = reward_delta(loss, layers, info["k"].double(), cost_exponent=bc.cost_exponent)
-                r_h = self.baseline.reward(key_h, delta, bc.reward_beta_h, clip=bc.reward_clip)
-                self.ucb_h.update(info["xh"], info["h_idx"], r_h, extra=info["e"])
-                if not first_h:  # a neutral first-batch reward carries no information for a binary learner
-                    self.tsb.update(info["xt"], info["chosen"], ts_reward(r_h, bc.reward_beta_h, printed_cases=printed))
-        else:
-            heads = torch.tensor([float(_dynamic_heads(self.arm_heads[a], self.b)) for a in decision.arm.tolist()],
-                                 dtype=torch.float64)
-            key_cp = "ucb_cp" + key
-            first = self.baseline.get(key_cp) is None
-            r_cp = self.baseline.reward(key_cp, reward_delta(loss, layers, heads, cost_exponent=bc.cost_exponent), bc.reward_beta_cp, clip=bc.reward_clip)
-            self.ucb.update(decision.context, decision.arm, r_cp)
-            if not first:
-                r_ts = ts_reward(r_cp, bc.reward_beta_cp, printed_cases=printed)
-                for info in groups:
-                    self.tsb.update(info["xt"], info["chosen"], r_ts)
-
-    # ---- persistence ------------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"norm_l": self.norm_l.state_dict(),
-                                 "norm_h": [norm.state_dict() for norm in self.norm_h],
-                                 "norm_t": [norm.state_dict() for norm in self.norm_t],
-                                 "baseline": self.baseline.state_dict()}
-        for name in ("ucb", "ucb_h", "tsb"):
-            bandit = getattr(self, name)
-            if bandit is not None:
-                state[name] = bandit.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.norm_l.load_state_dict(state["norm_l"])
-        for name in ("norm_h", "norm_t"):
-            saved, norms = state[name], getattr(self, name)
-            if not isinstance(saved, list) or len(saved) != len(norms):
-                raise ValueError(
-                    f"policy state has {'one' if isinstance(saved, dict) else len(saved)} {name} normaliser(s), "
-                    f"this policy one per dynamic group ({len(norms)}): it was written by an older version "
-                    "(one normaliser for every group) or another model; retrain"
-                )
-            for norm, norm_state in zip(norms, saved, strict=True):
-                norm.load_state_dict(norm_state)
-        self.baseline.load_state_dict(state["baseline"])
-        for name in ("ucb", "ucb_h", "tsb"):
-            bandit = getattr(self, name)
-            if bandit is not None:
-                bandit.load_state_dict(state[name])
-
-    def describe(self) -> dict[str, Any]:
-        """What `dht predict` needs to rebuild this policy."""
-        return {"search": self.search, "mode": self.mode.model_dump(mode="json"),
-                "layer_options": self.layer_options, "arms": getattr(self, "arms", None)}
-
-
-def _first_k(counts: Tensor, n_heads: int) -> Tensor:
-    """Plan keeping the first k heads of each layer ([B, layers] counts -> [B, layers, N_H])."""
-    return torch.arange(n_heads)[None, None, :] < counts[:, :, None]
-
-
-def _dynamic_heads(heads: list[int], b: int) -> int:
-    """The arm's H: the heads of its dynamic part (12 when it has none, as 3L12H)."""
-    dynamic = heads[b:]
-    return min(dynamic) if dynamic else heads[-1]
-
-
-def decide_groups(model: DHTForSequenceClassification, policy: Policy, hidden: Tensor, keep: Tensor | None,
-                  mask: Tensor, arm: Tensor, layers: int, greedy: bool, learn: bool,
-                  run_last: bool = True) -> tuple[list[dict[str, Any]], Tensor]:
-    """Algorithm 2, lines 9-14 on the states of one plain pass: for each head group of an L-layer path, UCB_H
-    (tree) and the TSB decide from the state entering the group, then its layers run with the chosen heads.
-
-    ``hidden``: the state after the b fixed layers. Inference runs its whole path here; training, with
-    ``dht.decision_states: clean``, runs it in eval mode without gradient and ``run_last=False`` (the last
-    group's output decides nothing), so both decide from the same states. Returns the groups' decisions and the
-    state reached."""
-    infos: list[dict[str, Any]] = []
-    for g, group in enumerate(policy.groups):
-        if group.start >= layers:
-            break
-        info = policy.choose_heads(g, hidden, mask, arm, greedy=greedy, learn=learn)
-        infos.append(info)
-        stop = min(group.stop, layers)
-        if stop == layers and not run_last:
-            break
-        plan = info["plan"][:, : stop - group.start]
-        hidden = model.run_layers(hidden, keep, group.start, stop, None if bool(plan.all()) else plan.to(hidden.device))
-    return infos, hidden
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Queues (Algorithm 3)
-# --------------------------------------------------------------------------------------------------------------
-
-
-class LayerQueue:
-    """One queue per depth L (Algorithm 3): samples wait with their decision until q of them share an L."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.items: dict[int, list[tuple[int, int, Tensor]]] = defaultdict(list)
-
-    def push(self, layers: int, index: int, arm: int, context: Tensor) -> list[tuple[int, int, Tensor]] | None:
-        queue = self.items[layers]
-        queue.append((index, arm, context))
-        if len(queue) == self.size:
-            self.items[layers] = []
-            return queue
-        return None
-
-    def drain(self) -> list[tuple[int, list[tuple[int, int, Tensor]]]]:
-        """Every partly filled queue, smallest L first (end of epoch: no sample may drop out)."""
-        out = [(layers, q) for layers, q in sorted(self.items.items()) if q]
-        self.items = defaultdict(list)
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {str(k): [(i, a, c) for i, a, c in v] for k, v in self.items.items() if v}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.items = defaultdict(list, {int(k): list(v) for k, v in state.items()})
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SplitData:
-    input_ids: Tensor
-    attention_mask: Tensor
-    labels: Tensor
-    difficulty: Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.labels.numel()
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> SplitData:
-        diff = arrays.get("difficulty")
-        return cls(torch.from_numpy(arrays["input_ids"]), torch.from_numpy(arrays["attention_mask"].astype(np.int64)),
-                   torch.from_numpy(arrays["label"].astype(np.int64)),
-                   None if diff is None else torch.from_numpy(diff.astype(np.int64)))
-
-    def batch(self, index: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """Rows `index`, trimmed to the longest sample: padding beyond it costs without changing anything."""
-        mask = self.attention_mask[index]
-        width = max(int(mask.sum(dim=1).max()), 1)
-        return (self.input_ids[index, :width].to(device), mask[:, :width].to(device), self.labels[index].to(device))
 
 
 @dataclass
@@ -1087,104 +763,6 @@ class Trainer:
     def remove_checkpoint(self) -> None:
         if self.checkpoint_dir is not None:
             (self.checkpoint_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Inference
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Predictions:
-    labels: Tensor  # [N]
-    probs: Tensor  # [N, C]
-    layers: Tensor  # [N]
-    heads: Tensor  # [N, N_L] heads per layer (0 beyond the sample's depth)
-    flops: Tensor  # [N] full convention
-    flops_linear: Tensor  # [N]
-    seconds: float
-
-
-@torch.no_grad()
-def predict(model: DHTForSequenceClassification, policy: Policy, data: SplitData, device: torch.device,
-            batch_size: int, seq_len: int, greedy: bool = True) -> Predictions:
-    """The inference policy: S1 once, depth by UCB_L/UCB_cp, heads group by group, samples grouped by depth so
-    each group runs only its layers and its kept heads. The bandits are not updated."""
-    model.eval()
-    conf = model.config
-    n_layers, n_heads, b = conf.num_hidden_layers, conf.num_attention_heads, conf.fixed_layers
-    n = len(data)
-    out_labels = torch.zeros(n, dtype=torch.long)
-    probs = torch.zeros(n, conf.num_labels)
-    depth = torch.zeros(n, dtype=torch.long)
-    heads = torch.zeros(n, n_layers, dtype=torch.long)
-    start = time.perf_counter()
-    for lo in range(0, n, batch_size):
-        index = torch.arange(lo, min(lo + batch_size, n))
-        ids, mask, _ = data.batch(index, device)
-        hidden, keep = model.embed(ids, mask)
-        first = min(b, n_layers)
-        hidden = model.run_layers(hidden, keep, 0, first)  # S1 (= S2,0: the weights do not change)
-        u = exit_uncertainty(model, hidden, mask) if policy.exit_confidence else None
-        arm, _ = policy.choose_arms(hidden if policy.uses_s1 else None, mask, len(index), greedy=greedy, learn=False,
-                                    uncertainty=u)
-        layers = policy.layers_of(arm)
-        for L in layers.unique().tolist():
-            sel = (layers == L).nonzero().squeeze(1)
-            sel_dev = sel.to(device)
-            h, k_sub, m = hidden[sel_dev], None if keep is None else keep[sel_dev], mask[sel_dev]
-            h_rows = torch.full((len(sel), n_layers), 0, dtype=torch.long)
-            h_rows[:, :first] = n_heads
-            infos, h = decide_groups(model, policy, h, k_sub, m, arm[sel], L, greedy=greedy, learn=False)
-            for group, info in zip(policy.groups, infos, strict=False):
-                stop = min(group.stop, L)
-                h_rows[:, group.start:stop] = info["plan"][:, : stop - group.start].sum(dim=2)
-            logits = model.classify(h, k_sub).float().cpu()
-            p = logits.softmax(-1)
-            rows = index[sel]
-            out_labels[rows] = p.argmax(-1)
-            probs[rows] = p
-            depth[rows] = L
-            heads[rows] = h_rows
-    seconds = time.perf_counter() - start
-    flops = torch.tensor([forward_flops(seq_len, [h for h in row.tolist() if h], conf, "full") for row in heads],
-                         dtype=torch.float64)
-    flops_lin = torch.tensor([forward_flops(seq_len, [h for h in row.tolist() if h], conf, "linear") for row in heads],
-                             dtype=torch.float64)
-    return Predictions(out_labels, probs, depth, heads, flops, flops_lin, seconds)
-
-
-def evaluate(pred: Predictions, data: SplitData, conf: Any, seq_len: int, difficulty_names: list[str] | None) -> dict[str, Any]:
-    """The metrics of Tables 1-2 (micro-F1 = accuracy and macro-F1) and what the selections cost.
-
-    `accuracy_ci95` is the accuracy's 95% percentile-bootstrap interval over the test samples
-    (:func:`dht.evaluation.bootstrap_ci`: 1000 resamples, a fixed seed), which the paper does not give."""
-    from sklearn.metrics import accuracy_score, f1_score
-
-    from dht.evaluation import bootstrap_ci
-
-    y, p = data.labels.numpy(), pred.labels.numpy()
-    ran = pred.heads > 0
-    lo, hi = bootstrap_ci(y == p)
-    metrics: dict[str, Any] = {
-        "accuracy": float(accuracy_score(y, p)),
-        "accuracy_ci95": [round(lo, 6), round(hi, 6)],
-        "macro_f1": float(f1_score(y, p, average="macro")),
-        "infer_flop_ratio": float(pred.flops.mean() / full_model_flops(seq_len, conf, "full", "inference")),
-        "infer_flop_ratio_linear": float(pred.flops_linear.mean() / full_model_flops(seq_len, conf, "linear", "inference")),
-        "mean_layers": float(pred.layers.float().mean()),
-        "mean_heads": float((pred.heads.sum(1).float() / ran.sum(1).clamp(min=1)).mean()),
-        "infer_seconds": round(pred.seconds, 3),
-        "n_test": len(data),
-    }
-    if data.difficulty is not None:
-        names = difficulty_names or [str(d) for d in range(int(data.difficulty.max()) + 1)]
-        for d, name in enumerate(names):
-            sel = data.difficulty == d
-            if sel.any():
-                metrics[f"accuracy_{name}"] = float((pred.labels[sel] == data.labels[sel]).float().mean())
-                metrics[f"mean_layers_{name}"] = float(pred.layers[sel].float().mean())
-    return metrics
 
 
 # --------------------------------------------------------------------------------------------------------------

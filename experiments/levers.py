@@ -101,11 +101,12 @@ def setting_config(setting: str, params: str | Path = "params.yaml") -> Config:
 def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: int) -> Path:
     """Train and evaluate one mode as workflow/scripts/train.py does; write its results directory."""
     from dht.arm_features import load_arm_features
-    from dht.evaluation import accuracy_text, write_predictions
+    from dht.evaluation import SplitData, accuracy_text, evaluate, write_predictions
     from dht.model import DHTForSequenceClassification
+    from dht.policy import predict
     from dht.runtime import configure_threads, resolve_device, seed_everything
     from dht.tokenization import load_processed
-    from dht.trainer import SplitData, Trainer, evaluate, predict
+    from dht.trainer import Trainer
 
     out = OUT / setting / dataset / model_name
     if (out / "metrics.json").is_file():

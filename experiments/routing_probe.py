@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from dht.config import load_config
+from dht.evaluation import SplitData
 from dht.tokenization import load_processed
-from dht.trainer import SplitData, load_trained
+from dht.trainer import load_trained
 
 
 def contexts(root: Path, dataset: str, model_name: str) -> tuple[np.ndarray, np.ndarray]:

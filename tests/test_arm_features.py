@@ -333,7 +333,8 @@ def refresh_trainer(setup, mode, **kw):
 
 
 def finish(trainer, test):
-    from dht.trainer import evaluate, predict
+    from dht.evaluation import evaluate
+    from dht.policy import predict
 
     progress = trainer.fit(progress_bar=False)
     metrics = evaluate(predict(trainer.model, trainer.policy, test, torch.device("cpu"), 16, 12), test,

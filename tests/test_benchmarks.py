@@ -30,7 +30,8 @@ from dht.baselines.distil import student_from_teacher
 from dht.baselines.fastbert import FastBERT
 from dht.config import load_config, read_params
 from dht.model import model_from_params
-from dht.trainer import Policy, save_trained
+from dht.policy import Policy
+from dht.trainer import save_trained
 
 DATASET = "embedded-news"
 SEQ, VOCAB, LABELS = 16, 50, 4

@@ -11,8 +11,10 @@ from conftest import ROOT
 
 from dht.arm_features import arm_space, compute_arm_features
 from dht.config import ModeConfig, load_config, read_params
+from dht.evaluation import SplitData
 from dht.model import DHTConfig, DHTForSequenceClassification
-from dht.trainer import Policy, SplitData, Trainer, predict
+from dht.policy import Policy, predict
+from dht.trainer import Trainer
 
 N_TRAIN, SEQ = 64, 12
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dht.baselines.distil import distill, predict_student, student_from_teacher, student_layers
+from dht.evaluation import SplitData, evaluate
 from dht.model import DHTConfig, DHTForSequenceClassification
-from dht.trainer import SplitData, evaluate
 
 SEQ = 12
 

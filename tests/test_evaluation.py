@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from dht.evaluation import (
+    Predictions,
     SamplePredictions,
+    SplitData,
     bootstrap_ci,
     depth_analysis,
+    evaluate,
     quartile_bins,
     read_predictions,
     write_predictions,
 )
-from dht.trainer import Predictions, SplitData, evaluate
 
 CONF = {"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 12, "num_hidden_layers": 12,
         "num_labels": 2}

@@ -9,9 +9,11 @@ import pytest
 import torch
 from test_trainer import SEQ, make_cfg, make_split, setup, trainer_for  # noqa: F401 (setup is a fixture)
 
+import dht.policy as policy_module
 import dht.trainer as trainer_module
 from dht.config import Config
-from dht.trainer import Policy, exit_uncertainty, load_trained, predict, save_trained
+from dht.policy import Policy, exit_uncertainty, predict
+from dht.trainer import load_trained, save_trained
 
 
 def with_exit_confidence(cfg: Config) -> Config:
@@ -57,8 +59,9 @@ def test_trains_saves_and_predicts_with_it(setup, tmp_path, monkeypatch):  # noq
     cfg = with_exit_confidence(make_cfg())
     trainer = trainer_for(setup, "t-dht", cfg=cfg)
     calls = []
-    original = trainer_module.exit_uncertainty
-    monkeypatch.setattr(trainer_module, "exit_uncertainty", lambda *a: calls.append(1) or original(*a))
+    original = policy_module.exit_uncertainty
+    for module in (trainer_module, policy_module):  # training decisions, inference
+        monkeypatch.setattr(module, "exit_uncertainty", lambda *a: calls.append(1) or original(*a))
     trainer.fit(progress_bar=False)
     assert calls  # the training decisions read it
     test = setup[3]

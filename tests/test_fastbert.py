@@ -18,9 +18,9 @@ from dht.baselines.fastbert import (
     normalized_entropy,
     predict_fastbert,
 )
+from dht.evaluation import SplitData, evaluate
 from dht.flops import FlopShape, forward_flops, full_model_flops
 from dht.model import DHTConfig, DHTForSequenceClassification
-from dht.trainer import SplitData, evaluate
 
 SEQ = 12
 LABELS = 3

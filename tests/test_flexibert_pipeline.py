@@ -10,9 +10,9 @@ import pytest
 from conftest import ROOT
 
 from dht.config import ConfigError, FlexiBERTConfig, load_config, parse_baseline, read_params
+from dht.evaluation import SplitData, evaluate
 from dht.flexibert import OPS, Architecture, model_flops
 from dht.flexibert.pipeline import budgets, choose, hold_out, predictions, retrain, run_search, search_figure
-from dht.trainer import SplitData, evaluate
 
 
 def config(baselines=("distil-3", "flexibert-0.5", "flexibert-0.25"), **flexibert):

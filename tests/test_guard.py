@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from dht.evaluation import SplitData
 from dht.guard import FiniteGuard, NonFiniteError, TrainingError
 from dht.model import DHTConfig, DHTForSequenceClassification
-from dht.trainer import SplitData
 
 SEQ = 12
 INF = math.inf
@@ -145,8 +145,9 @@ def baseline_project(tmp_path_factory):
     from dht.config import load_config
     from dht.data import load_text_dataset
     from dht.model import model_from_params
+    from dht.policy import Policy
     from dht.tokenization import prepare
-    from dht.trainer import Policy, save_trained
+    from dht.trainer import save_trained
 
     project = copy_project(tmp_path_factory.mktemp("guard") / "project")
     params = project / "params.yaml"

@@ -19,8 +19,10 @@ from conftest import ROOT
 
 from dht.arm_features import arm_space, compute_arm_features
 from dht.config import load_config, read_params
+from dht.evaluation import SplitData, evaluate
 from dht.model import DHTConfig, DHTForSequenceClassification
-from dht.trainer import SplitData, Trainer, evaluate, predict
+from dht.policy import predict
+from dht.trainer import Trainer
 
 SEQ, VOCAB = 16, 64
 

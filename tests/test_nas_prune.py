@@ -10,9 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dht.baselines import nas_prune as nas
 from dht.baselines.nas_prune import supernet as supernet_module
+from dht.evaluation import SplitData, evaluate
 from dht.flops import full_model_flops
 from dht.model import DHTConfig, DHTForSequenceClassification
-from dht.trainer import SplitData, evaluate
 
 SEQ = 12
 LINEAR_OPS = {"aten.addmm", "aten.mm"}  # nn.Linear / F.linear; attention matmuls are aten.bmm

@@ -12,13 +12,14 @@ import torch
 from conftest import ROOT
 from safetensors.torch import save_file
 
-from dht import cli, trainer
+from dht import cli, policy
 from dht.arm_features import arm_space, compute_arm_features
 from dht.config import load_config, read_params
 from dht.integrity import MANIFEST_FILE, write_manifest
 from dht.model import DHTConfig, DHTForSequenceClassification
+from dht.policy import Policy
 from dht.tokenization import train_wordpiece
-from dht.trainer import Policy, save_trained
+from dht.trainer import save_trained
 
 SEQ = 16
 TEXTS = ["the match ended in a draw", "shares fell sharply today", "a new chip for phones",
@@ -53,15 +54,15 @@ def models(tmp_path_factory):
 
 
 def run_predict(monkeypatch, tmp_path, capsys, model_dir, *flags: str) -> tuple[list[bool], list[dict]]:
-    """Run `dht predict` on a few texts; (the greedy argument of each trainer.predict call, the rows)."""
+    """Run `dht predict` on a few texts; (the greedy argument of each policy.predict call, the rows)."""
     calls: list[bool] = []
-    original = trainer.predict
+    original = policy.predict
 
     def spy(*args, **kwargs):
         calls.append(kwargs["greedy"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "predict", spy)
+    monkeypatch.setattr(policy, "predict", spy)
     texts = tmp_path / "texts.txt"
     texts.write_text("the striker scored\nshares fell\n")
     code = cli.main(["predict", "--model", str(model_dir), "--input", str(texts), "--format", "jsonl",

@@ -12,18 +12,11 @@ from conftest import ROOT, two_epoch_tiny
 
 from dht.arm_features import arm_space, compute_arm_features
 from dht.config import ModeConfig, load_config, read_params
+from dht.evaluation import SplitData, evaluate
 from dht.flops import forward_flops, layer_flops
 from dht.model import DHTConfig, DHTForSequenceClassification
-from dht.trainer import (
-    LayerQueue,
-    SplitData,
-    Trainer,
-    TrainingError,
-    evaluate,
-    load_trained,
-    predict,
-    save_trained,
-)
+from dht.policy import LayerQueue, predict
+from dht.trainer import Trainer, TrainingError, load_trained, save_trained
 
 N_TRAIN, N_TEST, SEQ = 70, 24, 12
 

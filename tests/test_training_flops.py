@@ -23,9 +23,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dht.arm_features import arm_space, compute_arm_features
 from dht.config import load_config, read_params
+from dht.evaluation import SplitData
 from dht.flops import FlopShape, forward_flops, full_model_flops, layer_flops, train_flops
 from dht.model import DHTConfig, DHTForSequenceClassification
-from dht.trainer import Policy, SplitData, Trainer
+from dht.policy import Policy
+from dht.trainer import Trainer
 
 N_TRAIN, SEQ = 48, 10
 

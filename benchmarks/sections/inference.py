@@ -22,10 +22,12 @@ from _common import Timers, fmt_pct, fmt_ratio, fmt_seconds, instrumented, inter
 from report import Section, shortfall_text
 
 from dht.config import Config, parse_baseline
+from dht.evaluation import Predictions, SplitData, evaluate
 from dht.flops import forward_flops
 from dht.model import DHTForSequenceClassification
+from dht.policy import Policy, predict
 from dht.results import run_subdir
-from dht.trainer import POLICY_FILE, Policy, Predictions, SplitData, evaluate, load_trained, predict
+from dht.trainer import POLICY_FILE, load_trained
 from sections.inputs import BenchmarkError, DataInfo
 
 WALL_GOAL = 1.25  # wall ratio <= 1.25 x FLOP ratio (inference, DHT modes)
@@ -376,7 +378,7 @@ def inference_section(cfg: Config, args: argparse.Namespace, root: Path, device:
         f"predict functions measure (`infer_seconds`); median of {args.repeats} interleaved rounds after "
         f"{args.warmup} warm-up, ratio to {reference} in the same round (min-max in brackets).",
         "",
-        "FLOP ratio: recomputed here by `dht.trainer.evaluate` from this run's predictions (the pipeline's "
+        "FLOP ratio: recomputed here by `dht.evaluation.evaluate` from this run's predictions (the pipeline's "
         "function, reference = 12-VaBERT's full model at max_length); metrics.json: the value the pipeline wrote "
         "in `results/<dataset>/<model>/metrics.json` (— when absent; it differs only if the data or model "
         "changed since). Goal: DHT modes' wall ratio <= 1.25 x FLOP ratio.",

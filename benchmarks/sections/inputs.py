@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from dht.config import Config
+from dht.evaluation import SplitData
 from dht.tokenization import load_processed
-from dht.trainer import SplitData
 
 
 class BenchmarkError(RuntimeError):

@@ -22,8 +22,10 @@ from report import Section, shortfall_text
 
 from dht.arm_features import arm_space, compute_arm_features
 from dht.config import Config
+from dht.evaluation import Predictions, SplitData, evaluate
 from dht.model import DHTForSequenceClassification, model_from_params
-from dht.trainer import LayerQueue, Policy, Predictions, SplitData, Trainer, evaluate, predict
+from dht.policy import LayerQueue, Policy, predict
+from dht.trainer import Trainer
 from sections.inference import WALL_GOAL, median_decision_seconds, shared_head_sets
 from sections.inputs import BenchmarkError, patched, synthetic_split
 
@@ -208,7 +210,7 @@ def scaling_section(cfg: Config, args: argparse.Namespace, device: torch.device)
         f"{cfg.model.intermediate_size}), unpadded synthetic samples of exactly `seq` tokens. Median of "
         f"{args.repeats} interleaved rounds after {args.warmup} warm-up.",
         "",
-        "Inference (`dht.trainer.predict` over 2 batches; FLOP ratio by `evaluate`). As in section 1, in units of "
+        "Inference (`dht.policy.predict` over 2 batches; FLOP ratio by `evaluate`). As in section 1, in units of "
         "12-VaBERT's time: *decisions* = the bandits inside predict, *head sets* = the extra time of per-sample "
         "TSB head sets over one head set per head count (same FLOPs), *rest* = wall - FLOPs - both (depth "
         "groups, small matrices, work FLOPs do not count). Fixed per-batch costs shrink relative to the encoder "

@@ -18,9 +18,11 @@ from report import Section, shortfall_text
 from dht.arm_features import load_arm_features
 from dht.bandits import LinUCB, LogisticThompsonHeads
 from dht.config import Config
+from dht.evaluation import SplitData
 from dht.features import PoolingSpec, RunningNormalizer
 from dht.model import DHTForSequenceClassification
-from dht.trainer import LayerQueue, Policy, SplitData, Trainer
+from dht.policy import LayerQueue, Policy
+from dht.trainer import Trainer
 from sections.inputs import BenchmarkError, DataInfo, patched, subset
 
 SHARE_GOAL = 0.03  # bandits + pooling + queueing < 3% of the training step time

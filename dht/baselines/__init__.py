@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     import torch
 
     from dht.config import Config
+    from dht.evaluation import Predictions, SplitData
     from dht.model import DHTForSequenceClassification
-    from dht.trainer import Predictions, SplitData
 
 
 @dataclass(frozen=True)

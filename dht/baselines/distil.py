@@ -18,10 +18,10 @@ from torch import Tensor
 
 from dht.baselines import BaselineJob, BaselineRun, loop
 from dht.baselines.inference import predict_probs, static_predictions
+from dht.evaluation import Predictions, SplitData
 from dht.flops import forward_flops
 from dht.guard import FiniteGuard
 from dht.model import DHTConfig, DHTForSequenceClassification
-from dht.trainer import Predictions, SplitData
 
 
 def student_layers(teacher_layers: int, k: int) -> list[int]:

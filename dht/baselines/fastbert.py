@@ -39,10 +39,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from dht.baselines import BaselineJob, BaselineRun, loop
+from dht.evaluation import Predictions, SplitData
 from dht.flops import Convention, FlopShape, forward_flops, full_model_flops
 from dht.guard import FiniteGuard
 from dht.model import DHTForSequenceClassification
-from dht.trainer import Predictions, SplitData
 
 __all__ = [
     "CONFIG_FILE",
@@ -430,7 +430,7 @@ def predict_fastbert(
     student is exactly uniform).
 
     Args:
-        seq_len: the length FLOPs are counted at (the dataset's padded length, as :func:`dht.trainer.predict`).
+        seq_len: the length FLOPs are counted at (the dataset's padded length, as :func:`dht.policy.predict`).
 
     Returns:
         :class:`Predictions`: ``layers`` = exit layer, ``heads`` = N_H for each layer run (0 after), ``flops`` /

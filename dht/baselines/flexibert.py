@@ -9,8 +9,8 @@ import json
 import numpy as np
 
 from dht.baselines import BaselineError, BaselineJob, BaselineRun
+from dht.evaluation import SplitData
 from dht.flexibert.pipeline import choose, predictions, retrain, search_train_flops
-from dht.trainer import SplitData
 
 
 def _arrays(data: SplitData) -> dict[str, np.ndarray]:

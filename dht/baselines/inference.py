@@ -1,6 +1,6 @@
 """Inference of a model whose every sample runs the same architecture (DistilBERT students, NAS-pruned models,
-FlexiBERT architectures), in the pipeline's :class:`dht.trainer.Predictions` format, which
-:func:`dht.trainer.evaluate` turns into the metrics every model of Table 2 reports."""
+FlexiBERT architectures), in the pipeline's :class:`dht.evaluation.Predictions` format, which
+:func:`dht.evaluation.evaluate` turns into the metrics every model of Table 2 reports."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from dht.trainer import Predictions, SplitData
+from dht.evaluation import Predictions, SplitData
 
 
 @torch.no_grad()

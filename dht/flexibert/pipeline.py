@@ -7,7 +7,7 @@ within that budget that were not queried yet, with ``evaluations`` split evenly 
 architecture found for a smaller budget also counts for the larger ones. :func:`choose` then takes the most
 accurate queried architecture within a budget, which :func:`retrain` trains on the whole training split (from
 scratch: FlexiBERT fine-tunes a pre-trained model, which this project's scale does not have; see
-docs/baselines-flexibert.md) and :func:`predictions` evaluates in the pipeline's :class:`dht.trainer.Predictions`
+docs/baselines-flexibert.md) and :func:`predictions` evaluates in the pipeline's :class:`dht.evaluation.Predictions`
 format, so Table 2 compares it with every other model on the same terms.
 """
 
@@ -23,6 +23,7 @@ import torch
 
 from dht.baselines.inference import static_predictions
 from dht.config import Config, parse_baseline
+from dht.evaluation import Predictions, SplitData
 from dht.flexibert.flops import model_flops
 from dht.flexibert.model import FlexiBertForSequenceClassification
 from dht.flexibert.search import (
@@ -35,7 +36,6 @@ from dht.flexibert.search import (
     train_and_evaluate,
 )
 from dht.flexibert.space import Architecture, SpaceConfig
-from dht.trainer import Predictions, SplitData
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -139,7 +139,7 @@ def retrain(cfg: Config, arch: Architecture, train: Arrays, test: Arrays, meta: 
 def predictions(model: FlexiBertForSequenceClassification, data: SplitData, batch_size: int, seq_len: int,
                 device: torch.device | str = "cpu") -> Predictions:
     """Test-split predictions in the pipeline's format: one static architecture for every sample, its FLOPs
-    at the padded length (as :func:`dht.trainer.predict` counts), heads per layer (1 for DFT/DCT mixing)."""
+    at the padded length (as :func:`dht.policy.predict` counts), heads per layer (1 for DFT/DCT mixing)."""
     arch: Architecture = model.config.arch
     split = {"input_ids": data.input_ids.numpy(), "attention_mask": data.attention_mask.numpy()}
     start = time.perf_counter()

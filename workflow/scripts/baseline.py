@@ -14,13 +14,13 @@ import _stage
 
 from dht.baselines import KINDS, BaselineError, BaselineJob, run_baseline
 from dht.config import parse_baseline
-from dht.evaluation import accuracy_text, write_predictions
+from dht.evaluation import SplitData, accuracy_text, evaluate, write_predictions
 from dht.flops import full_model_flops
 from dht.integrity import IntegrityError, load_checked_model, retrain_hint, write_manifest
 from dht.results import run_name, run_subdir
 from dht.tokenization import load_processed
 from dht.tracking import stage_run
-from dht.trainer import POLICY_FILE, SplitData, evaluate
+from dht.trainer import POLICY_FILE
 
 p = _stage.parser(__doc__)
 p.add_argument("--dataset", required=True)

@@ -14,13 +14,14 @@ import _stage
 
 from dht import distributed
 from dht.arm_features import load_arm_features
-from dht.evaluation import accuracy_text, write_predictions
+from dht.evaluation import SplitData, accuracy_text, evaluate, write_predictions
 from dht.integrity import write_manifest
 from dht.model import DHTForSequenceClassification
+from dht.policy import predict
 from dht.results import run_name, run_subdir
 from dht.tokenization import load_processed
 from dht.tracking import stage_run
-from dht.trainer import SplitData, Trainer, TrainingError, evaluate, fingerprint, predict, save_trained
+from dht.trainer import Trainer, TrainingError, fingerprint, save_trained
 
 p = _stage.parser(__doc__)
 p.add_argument("--dataset", required=True)

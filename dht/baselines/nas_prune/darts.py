@@ -19,10 +19,10 @@ from dht.baselines.nas_prune.cost import Convention, pruned_flops, tas_cost_loss
 from dht.baselines.nas_prune.masks import unit_gates
 from dht.baselines.nas_prune.pruned import KEEP_THRESHOLD, derive_arch, fit_threshold
 from dht.baselines.nas_prune.supernet import Supernet
+from dht.evaluation import SplitData
 from dht.flops import full_model_flops, train_flops
 from dht.guard import FiniteGuard
 from dht.model import DHTForSequenceClassification
-from dht.trainer import SplitData
 
 ALPHA_CLIP = 10.0  # dimension alphas stay in [-10, 10] (see dht.baselines.nas_prune.masks._RescaledSigmoid)
 HEAD_LR_SCALE = 0.1  # head alphas learn at 0.1 x lr_arch (see search)

@@ -13,10 +13,10 @@ from dht.baselines import loop
 from dht.baselines.inference import predict_probs, static_predictions
 from dht.baselines.nas_prune.cost import pruned_flops
 from dht.baselines.nas_prune.pruned import PrunedBert
+from dht.evaluation import Predictions, SplitData
 from dht.flops import full_model_flops
 from dht.guard import FiniteGuard
 from dht.model import DHTForSequenceClassification
-from dht.trainer import Predictions, SplitData
 
 
 def finetune(
@@ -88,11 +88,11 @@ def finetune(
 @torch.no_grad()
 def predict_pruned(pruned: PrunedBert, data: SplitData, device: torch.device | str, batch_size: int,
                    seq_len: int) -> Predictions:
-    """Predictions of the pruned model in the pipeline's format (:class:`dht.trainer.Predictions`).
+    """Predictions of the pruned model in the pipeline's format (:class:`dht.evaluation.Predictions`).
 
     Every sample runs the same static architecture: ``layers`` = N_L, ``heads`` = kept heads per layer, and
-    ``flops`` / ``flops_linear`` = :func:`pruned_flops` at the padded length ``seq_len`` (as ``dht.trainer.predict``
-    counts), so :func:`dht.trainer.evaluate` computes the FLOP ratios against the teacher's full model.
+    ``flops`` / ``flops_linear`` = :func:`pruned_flops` at the padded length ``seq_len`` (as ``dht.policy.predict``
+    counts), so :func:`dht.evaluation.evaluate` computes the FLOP ratios against the teacher's full model.
     """
     pruned = pruned.to(torch.device(device)).eval()
     probs, seconds = predict_probs(pruned, data, batch_size, device)
