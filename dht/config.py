@@ -146,7 +146,10 @@ class TokenizerConfig(_Strict):
     name_or_path: str | None = None
 
 
-class ModelConfig(_Strict):
+class ModelSection(_Strict):
+    """params.yaml's `model:` section: the encoder to build or load (not the model's own config class,
+    :class:`dht.model.DHTConfig`, which this section is turned into)."""
+
     init: str = "scratch"
     hidden_size: Annotated[int, Field(ge=1)] = 96
     num_hidden_layers: Annotated[int, Field(ge=1)] = 12
@@ -163,7 +166,7 @@ class ModelConfig(_Strict):
     classifier_pooling: Literal["cls", "mean"] = "cls"
 
     @model_validator(mode="after")
-    def _scratch_only_fields(self) -> ModelConfig:
+    def _scratch_only_fields(self) -> ModelSection:
         if self.init != "scratch" and (self.layer_norm != "post" or self.residual_init_scale != 1.0):
             raise ValueError(
                 f"model.init = {self.init!r} is a BERT checkpoint, trained post-LN with its own weights: set "
@@ -178,7 +181,7 @@ class ModelConfig(_Strict):
         return self
 
 
-class ModeConfig(_Strict):
+class ModeSpec(_Strict):
     """One DHT configuration of Section 6.1 (or 12-VaBERT as the single fixed arm 12L12H)."""
 
     search: Literal["tree", "integrated", "fixed"]
@@ -244,7 +247,9 @@ class BanditConfig(_Strict):
     tsb_arm_features: bool = False  # TSB vector [x ; 1] (size 13) or [x ; z_h]
 
 
-class DHTConfig(_Strict):
+class DHTSection(_Strict):
+    """params.yaml's `dht:` section: b, c, the contexts, the bandits and the modes (:class:`ModeSpec`)."""
+
     fixed_layers: Annotated[int, Field(ge=0)] = 3
     group_size: Annotated[int, Field(ge=1)] = 3
     features: FeaturesConfig = FeaturesConfig()
@@ -255,7 +260,7 @@ class DHTConfig(_Strict):
     # States UCB_H and the TSB decide from in training: an eval-mode pass as at inference, or the dropout-noised
     # states of the gradient pass (docs/training.md, T2)
     decision_states: Literal["clean", "train"] = "clean"
-    modes: dict[str, ModeConfig]
+    modes: dict[str, ModeSpec]
 
 
 class DistributedConfig(_Strict):
@@ -381,8 +386,8 @@ class Config(_Strict):
     datasets: dict[str, DatasetSpec]
     run: RunConfig
     tokenizer: TokenizerConfig = TokenizerConfig()
-    model: ModelConfig = ModelConfig()
-    dht: DHTConfig
+    model: ModelSection = ModelSection()
+    dht: DHTSection
     train: TrainConfig = TrainConfig()
     baselines: BaselinesConfig = BaselinesConfig()
     tracking: TrackingConfig = TrackingConfig()

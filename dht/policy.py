@@ -20,7 +20,7 @@ from torch import Tensor
 
 from dht.arm_features import arm_layer_heads, arm_matrix
 from dht.bandits import LinUCB, LogisticThompsonHeads, RewardBaseline, reward_delta, ts_reward
-from dht.config import Config, ModeConfig, parse_arm
+from dht.config import Config, ModeSpec, parse_arm
 from dht.evaluation import Predictions, SplitData
 from dht.features import PoolingSpec, RunningNormalizer
 from dht.flops import forward_flops
@@ -58,7 +58,7 @@ class Policy:
     layers always keep every head.
     """
 
-    def __init__(self, cfg: Config, mode: ModeConfig, arm_features: dict[str, Tensor], model_config: Any):
+    def __init__(self, cfg: Config, mode: ModeSpec, arm_features: dict[str, Tensor], model_config: Any):
         self.cfg = cfg
         self.mode = mode
         self.search = mode.search

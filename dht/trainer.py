@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dht.arm_features import ArmSpace, arm_layer_heads, arm_matrix, arm_space, compute_arm_features
-from dht.config import Config, ModeConfig, parse_arm
+from dht.config import Config, ModeSpec, parse_arm
 from dht.distributed import World, digest, shard, wrap
 from dht.evaluation import SplitData
 from dht.flops import forward_flops, full_model_flops, train_flops
@@ -801,7 +801,7 @@ def load_trained(model_dir: str | Path, device: torch.device) -> tuple[DHTForSeq
 
     hf_logging.disable_progress_bar()  # a weight-loading bar per call is noise in a CLI
     model = load_checked_model(model_dir, fix).to(device)  # checksums.sha256 first (dht.integrity)
-    mode = ModeConfig.model_validate(info["mode"])
+    mode = ModeSpec.model_validate(info["mode"])
     for name in ("arm_features.safetensors", BANDITS_FILE):  # the train stage writes both with the model
         if not (model_dir / name).is_file():
             raise IntegrityError(f"{model_dir / name}: missing; {fix}")

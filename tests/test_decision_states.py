@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT
 
 from dht.arm_features import arm_space, compute_arm_features
-from dht.config import ModeConfig, load_config, read_params
+from dht.config import ModeSpec, load_config, read_params
 from dht.evaluation import SplitData
 from dht.model import DHTConfig, DHTForSequenceClassification
 from dht.policy import Policy, predict
@@ -24,7 +24,7 @@ def make_cfg(**dht):
     raw["profiles"]["tiny"]["train"].update({"batch_size": 16, "checkpoint_every": 1000})
     raw["dht"].update(dht)
     cfg = load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
-    cfg.dht.modes["t-12"] = ModeConfig(search="tree", layers=[12], heads=[8, 10, 12])  # every sample: 3 groups
+    cfg.dht.modes["t-12"] = ModeSpec(search="tree", layers=[12], heads=[8, 10, 12])  # every sample: 3 groups
     return cfg
 
 

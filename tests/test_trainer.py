@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, two_epoch_tiny
 
 from dht.arm_features import arm_space, compute_arm_features
-from dht.config import ModeConfig, load_config, read_params
+from dht.config import ModeSpec, load_config, read_params
 from dht.evaluation import SplitData, evaluate
 from dht.flops import forward_flops, layer_flops
 from dht.model import DHTConfig, DHTForSequenceClassification
@@ -227,7 +227,7 @@ def test_vanilla_is_the_full_model_and_dht_saves(setup):
     # S1 pass + the decision pass (the b fixed layers: the path has one group), against 3 forwards of the full
     # model (docs/training.md, T12): below 1 by exactly that.
     cfg = make_cfg()
-    cfg.dht.modes["t-6l8h"] = ModeConfig(search="tree", layers=[6], heads=[8])
+    cfg.dht.modes["t-6l8h"] = ModeSpec(search="tree", layers=[6], heads=[8])
     one_path, _ = run(trainer_for(setup, "t-6l8h", cfg), test)
     conf = setup[0].config
     fixed, dynamic, head = 3 * layer_flops(SEQ, 12, conf), 3 * layer_flops(SEQ, 8, conf), forward_flops(SEQ, [], conf)
