@@ -1,4 +1,5 @@
-"""Where a run's results live, and reading them back: one reader for the reports and the figures.
+"""A run's results: writing a DHT run's files, where runs live, and reading them back (one reader for the reports
+and the figures).
 
 A run is one model (a DHT mode, a fixed mode or a baseline) trained on one dataset with one training seed. With
 one seed (`run.seeds` unset, or a single seed) its files are ``results/<dataset>/<model>/`` and
@@ -9,6 +10,7 @@ standard deviation over the seeds (:func:`read_metrics`).
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -19,6 +21,47 @@ from dht.config import Config
 SEED_DIR = "seed-{seed}"
 # metrics.json keys that are one run's own interval or bookkeeping, not a quantity to average over seeds.
 _NOT_AVERAGED = ("accuracy_ci95",)
+
+
+# --- writing a DHT run's results --------------------------------------------------------------------------
+
+
+def training_metrics(cfg: Config, pred: Any, test: Any, model_config: Any, meta: dict[str, Any],
+                     progress: Any) -> dict[str, Any]:
+    """metrics.json of a trained DHT mode: :func:`dht.evaluation.evaluate` on the inference policy's
+    predictions, the training's FLOP ratio, time, steps and samples, floats rounded to 6 digits."""
+    from dht.evaluation import evaluate
+
+    metrics = evaluate(pred, test, model_config, meta["max_length"], meta.get("difficulty_names"))
+    metrics.update({
+        "train_flop_ratio": progress.train_flops / progress.reference_flops,
+        "train_seconds": round(progress.seconds, 3),
+        "train_steps": progress.step,
+        "train_samples": progress.samples_seen,
+        "epochs": cfg.train.epochs,
+    })
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+
+def write_training_results(results: str | Path, metrics: dict[str, Any], pred: Any, test: Any,
+                           progress: Any) -> Path:
+    """A DHT run's results directory: predictions.csv, selections.json (Figure 2), loss.csv (Figure 3) and,
+    last (it marks the run as done), metrics.json."""
+    from dht.evaluation import write_predictions
+
+    results = Path(results)
+    results.mkdir(parents=True, exist_ok=True)
+    write_predictions(results / "predictions.csv", pred, test)
+    (results / "selections.json").write_text(json.dumps(progress.selections, indent=2, sort_keys=True) + "\n")
+    with (results / "loss.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "epoch", "loss", "layers"])
+        writer.writerows((s, e + 1, round(loss, 6), layers) for s, e, loss, layers in progress.history)
+    (results / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return results
+
+
+# --- where runs live and reading them back ------------------------------------------------------------------
 
 
 def seeded(cfg: Config) -> bool:

@@ -42,7 +42,6 @@ dht.evaluation.depth_analysis, the code of Table 1's "Where the depth goes".
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -101,9 +100,10 @@ def setting_config(setting: str, params: str | Path = "params.yaml") -> Config:
 def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: int) -> Path:
     """Train and evaluate one mode as workflow/scripts/train.py does; write its results directory."""
     from dht.arm_features import load_arm_features
-    from dht.evaluation import SplitData, accuracy_text, evaluate, write_predictions
+    from dht.evaluation import SplitData, accuracy_text
     from dht.model import DHTForSequenceClassification
     from dht.policy import predict
+    from dht.results import training_metrics, write_training_results
     from dht.runtime import configure_threads, resolve_device, seed_everything
     from dht.tokenization import load_processed
     from dht.trainer import Trainer
@@ -125,25 +125,9 @@ def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: i
     progress = trainer.fit(progress_bar=False)
     pred = predict(trainer.model, trainer.policy, test, device, cfg.train.eval_batch_size, meta["max_length"],
                    greedy=cfg.dht.inference == "greedy")
-    metrics = evaluate(pred, test, trainer.model.config, meta["max_length"], meta.get("difficulty_names"))
-    metrics.update({
-        "train_flop_ratio": progress.train_flops / progress.reference_flops,
-        "train_seconds": round(progress.seconds, 3),
-        "train_steps": progress.step,
-        "train_samples": progress.samples_seen,
-        "epochs": cfg.train.epochs,
-        "setting": setting,
-        "overlay": overlay_of(setting),
-    })
-    metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    write_predictions(out / "predictions.csv", pred, test)
-    (out / "selections.json").write_text(json.dumps(progress.selections, indent=2, sort_keys=True) + "\n")
-    with (out / "loss.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["step", "epoch", "loss", "layers"])
-        writer.writerows((s, e + 1, round(loss, 6), layers) for s, e, loss, layers in progress.history)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")  # last: marks the run as done
+    metrics = training_metrics(cfg, pred, test, trainer.model.config, meta, progress)
+    metrics.update({"setting": setting, "overlay": overlay_of(setting)})
+    write_training_results(out, metrics, pred, test, progress)  # metrics.json last: marks the run as done
     print(f"{setting} {dataset}/{model_name}: accuracy {accuracy_text(metrics)}, inference FLOPs "
           f"{metrics['infer_flop_ratio']:.2f}x, mean layers {metrics['mean_layers']:.2f} ({progress.seconds:.0f} s)",
           flush=True)

@@ -3,7 +3,6 @@
 selections.json, loss.csv, predictions.csv) and models/<dataset>/<model>/. Resumes after a kill. Under torchrun
 (train.distributed.nproc_per_node > 1) every rank trains; rank 0 alone logs, evaluates and writes."""
 
-import csv
 import json
 import os
 import shutil
@@ -14,11 +13,11 @@ import _stage
 
 from dht import distributed
 from dht.arm_features import load_arm_features
-from dht.evaluation import SplitData, accuracy_text, evaluate, write_predictions
+from dht.evaluation import SplitData, accuracy_text
 from dht.integrity import write_manifest
 from dht.model import DHTForSequenceClassification
 from dht.policy import predict
-from dht.results import run_name, run_subdir
+from dht.results import run_name, run_subdir, training_metrics, write_training_results
 from dht.tokenization import load_processed
 from dht.tracking import stage_run
 from dht.trainer import Trainer, TrainingError, fingerprint, save_trained
@@ -122,25 +121,9 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="train",
         trainer.close_distributed()
     pred = predict(trainer.model, trainer.policy, test, device, cfg.train.eval_batch_size, meta["max_length"],
                    greedy=cfg.dht.inference == "greedy")
-    metrics = evaluate(pred, test, trainer.model.config, meta["max_length"], meta.get("difficulty_names"))
-    metrics.update({
-        "train_flop_ratio": progress.train_flops / progress.reference_flops,
-        "train_seconds": round(progress.seconds, 3),
-        "train_steps": progress.step,
-        "train_samples": progress.samples_seen,
-        "epochs": cfg.train.epochs,
-    })
-    metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
-
-    results, out_model = Path(args.results), Path(args.out_model)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_predictions(results / "predictions.csv", pred, test)
-    (results / "selections.json").write_text(json.dumps(progress.selections, indent=2, sort_keys=True) + "\n")
-    with (results / "loss.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["step", "epoch", "loss", "layers"])
-        writer.writerows((s, e + 1, round(loss, 6), layers) for s, e, loss, layers in progress.history)
+    metrics = training_metrics(cfg, pred, test, trainer.model.config, meta, progress)
+    out_model = Path(args.out_model)
+    results = write_training_results(args.results, metrics, pred, test, progress)
     if out_model.exists():
         shutil.rmtree(out_model)
     save_trained(out_model, trainer.model, trainer.policy, args.model, cfg,
