@@ -749,6 +749,17 @@ def _same_plan_arms(key: str, arms: list[str], b: int, num_heads: int) -> list[s
     return problems
 
 
+def run_param_keys(cfg: Config, mode_name: str) -> list[str]:
+    """The params.yaml keys a training run of `mode_name` reads: its own mode (and its warm-up mode) and the
+    shared settings. The one list behind the train rule's tracked params (Snakemake reruns, DVC's `params:`),
+    the MLflow run's params and the checkpoint's :func:`fingerprint`."""
+    mode = cfg.dht.modes[mode_name]
+    keys = ["seed", "device", "model", "train", "dht.fixed_layers", "dht.group_size", "dht.features",
+            "dht.bandits", "dht.inference", "dht.count_s1_flops", "dht.p_dht_freeze", "dht.decision_states",
+            f"dht.modes.{mode_name}"]
+    return keys + ([f"dht.modes.{mode.warmup_mode}"] if mode.warmup_mode else [])
+
+
 def check_semantics(cfg: Config) -> list[str]:
     """Cross-field rules of the paper and of the pipeline; returns one message per problem."""
     problems: list[str] = []

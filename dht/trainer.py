@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dht.arm_features import ArmSpace, arm_layer_heads, arm_matrix, arm_space, compute_arm_features
-from dht.config import Config, ModeSpec, parse_arm
+from dht.config import Config, ModeSpec, parse_arm, run_param_keys
 from dht.distributed import World, digest, shard, wrap
 from dht.evaluation import SplitData
 from dht.flops import forward_flops, full_model_flops, train_flops
@@ -77,10 +77,21 @@ class Progress:
     run_id: str | None = None  # the MLflow run, resumed with the checkpoint
 
 
+def run_params(cfg: Config, mode_name: str) -> dict[str, Any]:
+    """:func:`run_param_keys` with their resolved values, the mode's own entry as `mode` (and its warm-up mode's
+    as `warmup_mode`), so that every model's MLflow run has the same parameter names."""
+    out: dict[str, Any] = {}
+    warmup = cfg.dht.modes[mode_name].warmup_mode
+    for key in run_param_keys(cfg, mode_name):
+        name = {f"dht.modes.{mode_name}": "mode", f"dht.modes.{warmup}": "warmup_mode"}.get(key, key)
+        out[name] = cfg.section(key)
+    return out
+
+
 def fingerprint(cfg: Config, mode_name: str, dataset: str, data_meta: dict[str, Any]) -> str:
-    """Hash of everything that makes a checkpoint belong to this run."""
-    payload = {"mode": mode_name, "dataset": dataset, "seed": cfg.seed, "model": cfg.section("model"),
-               "dht": cfg.section("dht"), "train": cfg.section("train"), "data": data_meta}
+    """Hash of everything that makes a checkpoint belong to this run: what it reads (:func:`run_params`), the
+    dataset and its data."""
+    payload = {"mode_name": mode_name, "dataset": dataset, "data": data_meta, **run_params(cfg, mode_name)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

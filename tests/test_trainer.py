@@ -318,3 +318,29 @@ def test_p_dht_frozen_phase_trains_exactly_what_its_freeze_rule_says(setup, rule
     assert {layer for layer in range(n_layers) if changed(f"bert.encoder.layer.{layer}.")} == expected, depths
     assert changed("bert.embeddings.") == (rule == "last_two")
     assert changed("classifier.") and changed("bert.pooler.")
+
+
+def test_one_list_of_keys_behind_tracking_mlflow_and_the_checkpoint():
+    """The train rule's tracked params, the MLflow params and the checkpoint fingerprint come from one list."""
+    from dht.config import Config, run_param_keys
+    from dht.trainer import fingerprint, run_params
+
+    cfg = make_cfg()
+    keys = run_param_keys(cfg, "p-dht")
+    assert "dht.modes.p-dht" in keys and "dht.modes.f-dht" in keys and "dht.decision_states" in keys
+    params = run_params(cfg, "p-dht")
+    assert params["mode"] == cfg.section("dht.modes.p-dht") and params["warmup_mode"] == cfg.section("dht.modes.f-dht")
+    assert set(run_params(cfg, "t-dht")) == set(params) - {"warmup_mode"}  # the same names for every model
+
+    def edited(key, value):
+        raw = cfg.model_dump(mode="json")
+        node = raw
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+        return Config.model_validate(raw)
+
+    fp = fingerprint(cfg, "t-dht", "d", {})
+    assert fingerprint(edited("dht.decision_states", "train"), "t-dht", "d", {}) != fp
+    assert fingerprint(edited("dht.modes.s-dht.arms", ["3L12H", "12L12H"]), "t-dht", "d", {}) == fp  # not read

@@ -13,13 +13,9 @@ wildcard_constraints:
 
 
 def mode_keys(wildcards):
-    """params.yaml keys a mode's run reads: its own mode (and its warm-up mode) and the shared settings."""
-    mode = CFG.dht.modes[wildcards.model]
-    keys = ["seed", "device", "model", "train", "dht.fixed_layers", "dht.group_size", "dht.features",
-            "dht.bandits", "dht.inference", "dht.count_s1_flops", "dht.p_dht_freeze", f"dht.modes.{wildcards.model}"]
-    if mode.warmup_mode:
-        keys.append(f"dht.modes.{mode.warmup_mode}")
-    return tracked_params(CFG, keys)
+    """params.yaml keys a mode's run reads (dht.config.run_param_keys: the same list MLflow and the checkpoint
+    fingerprint use)."""
+    return tracked_params(CFG, run_param_keys(CFG, wildcards.model))
 
 
 rule train:

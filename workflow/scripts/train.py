@@ -20,7 +20,7 @@ from dht.policy import predict
 from dht.results import run_name, run_subdir, training_metrics, write_training_results
 from dht.tokenization import load_processed
 from dht.tracking import stage_run
-from dht.trainer import Trainer, TrainingError, fingerprint, save_trained
+from dht.trainer import Trainer, TrainingError, fingerprint, run_params, save_trained
 
 p = _stage.parser(__doc__)
 p.add_argument("--dataset", required=True)
@@ -78,13 +78,7 @@ if world is not None and not world.is_main:  # the other ranks train, then leave
     trainer.close_distributed()
     sys.exit(0)
 
-mode = cfg.dht.modes[args.model]
-params = {"model_name": args.model, "dataset": args.dataset, "seed": cfg.seed, "device": str(device),
-          "model": cfg.section("model"), "train": cfg.section("train"), "mode": mode.model_dump(mode="json"),
-          "dht.fixed_layers": cfg.dht.fixed_layers, "dht.group_size": cfg.dht.group_size,
-          "dht.bandits": cfg.section("dht.bandits"), "dht.inference": cfg.dht.inference,
-          "dht.p_dht_freeze": cfg.dht.p_dht_freeze, "dht.count_s1_flops": cfg.dht.count_s1_flops,
-          "dht.decision_states": cfg.dht.decision_states}
+params = {"model_name": args.model, "dataset": args.dataset, **run_params(cfg, args.model), "device": str(device)}
 
 with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="train", profile=cfg.profile, params=params,
                prefix=cfg.tracking.experiment_prefix, run_id=trainer.progress.run_id) as run:
