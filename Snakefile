@@ -12,7 +12,7 @@
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
-include: "workflow/rules/features.smk"
+include: "workflow/rules/arm_features.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/baselines.smk"
 include: "workflow/rules/report.smk"

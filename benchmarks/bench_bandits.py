@@ -21,7 +21,7 @@ import torch
 
 from dht.bandits import LinUCB, LogisticThompsonHeads, RewardBaseline, reward_delta, ts_reward
 from dht.config import parse_arm
-from dht.features import POOLING, RunningNormalizer
+from dht.contexts import POOLING, RunningNormalizer
 from dht.model import DHTConfig, DHTForSequenceClassification
 
 TREE_LAYERS = [3, 6, 9, 12]

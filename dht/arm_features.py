@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dht.config import Arm, Config, FeaturesConfig, PoolingConfig, TrainConfig, parse_arm
-from dht.features import ArmFeatureAccumulator, PoolingSpec, pool_head_slices
+from dht.contexts import ArmFeatureAccumulator, PoolingSpec, pool_head_slices
 
 FEATURES_FILE = "arm_features.safetensors"
 META_FILE = "meta.json"

@@ -21,8 +21,8 @@ from torch import Tensor
 from dht.arm_features import arm_layer_heads, arm_matrix
 from dht.bandits import LinUCB, LogisticThompsonHeads, RewardBaseline, reward_delta, ts_reward
 from dht.config import Config, ModeSpec, parse_arm
+from dht.contexts import PoolingSpec, RunningNormalizer
 from dht.evaluation import Predictions, SplitData
-from dht.features import PoolingSpec, RunningNormalizer
 from dht.flops import forward_flops
 from dht.model import DHTForSequenceClassification
 

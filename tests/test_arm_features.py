@@ -27,7 +27,7 @@ from dht.arm_features import (
     warm_up,
 )
 from dht.config import load_config, parse_arm
-from dht.features import PoolingSpec
+from dht.contexts import PoolingSpec
 from dht.model import DHTConfig, DHTForSequenceClassification
 
 # Two arms of one family closer than this (distance / the family's mean norm) are "the same vector". An

@@ -12,7 +12,15 @@ from conftest import ROOT
 from dht.config import ConfigError, FlexiBERTConfig, load_config, parse_baseline, read_params
 from dht.evaluation import SplitData, evaluate
 from dht.flexibert import OPS, Architecture, model_flops
-from dht.flexibert.pipeline import budgets, choose, hold_out, predictions, retrain, run_search, search_figure
+from dht.flexibert.search_stage import (
+    budgets,
+    choose,
+    hold_out,
+    predictions,
+    retrain,
+    run_search,
+    search_figure,
+)
 
 
 def config(baselines=("distil-3", "flexibert-0.5", "flexibert-0.25"), **flexibert):
@@ -143,7 +151,7 @@ def test_search_on_the_tiny_profile_beats_the_median_random_architecture():
     trained and scored the same way."""
     from dht.embedded import generate_split
     from dht.flexibert import TrainingEvaluator, candidate_pool, search
-    from dht.flexibert.pipeline import _train_kwargs, space_of
+    from dht.flexibert.search_stage import _train_kwargs, space_of
 
     cfg = config(["flexibert-0.5"], evaluations=6, n_init=2, search_max_steps=90)
     df = generate_split(n=480, num_classes=4, seed=0)  # word-level ids: the test needs no tokenizer training

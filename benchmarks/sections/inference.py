@@ -129,7 +129,7 @@ def load_models(root: Path, dataset: str, names: list[str], cfg: Config, data: D
             entry = Loaded(name, kind, run_fastbert, fastbert)
         elif kind == "flexibert":
             from dht.flexibert import FlexiBertForSequenceClassification
-            from dht.flexibert.pipeline import predictions as predict_flexibert
+            from dht.flexibert.search_stage import predictions as predict_flexibert
 
             flexi = FlexiBertForSequenceClassification.from_pretrained(directory, device=device)
             c = flexi.config

@@ -18,8 +18,8 @@ from report import Section, shortfall_text
 from dht.arm_features import load_arm_features
 from dht.bandits import LinUCB, LogisticThompsonHeads
 from dht.config import Config
+from dht.contexts import PoolingSpec, RunningNormalizer
 from dht.evaluation import SplitData
-from dht.features import PoolingSpec, RunningNormalizer
 from dht.model import DHTForSequenceClassification
 from dht.policy import LayerQueue, Policy
 from dht.trainer import Trainer

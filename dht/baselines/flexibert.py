@@ -1,5 +1,5 @@
 """The ``flexibert-<ratio>`` baseline: the most accurate architecture the dataset's FlexiBERT search
-(``flexibert_search`` stage, :mod:`dht.flexibert.pipeline`) found within ``ratio`` of the teacher's FLOPs,
+(``flexibert_search`` stage, :mod:`dht.flexibert.search_stage`) found within ``ratio`` of the teacher's FLOPs,
 retrained on the whole training split (docs/baselines-flexibert.md)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 
 from dht.baselines import BaselineError, BaselineJob, BaselineRun
 from dht.evaluation import SplitData
-from dht.flexibert.pipeline import choose, predictions, retrain, search_train_flops
+from dht.flexibert.search_stage import choose, predictions, retrain, search_train_flops
 
 
 def _arrays(data: SplitData) -> dict[str, np.ndarray]:

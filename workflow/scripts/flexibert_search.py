@@ -9,7 +9,7 @@ from pathlib import Path
 
 import _stage
 
-from dht.flexibert.pipeline import budgets, run_search, search_figure
+from dht.flexibert.search_stage import budgets, run_search, search_figure
 from dht.model import DHTConfig
 from dht.tokenization import load_processed
 from dht.tracking import stage_run

@@ -1,4 +1,4 @@
-"""Tests for dht/features.py: multi-granularity pooling (Section 7.1), running normalisation (Section 7.2),
+"""Tests for dht/contexts.py: multi-granularity pooling (Section 7.1), running normalisation (Section 7.2),
 arm-feature accumulation and head slices (Section 4.2)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dht.features import (
+from dht.contexts import (
     POOLING,
     ArmFeatureAccumulator,
     PoolingSpec,

@@ -1,4 +1,4 @@
-"""Context vectors and arm features for the DHT bandits (paper Sections 4.2, 7.1 and 7.2).
+"""Bandit contexts (pooled states, their running normalisation) and arm-feature sums (Sections 4.2, 7.1, 7.2).
 
 Everything a bandit sees is a mean-pooled summary of a (seq_len x hidden) matrix of hidden states:
 
