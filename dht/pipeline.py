@@ -565,7 +565,10 @@ def sync_snakemake(root: str | Path = ".", stages: Iterable[str] = ()) -> list[s
     root = Path(root)
     stages_of = _dvc_stages_of(root, list(stages))
     names = list(stages_of)
-    proc = subprocess.run([_tool("dvc"), "status", "--json", *names], cwd=root, capture_output=True, text=True)
+    # --with-deps: `snakemake --touch --forceall` below records the named stages' upstream jobs as current too, so
+    # their staleness must block the sync as well
+    proc = subprocess.run([_tool("dvc"), "status", "--with-deps", "--json", *names], cwd=root, capture_output=True,
+                          text=True)
     if proc.returncode != 0:
         raise SyncError(f"`dvc status` failed: {proc.stderr.strip() or proc.stdout.strip()}")
     changed = json.loads(proc.stdout or "{}")

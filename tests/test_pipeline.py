@@ -544,6 +544,9 @@ def test_dvc_repro_makes_the_reports_and_a_restored_checkout_does_not_retrain(pr
     set_params(project, lambda r: r["profiles"]["tiny"]["train"].__setitem__("epochs", 3))
     refused = run_cli(["dht", "sync-snakemake"], cwd=project, check=False)
     assert refused.returncode == 1 and "train@embedded-news-t-dht" in refused.stderr
+    # naming only a downstream stage does not hide its stale upstream training either
+    downstream = run_cli(["dht", "sync-snakemake", "figures"], cwd=project, check=False)
+    assert downstream.returncode == 1 and "train@embedded-news-t-dht" in downstream.stderr
     nothing = run_cli(["dht", "sync-snakemake", "train@embedded-news-nothing"], cwd=project, check=False)
     assert nothing.returncode == 1 and "not stages of dvc.yaml: train@embedded-news-nothing" in nothing.stderr
     # the two models and the control vanilla-3 (tiny's run.control, kept by the run: overlay above)
