@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from dht.pretrained import sha256_file
+
 CHECKSUM_KEY = "checksum"
 MANIFEST_FILE = "checksums.sha256"
-_CHUNK = 1 << 20
 
 
 class IntegrityError(ValueError):
@@ -119,13 +120,6 @@ def checkpoint_problem(state: dict[str, Any]) -> str | None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def _files(directory: Path) -> Iterable[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
@@ -134,7 +128,7 @@ def _files(directory: Path) -> Iterable[Path]:
 def write_manifest(directory: str | Path) -> Path:
     """Write ``checksums.sha256`` (``sha256sum`` format) for every file under ``directory``; call it last."""
     directory = Path(directory)
-    lines = [f"{file_sha256(p)}  {p.relative_to(directory).as_posix()}\n" for p in _files(directory)]
+    lines = [f"{sha256_file(p)}  {p.relative_to(directory).as_posix()}\n" for p in _files(directory)]
     out = directory / MANIFEST_FILE
     out.write_text("".join(lines))
     return out
@@ -157,7 +151,7 @@ def verify_directory(directory: str | Path, fix: str) -> bool:
         path = directory / name
         if not path.is_file():
             raise IntegrityError(f"{path}: missing (listed in {MANIFEST_FILE}); {fix}")
-        if file_sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise IntegrityError(
                 f"{path}: checksum mismatch with {MANIFEST_FILE} ({path.stat().st_size} bytes): the file changed "
                 f"after the model was saved (truncated or damaged); {fix}")
