@@ -316,22 +316,35 @@ class Trainer:
                     bar.set_postfix(loss=f"{np.mean([x[1] for x in recent]):.3f}",
                                     layers=f"{np.mean([x[2] for x in recent]):.1f}")
                 if since_checkpoint >= cfg.train.checkpoint_every and p.position < len(order):
-                    p.seconds = time.perf_counter() - start_time
-                    self._flush_log(log)
-                    self.save_checkpoint()
+                    self._checkpoint_now(log, start_time, self.save_checkpoint)
                     since_checkpoint = 0
             for layers, items in self.queue.drain():  # partly filled queues: every sample once per epoch
                 self._step(policy, frozen, layers, items)
             bar.close()
-            p.epoch += 1
-            p.position = 0
-            p.seconds = time.perf_counter() - start_time
-            self._flush_log(log)
-            if p.epoch < cfg.train.epochs:
-                self.save_checkpoint()
-                since_checkpoint = 0
+            self._end_epoch(log, start_time, self.save_checkpoint)
+            since_checkpoint = 0
         p.seconds = time.perf_counter() - start_time
         return p
+
+    def _checkpoint_now(self, log: Callable[[list[tuple[int, float, float]], Progress], None] | None,
+                        start_time: float, save: Callable[[], None]) -> None:
+        """Bring the time and the MLflow log up to date, then checkpoint (``save``: one process's or the
+        distributed one), so a resumed run logs every step once."""
+        self.progress.seconds = time.perf_counter() - start_time
+        self._flush_log(log)
+        save()
+
+    def _end_epoch(self, log: Callable[[list[tuple[int, float, float]], Progress], None] | None,
+                   start_time: float, save: Callable[[], None]) -> None:
+        """The epoch is done: the next one starts at position 0, with a checkpoint unless it was the last."""
+        p = self.progress
+        p.epoch += 1
+        p.position = 0
+        if p.epoch < self.cfg.train.epochs:
+            self._checkpoint_now(log, start_time, save)
+        else:
+            p.seconds = time.perf_counter() - start_time
+            self._flush_log(log)
 
     def _refresh_arm_features(self, policy: Policy) -> None:
         """``dht.features.refresh: epoch`` (docs/training.md, T14): Section 4.2's pass, on the model being trained
@@ -440,20 +453,13 @@ class Trainer:
                 p.position += q
                 bar.update(min(q, length - bar.n))
                 if since_checkpoint >= cfg.train.checkpoint_every and p.position < length:
-                    p.seconds = time.perf_counter() - start_time
-                    self._flush_log(log)
-                    self._checkpoint_distributed()
+                    self._checkpoint_now(log, start_time, self._checkpoint_distributed)
                     since_checkpoint = 0
             self.ready += self.queue.drain()  # partly filled queues: every sample once per epoch
             self._steps_distributed(policy, frozen, drain=True)
             bar.close()
-            p.epoch += 1
-            p.position = 0
-            p.seconds = time.perf_counter() - start_time
-            self._flush_log(log)
-            if p.epoch < cfg.train.epochs:
-                self._checkpoint_distributed()
-                since_checkpoint = 0
+            self._end_epoch(log, start_time, self._checkpoint_distributed)
+            since_checkpoint = 0
         p.seconds = time.perf_counter() - start_time
         self._check_in_step()
         return p
