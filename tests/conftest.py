@@ -18,6 +18,22 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def write_processed_split(path: Path, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                          lengths: torch.Tensor) -> None:
+    """A processed split in the tokenize stage's parquet layout (dht.tokenization.encode_frame: fixed-size lists
+    of int32 ids and int8 mask, int64 labels, int32 lengths)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    seq = ids.shape[1]
+    pq.write_table(pa.table({
+        "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.to(torch.int32).reshape(-1).numpy()), seq),
+        "attention_mask": pa.FixedSizeListArray.from_arrays(pa.array(mask.to(torch.int8).reshape(-1).numpy()), seq),
+        "label": pa.array(labels.numpy().astype("int64")),
+        "n_tokens": pa.array(lengths.numpy().astype("int32")),
+    }), path)
+
+
 def copy_project(dest: Path) -> Path:
     """The workflow, library and config, without outputs or stores: what a fresh clone has."""
     return pipeline.copy_project(dest, ROOT)

@@ -18,12 +18,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, write_processed_split
 
 from dht.arm_features import arm_space, compute_arm_features, save_arm_features
 from dht.baselines.distil import student_from_teacher
@@ -52,13 +50,7 @@ def write_split(path: Path, n: int, gen: torch.Generator) -> None:
     lengths = torch.randint(6, SEQ + 1, (n,), generator=gen)
     mask = (torch.arange(SEQ)[None, :] < lengths[:, None]).to(torch.int8)
     ids = (torch.randint(5, VOCAB, (n, SEQ), generator=gen) * mask).to(torch.int32)
-    table = pa.table({
-        "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1).numpy()), SEQ),
-        "attention_mask": pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1).numpy()), SEQ),
-        "label": pa.array(torch.randint(0, LABELS, (n,), generator=gen).numpy().astype("int64")),
-        "n_tokens": pa.array(lengths.numpy().astype("int32")),
-    })
-    pq.write_table(table, path)
+    write_processed_split(path, ids, mask, torch.randint(0, LABELS, (n,), generator=gen), lengths)
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,10 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, write_processed_split
 
 from dht.arm_features import arm_space, compute_arm_features, save_arm_features
 from dht.config import load_config, read_params
@@ -44,13 +42,7 @@ def write_split(path: Path, n: int, gen: torch.Generator) -> None:
     lengths = torch.randint(6, SEQ + 1, (n,), generator=gen)
     mask = (torch.arange(SEQ)[None, :] < lengths[:, None]).to(torch.int8)
     ids = (torch.randint(5, VOCAB, (n, SEQ), generator=gen) * mask).to(torch.int32)
-    table = pa.table({
-        "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1).numpy()), SEQ),
-        "attention_mask": pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1).numpy()), SEQ),
-        "label": pa.array((ids[:, 0] % LABELS).numpy().astype("int64")),
-        "n_tokens": pa.array(lengths.numpy().astype("int32")),
-    })
-    pq.write_table(table, path)
+    write_processed_split(path, ids, mask, ids[:, 0] % LABELS, lengths)
 
 
 @pytest.fixture(scope="module")
