@@ -27,6 +27,7 @@ import torch
 
 from dht.config import load_config
 from dht.evaluation import SplitData
+from dht.policy import exit_uncertainty
 from dht.tokenization import load_processed
 from dht.trainer import load_trained
 
@@ -43,9 +44,11 @@ def contexts(root: Path, dataset: str, model_name: str) -> tuple[np.ndarray, np.
             ids, mask, _ = data.batch(index, torch.device("cpu"))
             hidden, keep = model.embed(ids, mask)
             s1 = model.run_layers(hidden, keep, 0, b)
-            x = policy.norm_l(policy.pool_l(s1.float(), mask), update=False)
+            u = exit_uncertainty(model, s1, mask)
+            # the context exactly as the policy builds it (with the uncertainty when the model was trained on it)
+            x = policy.norm_l(policy.arm_context(s1, mask, u if policy.exit_confidence else None), update=False)
             xs.append(x.numpy())
-            conf.append(model.classify(s1, keep).softmax(-1).max(-1).values.numpy())
+            conf.append((1 - u).numpy())
     return np.concatenate(xs), np.concatenate(conf)
 
 
