@@ -19,11 +19,17 @@ from typing import Any
 from dht.config import Config
 
 SEED_DIR = "seed-{seed}"
+# A trained DHT model directory's description (mode, policy, resolved config), written beside its weights.
+POLICY_FILE = "dht_policy.json"
 # metrics.json keys that are one run's own interval or bookkeeping, not a quantity to average over seeds.
 _NOT_AVERAGED = ("accuracy_ci95",)
 
 
-# --- writing a DHT run's results --------------------------------------------------------------------------
+# --- writing a run's results ------------------------------------------------------------------------------
+
+
+def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
 
 
 def training_metrics(cfg: Config, pred: Any, test: Any, model_config: Any, meta: dict[str, Any],
@@ -40,23 +46,36 @@ def training_metrics(cfg: Config, pred: Any, test: Any, model_config: Any, meta:
         "train_samples": progress.samples_seen,
         "epochs": cfg.train.epochs,
     })
-    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+    return _rounded(metrics)
 
 
-def write_training_results(results: str | Path, metrics: dict[str, Any], pred: Any, test: Any,
-                           progress: Any) -> Path:
-    """A DHT run's results directory: predictions.csv, selections.json (Figure 2), loss.csv (Figure 3) and,
-    last (it marks the run as done), metrics.json."""
+def baseline_metrics(pred: Any, test: Any, reference_config: Any, meta: dict[str, Any], train_flops: float,
+                     reference_train_flops: float, seconds: float) -> dict[str, Any]:
+    """metrics.json of a baseline, in the DHT runs' schema: :func:`dht.evaluation.evaluate` with FLOPs relative to
+    the trained reference (`reference_config`), the training's FLOP ratio against the reference's full training
+    (`reference_train_flops`) and its time, floats rounded to 6 digits."""
+    from dht.evaluation import evaluate
+
+    metrics = evaluate(pred, test, reference_config, meta["max_length"], meta.get("difficulty_names"))
+    metrics.update({"train_flop_ratio": train_flops / reference_train_flops, "train_seconds": round(seconds, 3)})
+    return _rounded(metrics)
+
+
+def write_results(results: str | Path, metrics: dict[str, Any], pred: Any, test: Any,
+                  progress: Any | None = None) -> Path:
+    """A run's results directory: predictions.csv; for a DHT run (`progress`, the trainer's) selections.json
+    (Figure 2) and loss.csv (Figure 3); and, last (it marks the run as done), metrics.json."""
     from dht.evaluation import write_predictions
 
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
     write_predictions(results / "predictions.csv", pred, test)
-    (results / "selections.json").write_text(json.dumps(progress.selections, indent=2, sort_keys=True) + "\n")
-    with (results / "loss.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["step", "epoch", "loss", "layers"])
-        writer.writerows((s, e + 1, round(loss, 6), layers) for s, e, loss, layers in progress.history)
+    if progress is not None:
+        (results / "selections.json").write_text(json.dumps(progress.selections, indent=2, sort_keys=True) + "\n")
+        with (results / "loss.csv").open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["step", "epoch", "loss", "layers"])
+            writer.writerows((s, e + 1, round(loss, 6), layers) for s, e, loss, layers in progress.history)
     (results / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return results
 

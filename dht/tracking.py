@@ -117,3 +117,46 @@ def stage_run(
             for start in range(0, len(flat), 100):  # MLflow caps one log_params call at 100
                 mlflow.log_params(dict(list(flat.items())[start : start + 100]))
         yield run
+
+
+def log_run_metrics(metrics: Mapping[str, Any]) -> None:
+    """A finished run's metrics.json in the active MLflow run: every number, and the 95% interval as two
+    scalars (MLflow metrics are scalars)."""
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+    lo, hi = metrics["accuracy_ci95"]
+    mlflow.log_metrics({"accuracy_ci95_lo": lo, "accuracy_ci95_hi": hi})
+
+
+class TrainingLogger:
+    """The DHT trainer's ``log`` callback: the loss and depth per step (Figure 3) and, for every finished epoch,
+    the arms' selection frequencies (Figure 2). The trainer calls it only at checkpoints, with the steps since
+    the last one, so a resumed run logs every step exactly once; `progress` tells which epochs are finished."""
+
+    def __init__(self, run_id: str, progress: Any) -> None:
+        import mlflow
+
+        self.run_id = run_id
+        self.client = mlflow.MlflowClient()
+        # epochs finished before a resume were logged by the killed run
+        self.logged_epochs = {int(e) for e in progress.selections if int(e) < progress.epoch}
+
+    def __call__(self, pending: list[tuple[int, float, float]], progress: Any) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric("train_loss", loss, now, step) for step, loss, _ in pending]
+        metrics += [Metric("train_layers", layers, now, step) for step, _, layers in pending]
+        for epoch, counts in progress.selections.items():
+            e = int(epoch)
+            if e < progress.epoch and e not in self.logged_epochs:
+                for family in {k.split("/")[0] for k in counts}:
+                    total = sum(v for k, v in counts.items() if k.startswith(family + "/"))
+                    metrics += [Metric(f"freq.{k.replace('/', '.').replace('+', '-')}", v / total, now, e + 1)
+                                for k, v in counts.items() if k.startswith(family + "/")]
+                self.logged_epochs.add(e)
+        for start in range(0, len(metrics), 900):  # MLflow caps one log_batch at 1000 metrics
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + 900])

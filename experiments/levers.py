@@ -103,7 +103,7 @@ def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: i
     from dht.evaluation import SplitData, accuracy_text
     from dht.model import DHTForSequenceClassification
     from dht.policy import predict
-    from dht.results import training_metrics, write_training_results
+    from dht.results import training_metrics, write_results
     from dht.runtime import configure_threads, resolve_device, seed_everything
     from dht.tokenization import load_processed
     from dht.trainer import Trainer
@@ -127,7 +127,7 @@ def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: i
                    greedy=cfg.dht.inference == "greedy")
     metrics = training_metrics(cfg, pred, test, trainer.model.config, meta, progress)
     metrics.update({"setting": setting, "overlay": overlay_of(setting)})
-    write_training_results(out, metrics, pred, test, progress)  # metrics.json last: marks the run as done
+    write_results(out, metrics, pred, test, progress)  # metrics.json last: marks the run as done
     print(f"{setting} {dataset}/{model_name}: accuracy {accuracy_text(metrics)}, inference FLOPs "
           f"{metrics['infer_flop_ratio']:.2f}x, mean layers {metrics['mean_layers']:.2f} ({progress.seconds:.0f} s)",
           flush=True)

@@ -73,6 +73,14 @@ class BaselineJob:
         """The padded length FLOPs are counted at."""
         return int(self.meta["max_length"])
 
+    @property
+    def reference_train_flops(self) -> float:
+        """What training the reference on this split costs (full convention, every epoch): the 1.00x of a
+        baseline's training FLOP ratio."""
+        from dht.flops import full_model_flops
+
+        return full_model_flops(self.seq_len, self.teacher.config, "full", "train") * len(self.train) * self.cfg.train.epochs
+
 
 @dataclass
 class BaselineRun:
@@ -83,6 +91,41 @@ class BaselineRun:
     train_flops: float
     history: list[float]
     params: dict[str, Any] = field(default_factory=dict)
+
+
+def load_reference(cfg: Config, dataset: str, directory: Path, device: torch.device) -> DHTForSequenceClassification:
+    """The trained reference (``run.reference``) every baseline learns from and is measured against, from its model
+    directory, checked against its checksums (:mod:`dht.integrity`), in eval mode on `device`. Raises
+    :class:`BaselineError` for a directory of another mode (or none): its FLOPs are the 1.00x, so another model
+    would measure every baseline against the wrong one."""
+    import json
+
+    from dht.integrity import IntegrityError, load_checked_model, retrain_hint
+    from dht.results import POLICY_FILE, run_subdir
+
+    policy_file = directory / POLICY_FILE
+    trained_as = json.loads(policy_file.read_text()).get("mode_name") if policy_file.is_file() else None
+    if trained_as != cfg.run.reference:
+        raise BaselineError(
+            f"{directory}: not the trained reference {cfg.run.reference!r} of run.reference ({policy_file} names "
+            f"{trained_as!r}); train it first (snakemake --cores 4 results/{dataset}/{cfg.run.reference}/metrics.json)")
+    results = f"results/{run_subdir(cfg, dataset, cfg.run.reference, cfg.seed)}"
+    try:
+        teacher = load_checked_model(directory, retrain_hint({"results": results}))
+    except IntegrityError as err:
+        raise BaselineError(f"{directory}: {err}") from err
+    return teacher.to(device).eval()
+
+
+def run_params(cfg: Config, dataset: str, name: str, device: torch.device) -> dict[str, Any]:
+    """The MLflow params of a baseline run: what it is, and the params.yaml sections it reads."""
+    from dht.config import parse_baseline
+
+    kind, value = parse_baseline(name)
+    return {"model_name": name, "dataset": dataset, "seed": cfg.seed, "device": str(device),
+            "baseline.kind": kind, "baseline.value": value,
+            "baselines": cfg.section(f"baselines.{KINDS[kind].section}"),
+            "model": cfg.section("model"), "train": cfg.section("train")}
 
 
 def run_baseline(kind: str, value: float, job: BaselineJob) -> BaselineRun:

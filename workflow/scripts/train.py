@@ -17,9 +17,9 @@ from dht.evaluation import SplitData, accuracy_text
 from dht.integrity import write_manifest
 from dht.model import DHTForSequenceClassification
 from dht.policy import predict
-from dht.results import run_name, run_subdir, training_metrics, write_training_results
+from dht.results import run_name, run_subdir, training_metrics, write_results
 from dht.tokenization import load_processed
-from dht.tracking import stage_run
+from dht.tracking import TrainingLogger, log_run_metrics, stage_run
 from dht.trainer import Trainer, TrainingError, fingerprint, run_params, save_trained
 
 p = _stage.parser(__doc__)
@@ -83,31 +83,10 @@ params = {"model_name": args.model, "dataset": args.dataset, **run_params(cfg, a
 with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="train", profile=cfg.profile, params=params,
                prefix=cfg.tracking.experiment_prefix, run_id=trainer.progress.run_id) as run:
     import mlflow
-    from mlflow.entities import Metric
 
     trainer.progress.run_id = run.info.run_id
-    client = mlflow.MlflowClient()
-    logged_epochs = {int(e) for e in trainer.progress.selections if int(e) < trainer.progress.epoch}
-
-    def log(pending, progress):
-        """Loss per step (Figure 3) and, for finished epochs, the selection frequencies (Figure 2); sent only
-        at checkpoints, so a resumed run logs every step exactly once."""
-        now = int(__import__("time").time() * 1000)
-        metrics = [Metric("train_loss", loss, now, step) for step, loss, _ in pending]
-        metrics += [Metric("train_layers", layers, now, step) for step, _, layers in pending]
-        for epoch, counts in progress.selections.items():
-            e = int(epoch)
-            if e < progress.epoch and e not in logged_epochs:
-                for family in {k.split("/")[0] for k in counts}:
-                    total = sum(v for k, v in counts.items() if k.startswith(family + "/"))
-                    metrics += [Metric(f"freq.{k.replace('/', '.').replace('+', '-')}", v / total, now, e + 1)
-                                for k, v in counts.items() if k.startswith(family + "/")]
-                logged_epochs.add(e)
-        for start in range(0, len(metrics), 900):
-            client.log_batch(run.info.run_id, metrics=metrics[start : start + 900])
-
     try:
-        progress = trainer.fit(log=log)
+        progress = trainer.fit(log=TrainingLogger(run.info.run_id, trainer.progress))
     except TrainingError as err:
         sys.exit(f"error: {err}")
     if world is not None:
@@ -117,7 +96,6 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="train",
                    greedy=cfg.dht.inference == "greedy")
     metrics = training_metrics(cfg, pred, test, trainer.model.config, meta, progress)
     out_model = Path(args.out_model)
-    results = write_training_results(args.results, metrics, pred, test, progress)
     if out_model.exists():
         shutil.rmtree(out_model)
     save_trained(out_model, trainer.model, trainer.policy, args.model, cfg,
@@ -126,10 +104,10 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="train",
     shutil.copytree(processed / "tokenizer", out_model / "tokenizer")
     shutil.copy2(features / "arm_features.safetensors", out_model / "arm_features.safetensors")
     write_manifest(out_model)  # last: checksums of every file, verified by whatever loads the model
+    # last: metrics.json marks the run as done
+    results = write_results(args.results, metrics, pred, test, progress)
 
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
-    lo, hi = metrics["accuracy_ci95"]  # MLflow metrics are scalars
-    mlflow.log_metrics({"accuracy_ci95_lo": lo, "accuracy_ci95_hi": hi})
+    log_run_metrics(metrics)
     mlflow.log_artifact(str(results / "selections.json"))
     if cfg.train.log_model:
         mlflow.log_artifacts(str(out_model), artifact_path="model")
