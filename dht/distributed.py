@@ -2,16 +2,17 @@
 
 `train.distributed.nproc_per_node: N` makes the train stage run under ``torchrun --nproc-per-node N``; each
 process (rank) gets a :class:`World` from :func:`start` and passes it to :class:`dht.trainer.Trainer`, which then
-runs its lockstep loop (``Trainer._fit_distributed``): each rank queues its share of every epoch's permutation
+runs the lockstep loop of :mod:`dht.distributed_training`: each rank queues its share of every epoch's permutation
 (:func:`shard`), the bandits decide jointly on every rank's contexts (one bandit, identical on every rank) and the
-gradient pass runs under DDP (:func:`wrap`). With one process nothing here is used and the trainer runs as it
-always has.
+gradient pass runs under DDP (:func:`wrap`). This module is the process group and those helpers; with one process
+nothing here is used and the trainer runs as it always has.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -117,6 +118,11 @@ def shard(order: Tensor, rank: int, size: int) -> Tensor:
     """Rank `rank`'s share of an epoch's order: every size-th sample from its rank on (DistributedSampler's split,
     without its padding: the shares differ by at most one sample and together hold each sample exactly once)."""
     return order[rank::size]
+
+
+def share_length(n: int, size: int) -> int:
+    """Samples a rank queues per epoch of `n`: the longest :func:`shard` (all `n` with one process)."""
+    return math.ceil(n / size)
 
 
 class _Pass(torch.nn.Module):

@@ -16,7 +16,9 @@ One epoch (Algorithm 3 around Algorithm 2):
 
 The bandits' decisions and updates, the queues and inference live in :mod:`dht.policy`; what a model is
 evaluated on and the metrics in :mod:`dht.evaluation`. This module is the training loop around them, its
-checkpoints, and saving / loading a trained model with its bandits.
+checkpoints, and saving / loading a trained model with its bandits. With several processes (torchrun,
+docs/distributed.md) :meth:`Trainer.fit` hands over to the lockstep loop of :mod:`dht.distributed_training`, which
+runs on the same trainer.
 
 Readings of the paper taken here are listed in docs/training.md.
 """
@@ -40,9 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dht import distributed_training
 from dht.arm_features import ArmSpace, arm_layer_heads, arm_matrix, arm_space, compute_arm_features
 from dht.config import Config, ModeSpec, parse_arm, run_param_keys
-from dht.distributed import World, digest, shard, wrap
+from dht.distributed import World, share_length, wrap
 from dht.evaluation import SplitData
 from dht.flops import forward_flops, full_model_flops, train_flops
 from dht.guard import FiniteGuard, TrainingError  # noqa: F401 (TrainingError: raised and re-exported here)
@@ -125,15 +128,17 @@ class Trainer:
         q = cfg.train.batch_size
         shared = world is not None and cfg.train.distributed.queues == "global"
         self.queue = LayerQueue(q * world.size if shared else q)  # global: one set of queues for all ranks
-        # Several processes (docs/distributed.md): this rank's place, DDP around the model for the gradient pass,
-        # the batches its queues released that wait for a step, and the per-rank state a checkpoint gathers.
+        # Several processes (docs/distributed.md, dht.distributed_training): this rank's place, DDP around the model
+        # for the gradient pass, the batches its queues released that wait for a step, and the per-rank state a
+        # checkpoint gathers.
         self.world = world
         self.ddp = wrap(self.model, world) if world is not None else None
         self.ready: list[tuple[int, list[tuple[int, int, Tensor]]]] = []
         self.rank_states: list[dict[str, Any]] | None = None
         self.trace: dict[str, list[int]] | None = None  # epoch -> sample indices this rank trained, when set
         self.digests: tuple[str, str] | None = None  # (weights, bandits) after a distributed run, equal on every rank
-        steps_per_epoch = math.ceil(self._share_length() / q) + 8  # queues release at most a few partial batches more
+        share = share_length(len(train), world.size if world is not None else 1)  # samples this rank queues an epoch
+        steps_per_epoch = math.ceil(share / q) + 8  # queues release at most a few partial batches more
         total = steps_per_epoch * cfg.train.epochs
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate,
                                            weight_decay=cfg.train.weight_decay)
@@ -287,8 +292,8 @@ class Trainer:
         """Train every epoch, resuming from a checkpoint when one fits; returns the accounting."""
         from tqdm.auto import tqdm
 
-        if self.world is not None:
-            return self._fit_distributed(log, progress_bar)
+        if self.world is not None:  # several processes in lockstep (docs/distributed.md)
+            return distributed_training.fit(self, log, progress_bar)
         cfg, p = self.cfg, self.progress
         q = cfg.train.batch_size
         start_time = time.perf_counter() - p.seconds
@@ -417,280 +422,7 @@ class Trainer:
             log(self.progress.pending_log, self.progress)
         self.progress.pending_log = []
 
-    # ---- several processes (docs/distributed.md) ---------------------------------------------------------------
-
-    def _share_length(self) -> int:
-        """Samples a rank queues per epoch: the longest share (all of them with one process)."""
-        n = len(self.train_data)
-        return n if self.world is None else math.ceil(n / self.world.size)
-
-    def _fit_distributed(self, log: Callable[[list[tuple[int, float, float]], Progress], None] | None,
-                         progress_bar: bool) -> Progress:
-        """:meth:`fit` on several ranks: each queues its share of the epoch's order (:func:`dht.distributed.shard`)
-        in rounds of q into its own queues (Algorithm 3), or all ranks' rows into shared ones
-        (``train.distributed.queues: global``); the decisions of a round are taken jointly on every rank's contexts,
-        and the released batches train in steps every rank takes together (one batch or an empty part per rank;
-        docs/distributed.md). Every rank ends with the same weights and bandits (checked)."""
-        from tqdm.auto import tqdm
-
-        cfg, p, world = self.cfg, self.progress, self.world
-        q = cfg.train.batch_size
-        length = self._share_length()
-        start_time = time.perf_counter() - p.seconds
-        since_checkpoint = 0
-        while p.epoch < cfg.train.epochs:
-            policy, frozen = self.active(p.epoch)
-            if p.epoch > 0 and p.position == 0 and id(policy) in self.refresh_spaces:
-                self._refresh_arm_features(policy)  # as in fit: before any sample of the epoch is queued
-            order = self.order(p.epoch)
-            shares = [shard(order, r, world.size) for r in range(world.size)]  # every rank's, for global queues
-            bar = tqdm(total=length, initial=p.position, desc=f"{self.mode_name} epoch {p.epoch + 1}/{cfg.train.epochs}",
-                       disable=not progress_bar or not world.is_main or os.environ.get("DHT_NO_PROGRESS") == "1",
-                       mininterval=1.0, leave=False)
-            while p.position < length:  # rounds in lockstep: a shorter share sends an empty chunk last
-                self.ready += self._enqueue_distributed(policy, [s[p.position : p.position + q] for s in shares])
-                since_checkpoint += self._steps_distributed(policy, frozen, drain=False)
-                p.position += q
-                bar.update(min(q, length - bar.n))
-                if since_checkpoint >= cfg.train.checkpoint_every and p.position < length:
-                    self._checkpoint_now(log, start_time, self._checkpoint_distributed)
-                    since_checkpoint = 0
-            self.ready += self.queue.drain()  # partly filled queues: every sample once per epoch
-            self._steps_distributed(policy, frozen, drain=True)
-            bar.close()
-            self._end_epoch(log, start_time, self._checkpoint_distributed)
-            since_checkpoint = 0
-        p.seconds = time.perf_counter() - start_time
-        self._check_in_step()
-        return p
-
-    def _enqueue_distributed(self, policy: Policy, chunks: list[Tensor]) -> list[tuple[int, list[tuple[int, int, Tensor]]]]:
-        """:meth:`_enqueue` for a round (``chunks``: every rank's part of it), deciding jointly: every rank pools the
-        S1 contexts of its own chunk, they are gathered in rank order and UCB_L / UCB_cp decide on all of them on
-        every rank (the same normaliser update, the same draws). Each rank queues its own rows, or, with
-        ``train.distributed.queues: global``, every rank queues all rows in its copy of the shared queues."""
-        chunk = chunks[self.world.rank]
-        n = len(chunk)
-        shared = self.cfg.train.distributed.queues == "global"
-        if policy.ucb is None:  # one fixed arm: nothing to decide or share
-            total = sum(map(len, chunks)) if shared else n
-            arm, context = policy.decide_arms(None, total, greedy=False, learn=True)
-            if not shared:
-                chunks = [chunk]
-        else:
-            x = None
-            if n:
-                ids, mask, _ = self.train_data.batch(chunk, self.device)
-                self.model.eval()  # S1: the previous weights, no gradient, no dropout
-                with torch.no_grad():
-                    s1 = self.model.encode_prefix(ids, mask)
-                    u = exit_uncertainty(self.model, s1, mask) if policy.exit_confidence else None
-                    x = policy.arm_context(s1, mask, u)
-            parts = self.world.all_gather(x)
-            rows = [part for part in parts if part is not None]
-            if not rows:
-                return []
-            arm, context = policy.decide_arms(torch.cat(rows), sum(len(r) for r in rows), greedy=False, learn=True)
-            if not shared:
-                start = sum(len(part) for part in parts[: self.world.rank] if part is not None)
-                arm, context, chunks = arm[start : start + n], context[start : start + n], [chunk]
-        layers = policy.layers_of(arm)
-        released = []
-        for row, index in enumerate(torch.cat(chunks).tolist()):  # rank order, as the decisions
-            full = self.queue.push(int(layers[row]), index, int(arm[row]), context[row])
-            if full is not None:
-                released.append((int(layers[row]), full))
-        return released
-
-    def _steps_distributed(self, policy: Policy, frozen: bool, drain: bool) -> int:
-        """Train the ready batches in steps every rank takes together; returns the steps taken.
-
-        Within an epoch, as many steps as the rank with the fewest ready batches has (the others' wait for the
-        next round: a rank's released batches never run ahead of another's by more than its number of queues);
-        at the epoch's end, as many as the rank with the most, the others taking part with an empty batch. With
-        ``queues: global`` every rank holds the same released batches: each is one step, split over the ranks
-        (every size-th sample from the rank's on; a rank left without samples takes part with an empty batch)."""
-        if self.cfg.train.distributed.queues == "global":
-            released, self.ready = self.ready, []
-            for layers, items in released:
-                mine = items[self.world.rank :: self.world.size]
-                self._train_batch_distributed(policy, frozen, (layers, mine) if mine else None, len(items))
-            return len(released)
-        sizes = self.world.all_gather([len(items) for _, items in self.ready])
-        steps = max(map(len, sizes)) if drain else min(map(len, sizes))
-        mine, self.ready = self.ready[:steps], self.ready[steps:]
-        for j in range(steps):
-            total = sum(s[j] for s in sizes if j < len(s))
-            self._train_batch_distributed(policy, frozen, mine[j] if j < len(mine) else None, total)
-        return steps
-
-    def _decide_jointly(self, policy: Policy, g: int, state: Tensor | None, mask: Tensor | None, arm: Tensor
-                        ) -> dict[str, Any] | None:
-        """UCB_H (tree) and the TSB for group g on the rows of every rank whose path reaches it (``state`` None: this
-        rank's does not): contexts gathered in rank order, one decision on all of them on every rank, this rank's
-        rows returned ({} when it has none; None when no rank reaches the group)."""
-        mine = None if state is None else (*policy.head_contexts(state, mask), arm)
-        parts = self.world.all_gather(mine)
-        rows = [part for part in parts if part is not None]
-        if not rows:
-            return None
-        xt = torch.cat([r[0] for r in rows])
-        xh = torch.cat([r[1] for r in rows]) if rows[0][1] is not None else None
-        info = policy.decide_heads(g, xt, xh, torch.cat([r[2] for r in rows]), greedy=False, learn=True)
-        if mine is None:
-            return {}
-        start = sum(len(part[2]) for part in parts[: self.world.rank] if part is not None)
-        return {key: value[start : start + len(arm)] for key, value in info.items()}
-
-    def _train_batch_distributed(self, policy: Policy, frozen: bool, batch: tuple[int, list[tuple[int, int, Tensor]]] | None,
-                                 total: int) -> None:
-        """One step of every rank (Algorithm 2, lines 7-16, under DDP): this rank's batch (None: an empty part) of
-        the step's ``total`` samples.
-
-        As :meth:`train_batch`, except: the head decisions are joint (:meth:`_decide_jointly`); the gradient pass
-        runs inside DDP, whose all-reduce averages the ranks' gradients, so each rank's loss is its samples' sum x
-        ranks / total (the step's gradient is then the mean over all its samples); the ranks' losses and
-        decisions are gathered, and every rank replays every rank's bandit updates and accounting in rank order,
-        so the bandits, their baselines and the accounting stay identical on every rank."""
-        model, cfg, world, p = self.model, self.cfg, self.world, self.progress
-        layers, items = batch if batch is not None else (0, [])
-        n = len(items)
-        index = torch.tensor([i for i, _, _ in items], dtype=torch.long)
-        arm = torch.tensor([a for _, a, _ in items], dtype=torch.long)
-        context = torch.stack([c for _, _, c in items]) if policy.uses_s1 and n else torch.zeros(n, 0)
-        ids = mask = labels = None
-        trainable: set[int] = set()
-        if n:
-            ids, mask, labels = self.train_data.batch(index, self.device)
-            trainable = self._trainable_layers(layers, frozen)
-        b = min(cfg.dht.fixed_layers, layers)
-        decided: list[dict[str, Any]] | None = None
-        decision_layers = 0
-        if cfg.dht.decision_states == "clean" and policy.search != "fixed":
-            # T2 as in train_batch; every rank takes part in each group's joint decision, reached or not
-            model.eval()
-            decided = []
-            with torch.no_grad():
-                state = keep = None
-                if n and layers > b:
-                    state, keep = model.embed(ids, mask)
-                    state = model.run_layers(state, keep, 0, b)
-                for g, group in enumerate(policy.groups):
-                    reaches = state is not None and group.start < layers
-                    info = self._decide_jointly(policy, g, state if reaches else None, mask, arm)
-                    if info is None:
-                        break
-                    if not reaches:
-                        continue
-                    decided.append(info)
-                    stop = min(group.stop, layers)
-                    if stop < layers:  # the last group's output decides nothing
-                        plan = info["plan"][:, : stop - group.start]
-                        state = model.run_layers(state, keep, group.start, stop,
-                                                 None if bool(plan.all()) else plan.to(state.device))
-            if decided:
-                decision_layers = policy.groups[len(decided) - 1].start
-        groups: list[dict[str, Any]] = []
-        heads_rows = torch.full((n, layers), model.config.num_attention_heads, dtype=torch.long)
-
-        def gradient_pass() -> Tensor:
-            hidden = keep = None
-            if n:
-                hidden, keep = model.embed(ids, mask)
-                hidden = self._run(hidden, keep, 0, b, None, trainable)  # S2,0
-            for g, group in enumerate(policy.groups):
-                reaches = n > 0 and group.start < layers
-                if decided is not None or policy.search == "fixed":
-                    if not reaches:
-                        break
-                    info = decided[g] if decided is not None else policy.choose_heads(
-                        g, hidden.detach(), mask, arm, greedy=False, learn=True)
-                else:  # decision_states: train, jointly on the dropout-noised states of this pass
-                    info = self._decide_jointly(policy, g, hidden.detach() if reaches else None, mask, arm)
-                    if info is None:
-                        break
-                    if not reaches:
-                        continue
-                stop = min(group.stop, layers)
-                plan = info["plan"][:, : stop - group.start]
-                hidden = self._run(hidden, keep, group.start, stop, plan.to(self.device), trainable)
-                heads_rows[:, group.start : stop] = plan.sum(dim=2)
-                groups.append(info)
-            if not n:  # an empty part: one parameter in the graph, so DDP all-reduces (zeros) with the others
-                return model.classifier.weight.sum() * 0.0
-            return model.classify(hidden, keep)
-
-        model.train()
-        out = self.ddp(gradient_pass)
-        per_sample = F.cross_entropy(out, labels, reduction="none") if n else None
-        loss = per_sample.sum() * (world.size / total) if n else out
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        record = None if not n else {
-            "index": index, "arm": arm, "context": context, "layers": layers, "loss": per_sample.detach().double().cpu(),
-            "groups": groups, "heads_rows": heads_rows, "trainable": sorted(trainable), "decision_layers": decision_layers,
-            "embeddings_train": any(q.requires_grad for q in model.bert.embeddings.parameters())}
-        records = world.all_gather(record)
-        for rank, rec in enumerate(records):
-            if rec is not None and not bool(torch.isfinite(rec["loss"]).all()):
-                raise TrainingError(
-                    f"non-finite loss at epoch {p.epoch + 1}, step {p.step + 1}, on rank {rank}, in a batch of "
-                    f"{len(rec['index'])} samples with L = {rec['layers']} (sample indices {rec['index'][:8].tolist()}"
-                    "...); lower train.learning_rate or check the data; no model was written"
-                )
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        for rec in records:  # rank order: "the previous batch" of a reward is the previous one of this order
-            if rec is not None:
-                policy.learn(Decision(rec["arm"], rec["context"], rec["layers"]), rec["groups"], rec["loss"])
-                self._account(policy, rec["layers"], rec["heads_rows"], set(rec["trainable"]), rec["groups"],
-                              rec["arm"], rec["decision_layers"], embeddings_train=rec["embeddings_train"])
-        if self.trace is not None and n:
-            self.trace.setdefault(str(p.epoch), []).extend(index.tolist())
-        done = [rec for rec in records if rec is not None]
-        loss_value = float(torch.cat([rec["loss"] for rec in done]).sum()) / total
-        layers_value = sum(len(rec["index"]) * rec["layers"] for rec in done) / total
-        p.step += 1
-        p.pending_log.append((p.step, loss_value, float(layers_value)))
-        p.history.append((p.step, p.epoch, loss_value, float(layers_value)))
-        if self.on_step is not None:
-            self.on_step(p.step)
-
-    def _checkpoint_distributed(self) -> None:
-        """Every rank's own state (its queues, its ready batches, its dropout RNG) is gathered; rank 0 writes
-        the one checkpoint (the weights, the bandits and the accounting are the same on every rank); the others
-        wait until it is written."""
-        if self.checkpoint_dir is None:
-            return
-        cuda = self.device.type == "cuda"
-        mine = {"queue": self.queue.state_dict(), "ready": self.ready, "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None}
-        ranks = self.world.all_gather(mine)
-        if self.world.is_main:
-            self.rank_states = ranks
-            self.save_checkpoint()
-        self.world.barrier()
-
-    def _restore_rank(self, path: Path, ranks: list[dict[str, Any]] | None) -> None:
-        """This rank's part of a checkpoint (a one-process checkpoint has none); one of another process count is
-        refused (its queues are per rank)."""
-        size = 1 if self.world is None else self.world.size
-        if (1 if ranks is None else len(ranks)) != size:
-            raise TrainingError(
-                f"{path}: written by a run of {1 if ranks is None else len(ranks)} process(es), this run has {size} "
-                f"(train.distributed.nproc_per_node). It is not resumed; delete it to start over: "
-                f"rm -r {self.checkpoint_dir}"
-            )
-        if ranks is None:
-            return
-        mine = ranks[self.world.rank]
-        self.queue.load_state_dict(mine["queue"])
-        self.ready = list(mine["ready"])
-        torch.set_rng_state(mine["torch_rng"])
-        if mine["cuda_rng"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+    # ---- several processes (docs/distributed.md; the loop: dht.distributed_training) ----------------------------
 
     def close_distributed(self) -> None:
         """Leave the process group after a distributed run: DDP first, while the group is still registered, then the
@@ -701,20 +433,6 @@ class Trainer:
             self.ddp = None
             gc.collect()
             self.world.close()
-
-    def _check_in_step(self) -> None:
-        """The ranks must end with bit-identical weights and bandits: DDP keeps the weights so, the joint decisions
-        and replayed updates the bandits; a difference is a bug, and is not written as a result."""
-        bandits = {"policy": self.policy.state_dict(),
-                   "warmup": self.warmup_policy.state_dict() if self.warmup_policy is not None else None}
-        mine = (digest(self.model.state_dict()), digest(bandits))
-        every = self.world.all_gather(mine)
-        if len(set(every)) > 1:
-            raise TrainingError(
-                "the ranks ended training out of step (sha256 of weights, bandits per rank: "
-                f"{[(w[:12], s[:12]) for w, s in every]}); this is a bug, no model was written"
-            )
-        self.digests = mine
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
@@ -774,7 +492,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self._restore_rank(path, state.get("ranks"))
+        distributed_training.restore_rank(self, path, state.get("ranks"))  # refuses another process count
         return True
 
     def remove_checkpoint(self) -> None:
