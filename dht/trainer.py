@@ -52,8 +52,8 @@ from dht.guard import FiniteGuard, TrainingError  # noqa: F401 (TrainingError: r
 from dht.integrity import checkpoint_problem, seal
 from dht.model import DHTForSequenceClassification
 from dht.policy import Decision, LayerQueue, Policy, decide_groups, exit_uncertainty
+from dht.results import POLICY_FILE
 
-POLICY_FILE = "dht_policy.json"
 BANDITS_FILE = "bandits.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -514,6 +514,24 @@ def save_trained(out_dir: Path, model: DHTForSequenceClassification, policy: Pol
     torch.save(policy.state_dict(), out_dir / BANDITS_FILE)
     info = {"mode_name": mode_name, **policy.describe(), "config": cfg.model_dump(mode="json"), **extra}
     (out_dir / POLICY_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
+def export_trained(out_dir: Path, trainer: Trainer, cfg: Config, info: dict[str, Any], tokenizer: Path,
+                   arm_features: Path) -> None:
+    """The train stage's model directory, replaced whole: :func:`save_trained` (weights, policy, bandits), the
+    dataset's tokenizer and the arm features the bandits were built on (what ``dht predict`` and
+    :func:`load_trained` need beside them), and last the checksums of every file (:mod:`dht.integrity`), which
+    whatever loads the model verifies."""
+    import shutil
+
+    from dht.integrity import write_manifest
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    save_trained(out_dir, trainer.model, trainer.policy, trainer.mode_name, cfg, info)
+    shutil.copytree(tokenizer, out_dir / "tokenizer")
+    shutil.copy2(arm_features, out_dir / "arm_features.safetensors")
+    write_manifest(out_dir)
 
 
 def load_trained(model_dir: str | Path, device: torch.device) -> tuple[DHTForSequenceClassification, Policy, dict[str, Any]]:

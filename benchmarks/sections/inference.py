@@ -26,8 +26,8 @@ from dht.evaluation import Predictions, SplitData, evaluate
 from dht.flops import forward_flops
 from dht.model import DHTForSequenceClassification
 from dht.policy import Policy, predict
-from dht.results import run_subdir
-from dht.trainer import POLICY_FILE, load_trained
+from dht.results import POLICY_FILE, run_subdir
+from dht.trainer import load_trained
 from sections.inputs import BenchmarkError, DataInfo
 
 WALL_GOAL = 1.25  # wall ratio <= 1.25 x FLOP ratio (inference, DHT modes)

@@ -5,7 +5,6 @@ selections.json, loss.csv, predictions.csv) and models/<dataset>/<model>/. Resum
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -14,13 +13,12 @@ import _stage
 from dht import distributed
 from dht.arm_features import load_arm_features
 from dht.evaluation import SplitData, accuracy_text
-from dht.integrity import write_manifest
 from dht.model import DHTForSequenceClassification
 from dht.policy import predict
 from dht.results import run_name, run_subdir, training_metrics, write_results
 from dht.tokenization import load_processed
 from dht.tracking import TrainingLogger, log_run_metrics, stage_run
-from dht.trainer import Trainer, TrainingError, fingerprint, run_params, save_trained
+from dht.trainer import Trainer, TrainingError, export_trained, fingerprint, run_params
 
 p = _stage.parser(__doc__)
 p.add_argument("--dataset", required=True)
@@ -95,22 +93,16 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="train",
     pred = predict(trainer.model, trainer.policy, test, device, cfg.train.eval_batch_size, meta["max_length"],
                    greedy=cfg.dht.inference == "greedy")
     metrics = training_metrics(cfg, pred, test, trainer.model.config, meta, progress)
-    out_model = Path(args.out_model)
-    if out_model.exists():
-        shutil.rmtree(out_model)
-    save_trained(out_model, trainer.model, trainer.policy, args.model, cfg,
-                 {"dataset": args.dataset, "classes": meta["classes"], "max_length": meta["max_length"],
-                  "results": args.results})
-    shutil.copytree(processed / "tokenizer", out_model / "tokenizer")
-    shutil.copy2(features / "arm_features.safetensors", out_model / "arm_features.safetensors")
-    write_manifest(out_model)  # last: checksums of every file, verified by whatever loads the model
+    export_trained(Path(args.out_model), trainer, cfg,
+                   {"dataset": args.dataset, "classes": meta["classes"], "max_length": meta["max_length"],
+                    "results": args.results}, processed / "tokenizer", features / "arm_features.safetensors")
     # last: metrics.json marks the run as done
     results = write_results(args.results, metrics, pred, test, progress)
 
     log_run_metrics(metrics)
     mlflow.log_artifact(str(results / "selections.json"))
     if cfg.train.log_model:
-        mlflow.log_artifacts(str(out_model), artifact_path="model")
+        mlflow.log_artifacts(args.out_model, artifact_path="model")
 trainer.remove_checkpoint()
 print(f"train {args.dataset}/{args.model}: accuracy {accuracy_text(metrics)}, macro-F1 {metrics['macro_f1']:.3f}, "
       f"train FLOPs {metrics['train_flop_ratio']:.2f}x, inference FLOPs {metrics['infer_flop_ratio']:.2f}x, "
