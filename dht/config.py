@@ -196,11 +196,15 @@ class PoolingConfig(_Strict):
     """Multi-granularity mean pooling (Section 7.1): split the tokens into 1, 2, ... parts and the hidden
     dimension into 4, 8, ... parts, and take each part's mean."""
 
+    # The one description of a pooling: dht.contexts pools with it (multi_granularity_pool, pool_head_slices).
     seq_splits: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
     hidden_splits: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
 
     @property
     def size(self) -> int:
+        """Features the pooling gives: sum(seq_splits) * sum(hidden_splits). Section 7.1: "(1+2)=3 sl features
+        and 4+8+16 emb features" -> 3 * 28 = 84 (the paper prints 26 and "3x36", both arithmetic slips; 84 is the
+        only value consistent with the vector size 168 of Section 7.3)."""
         return sum(self.seq_splits) * sum(self.hidden_splits)
 
 
@@ -212,10 +216,11 @@ class FeaturesConfig(_Strict):
     """Context and arm-feature sizes; the defaults are the ones the paper's vector lengths imply
     (84 for UCB_L/UCB_cp, 42 for UCB_H, 12 for TSB; docs/bandits.md)."""
 
-    ucb_l: PoolingConfig = _pool([1, 2], [4, 8, 16])
-    ucb_cp: PoolingConfig = _pool([1, 2], [4, 8, 16])
-    ucb_h: PoolingConfig = _pool([1, 2], [2, 4, 8])
-    tsb: PoolingConfig = _pool([1], [4, 8])
+    # The paper's poolings (Section 7.1) and their sizes (Section 7.3): the context x, then the bandit's vector.
+    ucb_l: PoolingConfig = _pool([1, 2], [4, 8, 16])  # 3 x 28 = 84; w = [x ; z_L] -> 168
+    ucb_cp: PoolingConfig = _pool([1, 2], [4, 8, 16])  # 3 x 28 = 84; w = [x ; z_cp] -> 168
+    ucb_h: PoolingConfig = _pool([1, 2], [2, 4, 8])  # 3 x 14 = 42; w = [x ; z_H ; e_l] -> 42 + 42 + 3 = 87
+    tsb: PoolingConfig = _pool([1], [4, 8])  # 1 x 12 = 12; w = [x ; 1] -> 13
     arm_feature_samples: Annotated[int, Field(ge=1)] | None = None  # None: the whole training split
     batch_size: Annotated[int, Field(ge=1)] = 256
     # Plain full-depth training steps on a copy of the initial model before the arm-feature pass; training
