@@ -19,8 +19,9 @@ import time
 
 import torch
 
+from dht.arms import parse_arm
 from dht.bandits import LinUCB, LogisticThompsonHeads, RewardBaseline, reward_delta, ts_reward
-from dht.config import FeaturesConfig, parse_arm
+from dht.config import FeaturesConfig
 from dht.contexts import RunningNormalizer, multi_granularity_pool
 from dht.model import DHTConfig, DHTForSequenceClassification
 

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dht.config import Arm, Config, FeaturesConfig, TrainConfig, parse_arm
+from dht.arms import Arm, parse_arm
+from dht.config import Config, FeaturesConfig, TrainConfig
 from dht.contexts import ArmFeatureAccumulator, multi_granularity_pool, pool_head_slices
 
 FEATURES_FILE = "arm_features.safetensors"
@@ -85,7 +86,7 @@ def arm_space(cfg: Config, modes: Iterable[str] | None = None, warmup_modes: boo
 
 
 def arm_layer_heads(arm: Arm, fixed_layers: int, num_heads: int) -> list[int]:
-    """Heads per layer for an arm (:meth:`dht.config.Arm.layer_heads`: the first b layers always run every head,
+    """Heads per layer for an arm (:meth:`dht.arms.Arm.layer_heads`: the first b layers always run every head,
     Section 4.2)."""
     return arm.layer_heads(fixed_layers, num_heads)
 

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from dht.arm_features import arm_layer_heads, arm_matrix
+from dht.arms import parse_arm
 from dht.bandits import LinUCB, LogisticThompsonHeads, RewardBaseline, reward_delta, ts_reward
-from dht.config import Config, ModeSpec, parse_arm
+from dht.config import Config, ModeSpec
 from dht.contexts import RunningNormalizer, multi_granularity_pool
 from dht.evaluation import Predictions, SplitData
 from dht.flops import forward_flops

@@ -26,7 +26,9 @@ from dht.arm_features import (
     save_arm_features,
     warm_up,
 )
-from dht.config import FeaturesConfig, load_config, parse_arm
+from dht.arms import parse_arm
+from dht.config import FeaturesConfig
+from dht.config_loading import load_config
 from dht.contexts import multi_granularity_pool
 from dht.model import DHTConfig, DHTForSequenceClassification
 
