@@ -1,12 +1,12 @@
 # DHT pipeline: a table of contents. Stages live in workflow/rules/*.smk, their scripts in workflow/scripts/,
-# and every parameter in params.yaml (validated by dht/config.py before any job runs).
+# and every parameter in params.yaml (validated by dht.config_loading before any job runs).
 #
 #   snakemake --cores 4 reports/table1.md                    # default profile (pretrained MiniLM, real text, CPU)
 #   snakemake --cores 4 reports/table1.md --config profile=tiny
 #
 # dvc.yaml is generated from this workflow's jobs (`dht dvc-yaml`); tests fail when the two drift apart.
 
-# params.yaml is read by dht.config (workflow/rules/common.smk), not by `configfile:`: Snakemake's own reader
+# params.yaml is read by dht.config_loading (workflow/rules/common.smk), not by `configfile:`: Snakemake's own reader
 # reports a malformed file without its line and column, and keeps the last of a key written twice.
 
 

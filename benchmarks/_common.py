@@ -121,7 +121,7 @@ def instrumented(timers: Timers, targets: Sequence[tuple[Any, str, str]]) -> Ite
     """Replace `owner.attr` by a timed wrapper for each (owner, attr, label), restore on exit.
 
     Owners are classes (every instance is timed; special methods such as __call__ are looked up on the class)
-    or single instances.
+    or single instances, a module among them (its function, as the module's own code looks it up).
     """
     saved: list[tuple[Any, str, Any, bool]] = []
     try:

@@ -19,9 +19,10 @@ import time
 
 import torch
 
+from dht.arms import parse_arm
 from dht.bandits import LinUCB, LogisticThompsonHeads, RewardBaseline, reward_delta, ts_reward
-from dht.config import parse_arm
-from dht.contexts import POOLING, RunningNormalizer
+from dht.config import FeaturesConfig
+from dht.contexts import RunningNormalizer, multi_granularity_pool
 from dht.model import DHTConfig, DHTForSequenceClassification
 
 TREE_LAYERS = [3, 6, 9, 12]
@@ -48,7 +49,9 @@ class Bandits:
         self.mode = mode
         self.config = config
         n_groups = len(config.dynamic_layer_groups())
-        f_l, f_h, f_t = POOLING["ucb_l"], POOLING["ucb_h"], POOLING["tsb"]
+        features = FeaturesConfig()  # the paper's poolings (params.yaml's defaults)
+        f_l, f_h, f_t = features.ucb_l, features.ucb_h, features.tsb
+        self.f_l, self.f_h, self.f_t = f_l, f_h, f_t
         self.norm_l, self.norm_h, self.norm_t = RunningNormalizer(f_l.size), RunningNormalizer(f_h.size), RunningNormalizer(f_t.size)
         if mode == "tree":
             self.arms = TREE_LAYERS
@@ -62,11 +65,11 @@ class Bandits:
         self.n_groups = n_groups
 
     def decide(self, s1: torch.Tensor, mask: torch.Tensor) -> dict:
-        x = self.norm_l(POOLING["ucb_l"](s1, mask))
+        x = self.norm_l(multi_granularity_pool(s1, mask, self.f_l))
         arm = self.ucb.select(x)
         # UCB_H and TSB read the state at each group's start; S1 stands in for it (same cost).
-        xh = self.norm_h(POOLING["ucb_h"](s1, mask))
-        xt = self.norm_t(POOLING["tsb"](s1, mask))
+        xh = self.norm_h(multi_granularity_pool(s1, mask, self.f_h))
+        xt = self.norm_t(multi_granularity_pool(s1, mask, self.f_t))
         group_choices = []
         for g in range(self.n_groups):
             if self.mode == "tree":

@@ -47,7 +47,7 @@ from _common import REPO, fmt_ratio, interleaved, table  # noqa: E402
 sys.path.insert(0, str(REPO))
 from dht import distributed  # noqa: E402
 from dht.arm_features import arm_space, compute_arm_features  # noqa: E402
-from dht.config import load_config, read_params, resolve_params  # noqa: E402
+from dht.config_loading import load_config, read_params, resolve_params  # noqa: E402
 from dht.evaluation import SplitData  # noqa: E402
 from dht.model import model_from_params  # noqa: E402
 from dht.trainer import Trainer  # noqa: E402

@@ -68,7 +68,8 @@ from sections.pipeline import pipeline_section  # noqa: E402
 from sections.scaling import scaling_section  # noqa: E402
 from sections.training import training_section  # noqa: E402
 
-from dht.config import ConfigError, load_config  # noqa: E402
+from dht.config import ConfigError  # noqa: E402
+from dht.config_loading import load_config  # noqa: E402
 from dht.tracking import git_commit  # noqa: E402
 
 SECTIONS = ("inference", "training", "scaling", "pipeline")  # in the order they run

@@ -49,8 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dht.config import Arm, Config, FeaturesConfig, PoolingConfig, TrainConfig, parse_arm
-from dht.contexts import ArmFeatureAccumulator, PoolingSpec, pool_head_slices
+from dht.arms import Arm, parse_arm
+from dht.config import Config, FeaturesConfig, TrainConfig
+from dht.contexts import ArmFeatureAccumulator, multi_granularity_pool, pool_head_slices
 
 FEATURES_FILE = "arm_features.safetensors"
 META_FILE = "meta.json"
@@ -85,7 +86,7 @@ def arm_space(cfg: Config, modes: Iterable[str] | None = None, warmup_modes: boo
 
 
 def arm_layer_heads(arm: Arm, fixed_layers: int, num_heads: int) -> list[int]:
-    """Heads per layer for an arm (:meth:`dht.config.Arm.layer_heads`: the first b layers always run every head,
+    """Heads per layer for an arm (:meth:`dht.arms.Arm.layer_heads`: the first b layers always run every head,
     Section 4.2)."""
     return arm.layer_heads(fixed_layers, num_heads)
 
@@ -120,15 +121,6 @@ def random_arm_plan(
     return depth_of[arm_ids], plan
 
 
-def _spec(pool: PoolingConfig, width: int | None = None) -> PoolingSpec:
-    """Pooling for a state of `width` hidden dims: a head slice narrower than a split keeps the splits that
-    divide it (docs/bandits.md)."""
-    hidden = tuple(pool.hidden_splits)
-    if width is not None:
-        hidden = tuple(h for h in hidden if width % h == 0) or (1,)
-    return PoolingSpec(tuple(pool.seq_splits), hidden)
-
-
 def distinct_plans(names: Iterable[str], fixed_layers: int, num_heads: int) -> tuple[list[list[int]], dict[str, int]]:
     """The distinct per-layer head plans of arms `names` and each arm's plan index (arms that run the same
     network, such as 1L8H+2L12H and 3L12H with b = 3, share one)."""
@@ -161,8 +153,7 @@ def compute_arm_features(
     device = next(model.parameters()).device
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    pool_l, pool_cp, pool_h = _spec(features.ucb_l), _spec(features.ucb_cp), _spec(features.ucb_h)
-    tsb = _spec(features.tsb, width=config.hidden_size // n_heads)
+    pool_l, pool_cp, pool_h = features.ucb_l, features.ucb_cp, features.ucb_h
     arms, plan_of = distinct_plans(space.pool, config.fixed_layers, n_heads)
     cp_plans = sorted({plan_of[a] for a in space.cp_arms})
     acc = ArmFeatureAccumulator()  # UCB_L, TSB: plain means
@@ -173,7 +164,7 @@ def compute_arm_features(
     assigned = 0
 
     def add_tsb(states: Tensor, mask: Tensor) -> None:
-        pooled = pool_head_slices(states, mask, n_heads, tsb.seq_splits, tsb.hidden_splits)  # [B, N_H, F]
+        pooled = pool_head_slices(states, mask, n_heads, features.tsb)  # [B, N_H, F]
         for h in range(n_heads):
             acc.add(f"tsb/{h}", pooled[:, h])
 
@@ -185,12 +176,12 @@ def compute_arm_features(
 
         full = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         for layer in range(1, n_layers + 1):
-            acc.add(f"ucb_l/{layer}", pool_l(full[layer], mask).cpu())
+            acc.add(f"ucb_l/{layer}", multi_granularity_pool(full[layer], mask, pool_l).cpu())
             add_tsb(full[layer], mask)
         for layer in {len(arms[k]) for k in cp_plans}:
-            ref.add(f"cp/{layer}", pool_cp(full[layer], mask).cpu())
+            ref.add(f"cp/{layer}", multi_granularity_pool(full[layer], mask, pool_cp).cpu())
         for group in groups:
-            ref.add(f"h/{group.stop}", pool_h(full[group.stop], mask).cpu())
+            ref.add(f"h/{group.stop}", multi_granularity_pool(full[group.stop], mask, pool_h).cpu())
 
         # Random-arm pass: round robin over a shuffled order covers the arms evenly across batches.
         order = torch.randperm(batch, generator=gen)
@@ -206,7 +197,8 @@ def compute_arm_features(
             if sel.any():
                 layer = len(arms[k])
                 m = mask[sel]
-                diff.add(f"cp/{k}", (pool_cp(states[layer][sel], m) - pool_cp(full[layer][sel], m)).cpu())
+                arm_state = multi_granularity_pool(states[layer][sel], m, pool_cp)
+                diff.add(f"cp/{k}", (arm_state - multi_granularity_pool(full[layer][sel], m, pool_cp)).cpu())
         for group in groups:
             end = group.stop
             ran = depth >= end
@@ -215,7 +207,8 @@ def compute_arm_features(
                 sel = ran & (kept == h)
                 h_ends[h, end] += int(sel.sum())
                 sel, m = sel.to(device), mask[sel.to(device)]
-                diff.add(f"h/{h}", (pool_h(states[end][sel], m) - pool_h(full[end][sel], m)).cpu())
+                arm_state = multi_granularity_pool(states[end][sel], m, pool_h)
+                diff.add(f"h/{h}", (arm_state - multi_granularity_pool(full[end][sel], m, pool_h)).cpu())
         for layer in range(1, n_layers + 1):
             sel = (depth >= layer).to(device)
             if sel.any():

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from dht.config import OVERLAYS_KEY, ConfigError, json_schema, load_config, read_params
+from dht.config import ConfigError, json_schema
+from dht.config_loading import OVERLAYS_KEY, load_config, read_params
 
 SCHEMA_PATH = Path("workflow/schemas/config.schema.json")
 

@@ -3,9 +3,10 @@
 Everything a bandit sees is a mean-pooled summary of a (seq_len x hidden) matrix of hidden states:
 
 * :func:`multi_granularity_pool` -- the "sampling method" of Section 7.1: mean over 1, 2, ... equal
-  consecutive parts of the sequence, then over 4, 8, 16 (etc.) equal parts of the hidden dimension.
-* :data:`POOLING` -- the three presets whose sizes match Section 7.3 (84 / 42 / 12 features, hence
-  the "training sample vectors" of 168 = 84 + 84, 87 = 42 + 42 + 3 and 13 = 12 + 1).
+  consecutive parts of the sequence, then over 4, 8, 16 (etc.) equal parts of the hidden dimension. Which
+  parts is a :class:`dht.config.PoolingConfig`, one per bandit (params.yaml's ``dht.features``; its defaults
+  are the sizes of Section 7.3: 84 / 42 / 12 features, hence the "training sample vectors" of 168 = 84 + 84,
+  87 = 42 + 42 + 3 and 13 = 12 + 1).
 * :class:`RunningNormalizer` -- the rolling normalisation of contexts of Section 7.2.
 * :class:`ArmFeatureAccumulator` -- running sums for the arm features z of Section 4.2 (one forward
   pass over the training set, bounded memory).
@@ -15,66 +16,44 @@ Everything a bandit sees is a mean-pooled summary of a (seq_len x hidden) matrix
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor
 
+from dht.config import PoolingConfig
+
 __all__ = [
-    "POOLING",
     "ArmFeatureAccumulator",
-    "PoolingSpec",
     "RunningNormalizer",
     "head_slices",
     "multi_granularity_pool",
     "pool_head_slices",
-    "pooled_size",
 ]
 
 
-def _check_splits(name: str, splits: Sequence[int]) -> tuple[int, ...]:
-    splits = tuple(int(s) for s in splits)
-    if not splits or any(s < 1 for s in splits):
-        raise ValueError(f"{name} must be a non-empty sequence of positive integers, got {splits}")
-    return splits
-
-
-def pooled_size(seq_splits: Sequence[int], hidden_splits: Sequence[int]) -> int:
-    """Number of features produced by :func:`multi_granularity_pool`: sum(seq_splits) * sum(hidden_splits).
-
-    Section 7.1: "(1+2)=3 sl features and 4+8+16 emb features" -> 3 * 28 = 84 (the paper prints 26 and
-    "3x36", both arithmetic slips; 84 is the only value consistent with the vector size 168 of Section 7.3).
-    """
-    return sum(_check_splits("seq_splits", seq_splits)) * sum(_check_splits("hidden_splits", hidden_splits))
-
-
-def multi_granularity_pool(
-    states: Tensor,
-    attention_mask: Tensor | None = None,
-    seq_splits: Sequence[int] = (1, 2),
-    hidden_splits: Sequence[int] = (4, 8, 16),
-) -> Tensor:
+def multi_granularity_pool(states: Tensor, attention_mask: Tensor | None, pooling: PoolingConfig) -> Tensor:
     """Multi-granularity mean pooling of Section 7.1 ("first sample from sl and then from emb").
 
     Args:
         states: hidden states ``[B, S, D]``.
         attention_mask: ``[B, S]`` (nonzero = real token) or ``None`` (all tokens valid). Padding tokens
             never enter a mean.
-        seq_splits: split each sample's *valid* tokens into k equal consecutive parts for every k; the
-            valid token of rank p (0-based, among the sample's n valid tokens) goes to part floor(p*k/n).
-        hidden_splits: then split the hidden dimension of each of those sum(seq_splits) vectors into m
-            equal parts for every m and take each part's mean.
+        pooling: the parts: a bandit's ``dht.features.<bandit>``, whose validation makes both lists
+            non-empty and positive (anything else with the two lists will do).
+            ``seq_splits``: split each sample's *valid* tokens into k equal consecutive parts for every k;
+            the valid token of rank p (0-based, among the sample's n valid tokens) goes to part floor(p*k/n).
+            ``hidden_splits``: then split the hidden dimension of each of those sum(seq_splits) vectors
+            into m equal parts for every m and take each part's mean.
 
     Returns:
-        ``[B, sum(seq_splits) * sum(hidden_splits)]``, ordered sequence part major: for seq split k=1 part 0,
-        k=2 part 0, k=2 part 1, ... the hidden features m=4 parts 0..3, m=8 parts 0..7, ...
+        ``[B, pooling.size]`` (sum(seq_splits) * sum(hidden_splits)), ordered sequence part major: for seq
+        split k=1 part 0, k=2 part 0, k=2 part 1, ... the hidden features m=4 parts 0..3, m=8 parts 0..7, ...
 
     A sequence part that receives no token (only possible when a sample has fewer valid tokens than k, which
     never happens with BERT's [CLS] ... [SEP] for k <= 2) is the zero vector rather than NaN.
     """
-    seq_splits = _check_splits("seq_splits", seq_splits)
-    hidden_splits = _check_splits("hidden_splits", hidden_splits)
+    seq_splits, hidden_splits = tuple(pooling.seq_splits), tuple(pooling.hidden_splits)
     if states.dim() != 3:
         raise ValueError(f"states must be [B, S, D], got shape {tuple(states.shape)}")
     batch, seq_len, hidden = states.shape
@@ -110,31 +89,6 @@ def multi_granularity_pool(
     return torch.cat(feats, dim=-1).reshape(batch, n_parts * sum(hidden_splits))
 
 
-@dataclass(frozen=True)
-class PoolingSpec:
-    """A named pooling scheme (Section 7.1); call it like :func:`multi_granularity_pool`."""
-
-    seq_splits: tuple[int, ...]
-    hidden_splits: tuple[int, ...]
-
-    @property
-    def size(self) -> int:
-        """Output feature count, sum(seq_splits) * sum(hidden_splits)."""
-        return pooled_size(self.seq_splits, self.hidden_splits)
-
-    def __call__(self, states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return multi_granularity_pool(states, attention_mask, self.seq_splits, self.hidden_splits)
-
-
-#: Presets of Section 7.1, sizes checked against Section 7.3 (context size; the bandit vector adds z / e / 1).
-POOLING: dict[str, PoolingSpec] = {
-    "ucb_l": PoolingSpec((1, 2), (4, 8, 16)),  # 3 x 28 = 84 ; w = [x ; z_L] -> 168
-    "ucb_cp": PoolingSpec((1, 2), (4, 8, 16)),  # 3 x 28 = 84 ; w = [x ; z_cp] -> 168
-    "ucb_h": PoolingSpec((1, 2), (2, 4, 8)),  # 3 x 14 = 42 ; w = [x ; z_H ; e_l] -> 42 + 42 + 3 = 87
-    "tsb": PoolingSpec((1,), (4, 8)),  # 1 x 12 = 12 ; w = [x ; 1] -> 13
-}
-
-
 def head_slices(states: Tensor, num_heads: int) -> Tensor:
     """View ``[B, S, D]`` states as ``[B, S, num_heads, D // num_heads]``.
 
@@ -149,22 +103,21 @@ def head_slices(states: Tensor, num_heads: int) -> Tensor:
     return states.reshape(batch, seq_len, num_heads, hidden // num_heads)
 
 
-def pool_head_slices(
-    states: Tensor,
-    attention_mask: Tensor | None,
-    num_heads: int,
-    seq_splits: Sequence[int] = POOLING["tsb"].seq_splits,
-    hidden_splits: Sequence[int] = POOLING["tsb"].hidden_splits,
-) -> Tensor:
+def pool_head_slices(states: Tensor, attention_mask: Tensor | None, num_heads: int, pooling: PoolingConfig) -> Tensor:
     """Pool every head slice separately: ``[B, S, D] -> [B, num_heads, F]`` (TSB arm features, Section 4.2).
 
-    With BERT-base (D = 768, N_H = 12) each slice has 64 dims and the TSB preset gives F = 12.
+    With BERT-base (D = 768, N_H = 12) each slice has 64 dims and the TSB's default pooling gives F = 12. A
+    slice narrower than a hidden split keeps the splits that divide it (docs/paper-notes.md, row 11): 4-dim
+    slices pooled with hidden splits (4, 8) give F = 4.
     """
     sliced = head_slices(states, num_heads)  # [B, S, H, Dh]
     batch, seq_len, heads, head_dim = sliced.shape
+    kept = [m for m in pooling.hidden_splits if head_dim % m == 0] or [1]
+    if kept != list(pooling.hidden_splits):
+        pooling = PoolingConfig(seq_splits=list(pooling.seq_splits), hidden_splits=kept)
     flat = sliced.permute(0, 2, 1, 3).reshape(batch * heads, seq_len, head_dim)  # sample-major, head-minor
     mask = None if attention_mask is None else attention_mask.repeat_interleave(heads, dim=0)
-    pooled = multi_granularity_pool(flat, mask, seq_splits, hidden_splits)
+    pooled = multi_granularity_pool(flat, mask, pooling)
     return pooled.reshape(batch, heads, -1)
 
 

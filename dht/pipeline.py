@@ -28,7 +28,8 @@ from typing import Any
 
 import yaml
 
-from dht.config import OVERLAYS_KEY, PROFILE_KEY, Config, ConfigError, read_params
+from dht.config import Config, ConfigError
+from dht.config_loading import OVERLAYS_KEY, PROFILE_KEY, read_params
 
 DVC_HEADER = (
     "# GENERATED from the Snakemake workflow by `dht dvc-yaml` (profile '{profile}'): do not edit by hand.\n"

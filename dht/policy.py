@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from dht.arm_features import arm_layer_heads, arm_matrix
+from dht.arms import parse_arm
 from dht.bandits import LinUCB, LogisticThompsonHeads, RewardBaseline, reward_delta, ts_reward
-from dht.config import Config, ModeSpec, parse_arm
-from dht.contexts import PoolingSpec, RunningNormalizer
+from dht.config import Config, ModeSpec
+from dht.contexts import RunningNormalizer, multi_granularity_pool
 from dht.evaluation import Predictions, SplitData
 from dht.flops import forward_flops
 from dht.model import DHTForSequenceClassification
@@ -29,10 +30,6 @@ from dht.model import DHTForSequenceClassification
 # --------------------------------------------------------------------------------------------------------------
 # The bandits of one mode
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _spec(pool: Any) -> PoolingSpec:
-    return PoolingSpec(tuple(pool.seq_splits), tuple(pool.hidden_splits))
 
 
 def exit_uncertainty(model: DHTForSequenceClassification, s1: Tensor, mask: Tensor) -> Tensor:
@@ -67,9 +64,9 @@ class Policy:
         self.groups = model_config.dynamic_layer_groups()
         bc = cfg.dht.bandits
         feats = cfg.dht.features
-        self.pool_l = _spec(feats.ucb_cp if self.search == "integrated" else feats.ucb_l)
-        self.pool_h = _spec(feats.ucb_h)
-        self.pool_t = _spec(feats.tsb)
+        self.pool_l = feats.ucb_cp if self.search == "integrated" else feats.ucb_l
+        self.pool_h = feats.ucb_h
+        self.pool_t = feats.tsb
         # T23: the shallow exit's uncertainty as one more context entry of UCB_L / UCB_cp (normalised with it)
         self.exit_confidence = feats.exit_confidence and self.search != "fixed"
         self.context_size = self.pool_l.size + int(self.exit_confidence)
@@ -121,7 +118,7 @@ class Policy:
         the shallow exit's uncertainty as its last entry when the policy reads it (T23)."""
         if self.ucb is None:
             return None
-        x = self.pool_l(s1.float(), mask).cpu()
+        x = multi_granularity_pool(s1.float(), mask, self.pool_l).cpu()
         if self.exit_confidence:
             if uncertainty is None:
                 raise ValueError("this policy reads the shallow exit's uncertainty (dht.features.exit_confidence)")
@@ -154,8 +151,8 @@ class Policy:
         yet normalised (None where the mode has no such bandit)."""
         if self.search == "fixed":
             return None, None
-        xt = self.pool_t(state.float(), mask).cpu()
-        return xt, self.pool_h(state.float(), mask).cpu() if self.search == "tree" else None
+        xt = multi_granularity_pool(state.float(), mask, self.pool_t).cpu()
+        return xt, multi_granularity_pool(state.float(), mask, self.pool_h).cpu() if self.search == "tree" else None
 
     def decide_heads(self, g: int, xt: Tensor | None, xh: Tensor | None, arm: Tensor, greedy: bool,
                      learn: bool) -> dict[str, Any]:

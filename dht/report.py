@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from dht.config import Config, parse_arm
+from dht.arms import parse_arm
+from dht.config import Config
 from dht.evaluation import (
     BOOTSTRAP_RESAMPLES,
     Bin,

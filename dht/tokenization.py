@@ -84,7 +84,7 @@ def load_pretrained_tokenizer(name_or_path: str):
 def build_tokenizer(cfg: TokenizerConfig, train_texts: Iterable[str]):
     if cfg.kind == "wordpiece":
         return train_wordpiece(train_texts, cfg.vocab_size, cfg.min_frequency, cfg.lowercase)
-    assert cfg.name_or_path, "validated by dht.config"
+    assert cfg.name_or_path, "validated by dht.config_checks"
     return load_pretrained_tokenizer(cfg.name_or_path)
 
 

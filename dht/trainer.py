@@ -44,7 +44,8 @@ from torch import Tensor
 
 from dht import distributed_training
 from dht.arm_features import ArmSpace, arm_layer_heads, arm_matrix, arm_space, compute_arm_features
-from dht.config import Config, ModeSpec, parse_arm, run_param_keys
+from dht.arms import parse_arm
+from dht.config import Config, ModeSpec, run_param_keys
 from dht.distributed import World, share_length, wrap
 from dht.evaluation import SplitData
 from dht.flops import forward_flops, full_model_flops, train_flops

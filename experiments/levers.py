@@ -2,8 +2,8 @@
 
 Each *setting* is the default profile (params.yaml's top level: the pretrained MiniLM, SST-2 and the DBpedia
 subset, 2 epochs at lr 2e-4) with one value changed: a dict overlay deep-merged into the resolved configuration
-and validated again through the pydantic model and the semantic checks of dht.config, so a typo in a lever fails
-like a typo in params.yaml. params.yaml itself is never edited and no profile is added to it. A setting's name is
+and validated again through the pydantic model and the semantic checks (dht.config_checks), so a typo in a lever
+fails like a typo in params.yaml. params.yaml itself is never edited and no profile is added to it. A setting's name is
 one or more atoms of ATOMS joined by ``+`` (``ucb_alpha-3+gamma-0.25`` applies both overlays, left to right).
 
 Every run trains and evaluates one mode as workflow/scripts/train.py does (the same seed_everything, the arm
@@ -48,7 +48,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dht.config import Config, ConfigError, check_semantics, deep_merge, load_config
+from dht.config import Config, ConfigError
+from dht.config_checks import check_semantics
+from dht.config_loading import deep_merge, load_config
 
 OUT = Path("experiments/levers")
 DATASETS = ["sst2", "dbpedia-subset"]

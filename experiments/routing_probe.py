@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dht.config import load_config
+from dht.config_loading import load_config
 from dht.evaluation import SplitData
 from dht.policy import exit_uncertainty
 from dht.tokenization import load_processed

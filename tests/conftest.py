@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dht import pipeline
-from dht.config import read_params, resolve_params
+from dht.config_loading import read_params, resolve_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

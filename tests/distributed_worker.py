@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from dht import distributed  # noqa: E402
 from dht.arm_features import arm_space, compute_arm_features  # noqa: E402
-from dht.config import load_config, read_params  # noqa: E402
+from dht.config_loading import load_config, read_params  # noqa: E402
 from dht.evaluation import SplitData  # noqa: E402
 from dht.model import DHTConfig, DHTForSequenceClassification  # noqa: E402
 from dht.trainer import Trainer  # noqa: E402

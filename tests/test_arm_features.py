@@ -26,8 +26,10 @@ from dht.arm_features import (
     save_arm_features,
     warm_up,
 )
-from dht.config import load_config, parse_arm
-from dht.contexts import PoolingSpec
+from dht.arms import parse_arm
+from dht.config import FeaturesConfig
+from dht.config_loading import load_config
+from dht.contexts import multi_granularity_pool
 from dht.model import DHTConfig, DHTForSequenceClassification
 
 # Two arms of one family closer than this (distance / the family's mean norm) are "the same vector". An
@@ -105,13 +107,13 @@ def test_arm_feature_means_are_exact_and_cover_every_arm(model):
     data = batches()
     feats, counts = compute_arm_features(model, data, space, cfg.dht.features, seed=0)
     # UCB_L: the mean over all samples of the pooled state after layer L of the full model
-    pool = PoolingSpec((1, 2), (4, 8, 16))
+    pool = FeaturesConfig().ucb_l  # the paper's (1, 2) x (4, 8, 16), the tiny profile's too
     ids = torch.cat([b[0] for b in data])
     mask = torch.cat([b[1] for b in data])
     with torch.no_grad():
         states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     for layer in (3, 6, 12):
-        torch.testing.assert_close(feats[f"ucb_l/{layer}"], pool(states[layer], mask).mean(0), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(feats[f"ucb_l/{layer}"], multi_granularity_pool(states[layer], mask, pool).mean(0), atol=1e-5, rtol=1e-4)
     assert counts["ucb_l/12"] == 40
     assert feats["ucb_l/3"].shape == (84,) and feats["ucb_h/8"].shape == (42,) and feats["ucb_cp/6L8H"].shape == (84,)
     assert feats["tsb/0"].shape == (4,)  # head slices of 4 dims keep the splits that divide them (4 of 4, 8)
@@ -240,7 +242,7 @@ def test_the_control_variate_removes_the_sampling_noise_of_few_samples_per_arm(m
     exact = {}  # every sample through every arm, one random head order per sample (the estimand, estimated)
     ids = torch.cat([x for x, _ in batches(n=80)])
     mask = torch.cat([m for _, m in batches(n=80)])
-    pool = PoolingSpec((1, 2), (4, 8, 16))
+    pool = FeaturesConfig().ucb_cp  # the paper's (1, 2) x (4, 8, 16), the tiny profile's too
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for arm in space.cp_arms:
@@ -249,7 +251,7 @@ def test_the_control_variate_removes_the_sampling_noise_of_few_samples_per_arm(m
                                           model.config.dynamic_layer_groups(), gen)
             states = model(input_ids=ids, attention_mask=mask, depth=depth, heads=plan,
                            output_hidden_states=True).hidden_states
-            exact[arm] = pool(states[len(heads)], mask).mean(0)
+            exact[arm] = multi_granularity_pool(states[len(heads)], mask, pool).mean(0)
     for arm in space.cp_arms:  # 8 samples per arm, against 80: the estimate stays within 5% of the norm
         for feats in (a, b):
             error = float((feats[f"ucb_cp/{arm}"] - exact[arm]).norm() / exact[arm].norm())

@@ -26,7 +26,7 @@ from conftest import ROOT, write_processed_split
 from dht.arm_features import arm_space, compute_arm_features, save_arm_features
 from dht.baselines.distil import student_from_teacher
 from dht.baselines.fastbert import FastBERT
-from dht.config import load_config, read_params
+from dht.config_loading import load_config, read_params
 from dht.model import model_from_params
 from dht.policy import Policy
 from dht.trainer import save_trained

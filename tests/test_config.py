@@ -8,7 +8,9 @@ import re
 import pytest
 from conftest import ROOT, embedded_raw
 
-from dht.config import ConfigError, deep_merge, load_config, parse_arm, read_params, resolve_params
+from dht.arms import parse_arm
+from dht.config import ConfigError
+from dht.config_loading import deep_merge, load_config, read_params, resolve_params
 
 RAW = read_params(ROOT / "params.yaml")
 EMBEDDED = embedded_raw()  # the 12-layer structure (b = c = 3) at the top level

@@ -9,20 +9,25 @@ import numpy as np
 import pytest
 import torch
 
+from dht.config import FeaturesConfig, PoolingConfig
 from dht.contexts import (
-    POOLING,
     ArmFeatureAccumulator,
-    PoolingSpec,
     RunningNormalizer,
     head_slices,
     multi_granularity_pool,
     pool_head_slices,
-    pooled_size,
 )
+
+FEATURES = FeaturesConfig()  # the paper's poolings: the defaults of params.yaml's dht.features
+UCB_L = FEATURES.ucb_l
 
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def _pooling(seq_splits, hidden_splits) -> PoolingConfig:
+    return PoolingConfig(seq_splits=list(seq_splits), hidden_splits=list(hidden_splits))
 
 
 def _naive_pool(states: torch.Tensor, mask: torch.Tensor | None, seq_splits, hidden_splits) -> torch.Tensor:
@@ -47,7 +52,7 @@ def _naive_pool(states: torch.Tensor, mask: torch.Tensor | None, seq_splits, hid
 def test_pool_hand_computed_example() -> None:
     # S = 4, D = 8, token r = [8r, ..., 8r + 7]
     states = torch.arange(32, dtype=torch.float64).reshape(1, 4, 8)
-    out = multi_granularity_pool(states, None, seq_splits=(1, 2), hidden_splits=(2, 4))
+    out = multi_granularity_pool(states, None, _pooling((1, 2), (2, 4)))
     expected = [
         # whole sequence: mean token = [12..19]; halves -> 13.5, 17.5; quarters -> 12.5, 14.5, 16.5, 18.5
         13.5, 17.5, 12.5, 14.5, 16.5, 18.5,
@@ -64,7 +69,7 @@ def test_pool_hand_computed_with_padding() -> None:
     # 3 valid tokens of 4: parts of k=2 are floor(p * 2 / 3) -> tokens {0, 1} and {2}
     states = torch.arange(32, dtype=torch.float64).reshape(1, 4, 8)
     mask = torch.tensor([[1, 1, 1, 0]])
-    out = multi_granularity_pool(states, mask, seq_splits=(1, 2), hidden_splits=(1,))
+    out = multi_granularity_pool(states, mask, _pooling((1, 2), (1,)))
     torch.testing.assert_close(out[0], torch.tensor([11.5, 7.5, 19.5], dtype=torch.float64))
 
 
@@ -75,17 +80,17 @@ def test_padding_does_not_change_the_result() -> None:
     mask = torch.zeros(len(lengths), 16, dtype=torch.long)
     for i, n in enumerate(lengths):
         mask[i, :n] = 1
-    pooled = multi_granularity_pool(batch, mask)
+    pooled = multi_granularity_pool(batch, mask, UCB_L)
     for i, n in enumerate(lengths):
-        alone = multi_granularity_pool(batch[i : i + 1, :n], None)
+        alone = multi_granularity_pool(batch[i : i + 1, :n], None, UCB_L)
         torch.testing.assert_close(pooled[i : i + 1], alone)
     # garbage in the padding is ignored
     noisy = batch.masked_fill(mask[..., None] == 0, 1e6)
-    torch.testing.assert_close(multi_granularity_pool(noisy, mask), pooled)
+    torch.testing.assert_close(multi_granularity_pool(noisy, mask, UCB_L), pooled)
     # left padding gives the same result as right padding (parts are by rank among the real tokens)
     left = torch.stack([torch.roll(batch[i], 16 - n, dims=0) for i, n in enumerate(lengths)])
     left_mask = torch.stack([torch.roll(mask[i], 16 - n) for i, n in enumerate(lengths)])
-    torch.testing.assert_close(multi_granularity_pool(left, left_mask), pooled)
+    torch.testing.assert_close(multi_granularity_pool(left, left_mask, UCB_L), pooled)
 
 
 def test_pool_matches_naive_reference() -> None:
@@ -96,48 +101,49 @@ def test_pool_matches_naive_reference() -> None:
     mask[5] = 0
     mask[5, 3] = 1  # one valid token: parts of k = 2, 4 are partly empty -> zeros
     seq, hid = (1, 2, 4), (2, 3, 6)
+    pooling = _pooling(seq, hid)
     torch.testing.assert_close(
-        multi_granularity_pool(states, mask, seq, hid), _naive_pool(states, mask, seq, hid)
+        multi_granularity_pool(states, mask, pooling), _naive_pool(states, mask, seq, hid)
     )
     torch.testing.assert_close(
-        multi_granularity_pool(states, None, seq, hid), _naive_pool(states, None, seq, hid)
+        multi_granularity_pool(states, None, pooling), _naive_pool(states, None, seq, hid)
     )
     # all-padding sample: zeros, not NaN
-    empty = multi_granularity_pool(states[:1], torch.zeros(1, 13), seq, hid)
+    empty = multi_granularity_pool(states[:1], torch.zeros(1, 13), pooling)
     assert torch.equal(empty, torch.zeros_like(empty))
 
 
 def test_output_sizes_match_the_paper() -> None:
     states = torch.randn(2, 10, 768)
-    assert POOLING["ucb_l"].size == POOLING["ucb_cp"].size == 84
-    assert POOLING["ucb_h"].size == 42
-    assert POOLING["tsb"].size == 12
+    assert FEATURES.ucb_l.size == FEATURES.ucb_cp.size == 84
+    assert FEATURES.ucb_h.size == 42
+    assert FEATURES.tsb.size == 12
     for name, size in [("ucb_l", 84), ("ucb_cp", 84), ("ucb_h", 42), ("tsb", 12)]:
-        assert POOLING[name](states).shape == (2, size)
-    assert multi_granularity_pool(states).shape == (2, 84)  # defaults = UCB_L
-    assert pooled_size((1, 2), (2, 4, 8)) == 42
-    assert PoolingSpec((1,), (4, 8))(states, torch.ones(2, 10)).shape == (2, 12)
+        assert multi_granularity_pool(states, None, getattr(FEATURES, name)).shape == (2, size)
+    assert _pooling((1, 2), (2, 4, 8)).size == 42
+    assert multi_granularity_pool(states, torch.ones(2, 10), _pooling((1,), (4, 8))).shape == (2, 12)
 
 
 def test_invalid_splits_raise() -> None:
     with pytest.raises(ValueError, match=r"hidden size 776 is not divisible by hidden split 16"):
-        multi_granularity_pool(torch.zeros(1, 4, 776))  # 776 = 8 * 97
+        multi_granularity_pool(torch.zeros(1, 4, 776), None, UCB_L)  # 776 = 8 * 97
+    # the splits themselves are checked where they are written (PoolingConfig, a pydantic model: a ValueError)
     with pytest.raises(ValueError, match="seq_splits"):
-        multi_granularity_pool(torch.zeros(1, 4, 8), None, seq_splits=())
+        multi_granularity_pool(torch.zeros(1, 4, 8), None, _pooling((), UCB_L.hidden_splits))
     with pytest.raises(ValueError, match="hidden_splits"):
-        multi_granularity_pool(torch.zeros(1, 4, 8), None, hidden_splits=(0, 4))
+        multi_granularity_pool(torch.zeros(1, 4, 8), None, _pooling(UCB_L.seq_splits, (0, 4)))
     with pytest.raises(ValueError, match="attention_mask"):
-        multi_granularity_pool(torch.zeros(2, 4, 16), torch.ones(2, 5))
+        multi_granularity_pool(torch.zeros(2, 4, 16), torch.ones(2, 5), UCB_L)
     with pytest.raises(ValueError, match=r"\[B, S, D\]"):
-        multi_granularity_pool(torch.zeros(4, 8))
+        multi_granularity_pool(torch.zeros(4, 8), None, UCB_L)
 
 
 def test_pooling_is_linear_so_mean_of_pooled_equals_pooled_mean() -> None:
     states = torch.randn(20, 8, 64, generator=_gen(2), dtype=torch.float64)
     acc = ArmFeatureAccumulator()
-    acc.add("arm", multi_granularity_pool(states[:7]))
-    acc.add("arm", multi_granularity_pool(states[7:]))
-    torch.testing.assert_close(acc.mean("arm"), multi_granularity_pool(states.mean(0, keepdim=True))[0])
+    acc.add("arm", multi_granularity_pool(states[:7], None, UCB_L))
+    acc.add("arm", multi_granularity_pool(states[7:], None, UCB_L))
+    torch.testing.assert_close(acc.mean("arm"), multi_granularity_pool(states.mean(0, keepdim=True), None, UCB_L)[0])
 
 
 def test_head_slices_and_their_pooling() -> None:
@@ -146,10 +152,17 @@ def test_head_slices_and_their_pooling() -> None:
     assert sl.shape == (3, 5, 12, 64)
     torch.testing.assert_close(sl[:, :, 7], states[..., 7 * 64 : 8 * 64])
     mask = torch.tensor([[1, 1, 1, 0, 0], [1] * 5, [1, 1, 0, 0, 0]])
-    pooled = pool_head_slices(states, mask, 12)
+    pooled = pool_head_slices(states, mask, 12, FEATURES.tsb)
     assert pooled.shape == (3, 12, 12)
     for h in (0, 5, 11):
-        torch.testing.assert_close(pooled[:, h], POOLING["tsb"](states[..., h * 64 : (h + 1) * 64], mask))
+        torch.testing.assert_close(
+            pooled[:, h], multi_granularity_pool(states[..., h * 64 : (h + 1) * 64], mask, FEATURES.tsb)
+        )
+    # 4-dim slices (hidden 48, 12 heads) keep the hidden splits that divide them: (4, 8) -> (4)
+    narrow = torch.randn(3, 5, 48, generator=_gen(4))
+    pooled = pool_head_slices(narrow, mask, 12, FEATURES.tsb)
+    assert pooled.shape == (3, 12, 4)
+    torch.testing.assert_close(pooled[:, 7], multi_granularity_pool(narrow[..., 28:32], mask, _pooling((1,), (4,))))
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         head_slices(torch.zeros(1, 2, 10), 4)
 

@@ -10,7 +10,8 @@ import torch
 from conftest import ROOT
 
 from dht.arm_features import arm_space, compute_arm_features
-from dht.config import ModeSpec, load_config, read_params
+from dht.config import ModeSpec
+from dht.config_loading import load_config, read_params
 from dht.evaluation import SplitData
 from dht.model import DHTConfig, DHTForSequenceClassification
 from dht.policy import Policy, predict

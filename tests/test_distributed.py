@@ -28,7 +28,7 @@ import yaml
 from conftest import ROOT, write_processed_split
 
 from dht.arm_features import arm_space, compute_arm_features, save_arm_features
-from dht.config import load_config, read_params
+from dht.config_loading import load_config, read_params
 from dht.distributed import TRACE_ENV
 from dht.model import model_from_params
 

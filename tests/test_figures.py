@@ -16,7 +16,7 @@ from matplotlib.image import imread
 from test_report import six_layer_raw
 from test_report import write_predictions as write_predictions_csv
 
-from dht.config import load_config
+from dht.config_loading import load_config
 from dht.figures import (
     depth_figure,
     figure_paths,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from dht.config import ConfigError, FlexiBERTConfig, load_config, parse_baseline, read_params
+from dht.config import ConfigError, FlexiBERTConfig, parse_baseline
+from dht.config_loading import load_config, read_params
 from dht.evaluation import SplitData, evaluate
 from dht.flexibert import OPS, Architecture, model_flops
 from dht.flexibert.search_stage import (

@@ -142,7 +142,7 @@ def baseline_project(tmp_path_factory):
     import yaml
     from conftest import copy_project
 
-    from dht.config import load_config
+    from dht.config_loading import load_config
     from dht.data import load_text_dataset
     from dht.model import model_from_params
     from dht.policy import Policy

@@ -18,7 +18,7 @@ import torch
 from conftest import ROOT
 
 from dht.arm_features import arm_space, compute_arm_features
-from dht.config import load_config, read_params
+from dht.config_loading import load_config, read_params
 from dht.evaluation import SplitData, evaluate
 from dht.model import DHTConfig, DHTForSequenceClassification
 from dht.policy import predict

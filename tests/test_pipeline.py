@@ -357,7 +357,7 @@ def test_tokenization_stage_runs_through_snakemake(project):
 
 @pytest.mark.slow
 def test_end_to_end_tiny_then_noop(project):
-    from dht.config import load_config
+    from dht.config_loading import load_config
 
     # the whole DAG: ~10 minutes on 2 free cores, more on a loaded CI machine
     proc = run_cli(["snakemake", "--cores", "2", "--config", "profile=tiny"], cwd=project, timeout=1500)
@@ -463,7 +463,7 @@ def test_a_missing_csv_dataset_fails_validation_and_the_dry_run(project):
 
 def test_a_malformed_or_ambiguous_params_file_fails_the_dry_run_with_its_line(project):
     """Snakemake's own reader said only "Config file is not valid JSON or YAML", and kept the last of a key
-    written twice; params.yaml is read by dht.config alone now."""
+    written twice; params.yaml is read by dht.config_loading alone now."""
     import re
 
     path = project / "params.yaml"

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from dht import cli, policy
 from dht.arm_features import arm_space, compute_arm_features
-from dht.config import load_config, read_params
+from dht.config_loading import load_config, read_params
 from dht.integrity import MANIFEST_FILE, write_manifest
 from dht.model import DHTConfig, DHTForSequenceClassification
 from dht.policy import Policy

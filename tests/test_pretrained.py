@@ -16,7 +16,8 @@ from conftest import ROOT
 from transformers import AutoTokenizer, BertModel
 
 from dht import pretrained
-from dht.config import ConfigError, TokenizerConfig, load_config, read_params
+from dht.config import ConfigError, TokenizerConfig
+from dht.config_loading import load_config, read_params
 from dht.data import TextDataset
 from dht.embedded import generate
 from dht.model import model_from_params

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, embedded_raw
 
-from dht.config import ConfigError, load_config
+from dht.config import ConfigError
+from dht.config_loading import load_config
 from dht.report import (
     comparison_table,
     depth_models,

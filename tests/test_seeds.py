@@ -10,7 +10,8 @@ import yaml
 from conftest import ROOT, embedded_raw, run_cli
 from test_pipeline import job_counts, set_params
 
-from dht.config import ConfigError, load_config
+from dht.config import ConfigError
+from dht.config_loading import load_config
 from dht.evaluation import accuracy_text
 from dht.pipeline import expand_dvc_stages
 from dht.report import comparison_table

@@ -11,7 +11,8 @@ import torch
 from conftest import ROOT, two_epoch_tiny
 
 from dht.arm_features import arm_space, compute_arm_features
-from dht.config import ModeSpec, load_config, read_params
+from dht.config import ModeSpec
+from dht.config_loading import load_config, read_params
 from dht.evaluation import SplitData, evaluate
 from dht.flops import forward_flops, layer_flops
 from dht.model import DHTConfig, DHTForSequenceClassification

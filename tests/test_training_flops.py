@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import FlopCounterMode
 
 from dht.arm_features import arm_space, compute_arm_features
-from dht.config import load_config, read_params
+from dht.config_loading import load_config, read_params
 from dht.evaluation import SplitData
 from dht.flops import FlopShape, forward_flops, full_model_flops, layer_flops, train_flops
 from dht.model import DHTConfig, DHTForSequenceClassification

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from dht.config import ConfigError, load_config, parse_baseline, run_param_keys  # noqa: F401 (rule files use it)
+from dht.config import ConfigError, parse_baseline, run_param_keys  # noqa: F401 (rule files use it)
+from dht.config_loading import load_config
 from dht.pipeline import check_cli_overrides, stage_code, tracked_params  # noqa: F401 (rule files use it)
 from dht.results import run_pattern, seeded
 from dht.tracking import init_store

@@ -10,7 +10,8 @@ from pathlib import Path
 # transformers draws a progress bar for every save/load of a small model: noise in a pipeline log.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from dht.config import Config, ConfigError, load_config
+from dht.config import Config, ConfigError
+from dht.config_loading import load_config
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -1,0 +1,145 @@
+"""params.yaml read and resolved for one profile, then validated: :func:`load_config`, before any job runs.
+
+`params.yaml` holds the default profile at its top level and, under `profiles:`, overlays that list only what
+they change. :func:`load_config` deep-merges the chosen overlay, validates the structure with pydantic
+(:class:`dht.config.Config`) and then runs the checks of :mod:`dht.config_checks`; every problem found is
+reported at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from dht.config import Config, ConfigError
+from dht.config_checks import (
+    booleans_for_numbers,
+    check_semantics,
+    dataset_path_problems,
+    format_validation_error,
+)
+
+PROFILE_KEY = "profile"
+OVERLAYS_KEY = "profiles"
+EXTENDS_KEY = "extends"  # a profile that starts from another one
+
+
+def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; everything else in `overlay` replaces what `base` had."""
+    out = copy.deepcopy(dict(base))
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class _DuplicateKey(yaml.MarkedYAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping (it would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<:` merges: later keys override them on purpose
+            key = self.construct_object(key_node, deep=True)
+            with contextlib.suppress(TypeError):  # an unhashable key is the base loader's error to report
+                if key in first:
+                    raise _DuplicateKey(
+                        None, None,
+                        f"key {key!r} is written twice in this mapping (first on line {first[key] + 1}); YAML would "
+                        "keep the last one silently: delete one of them", key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """params.yaml as a mapping; invalid YAML and a key written twice are refused with the line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file. Run from the project root, or pass the path of params.yaml.")
+    try:
+        with path.open(encoding="utf-8") as fh:  # a stream, so that YAML's messages name the file
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
+    except _DuplicateKey as err:
+        mark = err.problem_mark
+        raise ConfigError(f"{path}, line {mark.line + 1}, column {mark.column + 1}: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections (profile, datasets, run, model, ...)")
+    return data
+
+
+def resolve_params(raw: Mapping[str, Any], profile: str | None = None) -> dict[str, Any]:
+    """Apply the chosen profile's overlay to the top-level (default) sections.
+
+    An overlay may start from another profile with ``extends: <profile>`` (resolved first, recursively): the
+    ``tiny`` CI profile is the ``embedded`` profile made smaller, without restating it."""
+    overlays = raw.get(OVERLAYS_KEY) or {}
+    if not isinstance(overlays, Mapping):
+        raise ConfigError(f"{OVERLAYS_KEY}: must be a mapping of profile name to overlay")
+    name = profile if profile is not None else raw.get(PROFILE_KEY, "default")
+    base = {k: v for k, v in raw.items() if k not in (OVERLAYS_KEY, PROFILE_KEY)}
+    resolved = _apply_overlay(base, overlays, name, [])
+    resolved[PROFILE_KEY] = name
+    return resolved
+
+
+def _apply_overlay(base: dict[str, Any], overlays: Mapping[str, Any], name: str, chain: list[str]) -> dict[str, Any]:
+    if name not in overlays and name != "default":
+        raise ConfigError(
+            f"profile = {name!r}: unknown profile; allowed: {', '.join(sorted(overlays) or ['default'])}"
+        )
+    if name in chain:
+        raise ConfigError(f"{OVERLAYS_KEY}: profiles extend each other in a cycle: {' -> '.join([*chain, name])}")
+    overlay = overlays.get(name) or {}
+    if not isinstance(overlay, Mapping):
+        raise ConfigError(f"{OVERLAYS_KEY}.{name}: must be a mapping (use {{}} for no changes)")
+    if PROFILE_KEY in overlay or OVERLAYS_KEY in overlay:
+        raise ConfigError(f"{OVERLAYS_KEY}.{name}: an overlay cannot set '{PROFILE_KEY}' or '{OVERLAYS_KEY}'")
+    parent = overlay.get(EXTENDS_KEY)
+    if parent is not None:
+        if not isinstance(parent, str) or parent not in overlays:
+            raise ConfigError(
+                f"{OVERLAYS_KEY}.{name}.{EXTENDS_KEY} = {parent!r}: must name another profile; allowed: "
+                f"{', '.join(sorted(p for p in overlays if p != name))}"
+            )
+        base = _apply_overlay(base, overlays, parent, [*chain, name])
+    return deep_merge(base, {k: v for k, v in overlay.items() if k != EXTENDS_KEY})
+
+
+def load_config(
+    path: str | Path = "params.yaml", profile: str | None = None, raw: Mapping[str, Any] | None = None
+) -> Config:
+    """Read, resolve and validate params.yaml for `profile` (default: its `profile:` key).
+
+    Raises :class:`ConfigError` listing every problem found, each naming the key, the value and what is
+    allowed.
+    """
+    if raw is None:
+        raw = read_params(path)
+    resolved = resolve_params(raw, profile)
+    where = f"{Path(path).name} (profile '{resolved[PROFILE_KEY]}')"
+    booleans = booleans_for_numbers(Config, resolved)
+    try:
+        cfg = Config.model_validate(resolved)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(where, err, resolved, booleans)) from None
+    problems = booleans + check_semantics(cfg) + dataset_path_problems(cfg, Path(path).parent)
+    if problems:
+        raise ConfigError(f"{where} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    return cfg
