@@ -563,6 +563,28 @@ def ratio_reward(
     return reward.to(out_dtype)
 
 
+def all_depths_reward(delta: Tensor, scale: float, *, eps: float = 1e-8, clip: float | None = None) -> Tensor:
+    """Rewards of every depth option for every sample, ``delta`` [B, K] (``loss_k * L_k``, :func:`reward_delta`,
+    from one no-grad pass read at every option's depth): ``r_ik = scale * mean_j(delta_ij) / delta_ik``, Section
+    4.3's ratio with the sample's own mean over the options in place of the previous batch's mean
+    (``depth_feedback: all_depths``, docs/training.md T24; not in the paper).
+
+    The paper's baseline is another batch's mean, so how hard a sample is moves its reward as much as which depth
+    it ran; against its own mean only the difference between depths is left, which is what UCB_L has to learn.
+    Clamped to ``eps`` and capped by ``clip`` as :func:`ratio_reward`.
+    """
+    delta = torch.as_tensor(delta)
+    if delta.dim() != 2:
+        raise ValueError(f"delta must be [samples, options], got shape {tuple(delta.shape)}")
+    if not bool(torch.isfinite(delta).all()) or bool((delta < 0).any()):
+        raise ValueError("delta (loss x cost) must be finite and non-negative")
+    d = delta.to(_F64).clamp_min(eps)
+    reward = scale * d.mean(dim=1, keepdim=True) / d
+    if clip is not None:
+        reward = reward.clamp(max=clip)
+    return reward
+
+
 def ts_reward(r: Tensor, threshold: float = 1.0, *, printed_cases: bool = False) -> Tensor:
     """Binary TSB reward from the head reward r_H (or r_cp), Section 4.3.
 

@@ -178,6 +178,9 @@ class ModeSpec(_Strict):
     arms: list[str] | None = None  # integrated/fixed: UCB_cp's options, e.g. "6L8H" or "4L8H+2L12H"
     warmup_mode: str | None = None  # P-DHT: train as this mode first ...
     warmup_epochs: Annotated[int, Field(ge=0)] = 0  # ... for this many epochs
+    # What UCB_L learns from a training sample (docs/training.md, T24): `chosen`, the chosen depth's reward (the
+    # paper); `all_depths`, every depth option's, from one no-grad pass read at each (tree search, one process).
+    depth_feedback: Literal["chosen", "all_depths"] = "chosen"
 
 
 class PoolingConfig(_Strict):

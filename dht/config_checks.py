@@ -119,6 +119,15 @@ def check_semantics(cfg: Config) -> list[str]:
             continue  # a profile may keep modes of another model shape (the paper's 12-layer arms) that it never runs
         key = f"dht.modes.{mode_name}"
         bad_heads: set[int] = {h for h in mode.heads or [] if not 1 <= h <= m.num_attention_heads}
+        if mode.depth_feedback == "all_depths":
+            if mode.search != "tree":
+                problems.append(
+                    f"{key}.depth_feedback = 'all_depths': needs search: tree (UCB_L's options are depths; an "
+                    f"integrated mode's arms are (L, H) plans, one pass each); use `chosen` for a {mode.search} mode")
+            elif cfg.train.distributed.nproc_per_node > 1:
+                problems.append(
+                    f"{key}.depth_feedback = 'all_depths': one process only (train.distributed.nproc_per_node = "
+                    f"{cfg.train.distributed.nproc_per_node}); use `chosen` or nproc_per_node: 1")
         if mode.search == "tree":
             if not mode.layers or not mode.heads:
                 problems.append(f"{key}: search = tree needs both `layers` (UCB_L) and `heads` (UCB_H) lists")

@@ -249,6 +249,17 @@ def train_flops(
     return fwd + bwd + (s1 if include_s1 else 0) + decision
 
 
+def depth_feedback_flops(seq_len: int, layer_options: Sequence[int], config_like: Any,
+                         convention: Convention = "full") -> int:
+    """FLOPs of one sample's no-grad pass of ``depth_feedback: all_depths`` (docs/training.md, T24): every head of
+    the deepest option's layers, forward only, and the pooler and classifier read after each option's depth."""
+    _check_convention(convention)
+    shape = FlopShape.of(config_like)
+    layers = [shape.num_attention_heads] * max(layer_options)
+    return (forward_flops(seq_len, layers, shape, convention, include_classifier=False)
+            + len(layer_options) * _classifier_flops(shape))
+
+
 def full_model_flops(
     seq_len: int, config_like: Any, convention: Convention = "full", mode: Mode = "inference"
 ) -> int:

@@ -20,7 +20,14 @@ from torch import Tensor
 
 from dht.arm_features import arm_layer_heads, arm_matrix
 from dht.arms import parse_arm
-from dht.bandits import LinUCB, LogisticThompsonHeads, RewardBaseline, reward_delta, ts_reward
+from dht.bandits import (
+    LinUCB,
+    LogisticThompsonHeads,
+    RewardBaseline,
+    all_depths_reward,
+    reward_delta,
+    ts_reward,
+)
 from dht.config import Config, ModeSpec
 from dht.contexts import RunningNormalizer, multi_granularity_pool
 from dht.evaluation import Predictions, SplitData
@@ -184,7 +191,11 @@ class Policy:
 
     # ---- Algorithm 2, lines 15-16: rewards (Section 4.3) and updates ------------------------------------------
 
-    def learn(self, decision: Decision, groups: list[dict[str, Any]], loss: Tensor) -> None:
+    def learn(self, decision: Decision, groups: list[dict[str, Any]], loss: Tensor,
+              depth_losses: Tensor | None = None) -> None:
+        """Rewards (Section 4.3) from the batch's per-sample `loss` and every bandit's update. `depth_losses` [B, K]:
+        each sample's loss read at every depth option (``depth_feedback: all_depths``, T24), from which UCB_L
+        learns every option instead of the chosen one."""
         if self.search == "fixed":
             return
         bc = self.cfg.dht.bandits
@@ -196,7 +207,10 @@ class Policy:
             key_l = "ucb_l" + key
             first = self.baseline.get(key_l) is None
             r_l = self.baseline.reward(key_l, reward_delta(loss, layers, cost_exponent=bc.cost_exponent), bc.reward_alpha, clip=bc.reward_clip)
-            self.ucb.update(decision.context, decision.arm, r_l)
+            if depth_losses is None:
+                self.ucb.update(decision.context, decision.arm, r_l)
+            else:
+                self._learn_all_depths(decision.context, depth_losses)
             del first  # UCB_L learns from the neutral first reward too (a ridge regression, not a binary model)
             for g, info in enumerate(groups):
                 key_h = f"ucb_h/g{g}" + key
@@ -217,6 +231,17 @@ class Policy:
                 r_ts = ts_reward(r_cp, bc.reward_beta_cp, printed_cases=printed)
                 for info in groups:
                     self.tsb.update(info["xt"], info["chosen"], r_ts)
+
+    def _learn_all_depths(self, context: Tensor, depth_losses: Tensor) -> None:
+        """UCB_L's full-information update (T24): every option k of every sample, with the reward of
+        :func:`dht.bandits.all_depths_reward` on ``loss_k * L_k**gamma``. The batch baseline of the chosen-arm
+        reward is still kept (above), so switching this off mid-run would continue from a current one."""
+        bc = self.cfg.dht.bandits
+        n, k = depth_losses.shape
+        delta = reward_delta(depth_losses.detach().double().cpu(), torch.tensor(self.layer_options, dtype=torch.float64),
+                             cost_exponent=bc.cost_exponent)
+        rewards = all_depths_reward(delta, bc.reward_alpha, clip=bc.reward_clip)
+        self.ucb.update(context.repeat_interleave(k, dim=0), torch.arange(k).repeat(n), rewards.reshape(-1))
 
     # ---- persistence ------------------------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ from dht.arms import parse_arm
 from dht.config import Config, ModeSpec, run_param_keys
 from dht.distributed import World, share_length, wrap
 from dht.evaluation import SplitData
-from dht.flops import forward_flops, full_model_flops, train_flops
+from dht.flops import depth_feedback_flops, forward_flops, full_model_flops, train_flops
 from dht.guard import FiniteGuard, TrainingError  # noqa: F401 (TrainingError: raised and re-exported here)
 from dht.integrity import checkpoint_problem, seal
 from dht.model import DHTForSequenceClassification
@@ -179,6 +179,7 @@ class Trainer:
                 decided, _ = decide_groups(model, policy, state, keep, mask, arm, layers, greedy=False, learn=True,
                                            run_last=False)
             decision_layers = policy.groups[len(decided) - 1].start
+        depth_losses = self._depth_losses(policy, ids, mask, labels) if self._all_depths(policy) else None
         model.train()
         hidden, keep = model.embed(ids, mask)
         hidden = self._run(hidden, keep, 0, b, None, trainable)  # S2,0: the b layers again, with gradient
@@ -211,9 +212,29 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        policy.learn(Decision(arm, context, layers), groups, per_sample)
+        policy.learn(Decision(arm, context, layers), groups, per_sample, depth_losses)
         self._account(policy, layers, heads_rows, trainable, groups, arm, decision_layers)
         return float(loss.detach())
+
+    def _all_depths(self, policy: Policy) -> bool:
+        return policy.search == "tree" and policy.mode.depth_feedback == "all_depths"
+
+    def _depth_losses(self, policy: Policy, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        """Each sample's loss at every depth option [B, K] (``depth_feedback: all_depths``, T24): one eval-mode,
+        no-grad pass with every head to the deepest option, the classifier read after each option's layers,
+        before this step's update (the weights the chosen depth's loss is measured with). Eval mode draws no
+        dropout, so the step's own randomness is the same as without it. Its FLOPs are counted in
+        :meth:`_account`."""
+        model = self.model
+        model.eval()
+        losses, done = {}, 0
+        with torch.no_grad():
+            state, keep = model.embed(ids, mask)
+            for depth in sorted(set(policy.layer_options)):
+                state = model.run_layers(state, keep, done, depth)
+                done = depth
+                losses[depth] = F.cross_entropy(model.classify(state, keep), labels, reduction="none")
+        return torch.stack([losses[depth] for depth in policy.layer_options], dim=1)  # UCB_L's arm order
 
     def _trainable_layers(self, layers: int, frozen: bool) -> set[int]:
         """Layers whose weights train. P-DHT after its warm-up (Section 6.1, docs/training.md): with
@@ -267,6 +288,8 @@ class Trainer:
             p.train_flops += count * float(train_flops(
                 self.seq_len, row, conf, "full", fixed_layers=cfg.dht.fixed_layers, include_s1=include_s1,
                 frozen_layers=frozen_layers, embeddings_train=embeddings_train, decision_layers=decision_layers))
+        if self._all_depths(policy):
+            p.train_flops += n * float(depth_feedback_flops(self.seq_len, policy.layer_options, conf))
         p.reference_flops += n * self.reference_step
         p.samples_seen += n
         sel = p.selections.setdefault(str(p.epoch), {})

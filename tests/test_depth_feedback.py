@@ -1,0 +1,93 @@
+"""depth_feedback: all_depths (docs/training.md T24): UCB_L learns every depth option of every training sample from
+one no-grad pass read at each option's depth, with each sample's own mean as the reward's baseline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+from test_trainer import SEQ, make_cfg, setup, trainer_for  # noqa: F401 (setup is a fixture)
+
+import dht.trainer as trainer_module
+from dht.bandits import all_depths_reward
+from dht.config import Config
+from dht.config_checks import check_semantics
+from dht.flops import depth_feedback_flops, forward_flops
+from dht.policy import Policy
+
+
+def with_all_depths(cfg: Config, mode: str = "t-dht") -> Config:
+    raw = cfg.model_dump(mode="json")
+    raw["dht"]["modes"][mode]["depth_feedback"] = "all_depths"
+    return Config.model_validate(raw)
+
+
+def test_the_reward_compares_a_sample_with_itself():
+    delta = torch.tensor([[1.0, 2.0, 4.0], [3.0, 3.0, 3.0]], dtype=torch.float64)
+    r = all_depths_reward(delta, 2.0)
+    assert torch.allclose(r[0], 2.0 * (7 / 3) / delta[0]) and torch.allclose(r[1], torch.full((3,), 2.0, dtype=torch.float64))
+    # how hard a sample is (all its losses x 10) does not move its rewards; the paper's batch ratio would
+    assert torch.allclose(all_depths_reward(delta * torch.tensor([[10.0], [0.1]], dtype=torch.float64), 2.0), r)
+    assert float(all_depths_reward(delta, 2.0, clip=3.0).max()) == 3.0
+    with pytest.raises(ValueError, match="samples, options"):
+        all_depths_reward(delta[0], 1.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        all_depths_reward(-delta, 1.0)
+
+
+def test_linucb_learns_where_depth_pays_from_every_option(setup):  # noqa: F811
+    """Losses where the deepest option is worth its cost only for samples whose context has a positive first
+    entry: after full-information updates the greedy choice follows the sample."""
+    model, feats, _, _ = setup
+    cfg = with_all_depths(make_cfg())
+    policy = Policy(cfg, cfg.dht.modes["t-dht"], feats, model.config)
+    options = torch.tensor(policy.layer_options, dtype=torch.float64)
+    shallow, deep = int(options.argmin()), int(options.argmax())
+    g = torch.Generator().manual_seed(3)
+    for _ in range(30):
+        x = torch.randn(32, policy.context_size, generator=g, dtype=torch.float64)
+        pays = x[:, 0] > 0
+        # deep cuts the loss 20x where it pays (beats its cost), only 1.1x elsewhere; scale is per sample
+        scale = torch.rand(32, 1, generator=g, dtype=torch.float64) * 3 + 0.1
+        ratio = torch.where(pays, 20.0, 1.1)[:, None] ** ((options - options.min()) / (options.max() - options.min()))
+        policy._learn_all_depths(x, scale / ratio)
+    assert int(policy.ucb.counts.min()) == int(policy.ucb.counts.max()) == 30 * 32  # every option, every sample
+    x = torch.randn(200, policy.context_size, generator=g, dtype=torch.float64)
+    x[:, 0] = torch.where(torch.arange(200) < 100, 1.5, -1.5)
+    arm = policy.ucb.select(x, greedy=True)
+    assert (arm[:100] == deep).float().mean() > 0.9 and (arm[100:] == shallow).float().mean() > 0.9
+
+
+def test_training_runs_the_pass_and_counts_its_flops(setup, monkeypatch):  # noqa: F811
+    cfg = with_all_depths(make_cfg())
+    trainer = trainer_for(setup, "t-dht", cfg=cfg)
+    progress = trainer.fit(progress_bar=False)
+    policy = trainer.policy
+    assert int(policy.ucb.counts.sum()) == progress.samples_seen * len(policy.layer_options)
+    assert int(policy.ucb.counts.min()) == int(policy.ucb.counts.max())  # every option learns every sample
+    conf = trainer.model.config
+    per_sample = depth_feedback_flops(SEQ, policy.layer_options, conf)
+    heads, k = [conf.num_attention_heads] * max(policy.layer_options), len(policy.layer_options)
+    classifier = forward_flops(SEQ, heads, conf) - forward_flops(SEQ, heads, conf, include_classifier=False)
+    assert per_sample == forward_flops(SEQ, heads, conf) + (k - 1) * classifier  # the deepest pass, k exits
+    # the same run with the pass counted as free: the same decisions, and exactly the passes' FLOPs less
+    monkeypatch.setattr(trainer_module, "depth_feedback_flops", lambda *a, **k: 0)
+    uncounted = trainer_for(setup, "t-dht", cfg=cfg).fit(progress_bar=False)
+    assert uncounted.history == progress.history
+    assert progress.train_flops - uncounted.train_flops == pytest.approx(progress.samples_seen * per_sample, rel=1e-9)
+
+
+def test_only_one_process_tree_modes_take_it():
+    cfg = make_cfg()
+    raw = cfg.model_dump(mode="json")
+    raw["dht"]["modes"]["s-dht"]["depth_feedback"] = "all_depths"
+    problems = check_semantics(Config.model_validate(raw))
+    assert any("dht.modes.s-dht.depth_feedback = 'all_depths'" in p and "search: tree" in p for p in problems)
+    raw = with_all_depths(cfg).model_dump(mode="json")
+    raw["train"]["distributed"] = {"nproc_per_node": 2, "backend": "gloo"}
+    problems = check_semantics(Config.model_validate(raw))
+    assert any("dht.modes.t-dht.depth_feedback" in p and "nproc_per_node" in p for p in problems)
+    assert not check_semantics(with_all_depths(cfg))
+    raw["dht"]["modes"]["t-dht"]["depth_feedback"] = "every"
+    with pytest.raises(ValidationError, match="depth_feedback"):
+        Config.model_validate(raw)
