@@ -283,6 +283,12 @@ class TrainConfig(_Strict):
     log_model: bool = True  # copy the model directory into MLflow's artifacts
     distributed: DistributedConfig = DistributedConfig()
 
+    @property
+    def queue_size(self) -> int:
+        """q of Algorithm 3: a depth's queue releases a training batch when q samples wait in it. The paper trains
+        every batch from one queue, so q is the training batch size: one key, read by this name where it is q."""
+        return self.batch_size
+
 
 class DistilConfig(_Strict):
     """DistilBERT (Sanh et al. 2019) students of the trained 12-VaBERT (BL2)."""

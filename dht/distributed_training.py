@@ -52,7 +52,7 @@ def fit(trainer: Trainer, log: Callable[[list[tuple[int, float, float]], Progres
     from tqdm.auto import tqdm
 
     cfg, p, world = trainer.cfg, trainer.progress, trainer.world
-    q = cfg.train.batch_size
+    q = cfg.train.queue_size
     length = share_length(len(trainer.train_data), world.size)
     save = partial(checkpoint, trainer)
     start_time = time.perf_counter() - p.seconds

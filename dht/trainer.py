@@ -2,7 +2,7 @@
 
 One epoch (Algorithm 3 around Algorithm 2):
 
-1. the training samples are visited in a seeded random order, in rounds of q (= train.batch_size);
+1. the training samples are visited in a seeded random order, in rounds of q (``train.queue_size``, = train.batch_size);
 2. each sample's state S1 is the output of the first b layers with the current weights, without gradient
    (Algorithm 2, line 2); UCB_L (tree search) or UCB_cp (integrated search) picks its depth L (lines 3-6) and
    the sample joins the queue of its L (Algorithm 3, line 2);
@@ -126,7 +126,7 @@ class Trainer:
             for policy, name in ((self.policy, mode_name), (self.warmup_policy, self.mode.warmup_mode)):
                 if policy is not None and policy.search != "fixed":
                     self.refresh_spaces[id(policy)] = arm_space(cfg, [name], warmup_modes=False)
-        q = cfg.train.batch_size
+        q = cfg.train.queue_size
         shared = world is not None and cfg.train.distributed.queues == "global"
         self.queue = LayerQueue(q * world.size if shared else q)  # global: one set of queues for all ranks
         # Several processes (docs/distributed.md, dht.distributed_training): this rank's place, DDP around the model
@@ -319,7 +319,7 @@ class Trainer:
         if self.world is not None:  # several processes in lockstep (docs/distributed.md)
             return distributed_training.fit(self, log, progress_bar)
         cfg, p = self.cfg, self.progress
-        q = cfg.train.batch_size
+        q = cfg.train.queue_size
         start_time = time.perf_counter() - p.seconds
         since_checkpoint = 0
         while p.epoch < cfg.train.epochs:
