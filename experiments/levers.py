@@ -68,6 +68,8 @@ ATOMS: dict[str, dict[str, Any]] = {
     "gamma-0.25": {"dht": {"bandits": {"cost_exponent": 0.25}}},
     "gamma-0.5": {"dht": {"bandits": {"cost_exponent": 0.5}}},
     "exit-confidence": {"dht": {"features": {"exit_confidence": True}}},
+    # T24: UCB_L learns every depth of every sample against the sample's own mean (tree modes only: t-dht)
+    "all-depths": {"dht": {"modes": {"t-dht": {"depth_feedback": "all_depths"}}}},
     # not a lever: a fixed 4-layer model (the middle depth), to compare with modes that settle on 4 layers
     "with-vanilla-4": {"dht": {"modes": {"vanilla-4": {"search": "fixed", "arms": ["4L12H"]}}}},
 }
