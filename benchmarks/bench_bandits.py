@@ -20,10 +20,11 @@ import time
 import torch
 
 from dht.arms import parse_arm
-from dht.bandits import LinUCB, LogisticThompsonHeads, RewardBaseline, reward_delta, ts_reward
+from dht.bandits import LinUCB, LogisticThompsonHeads
 from dht.config import FeaturesConfig
 from dht.contexts import RunningNormalizer, multi_granularity_pool
 from dht.model import DHTConfig, DHTForSequenceClassification
+from dht.rewards import RewardBaseline, reward_delta, ts_reward
 
 TREE_LAYERS = [3, 6, 9, 12]
 TREE_HEADS = [8, 10, 12]

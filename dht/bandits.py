@@ -6,7 +6,8 @@
 * :class:`LogisticThompsonHeads` -- the TSB of Section 3.2: a combinatorial semi-bandit over the N_H heads,
   one Laplace-approximated online Bayesian logistic regression per head (Chapelle & Li 2011, Algorithm 3),
   top-k heads by sampled success probability.
-* :func:`ratio_reward`, :func:`ts_reward`, :class:`RewardBaseline` -- the rewards of Section 4.3.
+
+The rewards they learn from (Section 4.3) are in :mod:`dht.rewards`.
 
 All statistics are float64 on the device given at construction; every random draw goes through the bandit's
 own ``torch.Generator`` and ``state_dict()`` carries the generator state, so a resumed run makes exactly the
@@ -18,14 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = [
-    "LinUCB",
-    "LogisticThompsonHeads",
-    "RewardBaseline",
-    "ratio_reward",
-    "reward_delta",
-    "ts_reward",
-]
+__all__ = ["LinUCB", "LogisticThompsonHeads"]
 
 _F64 = torch.float64
 
@@ -512,139 +506,3 @@ class LogisticThompsonHeads:
         self.alpha = float(state["alpha"])
         self.lam = float(state["lam"])
         self.generator.set_state(state["rng_state"].cpu().clone())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Rewards: paper Section 4.3
-# ----------------------------------------------------------------------------------------------------------
-def reward_delta(loss: Tensor, layers: Tensor | int, heads: Tensor | int | None = None,
-                 cost_exponent: float = 1.0) -> Tensor:
-    """Cost-weighted loss of Section 4.3: ``delta_L = loss * L`` and ``delta_H = delta_cp = loss * L * H``.
-
-    ``loss`` is the per-sample loss (cross-entropy with ``reduction='none'``), detached. ``cost_exponent`` (gamma,
-    not in the paper, which has 1) weighs the cost: ``loss * L**gamma (* H**gamma)``. With gamma = 1 a 6-layer arm
-    beats a 2-layer one only when its loss is 3x lower; gamma = 0 rewards the loss alone (docs/training.md).
-    """
-    delta = loss.detach() * torch.as_tensor(layers, device=loss.device, dtype=loss.dtype) ** cost_exponent
-    if heads is not None:
-        delta = delta * torch.as_tensor(heads, device=loss.device, dtype=loss.dtype) ** cost_exponent
-    return delta
-
-
-def ratio_reward(
-    delta: Tensor,
-    previous_mean: float | None,
-    scale: float,
-    *,
-    eps: float = 1e-8,
-    clip: float | None = None,
-) -> Tensor:
-    """``r_i = scale * mean_j(delta_{t-1, j}) / delta_{t, i}`` (Section 4.3: r_L with alpha, r_H with beta_1,
-    r_cp with beta_cp).
-
-    * First batch (``previous_mean is None``, also the first batch of a new queue/key): there is nothing to
-      compare with, so every sample gets the neutral reward ``scale`` (ratio 1).
-    * Numerator and denominator are clamped to ``eps``: a zero loss gives a large but finite reward, and
-      0 / 0 gives the neutral ratio 1. ``clip`` optionally caps the reward (keeps one near-zero loss from
-      dominating the ridge regression).
-    """
-    delta = torch.as_tensor(delta)
-    out_dtype = delta.dtype if delta.is_floating_point() else torch.float32
-    if not bool(torch.isfinite(delta).all()) or bool((delta < 0).any()):
-        raise ValueError("delta (loss x cost) must be finite and non-negative")
-    if previous_mean is None:
-        return torch.full(delta.shape, float(scale), dtype=out_dtype, device=delta.device)
-    if not (previous_mean >= 0 and previous_mean < float("inf")):
-        raise ValueError(f"previous_mean must be finite and non-negative, got {previous_mean}")
-    ratio = max(float(previous_mean), eps) / delta.to(_F64).clamp_min(eps)
-    reward = scale * ratio
-    if clip is not None:
-        reward = reward.clamp(max=clip)
-    return reward.to(out_dtype)
-
-
-def all_depths_reward(delta: Tensor, scale: float, *, eps: float = 1e-8, clip: float | None = None) -> Tensor:
-    """Rewards of every depth option for every sample, ``delta`` [B, K] (``loss_k * L_k``, :func:`reward_delta`,
-    from one no-grad pass read at every option's depth): ``r_ik = scale * mean_j(delta_ij) / delta_ik``, Section
-    4.3's ratio with the sample's own mean over the options in place of the previous batch's mean
-    (``depth_feedback: all_depths``, docs/training.md T24; not in the paper).
-
-    The paper's baseline is another batch's mean, so how hard a sample is moves its reward as much as which depth
-    it ran; against its own mean only the difference between depths is left, which is what UCB_L has to learn.
-    Clamped to ``eps`` and capped by ``clip`` as :func:`ratio_reward`.
-    """
-    delta = torch.as_tensor(delta)
-    if delta.dim() != 2:
-        raise ValueError(f"delta must be [samples, options], got shape {tuple(delta.shape)}")
-    if not bool(torch.isfinite(delta).all()) or bool((delta < 0).any()):
-        raise ValueError("delta (loss x cost) must be finite and non-negative")
-    d = delta.to(_F64).clamp_min(eps)
-    reward = scale * d.mean(dim=1, keepdim=True) / d
-    if clip is not None:
-        reward = reward.clamp(max=clip)
-    return reward
-
-
-def ts_reward(r: Tensor, threshold: float = 1.0, *, printed_cases: bool = False) -> Tensor:
-    """Binary TSB reward from the head reward r_H (or r_cp), Section 4.3.
-
-    Default (the text's intent): 1 when ``r > threshold``, i.e. this sample's loss x cost beat the previous
-    batch's average, else 0. ``printed_cases=True`` takes the equation as printed instead (0 when
-    ``r > threshold``, 1 when ``r <= threshold``); see ambiguity #1 in docs/bandits.md.
-    With a reward scale ``beta != 1``, "beat the previous batch" is ``r > beta``: pass ``threshold=beta``.
-    """
-    r = torch.as_tensor(r)
-    better = r > threshold
-    out = ~better if printed_cases else better
-    return out.to(r.dtype if r.is_floating_point() else torch.float32)
-
-
-class RewardBaseline:
-    """Previous-batch mean of delta, per key (Section 4.3's ``sum_j delta_{t-1, j} / bs``).
-
-    The key says which stream the baseline belongs to, e.g. ``"ucb_l"``, ``"ucb_l/L6"`` (per L-queue) or
-    ``"ucb_h/group1"`` (per layer group): the caller picks the granularity. A key never seen has no baseline
-    and :meth:`reward` then applies the first-batch rule of :func:`ratio_reward`.
-    """
-
-    def __init__(self) -> None:
-        self._means: dict[str, float] = {}
-
-    def get(self, key: str) -> float | None:
-        return self._means.get(key)
-
-    def set(self, key: str, delta: Tensor) -> None:
-        """Store this batch's mean delta as the baseline for the next batch of ``key``."""
-        delta = torch.as_tensor(delta)
-        if delta.numel() == 0:
-            return
-        self._means[key] = float(delta.detach().to(_F64).mean())
-
-    def reward(
-        self,
-        key: str,
-        delta: Tensor,
-        scale: float,
-        *,
-        eps: float = 1e-8,
-        clip: float | None = None,
-    ) -> Tensor:
-        """Ratio reward against the previous batch of ``key``, then make this batch the new baseline."""
-        r = ratio_reward(delta, self.get(key), scale, eps=eps, clip=clip)
-        self.set(key, delta)
-        return r
-
-    def reset(self, key: str | None = None) -> None:
-        if key is None:
-            self._means.clear()
-        else:
-            self._means.pop(key, None)
-
-    def keys(self) -> list[str]:
-        return list(self._means)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {key: torch.tensor(value, dtype=_F64) for key, value in self._means.items()}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self._means = {key: float(value) for key, value in state.items()}

@@ -20,19 +20,13 @@ from torch import Tensor
 
 from dht.arm_features import arm_layer_heads, arm_matrix
 from dht.arms import parse_arm
-from dht.bandits import (
-    LinUCB,
-    LogisticThompsonHeads,
-    RewardBaseline,
-    all_depths_reward,
-    reward_delta,
-    ts_reward,
-)
+from dht.bandits import LinUCB, LogisticThompsonHeads
 from dht.config import Config, ModeSpec
 from dht.contexts import RunningNormalizer, multi_granularity_pool
 from dht.evaluation import Predictions, SplitData
 from dht.flops import forward_flops
 from dht.model import DHTForSequenceClassification
+from dht.rewards import RewardBaseline, all_depths_reward, reward_delta, ts_reward
 
 # --------------------------------------------------------------------------------------------------------------
 # The bandits of one mode
@@ -234,7 +228,7 @@ class Policy:
 
     def _learn_all_depths(self, context: Tensor, depth_losses: Tensor) -> None:
         """UCB_L's full-information update (T24): every option k of every sample, with the reward of
-        :func:`dht.bandits.all_depths_reward` on ``loss_k * L_k**gamma``. The batch baseline of the chosen-arm
+        :func:`dht.rewards.all_depths_reward` on ``loss_k * L_k**gamma``. The batch baseline of the chosen-arm
         reward is still kept (above), so switching this off mid-run would continue from a current one."""
         bc = self.cfg.dht.bandits
         n, k = depth_losses.shape

@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dht.bandits import (
-    LinUCB,
-    LogisticThompsonHeads,
-    RewardBaseline,
-    ratio_reward,
-    reward_delta,
-    ts_reward,
-)
+from dht.bandits import LinUCB, LogisticThompsonHeads
+from dht.rewards import RewardBaseline, ratio_reward, reward_delta, ts_reward
 
 F64 = torch.float64
 

@@ -9,11 +9,11 @@ from pydantic import ValidationError
 from test_trainer import SEQ, make_cfg, setup, trainer_for  # noqa: F401 (setup is a fixture)
 
 import dht.trainer as trainer_module
-from dht.bandits import all_depths_reward
 from dht.config import Config
 from dht.config_checks import check_semantics
 from dht.flops import depth_feedback_flops, forward_flops
 from dht.policy import Policy
+from dht.rewards import all_depths_reward
 
 
 def with_all_depths(cfg: Config, mode: str = "t-dht") -> Config:
