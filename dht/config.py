@@ -241,6 +241,11 @@ class BanditConfig(_Strict):
     reward_baseline: Literal["global", "per_queue"] = "global"  # "the previous batch": any queue's, or the same L's
     ts_reward_sign: Literal["text", "printed"] = "text"  # ambiguity 1 of docs/paper-notes.md
     tsb_arm_features: bool = False  # TSB vector [x ; 1] (size 13) or [x ; z_h]
+    # depth_feedback: all_depths (T24): how every depth option's reward is formed. ratio: Section 4.3's
+    # alpha * mean / (loss * L**gamma); difference: alpha * -(loss + depth_price * L), both against the sample's own
+    # mean over the options (docs/training.md, T25).
+    all_depths_reward: Literal["ratio", "difference"] = "ratio"
+    depth_price: Annotated[float, Field(ge=0)] = 0.075  # difference: the loss one more layer must save to pay
 
 
 class DHTSection(_Strict):

@@ -26,7 +26,7 @@ from dht.contexts import RunningNormalizer, multi_granularity_pool
 from dht.evaluation import Predictions, SplitData
 from dht.flops import forward_flops
 from dht.model import DHTForSequenceClassification
-from dht.rewards import RewardBaseline, all_depths_reward, reward_delta, ts_reward
+from dht.rewards import RewardBaseline, all_depths_reward, difference_reward, reward_delta, ts_reward
 
 # --------------------------------------------------------------------------------------------------------------
 # The bandits of one mode
@@ -228,13 +228,17 @@ class Policy:
 
     def _learn_all_depths(self, context: Tensor, depth_losses: Tensor) -> None:
         """UCB_L's full-information update (T24): every option k of every sample, with the reward of
-        :func:`dht.rewards.all_depths_reward` on ``loss_k * L_k**gamma``. The batch baseline of the chosen-arm
+        :func:`dht.rewards.all_depths_reward` on ``loss_k * L_k**gamma`` or
+        :func:`dht.rewards.difference_reward` (``dht.bandits.all_depths_reward``, T25). The batch baseline of the chosen-arm
         reward is still kept (above), so switching this off mid-run would continue from a current one."""
         bc = self.cfg.dht.bandits
         n, k = depth_losses.shape
-        delta = reward_delta(depth_losses.detach().double().cpu(), torch.tensor(self.layer_options, dtype=torch.float64),
-                             cost_exponent=bc.cost_exponent)
-        rewards = all_depths_reward(delta, bc.reward_alpha, clip=bc.reward_clip)
+        losses, depths = depth_losses.detach().double().cpu(), torch.tensor(self.layer_options, dtype=torch.float64)
+        if bc.all_depths_reward == "difference":  # T25
+            rewards = difference_reward(losses, depths, bc.depth_price, bc.reward_alpha)
+        else:
+            delta = reward_delta(losses, depths, cost_exponent=bc.cost_exponent)
+            rewards = all_depths_reward(delta, bc.reward_alpha, clip=bc.reward_clip)
         self.ucb.update(context.repeat_interleave(k, dim=0), torch.arange(k).repeat(n), rewards.reshape(-1))
 
     # ---- persistence ------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 * :func:`ratio_reward` -- ``r = scale * mean(previous batch's delta) / delta`` (r_L, r_H, r_cp), with
   :class:`RewardBaseline` keeping the previous batch's mean per bandit (and per queue);
 * :func:`ts_reward` -- the TSB's binary reward from r_H / r_cp;
-* :func:`all_depths_reward` -- every depth option's reward against the sample's own mean (T24, not the paper's).
+* :func:`all_depths_reward`, :func:`difference_reward` -- every depth option's reward against the sample's own
+  mean (T24, T25; not the paper's).
 
 See ``docs/bandits.md`` for the readings of the paper taken here.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["RewardBaseline", "all_depths_reward", "ratio_reward", "reward_delta", "ts_reward"]
+__all__ = ["RewardBaseline", "all_depths_reward", "difference_reward", "ratio_reward", "reward_delta", "ts_reward"]
 
 _F64 = torch.float64
 
@@ -85,6 +86,26 @@ def all_depths_reward(delta: Tensor, scale: float, *, eps: float = 1e-8, clip: f
     if clip is not None:
         reward = reward.clamp(max=clip)
     return reward
+
+
+def difference_reward(losses: Tensor, layers: Tensor, price: float, scale: float = 1.0) -> Tensor:
+    """Rewards of every depth option for every sample from its losses [B, K] at the options' depths ``layers`` [K]
+    (``all_depths_reward: difference``, docs/training.md T25; not in the paper): ``r_ik = -scale * (c_ik -
+    mean_j c_ij)`` with the cost ``c_ik = loss_ik + price * L_k``. A deeper option wins exactly when it saves more
+    than ``price`` of loss per extra layer.
+
+    Why not the ratio: ``loss * L`` makes depth pay where it divides the loss by the depth ratio, which happens
+    most on samples the shallow exit already gets right (a small loss made smaller); a price per layer in loss
+    units makes it pay where it lowers the loss by a fixed amount, which happens on the samples the shallow exit
+    gets wrong (docs/real-text.md section 3 measures both).
+    """
+    losses = torch.as_tensor(losses)
+    if losses.dim() != 2 or losses.shape[1] != len(layers):
+        raise ValueError(f"losses must be [samples, {len(layers)} options], got shape {tuple(losses.shape)}")
+    if not bool(torch.isfinite(losses).all()) or bool((losses < 0).any()):
+        raise ValueError("losses must be finite and non-negative")
+    cost = losses.to(_F64) + price * torch.as_tensor(layers, dtype=_F64)[None, :]
+    return -scale * (cost - cost.mean(dim=1, keepdim=True))
 
 
 def ts_reward(r: Tensor, threshold: float = 1.0, *, printed_cases: bool = False) -> Tensor:

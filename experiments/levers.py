@@ -70,6 +70,8 @@ ATOMS: dict[str, dict[str, Any]] = {
     "exit-confidence": {"dht": {"features": {"exit_confidence": True}}},
     # T24: UCB_L learns every depth of every sample against the sample's own mean (tree modes only: t-dht)
     "all-depths": {"dht": {"modes": {"t-dht": {"depth_feedback": "all_depths"}}}},
+    # T25: with it, a price per layer in loss units instead of the ratio (combine: all-depths+difference)
+    "difference": {"dht": {"bandits": {"all_depths_reward": "difference"}}},
     # not a lever: a fixed 4-layer model (the middle depth), to compare with modes that settle on 4 layers
     "with-vanilla-4": {"dht": {"modes": {"vanilla-4": {"search": "fixed", "arms": ["4L12H"]}}}},
 }

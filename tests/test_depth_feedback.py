@@ -8,6 +8,7 @@ import torch
 from pydantic import ValidationError
 from test_trainer import SEQ, make_cfg, setup, trainer_for  # noqa: F401 (setup is a fixture)
 
+import dht.rewards as dht_rewards
 import dht.trainer as trainer_module
 from dht.config import Config
 from dht.config_checks import check_semantics
@@ -91,3 +92,39 @@ def test_only_one_process_tree_modes_take_it():
     raw["dht"]["modes"]["t-dht"]["depth_feedback"] = "every"
     with pytest.raises(ValidationError, match="depth_feedback"):
         Config.model_validate(raw)
+
+
+def test_the_difference_reward_prices_each_layer_in_loss():
+    layers = torch.tensor([2.0, 4.0, 6.0], dtype=torch.float64)
+    # sample 0: depth saves 0.6 of loss per 2 layers (0.3 a layer > price 0.1): the deepest wins;
+    # sample 1: saves 0.05 a layer (< price): the shallowest wins; sample 2: the same cut on a small loss
+    losses = torch.tensor([[1.5, 0.9, 0.3], [0.5, 0.4, 0.3], [0.015, 0.009, 0.003]], dtype=torch.float64)
+    r = dht_rewards.difference_reward(losses, layers, price=0.1, scale=2.0)
+    assert r.argmax(dim=1).tolist() == [2, 0, 0]
+    assert torch.allclose(r.sum(dim=1), torch.zeros(3, dtype=torch.float64))  # against the sample's own mean
+    assert torch.allclose(r[0], -2.0 * (losses[0] + 0.1 * layers - (losses[0] + 0.1 * layers).mean()))
+    # the ratio reward (gamma = 1) ranks sample 2 like sample 0: the same 5x cut, whatever the loss it saves
+    ratio = all_depths_reward(losses * layers, 1.0)
+    assert ratio[0].argmax() == ratio[2].argmax() == 2
+    with pytest.raises(ValueError, match="options"):
+        dht_rewards.difference_reward(losses[:, :2], layers, price=0.1)
+
+
+def test_the_policy_learns_with_the_difference_reward(setup):  # noqa: F811
+    model, feats, _, _ = setup
+    raw = with_all_depths(make_cfg()).model_dump(mode="json")
+    raw["dht"]["bandits"].update({"all_depths_reward": "difference", "depth_price": 0.1})
+    cfg = Config.model_validate(raw)
+    policy = Policy(cfg, cfg.dht.modes["t-dht"], feats, model.config)
+    options = torch.tensor(policy.layer_options, dtype=torch.float64)
+    shallow, deep = int(options.argmin()), int(options.argmax())
+    g = torch.Generator().manual_seed(4)
+    for _ in range(30):
+        x = torch.randn(32, policy.context_size, generator=g, dtype=torch.float64)
+        # depth saves 0.3 of loss a layer where x0 > 0, nothing elsewhere
+        saving = torch.where(x[:, 0] > 0, 0.3, 0.0)[:, None] * (options - options.min())
+        policy._learn_all_depths(x, 3.0 - saving)  # 3.0: no loss reaches 0 (the saving stays linear)
+    x = torch.randn(200, policy.context_size, generator=g, dtype=torch.float64)
+    x[:, 0] = torch.where(torch.arange(200) < 100, 1.5, -1.5)
+    arm = policy.ucb.select(x, greedy=True)
+    assert (arm[:100] == deep).float().mean() > 0.9 and (arm[100:] == shallow).float().mean() > 0.9
