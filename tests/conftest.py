@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,47 @@ def one_torch_thread():
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "project")
+
+
+TINY_DATASET = "embedded-news"
+# What the tiny profile's data stages (download, tokenize) and arm_features leave for one dataset, with
+# Snakemake's records of those jobs (params, code, inputs: without them it would rerun the jobs).
+# Not mlflow.db: each MLflow experiment stores its artifact folder as an absolute path into the project that
+# created it, and a copy would then write its runs' artifacts there.
+TINY_UPSTREAM = (f"data/raw/{TINY_DATASET}", f"data/processed/{TINY_DATASET}", f"data/features/{TINY_DATASET}",
+                 "logs", ".snakemake/metadata")
+
+
+def copy_tiny_upstream(built: Path, dest: Path) -> Path:
+    """A fresh copy of the project (copy_project) holding the upstream outputs of `built`, with their times
+    (copy2), so that they stay newer than the code they were made from, as Snakemake's mtime check wants."""
+    project = copy_project(dest)
+    for name in TINY_UPSTREAM:
+        shutil.copytree(built / name, project / name)
+    return project
+
+
+@pytest.fixture(scope="session")
+def tiny_upstream(tmp_path_factory) -> Path:
+    """The tiny profile's embedded-news data and arm features, built once per session by Snakemake as the
+    pipeline builds them (the arm_features stage's own test reads them). Tests that only need them as input
+    start from a copy (`tiny_project`) instead of rebuilding them: ~30 s each. The end-to-end test still runs
+    the whole DAG from nothing in its own `project`."""
+    project = copy_project(tmp_path_factory.mktemp("tiny-upstream") / "project")
+    target = f"data/features/{TINY_DATASET}/meta.json"
+    run_cli(["snakemake", "--cores", "2", target, "--config", "profile=tiny"], cwd=project)
+    # A copy must be up to date for Snakemake (else the tests using it would rebuild it: still right, but slow).
+    probe = copy_tiny_upstream(project, tmp_path_factory.mktemp("tiny-upstream-probe") / "project")
+    dry = run_cli(["snakemake", "-n", "--cores", "1", target, "--config", "profile=tiny"], cwd=probe)
+    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+    shutil.rmtree(probe)
+    return project
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path, tiny_upstream: Path) -> Path:
+    """A copy of the project whose tiny embedded-news upstream (data and arm features) is already built."""
+    return copy_tiny_upstream(tiny_upstream, tmp_path / "project")
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
