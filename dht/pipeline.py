@@ -576,8 +576,10 @@ def sync_snakemake(root: str | Path = ".", stages: Iterable[str] = ()) -> list[s
     stages_of = _dvc_stages_of(root, list(stages))
     names = list(stages_of)
     # --with-deps: `snakemake --touch --forceall` below records the named stages' upstream jobs as current too, so
-    # their staleness must block the sync as well
-    proc = subprocess.run([_tool("dvc"), "status", "--with-deps", "--json", *names], cwd=root, capture_output=True,
+    # their staleness must block the sync as well. Every stage: dvc.yaml as the one target, the same stages as
+    # naming each (DVC collects each named target on its own: 5.5 s for a dozen names, 1.6 s for dvc.yaml).
+    targets = names if stages else ["dvc.yaml"]
+    proc = subprocess.run([_tool("dvc"), "status", "--with-deps", "--json", *targets], cwd=root, capture_output=True,
                           text=True)
     if proc.returncode != 0:
         raise SyncError(f"`dvc status` failed: {proc.stderr.strip() or proc.stdout.strip()}")
