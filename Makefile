@@ -6,6 +6,7 @@ STAMP  := $(VENV)/.installed
 PROFILE ?= default
 CORES   ?= 4
 TARGET  ?= all
+WORKERS ?= 2
 
 .PHONY: install reproduce test test-fast lint benchmarks dvc-yaml dvc-repro dvc-pull dvc-checkout mlflow-ui clean
 
@@ -22,13 +23,15 @@ $(STAMP): pyproject.toml
 reproduce: $(STAMP)
 	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES) $(TARGET) --config profile=$(PROFILE)
 
-## The test suite, slow end-to-end pipeline tests included (CI runs exactly this).
+## The test suite, slow end-to-end pipeline tests included (CI runs exactly this), on WORKERS pytest-xdist
+## processes: most tests wait on one single-threaded subprocess at a time, so two keep a 2-core machine busy.
+## WORKERS=0 runs it in this process, one test at a time.
 test: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(WORKERS)
 
 ## The quick subset while developing.
 test-fast: $(STAMP)
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -n $(WORKERS) -m "not slow"
 
 ## Wall time beside FLOPs, bandit share, pipeline and suite times, scaling -> reports/benchmarks.md. Needs the
 ## trained models of the profile (make reproduce first); takes ~25 min on 2 cores (the cold pipeline run and the

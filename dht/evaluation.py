@@ -12,11 +12,13 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:  # imported where a tensor is made: the Snakefile's report rules import this module for names
+    import torch
+    from torch import Tensor
 
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0  # fixed: the same predictions always give the same interval
@@ -43,6 +45,8 @@ class SplitData:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> SplitData:
+        import torch
+
         diff = arrays.get("difficulty")
         return cls(torch.from_numpy(arrays["input_ids"]), torch.from_numpy(arrays["attention_mask"].astype(np.int64)),
                    torch.from_numpy(arrays["label"].astype(np.int64)),

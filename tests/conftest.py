@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,15 @@ def two_epoch_tiny(raw: dict) -> dict:
     return raw
 
 
+# The longest test (the whole tiny DAG, ~2.5 min) starts first: under `make test`'s two pytest-xdist workers,
+# started where it is collected it ran on alone at the end of the run while the other worker idled.
+STARTED_FIRST = ("test_end_to_end_tiny_then_noop",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: getattr(item, "originalname", item.name) not in STARTED_FIRST)  # stable
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """The tests run tiny models: one intra-op thread. On a shared 2-core machine OpenMP threads stall at
@@ -76,6 +86,59 @@ def one_torch_thread():
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "project")
+
+
+TINY_DATASET = "embedded-news"
+# What the tiny profile's data stages (download, tokenize) and arm_features leave for one dataset, with
+# Snakemake's records of those jobs (params, code, inputs: without them it would rerun the jobs).
+# Not mlflow.db: each MLflow experiment stores its artifact folder as an absolute path into the project that
+# created it, and a copy would then write its runs' artifacts there.
+TINY_UPSTREAM = (f"data/raw/{TINY_DATASET}", f"data/processed/{TINY_DATASET}", f"data/features/{TINY_DATASET}",
+                 "logs", ".snakemake/metadata")
+
+
+def copy_tiny_upstream(built: Path, dest: Path) -> Path:
+    """A fresh copy of the project (copy_project) holding the upstream outputs of `built`, with their times
+    (copy2), so that they stay newer than the code they were made from, as Snakemake's mtime check wants."""
+    project = copy_project(dest)
+    for name in TINY_UPSTREAM:
+        shutil.copytree(built / name, project / name)
+    return project
+
+
+@pytest.fixture(scope="session")
+def tiny_upstream(tmp_path_factory) -> Path:
+    """The tiny profile's embedded-news data and arm features, built once per run by Snakemake as the pipeline
+    builds them (the arm_features stage's own test reads them). Tests that only need them as input start from
+    a copy (`tiny_project`) instead of rebuilding them: ~30 s each. The end-to-end test still runs the whole DAG
+    from nothing in its own `project`. Under pytest-xdist (`make test`) the workers' base folders share a parent
+    folder of the run: the first worker to get here builds there, under a lock, and the others wait and reuse it."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    root = shared / "tiny-upstream"
+    project, done = root / "project", root / "built"
+    target = f"data/features/{TINY_DATASET}/meta.json"
+    with FileLock(f"{root}.lock"):
+        if not done.is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed half-way
+            copy_project(project)
+            run_cli(["snakemake", "--cores", "2", target, "--config", "profile=tiny"], cwd=project)
+            # A copy must be up to date for Snakemake (else the tests using it would rebuild it: right, but slow)
+            probe = copy_tiny_upstream(project, root / "probe")
+            dry = run_cli(["snakemake", "-n", "--cores", "1", target, "--config", "profile=tiny"], cwd=probe)
+            assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+            shutil.rmtree(probe)
+            done.touch()
+    return project
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path, tiny_upstream: Path) -> Path:
+    """A copy of the project whose tiny embedded-news upstream (data and arm features) is already built."""
+    return copy_tiny_upstream(tiny_upstream, tmp_path / "project")
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:

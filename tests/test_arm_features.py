@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import ROOT, embedded_raw, run_cli, two_epoch_tiny
+from conftest import ROOT, embedded_raw, two_epoch_tiny
 
 from dht.arm_features import (
     arm_layer_heads,
@@ -269,25 +269,15 @@ def test_arm_separation_measures_the_closest_pair():
     assert "tsb" not in sep and "ucb_h" not in sep  # one arm, none: nothing to tell apart
 
 
-@pytest.fixture(scope="module")
-def tiny_stage(tmp_path_factory):
-    """The tiny profile's arm_features stage, run as the pipeline runs it (data stages first)."""
-    from conftest import copy_project
-
-    project = copy_project(tmp_path_factory.mktemp("armfeat") / "project")
-    run_cli(["snakemake", "--cores", "1", "data/features/embedded-news/meta.json", "--config", "profile=tiny"],
-            cwd=project)
-    return project
-
-
 @pytest.mark.slow
-def test_the_tiny_profiles_stage_output_tells_every_arm_apart(tiny_stage):
+def test_the_tiny_profiles_stage_output_tells_every_arm_apart(tiny_upstream):
+    """The arm_features stage as the pipeline runs it (data stages first, through Snakemake: conftest)."""
     from dht.model import model_from_params
     from dht.runtime import seed_everything
 
-    out = tiny_stage / "data/features/embedded-news"
+    out = tiny_upstream / "data/features/embedded-news"
     feats = load_arm_features(out)
-    cfg = load_config(tiny_stage / "params.yaml", profile="tiny")
+    cfg = load_config(tiny_upstream / "params.yaml", profile="tiny")
     sep = arm_separation(feats, cfg.dht.fixed_layers, cfg.model.num_attention_heads)
     assert set(sep) == {"ucb_l", "ucb_h", "ucb_cp", "tsb"} and sep["ucb_cp"]["arms"] == 16
     for family, s in sep.items():
@@ -299,7 +289,7 @@ def test_the_tiny_profiles_stage_output_tells_every_arm_apart(tiny_stage):
         assert meta["separation"][family]["min_relative_distance"] == pytest.approx(s["min_relative_distance"])
     # init_model/ is the initial model, not the warmed-up copy: every run starts from the same weights
     init = DHTForSequenceClassification.from_pretrained(out / "init_model")
-    data_meta = json.loads((tiny_stage / "data/processed/embedded-news/meta.json").read_text())
+    data_meta = json.loads((tiny_upstream / "data/processed/embedded-news/meta.json").read_text())
     seed_everything(cfg.seed)
     fresh = model_from_params(cfg, num_labels=data_meta["num_labels"], vocab_size=data_meta["vocab_size"])
     assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), fresh.state_dict().values(), strict=True))

@@ -554,18 +554,20 @@ def test_dvc_repro_makes_the_reports_and_a_restored_checkout_does_not_retrain(pr
 
 
 @pytest.mark.slow
-def test_a_killed_training_resumes_when_rerun_and_ends_with_the_same_metrics(project):
+def test_a_killed_training_resumes_when_rerun_and_ends_with_the_same_metrics(tiny_project):
+    """The data and arm features come built (conftest.tiny_project): only the training is killed and rerun."""
     import os
     import signal
     import time
 
     from conftest import BIN
 
+    project = tiny_project
+
     def tiny(raw):
         raw["profiles"]["tiny"]["train"].update({"epochs": 3, "checkpoint_every": 2})
     set_params(project, tiny)
     target = "results/embedded-news/f-dht/metrics.json"
-    run_cli(["snakemake", "--cores", "2", "data/features/embedded-news/meta.json", "--config", "profile=tiny"], cwd=project)
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DHT_NO_PROGRESS="1")
     proc = subprocess.Popen([str(BIN / "snakemake"), "--cores", "1", target, "--config", "profile=tiny"], cwd=project,
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -123,9 +123,11 @@ def test_dry_run_trains_every_model_once_per_seed(project):
 
 
 @pytest.mark.slow
-def test_two_seeds_train_two_different_runs_through_the_pipeline(project):
+def test_two_seeds_train_two_different_runs_through_the_pipeline(tiny_project):
     """The real stages: two seeds of one fixed model on the tiny profile, each in its own directory, its own
-    MLflow run and its own checkpoint directory, with training that differs (the seed reaches the trainer)."""
+    MLflow run and its own checkpoint directory, with training that differs (the seed reaches the trainer).
+    The data and arm features come built (conftest.tiny_project): the seeds do not change them."""
+    project = tiny_project
     set_params(project, seeded_tiny)
     targets = [f"results/embedded-news/vanilla-3/seed-{s}/loss.csv" for s in (0, 1)]
     run_cli(["snakemake", "--cores", "2", *targets, "--config", "profile=tiny"], cwd=project, timeout=900)

@@ -112,7 +112,8 @@ def pipeline_section(args: argparse.Namespace) -> Section:
         print("[suite] pytest -q", flush=True)
         suite = time_suite()
         body += [
-            f"`pytest -q` in the repository (slow tests included, as `make test` runs it): "
+            f"`pytest -q` in the repository (slow tests included, in one process; `make test` shares them out "
+            "to two pytest-xdist workers): "
             f"{fmt_seconds(suite['seconds'])} wall time; pytest's summary: `{suite['summary']}`.",
             "",
         ]
