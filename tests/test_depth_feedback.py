@@ -7,6 +7,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from test_trainer import SEQ, make_cfg, setup, trainer_for  # noqa: F401 (setup is a fixture)
+from torch import Tensor
 
 import dht.rewards as dht_rewards
 import dht.trainer as trainer_module
@@ -36,26 +37,35 @@ def test_the_reward_compares_a_sample_with_itself():
         all_depths_reward(-delta, 1.0)
 
 
+def learn_and_route(policy: Policy, losses_for, seed: int) -> tuple[Tensor, int, int]:
+    """30 full-information batches of 32 random contexts whose depth losses ``losses_for(x, options, g)`` gives,
+    then the greedy choice for 100 contexts with a positive first entry and 100 with a negative one: (arms
+    [200], the shallowest option's index, the deepest's)."""
+    options = torch.tensor(policy.layer_options, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(30):
+        x = torch.randn(32, policy.context_size, generator=g, dtype=torch.float64)
+        policy._learn_all_depths(x, losses_for(x, options, g))
+    x = torch.randn(200, policy.context_size, generator=g, dtype=torch.float64)
+    x[:, 0] = torch.where(torch.arange(200) < 100, 1.5, -1.5)
+    return policy.ucb.select(x, greedy=True), int(options.argmin()), int(options.argmax())
+
+
 def test_linucb_learns_where_depth_pays_from_every_option(setup):  # noqa: F811
     """Losses where the deepest option is worth its cost only for samples whose context has a positive first
     entry: after full-information updates the greedy choice follows the sample."""
     model, feats, _, _ = setup
     cfg = with_all_depths(make_cfg())
     policy = Policy(cfg, cfg.dht.modes["t-dht"], feats, model.config)
-    options = torch.tensor(policy.layer_options, dtype=torch.float64)
-    shallow, deep = int(options.argmin()), int(options.argmax())
-    g = torch.Generator().manual_seed(3)
-    for _ in range(30):
-        x = torch.randn(32, policy.context_size, generator=g, dtype=torch.float64)
-        pays = x[:, 0] > 0
+
+    def losses(x, options, g):
         # deep cuts the loss 20x where it pays (beats its cost), only 1.1x elsewhere; scale is per sample
         scale = torch.rand(32, 1, generator=g, dtype=torch.float64) * 3 + 0.1
-        ratio = torch.where(pays, 20.0, 1.1)[:, None] ** ((options - options.min()) / (options.max() - options.min()))
-        policy._learn_all_depths(x, scale / ratio)
+        ratio = torch.where(x[:, 0] > 0, 20.0, 1.1)[:, None] ** ((options - options.min()) / (options.max() - options.min()))
+        return scale / ratio
+
+    arm, shallow, deep = learn_and_route(policy, losses, seed=3)
     assert int(policy.ucb.counts.min()) == int(policy.ucb.counts.max()) == 30 * 32  # every option, every sample
-    x = torch.randn(200, policy.context_size, generator=g, dtype=torch.float64)
-    x[:, 0] = torch.where(torch.arange(200) < 100, 1.5, -1.5)
-    arm = policy.ucb.select(x, greedy=True)
     assert (arm[:100] == deep).float().mean() > 0.9 and (arm[100:] == shallow).float().mean() > 0.9
 
 
@@ -116,15 +126,10 @@ def test_the_policy_learns_with_the_difference_reward(setup):  # noqa: F811
     raw["dht"]["bandits"].update({"all_depths_reward": "difference", "depth_price": 0.1})
     cfg = Config.model_validate(raw)
     policy = Policy(cfg, cfg.dht.modes["t-dht"], feats, model.config)
-    options = torch.tensor(policy.layer_options, dtype=torch.float64)
-    shallow, deep = int(options.argmin()), int(options.argmax())
-    g = torch.Generator().manual_seed(4)
-    for _ in range(30):
-        x = torch.randn(32, policy.context_size, generator=g, dtype=torch.float64)
-        # depth saves 0.3 of loss a layer where x0 > 0, nothing elsewhere
-        saving = torch.where(x[:, 0] > 0, 0.3, 0.0)[:, None] * (options - options.min())
-        policy._learn_all_depths(x, 3.0 - saving)  # 3.0: no loss reaches 0 (the saving stays linear)
-    x = torch.randn(200, policy.context_size, generator=g, dtype=torch.float64)
-    x[:, 0] = torch.where(torch.arange(200) < 100, 1.5, -1.5)
-    arm = policy.ucb.select(x, greedy=True)
+
+    def losses(x, options, g):
+        # depth saves 0.3 of loss a layer where x0 > 0, nothing elsewhere; 3.0: no loss reaches 0 (stays linear)
+        return 3.0 - torch.where(x[:, 0] > 0, 0.3, 0.0)[:, None] * (options - options.min())
+
+    arm, shallow, deep = learn_and_route(policy, losses, seed=4)
     assert (arm[:100] == deep).float().mean() > 0.9 and (arm[100:] == shallow).float().mean() > 0.9
