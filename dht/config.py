@@ -181,6 +181,10 @@ class ModeSpec(_Strict):
     # What UCB_L learns from a training sample (docs/training.md, T24): `chosen`, the chosen depth's reward (the
     # paper); `all_depths`, every depth option's, from one no-grad pass read at each (tree search, one process).
     depth_feedback: Literal["chosen", "all_depths"] = "chosen"
+    # Which exits a training sample's loss reads (docs/training.md, T26): `chosen`, the classifier after the chosen
+    # depth only (the paper); `path`, also after every shallower depth option the sample's path passes (deep
+    # supervision: the shallow exits train on every sample, at the cost of the classifier reads only).
+    exit_loss: Literal["chosen", "path"] = "chosen"
 
 
 class PoolingConfig(_Strict):

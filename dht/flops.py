@@ -61,6 +61,8 @@ __all__ = [
     "Convention",
     "FlopShape",
     "arm_heads_per_layer",
+    "depth_feedback_flops",
+    "exit_loss_flops",
     "flop_ratio",
     "forward_flops",
     "full_model_flops",
@@ -258,6 +260,12 @@ def depth_feedback_flops(seq_len: int, layer_options: Sequence[int], config_like
     layers = [shape.num_attention_heads] * max(layer_options)
     return (forward_flops(seq_len, layers, shape, convention, include_classifier=False)
             + len(layer_options) * _classifier_flops(shape))
+
+
+def exit_loss_flops(exits: int, config_like: Any) -> int:
+    """FLOPs of ``exits`` extra classifier reads that train (``exit_loss: path``, docs/training.md T26): the pooler
+    and classifier forward and backward (3 x forward) on one vector per exit; the layers they read ran anyway."""
+    return 3 * exits * _classifier_flops(FlopShape.of(config_like))
 
 
 def full_model_flops(

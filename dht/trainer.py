@@ -48,7 +48,7 @@ from dht.arms import parse_arm
 from dht.config import Config, ModeSpec, run_param_keys
 from dht.distributed import World, share_length, wrap
 from dht.evaluation import SplitData
-from dht.flops import depth_feedback_flops, forward_flops, full_model_flops, train_flops
+from dht.flops import depth_feedback_flops, exit_loss_flops, forward_flops, full_model_flops, train_flops
 from dht.guard import FiniteGuard, TrainingError  # noqa: F401 (TrainingError: raised and re-exported here)
 from dht.integrity import checkpoint_problem, seal
 from dht.model import DHTForSequenceClassification
@@ -183,6 +183,9 @@ class Trainer:
         model.train()
         hidden, keep = model.embed(ids, mask)
         hidden = self._run(hidden, keep, 0, b, None, trainable)  # S2,0: the b layers again, with gradient
+        # exit_loss: path (T26): the classifier also reads, and trains on, every shallower depth option passed
+        exits = set(policy.layer_options) - {layers} if policy.mode.exit_loss == "path" else set()
+        exit_losses = [F.cross_entropy(model.classify(hidden, keep), labels, reduction="none")] if b in exits else []
         groups: list[dict[str, Any]] = []
         heads_rows = torch.full((len(items), layers), model.config.num_attention_heads, dtype=torch.long)
         for g, group in enumerate(policy.groups):
@@ -197,9 +200,12 @@ class Trainer:
             hidden = self._run(hidden, keep, group.start, stop, plan.to(self.device), trainable)
             heads_rows[:, group.start : stop] = plan.sum(dim=2)
             groups.append(info)
+            if stop in exits:
+                exit_losses.append(F.cross_entropy(model.classify(hidden, keep), labels, reduction="none"))
         logits = model.classify(hidden, keep)
-        per_sample = F.cross_entropy(logits, labels, reduction="none")
-        loss = per_sample.mean()
+        per_sample = F.cross_entropy(logits, labels, reduction="none")  # the chosen depth's: what the bandits learn
+        # every exit read weighs the same; a sample's loss keeps the scale of one cross-entropy
+        loss = torch.stack([per_sample, *exit_losses]).mean() if exit_losses else per_sample.mean()
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"non-finite loss ({float(loss.detach())}) at epoch {self.progress.epoch + 1}, step {self.progress.step + 1}, "
@@ -212,8 +218,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        policy.learn(Decision(arm, context, layers), groups, per_sample, depth_losses)
-        self._account(policy, layers, heads_rows, trainable, groups, arm, decision_layers)
+        policy.learn(Decision(arm, context, layers), groups, per_sample.detach(), depth_losses)
+        self._account(policy, layers, heads_rows, trainable, groups, arm, decision_layers, exits=len(exit_losses))
         return float(loss.detach())
 
     def _all_depths(self, policy: Policy) -> bool:
@@ -270,13 +276,13 @@ class Trainer:
 
     def _account(self, policy: Policy, layers: int, heads_rows: Tensor, trainable: set[int],
                  groups: list[dict[str, Any]], arm: Tensor, decision_layers: int = 0,
-                 embeddings_train: bool | None = None) -> None:
+                 embeddings_train: bool | None = None, exits: int = 0) -> None:
         """Training FLOPs of the batch, sample by sample (Table 1), and the selection counts (Figure 2).
 
         Each sample's step is counted by :func:`dht.flops.train_flops` (docs/training.md, T12), from what this
         step ran: its heads per layer, the layers whose weights trained, whether the embeddings did (so a
-        gradient enters layer 0), the S1 pass when counted, and the eval-mode decision pass of ``decision_layers``
-        layers."""
+        gradient enters layer 0), the S1 pass when counted, the eval-mode decision pass of ``decision_layers``
+        layers, and ``exits`` shallower exits read with gradient (``exit_loss: path``)."""
         cfg, conf = self.cfg, self.model.config
         n = heads_rows.shape[0]
         frozen_layers = set(range(layers)) - trainable
@@ -290,6 +296,7 @@ class Trainer:
                 frozen_layers=frozen_layers, embeddings_train=embeddings_train, decision_layers=decision_layers))
         if self._all_depths(policy):
             p.train_flops += n * float(depth_feedback_flops(self.seq_len, policy.layer_options, conf))
+        p.train_flops += n * float(exit_loss_flops(exits, conf))  # exit_loss: path, T26
         p.reference_flops += n * self.reference_step
         p.samples_seen += n
         sel = p.selections.setdefault(str(p.epoch), {})

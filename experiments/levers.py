@@ -48,11 +48,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dht.config import Config, ConfigError
 from dht.config_checks import check_semantics
 from dht.config_loading import deep_merge, load_config
 
 OUT = Path("experiments/levers")
+LADDER = "ladder.npz"  # exit_ladder's output, next to a DHT run's metrics.json
 DATASETS = ["sst2", "dbpedia-subset"]
 DHT_MODES = ["t-dht", "f-dht"]
 
@@ -63,6 +66,7 @@ ATOMS: dict[str, dict[str, Any]] = {
     "ucb_alpha-3": {"dht": {"bandits": {"ucb_alpha": 3.0}}},
     "refresh-epoch": {"dht": {"features": {"refresh": "epoch"}}},
     "epochs-4": {"train": {"epochs": 4}},
+    "lr-3e-5": {"train": {"learning_rate": 3e-5}},  # with init-reference: adapt the fine-tuned model gently
     "per_queue": {"dht": {"bandits": {"reward_baseline": "per_queue"}}},
     "states-train": {"dht": {"decision_states": "train"}},
     "gamma-0.25": {"dht": {"bandits": {"cost_exponent": 0.25}}},
@@ -72,6 +76,11 @@ ATOMS: dict[str, dict[str, Any]] = {
     "all-depths": {"dht": {"modes": {"t-dht": {"depth_feedback": "all_depths"}}}},
     # T25: with it, a price per layer in loss units instead of the ratio (combine: all-depths+difference)
     "difference": {"dht": {"bandits": {"all_depths_reward": "difference"}}},
+    # T26: the loss also reads every shallower depth option the path passes (deep supervision of the exits)
+    "path-exits": {"dht": {"modes": {m: {"exit_loss": "path"} for m in ("t-dht", "s-dht", "f-dht", "p-dht")}}},
+    # the mode starts from the fine-tuned reference (the `default` run's, saved in its model/ directory), as
+    # FastBERT and DistilBERT do, instead of the pretrained checkpoint (not a params.yaml key: levers.py loads it)
+    "init-reference": {},
     # not a lever: a fixed 4-layer model (the middle depth), to compare with modes that settle on 4 layers
     "with-vanilla-4": {"dht": {"modes": {"vanilla-4": {"search": "fixed", "arms": ["4L12H"]}}}},
 }
@@ -115,7 +124,10 @@ def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: i
     from dht.trainer import Trainer
 
     out = OUT / setting / dataset / model_name
-    if (out / "metrics.json").is_file():
+    fixed = cfg.dht.modes[model_name].search == "fixed"
+    keep_model = setting == "default" and model_name == cfg.run.reference  # init-reference starts from it
+    done = (out / LADDER).is_file() or (fixed and (not keep_model or (out / "model" / "config.json").is_file()))
+    if (out / "metrics.json").is_file() and done:
         print(f"{setting} {dataset}/{model_name}: done before, skipped", flush=True)
         return out
     cfg.dataset(dataset)
@@ -126,18 +138,53 @@ def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: i
     meta = json.loads((processed / "meta.json").read_text())
     train = SplitData.from_arrays(load_processed(processed, "train"))
     test = SplitData.from_arrays(load_processed(processed, "test"))
-    model = DHTForSequenceClassification.from_pretrained(features / "init_model")
+    init = features / "init_model"
+    if "init-reference" in setting.split("+"):
+        init = OUT / "default" / dataset / cfg.run.reference / "model"
+        if not (init / "config.json").is_file():
+            raise ConfigError(f"{setting}: no saved reference in {init}; run the default setting's "
+                              f"{cfg.run.reference} first (delete its metrics.json to rerun it)")
+    model = DHTForSequenceClassification.from_pretrained(init)
     trainer = Trainer(cfg, model_name, model, load_arm_features(features), train, device, seq_len=meta["max_length"])
     progress = trainer.fit(progress_bar=False)
     pred = predict(trainer.model, trainer.policy, test, device, cfg.train.eval_batch_size, meta["max_length"],
                    greedy=cfg.dht.inference == "greedy")
     metrics = training_metrics(cfg, pred, test, trainer.model.config, meta, progress)
     metrics.update({"setting": setting, "overlay": overlay_of(setting)})
+    out.mkdir(parents=True, exist_ok=True)
+    if keep_model:
+        trainer.model.save_pretrained(out / "model")
+    if not fixed:
+        np.savez(out / LADDER, **exit_ladder(trainer.model, test, device, cfg.train.eval_batch_size,
+                                             sorted(set(trainer.policy.layer_options))))
     write_results(out, metrics, pred, test, progress)  # metrics.json last: marks the run as done
     print(f"{setting} {dataset}/{model_name}: accuracy {accuracy_text(metrics)}, inference FLOPs "
           f"{metrics['infer_flop_ratio']:.2f}x, mean layers {metrics['mean_layers']:.2f} ({progress.seconds:.0f} s)",
           flush=True)
     return out
+
+
+def exit_ladder(model: Any, data: Any, device: Any, batch_size: int, depths: list[int]) -> dict[str, np.ndarray]:
+    """Every test sample's class probabilities read by the shared classifier after each depth option, with every
+    head: ``probs`` [N, K, C] for ``depths`` [K], and ``label`` [N]. What the trained model's exits can do
+    whatever the router: the accuracy of each exit, and what routing on the shallow exit's own confidence would
+    reach (``ladder``). One eval-mode, no-grad pass per batch, like the trainer's ``depth_feedback`` pass."""
+    import torch
+
+    model.eval()
+    probs, labels = [], []
+    with torch.no_grad():
+        for lo in range(0, len(data), batch_size):
+            ids, mask, y = data.batch(torch.arange(lo, min(lo + batch_size, len(data))), device)
+            state, keep = model.embed(ids, mask)
+            done, row = 0, []
+            for depth in depths:
+                state = model.run_layers(state, keep, done, depth)
+                done = depth
+                row.append(model.classify(state, keep).float().softmax(-1).cpu())
+            probs.append(torch.stack(row, dim=1))
+            labels.append(y.cpu())
+    return {"depths": np.array(depths), "probs": torch.cat(probs).numpy(), "label": torch.cat(labels).numpy()}
 
 
 def _read(setting: str, dataset: str, model: str) -> tuple[dict[str, Any], Any, dict[str, Any]] | None:
@@ -221,6 +268,55 @@ def summary(settings: list[str] | None = None, models: list[str] | None = None) 
     return "\n".join(lines)
 
 
+def confidence_routing(ladder: dict[str, np.ndarray], share: float) -> float:
+    """Accuracy when the ``share`` of samples least confident at the shallowest exit (1 - top probability, as
+    T23's context entry) read the deepest exit and the rest the shallowest: routing FastBERT-style on the model's
+    own exits, the router a bandit on that signal could at best learn (ties broken by sample order)."""
+    probs, label = ladder["probs"], ladder["label"]
+    correct = probs.argmax(-1) == label[:, None]  # [N, K]
+    order = np.argsort(-(1.0 - probs[:, 0].max(-1)), kind="stable")
+    deep = np.zeros(len(label), dtype=bool)
+    deep[order[: int(round(share * len(label)))]] = True
+    return float(np.where(deep, correct[:, -1], correct[:, 0]).mean())
+
+
+def ladder_summary(settings: list[str] | None = None) -> str:
+    """What each trained DHT model's exits can do (exit_ladder) beside what its router did with them."""
+    found = sorted(p.parent.parent.parent.name for p in OUT.glob(f"*/*/*/{LADDER}"))
+    order = settings or [*(s for s in ATOMS if s in found), *(s for s in dict.fromkeys(found) if s not in ATOMS)]
+    lines = [
+        "# The trained models' exits beside their routers (experiments/levers.py ladder)",
+        "",
+        "exits: test accuracy of the shared classifier read after each depth option with every head (one pass, no "
+        "router); run: the mode's own inference policy, accuracy @ mean layers; confidence routing: the same model, "
+        "its least confident samples at the shallowest exit (1 - top probability) sent to the deepest exit, the "
+        "rest stopped at the shallowest, with the share that gives the run's mean layers / 3 mean layers (0.5x of "
+        "the layers); oracle: a sample right at the shallowest or the deepest exit counts right.",
+        "",
+    ]
+    for dataset in DATASETS:
+        lines += [f"## {dataset}", "",
+                  "| setting | mode | exits (layers: accuracy) | run | confidence routing at the run's layers | "
+                  "at 3 layers | oracle shallowest / deepest |",
+                  "|---|---|---|---|---|---|---|"]
+        for setting in order:
+            for d in sorted((OUT / setting / dataset).glob(f"*/{LADDER}")):
+                ladder = dict(np.load(d))
+                m = json.loads((d.parent / "metrics.json").read_text())
+                depths = ladder["depths"].tolist()
+                correct = ladder["probs"].argmax(-1) == ladder["label"][:, None]
+                lo, hi = depths[0], depths[-1]
+                share = (m["mean_layers"] - lo) / (hi - lo) if hi > lo else 0.0
+                exits = ", ".join(f"{k}: {a:.3f}" for k, a in zip(depths, correct.mean(0), strict=True))
+                lines.append(
+                    f"| {setting} | {d.parent.name} | {exits} | {m['accuracy']:.3f} @ {m['mean_layers']:.2f} | "
+                    f"{confidence_routing(ladder, share):.3f} | "
+                    f"{confidence_routing(ladder, (3 - lo) / (hi - lo)):.3f} | "
+                    f"{(correct[:, 0] | correct[:, -1]).mean():.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _acc(m: dict[str, Any]) -> str:
     from dht.evaluation import accuracy_text
 
@@ -238,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("summary", help="write experiments/levers/summary.md from the finished runs")
     s.add_argument("--settings", nargs="+", default=None)
     sub.add_parser("list", help="print each lever atom and its overlay")
+    lad = sub.add_parser("ladder", help="write experiments/levers/ladder.md: each DHT run's exits and routers")
+    lad.add_argument("--settings", nargs="+", default=None)
     args = p.parse_args(argv)
     try:
         if args.command == "list":
@@ -255,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
                         start = time.perf_counter()
                         run_one(cfg, setting, dataset, model, args.threads)
                         print(f"  ({time.perf_counter() - start:.0f} s wall)", flush=True)
+        elif args.command == "ladder":
+            text = ladder_summary(args.settings)
+            (OUT / "ladder.md").write_text(text + "\n")
+            print(text)
         else:
             text = summary(args.settings)
             OUT.mkdir(parents=True, exist_ok=True)
