@@ -185,6 +185,10 @@ class ModeSpec(_Strict):
     # depth only (the paper); `path`, also after every shallower depth option the sample's path passes (deep
     # supervision: the shallow exits train on every sample, at the cost of the classifier reads only).
     exit_loss: Literal["chosen", "path"] = "chosen"
+    # How long UCB_L / UCB_cp remember (docs/training.md, T28): `run`, every reward since the start (Algorithm 1's
+    # sums); `epoch`, its statistics restart at each epoch after the first, so the last epoch's router learns
+    # only from the exits as they are then, not as they were before training moved them.
+    depth_memory: Literal["run", "epoch"] = "run"
 
 
 class PoolingConfig(_Strict):
@@ -250,6 +254,10 @@ class BanditConfig(_Strict):
     # mean over the options (docs/training.md, T25).
     all_depths_reward: Literal["ratio", "difference"] = "ratio"
     depth_price: Annotated[float, Field(ge=0)] = 0.075  # difference: the loss one more layer must save to pay
+    # depth_feedback: all_depths (T27): the loss each depth option is read with. cross_entropy: the training loss
+    # (the paper's currency); error_probability: 1 - p(true class), bounded, so one confidently wrong exit cannot
+    # outweigh the samples it gets right.
+    depth_loss: Literal["cross_entropy", "error_probability"] = "cross_entropy"
 
 
 class DHTSection(_Strict):

@@ -128,6 +128,10 @@ def check_semantics(cfg: Config) -> list[str]:
                 problems.append(
                     f"{key}.depth_feedback = 'all_depths': one process only (train.distributed.nproc_per_node = "
                     f"{cfg.train.distributed.nproc_per_node}); use `chosen` or nproc_per_node: 1")
+        if mode.depth_memory == "epoch" and cfg.train.distributed.nproc_per_node > 1:
+            problems.append(
+                f"{key}.depth_memory = 'epoch': one process only (train.distributed.nproc_per_node = "
+                f"{cfg.train.distributed.nproc_per_node}); use `run` or nproc_per_node: 1")
         if mode.exit_loss == "path" and cfg.train.distributed.nproc_per_node > 1:
             problems.append(
                 f"{key}.exit_loss = 'path': one process only (train.distributed.nproc_per_node = "

@@ -102,6 +102,16 @@ class Policy:
                                              use_arm_features=bc.tsb_arm_features, arm_features=tsb_z,
                                              seed=seed + 2)
 
+    def forget_depths(self) -> None:
+        """``depth_memory: epoch`` (docs/training.md, T28): UCB_L / UCB_cp start again from Algorithm 1, line 1
+        (A = lambda I, b = 0), with the arm features they have now; the context normaliser, UCB_H, the TSB and the
+        reward baselines keep their state."""
+        if self.ucb is None:
+            return
+        old = self.ucb
+        self.ucb = LinUCB(old.arm_features, old.context_dim, alpha=old.alpha, lam=old.lam,
+                          refresh_every=old.refresh_every, seed=self.cfg.seed, device=old.device)
+
     @property
     def uses_s1(self) -> bool:
         return self.search != "fixed"

@@ -228,7 +228,8 @@ class Trainer:
     def _depth_losses(self, policy: Policy, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
         """Each sample's loss at every depth option [B, K] (``depth_feedback: all_depths``, T24): one eval-mode,
         no-grad pass with every head to the deepest option, the classifier read after each option's layers,
-        before this step's update (the weights the chosen depth's loss is measured with). Eval mode draws no
+        before this step's update (the weights the chosen depth's loss is measured with); the loss is the
+        cross-entropy or 1 - p(true class) (``dht.bandits.depth_loss``, T27). Eval mode draws no
         dropout, so the step's own randomness is the same as without it. Its FLOPs are counted in
         :meth:`_account`."""
         model = self.model
@@ -239,7 +240,11 @@ class Trainer:
             for depth in sorted(set(policy.layer_options)):
                 state = model.run_layers(state, keep, done, depth)
                 done = depth
-                losses[depth] = F.cross_entropy(model.classify(state, keep), labels, reduction="none")
+                logits = model.classify(state, keep)
+                if self.cfg.dht.bandits.depth_loss == "error_probability":  # T27
+                    losses[depth] = 1.0 - logits.float().softmax(-1).gather(1, labels[:, None]).squeeze(1)
+                else:
+                    losses[depth] = F.cross_entropy(logits, labels, reduction="none")
         return torch.stack([losses[depth] for depth in policy.layer_options], dim=1)  # UCB_L's arm order
 
     def _trainable_layers(self, layers: int, frozen: bool) -> set[int]:
@@ -335,6 +340,8 @@ class Trainer:
                 # Position 0: no sample of this epoch has been queued. A checkpoint with position 0 was written
                 # at the end of the previous epoch, before this refresh, so a resumed run refreshes here too.
                 self._refresh_arm_features(policy)
+            if p.epoch > 0 and p.position == 0 and policy.mode.depth_memory == "epoch":
+                policy.forget_depths()  # T28; position 0 as above: a run resumed at this epoch's start forgets too
             order = self.order(p.epoch)
             bar = tqdm(total=len(order), initial=p.position, desc=f"{self.mode_name} epoch {p.epoch + 1}/{cfg.train.epochs}",
                        disable=not progress_bar or os.environ.get("DHT_NO_PROGRESS") == "1", mininterval=1.0,

@@ -78,6 +78,12 @@ ATOMS: dict[str, dict[str, Any]] = {
     "difference": {"dht": {"bandits": {"all_depths_reward": "difference"}}},
     # T26: the loss also reads every shallower depth option the path passes (deep supervision of the exits)
     "path-exits": {"dht": {"modes": {m: {"exit_loss": "path"} for m in ("t-dht", "s-dht", "f-dht", "p-dht")}}},
+    # T27: the depth options' losses read as 1 - p(true class); T25's price per layer, lower than the default 0.075
+    "error-probability": {"dht": {"bandits": {"depth_loss": "error_probability"}}},
+    "price-0.02": {"dht": {"bandits": {"depth_price": 0.02}}},
+    "price-0.04": {"dht": {"bandits": {"depth_price": 0.04}}},
+    # T28: UCB_L restarts each epoch, so the last epoch's router sees the exits as they are then
+    "memory-epoch": {"dht": {"modes": {"t-dht": {"depth_memory": "epoch"}}}},
     # the mode starts from the fine-tuned reference (the `default` run's, saved in its model/ directory), as
     # FastBERT and DistilBERT do, instead of the pretrained checkpoint (not a params.yaml key: levers.py loads it)
     "init-reference": {},
@@ -155,8 +161,10 @@ def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: i
     if keep_model:
         trainer.model.save_pretrained(out / "model")
     if not fixed:
-        np.savez(out / LADDER, **exit_ladder(trainer.model, test, device, cfg.train.eval_batch_size,
-                                             sorted(set(trainer.policy.layer_options))))
+        depths = sorted(set(trainer.policy.layer_options))
+        np.savez(out / LADDER, **exit_ladder(trainer.model, test, device, cfg.train.eval_batch_size, depths))
+        # the same on the training split: what the router's feedback, read on trained samples, can see
+        np.savez(out / "ladder-train.npz", **exit_ladder(trainer.model, train, device, cfg.train.eval_batch_size, depths))
     write_results(out, metrics, pred, test, progress)  # metrics.json last: marks the run as done
     print(f"{setting} {dataset}/{model_name}: accuracy {accuracy_text(metrics)}, inference FLOPs "
           f"{metrics['infer_flop_ratio']:.2f}x, mean layers {metrics['mean_layers']:.2f} ({progress.seconds:.0f} s)",

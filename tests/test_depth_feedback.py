@@ -133,3 +133,35 @@ def test_the_policy_learns_with_the_difference_reward(setup):  # noqa: F811
 
     arm, shallow, deep = learn_and_route(policy, losses, seed=4)
     assert (arm[:100] == deep).float().mean() > 0.9 and (arm[100:] == shallow).float().mean() > 0.9
+
+
+def test_the_depth_losses_can_be_read_as_error_probabilities(setup):  # noqa: F811
+    """dht.bandits.depth_loss (T27): the same pass, each option's loss 1 - p(true class) instead of the
+    cross-entropy: exp(-cross_entropy) is p(true class), so the two readings of one model agree exactly."""
+    raw = with_all_depths(make_cfg()).model_dump(mode="json")
+    ce_trainer = trainer_for(setup, "t-dht", cfg=Config.model_validate(raw))
+    raw["dht"]["bandits"]["depth_loss"] = "error_probability"
+    err_trainer = trainer_for(setup, "t-dht", cfg=Config.model_validate(raw))
+    ids, mask, labels = setup[2].batch(torch.arange(16), torch.device("cpu"))
+    ce = ce_trainer._depth_losses(ce_trainer.policy, ids, mask, labels)
+    err = err_trainer._depth_losses(err_trainer.policy, ids, mask, labels)
+    assert err.shape == ce.shape == (16, len(err_trainer.policy.layer_options))
+    assert bool(((err >= 0) & (err <= 1)).all())
+    assert torch.allclose(err, 1.0 - torch.exp(-ce), atol=1e-5)
+    raw["dht"]["bandits"]["depth_loss"] = "zero_one"
+    with pytest.raises(ValidationError, match="depth_loss"):
+        Config.model_validate(raw)
+
+
+def test_depth_memory_epoch_restarts_ucb_l_each_epoch(setup):  # noqa: F811
+    """depth_memory: epoch (T28): after a 2-epoch run UCB_L holds the last epoch's updates only."""
+    raw = with_all_depths(make_cfg()).model_dump(mode="json")
+    raw["dht"]["modes"]["t-dht"]["depth_memory"] = "epoch"
+    trainer = trainer_for(setup, "t-dht", cfg=Config.model_validate(raw))
+    progress = trainer.fit(progress_bar=False)
+    last = progress.selections[max(progress.selections, key=int)]
+    last_epoch = sum(v for k, v in last.items() if k.startswith("layers/"))
+    assert 0 < last_epoch < progress.samples_seen
+    k = len(trainer.policy.layer_options)
+    assert int(trainer.policy.ucb.counts.sum()) == last_epoch * k  # full information, this epoch's samples only
+    assert int(trainer.policy.ucb_h.counts.sum()) > 0  # UCB_H keeps its memory
