@@ -33,6 +33,19 @@ from dht.rewards import RewardBaseline, all_depths_reward, difference_reward, re
 # --------------------------------------------------------------------------------------------------------------
 
 
+def exit_logits(model: DHTForSequenceClassification, ids: Tensor, mask: Tensor, depths: list[int]) -> list[Tensor]:
+    """The shared classifier's logits after each of ``depths`` (ascending) with every head, from one pass to the
+    deepest: T24's counterfactual reads and the exit ladder of experiments/levers.py. The caller sets the mode
+    and the gradient."""
+    state, keep = model.embed(ids, mask)
+    done, out = 0, []
+    for depth in depths:
+        state = model.run_layers(state, keep, done, depth)
+        done = depth
+        out.append(model.classify(state, keep))
+    return out
+
+
 def exit_uncertainty(model: DHTForSequenceClassification, s1: Tensor, mask: Tensor) -> Tensor:
     """1 - the top-class probability of the model's classifier read on S1 [B] (the shared head after the b
     fixed layers; T23). The caller sets the mode and the gradient (S1's: eval, none)."""

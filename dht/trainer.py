@@ -52,7 +52,7 @@ from dht.flops import depth_feedback_flops, exit_loss_flops, forward_flops, full
 from dht.guard import FiniteGuard, TrainingError  # noqa: F401 (TrainingError: raised and re-exported here)
 from dht.integrity import checkpoint_problem, seal
 from dht.model import DHTForSequenceClassification
-from dht.policy import Decision, LayerQueue, Policy, decide_groups, exit_uncertainty
+from dht.policy import Decision, LayerQueue, Policy, decide_groups, exit_logits, exit_uncertainty
 from dht.results import POLICY_FILE
 
 BANDITS_FILE = "bandits.pt"
@@ -232,15 +232,11 @@ class Trainer:
         cross-entropy or 1 - p(true class) (``dht.bandits.depth_loss``, T27). Eval mode draws no
         dropout, so the step's own randomness is the same as without it. Its FLOPs are counted in
         :meth:`_account`."""
-        model = self.model
-        model.eval()
-        losses, done = {}, 0
+        self.model.eval()
+        depths = sorted(set(policy.layer_options))
+        losses = {}
         with torch.no_grad():
-            state, keep = model.embed(ids, mask)
-            for depth in sorted(set(policy.layer_options)):
-                state = model.run_layers(state, keep, done, depth)
-                done = depth
-                logits = model.classify(state, keep)
+            for depth, logits in zip(depths, exit_logits(self.model, ids, mask, depths), strict=True):
                 if self.cfg.dht.bandits.depth_loss == "error_probability":  # T27
                     losses[depth] = 1.0 - logits.float().softmax(-1).gather(1, labels[:, None]).squeeze(1)
                 else:

@@ -173,24 +173,21 @@ def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: i
 
 
 def exit_ladder(model: Any, data: Any, device: Any, batch_size: int, depths: list[int]) -> dict[str, np.ndarray]:
-    """Every test sample's class probabilities read by the shared classifier after each depth option, with every
-    head: ``probs`` [N, K, C] for ``depths`` [K], and ``label`` [N]. What the trained model's exits can do
-    whatever the router: the accuracy of each exit, and what routing on the shallow exit's own confidence would
-    reach (``ladder``). One eval-mode, no-grad pass per batch, like the trainer's ``depth_feedback`` pass."""
+    """Every sample's class probabilities (of the split given: test, or train) read by the shared classifier after
+    each depth option with every head (dht.policy.exit_logits): ``probs`` [N, K, C] for ``depths`` [K], and
+    ``label`` [N]. What the trained model's exits can do whatever the router: the accuracy of each exit, and what
+    routing on the shallow exit's own confidence would reach (``ladder``)."""
     import torch
+
+    from dht.policy import exit_logits
 
     model.eval()
     probs, labels = [], []
     with torch.no_grad():
         for lo in range(0, len(data), batch_size):
             ids, mask, y = data.batch(torch.arange(lo, min(lo + batch_size, len(data))), device)
-            state, keep = model.embed(ids, mask)
-            done, row = 0, []
-            for depth in depths:
-                state = model.run_layers(state, keep, done, depth)
-                done = depth
-                row.append(model.classify(state, keep).float().softmax(-1).cpu())
-            probs.append(torch.stack(row, dim=1))
+            logits = exit_logits(model, ids, mask, depths)
+            probs.append(torch.stack([x.float().softmax(-1).cpu() for x in logits], dim=1))
             labels.append(y.cpu())
     return {"depths": np.array(depths), "probs": torch.cat(probs).numpy(), "label": torch.cat(labels).numpy()}
 
