@@ -224,13 +224,23 @@ def snakemake_jobs(root: str | Path = ".", profile: str | None = None, targets: 
             jobs.append(Job(
                 rule=j.rule.name,
                 wildcards=tuple((k, str(v)) for k, v in j.wildcards_dict.items()),
-                cmd=" ".join(j.shellcmd.split()),
+                cmd=squeeze_spaces(j.shellcmd),
                 inputs=tuple(str(f) for f in j.input),
                 outputs=tuple(str(f) for f in j.output),
                 tracked=tuple(tracked.keys()) if isinstance(tracked, dict) else (),
             ))
     order = {name: i for i, name in enumerate(_rule_order(jobs))}
     return sorted(jobs, key=lambda j: (order[j.rule], j.wildcards))
+
+
+# A single-quoted word (shlex.quote's, as Snakemake's `{x:q}` writes it), a double-quoted one, or a run of spaces.
+_QUOTED_OR_SPACE = re.compile(r"""('[^']*'|"(?:[^"\\]|\\.)*")|\s+""")
+
+
+def squeeze_spaces(cmd: str) -> str:
+    """`cmd` on one line with single spaces between its words (a rule's command ends in a space when its last
+    optional argument is empty), leaving the inside of quoted words as it is: `--log 'a  b'` keeps both spaces."""
+    return _QUOTED_OR_SPACE.sub(lambda m: m.group(1) or " ", cmd).strip()
 
 
 def _rule_order(jobs: list[Job]) -> list[str]:
