@@ -78,8 +78,9 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
         assert written[name]["matrix"] == {"dataset": datasets}
     assert written["train"]["matrix"] == {"dataset": datasets,
                                           "model": ["f-dht", "s-dht", "t-dht", "vanilla-2", "vanilla-6"]}
-    assert written["train"]["cmd"].startswith("python workflow/scripts/train.py --profile ${profile} "
-                                              "--dataset ${item.dataset} --model ${item.model} ")
+    # no --profile: DVC would paste `${profile}` into the command unquoted; the stages read params.yaml's profile:
+    assert written["train"]["cmd"].startswith("python workflow/scripts/train.py --dataset ${item.dataset} "
+                                              "--model ${item.model} ")
     assert written["train-p-dht"]["matrix"] == {"dataset": datasets}  # p-dht's warm-up mode is one more param
     assert written["baseline-fastbert"]["matrix"] == {"dataset": datasets, "baseline": ["fastbert-0.5", "fastbert-0.8"]}
 
@@ -111,7 +112,8 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
     assert "--threads 1 " in stages["arm_features@sst2"]["cmd"]  # the rule's threads
     assert stages["arm_features@sst2"]["cmd"].endswith(" --log logs/arm_features/sst2.log")  # the rule's log:
     tok = stages["tokenize@sst2"]
-    assert tok["cmd"].startswith("python workflow/scripts/tokenize_data.py --profile ${profile} ")
+    assert tok["cmd"].startswith("python workflow/scripts/tokenize_data.py --dataset sst2 ")
+    assert not any("profile" in stage["cmd"] for stage in stages.values())
     assert "data/raw/sst2/train.parquet" in tok["deps"] and "dht/tokenization.py" in tok["deps"]
     assert tok["params"] == ["profile", "tokenizer", "datasets.sst2", "profiles.${profile}"]
     assert "data/processed/sst2/tokenizer" in tok["outs"]
@@ -132,7 +134,7 @@ def dvc_reads(project: Path) -> dict:
 
 def test_dvc_runs_exactly_one_stage_per_snakemake_job(project):
     """The matrix stages are a way of writing, nothing more: DVC's own expansion of dvc.yaml is, stage for stage,
-    the plain stage of each Snakemake job (command, deps, params, outs, metrics, plots)."""
+    the plain stage of each Snakemake job (command less --profile, deps, params, outs, metrics, plots)."""
     from dht.pipeline import _stage_body, expand_dvc_stages, snakemake_jobs
 
     written = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
@@ -146,7 +148,8 @@ def test_dvc_runs_exactly_one_stage_per_snakemake_job(project):
     jobs = snakemake_jobs(project, "default")
     assert len(jobs) == len(by_cmd) == len(read)
     for job in jobs:
-        assert by_cmd[interpolated(job.cmd)] == interpolated(_stage_body(job, "default")), job.stage_name
+        assert job.cmd.replace(" --profile default ", " ") == _stage_body(job, "default")["cmd"]
+        assert by_cmd[_stage_body(job, "default")["cmd"]] == interpolated(_stage_body(job, "default")), job.stage_name
 
 
 def fit_job(dataset: str, model: str, seed: str, extra: tuple[str, ...] = ()):
@@ -181,7 +184,7 @@ def test_jobs_that_differ_only_in_wildcards_become_one_stage_that_dvc_expands_ba
     matrix = dvc_stages(full + [solo], "p")["stages"]
     assert list(matrix) == ["fit", "report-a"]  # one job: a plain stage, named as before
     assert matrix["fit"]["matrix"] == {"dataset": ["a", "b"], "model": ["m-1", "k-2"], "seed": ["1", "2"]}
-    assert matrix["fit"]["cmd"] == ("python fit.py --profile ${profile} --dataset ${item.dataset} --model ${item.model}"
+    assert matrix["fit"]["cmd"] == ("python fit.py --dataset ${item.dataset} --model ${item.model}"
                                     " --seed ${item.seed} --threads 2 --out out/${item.dataset}/${item.model}/seed-${item.seed}")
     assert matrix["fit"]["deps"][1:] == ["static/m-1x/vocab.txt", "static/a2/notes.txt"]
     assert matrix["fit"]["params"][1:4] == ["seed", "datasets.${item.dataset}", "modes.${item.model}"]
@@ -403,9 +406,25 @@ def test_a_stage_runs_with_a_log_path_that_holds_shell_characters(project):
     assert not (project / "PWNED").exists() and not (project / "PWNED;.log").exists()
 
 
+@pytest.mark.slow
+def test_dvc_runs_no_profile_name_in_the_shell(project):
+    """dvc.yaml's commands carry no `--profile ${profile}`: DVC pastes an interpolated value into the shell
+    unquoted before any stage runs, so params.yaml's `profile: default;touch PWNED;` (with a profile of that name)
+    ran `touch PWNED`. The stage reads `profile:` from params.yaml, and refuses it by the name rule."""
+    def poison(raw):
+        raw["profile"] = "default;touch PWNED;"
+        raw["profiles"]["default;touch PWNED;"] = {}
+    set_params(project, poison)
+    dvc_reads(project)  # git and DVC initialised
+    proc = run_cli(["dvc", "repro", "--single-item", "download-sst2"], cwd=project, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and 'profile = "default;touch PWNED;": not a valid name' in out, out[-3000:]
+    assert not (project / "PWNED").exists() and not (project / "data" / "raw").exists()
+
+
 def test_dvc_commands_keep_quoted_words_whole():
-    """dvc.yaml's commands are the Snakemake jobs' on one line: runs of spaces between words become one, but
-    a quoted word is kept as Snakemake quoted it."""
+    """dvc.yaml's commands are the Snakemake jobs' on one line (less --profile): runs of spaces between words
+    become one, but a quoted word is kept as Snakemake quoted it."""
     from dht.pipeline import Job, _stage_body, squeeze_spaces
 
     quoted = shlex.quote("logs/a  b;c's.log")
@@ -413,7 +432,7 @@ def test_dvc_commands_keep_quoted_words_whole():
     job = Job(rule="r", wildcards=(), cmd=squeeze_spaces(f"python s.py --profile tiny  --log {quoted} "), inputs=(),
               outputs=("o",), tracked=())
     cmd = _stage_body(job, "tiny")["cmd"]
-    assert cmd == f"python s.py --profile ${{profile}} --log {quoted}"
+    assert cmd == f"python s.py --log {quoted}"
     assert shlex.split(cmd)[-1] == "logs/a  b;c's.log"
 
 
