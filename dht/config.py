@@ -41,8 +41,6 @@ NAME_RULE = (
     f"a name is letters, digits, '_' and '-', starting with a letter or digit ({NAME_PATTERN}), since it becomes "
     "folder names, MLflow experiments and command arguments"
 )
-
-
 NOT_A_NAME = f"not a valid name; {NAME_RULE}; rename it"
 
 
