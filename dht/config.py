@@ -10,17 +10,95 @@ fields (Section 6.1: ``(L - b)`` must be a multiple of ``c``; heads must divide 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
     """A problem in params.yaml, phrased for the person who edits it."""
 
 
+# --- names --------------------------------------------------------------------------------------------------
+
+# The one rule for every name params.yaml gives that becomes a folder, a file, an MLflow experiment, a
+# Snakemake wildcard or a command argument: dataset keys, mode names, profile names and the tracking prefix
+# (baselines keep their kinds' patterns, :data:`BASELINE_PATTERN`, as safe). No '/', '.', space or shell
+# character: `../evil` or `/tmp/evil` would write outside the project, `x;touch PWNED` would run in a stage's
+# shell, and a '.' splits the dotted params keys (`datasets.<name>`) the rules track.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+NAME_PATTERN = f"^{_NAME.pattern}$"
+NAME_RULE = (
+    f"a name is letters, digits, '_' and '-', starting with a letter or digit ({NAME_PATTERN}), since it becomes "
+    "folder names, MLflow experiments and command arguments"
+)
+NOT_A_NAME = f"not a valid name; {NAME_RULE}; rename it"
+
+
+def is_name(value: object) -> bool:
+    """Whether `value` is a name (:data:`NAME_PATTERN`)."""
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None
+
+
+def check_name(value: str) -> str:
+    """`value` when it is a name; a ValueError stating the rule otherwise (the caller names the key and value)."""
+    if not is_name(value):
+        raise ValueError(NOT_A_NAME)
+    return value
+
+
+def _check_prefix(value: str) -> str:
+    """tracking.experiment_prefix: empty (the experiment is the dataset's name) or a name."""
+    return check_name(value) if value else value
+
+
+# A name in params.yaml (a key of `datasets:` or `dht.modes:`, or a value naming one); editors see the pattern.
+Name = Annotated[str, AfterValidator(check_name), WithJsonSchema({"type": "string", "pattern": NAME_PATTERN})]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# A baseline's name: its kind and number. [0-9], not \d (which takes any script's digits), and at most one '.',
+# so a name is letters, digits, '-' and one '.': safe as a folder name and a command argument (see NAME_PATTERN).
+BASELINE_PATTERN = (
+    r"(distil)-([0-9]+)|(fastbert)-([0-9]*\.?[0-9]+)|(nas-prune)-([0-9]*\.?[0-9]+)|(flexibert)-([0-9]*\.?[0-9]+)"
+)
+_BASELINE = re.compile(BASELINE_PATTERN)
+
+
+def parse_baseline(name: str) -> tuple[str, float]:
+    """("distil", layers) / ("fastbert", speed) / ("nas-prune" or "flexibert", FLOP ratio) from a baseline's name."""
+    m = _BASELINE.fullmatch(name)
+    if not m:
+        raise ValueError(
+            f"{name!r} is not a baseline: write distil-<layers> (e.g. distil-3), fastbert-<speed> "
+            "(e.g. fastbert-0.5), nas-prune-<FLOP ratio> (e.g. nas-prune-0.5) or flexibert-<FLOP ratio> "
+            "(e.g. flexibert-0.5)"
+        )
+    kind = m.group(1) or m.group(3) or m.group(5) or m.group(7)
+    value = m.group(2) or m.group(4) or m.group(6) or m.group(8)
+    return kind, float(value)
+
+
+def _check_baseline(value: str) -> str:
+    parse_baseline(value)
+    return value
+
+
+BaselineName = Annotated[
+    str, AfterValidator(_check_baseline), WithJsonSchema({"type": "string", "pattern": f"^({BASELINE_PATTERN})$"})
+]
 
 
 # --- datasets -----------------------------------------------------------------------------------------------
@@ -86,6 +164,13 @@ class CsvDatasetSpec(_Strict):
     max_test_samples: Annotated[int, Field(ge=1)] | None = None
     paper: str | None = None  # the paper's dataset it is (ag_news, dbpedia, yelp_polarity, yelp_full); default: its name
 
+    def folder(self, params_dir: str | Path) -> Path:
+        """The folder of train.csv and test.csv: `path`, relative to `params_dir`, the folder of the params file
+        that names it, unless absolute. The one reading of `path` for validation, Snakemake's inputs and the
+        download stage, wherever they are started from (`dht config validate --params other/params.yaml`)."""
+        path = Path(self.path)
+        return path if path.is_absolute() else Path(params_dir) / path
+
 
 DatasetSpec = Annotated[
     EmbeddedDatasetSpec | HubDatasetSpec | CsvDatasetSpec, Field(discriminator="source")
@@ -96,15 +181,15 @@ DatasetSpec = Annotated[
 
 
 class RunConfig(_Strict):
-    datasets: list[str] = Field(min_length=1)
-    models: list[str] = Field(min_length=1)
-    baselines: list[str] = Field(default_factory=list)  # distil-<layers>, fastbert-<speed>, nas-prune-<ratio>
+    datasets: list[Name] = Field(min_length=1)
+    models: list[Name] = Field(min_length=1)
+    baselines: list[BaselineName] = Field(default_factory=list)  # distil-<layers>, fastbert-<speed>, nas-prune-<ratio>
     # The full-depth model (a fixed mode running every layer with every head): the 1.00x of every FLOP ratio,
     # the row the reports compare against and the teacher of the baselines (12-VaBERT in the paper).
-    reference: str = "vanilla-12"
+    reference: Name = "vanilla-12"
     # A shallow fixed mode (b layers): the depth analysis asks whether DHT gives more layers to the samples it
     # gets wrong. None: no control.
-    control: str | None = None
+    control: Name | None = None
     # Training seeds: every model of run.models and run.baselines is trained once per seed, and the reports show
     # mean and standard deviation over them. None: one run with the top-level `seed`. The top-level seed still
     # draws the data subsets, the arm features and the FlexiBERT search, so seeds vary the training only
@@ -176,7 +261,7 @@ class ModeSpec(_Strict):
     layers: list[int] | None = None  # tree search: UCB_L's options
     heads: list[int] | None = None  # tree search: UCB_H's options
     arms: list[str] | None = None  # integrated/fixed: UCB_cp's options, e.g. "6L8H" or "4L8H+2L12H"
-    warmup_mode: str | None = None  # P-DHT: train as this mode first ...
+    warmup_mode: Name | None = None  # P-DHT: train as this mode first ...
     warmup_epochs: Annotated[int, Field(ge=0)] = 0  # ... for this many epochs
     # What UCB_L learns from a training sample (docs/training.md, T24): `chosen`, the chosen depth's reward (the
     # paper); `all_depths`, every depth option's, from one no-grad pass read at each (tree search, one process).
@@ -273,7 +358,7 @@ class DHTSection(_Strict):
     # States UCB_H and the TSB decide from in training: an eval-mode pass as at inference, or the dropout-noised
     # states of the gradient pass (docs/training.md, T2)
     decision_states: Literal["clean", "train"] = "clean"
-    modes: dict[str, ModeSpec]
+    modes: dict[Name, ModeSpec]
 
 
 class DistributedConfig(_Strict):
@@ -373,36 +458,20 @@ class BaselinesConfig(_Strict):
     flexibert: FlexiBERTConfig = FlexiBERTConfig()
 
 
-_BASELINE = re.compile(
-    r"(distil)-(\d+)|(fastbert)-(\d*\.?\d+)|(nas-prune)-(\d*\.?\d+)|(flexibert)-(\d*\.?\d+)"
-)
-
-
-def parse_baseline(name: str) -> tuple[str, float]:
-    """("distil", layers) / ("fastbert", speed) / ("nas-prune" or "flexibert", FLOP ratio) from a baseline's name."""
-    m = _BASELINE.fullmatch(name)
-    if not m:
-        raise ValueError(
-            f"{name!r} is not a baseline: write distil-<layers> (e.g. distil-3), fastbert-<speed> "
-            "(e.g. fastbert-0.5), nas-prune-<FLOP ratio> (e.g. nas-prune-0.5) or flexibert-<FLOP ratio> "
-            "(e.g. flexibert-0.5)"
-        )
-    kind = m.group(1) or m.group(3) or m.group(5) or m.group(7)
-    value = m.group(2) or m.group(4) or m.group(6) or m.group(8)
-    return kind, float(value)
-
-
 class TrackingConfig(_Strict):
-    experiment_prefix: str = ""
+    # MLflow experiment of a dataset: "<prefix><dataset>" (its artifacts' folder too): empty, or a name.
+    experiment_prefix: Annotated[
+        str, AfterValidator(_check_prefix), WithJsonSchema({"type": "string", "pattern": f"^$|{NAME_PATTERN}"})
+    ] = ""
 
 
 class Config(_Strict):
     """The resolved configuration of one profile."""
 
-    profile: str
+    profile: Name
     seed: int = 0
     device: str = "auto"
-    datasets: dict[str, DatasetSpec]
+    datasets: dict[Name, DatasetSpec]
     run: RunConfig
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelSection = ModelSection()

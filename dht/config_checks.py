@@ -83,11 +83,7 @@ def check_semantics(cfg: Config) -> list[str]:
             )
 
     for i, name in enumerate(cfg.run.baselines):
-        try:
-            kind, value = parse_baseline(name)
-        except ValueError as err:
-            problems.append(f"run.baselines[{i}] = {name!r}: {err}")
-            continue
+        kind, value = parse_baseline(name)  # a baseline's name: validated by its type (dht.config.BaselineName)
         if kind == "distil" and not 1 <= value <= m.num_hidden_layers:
             problems.append(f"run.baselines[{i}] = {name!r}: a student has 1..{m.num_hidden_layers} layers")
         if kind == "fastbert" and not 0 <= value <= 1:
@@ -318,18 +314,20 @@ def _pretrained_package_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def dataset_path_problems(cfg: Config, root: str | Path = ".") -> list[str]:
-    """A `csv` dataset the profile runs must be there (relative paths from ``root``, the directory of
-    params.yaml, where the stages run): checked with every other parameter, not in its first job."""
+def dataset_path_problems(cfg: Config, params_dir: str | Path = ".") -> list[str]:
+    """A `csv` dataset the profile runs must be there (relative paths from ``params_dir``, the folder of the
+    params file: :meth:`~dht.config.CsvDatasetSpec.folder`): checked with every other parameter, not in its
+    first job."""
     problems = []
     for name in cfg.run.datasets:
         spec = cfg.datasets.get(name)
         if not isinstance(spec, CsvDatasetSpec):
             continue
-        directory = Path(spec.path) if Path(spec.path).is_absolute() else Path(root) / spec.path
+        directory = spec.folder(params_dir)
         if not directory.is_dir():
             problems.append(f"datasets.{name}.path = {spec.path!r}: no such directory; point it at the folder that "
-                            "holds train.csv and test.csv (relative paths start at the project root)")
+                            f"holds train.csv and test.csv (looked for {directory}: a relative path starts at the "
+                            "folder of params.yaml)")
             continue
         missing = [f for f in ("train.csv", "test.csv") if not (directory / f).is_file()]
         if missing:
@@ -405,10 +403,17 @@ def format_validation_error(where: str, err: ValidationError, data: Mapping[str,
     """pydantic's validation errors as ``<key> = <value>: <what is wrong>`` lines (`also`: problems found before)."""
     lines = list(also or [])
     for e in err.errors():
-        # Drop pydantic's discriminated-union tags ('embedded', 'hub', ...) from the key path.
-        loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("embedded", "hub", "csv"))]
-        key = ".".join(loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        # Drop pydantic's discriminated-union tags ('embedded', 'hub', ...) from the key path; list positions as [i].
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and p in ("embedded", "hub", "csv"))]
+        is_key = bool(loc) and loc[-1] == "[key]"  # a mapping's key failed (a dataset or mode name): its parent's
+        if is_key:
+            loc = loc[:-2]
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
+        loc = [str(p) for p in loc]
+        message = e["msg"].removeprefix("Value error, ")  # our validators' ValueErrors read as written
+        if is_key:
+            lines.append(f"{key}: key {json.dumps(e.get('input'))}: {message}")
+        elif e["type"] == "extra_forbidden":
             parent = _lookup_model(loc[:-1])
             allowed = ", ".join(parent.model_fields) if parent is not None else "see params.yaml"
             lines.append(f"{key}: unknown key; allowed here: {allowed}")
@@ -419,7 +424,7 @@ def format_validation_error(where: str, err: ValidationError, data: Mapping[str,
             lines.append(f"{key}.source = {given!r}: unknown source; allowed: embedded, hub, csv")
         else:
             value = json.dumps(e.get("input"), default=str)
-            lines.append(f"{key} = {value}: {e['msg']}")
+            lines.append(f"{key} = {value}: {message}")
     return f"{where} has {len(lines)} problem(s):\n" + "\n".join(f"  - {line}" for line in lines)
 
 

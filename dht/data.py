@@ -243,9 +243,10 @@ def load_hub(spec: HubDatasetSpec) -> TextDataset:
 
 
 def load_text_dataset(
-    spec: EmbeddedDatasetSpec | HubDatasetSpec | CsvDatasetSpec, seed: int, root: str | Path = "."
+    spec: EmbeddedDatasetSpec | HubDatasetSpec | CsvDatasetSpec, seed: int, params_dir: str | Path = "."
 ) -> TextDataset:
-    """The dataset a params.yaml entry describes, subsampled (stratified, seeded) where it asks."""
+    """The dataset a params.yaml entry describes, subsampled (stratified, seeded) where it asks; a `csv` dataset's
+    relative `path` starts at `params_dir`, the folder of the params file (:meth:`CsvDatasetSpec.folder`)."""
     if isinstance(spec, EmbeddedDatasetSpec):
         train, test, classes = embedded.generate(
             spec.num_classes, spec.n_train, spec.n_test, spec.seed if spec.seed is not None else seed,
@@ -254,8 +255,7 @@ def load_text_dataset(
         return TextDataset(train, test, classes, source="embedded",
                            extra={"difficulty_names": list(embedded.DIFFICULTY_NAMES)})
     if isinstance(spec, CsvDatasetSpec):
-        path = Path(spec.path)
-        ds = load_zhang_dir(path if path.is_absolute() else Path(root) / path, spec.fields, spec.unescape_newlines)
+        ds = load_zhang_dir(spec.folder(params_dir), spec.fields, spec.unescape_newlines)
     else:
         ds = load_hub(spec)
     ds.train = subsample(ds.train, spec.max_train_samples, seed)

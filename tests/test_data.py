@@ -107,7 +107,7 @@ def test_csv_source_through_the_common_interface(tmp_path):
     write(tmp_path / "ag" / "train.csv", AG_TRAIN)
     write(tmp_path / "ag" / "test.csv", AG_TEST)
     spec = CsvDatasetSpec(source="csv", path="ag", fields=["title", "description"], max_train_samples=2)
-    ds = load_text_dataset(spec, seed=0, root=tmp_path)
+    ds = load_text_dataset(spec, seed=0, params_dir=tmp_path)
     assert len(ds.train) == 2 and len(ds.test) == 2 and ds.source.startswith("csv:")
 
 

@@ -29,8 +29,9 @@ def search_input(wildcards):
 
 
 def search_arg(wildcards, input):
-    """--search <the folder of the search's trace> for a flexibert-<ratio> baseline."""
-    return f"--search {os.path.dirname(input.search)}" if "search" in input.keys() else ""
+    """--search <the folder of the search's trace> for a flexibert-<ratio> baseline: two arguments, which the
+    command quotes one by one ({params.search:q}), or none."""
+    return ["--search", os.path.dirname(input.search)] if "search" in input.keys() else []
 
 
 rule flexibert_search:
@@ -54,9 +55,9 @@ rule flexibert_search:
     resources:
         gpu=GPU,
     shell:
-        "python workflow/scripts/flexibert_search.py --profile {PROFILE} --dataset {wildcards.dataset}"
-        " --processed {params.processed} --init-model {input.init_model} --out {params.out} --threads {threads}"
-        " --log {log}"
+        "python workflow/scripts/flexibert_search.py --profile {PROFILE:q} --dataset {wildcards.dataset:q}"
+        " --processed {params.processed:q} --init-model {input.init_model:q} --out {params.out:q}"
+        " --threads {threads:q} --log {log:q}"
 
 
 rule baseline:
@@ -86,7 +87,7 @@ rule baseline:
     resources:
         gpu=GPU,
     shell:
-        "python workflow/scripts/baseline.py --profile {PROFILE} --dataset {wildcards.dataset}"
-        " --model {wildcards.baseline} --seed {params.seed} --processed {params.processed}"
-        " --teacher {input.teacher} --results {params.results} --out-model {output.model} --threads {threads}"
-        " --log {log} {params.search}"
+        "python workflow/scripts/baseline.py --profile {PROFILE:q} --dataset {wildcards.dataset:q}"
+        " --model {wildcards.baseline:q} --seed {params.seed:q} --processed {params.processed:q}"
+        " --teacher {input.teacher:q} --results {params.results:q} --out-model {output.model:q}"
+        " --threads {threads:q} --log {log:q} {params.search:q}"

@@ -6,7 +6,7 @@ def local_files(wildcards):
     spec = CFG.datasets[wildcards.dataset]
     if spec.source != "csv":
         return []
-    folder = Path(spec.path)
+    folder = spec.folder(Path(PARAMS_FILE).parent)
     return [str(folder / name) for name in ("train.csv", "test.csv", "classes.txt") if (folder / name).is_file()]
 
 
@@ -24,8 +24,8 @@ rule download:
     log:
         "logs/download/{dataset}.log",
     shell:
-        "python workflow/scripts/download.py --profile {PROFILE} --dataset {wildcards.dataset} --out {params.out}"
-        " --log {log}"
+        "python workflow/scripts/download.py --profile {PROFILE:q} --dataset {wildcards.dataset:q}"
+        " --out {params.out:q} --log {log:q}"
 
 
 rule tokenize:
@@ -46,5 +46,5 @@ rule tokenize:
     log:
         "logs/tokenize/{dataset}.log",
     shell:
-        "python workflow/scripts/tokenize_data.py --profile {PROFILE} --dataset {wildcards.dataset}"
-        " --raw {params.raw} --out {params.out} --log {log}"
+        "python workflow/scripts/tokenize_data.py --profile {PROFILE:q} --dataset {wildcards.dataset:q}"
+        " --raw {params.raw:q} --out {params.out:q} --log {log:q}"

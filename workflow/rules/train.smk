@@ -45,6 +45,7 @@ rule train:
     resources:
         gpu=GPU * NPROC,
     shell:
-        TRAIN_LAUNCH + " workflow/scripts/train.py --profile {PROFILE} --dataset {wildcards.dataset}"
-        " --model {wildcards.model} --seed {params.seed} --processed {params.processed} --features {params.features}"
-        " --results {params.results} --out-model {output.model} --threads {threads} --log {log}"
+        TRAIN_LAUNCH + " workflow/scripts/train.py --profile {PROFILE:q} --dataset {wildcards.dataset:q}"
+        " --model {wildcards.model:q} --seed {params.seed:q} --processed {params.processed:q}"
+        " --features {params.features:q} --results {params.results:q} --out-model {output.model:q}"
+        " --threads {threads:q} --log {log:q}"

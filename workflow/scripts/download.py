@@ -13,7 +13,7 @@ args = p.parse_args()
 cfg = _stage.config(args)
 
 try:
-    ds = load_text_dataset(cfg.dataset(args.dataset), seed=cfg.seed, root=_stage.root())
+    ds = load_text_dataset(cfg.dataset(args.dataset), seed=cfg.seed, params_dir=_stage.params_dir(args))
 except (DatasetError, ValueError) as err:
     sys.exit(f"error: dataset '{args.dataset}': {err}")
 meta = write_raw(ds, args.out, args.dataset)
