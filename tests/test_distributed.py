@@ -88,15 +88,15 @@ def project(tmp_path_factory) -> Path:
 
 
 def torchrun(project: Path, out: str, trace: Path | None = None) -> subprocess.Popen:
-    """The train stage as the Snakemake rule starts it with nproc_per_node = 2."""
+    """The train stage as the Snakemake rule starts it with nproc_per_node = 2 (dht.launch, its `--log` included)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                DHT_NO_PROGRESS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop(TRACE_ENV, None)
     if trace is not None:
         env[TRACE_ENV] = str(trace)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "workflow" / "scripts" / "train.py"), "--params", "params.yaml", "--profile", "tiny",
+    cmd = [sys.executable, "-m", "dht.launch", "--standalone", "--nproc-per-node", "2", "--",
+           str(ROOT / "workflow" / "scripts" / "train.py"), "--log", f"logs/{out}.log", "--params", "params.yaml", "--profile", "tiny",
            "--dataset", DATASET, "--model", MODE, "--processed", f"data/processed/{DATASET}",
            "--features", f"data/features/{DATASET}", "--results", f"results/{out}", "--out-model", f"models/{out}",
            "--checkpoints", f"checkpoints/{out}", "--threads", "1"]
