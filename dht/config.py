@@ -363,7 +363,8 @@ class DHTSection(_Strict):
 
 class DistributedConfig(_Strict):
     """One model trained by several processes (torchrun + DistributedDataParallel, docs/distributed.md): each
-    rank trains `train.batch_size` samples a step, so a step trains nproc_per_node x batch_size samples."""
+    rank trains `train.batch_size` samples a step, so a step trains nproc_per_node x batch_size samples and an
+    epoch takes 1/nproc_per_node of one process's steps; `batch: split` keeps one process's schedule instead."""
 
     nproc_per_node: Annotated[int, Field(ge=1)] = 1  # processes (GPUs) of one node; 1: no torchrun, no DDP
     backend: Literal["nccl", "gloo"] = "nccl"  # nccl: CUDA GPUs; gloo: CPU (the tests)
@@ -371,6 +372,9 @@ class DistributedConfig(_Strict):
     # long as its deepest batch); global: one set of queues of N x q on every rank, each released batch split over
     # the ranks, so a step runs one depth everywhere (docs/distributed.md, T22)
     queues: Literal["rank", "global"] = "rank"
+    # per_rank: each rank trains batch_size a step (a step of N x batch_size, N times fewer steps an epoch); split:
+    # each rank batch_size / N, so a step trains batch_size and an epoch has one process's steps (docs/distributed.md)
+    batch: Literal["per_rank", "split"] = "per_rank"
 
 
 class TrainConfig(_Strict):
@@ -388,7 +392,10 @@ class TrainConfig(_Strict):
     @property
     def queue_size(self) -> int:
         """q of Algorithm 3: a depth's queue releases a training batch when q samples wait in it. The paper trains
-        every batch from one queue, so q is the training batch size: one key, read by this name where it is q."""
+        every batch from one queue, so q is the training batch size: one key, read by this name where it is q.
+        Per process: with ``distributed.batch: split`` each of the N ranks queues and trains batch_size / N."""
+        if self.distributed.batch == "split":
+            return self.batch_size // self.distributed.nproc_per_node
         return self.batch_size
 
 

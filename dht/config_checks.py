@@ -63,6 +63,13 @@ def check_semantics(cfg: Config) -> list[str]:
             )
         if cfg.device == "cpu" and distributed.backend == "nccl":
             problems.append("train.distributed.backend = 'nccl' needs CUDA GPUs, but device = 'cpu'; use gloo")
+        if distributed.batch == "split" and cfg.train.batch_size % distributed.nproc_per_node:
+            n = distributed.nproc_per_node
+            problems.append(
+                f"train.distributed.batch = 'split' gives each of the {n} ranks train.batch_size / {n} samples a step, "
+                f"but train.batch_size = {cfg.train.batch_size} is not divisible by nproc_per_node = {n}; use a "
+                f"multiple of {n} (e.g. {cfg.train.batch_size // n * n or n}) or batch: per_rank"
+            )
 
     for name in cfg.run.datasets:
         if name not in cfg.datasets:

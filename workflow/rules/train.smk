@@ -4,8 +4,10 @@
 MODELS = CFG.run.models
 # train.distributed.nproc_per_node > 1: one model trained by N processes under torchrun (DDP, docs/distributed.md),
 # one GPU each on a CUDA profile; `--standalone` rendezvouses on a free local port, so jobs on one node do not clash.
+# dht.launch is torchrun with a `--` before the script (else torchrun reads the script's `--log` as its own option)
+# and a failed rank named in the job's log.
 NPROC = CFG.train.distributed.nproc_per_node
-TRAIN_LAUNCH = "python" if NPROC == 1 else f"python -m torch.distributed.run --standalone --nproc-per-node {NPROC}"
+TRAIN_LAUNCH = "python" if NPROC == 1 else f"python -m dht.launch --standalone --nproc-per-node {NPROC} --"
 
 
 wildcard_constraints:
