@@ -14,6 +14,7 @@ from test_model import ATOL, make_batch, make_bert, make_dht
 from test_trainer import SEQ, make_cfg, setup  # noqa: F401 (setup is a fixture)
 from torch.utils.flop_counter import FlopCounterMode
 
+from dht.baselines.distil import student_from_teacher
 from dht.config import Config
 from dht.flops import forward_flops
 from dht.model import DHTConfig, DHTForSequenceClassification
@@ -156,6 +157,15 @@ def test_a_bert_checkpoint_gives_every_exit_its_head(tmp_path):
     for head in model.exit_heads.values():
         assert torch.equal(head.classifier.weight, bert.classifier.weight)
         assert torch.equal(head.pooler.dense.weight, bert.bert.pooler.dense.weight)
+
+
+def test_a_per_depth_reference_still_teaches_a_distil_student():
+    """A baseline reads its full depth alone: a DistilBERT student of a per-depth reference has one head, the
+    reference's full-depth one."""
+    teacher = perturb_heads(make_dht(exit_heads="per_depth"))
+    student = student_from_teacher(teacher, 3)
+    assert student.config.exit_heads == "shared" and not hasattr(student, "exit_heads")
+    assert torch.equal(student.classifier.weight, teacher.classifier.weight)
 
 
 def test_a_per_depth_exit_costs_what_a_shared_one_costs():
