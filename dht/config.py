@@ -444,9 +444,10 @@ class Config(_Strict):
 
 
 def run_param_keys(cfg: Config, mode_name: str) -> list[str]:
-    """The params.yaml keys a training run of `mode_name` reads: its own mode (and its warm-up mode) and the
-    shared settings (and with ``init: reference`` which mode the reference is). The one list behind the train rule's tracked params (Snakemake reruns, DVC's `params:`),
-    the MLflow run's params and the checkpoint's :func:`fingerprint`."""
+    """The params.yaml keys a training run of `mode_name` reads: its own mode (and its warm-up mode; with
+    ``init: reference`` which mode the reference is) and the shared settings. The one list behind the train rule's
+    tracked params (Snakemake reruns, DVC's `params:`), the MLflow run's params and the checkpoint's
+    :func:`fingerprint`."""
     mode = cfg.dht.modes[mode_name]
     keys = ["seed", "device", "model", "train", "dht.fixed_layers", "dht.group_size", "dht.features",
             "dht.bandits", "dht.inference", "dht.count_s1_flops", "dht.p_dht_freeze", "dht.decision_states",
