@@ -237,6 +237,10 @@ class ModelSection(_Strict):
     # What the classifier reads: cls (BERT's pooler on [CLS], the paper) | mean (mean of the token states, no
     # pooler: how sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained). docs/training.md.
     classifier_pooling: Literal["cls", "mean"] = "cls"
+    # Which classifier reads a sample stopped after L layers (docs/training.md, T29): shared (one pooler and
+    # classifier for every depth: the reading so far; the paper does not say) | per_depth (one per exit depth b,
+    # b + c, ..., N_L, each starting as a copy of the full-depth one; the same FLOPs per read).
+    exit_heads: Literal["shared", "per_depth"] = "shared"
 
     @model_validator(mode="after")
     def _scratch_only_fields(self) -> ModelSection:
@@ -274,6 +278,10 @@ class ModeSpec(_Strict):
     # sums); `epoch`, its statistics restart at each epoch after the first, so the last epoch's router learns
     # only from the exits as they are then, not as they were before training moved them.
     depth_memory: Literal["run", "epoch"] = "run"
+    # What the run starts from (docs/training.md, T30): `pretrained`, the initial model of the arm_features stage
+    # (model.init: the checkpoint, or from scratch; the paper); `reference`, the trained run.reference of the same
+    # dataset and seed (as the baselines start from it), whose training then counts in the run's total FLOPs.
+    init: Literal["pretrained", "reference"] = "pretrained"
 
 
 class PoolingConfig(_Strict):
@@ -512,14 +520,17 @@ class Config(_Strict):
 
 
 def run_param_keys(cfg: Config, mode_name: str) -> list[str]:
-    """The params.yaml keys a training run of `mode_name` reads: its own mode (and its warm-up mode) and the
-    shared settings. The one list behind the train rule's tracked params (Snakemake reruns, DVC's `params:`),
-    the MLflow run's params and the checkpoint's :func:`fingerprint`."""
+    """The params.yaml keys a training run of `mode_name` reads: its own mode (and its warm-up mode; with
+    ``init: reference`` which mode the reference is) and the shared settings. The one list behind the train rule's
+    tracked params (Snakemake reruns, DVC's `params:`), the MLflow run's params and the checkpoint's
+    :func:`fingerprint`."""
     mode = cfg.dht.modes[mode_name]
     keys = ["seed", "device", "model", "train", "dht.fixed_layers", "dht.group_size", "dht.features",
             "dht.bandits", "dht.inference", "dht.count_s1_flops", "dht.p_dht_freeze", "dht.decision_states",
             f"dht.modes.{mode_name}"]
-    return keys + ([f"dht.modes.{mode.warmup_mode}"] if mode.warmup_mode else [])
+    keys += [f"dht.modes.{mode.warmup_mode}"] if mode.warmup_mode else []
+    # init: reference: the run starts from the trained reference, whichever mode it is
+    return keys + (["run.reference", f"dht.modes.{cfg.run.reference}"] if mode.init == "reference" else [])
 
 
 def json_schema() -> dict[str, Any]:

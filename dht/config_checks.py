@@ -135,6 +135,8 @@ def check_semantics(cfg: Config) -> list[str]:
             problems.append(
                 f"{key}.depth_memory = 'epoch': one process only (train.distributed.nproc_per_node = "
                 f"{cfg.train.distributed.nproc_per_node}); use `run` or nproc_per_node: 1")
+        if mode.init == "reference":
+            problems += _init_reference_problems(cfg, mode_name)
         if mode.exit_loss == "path" and cfg.train.distributed.nproc_per_node > 1:
             problems.append(
                 f"{key}.exit_loss = 'path': one process only (train.distributed.nproc_per_node = "
@@ -181,6 +183,19 @@ def check_semantics(cfg: Config) -> list[str]:
                     f"{cfg.train.epochs}, or the mode never leaves its warm-up"
                 )
     return problems
+
+
+def _init_reference_problems(cfg: Config, mode_name: str) -> list[str]:
+    """``init: reference`` (docs/training.md T30): the mode starts from the trained run.reference, so that must be
+    another mode, and one the profile trains (the train job depends on it)."""
+    key, ref = f"dht.modes.{mode_name}.init = 'reference'", cfg.run.reference
+    if mode_name == ref:
+        return [f"{key}: {mode_name} is run.reference itself, which cannot start from its own training; use "
+                "`pretrained` for the reference"]
+    if ref not in cfg.run.models:
+        return [f"{key}: the run starts from the trained reference {ref!r}, which run.models does not train "
+                f"(run.models: {', '.join(cfg.run.models)}); add {ref} to run.models or use `pretrained`"]
+    return []
 
 
 def allowed_layer_counts(cfg: Config) -> list[int]:

@@ -33,19 +33,33 @@ def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def training_metrics(cfg: Config, pred: Any, test: Any, model_config: Any, meta: dict[str, Any],
-                     progress: Any) -> dict[str, Any]:
+                     progress: Any, start: dict[str, Any] | None = None) -> dict[str, Any]:
     """metrics.json of a trained DHT mode: :func:`dht.evaluation.evaluate` on the inference policy's
-    predictions, the training's FLOP ratio, time, steps and samples, floats rounded to 6 digits."""
+    predictions, the training's FLOP ratio, time, steps and samples, floats rounded to 6 digits.
+
+    ``start``: the metrics.json of the run it started from (``dht.modes.<mode>.init: reference``, the trained
+    reference; docs/training.md T30). Its training is part of this model's cost: ``start_flop_ratio`` (its
+    ``train_flop_ratio``), ``train_flop_ratio_total`` (that plus this run's; both count the same split for
+    ``train.epochs`` epochs against the reference's training, so they add up), ``epochs_own`` and
+    ``epochs_total``."""
     from dht.evaluation import evaluate
 
     metrics = evaluate(pred, test, model_config, meta["max_length"], meta.get("difficulty_names"))
+    own = progress.train_flops / progress.reference_flops
     metrics.update({
-        "train_flop_ratio": progress.train_flops / progress.reference_flops,
+        "train_flop_ratio": own,
         "train_seconds": round(progress.seconds, 3),
         "train_steps": progress.step,
         "train_samples": progress.samples_seen,
         "epochs": cfg.train.epochs,
     })
+    if start is not None:
+        metrics.update({
+            "start_flop_ratio": start["train_flop_ratio"],
+            "train_flop_ratio_total": start["train_flop_ratio"] + own,
+            "epochs_own": cfg.train.epochs,
+            "epochs_total": start["epochs"] + cfg.train.epochs,
+        })
     return _rounded(metrics)
 
 

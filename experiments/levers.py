@@ -84,9 +84,11 @@ ATOMS: dict[str, dict[str, Any]] = {
     "price-0.04": {"dht": {"bandits": {"depth_price": 0.04}}},
     # T28: UCB_L restarts each epoch, so the last epoch's router sees the exits as they are then
     "memory-epoch": {"dht": {"modes": {"t-dht": {"depth_memory": "epoch"}}}},
-    # the mode starts from the fine-tuned reference (the `default` run's, saved in its model/ directory), as
-    # FastBERT and DistilBERT do, instead of the pretrained checkpoint (not a params.yaml key: levers.py loads it)
-    "init-reference": {},
+    # T30: the mode starts from the fine-tuned reference (the `default` run's, saved in its model/ directory), as
+    # FastBERT and DistilBERT do, instead of the pretrained checkpoint
+    "init-reference": {"dht": {"modes": {m: {"init": "reference"} for m in ("t-dht", "s-dht", "f-dht", "p-dht")}}},
+    # T29: one classifier per exit depth instead of one shared by every depth
+    "exit-heads-per-depth": {"model": {"exit_heads": "per_depth"}},
     # not a lever: a fixed 4-layer model (the middle depth), to compare with modes that settle on 4 layers
     "with-vanilla-4": {"dht": {"modes": {"vanilla-4": {"search": "fixed", "arms": ["4L12H"]}}}},
 }
@@ -122,17 +124,16 @@ def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: i
     """Train and evaluate one mode as workflow/scripts/train.py does; write its results directory."""
     from dht.arm_features import load_arm_features
     from dht.evaluation import SplitData, accuracy_text
-    from dht.model import DHTForSequenceClassification
     from dht.policy import predict
-    from dht.results import training_metrics, write_results
+    from dht.results import POLICY_FILE, training_metrics, write_results
     from dht.runtime import configure_threads, resolve_device, seed_everything
     from dht.tokenization import load_processed
-    from dht.trainer import Trainer
+    from dht.trainer import Trainer, initial_model, save_trained
 
     out = OUT / setting / dataset / model_name
     fixed = cfg.dht.modes[model_name].search == "fixed"
     keep_model = setting == "default" and model_name == cfg.run.reference  # init-reference starts from it
-    done = (out / LADDER).is_file() or (fixed and (not keep_model or (out / "model" / "config.json").is_file()))
+    done = (out / LADDER).is_file() or (fixed and (not keep_model or (out / "model" / POLICY_FILE).is_file()))
     if (out / "metrics.json").is_file() and done:
         print(f"{setting} {dataset}/{model_name}: done before, skipped", flush=True)
         return out
@@ -144,22 +145,21 @@ def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: i
     meta = json.loads((processed / "meta.json").read_text())
     train = SplitData.from_arrays(load_processed(processed, "train"))
     test = SplitData.from_arrays(load_processed(processed, "test"))
-    init = features / "init_model"
-    if "init-reference" in setting.split("+"):
-        init = OUT / "default" / dataset / cfg.run.reference / "model"
-        if not (init / "config.json").is_file():
-            raise ConfigError(f"{setting}: no saved reference in {init}; run the default setting's "
-                              f"{cfg.run.reference} first (delete its metrics.json to rerun it)")
-    model = DHTForSequenceClassification.from_pretrained(init)
+    reference = OUT / "default" / dataset / cfg.run.reference  # init: reference starts from the default's (T30)
+    if cfg.dht.modes[model_name].init == "reference" and not (reference / "model" / POLICY_FILE).is_file():
+        raise ConfigError(f"{setting}: no saved reference in {reference / 'model'}; run the default setting's "
+                          f"{cfg.run.reference} first (delete its metrics.json to rerun it)")
+    model, start = initial_model(cfg, model_name, dataset, features / "init_model", reference / "model",
+                                 reference / "metrics.json")
     trainer = Trainer(cfg, model_name, model, load_arm_features(features), train, device, seq_len=meta["max_length"])
     progress = trainer.fit(progress_bar=False)
     pred = predict(trainer.model, trainer.policy, test, device, cfg.train.eval_batch_size, meta["max_length"],
                    greedy=cfg.dht.inference == "greedy")
-    metrics = training_metrics(cfg, pred, test, trainer.model.config, meta, progress)
+    metrics = training_metrics(cfg, pred, test, trainer.model.config, meta, progress, start and start.metrics)
     metrics.update({"setting": setting, "overlay": overlay_of(setting)})
     out.mkdir(parents=True, exist_ok=True)
-    if keep_model:
-        trainer.model.save_pretrained(out / "model")
+    if keep_model:  # with its dht_policy.json, which names it the reference of `dataset` (dht.trainer.initial_model)
+        save_trained(out / "model", trainer.model, trainer.policy, model_name, cfg, {"dataset": dataset})
     if not fixed:
         depths = sorted(set(trainer.policy.layer_options))
         np.savez(out / LADDER, **exit_ladder(trainer.model, test, device, cfg.train.eval_batch_size, depths))
@@ -173,8 +173,9 @@ def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: i
 
 
 def exit_ladder(model: Any, data: Any, device: Any, batch_size: int, depths: list[int]) -> dict[str, np.ndarray]:
-    """Every sample's class probabilities (of the split given: test, or train) read by the shared classifier after
-    each depth option with every head (dht.policy.exit_logits): ``probs`` [N, K, C] for ``depths`` [K], and
+    """Every sample's class probabilities (of the split given: test, or train) read by the exit heads (the shared
+    classifier, or each depth's own with model.exit_heads: per_depth) after each depth option with every head
+    (dht.policy.exit_logits): ``probs`` [N, K, C] for ``depths`` [K], and
     ``label`` [N]. What the trained model's exits can do whatever the router: the accuracy of each exit, and what
     routing on the shallow exit's own confidence would reach (``ladder``)."""
     import torch
@@ -292,8 +293,8 @@ def ladder_summary(settings: list[str] | None = None) -> str:
     lines = [
         "# The trained models' exits beside their routers (experiments/levers.py ladder)",
         "",
-        "exits: test accuracy of the shared classifier read after each depth option with every head (one pass, no "
-        "router); run: the mode's own inference policy, accuracy @ mean layers; confidence routing: the same model, "
+        "exits: test accuracy of the exit heads (the shared classifier, or each depth's own with "
+        "exit-heads-per-depth) read after each depth option with every head (one pass, no router); run: the mode's own inference policy, accuracy @ mean layers; confidence routing: the same model, "
         "its least confident samples at the shallowest exit (1 - top probability) sent to the deepest exit, the "
         "rest stopped at the shallowest, with the share that gives the run's mean layers / 3 mean layers (0.5x of "
         "the layers); oracle: a sample right at the shallowest or the deepest exit counts right.",

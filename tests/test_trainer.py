@@ -193,9 +193,9 @@ def test_non_finite_loss_stops_with_the_step_and_batch(setup, monkeypatch):
     calls = {"n": 0}
     original = trainer.model.classify
 
-    def poisoned(hidden, key_keep=None):
+    def poisoned(hidden, key_keep=None, depth=None):
         calls["n"] += 1
-        logits = original(hidden, key_keep)
+        logits = original(hidden, key_keep, depth)
         return logits * float("nan") if calls["n"] == 3 else logits
 
     monkeypatch.setattr(trainer.model, "classify", poisoned)

@@ -35,12 +35,15 @@ def student_from_teacher(teacher: DHTForSequenceClassification, k: int) -> DHTFo
     """A k-layer copy of the teacher (its width, embeddings, pooler and classifier; the chosen layers)."""
     picked = student_layers(teacher.config.num_hidden_layers, k)
     fields = teacher.config.to_dict()
-    fields.update(num_hidden_layers=k, fixed_layers=min(teacher.config.fixed_layers, k))
+    # exit_heads shared: a student is read at its full depth alone (a per-depth teacher's other heads stay behind)
+    fields.update(num_hidden_layers=k, fixed_layers=min(teacher.config.fixed_layers, k), exit_heads="shared")
     for key in ("model_type", "transformers_version", "architectures"):
         fields.pop(key, None)
     student = DHTForSequenceClassification(DHTConfig(**fields))
     state = {}
     for name, tensor in teacher.state_dict().items():
+        if name.startswith("exit_heads."):
+            continue
         if name.startswith("bert.encoder.layer."):
             index = int(name.split(".")[3])
             if index in picked:

@@ -1,6 +1,8 @@
 # DHT training per mode and dataset (Algorithms 2-3), evaluated with the inference policy. The fixed modes (the
 # reference, the shallow control) are the same trainer with one arm.
 
+from dht.results import run_subdir
+
 MODELS = CFG.run.models
 # train.distributed.nproc_per_node > 1: one model trained by N processes under torchrun (DDP, docs/distributed.md),
 # one GPU each on a CUDA profile; `--standalone` rendezvouses on a free local port, so jobs on one node do not clash.
@@ -20,8 +22,18 @@ def mode_keys(wildcards):
     return tracked_params(CFG, run_param_keys(CFG, wildcards.model))
 
 
+def reference_input(wildcards):
+    """A mode with init: reference (docs/training.md T30) starts from the trained reference of its dataset and seed
+    (dht.trainer.initial_model reads both): Snakemake trains the reference first, and reruns the mode when it does."""
+    if CFG.dht.modes[wildcards.model].init != "reference":
+        return {}
+    run = run_subdir(CFG, wildcards.dataset, CFG.run.reference, seed_of(wildcards))
+    return {"reference": f"models/{run}", "reference_metrics": f"results/{run}/metrics.json"}
+
+
 rule train:
     input:
+        unpack(reference_input),  # positional, so first
         code=code("train.py"),
         train="data/processed/{dataset}/train.parquet",
         test="data/processed/{dataset}/test.parquet",

@@ -13,12 +13,11 @@ import _stage
 from dht import distributed
 from dht.arm_features import load_arm_features
 from dht.evaluation import SplitData, accuracy_text
-from dht.model import DHTForSequenceClassification
 from dht.policy import predict
 from dht.results import run_name, run_subdir, training_metrics, write_results
 from dht.tokenization import load_processed
 from dht.tracking import TrainingLogger, log_run_metrics, stage_run
-from dht.trainer import Trainer, TrainingError, export_trained, fingerprint, run_params
+from dht.trainer import Trainer, TrainingError, export_trained, fingerprint, initial_model, run_params
 
 p = _stage.parser(__doc__)
 p.add_argument("--dataset", required=True)
@@ -50,10 +49,16 @@ processed, features = Path(args.processed), Path(args.features)
 meta = json.loads((processed / "meta.json").read_text())
 train = SplitData.from_arrays(load_processed(processed, "train"))
 test = SplitData.from_arrays(load_processed(processed, "test"))
-model = DHTForSequenceClassification.from_pretrained(features / "init_model")
+try:  # dht.modes.<mode>.init (docs/training.md T30): the initial model, or the trained reference
+    model, reference = initial_model(cfg, args.model, args.dataset, features / "init_model")
+except TrainingError as err:
+    sys.exit(f"error: {err}")
+if reference is not None and (world is None or world.is_main):
+    print(f"train {args.dataset}/{args.model}: starting from the trained reference in {reference.model_dir}")
 arm_features = load_arm_features(features)
 run_fp = fingerprint(cfg, args.model, args.dataset,
-                     {"data": meta["splits"], "features": json.loads((features / "meta.json").read_text())["sizes"]})
+                     {"data": meta["splits"], "features": json.loads((features / "meta.json").read_text())["sizes"],
+                      **({"reference": reference.digest} if reference else {})})
 trainer = Trainer(cfg, args.model, model, arm_features, train, device, seq_len=meta["max_length"],
                   checkpoint_dir=Path(args.checkpoints) / run_subdir(cfg, args.dataset, args.model, cfg.seed),
                   run_fingerprint=run_fp, world=world)
@@ -92,7 +97,8 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="train",
         trainer.close_distributed()
     pred = predict(trainer.model, trainer.policy, test, device, cfg.train.eval_batch_size, meta["max_length"],
                    greedy=cfg.dht.inference == "greedy")
-    metrics = training_metrics(cfg, pred, test, trainer.model.config, meta, progress)
+    metrics = training_metrics(cfg, pred, test, trainer.model.config, meta, progress,
+                               reference.metrics if reference else None)
     export_trained(Path(args.out_model), trainer, cfg,
                    {"dataset": args.dataset, "classes": meta["classes"], "max_length": meta["max_length"],
                     "results": args.results}, processed / "tokenizer", features / "arm_features.safetensors")
