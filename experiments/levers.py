@@ -150,7 +150,7 @@ def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: i
         if not (init / "config.json").is_file():
             raise ConfigError(f"{setting}: no saved reference in {init}; run the default setting's "
                               f"{cfg.run.reference} first (delete its metrics.json to rerun it)")
-    model = DHTForSequenceClassification.from_pretrained(init)
+    model = DHTForSequenceClassification.from_pretrained(init, use_safetensors=True)
     trainer = Trainer(cfg, model_name, model, load_arm_features(features), train, device, seq_len=meta["max_length"])
     progress = trainer.fit(progress_bar=False)
     pred = predict(trainer.model, trainer.policy, test, device, cfg.train.eval_batch_size, meta["max_length"],

@@ -111,8 +111,8 @@ def no_network(monkeypatch):
     return attempts
 
 
-def predict_fails(capsys, model_dir, texts_file) -> str:
-    code = cli.main(["predict", "--model", str(model_dir), "--input", str(texts_file), "--device", "cpu"])
+def predict_fails(capsys, model_dir, texts_file, *flags: str) -> str:
+    code = cli.main(["predict", "--model", str(model_dir), "--input", str(texts_file), "--device", "cpu", *flags])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), err
@@ -151,14 +151,15 @@ def test_missing_or_truncated_weights(damaged, capsys, texts, manifest):
     weights = damaged / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    line = predict_fails(capsys, damaged, texts)
+    flags = [] if manifest else ["--allow-unverified"]  # without checksums: only when the user says so
+    line = predict_fails(capsys, damaged, texts, *flags)
     if manifest:
         assert f"{weights}: checksum mismatch with {MANIFEST_FILE}" in line
     else:  # no checksums to compare: the read error itself, in one line
         assert f"{weights}: cannot be read (SafetensorError" in line
     assert line.endswith(RETRAIN)
     weights.unlink()
-    line = predict_fails(capsys, damaged, texts)
+    line = predict_fails(capsys, damaged, texts, *flags)
     assert f"{weights}: missing" in line and line.endswith(RETRAIN)
 
 
@@ -170,7 +171,7 @@ def test_a_missing_file_names_it_and_a_target_that_exists(damaged, capsys, texts
         (damaged / name).unlink(missing_ok=True)
         if not manifest:
             (damaged / MANIFEST_FILE).unlink()
-        line = predict_fails(capsys, damaged, texts)
+        line = predict_fails(capsys, damaged, texts, *([] if manifest else ["--allow-unverified"]))
         assert f"{damaged / name}: missing" in line and line.endswith(RETRAIN), line
 
 
@@ -182,10 +183,10 @@ def test_a_missing_or_broken_tokenizer_never_reaches_the_network(damaged, capsys
     start = time.perf_counter()
     shutil.rmtree("model/tokenizer")
     Path("model", MANIFEST_FILE).unlink()  # saved before checksums: nothing tells the tokenizer is gone but itself
-    line = predict_fails(capsys, "model", texts)
+    line = predict_fails(capsys, "model", texts, "--allow-unverified")
     assert line == f"error: model/tokenizer: missing; {RETRAIN}"
     Path("model/tokenizer").mkdir()  # there, but empty
-    line = predict_fails(capsys, "model", texts)
+    line = predict_fails(capsys, "model", texts, "--allow-unverified")
     assert line.startswith("error: model/tokenizer: cannot be read (") and line.endswith(RETRAIN)
     assert no_network == [] and time.perf_counter() - start < 30
 

@@ -33,6 +33,7 @@ class Baseline:
     kind: str
     section: str
     module: str
+    title: str  # what it is, in words (dht predict says it of a baseline's model directory)
     also_reads: tuple[str, ...] = ()
 
     @property
@@ -42,11 +43,12 @@ class Baseline:
 
 
 KINDS: dict[str, Baseline] = {b.kind: b for b in (
-    Baseline("distil", "distil", "dht.baselines.distil"),
-    Baseline("fastbert", "fastbert", "dht.baselines.fastbert"),
-    Baseline("nas-prune", "nas_prune", "dht.baselines.nas_prune"),
+    Baseline("distil", "distil", "dht.baselines.distil", "a DistilBERT student of the reference"),
+    Baseline("fastbert", "fastbert", "dht.baselines.fastbert", "FastBERT: the reference with early-exit students"),
+    Baseline("nas-prune", "nas_prune", "dht.baselines.nas_prune", "the reference pruned by differentiable NAS"),
     # The retrained architecture's dropout is the model section's.
-    Baseline("flexibert", "flexibert", "dht.baselines.flexibert", also_reads=("model",)),
+    Baseline("flexibert", "flexibert", "dht.baselines.flexibert", "the best FlexiBERT architecture within a FLOP budget",
+             also_reads=("model",)),
 )}
 
 

@@ -50,7 +50,7 @@ processed, features = Path(args.processed), Path(args.features)
 meta = json.loads((processed / "meta.json").read_text())
 train = SplitData.from_arrays(load_processed(processed, "train"))
 test = SplitData.from_arrays(load_processed(processed, "test"))
-model = DHTForSequenceClassification.from_pretrained(features / "init_model")
+model = DHTForSequenceClassification.from_pretrained(features / "init_model", use_safetensors=True)
 arm_features = load_arm_features(features)
 run_fp = fingerprint(cfg, args.model, args.dataset,
                      {"data": meta["splits"], "features": json.loads((features / "meta.json").read_text())["sizes"]})
