@@ -164,7 +164,10 @@ def load_tensors(path: str | Path, fix: str) -> Any:
 
 
 def _files(directory: Path) -> Iterable[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    """The files of a saved model: every file under ``directory`` but the manifest and hidden ones, which nothing
+    loads (Snakemake adds ``.snakemake_timestamp`` to a directory output after its job; a desktop, ``.DS_Store``)."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE
+                  and not any(part.startswith(".") for part in p.relative_to(directory).parts))
 
 
 def write_manifest(directory: str | Path) -> Path:
@@ -178,7 +181,7 @@ def write_manifest(directory: str | Path) -> Path:
 
 def verify_directory(directory: str | Path, fix: str, allow_unverified: bool = False) -> bool:
     """Check ``directory`` against its ``checksums.sha256`` before anything in it is read: every file it lists
-    is there with that SHA-256, and it lists every file (one added later would be read unchecked). Raise
+    is there with that SHA-256, and it lists every file but hidden ones (one added later would be read unchecked). Raise
     :class:`IntegrityError` naming the first file that is not and ``fix`` (how to get a good copy). Without a
     manifest: :class:`UnverifiedError`, or False when ``allow_unverified`` (the user's explicit choice). True
     when every file matches."""
@@ -250,8 +253,11 @@ def read_model(directory: str | Path, fix: str) -> Any:
     transformers would build a BERT-base and report a size mismatch), the safetensors weights only, read from
     the directory alone (never the hub), and any read error turned into one :class:`IntegrityError` line ending
     with ``fix``."""
+    from transformers.utils import logging as hf_logging
+
     from dht.model import DHTForSequenceClassification
 
+    hf_logging.disable_progress_bar()  # a weight-loading bar per load is noise in a CLI and a stage's log
     directory = Path(directory)
     for name in ("config.json", "model.safetensors"):
         if not (directory / name).is_file():

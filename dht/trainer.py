@@ -583,9 +583,6 @@ def load_trained(model_dir: str | Path, device: torch.device,
         raise FileNotFoundError(f"{model_dir}: not a trained DHT model directory (no {POLICY_FILE}); "
                                 "train it first (snakemake --cores 4 results/<dataset>/<model>/metrics.json)")
     fix = retrain_hint(description(policy_path))
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a weight-loading bar per call is noise in a CLI
     model = load_checked_model(model_dir, fix, allow_unverified).to(device)  # checksums.sha256 first
     try:
         info = json.loads(policy_path.read_text())

@@ -96,6 +96,8 @@ def test_a_model_directory_is_checked_against_its_manifest(tmp_path):
                                              r"was saved; .*remove it, or retrain$"):
         verify_directory(tmp_path, "retrain")
     (tmp_path / "bandits.pt").unlink()
+    (tmp_path / ".snakemake_timestamp").touch()  # what Snakemake adds to a directory output: nothing reads it
+    assert verify_directory(tmp_path, "fix") is True
     (tmp_path / "tokenizer" / "vocab.txt").write_text("a\nc\n")
     with pytest.raises(IntegrityError, match=r"vocab.txt: checksum mismatch with checksums.sha256 .*; retrain$"):
         verify_directory(tmp_path, "retrain")
