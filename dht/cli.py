@@ -129,7 +129,8 @@ def _load_for_predict(model_dir: Path, device: Any, args: argparse.Namespace) ->
     """(the predict function ``(data, batch_size, max_length) -> Predictions``, the directory's description) of a
     trained DHT model or a baseline, checked against its checksums first; a baseline is said so on standard
     error."""
-    from dht.baselines.saved import BASELINE_FILE, load_baseline
+    from dht.baselines import BASELINE_FILE
+    from dht.baselines.saved import load_baseline
     from dht.results import POLICY_FILE
     from dht.trainer import load_trained
 

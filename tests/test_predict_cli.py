@@ -285,10 +285,10 @@ def tiny_arch(teacher):
 def save_baseline(name: str, teacher_dir: Path, out: Path) -> Path:
     """A baseline's model directory as the baseline stage leaves it: the kind's own save (what its `run` calls on
     job.out_model), then finish_model_dir (tokenizer, baseline.json, checksums). Random-init weights."""
+    from dht.baselines import finish_model_dir
     from dht.baselines.distil import student_from_teacher
     from dht.baselines.fastbert import FastBERT
     from dht.baselines.nas_prune import extract
-    from dht.baselines.saved import finish_model_dir
     from dht.flexibert import Architecture, FlexiBertForSequenceClassification
     from dht.integrity import load_checked_model
 

@@ -66,7 +66,8 @@ def load_models(root: Path, dataset: str, names: list[str], cfg: Config, data: D
                 batch: int, seq_len: int) -> tuple[dict[str, Loaded], dict[str, str]]:
     """The models found (name -> Loaded) and the ones that cannot be used (name -> why); with several training
     seeds, the first seed's."""
-    from dht.baselines.saved import BASELINE_FILE, SavedBaseline, load_baseline
+    from dht.baselines import BASELINE_FILE
+    from dht.baselines.saved import SavedBaseline, load_baseline
 
     greedy = cfg.dht.inference == "greedy"
     reference = cfg.run.reference  # FastBERT's backbone: the baselines' teacher

@@ -52,6 +52,10 @@ KINDS: dict[str, Baseline] = {b.kind: b for b in (
 )}
 
 
+# A baseline's model directory's description, written last before its checksums (:func:`finish_model_dir`).
+BASELINE_FILE = "baseline.json"
+
+
 class BaselineError(Exception):
     """A baseline cannot be built from what it was given (no search output, no architecture within the budget);
     the message says what to do."""
@@ -117,6 +121,29 @@ def load_reference(cfg: Config, dataset: str, directory: Path, device: torch.dev
     except IntegrityError as err:
         raise BaselineError(f"{directory}: {err}") from err
     return teacher.to(device).eval()
+
+
+def finish_model_dir(out_model: Path, tokenizer: Path, info: dict[str, Any], teacher: Path) -> None:
+    """Complete a baseline's model directory once its kind has saved the model there: the dataset's tokenizer,
+    :data:`BASELINE_FILE` (``info``: model_name, dataset, classes, max_length, results, history; plus the kind and
+    value, where the teacher is relative to the directory and the SHA-256 of its weights, by which FastBERT's
+    students find their backbone) and last the checksums of every file (:mod:`dht.integrity`).
+    :func:`dht.baselines.saved.load_baseline` reads it back."""
+    import json
+    import os
+    import shutil
+
+    from dht.config import parse_baseline
+    from dht.integrity import write_manifest
+    from dht.pretrained import sha256_file
+
+    shutil.copytree(tokenizer, out_model / "tokenizer", dirs_exist_ok=True)
+    kind, value = parse_baseline(info["model_name"])
+    described = {**info, "kind": kind, "value": value,
+                 "teacher": {"path": os.path.relpath(teacher, out_model),
+                             "sha256": sha256_file(teacher / "model.safetensors")}}
+    (out_model / BASELINE_FILE).write_text(json.dumps(described, indent=2) + "\n")
+    write_manifest(out_model)
 
 
 def run_params(cfg: Config, dataset: str, name: str, device: torch.device) -> dict[str, Any]:

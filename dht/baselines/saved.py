@@ -11,15 +11,16 @@ Each kind saves its model its own way, never as a pickle:
   search in ``search/``;
 - ``flexibert-<ratio>``: ``flexibert_config.json`` and ``model.safetensors``.
 
-The stage then adds the tokenizer, ``baseline.json`` and, last, ``checksums.sha256`` (:func:`finish_model_dir`).
-:func:`load_baseline` checks the checksums before it reads anything (:mod:`dht.integrity`).
+The stage then adds the tokenizer, ``baseline.json`` and, last, ``checksums.sha256``
+(:func:`dht.baselines.finish_model_dir`). :func:`load_baseline` checks the checksums before it reads anything
+(:mod:`dht.integrity`). It imports every kind's module, so the baseline stage, whose code is its kind's module
+alone (``workflow/rules/baselines.smk``), does not import this one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from dht.baselines import BASELINE_FILE
 from dht.config import parse_baseline
 from dht.evaluation import Predictions, SplitData
 from dht.integrity import (
@@ -36,25 +38,9 @@ from dht.integrity import (
     read_model,
     retrain_hint,
     verify_directory,
-    write_manifest,
 )
 from dht.pretrained import sha256_file
 from dht.results import POLICY_FILE
-
-BASELINE_FILE = "baseline.json"
-
-
-def finish_model_dir(out_model: Path, tokenizer: Path, info: dict[str, Any], teacher: Path) -> None:
-    """Complete a baseline's model directory once its kind has saved the model: the dataset's tokenizer,
-    ``baseline.json`` (``info``: model_name, dataset, classes, max_length, results, history; plus where the
-    teacher is and the SHA-256 of its weights) and last the checksums of every file."""
-    shutil.copytree(tokenizer, out_model / "tokenizer", dirs_exist_ok=True)
-    kind, value = parse_baseline(info["model_name"])
-    described = {**info, "kind": kind, "value": value,
-                 "teacher": {"path": os.path.relpath(teacher, out_model),
-                             "sha256": sha256_file(teacher / "model.safetensors")}}
-    (out_model / BASELINE_FILE).write_text(json.dumps(described, indent=2) + "\n")
-    write_manifest(out_model)
 
 
 @dataclass

@@ -12,8 +12,14 @@ from pathlib import Path
 
 import _stage
 
-from dht.baselines import BaselineError, BaselineJob, load_reference, run_baseline, run_params
-from dht.baselines.saved import finish_model_dir
+from dht.baselines import (
+    BaselineError,
+    BaselineJob,
+    finish_model_dir,
+    load_reference,
+    run_baseline,
+    run_params,
+)
 from dht.config import parse_baseline
 from dht.evaluation import SplitData, accuracy_text
 from dht.results import baseline_metrics, run_name, run_subdir, write_results
