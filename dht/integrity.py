@@ -187,6 +187,8 @@ def verify_directory(directory: str | Path, fix: str, allow_unverified: bool = F
     when every file matches."""
     directory = Path(directory)
     manifest = directory / MANIFEST_FILE
+    if not directory.is_dir():
+        raise IntegrityError(f"{directory}: no such directory; {fix}")
     if not manifest.is_file():
         if allow_unverified:
             return False

@@ -353,6 +353,9 @@ def test_a_baseline_is_checked_like_a_dht_model(models, capsys, tmp_path, texts)
     assert predict_fails(capsys, fastbert, texts) == (
         f"error: {teacher}: not the teacher the students of {fastbert} were distilled on (its weights changed since: "
         f"retrained?); {hint}")
+    shutil.rmtree(teacher)
+    line = predict_fails(capsys, fastbert, texts)  # a model directory copied without its teacher
+    assert line.startswith(f"error: {teacher}: no such directory; retrain it")
 
 
 @pytest.mark.slow
