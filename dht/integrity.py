@@ -181,8 +181,8 @@ def write_manifest(directory: str | Path) -> Path:
 
 def verify_directory(directory: str | Path, fix: str, allow_unverified: bool = False) -> bool:
     """Check ``directory`` against its ``checksums.sha256`` before anything in it is read: every file it lists
-    is there with that SHA-256, and it lists every file but hidden ones (one added later would be read unchecked). Raise
-    :class:`IntegrityError` naming the first file that is not and ``fix`` (how to get a good copy). Without a
+    is there with that SHA-256, and it lists every file but hidden ones (one added later would be read unchecked).
+    Raise :class:`IntegrityError` naming the first file that is not and ``fix`` (how to get a good copy). Without a
     manifest: :class:`UnverifiedError`, or False when ``allow_unverified`` (the user's explicit choice). True
     when every file matches."""
     directory = Path(directory)
@@ -202,6 +202,8 @@ def verify_directory(directory: str | Path, fix: str, allow_unverified: bool = F
         expected, _, name = line.partition("  ")
         if len(expected) != 64 or not name:
             raise IntegrityError(f"{manifest}, line {number}: not a sha256sum line; {fix}")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise IntegrityError(f"{manifest}, line {number}: {name} is not a file of the directory; {fix}")
         path = directory / name
         if not path.is_file():
             raise IntegrityError(f"{path}: missing (listed in {MANIFEST_FILE}); {fix}")

@@ -98,6 +98,11 @@ def test_a_model_directory_is_checked_against_its_manifest(tmp_path):
     (tmp_path / "bandits.pt").unlink()
     (tmp_path / ".snakemake_timestamp").touch()  # what Snakemake adds to a directory output: nothing reads it
     assert verify_directory(tmp_path, "fix") is True
+    manifest = (tmp_path / MANIFEST_FILE).read_text()
+    (tmp_path / MANIFEST_FILE).write_text(manifest + f"{'0' * 64}  ../outside\n")
+    with pytest.raises(IntegrityError, match=r"line 3: ../outside is not a file of the directory; retrain$"):
+        verify_directory(tmp_path, "retrain")
+    (tmp_path / MANIFEST_FILE).write_text(manifest)
     (tmp_path / "tokenizer" / "vocab.txt").write_text("a\nc\n")
     with pytest.raises(IntegrityError, match=r"vocab.txt: checksum mismatch with checksums.sha256 .*; retrain$"):
         verify_directory(tmp_path, "retrain")
