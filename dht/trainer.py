@@ -50,7 +50,7 @@ from dht.distributed import World, share_length, wrap
 from dht.evaluation import SplitData
 from dht.flops import depth_feedback_flops, exit_loss_flops, forward_flops, full_model_flops, train_flops
 from dht.guard import FiniteGuard, TrainingError  # noqa: F401 (TrainingError: raised and re-exported here)
-from dht.integrity import checkpoint_problem, seal
+from dht.integrity import IntegrityError, read_checkpoint, write_checkpoint
 from dht.model import DHTForSequenceClassification
 from dht.policy import Decision, LayerQueue, Policy, decide_groups, exit_logits, exit_uncertainty
 from dht.results import POLICY_FILE
@@ -491,7 +491,7 @@ class Trainer:
             "ranks": self.rank_states,  # a distributed run: each rank's queues, ready batches and RNG
         }
         tmp = self.checkpoint_dir / (CHECKPOINT_FILE + ".tmp")
-        torch.save(seal(state), tmp)  # with the checksum of its content, verified before a resume (dht.integrity)
+        write_checkpoint(state, tmp)  # behind the SHA-256 of its bytes, checked before a resume reads any (dht.integrity)
         os.replace(tmp, self.checkpoint_dir / CHECKPOINT_FILE)  # atomic: a kill never leaves half a checkpoint
 
     def load_checkpoint(self) -> bool:
@@ -501,21 +501,15 @@ class Trainer:
         path = self.checkpoint_dir / CHECKPOINT_FILE
         if not path.is_file():
             return False
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # a truncated or foreign file raises many types
-            raise TrainingError(
-                f"{path}: corrupt checkpoint ({type(err).__name__}: {err}). Delete it to start this run over: "
-                f"rm -r {self.checkpoint_dir}"
-            ) from err
-        problem = checkpoint_problem(state) if isinstance(state, dict) else None
-        if problem is not None:
-            raise TrainingError(f"{path}: {problem}. It is not resumed and not overwritten; delete it to start this run "
-                                f"over: rm -r {self.checkpoint_dir}")
-        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
+        try:  # its checksum first, then tensors and plain data only: a checkpoint never runs code
+            state = read_checkpoint(path)
+        except IntegrityError as err:
+            raise TrainingError(f"{err}. It is not resumed and not overwritten; delete it to start this run over: "
+                                f"rm -r {self.checkpoint_dir}") from err
+        if state.get("fingerprint") != self.fingerprint:
             raise TrainingError(
                 f"{path}: this checkpoint was written by a run with other parameters, data or code inputs "
-                f"(fingerprint {state.get('fingerprint') if isinstance(state, dict) else '?'} != {self.fingerprint}). "
+                f"(fingerprint {state.get('fingerprint')} != {self.fingerprint}). "
                 f"It is not resumed and not overwritten; delete it to start over: rm -r {self.checkpoint_dir}"
             )
         self.model.load_state_dict(state["model"])
@@ -599,7 +593,7 @@ def initial_model(cfg: Config, mode_name: str, dataset: str, init_dir: Path, ref
     reference = None
     mode = cfg.dht.modes[mode_name]
     if mode.init == "pretrained":
-        model = DHTForSequenceClassification.from_pretrained(init_dir)
+        model = DHTForSequenceClassification.from_pretrained(init_dir, use_safetensors=True)
     else:
         run = run_subdir(cfg, dataset, cfg.run.reference, cfg.seed)
         reference = ReferenceStart.locate(cfg, dataset, reference_dir or Path("models") / run,
@@ -655,35 +649,42 @@ def export_trained(out_dir: Path, trainer: Trainer, cfg: Config, info: dict[str,
     write_manifest(out_dir)
 
 
-def load_trained(model_dir: str | Path, device: torch.device) -> tuple[DHTForSequenceClassification, Policy, dict[str, Any]]:
-    """A trained model, its policy (bandits restored) and its description, as written by the train stage."""
+def load_trained(model_dir: str | Path, device: torch.device,
+                 allow_unverified: bool = False) -> tuple[DHTForSequenceClassification, Policy, dict[str, Any]]:
+    """A trained model, its policy (bandits restored) and its description, as written by the train stage: every
+    file checked against the directory's checksums.sha256 before any is read (a directory without one is refused
+    unless ``allow_unverified``), the weights read as safetensors and the bandits weights-only (:mod:`dht.integrity`)."""
     from dht.arm_features import load_arm_features
-    from dht.integrity import IntegrityError, load_checked_model, read_error, retrain_hint
+    from dht.integrity import (
+        IntegrityError,
+        description,
+        load_checked_model,
+        load_tensors,
+        read_error,
+        retrain_hint,
+    )
 
     model_dir = Path(model_dir)
     policy_path = model_dir / POLICY_FILE
     if not policy_path.is_file():
         raise FileNotFoundError(f"{model_dir}: not a trained DHT model directory (no {POLICY_FILE}); "
                                 "train it first (snakemake --cores 4 results/<dataset>/<model>/metrics.json)")
+    fix = retrain_hint(description(policy_path))
+    model = load_checked_model(model_dir, fix, allow_unverified).to(device)  # checksums.sha256 first
     try:
         info = json.loads(policy_path.read_text())
     except ValueError as err:
-        raise IntegrityError(f"{policy_path}: not valid JSON ({err}); {retrain_hint({})}") from err
-    fix = retrain_hint(info)
+        raise IntegrityError(f"{policy_path}: not valid JSON ({err}); {fix}") from err
     cfg = Config.model_validate(info["config"])
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a weight-loading bar per call is noise in a CLI
-    model = load_checked_model(model_dir, fix).to(device)  # checksums.sha256 first (dht.integrity)
     mode = ModeSpec.model_validate(info["mode"])
     for name in ("arm_features.safetensors", BANDITS_FILE):  # the train stage writes both with the model
         if not (model_dir / name).is_file():
             raise IntegrityError(f"{model_dir / name}: missing; {fix}")
     try:
         arm_features = load_arm_features(model_dir)
-        bandits = torch.load(model_dir / BANDITS_FILE, map_location="cpu", weights_only=False)
-    except Exception as err:  # a damaged file, in a directory saved before checksums
+    except Exception as err:  # a damaged file, in a directory loaded unverified
         raise read_error(model_dir, err, fix) from err
+    bandits = load_tensors(model_dir / BANDITS_FILE, fix)  # weights-only: tensors and plain data, never code
     policy = Policy(cfg, mode, arm_features, model.config)
     policy.load_state_dict(bandits)
     return model, policy, info

@@ -144,6 +144,7 @@ def baseline_project(tmp_path_factory):
 
     from dht.config_loading import load_config
     from dht.data import load_text_dataset
+    from dht.integrity import write_manifest
     from dht.model import model_from_params
     from dht.policy import Policy
     from dht.tokenization import prepare
@@ -165,6 +166,7 @@ def baseline_project(tmp_path_factory):
     policy = Policy(cfg, cfg.dht.modes[reference], {}, model.config)
     save_trained(project / "models/embedded-news" / reference, model, policy, reference, cfg,
                  {"dataset": "embedded-news", "classes": meta["classes"], "max_length": meta["max_length"]})
+    write_manifest(project / "models/embedded-news" / reference)  # as the train stage does, last
     from dht.flexibert import Architecture
 
     arch = Architecture.homogeneous(1, "sdp", 2, 24, (48,))

@@ -33,6 +33,7 @@ class Baseline:
     kind: str
     section: str
     module: str
+    title: str  # what it is, in words (dht predict says it of a baseline's model directory)
     also_reads: tuple[str, ...] = ()
 
     @property
@@ -42,12 +43,17 @@ class Baseline:
 
 
 KINDS: dict[str, Baseline] = {b.kind: b for b in (
-    Baseline("distil", "distil", "dht.baselines.distil"),
-    Baseline("fastbert", "fastbert", "dht.baselines.fastbert"),
-    Baseline("nas-prune", "nas_prune", "dht.baselines.nas_prune"),
+    Baseline("distil", "distil", "dht.baselines.distil", "a DistilBERT student of the reference"),
+    Baseline("fastbert", "fastbert", "dht.baselines.fastbert", "FastBERT: the reference with early-exit students"),
+    Baseline("nas-prune", "nas_prune", "dht.baselines.nas_prune", "the reference pruned by differentiable NAS"),
     # The retrained architecture's dropout is the model section's.
-    Baseline("flexibert", "flexibert", "dht.baselines.flexibert", also_reads=("model",)),
+    Baseline("flexibert", "flexibert", "dht.baselines.flexibert", "the best FlexiBERT architecture within a FLOP budget",
+             also_reads=("model",)),
 )}
+
+
+# A baseline's model directory's description, written last before its checksums (:func:`finish_model_dir`).
+BASELINE_FILE = "baseline.json"
 
 
 class BaselineError(Exception):
@@ -115,6 +121,29 @@ def load_reference(cfg: Config, dataset: str, directory: Path, device: torch.dev
     except IntegrityError as err:
         raise BaselineError(f"{directory}: {err}") from err
     return teacher.to(device).eval()
+
+
+def finish_model_dir(out_model: Path, tokenizer: Path, info: dict[str, Any], teacher: Path) -> None:
+    """Complete a baseline's model directory once its kind has saved the model there: the dataset's tokenizer,
+    :data:`BASELINE_FILE` (``info``: model_name, dataset, classes, max_length, results, history; plus the kind and
+    value, where the teacher is relative to the directory and the SHA-256 of its weights, by which FastBERT's
+    students find their backbone) and last the checksums of every file (:mod:`dht.integrity`).
+    :func:`dht.baselines.saved.load_baseline` reads it back."""
+    import json
+    import os
+    import shutil
+
+    from dht.config import parse_baseline
+    from dht.integrity import write_manifest
+    from dht.pretrained import sha256_file
+
+    shutil.copytree(tokenizer, out_model / "tokenizer", dirs_exist_ok=True)
+    kind, value = parse_baseline(info["model_name"])
+    described = {**info, "kind": kind, "value": value,
+                 "teacher": {"path": os.path.relpath(teacher, out_model),
+                             "sha256": sha256_file(teacher / "model.safetensors")}}
+    (out_model / BASELINE_FILE).write_text(json.dumps(described, indent=2) + "\n")
+    write_manifest(out_model)
 
 
 def run_params(cfg: Config, dataset: str, name: str, device: torch.device) -> dict[str, Any]:

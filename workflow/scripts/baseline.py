@@ -12,10 +12,16 @@ from pathlib import Path
 
 import _stage
 
-from dht.baselines import BaselineError, BaselineJob, load_reference, run_baseline, run_params
+from dht.baselines import (
+    BaselineError,
+    BaselineJob,
+    finish_model_dir,
+    load_reference,
+    run_baseline,
+    run_params,
+)
 from dht.config import parse_baseline
 from dht.evaluation import SplitData, accuracy_text
-from dht.integrity import write_manifest
 from dht.results import baseline_metrics, run_name, run_subdir, write_results
 from dht.tokenization import load_processed
 from dht.tracking import log_run_metrics, stage_run
@@ -73,11 +79,10 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baselin
     metrics = baseline_metrics(built.predictions, test, teacher.config, meta, built.train_flops,
                                job.reference_train_flops, seconds)
     write_results(args.results, metrics, built.predictions, test)
-    shutil.copytree(processed / "tokenizer", out_model / "tokenizer", dirs_exist_ok=True)
-    (out_model / "baseline.json").write_text(json.dumps({"model_name": args.model, "kind": kind, "value": value,
-                                                          "dataset": args.dataset, "classes": meta["classes"],
-                                                          "history": built.history}, indent=2) + "\n")
-    write_manifest(out_model)  # last: checksums of every file (dht.integrity)
+    # the tokenizer, baseline.json (where the teacher is, for FastBERT's students) and last the checksums
+    finish_model_dir(out_model, processed / "tokenizer", {
+        "model_name": args.model, "dataset": args.dataset, "classes": meta["classes"],
+        "max_length": meta["max_length"], "results": args.results, "history": built.history}, teacher_dir)
     for epoch, loss in enumerate(built.history or [], start=1):
         mlflow.log_metric("train_loss", float(loss), step=epoch)
     log_run_metrics(metrics)
