@@ -104,7 +104,7 @@ class DataConfig(_Strict):
     def val_rows(self, n: int) -> int:
         """Rows of a training split of `n` rows that the validation split takes: val_fraction of them, rounded up
         (so any fraction above 0 holds at least one row)."""
-        return math.ceil(self.val_fraction * n - 1e-9)  # - 1e-9: 0.1 x 2000 is 200, not 201 by a float's last bit
+        return math.ceil(round(self.val_fraction * n, 6))  # round: 0.1 x 30 is 3, not 4 by a float's last bit
 
 
 # --- the rest -----------------------------------------------------------------------------------------------
