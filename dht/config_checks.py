@@ -187,20 +187,20 @@ def check_semantics(cfg: Config) -> list[str]:
 
 
 def _validation_split_problems(cfg: Config) -> list[str]:
-    """An embedded dataset whose validation split (data.val_fraction of n_train) would miss a class or leave the
-    training split one: known before any job runs (a csv or hub dataset's size only once the data stage reads it,
-    which then says the same)."""
+    """An embedded dataset whose validation split (data.val_fraction x n_train generated samples) would miss a
+    class: known before any job runs (a csv or hub dataset's size only once the data stage reads it, which then
+    says so)."""
     problems = []
     for name in cfg.run.datasets:
         spec = cfg.datasets.get(name)
         if not isinstance(spec, EmbeddedDatasetSpec) or cfg.data.val_fraction == 0:
             continue
         n_val = cfg.data.val_rows(spec.n_train)
-        if n_val < spec.num_classes or spec.n_train - n_val < spec.num_classes:
+        if n_val < spec.num_classes:
             problems.append(
-                f"datasets.{name}.n_train = {spec.n_train}: data.val_fraction = {cfg.data.val_fraction} holds out "
-                f"{n_val} of them and leaves {spec.n_train - n_val} to train, but both splits need a row of each of "
-                f"the {spec.num_classes} classes; change n_train or data.val_fraction"
+                f"datasets.{name}.n_train = {spec.n_train}: data.val_fraction = {cfg.data.val_fraction} gives a "
+                f"validation split of {n_val} samples, fewer than the {spec.num_classes} classes; raise n_train or "
+                "data.val_fraction"
             )
     return problems
 

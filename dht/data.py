@@ -11,8 +11,9 @@
 All three give a :class:`TextDataset`: pandas frames with ``text``, ``label`` (0-based) and, where known,
 ``difficulty``, plus the class names. :func:`load_text_dataset` then holds out the validation split
 (:func:`split_validation`: ``data.val_fraction`` of the training split as loaded, seeded, stratified) before
-``max_train_samples`` draws the training subset from the rest, and :func:`write_raw` stores the three splits as
-``train.parquet``, ``val.parquet``, ``test.parquet`` and ``meta.json``.
+``max_train_samples`` draws the training subset from the rest (the embedded generator draws it as a third
+stream instead), and :func:`write_raw` stores the three splits as ``train.parquet``, ``val.parquet``,
+``test.parquet`` and ``meta.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from dht import embedded
-from dht.config import CsvDatasetSpec, EmbeddedDatasetSpec, HubDatasetSpec
+from dht.config import CsvDatasetSpec, DataConfig, EmbeddedDatasetSpec, HubDatasetSpec
 
 
 class DatasetError(ValueError):
@@ -250,19 +251,24 @@ def load_hub(spec: HubDatasetSpec) -> TextDataset:
 def load_text_dataset(
     spec: EmbeddedDatasetSpec | HubDatasetSpec | CsvDatasetSpec, seed: int, val_fraction: float, root: str | Path = "."
 ) -> TextDataset:
-    """The dataset a params.yaml entry describes, its validation split (`val_fraction` of the training split as
-    loaded, :func:`split_validation`) held out first, then subsampled (stratified, seeded) where it asks: the
-    validation rows are drawn from the whole split, so max_train_samples still gives that many training rows
-    when the split has them beside the validation part."""
+    """The dataset a params.yaml entry describes, with its validation split. For csv and hub data that is
+    `val_fraction` of the training split as loaded (:func:`split_validation`), held out first, before the rest is
+    subsampled (stratified, seeded) where the entry asks: max_train_samples still gives that many training rows
+    when the split has them beside the validation part. For embedded data it is a third generated stream of
+    `val_fraction` x n_train samples (:func:`dht.embedded.generate_validation`)."""
     if isinstance(spec, EmbeddedDatasetSpec):
+        # Generated data have no finite split to hold rows out of: the validation split is a third seeded stream of
+        # val_fraction x n_train samples, drawn (and stratified) like the training split, which stays n_train rows,
+        # the same rows as without it (docs/pipeline.md, "The validation split").
         data_seed = spec.seed if spec.seed is not None else seed
-        train, test, classes = embedded.generate(
-            spec.num_classes, spec.n_train, spec.n_test, data_seed, tuple(spec.difficulty_mix), hops=spec.alias_hops,
-        )
-        ds = TextDataset(train, test, classes, source="embedded",
-                         extra={"difficulty_names": list(embedded.DIFFICULTY_NAMES)})
-        ds.train, ds.val = split_validation(ds.train, val_fraction, data_seed, "the generated training split")
-        return ds
+        mix = tuple(spec.difficulty_mix)
+        train, test, classes = embedded.generate(spec.num_classes, spec.n_train, spec.n_test, data_seed, mix,
+                                                 hops=spec.alias_hops)
+        n_val = DataConfig(val_fraction=val_fraction).val_rows(spec.n_train)
+        val = (embedded.generate_validation(spec.num_classes, n_val, data_seed, mix, hops=spec.alias_hops) if n_val
+               else train.iloc[:0])
+        return TextDataset(train, test, classes, source="embedded",
+                           extra={"difficulty_names": list(embedded.DIFFICULTY_NAMES)}, val=val)
     if isinstance(spec, CsvDatasetSpec):
         path = Path(spec.path)
         ds = load_zhang_dir(path if path.is_absolute() else Path(root) / path, spec.fields, spec.unescape_newlines)
@@ -277,12 +283,9 @@ def load_text_dataset(
 def split_validation(frame: pd.DataFrame, fraction: float, seed: int, where: str = "the training split"
                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(rest, validation): `fraction` of the rows (:meth:`dht.config.DataConfig.val_rows`, rounded up) drawn with
-    `seed`, stratified by label, and within a label by difficulty level where the data have one and every
-    (label, level) pair can be split; each part in its original order, index reset. `fraction` 0 gives an empty
+    `seed`, stratified by label; each part in its original order, index reset. `fraction` 0 gives an empty
     validation split. Raises :class:`DatasetError` when a class could not be in both parts."""
     from sklearn.model_selection import train_test_split
-
-    from dht.config import DataConfig
 
     n_val = DataConfig(val_fraction=fraction).val_rows(len(frame))
     if n_val == 0:
@@ -301,13 +304,7 @@ def split_validation(frame: pd.DataFrame, fraction: float, seed: int, where: str
             f"{len(frame) - n_val} to train, but each needs a row of every one of the {len(counts)} classes; change "
             "data.val_fraction or use more rows"
         )
-    strata = frame["label"]
-    if "difficulty" in frame.columns:
-        pairs = frame["label"].astype(str) + "/" + frame["difficulty"].astype(str)
-        sizes = pairs.value_counts()
-        if sizes.min() >= 2 and len(sizes) <= min(n_val, len(frame) - n_val):
-            strata = pairs
-    rest, val = train_test_split(frame, test_size=n_val, random_state=seed, stratify=strata)
+    rest, val = train_test_split(frame, test_size=n_val, random_state=seed, stratify=frame["label"])
     return rest.sort_index().reset_index(drop=True), val.sort_index().reset_index(drop=True)
 
 

@@ -259,8 +259,8 @@ def test_an_embedded_validation_split_that_misses_a_class_fails_before_any_job()
     def mutate(r):
         r["profiles"]["tiny"]["datasets"]["embedded-news"]["n_train"] = 12
     msg = errors_for(mutate, profile="tiny")
-    assert ("datasets.embedded-news.n_train = 12: data.val_fraction = 0.1 holds out 2 of them and leaves 10 to train, "
-            "but both splits need a row of each of the 4 classes") in msg
+    assert ("datasets.embedded-news.n_train = 12: data.val_fraction = 0.1 gives a validation split of 2 samples, "
+            "fewer than the 4 classes") in msg
 
 
 def test_several_problems_are_reported_together():

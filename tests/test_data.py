@@ -165,8 +165,7 @@ def test_embedded_source_and_raw_round_trip(tmp_path):
     spec = EmbeddedDatasetSpec(source="embedded", num_classes=2, n_train=40, n_test=10)
     ds = load_text_dataset(spec, seed=1, val_fraction=0.25)
     meta = write_raw(ds, tmp_path / "raw", "emb")
-    # the validation split is held out of the 40 generated training rows
-    assert (meta["n_train"], meta["n_val"], meta["n_test"]) == (30, 10, 10)
+    assert (meta["n_train"], meta["n_val"], meta["n_test"]) == (40, 10, 10)
     assert meta["classes"] == ["negative", "positive"] and meta["has_difficulty"]
     back = read_raw(tmp_path / "raw")
     pd.testing.assert_frame_equal(back.train, ds.train)
@@ -291,13 +290,18 @@ def test_a_zero_fraction_holds_nothing_out_and_leaves_the_training_draw_as_it_wa
     assert meta["n_val"] == 0 and len(read_raw(tmp_path / "raw").val) == 0
 
 
-def test_the_embedded_validation_split_keeps_each_class_and_difficulty_share():
+def test_the_embedded_validation_split_is_a_third_stream_that_leaves_train_and_test_as_they_were():
     spec = EmbeddedDatasetSpec(source="embedded", num_classes=4, n_train=400, n_test=40)
     ds = load_text_dataset(spec, seed=0, val_fraction=0.1, root=".")
-    assert (len(ds.train), len(ds.val)) == (360, 40)
-    counts = ds.val.groupby(["label", "difficulty"]).size()
+    without = load_text_dataset(spec, seed=0, val_fraction=0, root=".")
+    assert ds.train.equals(without.train) and ds.test.equals(without.test) and len(without.val) == 0
+    assert (len(ds.train), len(ds.val)) == (400, 40)
+    counts = ds.val.groupby(["label", "difficulty"]).size()  # each class, and each level within it, in its share
     assert counts.to_dict() == {(label, level): n for label in range(4) for level, n in enumerate((4, 3, 3))}
-    assert not set(ds.train["text"]) & set(ds.val["text"])
+    assert not set(ds.train["text"]) & set(ds.val["text"]) and not set(ds.test["text"]) & set(ds.val["text"])
+    again = load_text_dataset(spec, seed=0, val_fraction=0.1, root=".")
+    other = load_text_dataset(spec, seed=1, val_fraction=0.1, root=".")
+    assert again.val.equals(ds.val) and not set(other.val["text"]) & set(ds.val["text"])  # seeded
 
 
 def test_a_validation_split_that_would_miss_a_class_is_refused_with_the_fix():

@@ -341,8 +341,8 @@ def test_tokenization_stage_runs_through_snakemake(project):
     run_cli(["snakemake", "--cores", "2", "data/processed/embedded-news/meta.json", "--config", "profile=tiny"],
             cwd=project)
     meta = json.loads((project / "data/processed/embedded-news/meta.json").read_text())
-    # tiny's n_train 320, a tenth held out as the validation split (data.val_fraction)
-    assert meta["splits"]["train"]["n"] == 288 and meta["splits"]["val"]["n"] == 32
+    # tiny's n_train 320, and a validation split of a tenth of that (data.val_fraction; a third generated stream)
+    assert meta["splits"]["train"]["n"] == 320 and meta["splits"]["val"]["n"] == 32
     assert meta["max_length"] == 40 and meta["num_labels"] == 4
     assert (project / "data/processed/embedded-news/tokenizer/tokenizer.json").is_file()
     assert ("embedded-news", "tokenize") in mlflow_runs(project)
@@ -365,8 +365,8 @@ def test_end_to_end_tiny_then_noop(project):
     proc = run_cli(["snakemake", "--cores", "2", "--config", "profile=tiny"], cwd=project, timeout=1500)
     table = (project / "reports/table1.md").read_text()
     assert "Profile `tiny`" in table
-    assert "| embedded-news | embedded | 4 | 288 | 32 | 96 | 40 |" in table  # train, val, test
-    assert "| embedded-sentiment | embedded | 2 | 288 | 32 | 96 | 40 |" in table
+    assert "| embedded-news | embedded | 4 | 320 | 32 | 96 | 40 |" in table  # train, val, test
+    assert "| embedded-sentiment | embedded | 2 | 320 | 32 | 96 | 40 |" in table
     runs = set(mlflow_runs(project))
     for dataset in ("embedded-news", "embedded-sentiment"):
         for run in ("tokenize", "arm_features", "vanilla-12", "vanilla-3", "t-dht", "s-dht", "f-dht", "p-dht",

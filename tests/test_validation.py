@@ -21,7 +21,7 @@ from dht.policy import predict
 from dht.tokenization import load_processed
 from dht.trainer import load_trained
 
-N_TRAIN, N_VAL, N_TEST = 288, 32, 96  # tiny: n_train 320, a tenth held out; n_test 96
+N_TRAIN, N_VAL, N_TEST = 320, 32, 96  # tiny: n_train 320, a validation stream of a tenth of that, n_test 96
 
 
 def experiment(name: str):
