@@ -9,6 +9,7 @@ fields (Section 6.1: ``(L - b)`` must be a multiple of ``c``; heads must divide 
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -175,6 +176,20 @@ class CsvDatasetSpec(_Strict):
 DatasetSpec = Annotated[
     EmbeddedDatasetSpec | HubDatasetSpec | CsvDatasetSpec, Field(discriminator="source")
 ]
+
+
+class DataConfig(_Strict):
+    """What the data stages do to every dataset: the validation split (docs/pipeline.md, "The validation split")."""
+
+    # The share of each training split held out as the validation split (seeded by `seed`, stratified by label),
+    # before max_train_samples draws the training subset; no model trains on it, and everything that chooses a
+    # setting reads it. 0: no validation split. No default here: params.yaml holds the one default.
+    val_fraction: Annotated[float, Field(ge=0, lt=1)]
+
+    def val_rows(self, n: int) -> int:
+        """Rows of a training split of `n` rows that the validation split takes: val_fraction of them, rounded up
+        (so any fraction above 0 holds at least one row)."""
+        return math.ceil(round(self.val_fraction * n, 6))  # round: 0.1 x 30 is 3, not 4 by a float's last bit
 
 
 # --- the rest -----------------------------------------------------------------------------------------------
@@ -458,10 +473,10 @@ class FlexiBERTConfig(_Strict):
     evaluations: Annotated[int, Field(ge=1)] = 12  # architectures trained by the search, over all budgets
     n_init: Annotated[int, Field(ge=1)] = 3  # random queries per budget before the surrogate steers
     kappa: Annotated[float, Field(ge=0)] = 0.5  # UCB weight of the surrogate's standard deviation
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # of the training split, scores the queries
     search_epochs: Annotated[int, Field(ge=1)] = 1  # brief training of each queried architecture ...
     search_max_steps: Annotated[int, Field(ge=1)] | None = None  # ... capped at this many steps
-    # The chosen architecture, retrained on the whole training split
+    # The chosen architecture, retrained on the training split (the search scores its queries on the validation
+    # split of data.val_fraction, which no model trains on)
     epochs: Annotated[int, Field(ge=1)] = 3
     learning_rate: Annotated[float, Field(gt=0)] = 1e-3
 
@@ -487,6 +502,7 @@ class Config(_Strict):
     seed: int = 0
     device: str = "auto"
     datasets: dict[Name, DatasetSpec]
+    data: DataConfig
     run: RunConfig
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelSection = ModelSection()

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from dht.arms import Arm, parse_arm
-from dht.config import Config, CsvDatasetSpec, PoolingConfig, parse_baseline
+from dht.config import Config, CsvDatasetSpec, EmbeddedDatasetSpec, PoolingConfig, parse_baseline
 
 # --- after validation: the rules across fields --------------------------------------------------------------
 
@@ -98,6 +98,12 @@ def check_semantics(cfg: Config) -> list[str]:
         if kind in ("nas-prune", "flexibert") and not 0 < value <= 1:
             problems.append(f"run.baselines[{i}] = {name!r}: a FLOP target ratio is in (0, 1]")
     fx = cfg.baselines.flexibert
+    if any(n.startswith("flexibert-") for n in cfg.run.baselines) and cfg.data.val_fraction == 0:
+        problems.append(
+            "data.val_fraction = 0: the FlexiBERT search of run.baselines scores its queries on the validation "
+            "split, and 0 holds none out; set a fraction (e.g. 0.1) or drop the flexibert-<ratio> baselines"
+        )
+    problems += _validation_split_problems(cfg)
     if any(n.startswith("flexibert-") for n in cfg.run.baselines):
         if not any(h % n == 0 for h in fx.hidden for n in fx.heads):
             problems.append(f"baselines.flexibert.heads = {fx.heads}: none divides a hidden size in {fx.hidden}")
@@ -196,6 +202,25 @@ def _init_reference_problems(cfg: Config, mode_name: str) -> list[str]:
         return [f"{key}: the run starts from the trained reference {ref!r}, which run.models does not train "
                 f"(run.models: {', '.join(cfg.run.models)}); add {ref} to run.models or use `pretrained`"]
     return []
+
+
+def _validation_split_problems(cfg: Config) -> list[str]:
+    """An embedded dataset whose validation split (data.val_fraction x n_train generated samples) would miss a
+    class: known before any job runs (a csv or hub dataset's size only once the data stage reads it, which then
+    says so)."""
+    problems = []
+    for name in cfg.run.datasets:
+        spec = cfg.datasets.get(name)
+        if not isinstance(spec, EmbeddedDatasetSpec) or cfg.data.val_fraction == 0:
+            continue
+        n_val = cfg.data.val_rows(spec.n_train)
+        if n_val < spec.num_classes:
+            problems.append(
+                f"datasets.{name}.n_train = {spec.n_train}: data.val_fraction = {cfg.data.val_fraction} gives a "
+                f"validation split of {n_val} samples, fewer than the {spec.num_classes} classes; raise n_train or "
+                "data.val_fraction"
+            )
+    return problems
 
 
 def allowed_layer_counts(cfg: Config) -> list[int]:

@@ -32,10 +32,26 @@ def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
 
 
+def validation_metrics(pred: Any, val: Any, model_config: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """The validation split's figures of a model's metrics.json (``val_accuracy``, ``val_macro_f1``,
+    ``val_infer_flop_ratio``, ``n_val``): :func:`dht.evaluation.evaluate` on its predictions of the validation split,
+    made with the same inference policy as the test split's. What a choice between settings reads (docs/pipeline.md,
+    "The validation split"); nothing (no keys) when the profile holds no validation split out."""
+    from dht.evaluation import evaluate
+
+    if val is None or len(val) == 0:
+        return {}
+    m = evaluate(pred, val, model_config, meta["max_length"], None)
+    return {"val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
+            "val_infer_flop_ratio": m["infer_flop_ratio"], "n_val": m["n_test"]}
+
+
 def training_metrics(cfg: Config, pred: Any, test: Any, model_config: Any, meta: dict[str, Any],
-                     progress: Any, start: dict[str, Any] | None = None) -> dict[str, Any]:
+                     progress: Any, start: dict[str, Any] | None = None,
+                     val: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """metrics.json of a trained DHT mode: :func:`dht.evaluation.evaluate` on the inference policy's
-    predictions, the training's FLOP ratio, time, steps and samples, floats rounded to 6 digits.
+    predictions, the training's FLOP ratio, time, steps and samples, and with `val` (the predictions of the
+    validation split, the split) :func:`validation_metrics`; floats rounded to 6 digits.
 
     ``start``: the metrics.json of the run it started from (``dht.modes.<mode>.init: reference``, the trained
     reference; docs/training.md T30). Its training is part of this model's cost: ``start_flop_ratio`` (its
@@ -45,6 +61,7 @@ def training_metrics(cfg: Config, pred: Any, test: Any, model_config: Any, meta:
     from dht.evaluation import evaluate
 
     metrics = evaluate(pred, test, model_config, meta["max_length"], meta.get("difficulty_names"))
+    metrics.update(validation_metrics(*val, model_config, meta) if val is not None else {})
     own = progress.train_flops / progress.reference_flops
     metrics.update({
         "train_flop_ratio": own,
@@ -64,13 +81,16 @@ def training_metrics(cfg: Config, pred: Any, test: Any, model_config: Any, meta:
 
 
 def baseline_metrics(pred: Any, test: Any, reference_config: Any, meta: dict[str, Any], train_flops: float,
-                     reference_train_flops: float, seconds: float) -> dict[str, Any]:
+                     reference_train_flops: float, seconds: float, val: tuple[Any, Any] | None = None
+                     ) -> dict[str, Any]:
     """metrics.json of a baseline, in the DHT runs' schema: :func:`dht.evaluation.evaluate` with FLOPs relative to
-    the trained reference (`reference_config`), the training's FLOP ratio against the reference's full training
-    (`reference_train_flops`) and its time, floats rounded to 6 digits."""
+    the trained reference (`reference_config`), :func:`validation_metrics` of `val` (predictions, split), the
+    training's FLOP ratio against the reference's full training (`reference_train_flops`) and its time, floats
+    rounded to 6 digits."""
     from dht.evaluation import evaluate
 
     metrics = evaluate(pred, test, reference_config, meta["max_length"], meta.get("difficulty_names"))
+    metrics.update(validation_metrics(*val, reference_config, meta) if val is not None else {})
     metrics.update({"train_flop_ratio": train_flops / reference_train_flops, "train_seconds": round(seconds, 3)})
     return _rounded(metrics)
 

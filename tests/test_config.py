@@ -242,6 +242,32 @@ def test_difficulty_mix_must_sum_to_one():
     assert "difficulty_mix = [0.5, 0.5, 0.5]: must be three non-negative shares" in msg
 
 
+@pytest.mark.parametrize("fraction", [1.0, -0.1])
+def test_the_validation_fraction_is_in_zero_to_one(fraction):
+    msg = errors_for(lambda r: r["data"].__setitem__("val_fraction", fraction))
+    assert "data.val_fraction" in msg and f"{fraction}" in msg
+    assert load_config(ROOT / "params.yaml").data.val_fraction == RAW["data"]["val_fraction"] == 0.1
+    with pytest.raises(ConfigError, match="data"):  # one default, in params.yaml: the section is required
+        load_config(ROOT / "params.yaml", raw={k: v for k, v in RAW.items() if k != "data"})
+
+
+def test_a_profile_without_a_validation_split_cannot_search_flexibert():
+    msg = errors_for(lambda r: r["data"].__setitem__("val_fraction", 0))
+    assert "data.val_fraction = 0: the FlexiBERT search of run.baselines scores its queries on the validation" in msg
+    no_search = copy.deepcopy(RAW)
+    no_search["data"]["val_fraction"] = 0
+    no_search["run"]["baselines"] = ["distil-2"]
+    assert load_config(ROOT / "params.yaml", raw=no_search).data.val_fraction == 0
+
+
+def test_an_embedded_validation_split_that_misses_a_class_fails_before_any_job():
+    def mutate(r):
+        r["profiles"]["tiny"]["datasets"]["embedded-news"]["n_train"] = 12
+    msg = errors_for(mutate, profile="tiny")
+    assert ("datasets.embedded-news.n_train = 12: data.val_fraction = 0.1 gives a validation split of 2 samples, "
+            "fewer than the 4 classes") in msg
+
+
 def test_several_problems_are_reported_together():
     def mutate(r):
         r["train"]["learning_rate"] = -1

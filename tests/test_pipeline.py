@@ -449,7 +449,9 @@ def test_tokenization_stage_runs_through_snakemake(project):
     run_cli(["snakemake", "--cores", "2", "data/processed/embedded-news/meta.json", "--config", "profile=tiny"],
             cwd=project)
     meta = json.loads((project / "data/processed/embedded-news/meta.json").read_text())
-    assert meta["splits"]["train"]["n"] == 320 and meta["max_length"] == 40 and meta["num_labels"] == 4
+    # tiny's n_train 320, and a validation split of a tenth of that (data.val_fraction; a third generated stream)
+    assert meta["splits"]["train"]["n"] == 320 and meta["splits"]["val"]["n"] == 32
+    assert meta["max_length"] == 40 and meta["num_labels"] == 4
     assert (project / "data/processed/embedded-news/tokenizer/tokenizer.json").is_file()
     assert ("embedded-news", "tokenize") in mlflow_runs(project)
     assert not (project / "data/processed/embedded-sentiment").exists()  # only what was asked for
@@ -471,8 +473,8 @@ def test_end_to_end_tiny_then_noop(project):
     proc = run_cli(["snakemake", "--cores", "2", "--config", "profile=tiny"], cwd=project, timeout=1500)
     table = (project / "reports/table1.md").read_text()
     assert "Profile `tiny`" in table
-    assert "| embedded-news | embedded | 4 | 320 | 96 | 40 |" in table
-    assert "| embedded-sentiment | embedded | 2 | 320 | 96 | 40 |" in table
+    assert "| embedded-news | embedded | 4 | 320 | 32 | 96 | 40 |" in table  # train, val, test
+    assert "| embedded-sentiment | embedded | 2 | 320 | 32 | 96 | 40 |" in table
     runs = set(mlflow_runs(project))
     for dataset in ("embedded-news", "embedded-sentiment"):
         for run in ("tokenize", "arm_features", "vanilla-12", "vanilla-3", "t-dht", "s-dht", "f-dht", "p-dht",
@@ -481,13 +483,13 @@ def test_end_to_end_tiny_then_noop(project):
     for baseline in ("distil-3", "fastbert-0.5", "nas-prune-0.5", "flexibert-0.5"):  # the DHT runs' schema
         m = json.loads((project / f"results/embedded-news/{baseline}/metrics.json").read_text())
         assert {"accuracy", "macro_f1", "train_flop_ratio", "infer_flop_ratio", "infer_flop_ratio_linear",
-                "mean_layers", "n_test", "accuracy_easy"} <= set(m)
+                "mean_layers", "n_test", "accuracy_easy", "val_accuracy", "val_macro_f1", "n_val"} <= set(m)
     distil = json.loads((project / "results/embedded-news/distil-3/metrics.json").read_text())
     assert distil["mean_layers"] == 3 and 0.24 < distil["infer_flop_ratio"] < 0.27
     metrics = json.loads((project / "results/embedded-news/t-dht/metrics.json").read_text())
     for key in ("accuracy", "macro_f1", "train_flop_ratio", "infer_flop_ratio", "infer_flop_ratio_linear",
                 "mean_layers", "mean_heads", "train_seconds", "infer_seconds", "n_test", "accuracy_easy",
-                "mean_layers_easy"):
+                "mean_layers_easy", "val_accuracy", "val_macro_f1", "val_infer_flop_ratio", "n_val"):
         assert key in metrics
     assert "accuracy_hard" not in metrics  # tiny has easy samples only: no level without samples
     assert metrics["n_test"] == 96 and 0 < metrics["infer_flop_ratio"] <= 1
@@ -554,7 +556,9 @@ def test_a_user_adds_a_local_zhang_csv_dataset(project):
     run_cli(["snakemake", "--cores", "2", "data/processed/agcsv/meta.json"], cwd=project)
     meta = json.loads((project / "data/processed/agcsv/meta.json").read_text())
     assert meta["classes"] == ["World", "Sports", "Business", "Sci/Tech"]
-    assert meta["splits"]["train"]["n"] == 40 and meta["splits"]["train"]["label_counts"] == [10, 10, 10, 10]
+    # 40 rows, 10 a class: a tenth, one a class, held out as the validation split
+    assert meta["splits"]["train"]["n"] == 36 and meta["splits"]["train"]["label_counts"] == [9, 9, 9, 9]
+    assert meta["splits"]["val"]["label_counts"] == [1, 1, 1, 1]
 
 
 def test_a_missing_csv_dataset_fails_validation_and_the_dry_run(project):

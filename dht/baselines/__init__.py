@@ -12,6 +12,7 @@ the keys from here) is its kind's module and not the others'. Shared by the kind
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
@@ -68,7 +69,7 @@ class BaselineJob:
     cfg: Config
     teacher: DHTForSequenceClassification  # the trained reference (run.reference), in eval mode on `device`
     train: SplitData
-    test: SplitData
+    val: SplitData  # the validation split (empty without one): FlexiBERT's retraining reports its accuracy on it
     meta: dict[str, Any]  # the processed dataset's meta.json
     device: torch.device
     out_model: Path  # the model directory to write (absent)
@@ -90,10 +91,12 @@ class BaselineJob:
 
 @dataclass
 class BaselineRun:
-    """What building a baseline gave: its predictions on the test split, what the training cost (FLOPs, full
-    convention), its training loss per epoch, and parameters for the MLflow run beyond the job's."""
+    """What building a baseline gave: its inference (a split's predictions, with the baseline's own inference rule:
+    FastBERT's exits, a pruned model's heads; the stage runs it on the test and the validation split), what the
+    training cost (FLOPs, full convention), its training loss per epoch, and parameters for the MLflow run beyond
+    the job's."""
 
-    predictions: Predictions
+    predict: Callable[[SplitData], Predictions]
     train_flops: float
     history: list[float]
     params: dict[str, Any] = field(default_factory=dict)
@@ -158,6 +161,7 @@ def run_params(cfg: Config, dataset: str, name: str, device: torch.device) -> di
 
 
 def run_baseline(kind: str, value: float, job: BaselineJob) -> BaselineRun:
-    """Build the baseline ``<kind>-<value>`` (``parse_baseline``'s pair): train it, write it to ``job.out_model``
-    and predict ``job.test``. Raises :class:`BaselineError` when its inputs cannot give one."""
+    """Build the baseline ``<kind>-<value>`` (``parse_baseline``'s pair): train it on ``job.train`` and write it to
+    ``job.out_model``; the result's ``predict`` runs it on a split. Raises :class:`BaselineError` when its inputs
+    cannot give one."""
     return import_module(KINDS[kind].module).run(value, job)

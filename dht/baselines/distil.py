@@ -127,12 +127,12 @@ def predict_student(model: DHTForSequenceClassification, data: SplitData, device
 
 def run(layers: float, job: BaselineJob) -> BaselineRun:
     """The ``distil-<layers>`` baseline (:func:`dht.baselines.run_baseline`): a student of ``layers`` of the
-    teacher's layers, distilled, written to ``job.out_model`` and run on the test split."""
+    teacher's layers, distilled and written to ``job.out_model``; it predicts with every layer it has."""
     c = job.cfg.baselines.distil
     model = student_from_teacher(job.teacher, int(layers))
     info = distill(model, job.teacher, job.train, epochs=c.epochs, lr=c.learning_rate, temperature=c.temperature,
                    alpha_kd=c.alpha_kd, alpha_ce=c.alpha_ce, alpha_cos=c.alpha_cos,
                    batch_size=job.cfg.train.batch_size, device=job.device, seed=job.cfg.seed, seq_len=job.seq_len)
-    pred = predict_student(model, job.test, job.device, job.cfg.train.eval_batch_size, job.seq_len)
     model.save_pretrained(job.out_model)
-    return BaselineRun(pred, info["train_flops"], info["loss_per_epoch"])
+    return BaselineRun(lambda data: predict_student(model, data, job.device, job.cfg.train.eval_batch_size, job.seq_len),
+                       info["train_flops"], info["loss_per_epoch"])

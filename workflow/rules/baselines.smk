@@ -38,6 +38,7 @@ rule flexibert_search:
     input:
         code=code("flexibert_search.py"),
         train="data/processed/{dataset}/train.parquet",
+        val="data/processed/{dataset}/val.parquet",  # scores each query; never trained on
         meta="data/processed/{dataset}/meta.json",
         # The reference's architecture as built (the FLOP ratios' 1.00x), not the `model:` section, which need not
         # describe a checkpoint named by model.init.
@@ -65,6 +66,7 @@ rule baseline:
         unpack(search_input),  # positional, so first
         code=baseline_code,
         train="data/processed/{dataset}/train.parquet",
+        val="data/processed/{dataset}/val.parquet",  # val_accuracy in metrics.json; never trained on
         test="data/processed/{dataset}/test.parquet",
         meta="data/processed/{dataset}/meta.json",
         # the reference trained with the same seed

@@ -1,4 +1,5 @@
-# Dataset download (or generation, or reading local CSV) and tokenization.
+# Dataset download (or generation, or reading local CSV), with the validation split held out of the training split
+# (data.val_fraction), and tokenization of the three splits.
 
 
 def local_files(wildcards):
@@ -16,10 +17,11 @@ rule download:
         local=local_files,
     output:
         train="data/raw/{dataset}/train.parquet",
+        val="data/raw/{dataset}/val.parquet",
         test="data/raw/{dataset}/test.parquet",
         meta="data/raw/{dataset}/meta.json",
     params:
-        tracked=tracked("seed", "datasets.{dataset}"),
+        tracked=tracked("seed", "data", "datasets.{dataset}"),
         out=folder("meta"),
     log:
         "logs/download/{dataset}.log",
@@ -32,10 +34,12 @@ rule tokenize:
     input:
         code=code("tokenize_data.py"),
         train="data/raw/{dataset}/train.parquet",
+        val="data/raw/{dataset}/val.parquet",
         test="data/raw/{dataset}/test.parquet",
         meta="data/raw/{dataset}/meta.json",
     output:
         train="data/processed/{dataset}/train.parquet",
+        val="data/processed/{dataset}/val.parquet",
         test="data/processed/{dataset}/test.parquet",
         meta="data/processed/{dataset}/meta.json",
         tokenizer=directory("data/processed/{dataset}/tokenizer"),

@@ -36,6 +36,7 @@ rule train:
         unpack(reference_input),  # positional, so first
         code=code("train.py"),
         train="data/processed/{dataset}/train.parquet",
+        val="data/processed/{dataset}/val.parquet",  # val_accuracy in metrics.json; never trained on
         test="data/processed/{dataset}/test.parquet",
         meta="data/processed/{dataset}/meta.json",
         features="data/features/{dataset}/arm_features.safetensors",

@@ -1,8 +1,9 @@
 """Stage `baseline`: one baseline of Table 2 built from the trained reference (run.reference) on one dataset:
 distil-<layers> (DistilBERT, BL2), fastbert-<speed> (FastBERT, BL3), nas-prune-<ratio> (differentiable NAS
 pruning) or flexibert-<ratio> (the best FlexiBERT architecture of the dataset's search within that FLOP ratio,
-retrained), each built by its module through dht.baselines.run_baseline. Writes results/<dataset>/<model>/
-metrics.json (the DHT runs' schema), predictions.csv and models/<dataset>/<model>/."""
+retrained), each built by its module through dht.baselines.run_baseline and run on the test and the validation
+split. Writes results/<dataset>/<model>/ metrics.json (the DHT runs' schema, val_accuracy included), predictions.csv
+(test split) and models/<dataset>/<model>/."""
 
 import json
 import shutil
@@ -58,11 +59,12 @@ except BaselineError as err:
 processed = Path(args.processed)
 meta = json.loads((processed / "meta.json").read_text())
 train = SplitData.from_arrays(load_processed(processed, "train"))
+val = SplitData.from_arrays(load_processed(processed, "val"))  # evaluated for metrics.json only, never trained on
 test = SplitData.from_arrays(load_processed(processed, "test"))
 out_model = Path(args.out_model)
 if out_model.exists():
     shutil.rmtree(out_model)
-job = BaselineJob(cfg, teacher, train, test, meta, device, out_model, Path(args.search) if args.search else None)
+job = BaselineJob(cfg, teacher, train, val, meta, device, out_model, Path(args.search) if args.search else None)
 
 with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baseline", profile=cfg.profile,
                params=run_params(cfg, args.dataset, args.model, device), prefix=cfg.tracking.experiment_prefix):
@@ -73,12 +75,14 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baselin
         built = run_baseline(kind, value, job)
     except BaselineError as err:
         sys.exit(f"error: {err}")
+    predictions = built.predict(test)
     seconds = time.perf_counter() - start
+    val_predictions = built.predict(val) if len(val) else None  # the same inference, outside the timed build
     if built.params:
         mlflow.log_params(built.params)
-    metrics = baseline_metrics(built.predictions, test, teacher.config, meta, built.train_flops,
-                               job.reference_train_flops, seconds)
-    write_results(args.results, metrics, built.predictions, test)
+    metrics = baseline_metrics(predictions, test, teacher.config, meta, built.train_flops,
+                               job.reference_train_flops, seconds, val=(val_predictions, val))
+    write_results(args.results, metrics, predictions, test)
     # the tokenizer, baseline.json (where the teacher is, for FastBERT's students) and last the checksums
     finish_model_dir(out_model, processed / "tokenizer", {
         "model_name": args.model, "dataset": args.dataset, "classes": meta["classes"],
