@@ -7,6 +7,12 @@ values as one ``matrix:`` (or ``foreach:``) stage, which DVC expands back into t
 ``dvc exp run -S profile=tiny`` runs the same stages on the tiny profile (profiles that share dataset names,
 as default and tiny do). A profile with other datasets (paper) needs ``dht dvc-yaml --profile paper`` first.
 
+A stage's ``params:`` are the keys its job tracks, read by DVC from ``params.resolved.yaml``: the profile as the
+stages see it, resolved (defaults filled in, overlays applied), written by a stage of DVC's own,
+``resolve_params`` (:data:`PARAMS_STAGE`), from params.yaml. DVC compares the values of the keys a stage tracks,
+as Snakemake does: params.yaml itself leaves defaults unwritten and spreads a profile over overlays, so its raw
+keys could not say what a stage reads.
+
 ``tests/test_pipeline.py`` regenerates dvc.yaml and fails when it differs from the committed file.
 """
 
@@ -14,7 +20,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import itertools
 import json
 import math
 import re
@@ -30,7 +35,8 @@ from typing import Any
 import yaml
 
 from dht.config import Config, ConfigError
-from dht.config_loading import OVERLAYS_KEY, PROFILE_KEY, read_params
+from dht.config_loading import PROFILE_KEY, read_params
+from dht.dvc_params import _ITEM, RESOLVED_PARAMS, _expand, expand_dvc_stages  # noqa: F401 (expand_dvc_stages: callers import it from here)
 
 DVC_HEADER = (
     "# GENERATED from the Snakemake workflow by `dht dvc-yaml` (profile '{profile}'): do not edit by hand.\n"
@@ -41,6 +47,10 @@ DVC_HEADER = (
 # is missing on a fresh clone, and `dvc status` would then call its stage stale).
 METRICS_SUFFIX = "/metrics.json"
 PLOTS = {"/loss.csv": {"x": "step", "y": "loss", "title": "training loss (Figure 3)"}}
+# The resolved profile DVC reads the stages' params from, and the DVC-only stage that writes it from params.yaml
+# (the configuration code is its code). Snakemake resolves params.yaml itself: the stage is not one of its jobs.
+PARAMS_STAGE = "resolve_params"
+PARAMS_CMD = f"python -m dht.cli config show --profile ${{{PROFILE_KEY}}} --out {RESOLVED_PARAMS}"
 
 
 # What a fresh clone holds for the pipeline to run: the workflow, the library and the config (no outputs or stores).
@@ -115,8 +125,25 @@ def stage_code(script: str, *modules: str, root: str | Path = ".", top_level_onl
     script_path = root / SCRIPTS_DIR / script
     if not script_path.is_file():
         raise ValueError(f"{script_path}: no such stage script")
+    return _code_closure(root, script_path, "", modules, top_level_only)
+
+
+def module_code(module: str, root: str | Path = ".", top_level_only: bool = False) -> list[str]:
+    """:func:`stage_code` of a module of the library (``dht.cli``) instead of a stage script: the module and the
+    project files it imports, transitively (with `top_level_only`, its own function-level imports left out)."""
+    root = Path(root)
+    path = _module_file(root, module)
+    if path is None or not module.startswith(f"{LIBRARY}."):
+        raise ValueError(f"{module}: not a module of the {LIBRARY} package under {root}")
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    return _code_closure(root, path, package, (), top_level_only)
+
+
+def _code_closure(root: Path, script_path: Path, package: str, modules: Iterable[str],
+                  top_level_only: bool) -> list[str]:
+    """The first file, then the project files it and `modules` import, transitively, sorted (:func:`stage_code`)."""
     found: dict[Path, None] = {script_path: None}
-    todo: list[tuple[Path, str, bool]] = [(script_path, "", top_level_only)]
+    todo: list[tuple[Path, str, bool]] = [(script_path, package, top_level_only)]
 
     def visit(name: str, importer: Path) -> bool:
         """Queue the project files an import of `name` runs (a package's __init__.py files included)."""
@@ -274,7 +301,8 @@ def _stage_body(job: Job, profile: str) -> dict[str, Any]:
     stage: dict[str, Any] = {"cmd": _templated(job.cmd, profile)}
     if job.inputs:
         stage["deps"] = list(dict.fromkeys(job.inputs))
-    stage["params"] = [PROFILE_KEY, *job.tracked, f"{OVERLAYS_KEY}.${{{PROFILE_KEY}}}"]
+    if job.tracked:  # read from the resolved profile: DVC compares the values the stage reads, as Snakemake does
+        stage["params"] = [{RESOLVED_PARAMS: list(job.tracked)}]
     stage["outs"] = outs
     if metrics:
         stage["metrics"] = metrics
@@ -287,7 +315,6 @@ def _stage_body(job: Job, profile: str) -> dict[str, Any]:
 # argument, path component or params key part, or one side of a '-' (`seed-{seed}`). `vanilla-2` inside
 # `vanilla-2x` or `sst2` inside `sst2x` stay literal. Interpolations already there (`${profile}`) are skipped.
 _SEPARATORS = r"\s/.=-"
-_ITEM = re.compile(r"\$\{item\.([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def _template(value: Any, wildcards: Mapping[str, str]) -> Any:
@@ -306,17 +333,6 @@ def _template(value: Any, wildcards: Mapping[str, str]) -> Any:
         return value
     pattern = re.compile(rf"(\$\{{[^}}]*\}})|(?<![^{_SEPARATORS}])({alternatives})(?![^{_SEPARATORS}])")
     return pattern.sub(lambda m: m.group(1) or f"${{item.{by_value[m.group(2)]}}}", value)
-
-
-def _expand(value: Any, item: Mapping[str, str]) -> Any:
-    """A templated stage body with `${item.<name>}` filled in for one item (as DVC does; `${profile}` stays)."""
-    if isinstance(value, dict):
-        return {_expand(k, item): _expand(v, item) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v, item) for v in value]
-    if isinstance(value, str):
-        return _ITEM.sub(lambda m: item[m.group(1)] if m.group(1) in item else m.group(0), value)
-    return value
 
 
 def _refit(template: Any, constants: Mapping[str, str], body: Any, item: Mapping[str, str]) -> Any:
@@ -493,33 +509,24 @@ def dvc_stages(jobs: list[Job], profile: str) -> dict[str, Any]:
     return {"stages": {name: stage for _, name, stage in sorted(entries, key=lambda e: e[0])}}
 
 
-def expand_dvc_stages(stages: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """dvc.yaml's `stages:` as DVC runs them: every `matrix:` / `foreach:` stage expanded into its
-    `<stage>@<item>` stages (`${item.<name>}` filled in; `${profile}` left to DVC). For the stages this module
-    writes: DVC's own reading of them is `dvc stage list --all`."""
-    out: dict[str, dict[str, Any]] = {}
-    for name, stage in stages.items():
-        if "matrix" in stage:
-            axes = stage["matrix"]
-            body = {k: v for k, v in stage.items() if k != "matrix"}
-            for combo in itertools.product(*axes.values()):
-                item = dict(zip(axes, map(str, combo), strict=True))
-                out[f"{name}@{'-'.join(item.values())}"] = _expand(body, item)
-        elif "foreach" in stage:
-            for key, item in stage["foreach"].items():
-                out[f"{name}@{key}"] = _expand(stage["do"], {k: str(v) for k, v in item.items()})
-        else:
-            out[name] = stage
-    return out
-
-
 def dvc_yaml_text(stages: Mapping[str, Any], profile: str) -> str:
     """dvc.yaml's text for `dvc_stages`' result: the header, then the stages in order, matrix axes on one line."""
     return DVC_HEADER.format(profile=profile) + yaml.dump(stages, Dumper=_Dumper, sort_keys=False, width=1000)
 
 
+def params_stage(root: str | Path = ".") -> dict[str, Any]:
+    """The DVC-only stage :data:`PARAMS_STAGE`: params.yaml (all of it) resolved for ``${profile}`` into
+    :data:`RESOLVED_PARAMS`, whose keys the other stages track. Its code is the configuration's (``dht config
+    show`` and what it imports at the top), so a changed default reruns it too."""
+    return {"cmd": PARAMS_CMD, "deps": module_code(f"{LIBRARY}.cli", root, top_level_only=True),
+            "params": [{"params.yaml": None}], "outs": [RESOLVED_PARAMS]}
+
+
 def render_dvc_yaml(root: str | Path = ".", profile: str = "default") -> str:
-    return dvc_yaml_text(dvc_stages(snakemake_jobs(root, profile), profile), profile)
+    stages = dvc_stages(snakemake_jobs(root, profile), profile)["stages"]
+    if PARAMS_STAGE in stages:
+        raise RuntimeError(f"a rule's stage is named {PARAMS_STAGE}, the name of DVC's resolved-params stage")
+    return dvc_yaml_text({"stages": {PARAMS_STAGE: params_stage(root), **stages}}, profile)
 
 
 def write_dvc_yaml(root: str | Path = ".", profile: str = "default") -> Path:
@@ -591,7 +598,7 @@ def sync_snakemake(root: str | Path = ".", stages: Iterable[str] = ()) -> list[s
             f"{', '.join(sorted(changed))}. Restore them (`dvc pull` / `dvc checkout`) or rebuild them "
             "(`dvc repro` or snakemake), or sync only the stages that are current: dht sync-snakemake STAGE..."
         )
-    outs = [out for n in names for out in stages_of[n]]
+    outs = [out for n in names if n != PARAMS_STAGE for out in stages_of[n]]  # not a Snakemake job's
     # --forceall: touch (and record) every job behind the outputs, also when their times already look current,
     # so that Snakemake has params and code records to compare with later.
     cmd = [_tool("snakemake"), "--cores", "1", "--touch", "--forceall", *outs]
@@ -599,3 +606,39 @@ def sync_snakemake(root: str | Path = ".", stages: Iterable[str] = ()) -> list[s
     if done.returncode != 0:
         raise SyncError(f"snakemake --touch failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return outs
+
+
+class RecordError(RuntimeError):
+    """Snakemake's outputs are not current, so DVC must not be told they are."""
+
+
+def record_dvc_run(root: str | Path = ".", stages: Iterable[str] = ()) -> list[str]:
+    """After a Snakemake run: record its outputs in DVC (dvc.lock and DVC's cache) as if ``dvc repro`` had made
+    them, without running anything again; the inverse of :func:`sync_snakemake`.
+
+    Refuses, naming the jobs, unless Snakemake finds the outputs of the stages current (a dry run with nothing to
+    do): what DVC records as current must be. Then DVC's own stage :data:`PARAMS_STAGE` writes the resolved
+    profile (``dvc repro``, a second), and ``dvc commit --force`` records each stage's code, params and outputs as
+    they are. `stages` are DVC's names, as in :func:`sync_snakemake` (default: every stage). Returns the stages
+    recorded; ``dvc status`` then reports them up to date, and a later edit of params.yaml or the code stale
+    exactly where Snakemake would rerun."""
+    root = Path(root)
+    stages_of = _dvc_stages_of(root, list(stages))
+    outs = [out for name, paths in stages_of.items() if name != PARAMS_STAGE for out in paths]
+    if outs:
+        dry = subprocess.run([_tool("snakemake"), "-n", "--cores", "1", *outs], cwd=root, capture_output=True,
+                             text=True)
+        if dry.returncode != 0:
+            raise RecordError(f"snakemake -n failed:\n{dry.stdout[-2000:]}\n{dry.stderr[-2000:]}")
+        text = dry.stdout + dry.stderr
+        if "Nothing to be done" not in text:
+            jobs = sorted(set(re.findall(r"^(?:local)?rule (\S+):", text, flags=re.MULTILINE)))
+            raise RecordError(
+                f"Snakemake would still run jobs of these rules: {', '.join(jobs) or '?'} (see `snakemake -n`); "
+                "run them first (snakemake), then record")
+    for cmd in ([_tool("dvc"), "repro", "--single-item", PARAMS_STAGE],
+                [_tool("dvc"), "commit", "--force", *(n for n in stages_of if n != PARAMS_STAGE)]):
+        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RecordError(f"`{' '.join(cmd[:2])}` failed: {done.stderr.strip()[-2000:] or done.stdout[-2000:]}")
+    return [PARAMS_STAGE, *(n for n in stages_of if n != PARAMS_STAGE)]

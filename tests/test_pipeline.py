@@ -50,33 +50,40 @@ def test_a_csv_datasets_files_are_inputs_of_its_download(project):
 
 
 def test_drift_between_snakefile_and_dvc_yaml_is_detected(project):
-    rules = project / "workflow" / "rules" / "report.smk"
+    rules = project / "workflow" / "rules" / "data.smk"
     text = rules.read_text()
-    assert 'tracked("run"' in text
-    rules.write_text(text.replace('tracked("run"', 'tracked("seed", "run"'))
+    assert 'tracked("seed", "datasets.{dataset}")' in text
+    rules.write_text(text.replace('tracked("seed", "datasets.{dataset}")', 'tracked("seed", "tokenizer", "datasets.{dataset}")'))
     proc = run_cli(["dht", "dvc-yaml", "--check"], cwd=project, check=False)
     assert proc.returncode == 1 and "out of date" in proc.stderr
     run_cli(["dht", "dvc-yaml"], cwd=project)
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    assert "seed" in stages["table1"]["params"]
+    assert stages["download-sst2"]["params"] == [{"params.resolved.yaml": ["seed", "tokenizer", "datasets.sst2"]}]
 
 
 def test_dvc_stages_mirror_snakemake_jobs(project):
     """dvc.yaml is generated for the default profile: sst2 and dbpedia-subset, six models, five baselines; a
-    rule's jobs that differ only in their wildcards are one `matrix:` stage, as DVC's examples write them."""
+    rule's jobs that differ only in their wildcards are one `matrix:` stage, as DVC's examples write them. The
+    params come from the resolved profile, which DVC's own first stage writes."""
     from dht.pipeline import expand_dvc_stages
 
     written = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     datasets = ["dbpedia-subset", "sst2"]
     # the two downloads read differently named folders of data/external: two stages
-    assert list(written) == ["download-dbpedia-subset", "download-sst2", "tokenize", "arm_features",
-                             "flexibert_search", "train", "train-p-dht", "baseline-distil-2", "baseline-fastbert",
-                             "baseline-flexibert-0.5", "baseline-nas-prune-0.5", "table1", "figures", "table2",
-                             "index"]
+    # the fixed modes read no bandit key, P-DHT its warm-up mode: three train stages
+    assert list(written) == ["resolve_params", "download-dbpedia-subset", "download-sst2", "tokenize",
+                             "arm_features", "flexibert_search", "train", "train-p-dht", "train-vanilla",
+                             "baseline-distil-2", "baseline-fastbert", "baseline-flexibert-0.5",
+                             "baseline-nas-prune-0.5", "table1", "figures", "table2", "index"]
+    assert written["resolve_params"] == {
+        "cmd": "python -m dht.cli config show --profile ${profile} --out params.resolved.yaml",
+        "deps": ["dht/cli.py", "dht/__init__.py", "dht/arms.py", "dht/config.py", "dht/config_checks.py",
+                 "dht/config_loading.py", "dht/pretrained.py"],
+        "params": [{"params.yaml": None}], "outs": ["params.resolved.yaml"]}
     for name in ("tokenize", "arm_features", "flexibert_search"):
         assert written[name]["matrix"] == {"dataset": datasets}
-    assert written["train"]["matrix"] == {"dataset": datasets,
-                                          "model": ["f-dht", "s-dht", "t-dht", "vanilla-2", "vanilla-6"]}
+    assert written["train"]["matrix"] == {"dataset": datasets, "model": ["f-dht", "s-dht", "t-dht"]}
+    assert written["train-vanilla"]["matrix"] == {"dataset": datasets, "model": ["vanilla-2", "vanilla-6"]}
     assert written["train"]["cmd"].startswith("python workflow/scripts/train.py --profile ${profile} "
                                               "--dataset ${item.dataset} --model ${item.model} ")
     assert written["train-p-dht"]["matrix"] == {"dataset": datasets}  # p-dht's warm-up mode is one more param
@@ -84,35 +91,41 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
 
     stages = expand_dvc_stages(written)  # as DVC runs them (checked against DVC below)
     names = list(stages)
-    assert names[:8] == ["download-dbpedia-subset", "download-sst2", "tokenize@dbpedia-subset", "tokenize@sst2",
-                         "arm_features@dbpedia-subset", "arm_features@sst2", "flexibert_search@dbpedia-subset",
-                         "flexibert_search@sst2"]
+    assert names[:9] == ["resolve_params", "download-dbpedia-subset", "download-sst2", "tokenize@dbpedia-subset",
+                         "tokenize@sst2", "arm_features@dbpedia-subset", "arm_features@sst2",
+                         "flexibert_search@dbpedia-subset", "flexibert_search@sst2"]
     assert set(names[-4:]) == {"table1", "table2", "figures", "index"} and names[-1] == "index"
-    assert len(names) == 6 + 2 + 12 + 10 + 4
+    assert len(names) == 1 + 6 + 2 + 12 + 10 + 4
     # reports, metrics and plots are git-ignored outputs: cached, so that `dvc pull` restores them
     assert "reports/figures/pareto-sst2.png" in stages["figures"]["outs"]
-    assert {f"train@{d}-{m}" for d in datasets for m in ("vanilla-6", "vanilla-2", "t-dht", "s-dht", "f-dht")} | {
-        f"train-p-dht@{d}" for d in datasets} == set(names[8:20])
+    assert {f"train@{d}-{m}" for d in datasets for m in ("t-dht", "s-dht", "f-dht")} | {
+        f"train-vanilla@{d}-{m}" for d in datasets for m in ("vanilla-6", "vanilla-2")} | {
+        f"train-p-dht@{d}" for d in datasets} == set(names[9:21])
     assert {f"baseline-fastbert@{d}-{b}" for d in datasets for b in ("fastbert-0.5", "fastbert-0.8")} | {
-        f"baseline-{b}@{d}" for d in datasets for b in ("distil-2", "nas-prune-0.5", "flexibert-0.5")} == set(names[20:30])
+        f"baseline-{b}@{d}" for d in datasets for b in ("distil-2", "nas-prune-0.5", "flexibert-0.5")} == set(names[21:31])
     flexi = stages["baseline-flexibert-0.5@sst2"]
     assert "results/sst2/flexibert-search/trace.json" in flexi["deps"]
     assert flexi["cmd"].endswith("--search results/sst2/flexibert-search")
     base = stages["baseline-fastbert@sst2-fastbert-0.8"]
     assert "models/sst2/vanilla-6" in base["deps"] and "dht/baselines/fastbert.py" in base["deps"]
     assert "--model fastbert-0.8 " in base["cmd"] and "models/sst2/fastbert-0.8" in base["outs"]
+    def params(stage):
+        (entry,) = stage["params"]
+        return entry["params.resolved.yaml"]
+
     train = stages["train-p-dht@sst2"]
-    assert "dht.modes.p-dht" in train["params"] and "dht.modes.f-dht" in train["params"]  # its warm-up mode
+    assert params(train)[-2:] == ["dht.modes.p-dht", "dht.modes.f-dht"]  # its warm-up mode
     assert "models/sst2/p-dht" in train["outs"]
     assert train["metrics"] == ["results/sst2/p-dht/metrics.json"]
     assert list(train["plots"][0]) == ["results/sst2/p-dht/loss.csv"]
-    assert stages["train@sst2-t-dht"]["params"][-2:] == ["dht.modes.t-dht", "profiles.${profile}"]
+    assert params(stages["train@sst2-t-dht"])[-1] == "dht.modes.t-dht" and "dht.bandits" in params(stages["train@sst2-t-dht"])
+    assert "dht.bandits" not in params(stages["train-vanilla@sst2-vanilla-6"])  # one fixed arm, no bandit
     assert "--threads 1 " in stages["arm_features@sst2"]["cmd"]  # the rule's threads
     assert stages["arm_features@sst2"]["cmd"].endswith(" --log logs/arm_features/sst2.log")  # the rule's log:
     tok = stages["tokenize@sst2"]
     assert tok["cmd"].startswith("python workflow/scripts/tokenize_data.py --profile ${profile} ")
     assert "data/raw/sst2/train.parquet" in tok["deps"] and "dht/tokenization.py" in tok["deps"]
-    assert tok["params"] == ["profile", "tokenizer", "datasets.sst2", "profiles.${profile}"]
+    assert params(tok) == ["tokenizer", "datasets.sst2.max_length"]
     assert "data/processed/sst2/tokenizer" in tok["outs"]
 
 
@@ -131,8 +144,9 @@ def dvc_reads(project: Path) -> dict:
 
 def test_dvc_runs_exactly_one_stage_per_snakemake_job(project):
     """The matrix stages are a way of writing, nothing more: DVC's own expansion of dvc.yaml is, stage for stage,
-    the plain stage of each Snakemake job (command, deps, params, outs, metrics, plots)."""
-    from dht.pipeline import _stage_body, expand_dvc_stages, snakemake_jobs
+    the plain stage of each Snakemake job (command, deps, params, outs, metrics, plots), and DVC's own stage that
+    resolves the profile."""
+    from dht.pipeline import PARAMS_STAGE, _stage_body, expand_dvc_stages, params_stage, snakemake_jobs
 
     written = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     read = dvc_reads(project)
@@ -141,6 +155,7 @@ def test_dvc_runs_exactly_one_stage_per_snakemake_job(project):
     def interpolated(body):
         return json.loads(json.dumps(body).replace("${profile}", "default"))
     assert {name: interpolated(body) for name, body in expand_dvc_stages(written).items()} == read
+    assert read.pop(PARAMS_STAGE) == interpolated(params_stage(project))
     by_cmd = {body["cmd"]: body for body in read.values()}
     jobs = snakemake_jobs(project, "default")
     assert len(jobs) == len(by_cmd) == len(read)
@@ -183,7 +198,7 @@ def test_jobs_that_differ_only_in_wildcards_become_one_stage_that_dvc_expands_ba
     assert matrix["fit"]["cmd"] == ("python fit.py --profile ${profile} --dataset ${item.dataset} --model ${item.model}"
                                     " --seed ${item.seed} --threads 2 --out out/${item.dataset}/${item.model}/seed-${item.seed}")
     assert matrix["fit"]["deps"][1:] == ["static/m-1x/vocab.txt", "static/a2/notes.txt"]
-    assert matrix["fit"]["params"][1:4] == ["seed", "datasets.${item.dataset}", "modes.${item.model}"]
+    assert matrix["fit"]["params"] == [{"params.resolved.yaml": ["seed", "datasets.${item.dataset}", "modes.${item.model}"]}]
 
     stages = dvc_stages(partial + warm + [odd], "p")["stages"]
     assert list(stages) == ["fit", "fit-p-3", "fit-c-m-1-1"]  # fit-p-3: its extra param; fit-c-...: plain
@@ -193,7 +208,8 @@ def test_jobs_that_differ_only_in_wildcards_become_one_stage_that_dvc_expands_ba
     assert len(stages["fit"]["foreach"]) == 6 and "b-k-2-1" not in stages["fit"]["foreach"]
     assert stages["fit-p-3"]["matrix"] == {"dataset": ["a", "b"], "seed": ["1", "2"]}  # p-3 is in its name
     assert "--model p-3 " in stages["fit-p-3"]["cmd"] and stages["fit"]["do"]["cmd"] == matrix["fit"]["cmd"]
-    assert stages["fit-p-3"]["params"][-2] == "modes.m-1"  # `1` there is no seed, though the jobs of seed 1 say so
+    # `1` there is no seed, though the jobs of seed 1 say so
+    assert stages["fit-p-3"]["params"][0]["params.resolved.yaml"][-1] == "modes.m-1"
 
     # DVC's own reading of what was written: every job's plain stage, under the names expand_dvc_stages gives
     (tmp_path / "params.yaml").write_text("profile: p\n")
