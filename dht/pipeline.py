@@ -19,6 +19,7 @@ keys could not say what a stage reads.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import json
 import math
@@ -552,7 +553,8 @@ def _dvc_stages_of(root: Path, targets: list[str]) -> dict[str, list[str]]:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    # DVC reads a target (`dvc.yaml`, a stage name) against the working directory: be in the project
+    with contextlib.chdir(root), Repo(".") as repo:
         found: dict[str, list[str]] = {}
         unknown = []
         for target in targets or ["dvc.yaml"]:
@@ -616,29 +618,36 @@ def record_dvc_run(root: str | Path = ".", stages: Iterable[str] = ()) -> list[s
     """After a Snakemake run: record its outputs in DVC (dvc.lock and DVC's cache) as if ``dvc repro`` had made
     them, without running anything again; the inverse of :func:`sync_snakemake`.
 
-    Refuses, naming the jobs, unless Snakemake finds the outputs of the stages current (a dry run with nothing to
+    Refuses, naming the rules, unless Snakemake finds the outputs of the stages current (a dry run with nothing to
     do): what DVC records as current must be. Then DVC's own stage :data:`PARAMS_STAGE` writes the resolved
     profile (``dvc repro``, a second), and ``dvc commit --force`` records each stage's code, params and outputs as
     they are. `stages` are DVC's names, as in :func:`sync_snakemake` (default: every stage). Returns the stages
-    recorded; ``dvc status`` then reports them up to date, and a later edit of params.yaml or the code stale
-    exactly where Snakemake would rerun."""
+    recorded; ``dvc status`` then reports them up to date, and after an edit of params.yaml (and ``dvc repro
+    resolve_params``) or of the code stale exactly where Snakemake would rerun jobs because of it."""
+    import os
+
     root = Path(root)
-    stages_of = _dvc_stages_of(root, list(stages))
+    named = list(stages)
+    stages_of = _dvc_stages_of(root, named)
     outs = [out for name, paths in stages_of.items() if name != PARAMS_STAGE for out in paths]
+    # stage commands call `python`: this environment's, as Snakemake's do (common.smk)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if outs:
         dry = subprocess.run([_tool("snakemake"), "-n", "--cores", "1", *outs], cwd=root, capture_output=True,
-                             text=True)
+                             text=True, env=env)
         if dry.returncode != 0:
             raise RecordError(f"snakemake -n failed:\n{dry.stdout[-2000:]}\n{dry.stderr[-2000:]}")
         text = dry.stdout + dry.stderr
         if "Nothing to be done" not in text:
-            jobs = sorted(set(re.findall(r"^(?:local)?rule (\S+):", text, flags=re.MULTILINE)))
-            raise RecordError(
-                f"Snakemake would still run jobs of these rules: {', '.join(jobs) or '?'} (see `snakemake -n`); "
-                "run them first (snakemake), then record")
-    for cmd in ([_tool("dvc"), "repro", "--single-item", PARAMS_STAGE],
-                [_tool("dvc"), "commit", "--force", *(n for n in stages_of if n != PARAMS_STAGE)]):
-        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+            rules = sorted(set(re.findall(r"^(?:local)?rule (\S+):", text, flags=re.MULTILINE)))
+            raise RecordError(f"Snakemake would still run jobs of these rules: {', '.join(rules) or '?'} (see "
+                              "`snakemake -n`); run them (snakemake), then record the run")
+    targets = [n for n in named if n != PARAMS_STAGE]
+    commands = [[_tool("dvc"), "repro", "--single-item", PARAMS_STAGE]]
+    if targets or not named:  # no targets: every stage (DVC collects each named target on its own, seconds apiece)
+        commands.append([_tool("dvc"), "commit", "--force", *targets])
+    for cmd in commands:
+        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
         if done.returncode != 0:
-            raise RecordError(f"`{' '.join(cmd[:2])}` failed: {done.stderr.strip()[-2000:] or done.stdout[-2000:]}")
-    return [PARAMS_STAGE, *(n for n in stages_of if n != PARAMS_STAGE)]
+            raise RecordError(f"`{' '.join(cmd[1:])}` failed: {(done.stderr.strip() or done.stdout.strip())[-2000:]}")
+    return list(dict.fromkeys([PARAMS_STAGE, *stages_of]))

@@ -627,3 +627,133 @@ def test_a_device_that_is_not_there_is_a_clear_error(project):
     assert proc.returncode == 1
     assert "error: device = 'cuda' but no CUDA device is available here; set `device: auto`" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def summary(project: Path) -> dict[str, tuple[str, str]]:
+    """`snakemake --summary`: each output's (status, plan); status `params changed` when the params its job
+    tracks changed, plan `update pending` when the job would run."""
+    out = run_cli(["snakemake", "--summary", "--cores", "1"], cwd=project).stdout
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert rows[0] == ["output_file", "date", "rule", "log-file(s)", "status", "plan"], out[-2000:]
+    return {row[0]: (row[4], row[5]) for row in rows[1:] if len(row) == 6}
+
+
+def downstream(jobs, names: set[str], label) -> set[str]:
+    """`names` (job labels) and every job that reads what they write, transitively."""
+    done = set(names)
+    while True:
+        outs = [o for j in jobs if label(j) in done for o in j.outputs]
+        more = {label(j) for j in jobs if label(j) not in done
+                and any(i == o or i.startswith(o.rstrip("/") + "/") for i in j.inputs for o in outs)}
+        if not more:
+            return done
+        done |= more
+
+
+@pytest.mark.slow
+def test_a_changed_parameter_reruns_exactly_the_stages_that_read_it(tiny_project):
+    """For one parameter of each section, Snakemake names exactly the jobs whose tracked params changed (and, as
+    to rerun, those and everything that reads their outputs), and `dvc status` names the same stages once
+    `resolve_params` has resolved the edit. The tiny profile on one dataset, with its upstream built
+    (tiny_project) and the rest of its outputs stand-ins recorded as current (`snakemake --touch`, then
+    dht.pipeline.record_dvc_run): dry runs, not trainings."""
+    from dht.pipeline import PARAMS_STAGE, expand_dvc_stages, record_dvc_run, snakemake_jobs
+
+    project = tiny_project
+    fixed, bandit = ["vanilla-12", "vanilla-3"], ["t-dht", "s-dht", "f-dht", "p-dht"]
+    baselines = ["distil-3", "flexibert-0.5"]
+
+    def small(raw):  # tiny's models (its arm features were built for them), two baselines, one dataset
+        raw["profile"] = "tiny"
+        raw["profiles"]["tiny"]["run"] = {"datasets": ["embedded-news"], "baselines": baselines}
+    set_params(project, small)
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)  # DVC wants a git repository
+    run_cli(["dht", "dvc-yaml", "--profile", "tiny"], cwd=project)
+    jobs = snakemake_jobs(project, "tiny")
+
+    def label(job) -> str:
+        w = dict(job.wildcards)
+        return ":".join([job.rule, *([w[k] for k in ("model", "baseline") if k in w])])
+    assert sorted(map(label, jobs)) == sorted(["download", "tokenize", "arm_features", "flexibert_search",
+                                               *(f"train:{m}" for m in fixed + bandit),
+                                               *(f"baseline:{b}" for b in baselines),
+                                               "table1", "table2", "figures", "index"])
+    files = {".json", ".csv", ".md", ".png"}  # the file outputs' suffixes; the others are directories (models/...)
+    for job in jobs:  # stand-ins for what the upstream did not build
+        for out in map(Path, job.outputs):
+            if not (project / out).exists():
+                if out.suffix in files:
+                    (project / out).parent.mkdir(parents=True, exist_ok=True)
+                    (project / out).write_text(f"{out}\n")
+                else:
+                    (project / out).mkdir(parents=True)
+                    (project / out / "stand-in.txt").write_text(f"{out}\n")
+    run_cli(["snakemake", "--cores", "1", "--touch", "--forceall"], cwd=project)  # records, as after a run
+    assert {plan for _, plan in summary(project).values()} == {"no update"}
+    recorded = record_dvc_run(project)
+    assert recorded[0] == PARAMS_STAGE and len(recorded) > 1
+    assert json.loads(run_cli(["dvc", "status", "--json"], cwd=project).stdout) == {}
+
+    stages = expand_dvc_stages(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    stage_of = {out: name for name, body in stages.items()
+                for out in [*body.get("outs", []), *body.get("metrics", []), *(next(iter(p)) for p in body.get("plots", []))]}
+    by_output = {out: label(job) for job in jobs for out in job.outputs}
+    dvc_name = {label(job): stage_of[job.outputs[0]] for job in jobs}
+    saved = {name: (project / name).read_bytes() for name in ("params.yaml", "params.resolved.yaml", "dvc.lock")}
+
+    def top(key, value):  # a top-level key the tiny profile inherits
+        def edit(raw):
+            node = raw
+            *path, last = key.split(".")
+            for part in path:
+                node = node[part]
+            node[last] = value
+        return edit
+
+    def tiny(key, value):  # a key the tiny overlay sets
+        return top(f"profiles.tiny.{key}", value)
+
+    trains = {f"train:{m}" for m in fixed + bandit}
+    bandit_trains = {f"train:{m}" for m in bandit}
+    reports = {"table1", "table2", "figures", "index"}
+    cases = [
+        ("seed", top("seed", 1), {"download", "arm_features", "flexibert_search", *trains,
+                                  *(f"baseline:{b}" for b in baselines), *reports}),
+        ("device", top("device", "cpu"), {"arm_features", "flexibert_search", *trains,
+                                          *(f"baseline:{b}" for b in baselines)}),
+        ("datasets.embedded-news.n_test", tiny("datasets.embedded-news.n_test", 80), {"download"}),
+        ("tokenizer.min_frequency", top("tokenizer.min_frequency", 1), {"tokenize"}),
+        ("model.hidden_dropout_prob", top("model.hidden_dropout_prob", 0.2),
+         {"arm_features", "flexibert_search", "baseline:flexibert-0.5"}),
+        ("dht.features.batch_size", top("dht.features.batch_size", 128), {"arm_features", *bandit_trains}),
+        ("dht.bandits.ucb_alpha", top("dht.bandits.ucb_alpha", 2.0), bandit_trains),
+        ("dht.inference", top("dht.inference", "sample"), bandit_trains),
+        ("dht.modes.t-dht.exit_loss", top("dht.modes.t-dht.exit_loss", "path"), {"train:t-dht"}),
+        # f-dht is also p-dht's warm-up mode
+        ("dht.modes.f-dht.exit_loss", top("dht.modes.f-dht.exit_loss", "path"), {"train:f-dht", "train:p-dht"}),
+        ("train.epochs", tiny("train.epochs", 3), {*trains, *(f"baseline:{b}" for b in baselines)}),
+        # read under torchrun only (nproc_per_node > 1)
+        ("train.distributed.backend", top("train.distributed.backend", "gloo"), set()),
+        ("baselines.distil.epochs", tiny("baselines.distil.epochs", 2), {"baseline:distil-3"}),
+        ("baselines.flexibert.evaluations", tiny("baselines.flexibert.evaluations", 4), {"flexibert_search"}),
+        ("baselines.flexibert.epochs", tiny("baselines.flexibert.epochs", 9), {"baseline:flexibert-0.5"}),
+        ("tracking.experiment_prefix", top("tracking.experiment_prefix", "x-"), {"index"}),
+    ]
+    for key, edit, expected in cases:
+        set_params(project, edit)
+        # --summary rather than a dry run's reasons, which name a params change only for a job with no upstream
+        # job to wait for (and --list-params-changes, which in Snakemake 9.27 also lists the last output of every
+        # job whose params did not change)
+        status = summary(project)
+        assert set(status) == set(by_output)
+        assert {by_output[out] for out, (st, _) in status.items() if st == "params changed"} == expected, key
+        rerun = {by_output[out] for out, (_, plan) in status.items() if plan == "update pending"}
+        assert rerun == downstream(jobs, expected, label), key  # and what reads their outputs
+        if key == "seed":  # DVC sees params.yaml change first; resolve_params turns it into the stages' keys
+            assert set(json.loads(run_cli(["dvc", "status", "--json"], cwd=project).stdout)) == {PARAMS_STAGE}
+        run_cli(["dvc", "repro", "--single-item", PARAMS_STAGE], cwd=project)
+        stale = json.loads(run_cli(["dvc", "status", "--json"], cwd=project).stdout)
+        assert set(stale) == {dvc_name[j] for j in expected}, key
+        assert all("params.resolved.yaml" in str(reasons) for reasons in stale.values()), key
+        for name, data in saved.items():
+            (project / name).write_bytes(data)
