@@ -578,13 +578,18 @@ def sync_snakemake(root: str | Path = ".", stages: Iterable[str] = ()) -> list[s
     every output with ``dvc.lock``, and ``dvc.lock`` with params.yaml and the code. When DVC reports the stages up
     to date, ``snakemake --touch`` on their outputs records them as current (file times and Snakemake's
     metadata, so later edits of params or code still rerun exactly the jobs they affect). When it does not, this
-    refuses and names the stages. `stages` are DVC's names (`train@sst2-t-dht`, or `train` for all of a
+    refuses and names the stages (DVC's ``resolve_params`` stage first resolves params.yaml as it is, so that an
+    edit names the stages whose keys it changed). `stages` are DVC's names (`train@sst2-t-dht`, or `train` for all of a
     `matrix:` stage); DVC itself expands dvc.yaml, so they are the stages `dvc status` knows. Returns the outputs
     touched.
     """
     root = Path(root)
     stages_of = _dvc_stages_of(root, list(stages))
     names = list(stages_of)
+    try:  # an edit of params.yaml shows as the stages whose keys it changed, not as resolve_params alone
+        _resolve_params(root)
+    except RuntimeError as err:
+        raise SyncError(str(err)) from None
     # --with-deps: `snakemake --touch --forceall` below records the named stages' upstream jobs as current too, so
     # their staleness must block the sync as well. Every stage: dvc.yaml as the one target, the same stages as
     # naming each (DVC collects each named target on its own: 5.5 s for a dozen names, 1.6 s for dvc.yaml).
@@ -620,21 +625,17 @@ def record_dvc_run(root: str | Path = ".", stages: Iterable[str] = ()) -> list[s
 
     Refuses, naming the rules, unless Snakemake finds the outputs of the stages current (a dry run with nothing to
     do): what DVC records as current must be. Then DVC's own stage :data:`PARAMS_STAGE` writes the resolved
-    profile (``dvc repro``, a second), and ``dvc commit --force`` records each stage's code, params and outputs as
+    profile (:func:`_resolve_params`), and ``dvc commit --force`` records each stage's code, params and outputs as
     they are. `stages` are DVC's names, as in :func:`sync_snakemake` (default: every stage). Returns the stages
     recorded; ``dvc status`` then reports them up to date, and after an edit of params.yaml (and ``dvc repro
     resolve_params``) or of the code stale exactly where Snakemake would rerun jobs because of it."""
-    import os
-
     root = Path(root)
     named = list(stages)
     stages_of = _dvc_stages_of(root, named)
     outs = [out for name, paths in stages_of.items() if name != PARAMS_STAGE for out in paths]
-    # stage commands call `python`: this environment's, as Snakemake's do (common.smk)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if outs:
         dry = subprocess.run([_tool("snakemake"), "-n", "--cores", "1", *outs], cwd=root, capture_output=True,
-                             text=True, env=env)
+                             text=True)
         if dry.returncode != 0:
             raise RecordError(f"snakemake -n failed:\n{dry.stdout[-2000:]}\n{dry.stderr[-2000:]}")
         text = dry.stdout + dry.stderr
@@ -642,12 +643,30 @@ def record_dvc_run(root: str | Path = ".", stages: Iterable[str] = ()) -> list[s
             rules = sorted(set(re.findall(r"^(?:local)?rule (\S+):", text, flags=re.MULTILINE)))
             raise RecordError(f"Snakemake would still run jobs of these rules: {', '.join(rules) or '?'} (see "
                               "`snakemake -n`); run them (snakemake), then record the run")
+    try:
+        _resolve_params(root)
+    except RuntimeError as err:
+        raise RecordError(str(err)) from None
     targets = [n for n in named if n != PARAMS_STAGE]
-    commands = [[_tool("dvc"), "repro", "--single-item", PARAMS_STAGE]]
     if targets or not named:  # no targets: every stage (DVC collects each named target on its own, seconds apiece)
-        commands.append([_tool("dvc"), "commit", "--force", *targets])
-    for cmd in commands:
-        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
+        done = subprocess.run([_tool("dvc"), "commit", "--force", *targets], cwd=root, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RecordError(f"`{' '.join(cmd[1:])}` failed: {(done.stderr.strip() or done.stdout.strip())[-2000:]}")
+            raise RecordError(f"`dvc commit` failed: {(done.stderr.strip() or done.stdout.strip())[-2000:]}")
     return list(dict.fromkeys([PARAMS_STAGE, *stages_of]))
+
+
+def _python_env() -> dict[str, str]:
+    """The environment with this interpreter's scripts first on PATH: stage commands call `python` (the resolved
+    params stage's included), and must find this environment's, as Snakemake's do (common.smk)."""
+    import os
+
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def _resolve_params(root: Path) -> None:
+    """``dvc repro`` of :data:`PARAMS_STAGE` alone (a second; nothing when params.yaml is as dvc.lock has it), so
+    that DVC compares every other stage's keys with params.yaml as it is now."""
+    cmd = [_tool("dvc"), "repro", "--single-item", PARAMS_STAGE]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=_python_env())
+    if done.returncode != 0:
+        raise RuntimeError(f"`dvc repro {PARAMS_STAGE}` failed: {(done.stderr.strip() or done.stdout.strip())[-2000:]}")

@@ -517,9 +517,12 @@ def test_dvc_repro_makes_the_reports_and_a_restored_checkout_does_not_retrain(pr
     run_cli(["dvc", "repro"], cwd=project, timeout=900)
 
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert lock["stages"]["tokenize-embedded-news"]["params"]["params.yaml"]["profile"] == "tiny"
-    # one dataset: the trained models are one matrix stage, the single baseline and tokenize plain stages
-    assert {"table1", "table2", "figures", "index", "train@embedded-news-t-dht", "baseline-embedded-news-distil-1",
+    assert lock["stages"]["resolve_params"]["params"]["params.yaml"]["profile"] == "tiny"
+    tok = lock["stages"]["tokenize-embedded-news"]["params"]["params.resolved.yaml"]
+    assert tok["datasets.embedded-news.max_length"] == 40 and tok["tokenizer"]["vocab_size"] == 600  # tiny's, resolved
+    # one dataset: the fixed modes are one matrix stage, t-dht (the one bandit mode), the single baseline and
+    # tokenize plain stages
+    assert {"table1", "table2", "figures", "index", "train-embedded-news-t-dht", "baseline-embedded-news-distil-1",
             "train@embedded-news-vanilla-3"} <= set(lock["stages"])  # the shallow control: the depth analysis reads it
     index = (project / "reports/index.md").read_text()
     assert "Profile `tiny`" in index and "](table1.md)" in index and "figures/pareto-embedded-news.png" in index
@@ -553,16 +556,16 @@ def test_dvc_repro_makes_the_reports_and_a_restored_checkout_does_not_retrain(pr
     assert (project / "reports/figures/loss-embedded-news.png").is_file()
     assert "mean_layers_easy" in (project / "results/embedded-news/t-dht/metrics.json").read_text()
     assert "Nothing to be done" in snakemake_todo()
-    # a matrix stage is synced by its name (all its items: 3 models x 5 outputs) or by one item's
-    assert "takes 15 outputs" in run_cli(["dht", "sync-snakemake", "train"], cwd=project).stdout
-    assert "takes 5 outputs" in run_cli(["dht", "sync-snakemake", "train@embedded-news-t-dht"], cwd=project).stdout
+    # a matrix stage is synced by its name (all its items: 2 fixed models x 5 outputs) or by one item's
+    assert "takes 10 outputs" in run_cli(["dht", "sync-snakemake", "train"], cwd=project).stdout
+    assert "takes 5 outputs" in run_cli(["dht", "sync-snakemake", "train@embedded-news-vanilla-3"], cwd=project).stdout
     # ... but a changed parameter still reruns what reads it, and the sync refuses to hide it
     set_params(project, lambda r: r["profiles"]["tiny"]["train"].__setitem__("epochs", 3))
     refused = run_cli(["dht", "sync-snakemake"], cwd=project, check=False)
-    assert refused.returncode == 1 and "train@embedded-news-t-dht" in refused.stderr
+    assert refused.returncode == 1 and "train-embedded-news-t-dht" in refused.stderr
     # naming only a downstream stage does not hide its stale upstream training either
     downstream = run_cli(["dht", "sync-snakemake", "figures"], cwd=project, check=False)
-    assert downstream.returncode == 1 and "train@embedded-news-t-dht" in downstream.stderr
+    assert downstream.returncode == 1 and "train-embedded-news-t-dht" in downstream.stderr
     nothing = run_cli(["dht", "sync-snakemake", "train@embedded-news-nothing"], cwd=project, check=False)
     assert nothing.returncode == 1 and "not stages of dvc.yaml: train@embedded-news-nothing" in nothing.stderr
     # the two models and the control vanilla-3 (tiny's run.control, kept by the run: overlay above)
