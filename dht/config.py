@@ -455,7 +455,7 @@ WARMUP_TRAINING_KEYS = ("learning_rate", "weight_decay", "warmup_ratio", "batch_
 # dht.features keys the arm_features stage reads: the poolings, the samples and batches of the pass, the warm-up.
 ARM_FEATURE_KEYS = ("ucb_l", "ucb_cp", "ucb_h", "tsb", "arm_feature_samples", "batch_size", "warmup_steps")
 # A mode's keys that say which arms it can choose (dht.arm_features.arm_space).
-MODE_ARM_KEYS = ("layers", "heads", "arms", "warmup_mode")
+MODE_ARM_KEYS = ("layers", "heads", "arms")
 
 
 def run_param_keys(cfg: Config, mode_name: str) -> list[str]:
@@ -494,7 +494,8 @@ def arm_feature_keys(cfg: Config) -> list[str]:
     the train keys of its warm-up. No bandit, inference or other mode setting: those are the trainings'. The one
     list behind the arm_features rule's tracked params and the stage's MLflow params."""
     keys = ["seed", "device", "model", "dht.fixed_layers", "dht.group_size",
-            *(f"dht.features.{k}" for k in ARM_FEATURE_KEYS), "run.models"]
+            *(f"dht.features.{k}" for k in ARM_FEATURE_KEYS), "run.models",
+            *(f"dht.modes.{m}.warmup_mode" for m in cfg.run.models)]
     if cfg.dht.features.warmup_steps:
         keys += [f"train.{k}" for k in WARMUP_TRAINING_KEYS]
     return keys + [f"dht.modes.{m}.{k}" for m in with_warmup_modes(cfg, cfg.run.models) for k in MODE_ARM_KEYS]

@@ -760,3 +760,80 @@ def test_a_changed_parameter_reruns_exactly_the_stages_that_read_it(tiny_project
         assert all("params.resolved.yaml" in str(reasons) for reasons in stale.values()), key
         for name, data in saved.items():
             (project / name).write_bytes(data)
+
+
+# Keys a stage reads without tracking them, and why that is right (test_every_stage_tracks_the_params_it_reads).
+NOT_TRACKED = {
+    "profile": "the MLflow run's profile tag (the reports, which print it, track it)",
+    "tracking.experiment_prefix": "the MLflow experiment a stage logs to (the index, which reads the store by it, "
+                                  "tracks it)",
+    "train.log_model": "whether the MLflow run keeps a copy of the model",
+    "datasets": "a stage checks that its dataset is defined (Config.dataset)",
+    "run.datasets": "... and run by the profile: which jobs exist (the reports, which list them, track run)",
+    "run.seeds": "a training checks that its --seed is one of the profile's: which jobs exist",
+    "run.reference": "a baseline checks that its teacher, an input, is the reference",
+    "<profile>": "policy.json keeps a copy of the resolved profile beside a trained model, a record of its run",
+}
+# What a fixed mode's training reads and cannot act on: one arm, no bandit, so no context to pool, no decision
+# to make, nothing to act greedily or not on at test time (dht.policy.Policy builds empty context normalisers).
+FIXED_MODE_UNUSED = ("dht.inference", "dht.decision_states", "dht.features")
+RECORDER = Path(__file__).with_name("record_reads.py")
+
+
+def stage_reads(path: Path) -> set[str]:
+    """The params.yaml keys a stage read (tests/record_reads.py's record): not the copies of its tracked keys
+    (MLflow params, the fingerprint), nor a section or mapping taken only to reach keys below it, nor an object
+    the code built."""
+    recorded = json.loads(path.read_text())
+    out = set()
+    for key, hows in recorded.items():
+        real = set(hows) - {"section"}
+        below = any(other.startswith(f"{key}.") for other in recorded)
+        if key.startswith("?") or not real or (real <= {"object", "mapping"} and below) or real == {"object"}:
+            continue
+        out.add(key)
+    return out
+
+
+@pytest.mark.slow
+def test_every_stage_tracks_the_params_it_reads(project):
+    """Every stage of a small tiny DAG (one dataset; a fixed mode, the control, a tree mode and P-DHT with its
+    warm-up mode; every baseline kind; the search; the reports) runs with each read of its configuration
+    recorded, and every key it reads is one its rule tracks (so Snakemake and DVC rerun it when the key changes),
+    or one of NOT_TRACKED, or, for a fixed mode, one it cannot act on."""
+    import os
+    import shlex
+
+    from conftest import two_epoch_tiny
+
+    from dht.pipeline import snakemake_jobs
+
+    def small(raw):
+        raw["profile"] = "tiny"
+        two_epoch_tiny(raw)
+        raw["profiles"]["tiny"]["run"] = {
+            "datasets": ["embedded-news"], "models": ["vanilla-12", "vanilla-3", "t-dht", "p-dht"],
+            "baselines": ["distil-3", "fastbert-0.5", "nas-prune-0.5", "flexibert-0.5"]}
+    set_params(project, small)
+    jobs = snakemake_jobs(project, "tiny")
+    assert {j.rule for j in jobs} == {"download", "tokenize", "arm_features", "flexibert_search", "train",
+                                      "baseline", "table1", "table2", "figures", "index"}
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(project),
+               DHT_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    untracked = {}
+    for i, job in enumerate(jobs):  # in the DAG's order
+        python, *args = shlex.split(job.cmd)
+        assert python == "python", job.cmd
+        record = project / f"reads-{i}.json"
+        proc = subprocess.run([str(BIN / "python"), str(RECORDER), str(record), *args], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{job.cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        fixed = job.rule == "train" and dict(job.wildcards)["model"] in ("vanilla-12", "vanilla-3")
+        missing = sorted(
+            key for key in stage_reads(record)
+            if key not in NOT_TRACKED and not any(key == t or key.startswith(f"{t}.") for t in job.tracked)
+            and not (fixed and any(key == k or key.startswith(f"{k}.") for k in FIXED_MODE_UNUSED)))
+        if missing:
+            untracked[job.stage_name] = missing
+    assert not untracked, f"stages read params.yaml keys their rules do not track: {untracked}"
