@@ -66,11 +66,12 @@ def dvc_stage_keys(root: str | Path, stage: str) -> list[str] | None:
     return [k for entry in body.get("params") or [] if isinstance(entry, dict) for k in entry.get(RESOLVED_PARAMS) or []]
 
 
-def check_dvc_keys(root: str | Path, keys: Iterable[str]) -> str | None:
+def check_dvc_keys(root: str | Path, keys: Iterable[str], profile: str) -> str | None:
     """Under ``dvc repro`` (DVC sets ``DVC_STAGE``): a problem when dvc.yaml tracks other params for the running
     stage than `keys`, the ones it reads now. Which keys a stage reads can depend on values (a mode's search, a
     warm-up), and dvc.yaml lists them as they were when it was generated: a changed value reruns the stage (the
-    value is tracked), and this makes that run stop instead of recording the stage under a list that misses keys."""
+    value is tracked), and this makes that run stop instead of recording the stage under a list that misses keys.
+    `profile`: the one the stage runs, which dvc.yaml must be generated for."""
     stage = os.environ.get("DVC_STAGE")
     if not stage:
         return None
@@ -81,5 +82,5 @@ def check_dvc_keys(root: str | Path, keys: Iterable[str]) -> str | None:
     changes = [f"now reads {', '.join(missing)}, which dvc.yaml does not track" if missing else "",
                f"no longer reads {', '.join(extra)}" if extra else ""]
     return (f"dvc.yaml is out of date for stage {stage}: params.yaml changed what it reads (it "
-            f"{' and '.join(c for c in changes if c)}). Regenerate dvc.yaml (dht dvc-yaml --profile <profile>), "
+            f"{' and '.join(c for c in changes if c)}). Regenerate dvc.yaml (dht dvc-yaml --profile {profile}), "
             "then dvc repro")

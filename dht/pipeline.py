@@ -37,7 +37,7 @@ import yaml
 
 from dht.config import Config, ConfigError
 from dht.config_loading import PROFILE_KEY, read_params
-from dht.dvc_params import _ITEM, RESOLVED_PARAMS, _expand, expand_dvc_stages  # noqa: F401 (expand_dvc_stages: callers import it from here)
+from dht.dvc_params import _ITEM, RESOLVED_PARAMS, _expand, expand_dvc_stages
 
 DVC_HEADER = (
     "# GENERATED from the Snakemake workflow by `dht dvc-yaml` (profile '{profile}'): do not edit by hand.\n"

@@ -163,6 +163,34 @@ def test_dvc_runs_exactly_one_stage_per_snakemake_job(project):
         assert by_cmd[interpolated(job.cmd)] == interpolated(_stage_body(job, "default")), job.stage_name
 
 
+def test_a_stage_run_by_dvc_stops_when_dvc_yaml_tracks_other_keys_than_it_reads(project, monkeypatch):
+    """Which keys a stage reads can depend on values (arm_features reads the warm-up's train keys only with
+    dht.features.warmup_steps): DVC reruns the stage when such a value changes (it is tracked), and the stage then
+    stops, naming the fix, instead of being recorded in dvc.lock under dvc.yaml's old list of keys."""
+    import os
+
+    from dht.config import arm_feature_keys
+    from dht.config_loading import load_config
+    from dht.dvc_params import check_dvc_keys
+    from dht.pipeline import expand_dvc_stages
+
+    stage = "arm_features@sst2"
+    cmd = expand_dvc_stages(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])[stage]["cmd"]
+    monkeypatch.setenv("DVC_STAGE", stage)
+    assert check_dvc_keys(project, arm_feature_keys(load_config(project / "params.yaml")), "default") is None  # current
+    assert load_config(project / "params.yaml").dht.features.warmup_steps == 0
+    set_params(project, lambda r: r["dht"]["features"].__setitem__("warmup_steps", 10))
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(project))
+    proc = subprocess.run(cmd.replace("${profile}", "default"), shell=True, cwd=project, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert (f"error: dvc.yaml is out of date for stage {stage}: params.yaml changed what it reads (it now reads "
+            "train.batch_size, train.grad_clip, train.learning_rate, train.warmup_ratio, train.weight_decay, which dvc.yaml "
+            "does not track). Regenerate dvc.yaml (dht dvc-yaml --profile default), then dvc repro") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (project / "data/features/sst2").exists()  # stopped before any work
+
+
 def fit_job(dataset: str, model: str, seed: str, extra: tuple[str, ...] = ()):
     from dht.pipeline import Job
 

@@ -30,7 +30,7 @@ _stage.add_threads(p)
 args = p.parse_args()
 cfg = _stage.config(args)
 cfg.dataset(args.dataset)
-if problem := check_dvc_keys(_stage.root(), arm_feature_keys(cfg)):  # under dvc repro
+if problem := check_dvc_keys(_stage.root(), arm_feature_keys(cfg), cfg.profile):  # under dvc repro
     sys.exit(f"error: {problem}")
 
 device, threads = _stage.runtime(args, cfg)

@@ -15,7 +15,7 @@ p = _stage.parser(__doc__)
 p.add_argument("--out-dir", default=FIGURES_DIR, help=f"where the PNG files go (default: {FIGURES_DIR})")
 args = p.parse_args()
 cfg = _stage.config(args)
-if problem := check_dvc_keys(_stage.root(), report_param_keys(cfg, "figures")):  # under dvc repro
+if problem := check_dvc_keys(_stage.root(), report_param_keys(cfg, "figures"), cfg.profile):  # under dvc repro
     sys.exit(f"error: {problem}")
 try:
     written = write_figures(cfg, args.out_dir, root=_stage.root())

@@ -17,7 +17,7 @@ p.add_argument("--out", required=True)
 args = p.parse_args()
 cfg = _stage.config(args)
 root = _stage.root()
-if problem := check_dvc_keys(root, report_param_keys(cfg, args.report)):  # under dvc repro
+if problem := check_dvc_keys(root, report_param_keys(cfg, args.report), cfg.profile):  # under dvc repro
     sys.exit(f"error: {problem}")
 try:
     if args.report == "index":

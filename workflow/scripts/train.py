@@ -37,7 +37,7 @@ cfg = _stage.config(args)
 cfg.dataset(args.dataset)
 if args.model not in cfg.dht.modes:
     sys.exit(f"error: --model {args.model!r} is not a mode; allowed: {', '.join(cfg.dht.modes)}")
-if problem := check_dvc_keys(_stage.root(), run_param_keys(cfg, args.model)):  # under dvc repro
+if problem := check_dvc_keys(_stage.root(), run_param_keys(cfg, args.model), cfg.profile):  # under dvc repro
     sys.exit(f"error: {problem}")
 
 device, threads = _stage.runtime(args, cfg)
