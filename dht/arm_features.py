@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dht.arms import Arm, parse_arm
-from dht.config import Config, FeaturesConfig, TrainConfig
+from dht.config import Config, FeaturesConfig, TrainConfig, with_warmup_modes
 from dht.contexts import ArmFeatureAccumulator, multi_granularity_pool, pool_head_slices
 
 FEATURES_FILE = "arm_features.safetensors"
@@ -69,13 +69,14 @@ class ArmSpace:
 
 def arm_space(cfg: Config, modes: Iterable[str] | None = None, warmup_modes: bool = True) -> ArmSpace:
     """The arms of `modes` (default: the run's models) and, with `warmup_modes`, of their warm-up modes."""
-    modes = set(cfg.run.models if modes is None else modes)
+    # dht.config.arm_feature_keys tracks the arms of these modes (the same with_warmup_modes)
+    modes = list(cfg.run.models if modes is None else modes)
     if warmup_modes:
-        modes |= {cfg.dht.modes[m].warmup_mode for m in list(modes) if cfg.dht.modes[m].warmup_mode}
+        modes = with_warmup_modes(cfg, modes)
     layers: set[int] = set()
     heads: set[int] = set()
     cp: dict[str, None] = {}
-    for name in sorted(modes):
+    for name in sorted(set(modes)):
         mode = cfg.dht.modes[name]
         layers.update(mode.layers or [])
         heads.update(mode.heads or [])

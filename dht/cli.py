@@ -1,6 +1,6 @@
 """The `dht` command: inspect the configuration and keep dvc.yaml in step with the Snakemake workflow.
 
-    dht config show [--profile tiny]     the resolved, validated configuration of a profile (YAML)
+    dht config show [--profile tiny]     the resolved, validated configuration of a profile (YAML; --out FILE)
     dht config validate                  check every profile of params.yaml; exit 1 with the problems
     dht config schema                    write workflow/schemas/config.schema.json (JSON Schema of a profile)
     dht dvc-yaml [--check]               regenerate dvc.yaml from the Snakemake jobs (or check it is current)
@@ -36,7 +36,11 @@ SCHEMA_PATH = Path("workflow/schemas/config.schema.json")
 
 def _config_show(args: argparse.Namespace) -> int:
     cfg = load_config(args.params, profile=args.profile)
-    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    if args.out:  # DVC's resolve_params stage: the file its other stages read their params from
+        Path(args.out).write_text(text)
+    else:
+        print(text, end="")
     return 0
 
 
@@ -240,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     cfg_sub = cfg.add_subparsers(dest="action", required=True)
     show = cfg_sub.add_parser("show", help="print the resolved configuration of a profile")
     show.add_argument("--profile", default=None)
+    show.add_argument("--out", default=None, help="write it to this file instead (dvc.yaml's resolve_params stage)")
     show.set_defaults(func=_config_show)
     val = cfg_sub.add_parser("validate", help="validate every profile")
     val.set_defaults(func=_config_validate)

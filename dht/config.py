@@ -535,18 +535,75 @@ class Config(_Strict):
         return node
 
 
+def with_warmup_modes(cfg: Config, modes: list[str]) -> list[str]:
+    """`modes` followed by the warm-up modes they name (P-DHT's F-DHT), each once: the modes whose settings a
+    training of them reads."""
+    out = list(dict.fromkeys(modes))
+    for name in list(out):
+        warmup = cfg.dht.modes[name].warmup_mode
+        if warmup and warmup not in out:
+            out.append(warmup)
+    return out
+
+
+# train.* keys every training reads (dht.trainer.Trainer: the schedule, the optimiser, the queue size q, the evaluation
+# batches, the resumable checkpoints). Not train.log_model: it decides only what the MLflow run keeps.
+TRAINING_KEYS = ("epochs", "learning_rate", "weight_decay", "warmup_ratio", "batch_size", "eval_batch_size",
+                 "grad_clip", "checkpoint_every")
+# The train.* keys of the arm_features stage's warm-up (dht.arm_features.warm_up).
+WARMUP_TRAINING_KEYS = ("learning_rate", "weight_decay", "warmup_ratio", "batch_size", "grad_clip")
+# dht.features keys the arm_features stage reads: the poolings, the samples and batches of the pass, the warm-up.
+ARM_FEATURE_KEYS = ("ucb_l", "ucb_cp", "ucb_h", "tsb", "arm_feature_samples", "batch_size", "warmup_steps")
+# A mode's keys that say which arms it can choose (dht.arm_features.arm_space).
+MODE_ARM_KEYS = ("layers", "heads", "arms")
+
+
 def run_param_keys(cfg: Config, mode_name: str) -> list[str]:
-    """The params.yaml keys a training run of `mode_name` reads: its own mode (and its warm-up mode; with
-    ``init: reference`` which mode the reference is) and the shared settings. The one list behind the train rule's
-    tracked params (Snakemake reruns, DVC's `params:`), the MLflow run's params and the checkpoint's
-    :func:`fingerprint`."""
-    mode = cfg.dht.modes[mode_name]
-    keys = ["seed", "device", "model", "train", "dht.fixed_layers", "dht.group_size", "dht.features",
-            "dht.bandits", "dht.inference", "dht.count_s1_flops", "dht.p_dht_freeze", "dht.decision_states",
-            f"dht.modes.{mode_name}"]
-    keys += [f"dht.modes.{mode.warmup_mode}"] if mode.warmup_mode else []
-    # init: reference: the run starts from the trained reference, whichever mode it is
-    return keys + (["run.reference", f"dht.modes.{cfg.run.reference}"] if mode.init == "reference" else [])
+    """The params.yaml keys a training run of `mode_name` reads (workflow/scripts/train.py, dht.trainer,
+    dht.policy): its own mode and its warm-up mode, the seed and device, dht.fixed_layers and the train keys of
+    :data:`TRAINING_KEYS`. A mode with a bandit (tree or integrated search, itself or its warm-up mode) also reads the
+    bandits, their contexts (dht.features), how they act at test time (dht.inference), the FLOP count of the S1
+    pass and the states they decide from; a fixed mode (the reference, the control: one arm) reads none of them.
+    P-DHT reads how it freezes after the warm-up. The distributed settings beyond the process count are read under
+    torchrun only.
+
+    With ``init: reference`` (docs/training.md T30) also which mode the reference is; ``model.exit_heads`` (T29)
+    sets the heads of the model it starts from.
+
+    Not read here, so not tracked: the rest of the `model:` section and dht.group_size (the model is the
+    arm_features stage's init_model, an input), train.log_model (MLflow only), tracking (MLflow only), run.* (which jobs exist, not what
+    one computes). The one list behind the train rule's tracked params (Snakemake reruns, DVC's `params:`), the
+    MLflow run's params and the checkpoint's :func:`fingerprint`; tests/test_pipeline.py checks it against what a
+    training really reads."""
+    modes = with_warmup_modes(cfg, [mode_name])
+    keys = ["seed", "device", "model.exit_heads", "dht.fixed_layers", *(f"train.{k}" for k in TRAINING_KEYS),
+            "train.distributed.nproc_per_node"]
+    if cfg.train.distributed.nproc_per_node > 1:
+        keys += ["train.distributed.backend", "train.distributed.queues"]
+    if any(cfg.dht.modes[m].search != "fixed" for m in modes):
+        # dht.features whole: besides the contexts' poolings, refresh and exit_confidence, its keys are the
+        # arm_features stage's, whose output every training reads, so tracking them costs no extra rerun.
+        keys += ["dht.features", "dht.bandits", "dht.inference", "dht.count_s1_flops", "dht.decision_states"]
+    if cfg.dht.modes[mode_name].warmup_mode:
+        keys.append("dht.p_dht_freeze")
+    if cfg.dht.modes[mode_name].init == "reference":  # T30: it starts from the trained reference, whichever mode
+        keys += ["run.reference", f"dht.modes.{cfg.run.reference}"]
+    return keys + [f"dht.modes.{m}" for m in modes]
+
+
+def arm_feature_keys(cfg: Config) -> list[str]:
+    """The params.yaml keys the arm_features stage reads (workflow/scripts/arm_features.py, dht.arm_features,
+    dht.model.model_from_params): the seed and device, the `model:` section it builds the initial model from, b and
+    c, the pass's poolings and samples (:data:`ARM_FEATURE_KEYS`), which modes the run trains (run.models) and the
+    arms of each and of their warm-up modes (:func:`dht.arm_features.arm_space`); with dht.features.warmup_steps,
+    the train keys of its warm-up. No bandit, inference or other mode setting: those are the trainings'. The one
+    list behind the arm_features rule's tracked params and the stage's MLflow params."""
+    keys = ["seed", "device", "model", "dht.fixed_layers", "dht.group_size",
+            *(f"dht.features.{k}" for k in ARM_FEATURE_KEYS), "run.models",
+            *(f"dht.modes.{m}.warmup_mode" for m in cfg.run.models)]
+    if cfg.dht.features.warmup_steps:
+        keys += [f"train.{k}" for k in WARMUP_TRAINING_KEYS]
+    return keys + [f"dht.modes.{m}.{k}" for m in with_warmup_modes(cfg, cfg.run.models) for k in MODE_ARM_KEYS]
 
 
 def json_schema() -> dict[str, Any]:

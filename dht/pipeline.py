@@ -5,9 +5,15 @@ Snakemake's API; :func:`dvc_stages` turns each job into a DVC stage with the sam
 outputs (``outs``) and tracked params, and writes the jobs of a rule whose stages differ only in their wildcard
 values as one ``matrix:`` (or ``foreach:``) stage, which DVC expands back into them (``train@sst2-t-dht``). The
 commands leave out Snakemake's ``--profile``: a stage then runs params.yaml's ``profile:`` (validated as a name
-before use), and the stage's params list ``profile`` and ``profiles.${profile}``, so ``dvc exp run -S profile=tiny``
-runs the same stages on the tiny profile (profiles that share dataset names, as default and tiny do). A profile
+before use), and every stage's params are read from the profile resolved by :data:`PARAMS_STAGE`, so
+``dvc exp run -S profile=tiny`` runs the same stages on the tiny profile (profiles that share dataset names, as default and tiny do). A profile
 with other datasets (paper) needs ``dht dvc-yaml --profile paper`` first.
+
+A stage's ``params:`` are the keys its job tracks, read by DVC from ``params.resolved.yaml``: the profile as the
+stages see it, resolved (defaults filled in, overlays applied), written by a stage of DVC's own,
+``resolve_params`` (:data:`PARAMS_STAGE`), from params.yaml. DVC compares the values of the keys a stage tracks,
+as Snakemake does: params.yaml itself leaves defaults unwritten and spreads a profile over overlays, so its raw
+keys could not say what a stage reads.
 
 ``tests/test_pipeline.py`` regenerates dvc.yaml and fails when it differs from the committed file.
 """
@@ -15,8 +21,8 @@ with other datasets (paper) needs ``dht dvc-yaml --profile paper`` first.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
-import itertools
 import json
 import math
 import re
@@ -32,7 +38,8 @@ from typing import Any
 import yaml
 
 from dht.config import Config, ConfigError
-from dht.config_loading import OVERLAYS_KEY, PROFILE_KEY, read_params
+from dht.config_loading import PROFILE_KEY, read_params
+from dht.dvc_params import _ITEM, RESOLVED_PARAMS, _expand, expand_dvc_stages
 
 DVC_HEADER = (
     "# GENERATED from the Snakemake workflow by `dht dvc-yaml` (profile '{profile}'): do not edit by hand.\n"
@@ -43,6 +50,12 @@ DVC_HEADER = (
 # is missing on a fresh clone, and `dvc status` would then call its stage stale).
 METRICS_SUFFIX = "/metrics.json"
 PLOTS = {"/loss.csv": {"x": "step", "y": "loss", "title": "training loss (Figure 3)"}}
+# The resolved profile DVC reads the stages' params from, and the DVC-only stage that writes it from params.yaml
+# (the configuration code is its code). Snakemake resolves params.yaml itself: the stage is not one of its jobs.
+PARAMS_STAGE = "resolve_params"
+# No `--profile ${profile}`: DVC would paste params.yaml's value into the shell unquoted (dvc_command); `config show`
+# resolves params.yaml's own `profile:`, checked against the name rule first.
+PARAMS_CMD = f"python -m dht.cli config show --out {RESOLVED_PARAMS}"
 
 
 # What a fresh clone holds for the pipeline to run: the workflow, the library and the config (no outputs or stores).
@@ -117,8 +130,25 @@ def stage_code(script: str, *modules: str, root: str | Path = ".", top_level_onl
     script_path = root / SCRIPTS_DIR / script
     if not script_path.is_file():
         raise ValueError(f"{script_path}: no such stage script")
+    return _code_closure(root, script_path, "", modules, top_level_only)
+
+
+def module_code(module: str, root: str | Path = ".", top_level_only: bool = False) -> list[str]:
+    """:func:`stage_code` of a module of the library (``dht.cli``) instead of a stage script: the module and the
+    project files it imports, transitively (with `top_level_only`, its own function-level imports left out)."""
+    root = Path(root)
+    path = _module_file(root, module)
+    if path is None or not module.startswith(f"{LIBRARY}."):
+        raise ValueError(f"{module}: not a module of the {LIBRARY} package under {root}")
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    return _code_closure(root, path, package, (), top_level_only)
+
+
+def _code_closure(root: Path, script_path: Path, package: str, modules: Iterable[str],
+                  top_level_only: bool) -> list[str]:
+    """The first file, then the project files it and `modules` import, transitively, sorted (:func:`stage_code`)."""
     found: dict[Path, None] = {script_path: None}
-    todo: list[tuple[Path, str, bool]] = [(script_path, "", top_level_only)]
+    todo: list[tuple[Path, str, bool]] = [(script_path, package, top_level_only)]
 
     def visit(name: str, importer: Path) -> bool:
         """Queue the project files an import of `name` runs (a package's __init__.py files included)."""
@@ -289,7 +319,8 @@ def _stage_body(job: Job, profile: str) -> dict[str, Any]:
     stage: dict[str, Any] = {"cmd": dvc_command(job.cmd, profile)}
     if job.inputs:
         stage["deps"] = list(dict.fromkeys(job.inputs))
-    stage["params"] = [PROFILE_KEY, *job.tracked, f"{OVERLAYS_KEY}.${{{PROFILE_KEY}}}"]
+    if job.tracked:  # read from the resolved profile: DVC compares the values the stage reads, as Snakemake does
+        stage["params"] = [{RESOLVED_PARAMS: list(job.tracked)}]
     stage["outs"] = outs
     if metrics:
         stage["metrics"] = metrics
@@ -302,7 +333,6 @@ def _stage_body(job: Job, profile: str) -> dict[str, Any]:
 # argument, path component or params key part, or one side of a '-' (`seed-{seed}`). `vanilla-2` inside
 # `vanilla-2x` or `sst2` inside `sst2x` stay literal. Interpolations already there (`${profile}`) are skipped.
 _SEPARATORS = r"\s/.=-"
-_ITEM = re.compile(r"\$\{item\.([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def _template(value: Any, wildcards: Mapping[str, str]) -> Any:
@@ -321,17 +351,6 @@ def _template(value: Any, wildcards: Mapping[str, str]) -> Any:
         return value
     pattern = re.compile(rf"(\$\{{[^}}]*\}})|(?<![^{_SEPARATORS}])({alternatives})(?![^{_SEPARATORS}])")
     return pattern.sub(lambda m: m.group(1) or f"${{item.{by_value[m.group(2)]}}}", value)
-
-
-def _expand(value: Any, item: Mapping[str, str]) -> Any:
-    """A templated stage body with `${item.<name>}` filled in for one item (as DVC does; `${profile}` stays)."""
-    if isinstance(value, dict):
-        return {_expand(k, item): _expand(v, item) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v, item) for v in value]
-    if isinstance(value, str):
-        return _ITEM.sub(lambda m: item[m.group(1)] if m.group(1) in item else m.group(0), value)
-    return value
 
 
 def _refit(template: Any, constants: Mapping[str, str], body: Any, item: Mapping[str, str]) -> Any:
@@ -508,33 +527,24 @@ def dvc_stages(jobs: list[Job], profile: str) -> dict[str, Any]:
     return {"stages": {name: stage for _, name, stage in sorted(entries, key=lambda e: e[0])}}
 
 
-def expand_dvc_stages(stages: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """dvc.yaml's `stages:` as DVC runs them: every `matrix:` / `foreach:` stage expanded into its
-    `<stage>@<item>` stages (`${item.<name>}` filled in; `${profile}` left to DVC). For the stages this module
-    writes: DVC's own reading of them is `dvc stage list --all`."""
-    out: dict[str, dict[str, Any]] = {}
-    for name, stage in stages.items():
-        if "matrix" in stage:
-            axes = stage["matrix"]
-            body = {k: v for k, v in stage.items() if k != "matrix"}
-            for combo in itertools.product(*axes.values()):
-                item = dict(zip(axes, map(str, combo), strict=True))
-                out[f"{name}@{'-'.join(item.values())}"] = _expand(body, item)
-        elif "foreach" in stage:
-            for key, item in stage["foreach"].items():
-                out[f"{name}@{key}"] = _expand(stage["do"], {k: str(v) for k, v in item.items()})
-        else:
-            out[name] = stage
-    return out
-
-
 def dvc_yaml_text(stages: Mapping[str, Any], profile: str) -> str:
     """dvc.yaml's text for `dvc_stages`' result: the header, then the stages in order, matrix axes on one line."""
     return DVC_HEADER.format(profile=profile) + yaml.dump(stages, Dumper=_Dumper, sort_keys=False, width=1000)
 
 
+def params_stage(root: str | Path = ".") -> dict[str, Any]:
+    """The DVC-only stage :data:`PARAMS_STAGE`: params.yaml (all of it) resolved for its ``profile:`` into
+    :data:`RESOLVED_PARAMS`, whose keys the other stages track. Its code is the configuration's (``dht config
+    show`` and what it imports at the top), so a changed default reruns it too."""
+    return {"cmd": PARAMS_CMD, "deps": module_code(f"{LIBRARY}.cli", root, top_level_only=True),
+            "params": [{"params.yaml": None}], "outs": [RESOLVED_PARAMS]}
+
+
 def render_dvc_yaml(root: str | Path = ".", profile: str = "default") -> str:
-    return dvc_yaml_text(dvc_stages(snakemake_jobs(root, profile), profile), profile)
+    stages = dvc_stages(snakemake_jobs(root, profile), profile)["stages"]
+    if PARAMS_STAGE in stages:
+        raise RuntimeError(f"a rule's stage is named {PARAMS_STAGE}, the name of DVC's resolved-params stage")
+    return dvc_yaml_text({"stages": {PARAMS_STAGE: params_stage(root), **stages}}, profile)
 
 
 def write_dvc_yaml(root: str | Path = ".", profile: str = "default") -> Path:
@@ -560,7 +570,8 @@ def _dvc_stages_of(root: Path, targets: list[str]) -> dict[str, list[str]]:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    # DVC reads a target (`dvc.yaml`, a stage name) against the working directory: be in the project
+    with contextlib.chdir(root), Repo(".") as repo:
         found: dict[str, list[str]] = {}
         unknown = []
         for target in targets or ["dvc.yaml"]:
@@ -584,13 +595,18 @@ def sync_snakemake(root: str | Path = ".", stages: Iterable[str] = ()) -> list[s
     every output with ``dvc.lock``, and ``dvc.lock`` with params.yaml and the code. When DVC reports the stages up
     to date, ``snakemake --touch`` on their outputs records them as current (file times and Snakemake's
     metadata, so later edits of params or code still rerun exactly the jobs they affect). When it does not, this
-    refuses and names the stages. `stages` are DVC's names (`train@sst2-t-dht`, or `train` for all of a
+    refuses and names the stages (DVC's ``resolve_params`` stage first resolves params.yaml as it is, so that an
+    edit names the stages whose keys it changed). `stages` are DVC's names (`train@sst2-t-dht`, or `train` for all of a
     `matrix:` stage); DVC itself expands dvc.yaml, so they are the stages `dvc status` knows. Returns the outputs
     touched.
     """
     root = Path(root)
     stages_of = _dvc_stages_of(root, list(stages))
     names = list(stages_of)
+    try:  # an edit of params.yaml shows as the stages whose keys it changed, not as resolve_params alone
+        _resolve_params(root)
+    except RuntimeError as err:
+        raise SyncError(str(err)) from None
     # --with-deps: `snakemake --touch --forceall` below records the named stages' upstream jobs as current too, so
     # their staleness must block the sync as well. Every stage: dvc.yaml as the one target, the same stages as
     # naming each (DVC collects each named target on its own: 5.5 s for a dozen names, 1.6 s for dvc.yaml).
@@ -606,7 +622,7 @@ def sync_snakemake(root: str | Path = ".", stages: Iterable[str] = ()) -> list[s
             f"{', '.join(sorted(changed))}. Restore them (`dvc pull` / `dvc checkout`) or rebuild them "
             "(`dvc repro` or snakemake), or sync only the stages that are current: dht sync-snakemake STAGE..."
         )
-    outs = [out for n in names for out in stages_of[n]]
+    outs = [out for n in names if n != PARAMS_STAGE for out in stages_of[n]]  # not a Snakemake job's
     # --forceall: touch (and record) every job behind the outputs, also when their times already look current,
     # so that Snakemake has params and code records to compare with later.
     cmd = [_tool("snakemake"), "--cores", "1", "--touch", "--forceall", *outs]
@@ -614,3 +630,60 @@ def sync_snakemake(root: str | Path = ".", stages: Iterable[str] = ()) -> list[s
     if done.returncode != 0:
         raise SyncError(f"snakemake --touch failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return outs
+
+
+class RecordError(RuntimeError):
+    """Snakemake's outputs are not current, so DVC must not be told they are."""
+
+
+def record_dvc_run(root: str | Path = ".", stages: Iterable[str] = ()) -> list[str]:
+    """After a Snakemake run: record its outputs in DVC (dvc.lock and DVC's cache) as if ``dvc repro`` had made
+    them, without running anything again; the inverse of :func:`sync_snakemake`.
+
+    Refuses, naming the rules, unless Snakemake finds the outputs of the stages current (a dry run with nothing to
+    do): what DVC records as current must be. Then DVC's own stage :data:`PARAMS_STAGE` writes the resolved
+    profile (:func:`_resolve_params`), and ``dvc commit --force`` records each stage's code, params and outputs as
+    they are. `stages` are DVC's names, as in :func:`sync_snakemake` (default: every stage). Returns the stages
+    recorded; ``dvc status`` then reports them up to date, and after an edit of params.yaml (and ``dvc repro
+    resolve_params``) or of the code stale exactly where Snakemake would rerun jobs because of it."""
+    root = Path(root)
+    named = list(stages)
+    stages_of = _dvc_stages_of(root, named)
+    outs = [out for name, paths in stages_of.items() if name != PARAMS_STAGE for out in paths]
+    if outs:
+        dry = subprocess.run([_tool("snakemake"), "-n", "--cores", "1", *outs], cwd=root, capture_output=True,
+                             text=True)
+        if dry.returncode != 0:
+            raise RecordError(f"snakemake -n failed:\n{dry.stdout[-2000:]}\n{dry.stderr[-2000:]}")
+        text = dry.stdout + dry.stderr
+        if "Nothing to be done" not in text:
+            rules = sorted(set(re.findall(r"^(?:local)?rule (\S+):", text, flags=re.MULTILINE)))
+            raise RecordError(f"Snakemake would still run jobs of these rules: {', '.join(rules) or '?'} (see "
+                              "`snakemake -n`); run them (snakemake), then record the run")
+    try:
+        _resolve_params(root)
+    except RuntimeError as err:
+        raise RecordError(str(err)) from None
+    targets = [n for n in named if n != PARAMS_STAGE]
+    if targets or not named:  # no targets: every stage (DVC collects each named target on its own, seconds apiece)
+        done = subprocess.run([_tool("dvc"), "commit", "--force", *targets], cwd=root, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RecordError(f"`dvc commit` failed: {(done.stderr.strip() or done.stdout.strip())[-2000:]}")
+    return list(dict.fromkeys([PARAMS_STAGE, *stages_of]))
+
+
+def _python_env() -> dict[str, str]:
+    """The environment with this interpreter's scripts first on PATH: stage commands call `python` (the resolved
+    params stage's included), and must find this environment's, as Snakemake's do (common.smk)."""
+    import os
+
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def _resolve_params(root: Path) -> None:
+    """``dvc repro`` of :data:`PARAMS_STAGE` alone (a second; nothing when params.yaml is as dvc.lock has it), so
+    that DVC compares every other stage's keys with params.yaml as it is now."""
+    cmd = [_tool("dvc"), "repro", "--single-item", PARAMS_STAGE]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=_python_env())
+    if done.returncode != 0:
+        raise RuntimeError(f"`dvc repro {PARAMS_STAGE}` failed: {(done.stderr.strip() or done.stdout.strip())[-2000:]}")

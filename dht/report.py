@@ -87,6 +87,42 @@ def paper_dataset(cfg: Config, name: str) -> str | None:
     return key if key in paper_values()["datasets"] else None
 
 
+REPORTS = ("table1", "table2", "figures", "index")
+
+
+def report_param_keys(cfg: Config, report: str) -> list[str]:
+    """The params.yaml keys a report stage reads (`report` one of :data:`REPORTS`; this module, and dht.figures for
+    the figures): the run's lists (run: datasets, models, baselines, reference, control, seeds), the seed (where the
+    results of a run without run.seeds live), the arms of the reference (the depth its label names) and, but for
+    Table 2, of the control and the search of each mode (the depth analysis). The tables and the index name the
+    profile, the tables the paper's column of each dataset (its `paper:`), the figures and the index each
+    dataset's source (figures by difficulty for the embedded data); the figures read the model's depth (their axes)
+    and each DHT mode's warm-up (the selection figure), the index the MLflow experiments (tracking). Every model's
+    results are inputs: a key a training reads reruns the reports through them. The one list behind the report
+    rules' tracked params."""
+    if report not in REPORTS:
+        raise ValueError(f"{report!r}: not a report ({', '.join(REPORTS)})")
+    keys = ["seed", "run"]
+    if report != "index":  # the reference's depth (reference_label), and the control's in the depth analysis
+        control = [cfg.run.control] if cfg.run.control and report != "table2" else []
+        keys += [f"dht.modes.{m}.arms" for m in [cfg.run.reference, *control]]
+    if report != "table2":  # which modes choose their depth (the depth analysis, the figures, the index's rows)
+        keys += [f"dht.modes.{m}.search" for m in cfg.run.models]
+    if report != "figures":
+        keys.append("profile")
+    if report in ("table1", "table2"):
+        keys += [f"datasets.{d}.paper" for d in cfg.run.datasets if "paper" in type(cfg.datasets[d]).model_fields]
+    if report in ("figures", "index"):
+        keys += [f"datasets.{d}.source" for d in cfg.run.datasets]
+    if report == "figures":  # the axes' depth; each DHT mode's warm-up (marked on its selection figure)
+        keys.append("model.num_hidden_layers")
+        for m in dht_modes(cfg):
+            keys += [f"dht.modes.{m}.warmup_mode", *([f"dht.modes.{m}.warmup_epochs"] if cfg.dht.modes[m].warmup_mode else [])]
+    if report == "index":
+        keys.append("tracking.experiment_prefix")
+    return keys
+
+
 def fixed_layers_of(cfg: Config, mode: str) -> int:
     """The depth of a fixed mode (its one arm)."""
     return parse_arm((cfg.dht.modes[mode].arms or ["0L0H"])[0]).num_layers

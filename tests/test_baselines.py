@@ -16,7 +16,9 @@ def test_every_kind_has_its_section_and_a_runner(name):
     kind, _ = parse_baseline(name)
     baseline = KINDS[kind]
     assert baseline.section in BaselinesConfig.model_fields
-    assert f"baselines.{baseline.section}" in baseline.params
+    section = f"baselines.{baseline.section}"
+    assert any(k == section or k.startswith(f"{section}.") for k in baseline.params)  # its section, or keys of it
+    assert "model" not in baseline.params and "train" not in baseline.params  # read: the keys, not the sections
     assert callable(importlib.import_module(baseline.module).run)
 
 

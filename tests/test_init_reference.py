@@ -55,7 +55,7 @@ def test_the_checkpoint_fingerprint_and_mlflow_params_name_the_start():
     assert "run.reference" in run_param_keys(ref, "t-dht") and "run.reference" not in run_param_keys(cfg, "t-dht")
     params = run_params(ref, "t-dht")
     assert params["mode"]["init"] == "reference" and params["reference_mode"]["arms"] == ["12L12H"]
-    assert params["model"]["exit_heads"] == "shared"
+    assert params["model.exit_heads"] == "shared"
     assert run_params(cfg, "vanilla-12")["mode"]["arms"] == ["12L12H"]  # the reference's own run: its `mode`
     assert fingerprint(ref, "t-dht", DATASET, meta) != fingerprint(cfg, "t-dht", DATASET, meta)
     per_depth = cfg.model_dump(mode="json")

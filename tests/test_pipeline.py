@@ -51,33 +51,41 @@ def test_a_csv_datasets_files_are_inputs_of_its_download(project):
 
 
 def test_drift_between_snakefile_and_dvc_yaml_is_detected(project):
-    rules = project / "workflow" / "rules" / "report.smk"
+    rules = project / "workflow" / "rules" / "data.smk"
     text = rules.read_text()
-    assert 'tracked("run"' in text
-    rules.write_text(text.replace('tracked("run"', 'tracked("seed", "run"'))
+    assert 'tracked("seed", "data", "datasets.{dataset}")' in text
+    rules.write_text(text.replace('tracked("seed", "data", "datasets.{dataset}")',
+                                  'tracked("seed", "tokenizer", "data", "datasets.{dataset}")'))
     proc = run_cli(["dht", "dvc-yaml", "--check"], cwd=project, check=False)
     assert proc.returncode == 1 and "out of date" in proc.stderr
     run_cli(["dht", "dvc-yaml"], cwd=project)
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    assert "seed" in stages["table1"]["params"]
+    assert stages["download-sst2"]["params"] == [{"params.resolved.yaml": ["seed", "tokenizer", "data", "datasets.sst2"]}]
 
 
 def test_dvc_stages_mirror_snakemake_jobs(project):
     """dvc.yaml is generated for the default profile: sst2 and dbpedia-subset, six models, five baselines; a
-    rule's jobs that differ only in their wildcards are one `matrix:` stage, as DVC's examples write them."""
+    rule's jobs that differ only in their wildcards are one `matrix:` stage, as DVC's examples write them. The
+    params come from the resolved profile, which DVC's own first stage writes."""
     from dht.pipeline import expand_dvc_stages
 
     written = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     datasets = ["dbpedia-subset", "sst2"]
     # the two downloads read differently named folders of data/external: two stages
-    assert list(written) == ["download-dbpedia-subset", "download-sst2", "tokenize", "arm_features",
-                             "flexibert_search", "train", "train-p-dht", "baseline-distil-2", "baseline-fastbert",
-                             "baseline-flexibert-0.5", "baseline-nas-prune-0.5", "table1", "figures", "table2",
-                             "index"]
+    # the fixed modes read no bandit key, P-DHT its warm-up mode: three train stages
+    assert list(written) == ["resolve_params", "download-dbpedia-subset", "download-sst2", "tokenize",
+                             "arm_features", "flexibert_search", "train", "train-p-dht", "train-vanilla",
+                             "baseline-distil-2", "baseline-fastbert", "baseline-flexibert-0.5",
+                             "baseline-nas-prune-0.5", "table1", "figures", "table2", "index"]
+    assert written["resolve_params"] == {
+        "cmd": "python -m dht.cli config show --out params.resolved.yaml",
+        "deps": ["dht/cli.py", "dht/__init__.py", "dht/arms.py", "dht/config.py", "dht/config_checks.py",
+                 "dht/config_loading.py", "dht/pretrained.py"],
+        "params": [{"params.yaml": None}], "outs": ["params.resolved.yaml"]}
     for name in ("tokenize", "arm_features", "flexibert_search"):
         assert written[name]["matrix"] == {"dataset": datasets}
-    assert written["train"]["matrix"] == {"dataset": datasets,
-                                          "model": ["f-dht", "s-dht", "t-dht", "vanilla-2", "vanilla-6"]}
+    assert written["train"]["matrix"] == {"dataset": datasets, "model": ["f-dht", "s-dht", "t-dht"]}
+    assert written["train-vanilla"]["matrix"] == {"dataset": datasets, "model": ["vanilla-2", "vanilla-6"]}
     # no --profile: DVC would paste `${profile}` into the command unquoted; the stages read params.yaml's profile:
     assert written["train"]["cmd"].startswith("python workflow/scripts/train.py --dataset ${item.dataset} "
                                               "--model ${item.model} ")
@@ -86,36 +94,42 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
 
     stages = expand_dvc_stages(written)  # as DVC runs them (checked against DVC below)
     names = list(stages)
-    assert names[:8] == ["download-dbpedia-subset", "download-sst2", "tokenize@dbpedia-subset", "tokenize@sst2",
-                         "arm_features@dbpedia-subset", "arm_features@sst2", "flexibert_search@dbpedia-subset",
-                         "flexibert_search@sst2"]
+    assert names[:9] == ["resolve_params", "download-dbpedia-subset", "download-sst2", "tokenize@dbpedia-subset",
+                         "tokenize@sst2", "arm_features@dbpedia-subset", "arm_features@sst2",
+                         "flexibert_search@dbpedia-subset", "flexibert_search@sst2"]
     assert set(names[-4:]) == {"table1", "table2", "figures", "index"} and names[-1] == "index"
-    assert len(names) == 6 + 2 + 12 + 10 + 4
+    assert len(names) == 1 + 6 + 2 + 12 + 10 + 4
     # reports, metrics and plots are git-ignored outputs: cached, so that `dvc pull` restores them
     assert "reports/figures/pareto-sst2.png" in stages["figures"]["outs"]
-    assert {f"train@{d}-{m}" for d in datasets for m in ("vanilla-6", "vanilla-2", "t-dht", "s-dht", "f-dht")} | {
-        f"train-p-dht@{d}" for d in datasets} == set(names[8:20])
+    assert {f"train@{d}-{m}" for d in datasets for m in ("t-dht", "s-dht", "f-dht")} | {
+        f"train-vanilla@{d}-{m}" for d in datasets for m in ("vanilla-6", "vanilla-2")} | {
+        f"train-p-dht@{d}" for d in datasets} == set(names[9:21])
     assert {f"baseline-fastbert@{d}-{b}" for d in datasets for b in ("fastbert-0.5", "fastbert-0.8")} | {
-        f"baseline-{b}@{d}" for d in datasets for b in ("distil-2", "nas-prune-0.5", "flexibert-0.5")} == set(names[20:30])
+        f"baseline-{b}@{d}" for d in datasets for b in ("distil-2", "nas-prune-0.5", "flexibert-0.5")} == set(names[21:31])
     flexi = stages["baseline-flexibert-0.5@sst2"]
     assert "results/sst2/flexibert-search/trace.json" in flexi["deps"]
     assert flexi["cmd"].endswith("--search results/sst2/flexibert-search")
     base = stages["baseline-fastbert@sst2-fastbert-0.8"]
     assert "models/sst2/vanilla-6" in base["deps"] and "dht/baselines/fastbert.py" in base["deps"]
     assert "--model fastbert-0.8 " in base["cmd"] and "models/sst2/fastbert-0.8" in base["outs"]
+    def params(stage):
+        (entry,) = stage["params"]
+        return entry["params.resolved.yaml"]
+
     train = stages["train-p-dht@sst2"]
-    assert "dht.modes.p-dht" in train["params"] and "dht.modes.f-dht" in train["params"]  # its warm-up mode
+    assert params(train)[-2:] == ["dht.modes.p-dht", "dht.modes.f-dht"]  # its warm-up mode
     assert "models/sst2/p-dht" in train["outs"]
     assert train["metrics"] == ["results/sst2/p-dht/metrics.json"]
     assert list(train["plots"][0]) == ["results/sst2/p-dht/loss.csv"]
-    assert stages["train@sst2-t-dht"]["params"][-2:] == ["dht.modes.t-dht", "profiles.${profile}"]
+    assert params(stages["train@sst2-t-dht"])[-1] == "dht.modes.t-dht" and "dht.bandits" in params(stages["train@sst2-t-dht"])
+    assert "dht.bandits" not in params(stages["train-vanilla@sst2-vanilla-6"])  # one fixed arm, no bandit
     assert "--threads 1 " in stages["arm_features@sst2"]["cmd"]  # the rule's threads
     assert stages["arm_features@sst2"]["cmd"].endswith(" --log logs/arm_features/sst2.log")  # the rule's log:
     tok = stages["tokenize@sst2"]
     assert tok["cmd"].startswith("python workflow/scripts/tokenize_data.py --dataset sst2 ")
     assert not any("profile" in stage["cmd"] for stage in stages.values())
     assert "data/raw/sst2/train.parquet" in tok["deps"] and "dht/tokenization.py" in tok["deps"]
-    assert tok["params"] == ["profile", "tokenizer", "datasets.sst2", "profiles.${profile}"]
+    assert params(tok) == ["tokenizer", "datasets.sst2.max_length"]
     assert "data/processed/sst2/tokenizer" in tok["outs"]
 
 
@@ -134,8 +148,9 @@ def dvc_reads(project: Path) -> dict:
 
 def test_dvc_runs_exactly_one_stage_per_snakemake_job(project):
     """The matrix stages are a way of writing, nothing more: DVC's own expansion of dvc.yaml is, stage for stage,
-    the plain stage of each Snakemake job (command less --profile, deps, params, outs, metrics, plots)."""
-    from dht.pipeline import _stage_body, expand_dvc_stages, snakemake_jobs
+    the plain stage of each Snakemake job (command less --profile, deps, params, outs, metrics, plots), and DVC's own
+    stage that resolves the profile."""
+    from dht.pipeline import PARAMS_STAGE, _stage_body, expand_dvc_stages, params_stage, snakemake_jobs
 
     written = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     read = dvc_reads(project)
@@ -144,12 +159,41 @@ def test_dvc_runs_exactly_one_stage_per_snakemake_job(project):
     def interpolated(body):
         return json.loads(json.dumps(body).replace("${profile}", "default"))
     assert {name: interpolated(body) for name, body in expand_dvc_stages(written).items()} == read
+    assert read.pop(PARAMS_STAGE) == interpolated(params_stage(project))
     by_cmd = {body["cmd"]: body for body in read.values()}
     jobs = snakemake_jobs(project, "default")
     assert len(jobs) == len(by_cmd) == len(read)
     for job in jobs:
         assert job.cmd.replace(" --profile default ", " ") == _stage_body(job, "default")["cmd"]
         assert by_cmd[_stage_body(job, "default")["cmd"]] == interpolated(_stage_body(job, "default")), job.stage_name
+
+
+def test_a_stage_run_by_dvc_stops_when_dvc_yaml_tracks_other_keys_than_it_reads(project, monkeypatch):
+    """Which keys a stage reads can depend on values (arm_features reads the warm-up's train keys only with
+    dht.features.warmup_steps): DVC reruns the stage when such a value changes (it is tracked), and the stage then
+    stops, naming the fix, instead of being recorded in dvc.lock under dvc.yaml's old list of keys."""
+    import os
+
+    from dht.config import arm_feature_keys
+    from dht.config_loading import load_config
+    from dht.dvc_params import check_dvc_keys
+    from dht.pipeline import expand_dvc_stages
+
+    stage = "arm_features@sst2"
+    cmd = expand_dvc_stages(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])[stage]["cmd"]
+    monkeypatch.setenv("DVC_STAGE", stage)
+    assert check_dvc_keys(project, arm_feature_keys(load_config(project / "params.yaml")), "default") is None  # current
+    assert load_config(project / "params.yaml").dht.features.warmup_steps == 0
+    set_params(project, lambda r: r["dht"]["features"].__setitem__("warmup_steps", 10))
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(project))
+    proc = subprocess.run(cmd.replace("${profile}", "default"), shell=True, cwd=project, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert (f"error: dvc.yaml is out of date for stage {stage}: params.yaml changed what it reads (it now reads "
+            "train.batch_size, train.grad_clip, train.learning_rate, train.warmup_ratio, train.weight_decay, which dvc.yaml "
+            "does not track). Regenerate dvc.yaml (dht dvc-yaml --profile default), then dvc repro") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (project / "data/features/sst2").exists()  # stopped before any work
 
 
 def fit_job(dataset: str, model: str, seed: str, extra: tuple[str, ...] = ()):
@@ -187,7 +231,7 @@ def test_jobs_that_differ_only_in_wildcards_become_one_stage_that_dvc_expands_ba
     assert matrix["fit"]["cmd"] == ("python fit.py --dataset ${item.dataset} --model ${item.model}"
                                     " --seed ${item.seed} --threads 2 --out out/${item.dataset}/${item.model}/seed-${item.seed}")
     assert matrix["fit"]["deps"][1:] == ["static/m-1x/vocab.txt", "static/a2/notes.txt"]
-    assert matrix["fit"]["params"][1:4] == ["seed", "datasets.${item.dataset}", "modes.${item.model}"]
+    assert matrix["fit"]["params"] == [{"params.resolved.yaml": ["seed", "datasets.${item.dataset}", "modes.${item.model}"]}]
 
     stages = dvc_stages(partial + warm + [odd], "p")["stages"]
     assert list(stages) == ["fit", "fit-p-3", "fit-c-m-1-1"]  # fit-p-3: its extra param; fit-c-...: plain
@@ -197,7 +241,8 @@ def test_jobs_that_differ_only_in_wildcards_become_one_stage_that_dvc_expands_ba
     assert len(stages["fit"]["foreach"]) == 6 and "b-k-2-1" not in stages["fit"]["foreach"]
     assert stages["fit-p-3"]["matrix"] == {"dataset": ["a", "b"], "seed": ["1", "2"]}  # p-3 is in its name
     assert "--model p-3 " in stages["fit-p-3"]["cmd"] and stages["fit"]["do"]["cmd"] == matrix["fit"]["cmd"]
-    assert stages["fit-p-3"]["params"][-2] == "modes.m-1"  # `1` there is no seed, though the jobs of seed 1 say so
+    # `1` there is no seed, though the jobs of seed 1 say so
+    assert stages["fit-p-3"]["params"][0]["params.resolved.yaml"][-1] == "modes.m-1"
 
     # DVC's own reading of what was written: every job's plain stage, under the names expand_dvc_stages gives
     (tmp_path / "params.yaml").write_text("profile: p\n")
@@ -613,9 +658,12 @@ def test_dvc_repro_makes_the_reports_and_a_restored_checkout_does_not_retrain(pr
     run_cli(["dvc", "repro"], cwd=project, timeout=900)
 
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert lock["stages"]["tokenize-embedded-news"]["params"]["params.yaml"]["profile"] == "tiny"
-    # one dataset: the trained models are one matrix stage, the single baseline and tokenize plain stages
-    assert {"table1", "table2", "figures", "index", "train@embedded-news-t-dht", "baseline-embedded-news-distil-1",
+    assert lock["stages"]["resolve_params"]["params"]["params.yaml"]["profile"] == "tiny"
+    tok = lock["stages"]["tokenize-embedded-news"]["params"]["params.resolved.yaml"]
+    assert tok["datasets.embedded-news.max_length"] == 40 and tok["tokenizer"]["vocab_size"] == 600  # tiny's, resolved
+    # one dataset: the fixed modes are one matrix stage, t-dht (the one bandit mode), the single baseline and
+    # tokenize plain stages
+    assert {"table1", "table2", "figures", "index", "train-embedded-news-t-dht", "baseline-embedded-news-distil-1",
             "train@embedded-news-vanilla-3"} <= set(lock["stages"])  # the shallow control: the depth analysis reads it
     index = (project / "reports/index.md").read_text()
     assert "Profile `tiny`" in index and "](table1.md)" in index and "figures/pareto-embedded-news.png" in index
@@ -649,16 +697,16 @@ def test_dvc_repro_makes_the_reports_and_a_restored_checkout_does_not_retrain(pr
     assert (project / "reports/figures/loss-embedded-news.png").is_file()
     assert "mean_layers_easy" in (project / "results/embedded-news/t-dht/metrics.json").read_text()
     assert "Nothing to be done" in snakemake_todo()
-    # a matrix stage is synced by its name (all its items: 3 models x 5 outputs) or by one item's
-    assert "takes 15 outputs" in run_cli(["dht", "sync-snakemake", "train"], cwd=project).stdout
-    assert "takes 5 outputs" in run_cli(["dht", "sync-snakemake", "train@embedded-news-t-dht"], cwd=project).stdout
+    # a matrix stage is synced by its name (all its items: 2 fixed models x 5 outputs) or by one item's
+    assert "takes 10 outputs" in run_cli(["dht", "sync-snakemake", "train"], cwd=project).stdout
+    assert "takes 5 outputs" in run_cli(["dht", "sync-snakemake", "train@embedded-news-vanilla-3"], cwd=project).stdout
     # ... but a changed parameter still reruns what reads it, and the sync refuses to hide it
     set_params(project, lambda r: r["profiles"]["tiny"]["train"].__setitem__("epochs", 3))
     refused = run_cli(["dht", "sync-snakemake"], cwd=project, check=False)
-    assert refused.returncode == 1 and "train@embedded-news-t-dht" in refused.stderr
+    assert refused.returncode == 1 and "train-embedded-news-t-dht" in refused.stderr
     # naming only a downstream stage does not hide its stale upstream training either
     downstream = run_cli(["dht", "sync-snakemake", "figures"], cwd=project, check=False)
-    assert downstream.returncode == 1 and "train@embedded-news-t-dht" in downstream.stderr
+    assert downstream.returncode == 1 and "train-embedded-news-t-dht" in downstream.stderr
     nothing = run_cli(["dht", "sync-snakemake", "train@embedded-news-nothing"], cwd=project, check=False)
     assert nothing.returncode == 1 and "not stages of dvc.yaml: train@embedded-news-nothing" in nothing.stderr
     # the two models and the control vanilla-3 (tiny's run.control, kept by the run: overlay above)
@@ -723,3 +771,210 @@ def test_a_device_that_is_not_there_is_a_clear_error(project):
     assert proc.returncode == 1
     assert "error: device = 'cuda' but no CUDA device is available here; set `device: auto`" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def summary(project: Path) -> dict[str, tuple[str, str]]:
+    """`snakemake --summary`: each output's (status, plan); status `params changed` when the params its job
+    tracks changed, plan `update pending` when the job would run."""
+    out = run_cli(["snakemake", "--summary", "--cores", "1"], cwd=project).stdout
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert rows[0] == ["output_file", "date", "rule", "log-file(s)", "status", "plan"], out[-2000:]
+    return {row[0]: (row[4], row[5]) for row in rows[1:] if len(row) == 6}
+
+
+def downstream(jobs, names: set[str], label) -> set[str]:
+    """`names` (job labels) and every job that reads what they write, transitively."""
+    done = set(names)
+    while True:
+        outs = [o for j in jobs if label(j) in done for o in j.outputs]
+        more = {label(j) for j in jobs if label(j) not in done
+                and any(i == o or i.startswith(o.rstrip("/") + "/") for i in j.inputs for o in outs)}
+        if not more:
+            return done
+        done |= more
+
+
+@pytest.mark.slow
+def test_a_changed_parameter_reruns_exactly_the_stages_that_read_it(tiny_project):
+    """For one parameter of each section, Snakemake names exactly the jobs whose tracked params changed (and, as
+    to rerun, those and everything that reads their outputs), and `dvc status` names the same stages once
+    `resolve_params` has resolved the edit. The tiny profile on one dataset, with its upstream built
+    (tiny_project) and the rest of its outputs stand-ins recorded as current (`snakemake --touch`, then
+    dht.pipeline.record_dvc_run): dry runs, not trainings."""
+    from dht.pipeline import PARAMS_STAGE, expand_dvc_stages, record_dvc_run, snakemake_jobs
+
+    project = tiny_project
+    fixed, bandit = ["vanilla-12", "vanilla-3"], ["t-dht", "s-dht", "f-dht", "p-dht"]
+    baselines = ["distil-3", "flexibert-0.5"]
+
+    def small(raw):  # tiny's models (its arm features were built for them), two baselines, one dataset
+        raw["profile"] = "tiny"
+        raw["profiles"]["tiny"]["run"] = {"datasets": ["embedded-news"], "baselines": baselines}
+    set_params(project, small)
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)  # DVC wants a git repository
+    run_cli(["dht", "dvc-yaml", "--profile", "tiny"], cwd=project)
+    jobs = snakemake_jobs(project, "tiny")
+
+    def label(job) -> str:
+        w = dict(job.wildcards)
+        return ":".join([job.rule, *([w[k] for k in ("model", "baseline") if k in w])])
+    assert sorted(map(label, jobs)) == sorted(["download", "tokenize", "arm_features", "flexibert_search",
+                                               *(f"train:{m}" for m in fixed + bandit),
+                                               *(f"baseline:{b}" for b in baselines),
+                                               "table1", "table2", "figures", "index"])
+    files = {".json", ".csv", ".md", ".png"}  # the file outputs' suffixes; the others are directories (models/...)
+    for job in jobs:  # stand-ins for what the upstream did not build
+        for out in map(Path, job.outputs):
+            if not (project / out).exists():
+                if out.suffix in files:
+                    (project / out).parent.mkdir(parents=True, exist_ok=True)
+                    (project / out).write_text(f"{out}\n")
+                else:
+                    (project / out).mkdir(parents=True)
+                    (project / out / "stand-in.txt").write_text(f"{out}\n")
+    run_cli(["snakemake", "--cores", "1", "--touch", "--forceall"], cwd=project)  # records, as after a run
+    assert {plan for _, plan in summary(project).values()} == {"no update"}
+    recorded = record_dvc_run(project)
+    assert recorded[0] == PARAMS_STAGE and len(recorded) > 1
+    assert json.loads(run_cli(["dvc", "status", "--json"], cwd=project).stdout) == {}
+
+    stages = expand_dvc_stages(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    stage_of = {out: name for name, body in stages.items()
+                for out in [*body.get("outs", []), *body.get("metrics", []), *(next(iter(p)) for p in body.get("plots", []))]}
+    by_output = {out: label(job) for job in jobs for out in job.outputs}
+    dvc_name = {label(job): stage_of[job.outputs[0]] for job in jobs}
+    saved = {name: (project / name).read_bytes() for name in ("params.yaml", "params.resolved.yaml", "dvc.lock")}
+
+    def top(key, value):  # a top-level key the tiny profile inherits
+        def edit(raw):
+            node = raw
+            *path, last = key.split(".")
+            for part in path:
+                node = node[part]
+            node[last] = value
+        return edit
+
+    def tiny(key, value):  # a key the tiny overlay sets
+        return top(f"profiles.tiny.{key}", value)
+
+    trains = {f"train:{m}" for m in fixed + bandit}
+    bandit_trains = {f"train:{m}" for m in bandit}
+    reports = {"table1", "table2", "figures", "index"}
+    cases = [
+        ("seed", top("seed", 1), {"download", "arm_features", "flexibert_search", *trains,
+                                  *(f"baseline:{b}" for b in baselines), *reports}),
+        ("device", top("device", "cpu"), {"arm_features", "flexibert_search", *trains,
+                                          *(f"baseline:{b}" for b in baselines)}),
+        ("datasets.embedded-news.n_test", tiny("datasets.embedded-news.n_test", 80), {"download"}),
+        ("tokenizer.min_frequency", top("tokenizer.min_frequency", 1), {"tokenize"}),
+        ("model.hidden_dropout_prob", top("model.hidden_dropout_prob", 0.2),
+         {"arm_features", "flexibert_search", "baseline:flexibert-0.5"}),
+        ("dht.features.batch_size", top("dht.features.batch_size", 128), {"arm_features", *bandit_trains}),
+        ("dht.bandits.ucb_alpha", top("dht.bandits.ucb_alpha", 2.0), bandit_trains),
+        ("dht.inference", top("dht.inference", "sample"), bandit_trains),
+        ("dht.modes.t-dht.exit_loss", top("dht.modes.t-dht.exit_loss", "path"), {"train:t-dht"}),
+        # f-dht is also p-dht's warm-up mode
+        ("dht.modes.f-dht.exit_loss", top("dht.modes.f-dht.exit_loss", "path"), {"train:f-dht", "train:p-dht"}),
+        ("train.epochs", tiny("train.epochs", 3), {*trains, *(f"baseline:{b}" for b in baselines)}),
+        # read under torchrun only (nproc_per_node > 1)
+        ("train.distributed.backend", top("train.distributed.backend", "gloo"), set()),
+        ("baselines.distil.epochs", tiny("baselines.distil.epochs", 2), {"baseline:distil-3"}),
+        ("baselines.flexibert.evaluations", tiny("baselines.flexibert.evaluations", 4), {"flexibert_search"}),
+        ("baselines.flexibert.epochs", tiny("baselines.flexibert.epochs", 9), {"baseline:flexibert-0.5"}),
+        ("tracking.experiment_prefix", top("tracking.experiment_prefix", "x-"), {"index"}),
+    ]
+    for key, edit, expected in cases:
+        set_params(project, edit)
+        # --summary rather than a dry run's reasons, which name a params change only for a job with no upstream
+        # job to wait for (and --list-params-changes, which in Snakemake 9.27 also lists the last output of every
+        # job whose params did not change)
+        status = summary(project)
+        assert set(status) == set(by_output)
+        assert {by_output[out] for out, (st, _) in status.items() if st == "params changed"} == expected, key
+        rerun = {by_output[out] for out, (_, plan) in status.items() if plan == "update pending"}
+        assert rerun == downstream(jobs, expected, label), key  # and what reads their outputs
+        if key == "seed":  # DVC sees params.yaml change first; resolve_params turns it into the stages' keys
+            assert set(json.loads(run_cli(["dvc", "status", "--json"], cwd=project).stdout)) == {PARAMS_STAGE}
+        run_cli(["dvc", "repro", "--single-item", PARAMS_STAGE], cwd=project)
+        stale = json.loads(run_cli(["dvc", "status", "--json"], cwd=project).stdout)
+        assert set(stale) == {dvc_name[j] for j in expected}, key
+        assert all("params.resolved.yaml" in str(reasons) for reasons in stale.values()), key
+        for name, data in saved.items():
+            (project / name).write_bytes(data)
+
+
+# Keys a stage reads without tracking them, and why that is right (test_every_stage_tracks_the_params_it_reads).
+NOT_TRACKED = {
+    "profile": "the MLflow run's profile tag (the reports, which print it, track it)",
+    "tracking.experiment_prefix": "the MLflow experiment a stage logs to (the index, which reads the store by it, "
+                                  "tracks it)",
+    "train.log_model": "whether the MLflow run keeps a copy of the model",
+    "datasets": "a stage checks that its dataset is defined (Config.dataset)",
+    "run.datasets": "... and run by the profile: which jobs exist (the reports, which list them, track run)",
+    "run.seeds": "a training checks that its --seed is one of the profile's: which jobs exist",
+    "run.reference": "a baseline checks that its teacher, an input, is the reference",
+    "<profile>": "policy.json keeps a copy of the resolved profile beside a trained model, a record of its run",
+}
+# What a fixed mode's training reads and cannot act on: one arm, no bandit, so no context to pool, no decision
+# to make, nothing to act greedily or not on at test time (dht.policy.Policy builds empty context normalisers).
+FIXED_MODE_UNUSED = ("dht.inference", "dht.decision_states", "dht.features")
+RECORDER = Path(__file__).with_name("record_reads.py")
+
+
+def stage_reads(path: Path) -> set[str]:
+    """The params.yaml keys a stage read (tests/record_reads.py's record): not the copies of its tracked keys
+    (MLflow params, the fingerprint), nor a section or mapping taken only to reach keys below it, nor an object
+    the code built."""
+    recorded = json.loads(path.read_text())
+    out = set()
+    for key, hows in recorded.items():
+        real = set(hows) - {"section"}
+        below = any(other.startswith(f"{key}.") for other in recorded)
+        if key.startswith("?") or not real or (real <= {"object", "mapping"} and below) or real == {"object"}:
+            continue
+        out.add(key)
+    return out
+
+
+@pytest.mark.slow
+def test_every_stage_tracks_the_params_it_reads(project):
+    """Every stage of a small tiny DAG (one dataset; a fixed mode, the control, a tree mode and P-DHT with its
+    warm-up mode; every baseline kind; the search; the reports) runs with each read of its configuration
+    recorded, and every key it reads is one its rule tracks (so Snakemake and DVC rerun it when the key changes),
+    or one of NOT_TRACKED, or, for a fixed mode, one it cannot act on."""
+    import os
+    import shlex
+
+    from conftest import two_epoch_tiny
+
+    from dht.pipeline import snakemake_jobs
+
+    def small(raw):
+        raw["profile"] = "tiny"
+        two_epoch_tiny(raw)
+        raw["profiles"]["tiny"]["run"] = {
+            "datasets": ["embedded-news"], "models": ["vanilla-12", "vanilla-3", "t-dht", "p-dht"],
+            "baselines": ["distil-3", "fastbert-0.5", "nas-prune-0.5", "flexibert-0.5"]}
+    set_params(project, small)
+    jobs = snakemake_jobs(project, "tiny")
+    assert {j.rule for j in jobs} == {"download", "tokenize", "arm_features", "flexibert_search", "train",
+                                      "baseline", "table1", "table2", "figures", "index"}
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(project),
+               DHT_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    untracked = {}
+    for i, job in enumerate(jobs):  # in the DAG's order
+        python, *args = shlex.split(job.cmd)
+        assert python == "python", job.cmd
+        record = project / f"reads-{i}.json"
+        proc = subprocess.run([str(BIN / "python"), str(RECORDER), str(record), *args], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{job.cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        fixed = job.rule == "train" and dict(job.wildcards)["model"] in ("vanilla-12", "vanilla-3")
+        missing = sorted(
+            key for key in stage_reads(record)
+            if key not in NOT_TRACKED and not any(key == t or key.startswith(f"{t}.") for t in job.tracked)
+            and not (fixed and any(key == k or key.startswith(f"{k}.") for k in FIXED_MODE_UNUSED)))
+        if missing:
+            untracked[job.stage_name] = missing
+    assert not untracked, f"stages read params.yaml keys their rules do not track: {untracked}"

@@ -354,7 +354,10 @@ def test_one_list_of_keys_behind_tracking_mlflow_and_the_checkpoint():
     assert "dht.modes.p-dht" in keys and "dht.modes.f-dht" in keys and "dht.decision_states" in keys
     params = run_params(cfg, "p-dht")
     assert params["mode"] == cfg.section("dht.modes.p-dht") and params["warmup_mode"] == cfg.section("dht.modes.f-dht")
-    assert set(run_params(cfg, "t-dht")) == set(params) - {"warmup_mode"}  # the same names for every model
+    # the same names for every model of a kind; a fixed mode (one arm) reads no bandit, context or inference key
+    assert set(run_params(cfg, "t-dht")) == set(run_params(cfg, "s-dht")) == set(params) - {"warmup_mode", "dht.p_dht_freeze"}
+    bandit_keys = {"dht.features", "dht.bandits", "dht.inference", "dht.count_s1_flops", "dht.decision_states"}
+    assert set(run_params(cfg, "vanilla-12")) == set(run_params(cfg, "t-dht")) - bandit_keys
 
     def edited(key, value):
         raw = cfg.model_dump(mode="json")
@@ -368,3 +371,7 @@ def test_one_list_of_keys_behind_tracking_mlflow_and_the_checkpoint():
     fp = fingerprint(cfg, "t-dht", "d", {})
     assert fingerprint(edited("dht.decision_states", "train"), "t-dht", "d", {}) != fp
     assert fingerprint(edited("dht.modes.s-dht.arms", ["3L12H", "12L12H"]), "t-dht", "d", {}) == fp  # not read
+    fixed = fingerprint(cfg, "vanilla-12", "d", {})
+    assert fingerprint(edited("dht.bandits.ucb_alpha", 2.0), "vanilla-12", "d", {}) == fixed
+    assert fingerprint(edited("dht.bandits.ucb_alpha", 2.0), "t-dht", "d", {}) != fp
+    assert fingerprint(edited("train.log_model", False), "t-dht", "d", {}) == fp  # MLflow's only

@@ -18,6 +18,8 @@ from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dht.config import FlexiBERTConfig
+
 if TYPE_CHECKING:
     import torch
 
@@ -29,28 +31,46 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Baseline:
     """One kind of baseline: its ``baselines:`` section in params.yaml, the module whose ``run`` builds it, and
-    the other sections it reads."""
+    the params.yaml keys of its own that a job of the kind reads (``reads``; default: its whole section)."""
 
     kind: str
     section: str
     module: str
     title: str  # what it is, in words (dht predict says it of a baseline's model directory)
-    also_reads: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
 
     @property
     def params(self) -> list[str]:
-        """The params.yaml keys a job of this kind reads (Snakemake reruns it when they change; DVC tracks them)."""
-        return ["seed", "device", "train", f"baselines.{self.section}", *self.also_reads]
+        """The params.yaml keys a job of this kind reads (workflow/scripts/baseline.py, this package, the kind's
+        module): the seed and device; train.epochs (the reference's training FLOPs, the 1.00x of its training
+        FLOP ratio), train.batch_size and train.eval_batch_size (its training and test batches); and its own
+        keys. Not the `model:` section (the kind reads the trained reference, an input), nor train.log_model
+        (MLflow only). Snakemake reruns a job when their values change and DVC tracks them; tests/test_pipeline.py
+        checks them against what a job really reads."""
+        return ["seed", "device", "train.epochs", "train.batch_size", "train.eval_batch_size",
+                *(self.reads or (f"baselines.{self.section}",))]
 
 
+# The flexibert-<ratio> baseline retrains the architecture its dataset's search chose (dht.flexibert.search_stage
+# .retrain): for baselines.flexibert.epochs, with the search's learning rate, batches and dropout (_train_kwargs).
+# Everything else of baselines.flexibert is the search's (FLEXIBERT_SEARCH_PARAMS), an input of the baseline.
+FLEXIBERT_RETRAINING = ("epochs", "learning_rate")
 KINDS: dict[str, Baseline] = {b.kind: b for b in (
     Baseline("distil", "distil", "dht.baselines.distil", "a DistilBERT student of the reference"),
     Baseline("fastbert", "fastbert", "dht.baselines.fastbert", "FastBERT: the reference with early-exit students"),
     Baseline("nas-prune", "nas_prune", "dht.baselines.nas_prune", "the reference pruned by differentiable NAS"),
-    # The retrained architecture's dropout is the model section's.
     Baseline("flexibert", "flexibert", "dht.baselines.flexibert", "the best FlexiBERT architecture within a FLOP budget",
-             also_reads=("model",)),
+             reads=(*(f"baselines.flexibert.{k}" for k in FLEXIBERT_RETRAINING), "model.hidden_dropout_prob")),
 )}
+
+# The params.yaml keys the flexibert_search stage reads (workflow/scripts/flexibert_search.py,
+# dht.flexibert.search_stage.run_search): the design space, BOSHNAS's settings and each query's brief training
+# (every baselines.flexibert key but the retraining's epochs), the FLOP budgets (the flexibert-<ratio> names in
+# run.baselines), the seed and device, and the training batches and dropout it shares with the retraining.
+FLEXIBERT_SEARCH_PARAMS: tuple[str, ...] = (
+    "seed", "device", "run.baselines", "model.hidden_dropout_prob", "train.batch_size", "train.eval_batch_size",
+    *(f"baselines.flexibert.{k}" for k in FlexiBERTConfig.model_fields if k != "epochs"),
+)
 
 
 # A baseline's model directory's description, written last before its checksums (:func:`finish_model_dir`).
@@ -150,14 +170,13 @@ def finish_model_dir(out_model: Path, tokenizer: Path, info: dict[str, Any], tea
 
 
 def run_params(cfg: Config, dataset: str, name: str, device: torch.device) -> dict[str, Any]:
-    """The MLflow params of a baseline run: what it is, and the params.yaml sections it reads."""
+    """The MLflow params of a baseline run: what it is, and the params.yaml keys it reads (``KINDS[kind].params``,
+    the list its rule tracks)."""
     from dht.config import parse_baseline
 
     kind, value = parse_baseline(name)
-    return {"model_name": name, "dataset": dataset, "seed": cfg.seed, "device": str(device),
-            "baseline.kind": kind, "baseline.value": value,
-            "baselines": cfg.section(f"baselines.{KINDS[kind].section}"),
-            "model": cfg.section("model"), "train": cfg.section("train")}
+    return {**{key: cfg.section(key) for key in KINDS[kind].params}, "model_name": name, "dataset": dataset,
+            "seed": cfg.seed, "device": str(device), "baseline.kind": kind, "baseline.value": value}
 
 
 def run_baseline(kind: str, value: float, job: BaselineJob) -> BaselineRun:

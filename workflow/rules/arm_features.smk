@@ -12,9 +12,7 @@ rule arm_features:
         meta="data/features/{dataset}/meta.json",
         model=directory("data/features/{dataset}/init_model"),
     params:
-        # the warm-up (dht.features.warmup_steps) trains with the profile's optimiser settings
-        tracked=tracked("seed", "device", "model", "dht", "run.models", "train.learning_rate", "train.weight_decay",
-                        "train.warmup_ratio", "train.batch_size", "train.grad_clip"),
+        tracked=tracked_by(arm_feature_keys),
         processed=folder("meta", of="input"),
         out=folder("meta"),
     # One torch thread per job; parallelism comes from Snakemake running jobs side by side (two 2-thread

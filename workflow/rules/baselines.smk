@@ -2,7 +2,7 @@
 # dataset (distil, fastbert, nas-prune), or found by a FlexiBERT architecture search per dataset and retrained
 # (flexibert).
 
-from dht.baselines import KINDS  # each kind's params.yaml section and module
+from dht.baselines import FLEXIBERT_SEARCH_PARAMS, KINDS  # each kind's params.yaml keys and module
 
 BASELINES = CFG.run.baselines
 REFERENCE = CFG.run.reference
@@ -47,7 +47,7 @@ rule flexibert_search:
         trace="results/{dataset}/flexibert-search/trace.json",
         figure="results/{dataset}/flexibert-search/search.png",
     params:
-        tracked=tracked("seed", "device", "model", "train", "baselines.flexibert", "run.baselines"),
+        tracked=tracked(*FLEXIBERT_SEARCH_PARAMS),
         processed=folder("meta", of="input"),
         out=folder("trace"),
     log:

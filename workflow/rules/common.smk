@@ -6,7 +6,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from dht.config import ConfigError, parse_baseline, run_param_keys  # noqa: F401 (rule files use it)
+from dht.config import ConfigError, arm_feature_keys, parse_baseline, run_param_keys  # noqa: F401 (rule files use it)
 from dht.config_loading import load_config
 from dht.pipeline import check_cli_overrides, stage_code, tracked_params  # noqa: F401 (rule files use it)
 from dht.results import run_pattern, seeded
@@ -54,6 +54,12 @@ def tracked(*keys):
     """The resolved values of params.yaml keys a job reads ({wildcards} filled in): Snakemake reruns the job
     when they change, and `dht dvc-yaml` turns the keys into the DVC stage's `params:`."""
     return lambda wildcards: tracked_params(CFG, [k.format(**wildcards) for k in keys])
+
+
+def tracked_by(keys_of, *args):
+    """`tracked` for a stage whose keys the library lists, `keys_of(CFG, *args)` (one list per stage, which the
+    stage's MLflow params use too)."""
+    return lambda wildcards: tracked_params(CFG, keys_of(CFG, *args))
 
 
 def code(script, *modules, files=(), top_level_only=False):

@@ -44,7 +44,8 @@ rule tokenize:
         meta="data/processed/{dataset}/meta.json",
         tokenizer=directory("data/processed/{dataset}/tokenizer"),
     params:
-        tracked=tracked("tokenizer", "datasets.{dataset}"),
+        # the dataset's other keys are the download's, an input
+        tracked=tracked("tokenizer", "datasets.{dataset}.max_length"),
         raw=folder("meta", of="input"),
         out=folder("meta"),
     log:

@@ -1,7 +1,7 @@
 # Reports: generated, never edited by hand. Short jobs: they run on the submitting host under a cluster executor.
 
 from dht.figures import FIGURES_DIR, figure_paths
-from dht.report import depth_models, flexibert_search_figure
+from dht.report import depth_models, flexibert_search_figure, report_param_keys
 
 REPORT_CODE = code("report.py", files=["dht/paper_values.yaml"])
 FIGURES = figure_paths(CFG)
@@ -22,7 +22,7 @@ rule table1:
     output:
         "reports/table1.md",
     params:
-        tracked=tracked("run", "dht.count_s1_flops"),
+        tracked=tracked_by(report_param_keys, "table1"),
     log:
         "logs/report/table1.log",
     shell:
@@ -36,7 +36,7 @@ rule table2:
     output:
         "reports/table2.md",
     params:
-        tracked=tracked("run"),
+        tracked=tracked_by(report_param_keys, "table2"),
     log:
         "logs/report/table2.log",
     shell:
@@ -53,7 +53,7 @@ rule figures:
     output:
         FIGURES,
     params:
-        tracked=tracked("run"),
+        tracked=tracked_by(report_param_keys, "figures"),
         out=FIGURES_DIR,
     log:
         "logs/report/figures.log",
@@ -70,7 +70,7 @@ rule index:
     output:
         "reports/index.md",
     params:
-        tracked=tracked("run", "tracking"),
+        tracked=tracked_by(report_param_keys, "index"),
     log:
         "logs/report/index.log",
     shell:

@@ -3,6 +3,7 @@ With dht.features.warmup_steps > 0 the features come from a copy of the initial 
 training steps; init_model/ is the untouched initial model that every training run starts from."""
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from dht.arm_features import (
     save_arm_features,
     warm_up,
 )
+from dht.config import arm_feature_keys
+from dht.dvc_params import check_dvc_keys
 from dht.model import model_from_params
 from dht.tracking import stage_run
 
@@ -27,6 +30,8 @@ _stage.add_threads(p)
 args = p.parse_args()
 cfg = _stage.config(args)
 cfg.dataset(args.dataset)
+if problem := check_dvc_keys(_stage.root(), arm_feature_keys(cfg), cfg.profile):  # under dvc repro
+    sys.exit(f"error: {problem}")
 
 device, threads = _stage.runtime(args, cfg)
 meta = json.loads((Path(args.processed) / "meta.json").read_text())
@@ -36,9 +41,7 @@ model.save_pretrained(out / "init_model")
 
 space = arm_space(cfg)
 features_cfg = cfg.dht.features
-train_keys = ("learning_rate", "weight_decay", "warmup_ratio", "batch_size", "grad_clip")
-params = {"model": cfg.section("model"), "dht.features": cfg.section("dht.features"), "seed": cfg.seed,
-          **{f"train.{k}": getattr(cfg.train, k) for k in train_keys}}
+params = {key: cfg.section(key) for key in arm_feature_keys(cfg)}  # what the rule tracks
 with stage_run(args.dataset, "arm_features", stage="arm_features", profile=cfg.profile, params=params,
                prefix=cfg.tracking.experiment_prefix) as run:
     import mlflow

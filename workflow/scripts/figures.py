@@ -7,12 +7,16 @@ import sys
 
 import _stage
 
+from dht.dvc_params import check_dvc_keys
 from dht.figures import FIGURES_DIR, write_figures
+from dht.report import report_param_keys
 
 p = _stage.parser(__doc__)
 p.add_argument("--out-dir", default=FIGURES_DIR, help=f"where the PNG files go (default: {FIGURES_DIR})")
 args = p.parse_args()
 cfg = _stage.config(args)
+if problem := check_dvc_keys(_stage.root(), report_param_keys(cfg, "figures"), cfg.profile):  # under dvc repro
+    sys.exit(f"error: {problem}")
 try:
     written = write_figures(cfg, args.out_dir, root=_stage.root())
 except FileNotFoundError as err:

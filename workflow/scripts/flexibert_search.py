@@ -9,6 +9,7 @@ from pathlib import Path
 
 import _stage
 
+from dht.baselines import FLEXIBERT_SEARCH_PARAMS
 from dht.flexibert.search_stage import budgets, run_search, search_figure
 from dht.model import DHTConfig
 from dht.tokenization import load_processed
@@ -32,9 +33,8 @@ val = load_processed(processed, "val")  # scores the queries (data.val_fraction)
 # 12-VaBERT's architecture as built from model.init (the FLOP ratios' 1.00x, the same reference the baseline
 # stage evaluates against); the `model:` section need not describe a checkpoint.
 reference = DHTConfig.from_pretrained(args.init_model)
-params = {"model_name": "flexibert-search", "dataset": args.dataset, "seed": cfg.seed, "device": str(device),
-          "baselines": cfg.section("baselines.flexibert"), "budgets": budgets(cfg), "model": cfg.section("model"),
-          "train": cfg.section("train")}
+params = {**{key: cfg.section(key) for key in FLEXIBERT_SEARCH_PARAMS},  # what the rule tracks
+          "model_name": "flexibert-search", "dataset": args.dataset, "device": str(device), "budgets": budgets(cfg)}
 
 with stage_run(args.dataset, "flexibert-search", stage="flexibert_search", profile=cfg.profile, params=params,
                prefix=cfg.tracking.experiment_prefix) as parent:

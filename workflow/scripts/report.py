@@ -7,8 +7,9 @@ import sys
 
 import _stage
 
+from dht.dvc_params import check_dvc_keys
 from dht.figures import figure_paths
-from dht.report import write_index, write_table1, write_table2
+from dht.report import report_param_keys, write_index, write_table1, write_table2
 
 p = _stage.parser(__doc__)
 p.add_argument("--report", choices=["table1", "table2", "index"], required=True)
@@ -16,6 +17,8 @@ p.add_argument("--out", required=True)
 args = p.parse_args()
 cfg = _stage.config(args)
 root = _stage.root()
+if problem := check_dvc_keys(root, report_param_keys(cfg, args.report), cfg.profile):  # under dvc repro
+    sys.exit(f"error: {problem}")
 try:
     if args.report == "index":
         write_index(cfg, args.out, figure_paths(cfg), root=root)

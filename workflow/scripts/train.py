@@ -13,6 +13,8 @@ import _stage
 
 from dht import distributed
 from dht.arm_features import load_arm_features
+from dht.config import run_param_keys
+from dht.dvc_params import check_dvc_keys
 from dht.evaluation import SplitData, accuracy_text
 from dht.policy import predict
 from dht.results import run_name, run_subdir, training_metrics, write_results
@@ -35,6 +37,8 @@ cfg = _stage.config(args)
 cfg.dataset(args.dataset)
 if args.model not in cfg.dht.modes:
     sys.exit(f"error: --model {args.model!r} is not a mode; allowed: {', '.join(cfg.dht.modes)}")
+if problem := check_dvc_keys(_stage.root(), run_param_keys(cfg, args.model), cfg.profile):  # under dvc repro
+    sys.exit(f"error: {problem}")
 
 device, threads = _stage.runtime(args, cfg)
 try:
