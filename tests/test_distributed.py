@@ -44,7 +44,7 @@ from dht.model import model_from_params
 
 DATASET, MODE = "embedded-news", "t-dht"
 SEQ, VOCAB, LABELS = 16, 50, 4
-N_TRAIN, N_TEST, EPOCHS = 61, 24, 3  # 61: the two ranks' shares differ by one sample
+N_TRAIN, N_VAL, N_TEST, EPOCHS = 61, 8, 24, 3  # 61: the two ranks' shares differ by one sample
 
 
 def write_split(path: Path, n: int, gen: torch.Generator) -> None:
@@ -74,9 +74,10 @@ def project(tmp_path_factory) -> Path:
     (processed / "tokenizer").mkdir(parents=True)
     write_split(processed / "train.parquet", N_TRAIN, gen)
     write_split(processed / "test.parquet", N_TEST, gen)
+    write_split(processed / "val.parquet", N_VAL, gen)  # the stage evaluates it beside test (data.val_fraction)
     (processed / "meta.json").write_text(json.dumps({
         "name": DATASET, "classes": [f"c{i}" for i in range(LABELS)], "num_labels": LABELS, "max_length": SEQ,
-        "vocab_size": VOCAB, "splits": {"train": {"n": N_TRAIN}, "test": {"n": N_TEST}}}))
+        "vocab_size": VOCAB, "splits": {"train": {"n": N_TRAIN}, "val": {"n": N_VAL}, "test": {"n": N_TEST}}}))
     torch.manual_seed(0)
     model = model_from_params(cfg, LABELS, VOCAB)
     features = root / "data" / "features" / DATASET
@@ -216,8 +217,9 @@ def test_train_rule_hands_the_stage_its_own_arguments_under_torchrun(tmp_path):
     assert stage_args[stage_args.index("--profile") + 1] == "tiny"
     run_cli(["dht", "dvc-yaml", "--profile", "tiny"], cwd=project)
     stages = expand_dvc_stages(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
-    dvc_cmd = stages[f"train@{DATASET}-{MODE}"]["cmd"].replace("${profile}", "tiny")  # DVC fills in params.yaml's
-    assert dvc_cmd == job.cmd
+    # DVC's command leaves --profile out (the stage reads params.yaml's profile:, which DVC cannot paste unquoted)
+    dvc_cmd = stages[f"train@{DATASET}-{MODE}"]["cmd"]
+    assert dvc_cmd == job.cmd.replace(" --profile tiny ", " ")
     launched(dvc_cmd)
 
 
