@@ -27,12 +27,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Baseline:
-    """One kind of baseline: its ``baselines:`` section in params.yaml, the module whose ``run`` builds it, and
-    the other sections it reads."""
+    """One kind of baseline: its ``baselines:`` section in params.yaml, the module whose ``run`` builds it, the
+    other sections it reads, and whether its weights start from the trained reference (its training budget then
+    includes the reference's, :func:`dht.results.training_budget`)."""
 
     kind: str
     section: str
     module: str
+    starts_from_reference: bool
     also_reads: tuple[str, ...] = ()
 
     @property
@@ -42,11 +44,13 @@ class Baseline:
 
 
 KINDS: dict[str, Baseline] = {b.kind: b for b in (
-    Baseline("distil", "distil", "dht.baselines.distil"),
-    Baseline("fastbert", "fastbert", "dht.baselines.fastbert"),
-    Baseline("nas-prune", "nas_prune", "dht.baselines.nas_prune"),
+    # A student of the reference's layers; FastBERT's students on the reference's backbone; a supernet of it.
+    Baseline("distil", "distil", "dht.baselines.distil", starts_from_reference=True),
+    Baseline("fastbert", "fastbert", "dht.baselines.fastbert", starts_from_reference=True),
+    Baseline("nas-prune", "nas_prune", "dht.baselines.nas_prune", starts_from_reference=True),
+    # Searched and retrained from scratch (the reference only sets the FLOP budget); its search is its own cost.
     # The retrained architecture's dropout is the model section's.
-    Baseline("flexibert", "flexibert", "dht.baselines.flexibert", also_reads=("model",)),
+    Baseline("flexibert", "flexibert", "dht.baselines.flexibert", starts_from_reference=False, also_reads=("model",)),
 )}
 
 
@@ -84,11 +88,13 @@ class BaselineJob:
 
 @dataclass
 class BaselineRun:
-    """What building a baseline gave: its predictions on the test split, what the training cost (FLOPs, full
-    convention), its training loss per epoch, and parameters for the MLflow run beyond the job's."""
+    """What building a baseline gave: its predictions on the test split, what its own training cost (FLOPs, full
+    convention; the passes over the training split, `epochs`, as :func:`dht.results.training_budget` counts
+    them), its training loss per epoch, and parameters for the MLflow run beyond the job's."""
 
     predictions: Predictions
     train_flops: float
+    epochs: float
     history: list[float]
     params: dict[str, Any] = field(default_factory=dict)
 

@@ -514,4 +514,4 @@ def run(speed: float, job: BaselineJob) -> BaselineRun:
                    seq_len=job.seq_len)
     pred = predict_fastbert(model, job.test, speed, job.device, job.cfg.train.eval_batch_size, job.seq_len)
     model.save(job.out_model)
-    return BaselineRun(pred, info["train_flops"], info["epoch_kl"])
+    return BaselineRun(pred, info["train_flops"], c.epochs, info["epoch_kl"])

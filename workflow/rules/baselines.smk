@@ -66,8 +66,10 @@ rule baseline:
         train="data/processed/{dataset}/train.parquet",
         test="data/processed/{dataset}/test.parquet",
         meta="data/processed/{dataset}/meta.json",
-        # the reference trained with the same seed
+        # the reference trained with the same seed, and its metrics (what training it cost: a baseline built
+        # from it is charged that too)
         teacher=f"models/{RUN.replace('{model}', REFERENCE)}",
+        teacher_metrics=f"results/{RUN.replace('{model}', REFERENCE)}/metrics.json",
     output:
         metrics=f"results/{BASELINE_RUN}/metrics.json",
         predictions=f"results/{BASELINE_RUN}/predictions.csv",
@@ -88,5 +90,5 @@ rule baseline:
     shell:
         "python workflow/scripts/baseline.py --profile {PROFILE} --dataset {wildcards.dataset}"
         " --model {wildcards.baseline} --seed {params.seed} --processed {params.processed}"
-        " --teacher {input.teacher} --results {params.results} --out-model {output.model} --threads {threads}"
+        " --teacher {input.teacher} --teacher-metrics {input.teacher_metrics} --results {params.results} --out-model {output.model} --threads {threads}"
         " --log {log} {params.search}"

@@ -2,7 +2,8 @@
 distil-<layers> (DistilBERT, BL2), fastbert-<speed> (FastBERT, BL3), nas-prune-<ratio> (differentiable NAS
 pruning) or flexibert-<ratio> (the best FlexiBERT architecture of the dataset's search within that FLOP ratio,
 retrained), each built by its module through dht.baselines.run_baseline. Writes results/<dataset>/<model>/
-metrics.json (the DHT runs' schema), predictions.csv and models/<dataset>/<model>/."""
+metrics.json (the DHT runs' schema; a baseline built from the reference is charged the reference's training
+too, read from its metrics.json), predictions.csv and models/<dataset>/<model>/."""
 
 import json
 import shutil
@@ -12,11 +13,11 @@ from pathlib import Path
 
 import _stage
 
-from dht.baselines import BaselineError, BaselineJob, load_reference, run_baseline, run_params
+from dht.baselines import KINDS, BaselineError, BaselineJob, load_reference, run_baseline, run_params
 from dht.config import parse_baseline
 from dht.evaluation import SplitData, accuracy_text
 from dht.integrity import write_manifest
-from dht.results import baseline_metrics, run_name, run_subdir, write_results
+from dht.results import baseline_metrics, read_start, run_name, run_subdir, write_results
 from dht.tokenization import load_processed
 from dht.tracking import log_run_metrics, stage_run
 
@@ -28,6 +29,10 @@ p.add_argument("--processed", required=True)
 p.add_argument("--teacher", default=None,
                help="the trained reference's model directory (default: models/<dataset>/<run.reference>, with "
                     "the seed's level when run.seeds lists several)")
+p.add_argument("--teacher-metrics", default=None,
+               help="the trained reference's metrics.json, whose training a baseline built from it is charged "
+                    "(default: results/<dataset>/<run.reference>/metrics.json, with the seed's level when "
+                    "run.seeds lists several)")
 p.add_argument("--results", required=True)
 p.add_argument("--out-model", required=True)
 p.add_argument("--search", default=None, help="flexibert-<ratio>: the dataset's flexibert_search output directory")
@@ -49,6 +54,14 @@ try:
     teacher = load_reference(cfg, args.dataset, teacher_dir, device)
 except BaselineError as err:
     sys.exit(f"error: --teacher {err}")
+start = None
+if KINDS[kind].starts_from_reference:  # read before training: a file without the budget stops the job now
+    teacher_metrics = (Path(args.teacher_metrics) if args.teacher_metrics else _stage.root() / "results"
+                       / run_subdir(cfg, args.dataset, cfg.run.reference, cfg.seed) / "metrics.json")
+    try:
+        start = read_start(teacher_metrics)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: --teacher-metrics {err}")
 processed = Path(args.processed)
 meta = json.loads((processed / "meta.json").read_text())
 train = SplitData.from_arrays(load_processed(processed, "train"))
@@ -71,7 +84,7 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baselin
     if built.params:
         mlflow.log_params(built.params)
     metrics = baseline_metrics(built.predictions, test, teacher.config, meta, built.train_flops,
-                               job.reference_train_flops, seconds)
+                               job.reference_train_flops, seconds, built.epochs, start)
     write_results(args.results, metrics, built.predictions, test)
     shutil.copytree(processed / "tokenizer", out_model / "tokenizer", dirs_exist_ok=True)
     (out_model / "baseline.json").write_text(json.dumps({"model_name": args.model, "kind": kind, "value": value,
@@ -83,5 +96,6 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baselin
     log_run_metrics(metrics)
     if cfg.train.log_model:
         mlflow.log_artifacts(str(out_model), artifact_path="model")
-print(f"baseline {args.dataset}/{args.model}: accuracy {accuracy_text(metrics)}, inference FLOPs "
+print(f"baseline {args.dataset}/{args.model}: accuracy {accuracy_text(metrics)}, train FLOPs "
+      f"{metrics['train_flop_ratio_total']:.2f}x in total ({metrics['train_flop_ratio']:.2f}x its own), inference FLOPs "
       f"{metrics['infer_flop_ratio']:.2f}x, mean layers {metrics['mean_layers']:.1f} ({seconds:.0f}s)")
