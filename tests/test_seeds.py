@@ -193,6 +193,8 @@ def test_dry_run_trains_every_model_once_per_seed(project):
     assert counts["train"] == 2 * n_data * len(cfg.run.models)  # each model once per seed
     assert counts["baseline"] == 2 * n_data * len(cfg.run.baselines)
     assert counts["arm_features"] == n_data and counts["flexibert_search"] == n_data  # drawn once, with `seed`
+    # one comparison per dataset over every seed's runs, beside a one-seed run's paired.json, not over it
+    assert counts["compare"] == n_data and "--out results/embedded-news/paired-seeds.json " in proc.stdout
     out = proc.stdout
     assert "--model t-dht --seed 1 " in out and "--results results/embedded-news/t-dht/seed-1 " in out
     assert "--out-model models/embedded-news/t-dht/seed-1 " in out

@@ -54,12 +54,12 @@ try:
     teacher = load_reference(cfg, args.dataset, teacher_dir, device)
 except BaselineError as err:
     sys.exit(f"error: --teacher {err}")
-start = None
+reference_metrics = None  # what the baseline starts from: the reference, for most kinds
 if KINDS[kind].starts_from_reference:  # read before training: a file without the budget stops the job now
     teacher_metrics = (Path(args.teacher_metrics) if args.teacher_metrics else _stage.root() / "results"
                        / run_subdir(cfg, args.dataset, cfg.run.reference, cfg.seed) / "metrics.json")
     try:
-        start = read_start(teacher_metrics)
+        reference_metrics = read_start(teacher_metrics)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: --teacher-metrics {err}")
 processed = Path(args.processed)
@@ -84,7 +84,7 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baselin
     if built.params:
         mlflow.log_params(built.params)
     metrics = baseline_metrics(built.predictions, test, teacher.config, meta, built.train_flops,
-                               job.reference_train_flops, seconds, built.epochs, start)
+                               job.reference_train_flops, seconds, built.epochs, reference_metrics)
     write_results(args.results, metrics, built.predictions, test)
     shutil.copytree(processed / "tokenizer", out_model / "tokenizer", dirs_exist_ok=True)
     (out_model / "baseline.json").write_text(json.dumps({"model_name": args.model, "kind": kind, "value": value,
