@@ -68,7 +68,7 @@ def read_start(path: str | Path) -> dict[str, Any]:
     missing = [k for k in BUDGET_KEYS if k not in metrics]
     if missing:
         raise ValueError(f"{path}: no {', '.join(missing)} (written before training budgets were totals); rerun "
-                         f"its stage (snakemake --cores 4 --forcerun {path})")
+                         f"its stage (snakemake --cores 4 --force {path})")
     return metrics
 
 
