@@ -8,16 +8,23 @@
                                          in Snakemake (refused unless `dvc status` says they are)
     dht predict --model DIR [--input F]  classify texts (one a line; stdin without --input) with a trained model:
                                          label, probability, and the layers and heads chosen for each text; the
-                                         bandits act as the model's dht.inference says (--inference overrides)
+                                         bandits act as the model's dht.inference says (--inference overrides).
+                                         A baseline's directory predicts too (it says which baseline it is).
+                                         DIR is checked against its checksums.sha256 first; one without it is
+                                         refused unless --allow-unverified
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import csv
+import io
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -118,16 +125,58 @@ def _read_texts(source: str | None) -> tuple[list[str], list[int]]:
     return texts, lines
 
 
+def _load_for_predict(model_dir: Path, device: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """(the predict function ``(data, batch_size, max_length) -> Predictions``, the directory's description) of a
+    trained DHT model or a baseline, checked against its checksums first; a baseline is said so on standard
+    error."""
+    from dht.baselines import BASELINE_FILE
+    from dht.baselines.saved import load_baseline
+    from dht.results import POLICY_FILE
+    from dht.trainer import load_trained
+
+    if (model_dir / POLICY_FILE).is_file():
+        from dht.config import Config
+        from dht.policy import predict
+
+        model, policy, info = load_trained(model_dir, device, args.allow_unverified)  # checksums first
+        # The bandits act at test time as the model was evaluated (its saved dht.inference), unless overridden.
+        greedy = (args.inference or Config.model_validate(info["config"]).dht.inference) == "greedy"
+
+        def run(data: Any, batch_size: int, max_length: int) -> Any:
+            return predict(model, policy, data, device, batch_size, max_length, greedy=greedy)
+
+        return run, info
+    if (model_dir / BASELINE_FILE).is_file():
+        saved = load_baseline(model_dir, device, allow_unverified=args.allow_unverified)  # checksums first
+        if args.inference:
+            raise _InputError(f"--inference: {model_dir} is {saved.summary()}; it has no bandits to choose layers "
+                              "and heads (leave --inference out)")
+        print(f"note: {model_dir} is {saved.summary()}", file=sys.stderr)
+        return saved.predict, saved.info
+    raise FileNotFoundError(f"{model_dir}: not a model directory of the pipeline (no {POLICY_FILE} of a trained DHT "
+                            f"model, no {BASELINE_FILE} of a baseline); train it first (snakemake --cores 4 "
+                            "results/<dataset>/<model>/metrics.json)")
+
+
+TSV_COLUMNS = ("label", "probability", "layers", "heads_per_layer", "text")
+
+
+def tsv_line(fields: Sequence[object]) -> str:
+    """One row of ``dht predict``'s TSV in the csv module's TSV dialect (``excel-tab``), without its line end: a
+    field holding a tab, a double quote or a line break is quoted, its quotes doubled, so every row keeps its five
+    columns (``csv.reader(f, dialect="excel-tab")`` and pandas' ``read_csv(sep="\\t")`` read the text back)."""
+    buffer = io.StringIO()
+    csv.writer(buffer, dialect="excel-tab").writerow(fields)  # ends in \r\n: a field with either is quoted
+    return buffer.getvalue().removesuffix("\r\n")
+
+
 def _predict(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from dht.config import Config
     from dht.evaluation import SplitData
-    from dht.integrity import read_error, retrain_hint
-    from dht.policy import predict
+    from dht.integrity import UnverifiedError, read_error, retrain_hint
     from dht.runtime import resolve_device
-    from dht.trainer import load_trained
 
     def fail(message: object) -> int:
         print(f"error: {message}", file=sys.stderr)
@@ -142,8 +191,11 @@ def _predict(args: argparse.Namespace) -> int:
         return fail("no text to classify (one text a line)")
     try:
         device = resolve_device(args.device)
-        model, policy, info = load_trained(model_dir, device)  # checksums.sha256 first (dht.integrity)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        run, info = _load_for_predict(model_dir, device, args)
+    except UnverifiedError as err:
+        return fail(f"{err}; or, if you trust where it came from, load it unchecked with --allow-unverified (its "
+                    "weights are still read as tensors only)")
+    except (FileNotFoundError, ValueError, RuntimeError) as err:  # _InputError and IntegrityError are ValueErrors
         return fail(err)
     tokenizer_dir = model_dir / "tokenizer"
     if not tokenizer_dir.is_dir():
@@ -161,23 +213,22 @@ def _predict(args: argparse.Namespace) -> int:
               f"{max_length} (line {shown})", file=sys.stderr)
     enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
     data = SplitData(enc["input_ids"], enc["attention_mask"], torch.zeros(len(texts), dtype=torch.long))
-    # The bandits act at test time as the model was evaluated (its saved dht.inference), unless overridden.
-    inference = args.inference or Config.model_validate(info["config"]).dht.inference
-    pred = predict(model, policy, data, device, args.batch_size, max_length, greedy=inference == "greedy")
-    classes = info.get("classes") or [str(i) for i in range(model.config.num_labels)]
+    pred = run(data, args.batch_size, max_length)
+    classes = info.get("classes") or [str(i) for i in range(pred.probs.shape[1])]
     rows = []
     for i, text in enumerate(texts):
-        heads = [h for h in pred.heads[i].tolist() if h]
+        layers = int(pred.layers[i])
+        heads = pred.heads[i, :layers].tolist()  # the layers the text ran (a pruned layer can keep no head)
         rows.append({"label": classes[int(pred.labels[i])], "probability": round(float(pred.probs[i].max()), 4),
-                     "layers": int(pred.layers[i]), "heads": heads, "text": text})
+                     "layers": layers, "heads": heads, "text": text})
     if args.format == "jsonl":
         for row in rows:
             print(json.dumps(row))
     else:
-        print("label\tprobability\tlayers\theads_per_layer\ttext")
+        print(tsv_line(TSV_COLUMNS))
         for row in rows:
-            print(f"{row['label']}\t{row['probability']:.4f}\t{row['layers']}\t"
-                  f"{','.join(map(str, row['heads']))}\t{row['text']}")
+            print(tsv_line([row["label"], f"{row['probability']:.4f}", row["layers"], ",".join(map(str, row["heads"])),
+                            row["text"]]))
     return 0
 
 
@@ -207,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync.set_defaults(func=_sync_snakemake)
 
     pred = sub.add_parser("predict", help="classify texts with a trained model (models/<dataset>/<model>)")
-    pred.add_argument("--model", required=True, help="a trained model directory, e.g. models/embedded-news/t-dht")
+    pred.add_argument("--model", required=True, help="a trained model directory, e.g. models/embedded-news/t-dht (a "
+                                                     "DHT mode's or a baseline's)")
     pred.add_argument("--input", default=None, help="a text file, one text a line (default: standard input)")
     pred.add_argument("--format", choices=["tsv", "jsonl"], default="tsv")
     pred.add_argument("--batch-size", type=int, default=64)
@@ -215,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--inference", choices=["greedy", "sample"], default=None,
                       help="how the bandits choose layers and heads: greedy (no exploration) or sample "
                            "(default: the model's saved dht.inference, as its test metrics were computed)")
+    pred.add_argument("--allow-unverified", action="store_true",
+                      help="load a model directory that has no checksums.sha256 (saved before checksums existed, or "
+                           "not by this pipeline); its weights are still read as tensors only, never as code")
     pred.set_defaults(func=_predict)
     return p
 

@@ -9,18 +9,97 @@ fields (Section 6.1: ``(L - b)`` must be a multiple of ``c``; heads must divide 
 
 from __future__ import annotations
 
+import math
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
     """A problem in params.yaml, phrased for the person who edits it."""
 
 
+# --- names --------------------------------------------------------------------------------------------------
+
+# The one rule for every name params.yaml gives that becomes a folder, a file, an MLflow experiment, a
+# Snakemake wildcard or a command argument: dataset keys, mode names, profile names and the tracking prefix
+# (baselines keep their kinds' patterns, :data:`BASELINE_PATTERN`, as safe). No '/', '.', space or shell
+# character: `../evil` or `/tmp/evil` would write outside the project, `x;touch PWNED` would run in a stage's
+# shell, and a '.' splits the dotted params keys (`datasets.<name>`) the rules track.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+NAME_PATTERN = f"^{_NAME.pattern}$"
+NAME_RULE = (
+    f"a name is letters, digits, '_' and '-', starting with a letter or digit ({NAME_PATTERN}), since it becomes "
+    "folder names, MLflow experiments and command arguments"
+)
+NOT_A_NAME = f"not a valid name; {NAME_RULE}; rename it"
+
+
+def is_name(value: object) -> bool:
+    """Whether `value` is a name (:data:`NAME_PATTERN`)."""
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None
+
+
+def check_name(value: str) -> str:
+    """`value` when it is a name; a ValueError stating the rule otherwise (the caller names the key and value)."""
+    if not is_name(value):
+        raise ValueError(NOT_A_NAME)
+    return value
+
+
+def _check_prefix(value: str) -> str:
+    """tracking.experiment_prefix: empty (the experiment is the dataset's name) or a name."""
+    return check_name(value) if value else value
+
+
+# A name in params.yaml (a key of `datasets:` or `dht.modes:`, or a value naming one); editors see the pattern.
+Name = Annotated[str, AfterValidator(check_name), WithJsonSchema({"type": "string", "pattern": NAME_PATTERN})]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# A baseline's name: its kind and number. [0-9], not \d (which takes any script's digits), and at most one '.',
+# so a name is letters, digits, '-' and one '.': safe as a folder name and a command argument (see NAME_PATTERN).
+BASELINE_PATTERN = (
+    r"(distil)-([0-9]+)|(fastbert)-([0-9]*\.?[0-9]+)|(nas-prune)-([0-9]*\.?[0-9]+)|(flexibert)-([0-9]*\.?[0-9]+)"
+)
+_BASELINE = re.compile(BASELINE_PATTERN)
+
+
+def parse_baseline(name: str) -> tuple[str, float]:
+    """("distil", layers) / ("fastbert", speed) / ("nas-prune" or "flexibert", FLOP ratio) from a baseline's name."""
+    m = _BASELINE.fullmatch(name)
+    if not m:
+        raise ValueError(
+            f"{name!r} is not a baseline: write distil-<layers> (e.g. distil-3), fastbert-<speed> "
+            "(e.g. fastbert-0.5), nas-prune-<FLOP ratio> (e.g. nas-prune-0.5) or flexibert-<FLOP ratio> "
+            "(e.g. flexibert-0.5)"
+        )
+    kind = m.group(1) or m.group(3) or m.group(5) or m.group(7)
+    value = m.group(2) or m.group(4) or m.group(6) or m.group(8)
+    return kind, float(value)
+
+
+def _check_baseline(value: str) -> str:
+    parse_baseline(value)
+    return value
+
+
+BaselineName = Annotated[
+    str, AfterValidator(_check_baseline), WithJsonSchema({"type": "string", "pattern": f"^({BASELINE_PATTERN})$"})
+]
 
 
 # --- datasets -----------------------------------------------------------------------------------------------
@@ -86,25 +165,46 @@ class CsvDatasetSpec(_Strict):
     max_test_samples: Annotated[int, Field(ge=1)] | None = None
     paper: str | None = None  # the paper's dataset it is (ag_news, dbpedia, yelp_polarity, yelp_full); default: its name
 
+    def folder(self, params_dir: str | Path) -> Path:
+        """The folder of train.csv and test.csv: `path`, relative to `params_dir`, the folder of the params file
+        that names it, unless absolute. The one reading of `path` for validation, Snakemake's inputs and the
+        download stage, wherever they are started from (`dht config validate --params other/params.yaml`)."""
+        path = Path(self.path)
+        return path if path.is_absolute() else Path(params_dir) / path
+
 
 DatasetSpec = Annotated[
     EmbeddedDatasetSpec | HubDatasetSpec | CsvDatasetSpec, Field(discriminator="source")
 ]
 
 
+class DataConfig(_Strict):
+    """What the data stages do to every dataset: the validation split (docs/pipeline.md, "The validation split")."""
+
+    # The share of each training split held out as the validation split (seeded by `seed`, stratified by label),
+    # before max_train_samples draws the training subset; no model trains on it, and everything that chooses a
+    # setting reads it. 0: no validation split. No default here: params.yaml holds the one default.
+    val_fraction: Annotated[float, Field(ge=0, lt=1)]
+
+    def val_rows(self, n: int) -> int:
+        """Rows of a training split of `n` rows that the validation split takes: val_fraction of them, rounded up
+        (so any fraction above 0 holds at least one row)."""
+        return math.ceil(round(self.val_fraction * n, 6))  # round: 0.1 x 30 is 3, not 4 by a float's last bit
+
+
 # --- the rest -----------------------------------------------------------------------------------------------
 
 
 class RunConfig(_Strict):
-    datasets: list[str] = Field(min_length=1)
-    models: list[str] = Field(min_length=1)
-    baselines: list[str] = Field(default_factory=list)  # distil-<layers>, fastbert-<speed>, nas-prune-<ratio>
+    datasets: list[Name] = Field(min_length=1)
+    models: list[Name] = Field(min_length=1)
+    baselines: list[BaselineName] = Field(default_factory=list)  # distil-<layers>, fastbert-<speed>, nas-prune-<ratio>
     # The full-depth model (a fixed mode running every layer with every head): the 1.00x of every FLOP ratio,
     # the row the reports compare against and the teacher of the baselines (12-VaBERT in the paper).
-    reference: str = "vanilla-12"
+    reference: Name = "vanilla-12"
     # A shallow fixed mode (b layers): the depth analysis asks whether DHT gives more layers to the samples it
     # gets wrong. None: no control.
-    control: str | None = None
+    control: Name | None = None
     # Training seeds: every model of run.models and run.baselines is trained once per seed, and the reports show
     # mean and standard deviation over them. None: one run with the top-level `seed`. The top-level seed still
     # draws the data subsets, the arm features and the FlexiBERT search, so seeds vary the training only
@@ -152,6 +252,10 @@ class ModelSection(_Strict):
     # What the classifier reads: cls (BERT's pooler on [CLS], the paper) | mean (mean of the token states, no
     # pooler: how sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained). docs/training.md.
     classifier_pooling: Literal["cls", "mean"] = "cls"
+    # Which classifier reads a sample stopped after L layers (docs/training.md, T29): shared (one pooler and
+    # classifier for every depth: the reading so far; the paper does not say) | per_depth (one per exit depth b,
+    # b + c, ..., N_L, each starting as a copy of the full-depth one; the same FLOPs per read).
+    exit_heads: Literal["shared", "per_depth"] = "shared"
 
     @model_validator(mode="after")
     def _scratch_only_fields(self) -> ModelSection:
@@ -176,7 +280,7 @@ class ModeSpec(_Strict):
     layers: list[int] | None = None  # tree search: UCB_L's options
     heads: list[int] | None = None  # tree search: UCB_H's options
     arms: list[str] | None = None  # integrated/fixed: UCB_cp's options, e.g. "6L8H" or "4L8H+2L12H"
-    warmup_mode: str | None = None  # P-DHT: train as this mode first ...
+    warmup_mode: Name | None = None  # P-DHT: train as this mode first ...
     warmup_epochs: Annotated[int, Field(ge=0)] = 0  # ... for this many epochs
     # What UCB_L learns from a training sample (docs/training.md, T24): `chosen`, the chosen depth's reward (the
     # paper); `all_depths`, every depth option's, from one no-grad pass read at each (tree search, one process).
@@ -189,6 +293,10 @@ class ModeSpec(_Strict):
     # sums); `epoch`, its statistics restart at each epoch after the first, so the last epoch's router learns
     # only from the exits as they are then, not as they were before training moved them.
     depth_memory: Literal["run", "epoch"] = "run"
+    # What the run starts from (docs/training.md, T30): `pretrained`, the initial model of the arm_features stage
+    # (model.init: the checkpoint, or from scratch; the paper); `reference`, the trained run.reference of the same
+    # dataset and seed (as the baselines start from it), whose training then counts in the run's total FLOPs.
+    init: Literal["pretrained", "reference"] = "pretrained"
 
 
 class PoolingConfig(_Strict):
@@ -273,12 +381,13 @@ class DHTSection(_Strict):
     # States UCB_H and the TSB decide from in training: an eval-mode pass as at inference, or the dropout-noised
     # states of the gradient pass (docs/training.md, T2)
     decision_states: Literal["clean", "train"] = "clean"
-    modes: dict[str, ModeSpec]
+    modes: dict[Name, ModeSpec]
 
 
 class DistributedConfig(_Strict):
     """One model trained by several processes (torchrun + DistributedDataParallel, docs/distributed.md): each
-    rank trains `train.batch_size` samples a step, so a step trains nproc_per_node x batch_size samples."""
+    rank trains `train.batch_size` samples a step, so a step trains nproc_per_node x batch_size samples and an
+    epoch takes 1/nproc_per_node of one process's steps; `batch: split` keeps one process's schedule instead."""
 
     nproc_per_node: Annotated[int, Field(ge=1)] = 1  # processes (GPUs) of one node; 1: no torchrun, no DDP
     backend: Literal["nccl", "gloo"] = "nccl"  # nccl: CUDA GPUs; gloo: CPU (the tests)
@@ -286,6 +395,9 @@ class DistributedConfig(_Strict):
     # long as its deepest batch); global: one set of queues of N x q on every rank, each released batch split over
     # the ranks, so a step runs one depth everywhere (docs/distributed.md, T22)
     queues: Literal["rank", "global"] = "rank"
+    # per_rank: each rank trains batch_size a step (a step of N x batch_size, N times fewer steps an epoch); split:
+    # each rank batch_size / N, so a step trains batch_size and an epoch has one process's steps (docs/distributed.md)
+    batch: Literal["per_rank", "split"] = "per_rank"
 
 
 class TrainConfig(_Strict):
@@ -303,7 +415,10 @@ class TrainConfig(_Strict):
     @property
     def queue_size(self) -> int:
         """q of Algorithm 3: a depth's queue releases a training batch when q samples wait in it. The paper trains
-        every batch from one queue, so q is the training batch size: one key, read by this name where it is q."""
+        every batch from one queue, so q is the training batch size: one key, read by this name where it is q.
+        Per process: with ``distributed.batch: split`` each of the N ranks queues and trains batch_size / N."""
+        if self.distributed.batch == "split":
+            return self.batch_size // self.distributed.nproc_per_node
         return self.batch_size
 
 
@@ -358,10 +473,10 @@ class FlexiBERTConfig(_Strict):
     evaluations: Annotated[int, Field(ge=1)] = 12  # architectures trained by the search, over all budgets
     n_init: Annotated[int, Field(ge=1)] = 3  # random queries per budget before the surrogate steers
     kappa: Annotated[float, Field(ge=0)] = 0.5  # UCB weight of the surrogate's standard deviation
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # of the training split, scores the queries
     search_epochs: Annotated[int, Field(ge=1)] = 1  # brief training of each queried architecture ...
     search_max_steps: Annotated[int, Field(ge=1)] | None = None  # ... capped at this many steps
-    # The chosen architecture, retrained on the whole training split
+    # The chosen architecture, retrained on the training split (the search scores its queries on the validation
+    # split of data.val_fraction, which no model trains on)
     epochs: Annotated[int, Field(ge=1)] = 3
     learning_rate: Annotated[float, Field(gt=0)] = 1e-3
 
@@ -373,36 +488,21 @@ class BaselinesConfig(_Strict):
     flexibert: FlexiBERTConfig = FlexiBERTConfig()
 
 
-_BASELINE = re.compile(
-    r"(distil)-(\d+)|(fastbert)-(\d*\.?\d+)|(nas-prune)-(\d*\.?\d+)|(flexibert)-(\d*\.?\d+)"
-)
-
-
-def parse_baseline(name: str) -> tuple[str, float]:
-    """("distil", layers) / ("fastbert", speed) / ("nas-prune" or "flexibert", FLOP ratio) from a baseline's name."""
-    m = _BASELINE.fullmatch(name)
-    if not m:
-        raise ValueError(
-            f"{name!r} is not a baseline: write distil-<layers> (e.g. distil-3), fastbert-<speed> "
-            "(e.g. fastbert-0.5), nas-prune-<FLOP ratio> (e.g. nas-prune-0.5) or flexibert-<FLOP ratio> "
-            "(e.g. flexibert-0.5)"
-        )
-    kind = m.group(1) or m.group(3) or m.group(5) or m.group(7)
-    value = m.group(2) or m.group(4) or m.group(6) or m.group(8)
-    return kind, float(value)
-
-
 class TrackingConfig(_Strict):
-    experiment_prefix: str = ""
+    # MLflow experiment of a dataset: "<prefix><dataset>" (its artifacts' folder too): empty, or a name.
+    experiment_prefix: Annotated[
+        str, AfterValidator(_check_prefix), WithJsonSchema({"type": "string", "pattern": f"^$|{NAME_PATTERN}"})
+    ] = ""
 
 
 class Config(_Strict):
     """The resolved configuration of one profile."""
 
-    profile: str
+    profile: Name
     seed: int = 0
     device: str = "auto"
-    datasets: dict[str, DatasetSpec]
+    datasets: dict[Name, DatasetSpec]
+    data: DataConfig
     run: RunConfig
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelSection = ModelSection()
@@ -436,14 +536,17 @@ class Config(_Strict):
 
 
 def run_param_keys(cfg: Config, mode_name: str) -> list[str]:
-    """The params.yaml keys a training run of `mode_name` reads: its own mode (and its warm-up mode) and the
-    shared settings. The one list behind the train rule's tracked params (Snakemake reruns, DVC's `params:`),
-    the MLflow run's params and the checkpoint's :func:`fingerprint`."""
+    """The params.yaml keys a training run of `mode_name` reads: its own mode (and its warm-up mode; with
+    ``init: reference`` which mode the reference is) and the shared settings. The one list behind the train rule's
+    tracked params (Snakemake reruns, DVC's `params:`), the MLflow run's params and the checkpoint's
+    :func:`fingerprint`."""
     mode = cfg.dht.modes[mode_name]
     keys = ["seed", "device", "model", "train", "dht.fixed_layers", "dht.group_size", "dht.features",
             "dht.bandits", "dht.inference", "dht.count_s1_flops", "dht.p_dht_freeze", "dht.decision_states",
             f"dht.modes.{mode_name}"]
-    return keys + ([f"dht.modes.{mode.warmup_mode}"] if mode.warmup_mode else [])
+    keys += [f"dht.modes.{mode.warmup_mode}"] if mode.warmup_mode else []
+    # init: reference: the run starts from the trained reference, whichever mode it is
+    return keys + (["run.reference", f"dht.modes.{cfg.run.reference}"] if mode.init == "reference" else [])
 
 
 def json_schema() -> dict[str, Any]:

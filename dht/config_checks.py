@@ -22,7 +22,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from dht.arms import Arm, parse_arm
-from dht.config import Config, CsvDatasetSpec, PoolingConfig, parse_baseline
+from dht.config import Config, CsvDatasetSpec, EmbeddedDatasetSpec, PoolingConfig, parse_baseline
 
 # --- after validation: the rules across fields --------------------------------------------------------------
 
@@ -63,6 +63,13 @@ def check_semantics(cfg: Config) -> list[str]:
             )
         if cfg.device == "cpu" and distributed.backend == "nccl":
             problems.append("train.distributed.backend = 'nccl' needs CUDA GPUs, but device = 'cpu'; use gloo")
+        if distributed.batch == "split" and cfg.train.batch_size % distributed.nproc_per_node:
+            n = distributed.nproc_per_node
+            problems.append(
+                f"train.distributed.batch = 'split' gives each of the {n} ranks train.batch_size / {n} samples a step, "
+                f"but train.batch_size = {cfg.train.batch_size} is not divisible by nproc_per_node = {n}; use a "
+                f"multiple of {n} (e.g. {cfg.train.batch_size // n * n or n}) or batch: per_rank"
+            )
 
     for name in cfg.run.datasets:
         if name not in cfg.datasets:
@@ -83,11 +90,7 @@ def check_semantics(cfg: Config) -> list[str]:
             )
 
     for i, name in enumerate(cfg.run.baselines):
-        try:
-            kind, value = parse_baseline(name)
-        except ValueError as err:
-            problems.append(f"run.baselines[{i}] = {name!r}: {err}")
-            continue
+        kind, value = parse_baseline(name)  # a baseline's name: validated by its type (dht.config.BaselineName)
         if kind == "distil" and not 1 <= value <= m.num_hidden_layers:
             problems.append(f"run.baselines[{i}] = {name!r}: a student has 1..{m.num_hidden_layers} layers")
         if kind == "fastbert" and not 0 <= value <= 1:
@@ -95,6 +98,12 @@ def check_semantics(cfg: Config) -> list[str]:
         if kind in ("nas-prune", "flexibert") and not 0 < value <= 1:
             problems.append(f"run.baselines[{i}] = {name!r}: a FLOP target ratio is in (0, 1]")
     fx = cfg.baselines.flexibert
+    if any(n.startswith("flexibert-") for n in cfg.run.baselines) and cfg.data.val_fraction == 0:
+        problems.append(
+            "data.val_fraction = 0: the FlexiBERT search of run.baselines scores its queries on the validation "
+            "split, and 0 holds none out; set a fraction (e.g. 0.1) or drop the flexibert-<ratio> baselines"
+        )
+    problems += _validation_split_problems(cfg)
     if any(n.startswith("flexibert-") for n in cfg.run.baselines):
         if not any(h % n == 0 for h in fx.hidden for n in fx.heads):
             problems.append(f"baselines.flexibert.heads = {fx.heads}: none divides a hidden size in {fx.hidden}")
@@ -132,6 +141,8 @@ def check_semantics(cfg: Config) -> list[str]:
             problems.append(
                 f"{key}.depth_memory = 'epoch': one process only (train.distributed.nproc_per_node = "
                 f"{cfg.train.distributed.nproc_per_node}); use `run` or nproc_per_node: 1")
+        if mode.init == "reference":
+            problems += _init_reference_problems(cfg, mode_name)
         if mode.exit_loss == "path" and cfg.train.distributed.nproc_per_node > 1:
             problems.append(
                 f"{key}.exit_loss = 'path': one process only (train.distributed.nproc_per_node = "
@@ -177,6 +188,38 @@ def check_semantics(cfg: Config) -> list[str]:
                     f"{key}.warmup_epochs = {mode.warmup_epochs}: must be fewer than train.epochs = "
                     f"{cfg.train.epochs}, or the mode never leaves its warm-up"
                 )
+    return problems
+
+
+def _init_reference_problems(cfg: Config, mode_name: str) -> list[str]:
+    """``init: reference`` (docs/training.md T30): the mode starts from the trained run.reference, so that must be
+    another mode, and one the profile trains (the train job depends on it)."""
+    key, ref = f"dht.modes.{mode_name}.init = 'reference'", cfg.run.reference
+    if mode_name == ref:
+        return [f"{key}: {mode_name} is run.reference itself, which cannot start from its own training; use "
+                "`pretrained` for the reference"]
+    if ref not in cfg.run.models:
+        return [f"{key}: the run starts from the trained reference {ref!r}, which run.models does not train "
+                f"(run.models: {', '.join(cfg.run.models)}); add {ref} to run.models or use `pretrained`"]
+    return []
+
+
+def _validation_split_problems(cfg: Config) -> list[str]:
+    """An embedded dataset whose validation split (data.val_fraction x n_train generated samples) would miss a
+    class: known before any job runs (a csv or hub dataset's size only once the data stage reads it, which then
+    says so)."""
+    problems = []
+    for name in cfg.run.datasets:
+        spec = cfg.datasets.get(name)
+        if not isinstance(spec, EmbeddedDatasetSpec) or cfg.data.val_fraction == 0:
+            continue
+        n_val = cfg.data.val_rows(spec.n_train)
+        if n_val < spec.num_classes:
+            problems.append(
+                f"datasets.{name}.n_train = {spec.n_train}: data.val_fraction = {cfg.data.val_fraction} gives a "
+                f"validation split of {n_val} samples, fewer than the {spec.num_classes} classes; raise n_train or "
+                "data.val_fraction"
+            )
     return problems
 
 
@@ -318,18 +361,20 @@ def _pretrained_package_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def dataset_path_problems(cfg: Config, root: str | Path = ".") -> list[str]:
-    """A `csv` dataset the profile runs must be there (relative paths from ``root``, the directory of
-    params.yaml, where the stages run): checked with every other parameter, not in its first job."""
+def dataset_path_problems(cfg: Config, params_dir: str | Path = ".") -> list[str]:
+    """A `csv` dataset the profile runs must be there (relative paths from ``params_dir``, the folder of the
+    params file: :meth:`~dht.config.CsvDatasetSpec.folder`): checked with every other parameter, not in its
+    first job."""
     problems = []
     for name in cfg.run.datasets:
         spec = cfg.datasets.get(name)
         if not isinstance(spec, CsvDatasetSpec):
             continue
-        directory = Path(spec.path) if Path(spec.path).is_absolute() else Path(root) / spec.path
+        directory = spec.folder(params_dir)
         if not directory.is_dir():
             problems.append(f"datasets.{name}.path = {spec.path!r}: no such directory; point it at the folder that "
-                            "holds train.csv and test.csv (relative paths start at the project root)")
+                            f"holds train.csv and test.csv (looked for {directory}: a relative path starts at the "
+                            "folder of params.yaml)")
             continue
         missing = [f for f in ("train.csv", "test.csv") if not (directory / f).is_file()]
         if missing:
@@ -405,10 +450,17 @@ def format_validation_error(where: str, err: ValidationError, data: Mapping[str,
     """pydantic's validation errors as ``<key> = <value>: <what is wrong>`` lines (`also`: problems found before)."""
     lines = list(also or [])
     for e in err.errors():
-        # Drop pydantic's discriminated-union tags ('embedded', 'hub', ...) from the key path.
-        loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("embedded", "hub", "csv"))]
-        key = ".".join(loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        # Drop pydantic's discriminated-union tags ('embedded', 'hub', ...) from the key path; list positions as [i].
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and p in ("embedded", "hub", "csv"))]
+        is_key = bool(loc) and loc[-1] == "[key]"  # a mapping's key failed (a dataset or mode name): its parent's
+        if is_key:
+            loc = loc[:-2]
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
+        loc = [str(p) for p in loc]
+        message = e["msg"].removeprefix("Value error, ")  # our validators' ValueErrors read as written
+        if is_key:
+            lines.append(f"{key}: key {json.dumps(e.get('input'))}: {message}")
+        elif e["type"] == "extra_forbidden":
             parent = _lookup_model(loc[:-1])
             allowed = ", ".join(parent.model_fields) if parent is not None else "see params.yaml"
             lines.append(f"{key}: unknown key; allowed here: {allowed}")
@@ -419,7 +471,7 @@ def format_validation_error(where: str, err: ValidationError, data: Mapping[str,
             lines.append(f"{key}.source = {given!r}: unknown source; allowed: embedded, hub, csv")
         else:
             value = json.dumps(e.get("input"), default=str)
-            lines.append(f"{key} = {value}: {e['msg']}")
+            lines.append(f"{key} = {value}: {message}")
     return f"{where} has {len(lines)} problem(s):\n" + "\n".join(f"  - {line}" for line in lines)
 
 

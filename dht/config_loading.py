@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from dht.config import Config, ConfigError
+from dht.config import NOT_A_NAME, Config, ConfigError, is_name
 from dht.config_checks import (
     booleans_for_numbers,
     check_semantics,
@@ -92,11 +93,37 @@ def resolve_params(raw: Mapping[str, Any], profile: str | None = None) -> dict[s
     overlays = raw.get(OVERLAYS_KEY) or {}
     if not isinstance(overlays, Mapping):
         raise ConfigError(f"{OVERLAYS_KEY}: must be a mapping of profile name to overlay")
+    problems = profile_name_problems(raw, profile)
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) with profile names:\n" + "\n".join(f"  - {p}" for p in problems))
     name = profile if profile is not None else raw.get(PROFILE_KEY, "default")
     base = {k: v for k, v in raw.items() if k not in (OVERLAYS_KEY, PROFILE_KEY)}
     resolved = _apply_overlay(base, overlays, name, [])
     resolved[PROFILE_KEY] = name
     return resolved
+
+
+def profile_name_problems(raw: Mapping[str, Any], profile: str | None = None) -> list[str]:
+    """Profile names follow :data:`dht.config.NAME_PATTERN` (they reach every stage's command line as
+    ``--profile``): the keys of `profiles:`, their `extends:`, the `profile:` selection and `profile`, the one
+    asked for (``snakemake --config profile=NAME``, a stage's ``--profile``). One message per bad name."""
+    problems: list[str] = []
+
+    def check(key: str, value: Any, is_key: bool = False) -> None:
+        if not is_name(value):
+            shown = json.dumps(value, default=str)
+            problems.append(f"{key}: key {shown}: {NOT_A_NAME}" if is_key else f"{key} = {shown}: {NOT_A_NAME}")
+
+    if PROFILE_KEY in raw:
+        check(PROFILE_KEY, raw[PROFILE_KEY])
+    if profile is not None:
+        check(f"{PROFILE_KEY} (the one asked for)", profile)
+    overlays = raw.get(OVERLAYS_KEY) or {}
+    for name, overlay in overlays.items() if isinstance(overlays, Mapping) else ():
+        check(OVERLAYS_KEY, name, is_key=True)
+        if isinstance(overlay, Mapping) and EXTENDS_KEY in overlay:
+            check(f"{OVERLAYS_KEY}.{name}.{EXTENDS_KEY}", overlay[EXTENDS_KEY])
+    return problems
 
 
 def _apply_overlay(base: dict[str, Any], overlays: Mapping[str, Any], name: str, chain: list[str]) -> dict[str, Any]:

@@ -9,8 +9,11 @@
   AG News text contains literal backslashes, which are kept as they are.
 
 All three give a :class:`TextDataset`: pandas frames with ``text``, ``label`` (0-based) and, where known,
-``difficulty``, plus the class names. :func:`write_raw` stores it as ``train.parquet``, ``test.parquet`` and
-``meta.json``.
+``difficulty``, plus the class names. :func:`load_text_dataset` then holds out the validation split
+(:func:`split_validation`: ``data.val_fraction`` of the training split as loaded, seeded, stratified) before
+``max_train_samples`` draws the training subset from the rest (the embedded generator draws it as a third
+stream instead), and :func:`write_raw` stores the three splits as ``train.parquet``, ``val.parquet``,
+``test.parquet`` and ``meta.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from dht import embedded
-from dht.config import CsvDatasetSpec, EmbeddedDatasetSpec, HubDatasetSpec
+from dht.config import CsvDatasetSpec, DataConfig, EmbeddedDatasetSpec, HubDatasetSpec
 
 
 class DatasetError(ValueError):
@@ -38,6 +41,9 @@ class TextDataset:
     classes: list[str]
     source: str
     extra: dict[str, Any] = field(default_factory=dict)
+    # The validation split, held out of the training split (split_validation); None: not held out (a loader's
+    # result, or data.val_fraction 0), stored as an empty val.parquet.
+    val: pd.DataFrame | None = None
 
     @property
     def has_difficulty(self) -> bool:
@@ -243,24 +249,64 @@ def load_hub(spec: HubDatasetSpec) -> TextDataset:
 
 
 def load_text_dataset(
-    spec: EmbeddedDatasetSpec | HubDatasetSpec | CsvDatasetSpec, seed: int, root: str | Path = "."
+    spec: EmbeddedDatasetSpec | HubDatasetSpec | CsvDatasetSpec, seed: int, val_fraction: float,
+    params_dir: str | Path = ".",
 ) -> TextDataset:
-    """The dataset a params.yaml entry describes, subsampled (stratified, seeded) where it asks."""
+    """The dataset a params.yaml entry describes, with its validation split. For csv and hub data that is
+    `val_fraction` of the training split as loaded (:func:`split_validation`), held out first, before the rest is
+    subsampled (stratified, seeded) where the entry asks: max_train_samples still gives that many training rows
+    when the split has them beside the validation part. For embedded data it is a third generated stream of
+    `val_fraction` x n_train samples (:func:`dht.embedded.generate_validation`). A `csv` dataset's relative `path`
+    starts at `params_dir`, the folder of the params file (:meth:`CsvDatasetSpec.folder`)."""
     if isinstance(spec, EmbeddedDatasetSpec):
-        train, test, classes = embedded.generate(
-            spec.num_classes, spec.n_train, spec.n_test, spec.seed if spec.seed is not None else seed,
-            tuple(spec.difficulty_mix), hops=spec.alias_hops,
-        )
+        # Generated data have no finite split to hold rows out of: the validation split is a third seeded stream of
+        # val_fraction x n_train samples, drawn (and stratified) like the training split, which stays n_train rows,
+        # the same rows as without it (docs/pipeline.md, "The validation split").
+        data_seed = spec.seed if spec.seed is not None else seed
+        mix = tuple(spec.difficulty_mix)
+        train, test, classes = embedded.generate(spec.num_classes, spec.n_train, spec.n_test, data_seed, mix,
+                                                 hops=spec.alias_hops)
+        n_val = DataConfig(val_fraction=val_fraction).val_rows(spec.n_train)
+        val = (embedded.generate_validation(spec.num_classes, n_val, data_seed, mix, hops=spec.alias_hops) if n_val
+               else train.iloc[:0])
         return TextDataset(train, test, classes, source="embedded",
-                           extra={"difficulty_names": list(embedded.DIFFICULTY_NAMES)})
+                           extra={"difficulty_names": list(embedded.DIFFICULTY_NAMES)}, val=val)
     if isinstance(spec, CsvDatasetSpec):
-        path = Path(spec.path)
-        ds = load_zhang_dir(path if path.is_absolute() else Path(root) / path, spec.fields, spec.unescape_newlines)
+        ds = load_zhang_dir(spec.folder(params_dir), spec.fields, spec.unescape_newlines)
     else:
         ds = load_hub(spec)
+    ds.train, ds.val = split_validation(ds.train, val_fraction, seed, f"{ds.source} [train]")
     ds.train = subsample(ds.train, spec.max_train_samples, seed)
     ds.test = subsample(ds.test, spec.max_test_samples, seed + 1)
     return ds
+
+
+def split_validation(frame: pd.DataFrame, fraction: float, seed: int, where: str = "the training split"
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rest, validation): `fraction` of the rows (:meth:`dht.config.DataConfig.val_rows`, rounded up) drawn with
+    `seed`, stratified by label; each part in its original order, index reset. `fraction` 0 gives an empty
+    validation split. Raises :class:`DatasetError` when a class could not be in both parts."""
+    from sklearn.model_selection import train_test_split
+
+    n_val = DataConfig(val_fraction=fraction).val_rows(len(frame))
+    if n_val == 0:
+        return frame.reset_index(drop=True), frame.iloc[:0].reset_index(drop=True)
+    counts = frame["label"].value_counts()
+    lonely = counts[counts < 2]
+    if len(lonely):
+        raise DatasetError(
+            f"{where}: class {', '.join(map(str, lonely.index))} has a single row, which cannot be both in the "
+            f"validation split (data.val_fraction = {fraction}) and in the training split; add rows of it, or set "
+            "data.val_fraction: 0"
+        )
+    if n_val < len(counts) or len(frame) - n_val < len(counts):
+        raise DatasetError(
+            f"{where}: data.val_fraction = {fraction} of {len(frame)} rows holds out {n_val} and leaves "
+            f"{len(frame) - n_val} to train, but each needs a row of every one of the {len(counts)} classes; change "
+            "data.val_fraction or use more rows"
+        )
+    rest, val = train_test_split(frame, test_size=n_val, random_state=seed, stratify=frame["label"])
+    return rest.sort_index().reset_index(drop=True), val.sort_index().reset_index(drop=True)
 
 
 def subsample(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
@@ -277,14 +323,17 @@ def subsample(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
 
 # --- raw on-disk form ---------------------------------------------------------------------------------------
 
-RAW_FILES = ("train.parquet", "test.parquet", "meta.json")
+RAW_FILES = ("train.parquet", "val.parquet", "test.parquet", "meta.json")
 
 
 def write_raw(ds: TextDataset, out_dir: str | Path, name: str) -> dict[str, Any]:
-    """Write `ds` as the raw stage's output; returns the metadata written to meta.json."""
+    """Write `ds` as the raw stage's output (an empty val.parquet when it has no validation split); returns the
+    metadata written to meta.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    val = ds.val if ds.val is not None else ds.train.iloc[:0]
     ds.train.to_parquet(out / "train.parquet", index=False)
+    val.to_parquet(out / "val.parquet", index=False)
     ds.test.to_parquet(out / "test.parquet", index=False)
     meta = {
         "name": name,
@@ -292,6 +341,7 @@ def write_raw(ds: TextDataset, out_dir: str | Path, name: str) -> dict[str, Any]
         "classes": ds.classes,
         "num_labels": len(ds.classes),
         "n_train": len(ds.train),
+        "n_val": len(val),
         "n_test": len(ds.test),
         "has_difficulty": ds.has_difficulty,
         **ds.extra,
@@ -310,6 +360,7 @@ def read_raw(directory: str | Path) -> TextDataset:
         )
     meta = json.loads((directory / "meta.json").read_text())
     train = pd.read_parquet(directory / "train.parquet")
+    val = pd.read_parquet(directory / "val.parquet")
     test = pd.read_parquet(directory / "test.parquet")
     extra = {k: v for k, v in meta.items() if k == "difficulty_names"}
-    return TextDataset(train, test, meta["classes"], meta["source"], extra)
+    return TextDataset(train, test, meta["classes"], meta["source"], extra, val=val)

@@ -1,11 +1,11 @@
 """One model trained by several processes: `torchrun` + DistributedDataParallel (docs/distributed.md).
 
-`train.distributed.nproc_per_node: N` makes the train stage run under ``torchrun --nproc-per-node N``; each
-process (rank) gets a :class:`World` from :func:`start` and passes it to :class:`dht.trainer.Trainer`, which then
-runs the lockstep loop of :mod:`dht.distributed_training`: each rank queues its share of every epoch's permutation
-(:func:`shard`), the bandits decide jointly on every rank's contexts (one bandit, identical on every rank) and the
-gradient pass runs under DDP (:func:`wrap`). This module is the process group and those helpers; with one process
-nothing here is used and the trainer runs as it always has.
+`train.distributed.nproc_per_node: N` makes the train stage run under ``torchrun --nproc-per-node N`` (started by
+:mod:`dht.launch`); each process (rank) gets a :class:`World` from :func:`start` and passes it to
+:class:`dht.trainer.Trainer`, which then runs the lockstep loop of :mod:`dht.distributed_training`: each rank queues
+its share of every epoch's permutation (:func:`shard`), the bandits decide jointly on every rank's contexts (one
+bandit, identical on every rank) and the gradient pass runs under DDP (:func:`wrap`). This module is the process
+group and those helpers; with one process nothing here is used and the trainer runs as it always has.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def start(cfg: Config, device: torch.device) -> World | None:
     want = cfg.train.distributed.nproc_per_node
     size = launched_size()
     if size != want:
-        how = (f"torchrun --nproc-per-node {want} workflow/scripts/train.py ... (the Snakemake rule does)"
+        how = (f"python -m dht.launch --standalone --nproc-per-node {want} -- workflow/scripts/train.py ... "
+               "(the Snakemake rule does)"
                if want > 1 else "python workflow/scripts/train.py ... without torchrun")
         raise DistributedError(
             f"{size} process(es) started, but train.distributed.nproc_per_node = {want}: run {how}, or change "

@@ -224,7 +224,7 @@ def train_batch(trainer: Trainer, policy: Policy, frozen: bool, batch: Batch | N
             groups.append(info)
         if not n:  # an empty part: one parameter in the graph, so DDP all-reduces (zeros) with the others
             return model.classifier.weight.sum() * 0.0
-        return model.classify(hidden, keep)
+        return model.classify(hidden, keep, layers)  # the exit head of the batch's depth
 
     model.train()
     out = trainer.ddp(gradient_pass)

@@ -28,8 +28,8 @@ texts as in its own (1.2 against 1.6 per text): nothing, shallow or deep, learne
 So with two classes medium samples carry one negated distractor and hard samples none (0.6 against 1.6).
 
 Labels are exactly balanced (round robin, then shuffled), and so are difficulty levels within each class.
-Train and test come from independent streams of the same seed, so the data set is a pure function of
-(spec, seed).
+Train, test and the validation split come from independent streams of the same seed, so the data set is a pure
+function of (spec, seed).
 """
 
 from __future__ import annotations
@@ -206,8 +206,23 @@ def generate(
     difficulty_mix: tuple[float, float, float] = (0.4, 0.3, 0.3),
     hops: int = 1,
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """Train and test splits (independent seeded streams) and the class names."""
+    """Train and test splits (independent seeded streams: the first two children of `seed`'s SeedSequence) and the
+    class names."""
     seeds = np.random.SeedSequence(seed).spawn(2)
     train = generate_split(n_train, num_classes, int(seeds[0].generate_state(1)[0]), difficulty_mix, hops=hops)
     test = generate_split(n_test, num_classes, int(seeds[1].generate_state(1)[0]), difficulty_mix, hops=hops)
     return train, test, list(class_vocabulary(num_classes))
+
+
+def generate_validation(
+    num_classes: int,
+    n: int,
+    seed: int,
+    difficulty_mix: tuple[float, float, float] = (0.4, 0.3, 0.3),
+    hops: int = 1,
+) -> pd.DataFrame:
+    """The validation split of :func:`generate` with the same `seed`: a third independent stream (the third child
+    of the SeedSequence), drawn like the training split (labels balanced, difficulty shares kept within each class),
+    so adding it leaves the training and test splits as they were."""
+    stream = np.random.SeedSequence(seed).spawn(3)[2]
+    return generate_split(n, num_classes, int(stream.generate_state(1)[0]), difficulty_mix, hops=hops)

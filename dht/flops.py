@@ -24,7 +24,10 @@ Per layer with n tokens, hidden d, FFN size f, head size d_h = d / N_H and H kep
 and once per sample the pooler 2 * d * d and classifier 2 * d * num_labels, on the [CLS] vector only (the
 implementation pools only that token); with ``classifier_pooling: mean`` there is no pooler (the token mean is no
 matmul), only the classifier. A layer with H = 0 costs only its FFN: the sliced path computes nothing
-for it (its attention output is the output-projection bias).
+for it (its attention output is the output-projection bias). With ``model.exit_heads: per_depth`` a sample stopped
+after L layers runs L's own pooler and classifier instead of the shared ones: the same shapes, so every count here
+holds for either reading (one head per read; the heads the sample does not stop at do not run; tests/test_flops.py
+checks it against FlopCounterMode).
 
 Training FLOPs are counted by one function, :func:`train_flops` (the trainer's accounting, the 12-VaBERT reference
 and :func:`plan_flops` in ``mode="train"`` all call it). It counts what autograd computes, matmul by matmul: the

@@ -23,6 +23,7 @@ Two ways of executing the heads exist (see ``docs/model.md``):
   by xi_h. It saves nothing and exists as a reference for the sliced path.
 """
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ _ATTENTION_PATHS = ("sliced", "masked")
 _ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 _LAYER_NORMS = ("post", "pre")
 _POOLINGS = ("cls", "mean")
+_EXIT_HEADS = ("shared", "per_depth")
 
 # Architecture fields that must come from the BERT checkpoint in ``from_bert`` (overriding them would change the
 # shapes of the weights being loaded).
@@ -96,6 +98,11 @@ class DHTConfig(PretrainedConfig):
       shipped all-MiniLM-L6-v2) has an untrained pooler and a [CLS] state that carries little at shallow depths:
       through ``"cls"`` a 2-layer exit sits on a loss plateau for ~100 steps (docs/training.md, "Why the DHT modes
       did not learn on MiniLM").
+    * ``exit_heads`` -- which classifier reads a sample that stops after L layers: ``"shared"`` (one pooler and
+      classifier for every depth; the paper does not say, and every earlier run read it so) or
+      ``"per_depth"`` (one pooler + classifier per depth a path can stop at, :meth:`exit_depths`; the full depth
+      keeps BERT's ``bert.pooler`` and ``classifier``, the shallower ones are ``exit_heads.<L>``). Per-depth heads
+      start as copies of the full-depth head (docs/training.md, T29).
     * ``attn_implementation`` -- ``"sdpa"`` (``F.scaled_dot_product_attention``) or ``"eager"`` (explicit
       matmul + softmax; what ``torch.utils.flop_counter.FlopCounterMode`` counts on CPU). Read at every forward,
       so it can be switched on a live model.
@@ -125,6 +132,7 @@ class DHTConfig(PretrainedConfig):
     layer_norm: str = "post"
     residual_init_scale: float | int = 1.0
     classifier_pooling: str = "cls"
+    exit_heads: str = "shared"  # a model directory saved before this field loads as shared, what it was
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -172,6 +180,8 @@ class DHTConfig(PretrainedConfig):
             raise ValueError(
                 f"DHTConfig.classifier_pooling must be one of {_POOLINGS}, got {self.classifier_pooling!r}"
             )
+        if self.exit_heads not in _EXIT_HEADS:
+            raise ValueError(f"DHTConfig.exit_heads must be one of {_EXIT_HEADS}, got {self.exit_heads!r}")
         if self.layer_norm_eps <= 0:
             raise ValueError(f"DHTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
 
@@ -188,6 +198,11 @@ class DHTConfig(PretrainedConfig):
         """
         n, b, c = self.num_hidden_layers, self.fixed_layers, self.group_size
         return [range(start, min(start + c, n)) for start in range(b, n, c)]
+
+    def exit_depths(self) -> list[int]:
+        """The depths a sample's path can stop at, where an exit is read: after the b fixed layers and after each
+        dynamic group (b, b + c, ..., N_L; Section 4.2). With ``exit_heads="per_depth"`` each has its own head."""
+        return sorted({self.fixed_layers, *(group.stop for group in self.dynamic_layer_groups())})
 
     @classmethod
     def from_bert_config(cls, bert_config: PretrainedConfig, **overrides: Any) -> "DHTConfig":
@@ -731,6 +746,16 @@ class DHTPooler(nn.Module):
         return self.activation(self.dense(hidden[:, 0]))
 
 
+class DHTExitHead(nn.Module):
+    """The head that reads a sample stopped at one depth (``exit_heads="per_depth"``): the full-depth head's pooler
+    (with ``classifier_pooling="cls"``; mean pooling has none) and classifier, copied at construction."""
+
+    def __init__(self, pooler: DHTPooler | None, classifier: nn.Linear) -> None:
+        super().__init__()
+        self.pooler = pooler
+        self.classifier = classifier
+
+
 class DHTBertModel(nn.Module):
     """Embeddings + encoder + pooler, under the ``bert.`` prefix like BertForSequenceClassification; pre-LN adds
     ``final_layer_norm`` on each sample's last state (post-LN states are already normalised)."""
@@ -810,6 +835,44 @@ class DHTForSequenceClassification(DHTPreTrainedModel):
                 for layer in self.bert.encoder.layer:
                     layer.attention.output.dense.weight.mul_(config.residual_init_scale)
                     layer.output.dense.weight.mul_(config.residual_init_scale)
+        if config.exit_heads == "per_depth":
+            # After the init and without drawing from the RNG: the heads start as the full-depth head's copies, so a
+            # per_depth model starts as the shared one (same logits at every depth, same random stream after).
+            self.exit_heads = self._copies_of_the_full_head()
+
+    # ---- exit heads (config.exit_heads) -----------------------------------------------------------------------
+
+    def _copies_of_the_full_head(self) -> nn.ModuleDict:
+        pooler = self.bert.pooler if self.config.classifier_pooling == "cls" else None
+        return nn.ModuleDict({
+            str(depth): DHTExitHead(copy.deepcopy(pooler), copy.deepcopy(self.classifier))
+            for depth in self.config.exit_depths() if depth != self.config.num_hidden_layers})
+
+    def set_exit_heads(self, exit_heads: str) -> None:
+        """Switch between one head for every depth (``"shared"``) and one per exit depth (``"per_depth"``; the
+        shallower heads become copies of the full-depth head, ``bert.pooler`` + ``classifier``, whatever they held:
+        a model trained at full depth alone, such as the fine-tuned reference, gives every exit its trained head).
+        ``"shared"`` drops the shallower heads."""
+        if exit_heads not in _EXIT_HEADS:
+            raise ValueError(f"exit_heads must be one of {_EXIT_HEADS}, got {exit_heads!r}")
+        if hasattr(self, "exit_heads"):
+            del self.exit_heads
+        self.config.exit_heads = exit_heads
+        if exit_heads == "per_depth":
+            device = self.classifier.weight.device
+            self.exit_heads = self._copies_of_the_full_head().to(device)
+
+    def exit_head(self, depth: int | None = None) -> tuple[nn.Module, nn.Linear]:
+        """(pooler, classifier) that read a sample stopped after ``depth`` layers (None: the full depth). Shared
+        heads: BERT's for every depth. The pooler is unused with ``classifier_pooling="mean"``."""
+        n = self.config.num_hidden_layers
+        if self.config.exit_heads == "shared" or depth is None or depth == n:
+            return self.bert.pooler, self.classifier
+        if str(depth) not in self.exit_heads:
+            raise ValueError(f"exit_heads = 'per_depth': no head reads depth {depth}; the exit depths are "
+                             f"{self.config.exit_depths()} (b, b + c, ..., N_L)")
+        head = self.exit_heads[str(depth)]
+        return head.pooler, head.classifier
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.bert.embeddings.word_embeddings
@@ -839,7 +902,8 @@ class DHTForSequenceClassification(DHTPreTrainedModel):
             load_kwargs: extra keyword arguments for ``BertForSequenceClassification.from_pretrained`` (e.g.
                 ``local_files_only=True``, ``ignore_mismatched_sizes=True``, ``revision=...``).
             **config_overrides: DHT or dropout fields (``fixed_layers``, ``group_size``, ``attn_implementation``,
-                ``hidden_dropout_prob``, ...). Architecture fields cannot be overridden.
+                ``hidden_dropout_prob``, ``exit_heads``, ...). Architecture fields cannot be overridden. With
+                ``exit_heads="per_depth"`` every exit head starts as a copy of the checkpoint's one.
         """
         from transformers import BertForSequenceClassification
 
@@ -855,9 +919,13 @@ class DHTForSequenceClassification(DHTPreTrainedModel):
         bert = BertForSequenceClassification.from_pretrained(name_or_path, **kwargs)
         if getattr(bert.config, "is_decoder", False):
             raise ValueError(f"{name_or_path} is a decoder BERT; DHT needs the bidirectional encoder")
+        # A BERT checkpoint has one head: load it strictly into a shared model, then give each exit a copy of it.
+        exit_heads = config_overrides.pop("exit_heads", "shared")
         config = DHTConfig.from_bert_config(bert.config, **config_overrides)
         model = cls(config)
         model.load_state_dict(bert.state_dict(), strict=True)
+        if exit_heads != "shared":
+            model.set_exit_heads(exit_heads)
         return model
 
     # ---- forward ---------------------------------------------------------------------------------------------
@@ -881,6 +949,11 @@ class DHTForSequenceClassification(DHTPreTrainedModel):
                 raise ValueError(
                     f"depth values must be in [0, {config.num_hidden_layers}], got {depth.tolist()}"
                 )
+            if config.exit_heads == "per_depth":
+                unread = sorted(set(depth.tolist()) - set(config.exit_depths()))
+                if unread:
+                    raise ValueError(f"exit_heads = 'per_depth': no head reads depth {unread}; the exit depths "
+                                     f"are {config.exit_depths()} (b, b + c, ..., N_L)")
         if heads is not None:
             expected = (batch, config.num_hidden_layers, config.num_attention_heads)
             if tuple(heads.shape) != expected:
@@ -944,7 +1017,15 @@ class DHTForSequenceClassification(DHTPreTrainedModel):
         )
         # The classifier reads each sample's [CLS] at its own depth (``last`` is already per-sample).
         last = self.bert.final_norm(last)
-        logits = self.classifier(self.dropout(self.pool(last, key_keep)))
+        if self.config.exit_heads == "shared" or depth is None:
+            logits = self.classifier(self.dropout(self.pool(last, key_keep)))
+        else:  # per_depth: each sample's own depth's head, the samples grouped by depth
+            pieces, rows = [], []
+            for d in sorted(set(depth.tolist())):
+                sel = (depth.to(last.device) == d).nonzero().squeeze(1)
+                pieces.append(self._read(last[sel], None if key_keep is None else key_keep[sel], d))
+                rows.append(sel)
+            logits = _cat_promoted(pieces).index_select(0, torch.argsort(torch.cat(rows)))
         loss = per_sample_loss = None
         if labels is not None:
             if self.num_labels < 2:
@@ -992,20 +1073,27 @@ class DHTForSequenceClassification(DHTPreTrainedModel):
             hidden = layer(hidden, key_keep, layer_heads, attention_path, self.config.attn_implementation)
         return hidden
 
-    def pool(self, last: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """The sentence vector the classifier reads (``config.classifier_pooling``): the pooler on [CLS], or the
-        mean of the non-padding token states (``key_keep``: BoolTensor[B, n], None when nothing is padded)."""
+    def pool(self, last: torch.Tensor, key_keep: torch.Tensor | None = None, depth: int | None = None) -> torch.Tensor:
+        """The sentence vector the classifier reads (``config.classifier_pooling``): the pooler (of ``depth``'s
+        exit head, :meth:`exit_head`) on [CLS], or the mean of the non-padding token states (``key_keep``:
+        BoolTensor[B, n], None when nothing is padded)."""
         if self.config.classifier_pooling == "cls":
-            return self.bert.pooler(last)
+            return self.exit_head(depth)[0](last)
         if key_keep is None:
             return last.mean(dim=1)
         weights = key_keep.to(last.dtype).unsqueeze(-1)
         return (last * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
-    def classify(self, last_hidden: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits from each sample's final hidden states (pre-LN's final LayerNorm, :meth:`pool`, dropout,
-        classifier). ``key_keep`` is the key mask of :meth:`embed`; mean pooling needs it when samples are padded."""
-        return self.classifier(self.dropout(self.pool(self.bert.final_norm(last_hidden), key_keep)))
+    def classify(self, last_hidden: torch.Tensor, key_keep: torch.Tensor | None = None,
+                 depth: int | None = None) -> torch.Tensor:
+        """Logits from the hidden states of samples stopped after ``depth`` layers (None: the full depth): pre-LN's
+        final LayerNorm, :meth:`pool`, dropout and the classifier of that depth's exit head (:meth:`exit_head`; the
+        one shared head with ``exit_heads="shared"``). ``key_keep`` is the key mask of :meth:`embed`; mean pooling
+        needs it when samples are padded."""
+        return self._read(self.bert.final_norm(last_hidden), key_keep, depth)
+
+    def _read(self, normed: torch.Tensor, key_keep: torch.Tensor | None, depth: int | None) -> torch.Tensor:
+        return self.exit_head(depth)[1](self.dropout(self.pool(normed, key_keep, depth)))
 
     def encode_prefix(
         self,
@@ -1039,12 +1127,13 @@ def model_from_params(cfg: Any, num_labels: int, vocab_size: int) -> DHTForSeque
     ``model.init`` is ``scratch``, else BERT weights from a hub name or local directory (``bert-base-uncased``
     in the paper profile) or ``package:NAME`` (a pip package's checkpoint directory, checksum verified:
     dht/pretrained.py), whose architecture then wins over ``model:``'s sizes. The classifier is new (seeded by
-    the caller too); a checkpoint's pooler is loaded when it has one."""
+    the caller too); a checkpoint's pooler is loaded when it has one. With ``model.exit_heads: per_depth`` every
+    exit's head starts as a copy of that one head."""
     from dht.pretrained import is_package_ref, resolve
 
     m = cfg.model
     dht_fields = {"fixed_layers": cfg.dht.fixed_layers, "group_size": cfg.dht.group_size,
-                  "classifier_pooling": m.classifier_pooling}
+                  "classifier_pooling": m.classifier_pooling, "exit_heads": m.exit_heads}
     if m.init == "scratch":
         config = DHTConfig(
             vocab_size=vocab_size,

@@ -3,9 +3,11 @@
 :func:`snakemake_jobs` builds the workflow's DAG for a profile (every job, as if nothing existed yet) through
 Snakemake's API; :func:`dvc_stages` turns each job into a DVC stage with the same command, inputs (``deps``),
 outputs (``outs``) and tracked params, and writes the jobs of a rule whose stages differ only in their wildcard
-values as one ``matrix:`` (or ``foreach:``) stage, which DVC expands back into them (``train@sst2-t-dht``). The profile in commands and params is written as ``${profile}``, so
-``dvc exp run -S profile=tiny`` runs the same stages on the tiny profile (profiles that share dataset names,
-as default and tiny do). A profile with other datasets (paper) needs ``dht dvc-yaml --profile paper`` first.
+values as one ``matrix:`` (or ``foreach:``) stage, which DVC expands back into them (``train@sst2-t-dht``). The
+commands leave out Snakemake's ``--profile``: a stage then runs params.yaml's ``profile:`` (validated as a name
+before use), and the stage's params list ``profile`` and ``profiles.${profile}``, so ``dvc exp run -S profile=tiny``
+runs the same stages on the tiny profile (profiles that share dataset names, as default and tiny do). A profile
+with other datasets (paper) needs ``dht dvc-yaml --profile paper`` first.
 
 ``tests/test_pipeline.py`` regenerates dvc.yaml and fails when it differs from the committed file.
 """
@@ -226,13 +228,23 @@ def snakemake_jobs(root: str | Path = ".", profile: str | None = None, targets: 
             jobs.append(Job(
                 rule=j.rule.name,
                 wildcards=tuple((k, str(v)) for k, v in j.wildcards_dict.items()),
-                cmd=" ".join(j.shellcmd.split()),
+                cmd=squeeze_spaces(j.shellcmd),
                 inputs=tuple(str(f) for f in j.input),
                 outputs=tuple(str(f) for f in j.output),
                 tracked=tuple(tracked.keys()) if isinstance(tracked, dict) else (),
             ))
     order = {name: i for i, name in enumerate(_rule_order(jobs))}
     return sorted(jobs, key=lambda j: (order[j.rule], j.wildcards))
+
+
+# A single-quoted word (shlex.quote's, as Snakemake's `{x:q}` writes it), a double-quoted one, or a run of spaces.
+_QUOTED_OR_SPACE = re.compile(r"""('[^']*'|"(?:[^"\\]|\\.)*")|\s+""")
+
+
+def squeeze_spaces(cmd: str) -> str:
+    """`cmd` on one line with single spaces between its words (a rule's command ends in a space when its last
+    optional argument is empty), leaving the inside of quoted words as it is: `--log 'a  b'` keeps both spaces."""
+    return _QUOTED_OR_SPACE.sub(lambda m: m.group(1) or " ", cmd).strip()
 
 
 def _rule_order(jobs: list[Job]) -> list[str]:
@@ -255,9 +267,12 @@ def _rule_order(jobs: list[Job]) -> list[str]:
     return ordered
 
 
-def _templated(text: str, profile: str) -> str:
-    """Write the concrete profile of a command as DVC's `${profile}` (from params.yaml)."""
-    return text.replace(f"--profile {shlex.quote(profile)}", "--profile ${profile}")
+def dvc_command(cmd: str, profile: str) -> str:
+    """A job's command as DVC runs it: without ``--profile <profile>``, so that the stage reads params.yaml's
+    ``profile:`` (which ``dvc exp run -S profile=...`` sets). Not ``--profile ${profile}``: DVC pastes an
+    interpolated value into the command unquoted, before any stage could check it, so a `profile:` holding
+    ``x;touch PWNED`` would run in the shell."""
+    return re.sub(rf" --profile {re.escape(shlex.quote(profile))}(?= |$)", "", cmd)
 
 
 def _stage_body(job: Job, profile: str) -> dict[str, Any]:
@@ -273,7 +288,7 @@ def _stage_body(job: Job, profile: str) -> dict[str, Any]:
             plots.append({out: dict(spec)})
         else:
             outs.append(out)
-    stage: dict[str, Any] = {"cmd": _templated(job.cmd, profile)}
+    stage: dict[str, Any] = {"cmd": dvc_command(job.cmd, profile)}
     if job.inputs:
         stage["deps"] = list(dict.fromkeys(job.inputs))
     stage["params"] = [PROFILE_KEY, *job.tracked, f"{OVERLAYS_KEY}.${{{PROFILE_KEY}}}"]

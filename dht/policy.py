@@ -34,23 +34,25 @@ from dht.rewards import RewardBaseline, all_depths_reward, difference_reward, re
 
 
 def exit_logits(model: DHTForSequenceClassification, ids: Tensor, mask: Tensor, depths: list[int]) -> list[Tensor]:
-    """The shared classifier's logits after each of ``depths`` (ascending) with every head, from one pass to the
-    deepest: T24's counterfactual reads and the exit ladder of experiments/levers.py. The caller sets the mode
-    and the gradient."""
+    """The logits after each of ``depths`` (ascending) with every head, each read by its depth's exit head (the one
+    shared classifier, or with ``model.exit_heads: per_depth`` that depth's own), from one pass to the deepest:
+    T24's counterfactual reads and the exit ladder of experiments/levers.py. The caller sets the mode and the
+    gradient."""
     state, keep = model.embed(ids, mask)
     done, out = 0, []
     for depth in depths:
         state = model.run_layers(state, keep, done, depth)
         done = depth
-        out.append(model.classify(state, keep))
+        out.append(model.classify(state, keep, depth))
     return out
 
 
 def exit_uncertainty(model: DHTForSequenceClassification, s1: Tensor, mask: Tensor) -> Tensor:
-    """1 - the top-class probability of the model's classifier read on S1 [B] (the shared head after the b
-    fixed layers; T23). The caller sets the mode and the gradient (S1's: eval, none)."""
+    """1 - the top-class probability of the model's classifier read on S1 [B] (the exit head after the b fixed
+    layers: the shared one, or b's own with per-depth heads; T23). The caller sets the mode and the gradient (S1's:
+    eval, none)."""
     keep = None if bool(mask.all()) else mask.bool()
-    return 1.0 - model.classify(s1, keep).float().softmax(-1).max(-1).values
+    return 1.0 - model.classify(s1, keep, model.config.fixed_layers).float().softmax(-1).max(-1).values
 
 
 @dataclass
@@ -408,7 +410,7 @@ def predict(model: DHTForSequenceClassification, policy: Policy, data: SplitData
             for group, info in zip(policy.groups, infos, strict=False):
                 stop = min(group.stop, L)
                 h_rows[:, group.start:stop] = info["plan"][:, : stop - group.start].sum(dim=2)
-            logits = model.classify(h, k_sub).float().cpu()
+            logits = model.classify(h, k_sub, L).float().cpu()
             p = logits.softmax(-1)
             rows = index[sel]
             out_labels[rows] = p.argmax(-1)

@@ -402,7 +402,8 @@ def depth_table(analysis: DepthAnalysis) -> str:
 
 
 def data_summary(metas: list[dict[str, Any]]) -> str:
-    """One row per dataset: source, classes, split sizes, token lengths, truncation and difficulty shares."""
+    """One row per dataset: source, classes, split sizes (train, val, test), token lengths, truncation and
+    difficulty shares."""
     rows = []
     for m in metas:
         tr, te = m["splits"]["train"], m["splits"]["test"]
@@ -412,10 +413,10 @@ def data_summary(metas: list[dict[str, Any]]) -> str:
             total = sum(tr["difficulty_counts"]) or 1
             difficulty = ", ".join(f"{n} {c / total:.0%}" for n, c in zip(names, tr["difficulty_counts"], strict=False))
         rows.append([
-            m["name"], m["source"], m["num_labels"], tr["n"], te["n"], m["max_length"], tr["mean_tokens"],
-            f"{tr['truncated_share']:.1%}", m["vocab_size"], difficulty,
+            m["name"], m["source"], m["num_labels"], tr["n"], m["splits"].get("val", {}).get("n", 0), te["n"],
+            m["max_length"], tr["mean_tokens"], f"{tr['truncated_share']:.1%}", m["vocab_size"], difficulty,
         ])
-    header = ["dataset", "source", "classes", "train", "test", "max length", "mean tokens (train)",
+    header = ["dataset", "source", "classes", "train", "val", "test", "max length", "mean tokens (train)",
               "truncated (train)", "vocabulary", "difficulty (train)"]
     return _md_table(header, rows)
 

@@ -72,15 +72,32 @@ def read_start(path: str | Path) -> dict[str, Any]:
     return metrics
 
 
+def validation_metrics(pred: Any, val: Any, model_config: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """The validation split's figures of a model's metrics.json (``val_accuracy``, ``val_macro_f1``,
+    ``val_infer_flop_ratio``, ``n_val``): :func:`dht.evaluation.evaluate` on its predictions of the validation split,
+    made with the same inference policy as the test split's. What a choice between settings reads (docs/pipeline.md,
+    "The validation split"); nothing (no keys) when the profile holds no validation split out."""
+    from dht.evaluation import evaluate
+
+    if val is None or len(val) == 0:
+        return {}
+    m = evaluate(pred, val, model_config, meta["max_length"], None)
+    return {"val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
+            "val_infer_flop_ratio": m["infer_flop_ratio"], "n_val": m["n_test"]}
+
+
 def training_metrics(cfg: Config, pred: Any, test: Any, model_config: Any, meta: dict[str, Any],
-                     progress: Any, start: dict[str, Any] | None = None) -> dict[str, Any]:
+                     progress: Any, start: dict[str, Any] | None = None,
+                     val: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """metrics.json of a trained DHT mode: :func:`dht.evaluation.evaluate` on the inference policy's
-    predictions, the training's budget (:func:`training_budget`; `start`: the metrics of the model its weights
-    start from, None for the pretrained checkpoint or scratch), time, steps and samples, floats rounded to 6
-    digits."""
+    predictions, with `val` (the predictions of the validation split, the split) :func:`validation_metrics`, the
+    training's budget (:func:`training_budget`; `start`: the metrics.json of the run its weights start from,
+    ``dht.modes.<mode>.init: reference``'s trained reference, docs/training.md T30; None for the initial model),
+    time, steps and samples; floats rounded to 6 digits."""
     from dht.evaluation import evaluate
 
     metrics = evaluate(pred, test, model_config, meta["max_length"], meta.get("difficulty_names"))
+    metrics.update(validation_metrics(*val, model_config, meta) if val is not None else {})
     metrics.update(training_budget(progress.train_flops / progress.reference_flops, cfg.train.epochs, start))
     metrics.update({
         "train_seconds": round(progress.seconds, 3),
@@ -92,14 +109,16 @@ def training_metrics(cfg: Config, pred: Any, test: Any, model_config: Any, meta:
 
 def baseline_metrics(pred: Any, test: Any, reference_config: Any, meta: dict[str, Any], train_flops: float,
                      reference_train_flops: float, seconds: float, epochs: float,
-                     start: dict[str, Any] | None) -> dict[str, Any]:
+                     start: dict[str, Any] | None, val: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """metrics.json of a baseline, in the DHT runs' schema: :func:`dht.evaluation.evaluate` with FLOPs relative to
-    the trained reference (`reference_config`), the training's budget (:func:`training_budget`: its own FLOPs
-    against the reference's full training, `reference_train_flops`, its own `epochs`, and `start`, the metrics of
-    the model it starts from) and its time, floats rounded to 6 digits."""
+    the trained reference (`reference_config`), :func:`validation_metrics` of `val` (predictions, split), the
+    training's budget (:func:`training_budget`: its own FLOPs against the reference's full training,
+    `reference_train_flops`, its own `epochs`, and `start`, the metrics of the model it starts from) and its time,
+    floats rounded to 6 digits."""
     from dht.evaluation import evaluate
 
     metrics = evaluate(pred, test, reference_config, meta["max_length"], meta.get("difficulty_names"))
+    metrics.update(validation_metrics(*val, reference_config, meta) if val is not None else {})
     metrics.update(training_budget(train_flops / reference_train_flops, epochs, start))
     metrics["train_seconds"] = round(seconds, 3)
     return _rounded(metrics)

@@ -1,10 +1,11 @@
 """Tokenization: a WordPiece vocabulary trained on the training split (offline default) or a pretrained
 tokenizer by name or path, and the processed parquet files every model stage reads.
 
-``data/processed/<dataset>/`` holds ``train.parquet`` and ``test.parquet`` (``input_ids`` and
+``data/processed/<dataset>/`` holds ``train.parquet``, ``val.parquet`` and ``test.parquet`` (``input_ids`` and
 ``attention_mask`` padded to the dataset's ``max_length``, ``label``, ``n_tokens`` before truncation, and
 ``difficulty`` where the dataset has it), the tokenizer in ``save_pretrained`` form under ``tokenizer/``, and
-``meta.json`` with the statistics the report shows.
+``meta.json`` with the statistics the report shows. A trained vocabulary learns from the training split alone:
+the validation split is held out of everything a model learns from.
 """
 
 from __future__ import annotations
@@ -114,24 +115,27 @@ def encode_frame(tokenizer, frame: pd.DataFrame, max_length: int, batch_size: in
 
 
 def prepare(ds: TextDataset, cfg: TokenizerConfig, max_length: int, out_dir: str | Path, name: str) -> dict[str, Any]:
-    """Tokenize both splits of `ds` into `out_dir`; returns the metadata written to meta.json."""
+    """Tokenize the three splits of `ds` (train, val, test; val empty when it has none) into `out_dir`; returns the
+    metadata written to meta.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(cfg, ds.train["text"].tolist())
     tokenizer.model_max_length = max_length
     tokenizer.save_pretrained(out / "tokenizer")
     stats: dict[str, Any] = {}
-    for split, frame in (("train", ds.train), ("test", ds.test)):
+    val = ds.val if ds.val is not None else ds.train.iloc[:0]
+    for split, frame in (("train", ds.train), ("val", val), ("test", ds.test)):
         table = encode_frame(tokenizer, frame, max_length)
         pq.write_table(table, out / f"{split}.parquet")
         n_tokens = table.column("n_tokens").to_numpy()
-        stats[split] = {
-            "n": table.num_rows,
-            "mean_tokens": round(float(n_tokens.mean()), 2),
-            "p95_tokens": int(np.percentile(n_tokens, 95)),
-            "truncated_share": round(float((n_tokens > max_length).mean()), 4),
-            "label_counts": np.bincount(frame["label"], minlength=len(ds.classes)).tolist(),
-        }
+        stats[split] = {"n": table.num_rows}
+        if table.num_rows:
+            stats[split].update({
+                "mean_tokens": round(float(n_tokens.mean()), 2),
+                "p95_tokens": int(np.percentile(n_tokens, 95)),
+                "truncated_share": round(float((n_tokens > max_length).mean()), 4),
+            })
+        stats[split]["label_counts"] = np.bincount(frame["label"], minlength=len(ds.classes)).tolist()
         if "difficulty" in frame.columns:
             stats[split]["difficulty_counts"] = np.bincount(frame["difficulty"], minlength=3).tolist()
     meta = {

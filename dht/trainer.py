@@ -50,7 +50,7 @@ from dht.distributed import World, share_length, wrap
 from dht.evaluation import SplitData
 from dht.flops import depth_feedback_flops, exit_loss_flops, forward_flops, full_model_flops, train_flops
 from dht.guard import FiniteGuard, TrainingError  # noqa: F401 (TrainingError: raised and re-exported here)
-from dht.integrity import checkpoint_problem, seal
+from dht.integrity import IntegrityError, read_checkpoint, write_checkpoint
 from dht.model import DHTForSequenceClassification
 from dht.policy import Decision, LayerQueue, Policy, decide_groups, exit_logits, exit_uncertainty
 from dht.results import POLICY_FILE
@@ -83,11 +83,14 @@ class Progress:
 
 def run_params(cfg: Config, mode_name: str) -> dict[str, Any]:
     """:func:`run_param_keys` with their resolved values, the mode's own entry as `mode` (and its warm-up mode's
-    as `warmup_mode`), so that every model's MLflow run has the same parameter names."""
+    as `warmup_mode`, the reference's as `reference_mode` with ``init: reference``), so that every model's MLflow
+    run has the same parameter names."""
     out: dict[str, Any] = {}
     warmup = cfg.dht.modes[mode_name].warmup_mode
     for key in run_param_keys(cfg, mode_name):
-        name = {f"dht.modes.{mode_name}": "mode", f"dht.modes.{warmup}": "warmup_mode"}.get(key, key)
+        # the mode's own name wins: a reference's run calls its entry `mode`
+        name = {f"dht.modes.{cfg.run.reference}": "reference_mode", f"dht.modes.{warmup}": "warmup_mode",
+                f"dht.modes.{mode_name}": "mode"}.get(key, key)
         out[name] = cfg.section(key)
     return out
 
@@ -185,7 +188,7 @@ class Trainer:
         hidden = self._run(hidden, keep, 0, b, None, trainable)  # S2,0: the b layers again, with gradient
         # exit_loss: path (T26): the classifier also reads, and trains on, every shallower depth option passed
         exits = set(policy.layer_options) - {layers} if policy.mode.exit_loss == "path" else set()
-        exit_losses = [F.cross_entropy(model.classify(hidden, keep), labels, reduction="none")] if b in exits else []
+        exit_losses = [F.cross_entropy(model.classify(hidden, keep, b), labels, reduction="none")] if b in exits else []
         groups: list[dict[str, Any]] = []
         heads_rows = torch.full((len(items), layers), model.config.num_attention_heads, dtype=torch.long)
         for g, group in enumerate(policy.groups):
@@ -201,8 +204,8 @@ class Trainer:
             heads_rows[:, group.start : stop] = plan.sum(dim=2)
             groups.append(info)
             if stop in exits:
-                exit_losses.append(F.cross_entropy(model.classify(hidden, keep), labels, reduction="none"))
-        logits = model.classify(hidden, keep)
+                exit_losses.append(F.cross_entropy(model.classify(hidden, keep, stop), labels, reduction="none"))
+        logits = model.classify(hidden, keep, layers)
         per_sample = F.cross_entropy(logits, labels, reduction="none")  # the chosen depth's: what the bandits learn
         # every exit read weighs the same; a sample's loss keeps the scale of one cross-entropy
         loss = torch.stack([per_sample, *exit_losses]).mean() if exit_losses else per_sample.mean()
@@ -488,7 +491,7 @@ class Trainer:
             "ranks": self.rank_states,  # a distributed run: each rank's queues, ready batches and RNG
         }
         tmp = self.checkpoint_dir / (CHECKPOINT_FILE + ".tmp")
-        torch.save(seal(state), tmp)  # with the checksum of its content, verified before a resume (dht.integrity)
+        write_checkpoint(state, tmp)  # behind the SHA-256 of its bytes, checked before a resume reads any (dht.integrity)
         os.replace(tmp, self.checkpoint_dir / CHECKPOINT_FILE)  # atomic: a kill never leaves half a checkpoint
 
     def load_checkpoint(self) -> bool:
@@ -498,21 +501,15 @@ class Trainer:
         path = self.checkpoint_dir / CHECKPOINT_FILE
         if not path.is_file():
             return False
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # a truncated or foreign file raises many types
-            raise TrainingError(
-                f"{path}: corrupt checkpoint ({type(err).__name__}: {err}). Delete it to start this run over: "
-                f"rm -r {self.checkpoint_dir}"
-            ) from err
-        problem = checkpoint_problem(state) if isinstance(state, dict) else None
-        if problem is not None:
-            raise TrainingError(f"{path}: {problem}. It is not resumed and not overwritten; delete it to start this run "
-                                f"over: rm -r {self.checkpoint_dir}")
-        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
+        try:  # its checksum first, then tensors and plain data only: a checkpoint never runs code
+            state = read_checkpoint(path)
+        except IntegrityError as err:
+            raise TrainingError(f"{err}. It is not resumed and not overwritten; delete it to start this run over: "
+                                f"rm -r {self.checkpoint_dir}") from err
+        if state.get("fingerprint") != self.fingerprint:
             raise TrainingError(
                 f"{path}: this checkpoint was written by a run with other parameters, data or code inputs "
-                f"(fingerprint {state.get('fingerprint') if isinstance(state, dict) else '?'} != {self.fingerprint}). "
+                f"(fingerprint {state.get('fingerprint')} != {self.fingerprint}). "
                 f"It is not resumed and not overwritten; delete it to start over: rm -r {self.checkpoint_dir}"
             )
         self.model.load_state_dict(state["model"])
@@ -532,6 +529,95 @@ class Trainer:
     def remove_checkpoint(self) -> None:
         if self.checkpoint_dir is not None:
             (self.checkpoint_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a run starts from (dht.modes.<mode>.init, model.exit_heads)
+# --------------------------------------------------------------------------------------------------------------
+
+# The config fields a run's starting weights must share with the initial model: the shapes of the weights (the
+# architecture a checkpoint fixes), how they are read (layer norm, pooling, labels) and the depths of the exits.
+_START_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size", "layer_norm", "classifier_pooling", "num_labels",
+                 "fixed_layers", "group_size")
+
+
+@dataclass(frozen=True)
+class ReferenceStart:
+    """A run with ``init: reference`` starts where the trained reference ended (docs/training.md, T30)."""
+
+    model_dir: Path  # the reference's model directory (models/<dataset>/<reference>[/seed-<s>])
+    metrics_file: Path  # and its results' metrics.json, which the train stage writes last
+    metrics: dict[str, Any]  # its metrics.json: its training is the start of this run's (dht.results.training_metrics)
+    digest: str  # SHA-256 of its weights' checksums: part of the checkpoint fingerprint, so a retrained reference
+    #              is a new start
+
+    @classmethod
+    def locate(cls, cfg: Config, dataset: str, model_dir: Path, metrics_file: Path) -> ReferenceStart:
+        """The trained reference (run.reference) of `dataset` in `model_dir`, with its `metrics_file`; TrainingError
+        naming what is missing or foreign and the command that trains it."""
+        from dht.integrity import MANIFEST_FILE, sha256_file
+        from dht.results import read_start
+
+        fix = f"train it first: snakemake --cores 4 {metrics_file}"
+        policy_file = model_dir / POLICY_FILE
+        if not policy_file.is_file() or not metrics_file.is_file():
+            missing = policy_file if not policy_file.is_file() else metrics_file
+            raise TrainingError(f"init: reference needs the trained reference {cfg.run.reference!r}, but {missing} "
+                                f"is missing; {fix}")
+        info = json.loads(policy_file.read_text())
+        if (info.get("mode_name"), info.get("dataset", dataset)) != (cfg.run.reference, dataset):
+            raise TrainingError(
+                f"{model_dir}: not the trained reference {cfg.run.reference!r} of {dataset} ({policy_file} names "
+                f"{info.get('mode_name')!r} on {info.get('dataset')!r}); {fix}")
+        manifest = model_dir / MANIFEST_FILE
+        digest = sha256_file(manifest if manifest.is_file() else model_dir / "model.safetensors")
+        try:  # its training budget is this run's start (dht.results.training_budget): checked before training
+            metrics = read_start(metrics_file)
+        except ValueError as err:
+            raise TrainingError(f"init: reference: {err}") from None
+        return cls(model_dir, metrics_file, metrics, digest)
+
+
+def initial_model(cfg: Config, mode_name: str, dataset: str, init_dir: Path, reference_dir: Path | None = None,
+                  reference_metrics: Path | None = None) -> tuple[DHTForSequenceClassification, ReferenceStart | None]:
+    """The model a run of `mode_name` on `dataset` starts from (``dht.modes.<mode>.init``, docs/training.md T30),
+    and with ``init: reference`` where it came from.
+
+    ``pretrained``: the arm_features stage's initial model (`init_dir`). ``reference``: the fine-tuned run.reference
+    of the same dataset and seed (`reference_dir` and its `reference_metrics`; default: the pipeline's
+    ``models/<run>`` and ``results/<run>/metrics.json`` below the working directory, :func:`dht.results.run_subdir`),
+    checked against its checksums and required to have the initial model's architecture. Then
+    ``model.exit_heads`` (T29): with ``per_depth`` every exit below the full depth starts as a copy of the
+    full-depth head, so a model trained at full depth alone (the reference; a directory saved with one head) gives
+    each exit its trained classifier. Raises :class:`TrainingError` with the command that fixes it."""
+    from dht.integrity import IntegrityError, load_checked_model
+    from dht.model import DHTConfig
+    from dht.results import run_subdir
+
+    reference = None
+    mode = cfg.dht.modes[mode_name]
+    if mode.init == "pretrained":
+        model = DHTForSequenceClassification.from_pretrained(init_dir, use_safetensors=True)
+    else:
+        run = run_subdir(cfg, dataset, cfg.run.reference, cfg.seed)
+        reference = ReferenceStart.locate(cfg, dataset, reference_dir or Path("models") / run,
+                                          reference_metrics or Path("results") / run / "metrics.json")
+        fix = f"retrain it: snakemake --cores 4 --force {reference.metrics_file}"
+        try:
+            model = load_checked_model(reference.model_dir, fix)
+        except IntegrityError as err:
+            raise TrainingError(str(err)) from err
+        init = DHTConfig.from_pretrained(init_dir)
+        differ = [f"{name} {getattr(model.config, name)} (initial model: {getattr(init, name)})"
+                  for name in _START_FIELDS if getattr(model.config, name) != getattr(init, name)]
+        if differ:
+            raise TrainingError(
+                f"{reference.model_dir}: the reference's architecture is not the initial model's ({'; '.join(differ)}), "
+                f"so dht.modes.{mode_name} cannot start from it; {fix}")
+    if reference is not None or model.config.exit_heads != cfg.model.exit_heads:
+        model.set_exit_heads(cfg.model.exit_heads)
+    return model, reference
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -568,35 +654,42 @@ def export_trained(out_dir: Path, trainer: Trainer, cfg: Config, info: dict[str,
     write_manifest(out_dir)
 
 
-def load_trained(model_dir: str | Path, device: torch.device) -> tuple[DHTForSequenceClassification, Policy, dict[str, Any]]:
-    """A trained model, its policy (bandits restored) and its description, as written by the train stage."""
+def load_trained(model_dir: str | Path, device: torch.device,
+                 allow_unverified: bool = False) -> tuple[DHTForSequenceClassification, Policy, dict[str, Any]]:
+    """A trained model, its policy (bandits restored) and its description, as written by the train stage: every
+    file checked against the directory's checksums.sha256 before any is read (a directory without one is refused
+    unless ``allow_unverified``), the weights read as safetensors and the bandits weights-only (:mod:`dht.integrity`)."""
     from dht.arm_features import load_arm_features
-    from dht.integrity import IntegrityError, load_checked_model, read_error, retrain_hint
+    from dht.integrity import (
+        IntegrityError,
+        description,
+        load_checked_model,
+        load_tensors,
+        read_error,
+        retrain_hint,
+    )
 
     model_dir = Path(model_dir)
     policy_path = model_dir / POLICY_FILE
     if not policy_path.is_file():
         raise FileNotFoundError(f"{model_dir}: not a trained DHT model directory (no {POLICY_FILE}); "
                                 "train it first (snakemake --cores 4 results/<dataset>/<model>/metrics.json)")
+    fix = retrain_hint(description(policy_path))
+    model = load_checked_model(model_dir, fix, allow_unverified).to(device)  # checksums.sha256 first
     try:
         info = json.loads(policy_path.read_text())
     except ValueError as err:
-        raise IntegrityError(f"{policy_path}: not valid JSON ({err}); {retrain_hint({})}") from err
-    fix = retrain_hint(info)
+        raise IntegrityError(f"{policy_path}: not valid JSON ({err}); {fix}") from err
     cfg = Config.model_validate(info["config"])
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a weight-loading bar per call is noise in a CLI
-    model = load_checked_model(model_dir, fix).to(device)  # checksums.sha256 first (dht.integrity)
     mode = ModeSpec.model_validate(info["mode"])
     for name in ("arm_features.safetensors", BANDITS_FILE):  # the train stage writes both with the model
         if not (model_dir / name).is_file():
             raise IntegrityError(f"{model_dir / name}: missing; {fix}")
     try:
         arm_features = load_arm_features(model_dir)
-        bandits = torch.load(model_dir / BANDITS_FILE, map_location="cpu", weights_only=False)
-    except Exception as err:  # a damaged file, in a directory saved before checksums
+    except Exception as err:  # a damaged file, in a directory loaded unverified
         raise read_error(model_dir, err, fix) from err
+    bandits = load_tensors(model_dir / BANDITS_FILE, fix)  # weights-only: tensors and plain data, never code
     policy = Policy(cfg, mode, arm_features, model.config)
     policy.load_state_dict(bandits)
     return model, policy, info

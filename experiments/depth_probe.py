@@ -9,15 +9,20 @@ Two tasks, each training one DHT encoder (dht.model, pre-LN + SkipInit as the de
 
 ``classify``
     The embedded classification data (dht.embedded.generate_split) with the given classes, difficulty mix and
-    alias hops; accuracy on a held-out split, overall and per difficulty level. ``--n-train`` samples are seen
+    alias hops; accuracy on a held-out validation split (``--n-val`` samples of the probe's own seeded stream,
+    never the pipeline's test split), overall and per difficulty level. ``--n-train`` samples are seen
     ``--epochs`` times; ``--epochs 1`` with a large ``--n-train`` gives every step fresh samples, which tells
     "not learnable in this many steps" apart from "memorised the training set". ``--curriculum 1 2 3`` trains
-    in stages of growing hop counts (equal shares of ``--n-train``, in order) and still tests on ``--hops``.
+    in stages of growing hop counts (equal shares of ``--n-train``, in order) and is still scored on ``--hops``.
 ``recall``
     Multi-query associative recall as masked-LM, the skill a hard sample needs, with a dense signal: each text
     defines ``--ndef`` aliases (``vega means stadium .``, or chains of ``--hops`` aliases) and asks ``--nq`` of
-    them back (``report on vega [MASK]``); accuracy of the masked answers. Choosing among the defined
-    keywords without binding them scores 1/ndef, the plateau an untrained recall circuit sits on.
+    them back (``report on vega [MASK]``); accuracy of the masked answers on 8 held-out validation batches (their
+    own seeds). Choosing among the defined keywords without binding them scores 1/ndef, the plateau an untrained
+    recall circuit sits on.
+
+Both score a held-out validation split of their own: the probe chooses settings (depths, hops, curricula) and
+never reads a test split (docs/pipeline.md, "The validation split").
 
 Examples (times on one core of the development machine)::
 
@@ -78,12 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     classify = parser.add_argument_group("classify")
     classify.add_argument("--classes", type=int, default=4)
     classify.add_argument("--n-train", type=int, default=3000)
-    classify.add_argument("--n-test", type=int, default=800)
+    classify.add_argument("--n-val", type=int, default=800, help="held-out validation samples, scored at each evaluation")
     classify.add_argument("--epochs", type=int, default=3)
     classify.add_argument("--mix", type=float, nargs=3, default=[0.4, 0.3, 0.3], metavar=("EASY", "MEDIUM", "HARD"))
     classify.add_argument("--curriculum", type=int, nargs="+", metavar="HOPS",
                           help="train in stages of these hop counts, in order, each on an equal share of "
-                               "--n-train (e.g. 1 2 3); the test split keeps --hops")
+                               "--n-train (e.g. 1 2 3); the validation split keeps --hops")
     recall = parser.add_argument_group("recall")
     recall.add_argument("--steps", type=int, default=1500)
     recall.add_argument("--ndef", type=int, default=4, help="alias chains defined per text")
@@ -208,13 +213,14 @@ def run_classify(args: argparse.Namespace, layers: int, emit) -> dict:
     # stage 0 keeps the single-stage seed, so a run without --curriculum draws the data it always drew
     train = [generate_split(args.n_train // len(stages), args.classes, 1 + 10 * args.seed + 100 * s, mix, hops=h)
              for s, h in enumerate(stages)]
-    test = generate_split(args.n_test, args.classes, 2 + 10 * args.seed, mix, hops=args.hops)
+    # the validation stream: its own seed (the pipeline's embedded splits come from SeedSequence children)
+    val = generate_split(args.n_val, args.classes, 2 + 10 * args.seed, mix, hops=args.hops)
     index = {w: i for i, w in enumerate(SPECIALS + vocabulary(args.classes))}
     x, mask = encode([t for split in train for t in split["text"]], index)
     y = torch.tensor(np.concatenate([split["label"].to_numpy() for split in train]))
-    xt, mask_t = encode(list(test["text"]), index)
-    yt, level = test["label"].to_numpy(), test["difficulty"].to_numpy()
-    model = build(args, layers, len(index), args.classes, max(x.shape[1], xt.shape[1]))
+    xv, mask_v = encode(list(val["text"]), index)
+    yv, level = val["label"].to_numpy(), val["difficulty"].to_numpy()
+    model = build(args, layers, len(index), args.classes, max(x.shape[1], xv.shape[1]))
     params = list(model.parameters())
     per_epoch = sum(len(split) // args.batch_size for split in train)
     if per_epoch == 0:
@@ -226,9 +232,9 @@ def run_classify(args: argparse.Namespace, layers: int, emit) -> dict:
     def evaluate(done: int, started: float) -> dict:
         model.eval()
         with torch.no_grad():
-            pred = model(input_ids=xt, attention_mask=mask_t).logits.argmax(-1).numpy()
+            pred = model(input_ids=xv, attention_mask=mask_v).logits.argmax(-1).numpy()
         model.train()
-        right = pred == yt
+        right = pred == yv
         row = {"task": "classify", "layers": layers, "step": done, "accuracy": round(float(right.mean()), 4),
                "seconds": round(time.time() - started, 1)}
         row |= {name: round(float(right[level == d].mean()), 4)

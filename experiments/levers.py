@@ -6,11 +6,16 @@ and validated again through the pydantic model and the semantic checks (dht.conf
 fails like a typo in params.yaml. params.yaml itself is never edited and no profile is added to it. A setting's name is
 one or more atoms of ATOMS joined by ``+`` (``ucb_alpha-3+gamma-0.25`` applies both overlays, left to right).
 
-Every run trains and evaluates one mode as workflow/scripts/train.py does (the same seed_everything, the arm
-features and initial model of the pipeline's arm_features stage, dht.trainer.Trainer, predict with the inference
-policy, evaluate) without MLflow and without checkpoints, and writes
-``experiments/levers/<setting>/<dataset>/<model>/`` metrics.json, selections.json, predictions.csv and loss.csv.
-A run whose metrics.json exists is skipped, so a killed sweep resumes by running the command again.
+Every run trains one mode as workflow/scripts/train.py does (the same seed_everything, the arm features and
+initial model of the pipeline's arm_features stage, dht.trainer.Trainer, predict with the inference policy,
+evaluate) without MLflow and without checkpoints, and evaluates it on the **validation split**
+(data/processed/<dataset>/val.parquet, ``data.val_fraction`` of the training split, which no model trains on),
+never on the test split: the sweep chooses settings, and a setting chosen on the test split would make its test
+figures no longer measure what a user gets (docs/pipeline.md, "The validation split"). A chosen setting's test
+figures come from the pipeline (params.yaml, `make reproduce`). It writes
+``experiments/levers/<setting>/<dataset>/<model>/`` metrics.json (``"split": "val"``), selections.json,
+predictions.csv (of the validation split) and loss.csv. A run whose metrics.json exists (of the validation split)
+is skipped, so a killed sweep resumes by running the command again.
 The reference (run.reference) and the control (run.control) train once, under ``default``: every lever's depth
 analysis compares with them.
 
@@ -31,11 +36,11 @@ Steps (from the project root, with the worktree's dht package on PYTHONPATH)::
 ``run`` without ``--settings`` runs DEFAULT_SETTINGS; ``--models`` defaults to t-dht and f-dht (plus the
 reference and control under ``default``). ``python experiments/levers.py list`` prints the atoms.
 
-The summary gives, per setting x dataset x mode: accuracy with its 95% bootstrap interval (dht.evaluation, as the
-reports compute it), inference FLOPs relative to the reference, mean layers at test, the distance to the
-"random mixing" line between the control and the reference (the accuracy a mode would get by sending the same
-share of FLOPs deep at random: docs/real-text.md, section 3), the mean layers on the test samples the control gets
-wrong and right, and the share of training samples run at b layers in the last epoch. The depth columns reuse
+The summary gives, per setting x dataset x mode, all on the validation split: accuracy with its 95% bootstrap
+interval (dht.evaluation, as the reports compute it), inference FLOPs relative to the reference, mean layers, the
+distance to the "random mixing" line between the control and the reference (the accuracy a mode would get by
+sending the same share of FLOPs deep at random: docs/real-text.md, section 3), the mean layers on the samples the
+control gets wrong and right, and the share of training samples run at b layers in the last epoch. The depth columns reuse
 dht.evaluation.depth_analysis, the code of Table 1's "Where the depth goes".
 """
 
@@ -55,7 +60,8 @@ from dht.config_checks import check_semantics
 from dht.config_loading import deep_merge, load_config
 
 OUT = Path("experiments/levers")
-LADDER = "ladder.npz"  # exit_ladder's output, next to a DHT run's metrics.json
+LADDER = "ladder.npz"  # exit_ladder's output on the validation split, next to a DHT run's metrics.json
+SPLIT = "val"  # what every run is evaluated on (and what metrics.json's "split" says); never the test split
 DATASETS = ["sst2", "dbpedia-subset"]
 DHT_MODES = ["t-dht", "f-dht"]
 
@@ -84,9 +90,11 @@ ATOMS: dict[str, dict[str, Any]] = {
     "price-0.04": {"dht": {"bandits": {"depth_price": 0.04}}},
     # T28: UCB_L restarts each epoch, so the last epoch's router sees the exits as they are then
     "memory-epoch": {"dht": {"modes": {"t-dht": {"depth_memory": "epoch"}}}},
-    # the mode starts from the fine-tuned reference (the `default` run's, saved in its model/ directory), as
-    # FastBERT and DistilBERT do, instead of the pretrained checkpoint (not a params.yaml key: levers.py loads it)
-    "init-reference": {},
+    # T30: the mode starts from the fine-tuned reference (the `default` run's, saved in its model/ directory), as
+    # FastBERT and DistilBERT do, instead of the pretrained checkpoint
+    "init-reference": {"dht": {"modes": {m: {"init": "reference"} for m in ("t-dht", "s-dht", "f-dht", "p-dht")}}},
+    # T29: one classifier per exit depth instead of one shared by every depth
+    "exit-heads-per-depth": {"model": {"exit_heads": "per_depth"}},
     # not a lever: a fixed 4-layer model (the middle depth), to compare with modes that settle on 4 layers
     "with-vanilla-4": {"dht": {"modes": {"vanilla-4": {"search": "fixed", "arms": ["4L12H"]}}}},
 }
@@ -118,22 +126,41 @@ def setting_config(setting: str, params: str | Path = "params.yaml") -> Config:
     return cfg
 
 
+def evaluation_split(processed: Path) -> Any:
+    """The split every lever run is evaluated on: the processed validation split (SplitData); a clear error when
+    the profile holds none out."""
+    from dht.evaluation import SplitData
+    from dht.tokenization import load_processed
+
+    data = SplitData.from_arrays(load_processed(processed, SPLIT))
+    if not len(data):
+        raise ConfigError(f"{processed}/{SPLIT}.parquet is empty (data.val_fraction = 0): the levers are compared on "
+                          "the validation split; set data.val_fraction above 0 and rerun the data stages")
+    return data
+
+
+def _done(out: Path) -> bool:
+    """A run evaluated on the validation split (a metrics.json of the test split, from before, is run again)."""
+    path = out / "metrics.json"
+    return path.is_file() and json.loads(path.read_text()).get("split") == SPLIT
+
+
 def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: int) -> Path:
-    """Train and evaluate one mode as workflow/scripts/train.py does; write its results directory."""
+    """Train one mode as workflow/scripts/train.py does and evaluate it on the validation split; write its results
+    directory."""
     from dht.arm_features import load_arm_features
     from dht.evaluation import SplitData, accuracy_text
-    from dht.model import DHTForSequenceClassification
     from dht.policy import predict
-    from dht.results import training_metrics, write_results
+    from dht.results import POLICY_FILE, training_metrics, write_results
     from dht.runtime import configure_threads, resolve_device, seed_everything
     from dht.tokenization import load_processed
-    from dht.trainer import Trainer
+    from dht.trainer import Trainer, initial_model, save_trained
 
     out = OUT / setting / dataset / model_name
     fixed = cfg.dht.modes[model_name].search == "fixed"
     keep_model = setting == "default" and model_name == cfg.run.reference  # init-reference starts from it
-    done = (out / LADDER).is_file() or (fixed and (not keep_model or (out / "model" / "config.json").is_file()))
-    if (out / "metrics.json").is_file() and done:
+    done = (out / LADDER).is_file() or (fixed and (not keep_model or (out / "model" / POLICY_FILE).is_file()))
+    if _done(out) and done:
         print(f"{setting} {dataset}/{model_name}: done before, skipped", flush=True)
         return out
     cfg.dataset(dataset)
@@ -143,38 +170,39 @@ def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: i
     processed, features = Path("data/processed") / dataset, Path("data/features") / dataset
     meta = json.loads((processed / "meta.json").read_text())
     train = SplitData.from_arrays(load_processed(processed, "train"))
-    test = SplitData.from_arrays(load_processed(processed, "test"))
-    init = features / "init_model"
-    if "init-reference" in setting.split("+"):
-        init = OUT / "default" / dataset / cfg.run.reference / "model"
-        if not (init / "config.json").is_file():
-            raise ConfigError(f"{setting}: no saved reference in {init}; run the default setting's "
-                              f"{cfg.run.reference} first (delete its metrics.json to rerun it)")
-    model = DHTForSequenceClassification.from_pretrained(init)
+    val = evaluation_split(processed)
+    reference = OUT / "default" / dataset / cfg.run.reference  # init: reference starts from the default's (T30)
+    if cfg.dht.modes[model_name].init == "reference" and not (reference / "model" / POLICY_FILE).is_file():
+        raise ConfigError(f"{setting}: no saved reference in {reference / 'model'}; run the default setting's "
+                          f"{cfg.run.reference} first (delete its metrics.json to rerun it)")
+    model, start = initial_model(cfg, model_name, dataset, features / "init_model", reference / "model",
+                                 reference / "metrics.json")
     trainer = Trainer(cfg, model_name, model, load_arm_features(features), train, device, seq_len=meta["max_length"])
     progress = trainer.fit(progress_bar=False)
-    pred = predict(trainer.model, trainer.policy, test, device, cfg.train.eval_batch_size, meta["max_length"],
+    pred = predict(trainer.model, trainer.policy, val, device, cfg.train.eval_batch_size, meta["max_length"],
                    greedy=cfg.dht.inference == "greedy")
-    metrics = training_metrics(cfg, pred, test, trainer.model.config, meta, progress)
-    metrics.update({"setting": setting, "overlay": overlay_of(setting)})
+    metrics = training_metrics(cfg, pred, val, trainer.model.config, meta, progress, start and start.metrics)
+    metrics["n_val"] = metrics.pop("n_test")  # evaluate() names its split's size n_test
+    metrics.update({"split": SPLIT, "setting": setting, "overlay": overlay_of(setting)})
     out.mkdir(parents=True, exist_ok=True)
-    if keep_model:
-        trainer.model.save_pretrained(out / "model")
+    if keep_model:  # with its dht_policy.json, which names it the reference of `dataset` (dht.trainer.initial_model)
+        save_trained(out / "model", trainer.model, trainer.policy, model_name, cfg, {"dataset": dataset})
     if not fixed:
         depths = sorted(set(trainer.policy.layer_options))
-        np.savez(out / LADDER, **exit_ladder(trainer.model, test, device, cfg.train.eval_batch_size, depths))
+        np.savez(out / LADDER, **exit_ladder(trainer.model, val, device, cfg.train.eval_batch_size, depths))
         # the same on the training split: what the router's feedback, read on trained samples, can see
         np.savez(out / "ladder-train.npz", **exit_ladder(trainer.model, train, device, cfg.train.eval_batch_size, depths))
-    write_results(out, metrics, pred, test, progress)  # metrics.json last: marks the run as done
-    print(f"{setting} {dataset}/{model_name}: accuracy {accuracy_text(metrics)}, inference FLOPs "
+    write_results(out, metrics, pred, val, progress)  # metrics.json last: marks the run as done
+    print(f"{setting} {dataset}/{model_name}: validation accuracy {accuracy_text(metrics)}, inference FLOPs "
           f"{metrics['infer_flop_ratio']:.2f}x, mean layers {metrics['mean_layers']:.2f} ({progress.seconds:.0f} s)",
           flush=True)
     return out
 
 
 def exit_ladder(model: Any, data: Any, device: Any, batch_size: int, depths: list[int]) -> dict[str, np.ndarray]:
-    """Every sample's class probabilities (of the split given: test, or train) read by the shared classifier after
-    each depth option with every head (dht.policy.exit_logits): ``probs`` [N, K, C] for ``depths`` [K], and
+    """Every sample's class probabilities (of the split given: validation, or train) read by the exit heads (the
+    shared classifier, or each depth's own with model.exit_heads: per_depth) after each depth option with every head
+    (dht.policy.exit_logits): ``probs`` [N, K, C] for ``depths`` [K], and
     ``label`` [N]. What the trained model's exits can do whatever the router: the accuracy of each exit, and what
     routing on the shallow exit's own confidence would reach (``ladder``)."""
     import torch
@@ -196,7 +224,7 @@ def _read(setting: str, dataset: str, model: str) -> tuple[dict[str, Any], Any, 
     from dht.evaluation import read_predictions
 
     d = OUT / setting / dataset / model
-    if not (d / "metrics.json").is_file():
+    if not _done(d):  # nothing, or a run evaluated on the test split before the validation split existed
         return None
     return (json.loads((d / "metrics.json").read_text()), read_predictions(d / "predictions.csv"),
             json.loads((d / "selections.json").read_text()))
@@ -223,12 +251,13 @@ def summary(settings: list[str] | None = None, models: list[str] | None = None) 
         "",
         f"One seed (seed {cfg.seed}) per run; each setting is the default profile with one value changed "
         f"(`python experiments/levers.py list`). Reference {ref} and control {control} from the `default` runs.",
-        "Accuracy [95% bootstrap interval over the test samples, dht.evaluation]; FLOPs: inference FLOPs / the "
+        "Every number on the validation split (data.val_fraction of the training split; never the test split). "
+        "Accuracy [95% bootstrap interval over the validation samples, dht.evaluation]; FLOPs: inference FLOPs / the "
         f"reference's; vs line: accuracy minus the line from the control to the reference at the same FLOPs "
         f"(random mixing of {b} and {cfg.model.num_hidden_layers} layers; always the `default` runs' line, so under "
         "a setting that also changes the fixed modes, such as epochs-4, compare with its own fixed rows); "
         f"layers ctrl wrong / right: mean layers on "
-        f"the test samples {control} gets wrong / right; train {b}L: share of the last training epoch's samples run "
+        f"the validation samples {control} gets wrong / right; train {b}L: share of the last training epoch's samples run "
         f"at {b} layers. Train time: one training at a time, one thread, on 2 cores shared with other jobs "
         "(indicative only).",
         "",
@@ -292,8 +321,8 @@ def ladder_summary(settings: list[str] | None = None) -> str:
     lines = [
         "# The trained models' exits beside their routers (experiments/levers.py ladder)",
         "",
-        "exits: test accuracy of the shared classifier read after each depth option with every head (one pass, no "
-        "router); run: the mode's own inference policy, accuracy @ mean layers; confidence routing: the same model, "
+        "All on the validation split. exits: accuracy of the exit heads (the shared classifier, or each depth's own "
+        "with exit-heads-per-depth) read after each depth option with every head (one pass, no router); run: the mode's own inference policy, accuracy @ mean layers; confidence routing: the same model, "
         "its least confident samples at the shallowest exit (1 - top probability) sent to the deepest exit, the "
         "rest stopped at the shallowest, with the share that gives the run's mean layers / 3 mean layers (0.5x of "
         "the layers); oracle: a sample right at the shallowest or the deepest exit counts right.",
@@ -306,6 +335,8 @@ def ladder_summary(settings: list[str] | None = None) -> str:
                   "|---|---|---|---|---|---|---|"]
         for setting in order:
             for d in sorted((OUT / setting / dataset).glob(f"*/{LADDER}")):
+                if not _done(d.parent):  # a ladder of the test split, from before the validation split
+                    continue
                 ladder = dict(np.load(d))
                 m = json.loads((d.parent / "metrics.json").read_text())
                 depths = ladder["depths"].tolist()

@@ -27,6 +27,7 @@ from dht.arm_features import arm_space, compute_arm_features, save_arm_features
 from dht.baselines.distil import student_from_teacher
 from dht.baselines.fastbert import FastBERT
 from dht.config_loading import load_config, read_params
+from dht.integrity import write_manifest
 from dht.model import model_from_params
 from dht.policy import Policy
 from dht.trainer import save_trained
@@ -93,6 +94,8 @@ def project(tmp_path_factory) -> Path:
     FastBERT(model, cla_hidden_size=8).save(models / "fastbert-0.5")
     for name in ("distil-3", "fastbert-0.5"):
         (models / name / "baseline.json").write_text(json.dumps({"model_name": name}))
+    for directory in models.iterdir():
+        write_manifest(directory)  # last, as the train and baseline stages do
     assert MISSING in cfg.run.baselines and not (models / MISSING).exists()
     return root
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
+import shlex
+import subprocess
+from pathlib import Path
 
 import pytest
-from conftest import ROOT, embedded_raw
+import yaml
+from conftest import ROOT, embedded_raw, run_cli
 
 from dht.arms import parse_arm
-from dht.config import ConfigError
+from dht.config import NAME_PATTERN, ConfigError, parse_baseline
 from dht.config_loading import deep_merge, load_config, read_params, resolve_params
 
 RAW = read_params(ROOT / "params.yaml")
@@ -237,6 +242,32 @@ def test_difficulty_mix_must_sum_to_one():
     assert "difficulty_mix = [0.5, 0.5, 0.5]: must be three non-negative shares" in msg
 
 
+@pytest.mark.parametrize("fraction", [1.0, -0.1])
+def test_the_validation_fraction_is_in_zero_to_one(fraction):
+    msg = errors_for(lambda r: r["data"].__setitem__("val_fraction", fraction))
+    assert "data.val_fraction" in msg and f"{fraction}" in msg
+    assert load_config(ROOT / "params.yaml").data.val_fraction == RAW["data"]["val_fraction"] == 0.1
+    with pytest.raises(ConfigError, match="data"):  # one default, in params.yaml: the section is required
+        load_config(ROOT / "params.yaml", raw={k: v for k, v in RAW.items() if k != "data"})
+
+
+def test_a_profile_without_a_validation_split_cannot_search_flexibert():
+    msg = errors_for(lambda r: r["data"].__setitem__("val_fraction", 0))
+    assert "data.val_fraction = 0: the FlexiBERT search of run.baselines scores its queries on the validation" in msg
+    no_search = copy.deepcopy(RAW)
+    no_search["data"]["val_fraction"] = 0
+    no_search["run"]["baselines"] = ["distil-2"]
+    assert load_config(ROOT / "params.yaml", raw=no_search).data.val_fraction == 0
+
+
+def test_an_embedded_validation_split_that_misses_a_class_fails_before_any_job():
+    def mutate(r):
+        r["profiles"]["tiny"]["datasets"]["embedded-news"]["n_train"] = 12
+    msg = errors_for(mutate, profile="tiny")
+    assert ("datasets.embedded-news.n_train = 12: data.val_fraction = 0.1 gives a validation split of 2 samples, "
+            "fewer than the 4 classes") in msg
+
+
 def test_several_problems_are_reported_together():
     def mutate(r):
         r["train"]["learning_rate"] = -1
@@ -295,3 +326,148 @@ def test_a_csv_dataset_that_is_not_there_fails_validation(tmp_path):
     raw = copy.deepcopy(RAW)
     add(raw, tmp_path)
     assert load_config(ROOT / "params.yaml", raw=raw).run.datasets == ["mine"]
+
+
+# --- names: one rule for every name that becomes a path, an MLflow experiment or a command argument ----------
+
+
+def validate_cli(raw: dict, folder: Path) -> subprocess.CompletedProcess:
+    """`dht config validate --params <folder>/params.yaml` on `raw` (its csv datasets pointed at the project's
+    files by absolute paths, so that the file may live anywhere)."""
+    raw = copy.deepcopy(raw)
+    for spec in raw["datasets"].values():
+        if spec.get("source") == "csv":
+            spec["path"] = str(ROOT / spec["path"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return run_cli(["dht", "config", "validate", "--params", str(folder / "params.yaml")], cwd=folder, check=False)
+
+
+def dataset_named(name: str):
+    def mutate(raw):
+        raw["datasets"][name] = {"source": "embedded"}
+        raw["run"]["datasets"] = [name]
+    return mutate, [f'datasets: key {json.dumps(name)}: not a valid name', f'run.datasets[0] = {json.dumps(name)}: not']
+
+
+def mode_named(name: str):
+    def mutate(raw):
+        raw["dht"]["modes"][name] = raw["dht"]["modes"]["t-dht"]
+        raw["run"]["models"] = [*raw["run"]["models"], name]
+    return mutate, [f'dht.modes: key {json.dumps(name)}: not a valid name', f'{json.dumps(name)}: not a valid name']
+
+
+def setting(path: str, value, expected: str):
+    def mutate(raw):
+        node = raw
+        *parents, last = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return mutate, [expected]
+
+
+def bad_profiles(raw):
+    raw["profiles"]["../evil"] = {}
+    raw["profiles"]["child"] = {"extends": "../evil"}
+
+
+BAD_NAMES = {
+    "dataset with shell": dataset_named("x;touch PWNED;"),
+    "dataset up a folder": dataset_named("../evil"),
+    "dataset absolute": dataset_named("/tmp/evil"),
+    "dataset with a dot": dataset_named("my.data"),
+    "mode up two folders": mode_named("../../evilmodel"),
+    "reference": setting("run.reference", "../vanilla-6", 'run.reference = "../vanilla-6": not a valid name'),
+    "control": setting("run.control", "vanilla-2 x", 'run.control = "vanilla-2 x": not a valid name'),
+    "warm-up mode": setting("dht.modes.p-dht.warmup_mode", "$(f-dht)",
+                            'dht.modes.p-dht.warmup_mode = "$(f-dht)": not a valid name'),
+    "baseline with shell": setting("run.baselines", ["fastbert-0.5;touch PWNED"],
+                                   "run.baselines[0] = \"fastbert-0.5;touch PWNED\": 'fastbert-0.5;touch PWNED' is "
+                                   "not a baseline"),
+    "baseline up a folder": setting("run.baselines", ["distil-2", "nas-prune-../0.5"],
+                                    'run.baselines[1] = "nas-prune-../0.5":'),
+    # \d took any script's digits: `distil-٣` (Arabic-Indic three) was a 3-layer student in a non-ASCII folder
+    "baseline non-ascii digit": setting("run.baselines", ["distil-\u0663"], 'run.baselines[0] = "distil-\\u0663":'),
+    "profile key and extends": (bad_profiles, ['profiles: key "../evil": not a valid name',
+                                               'profiles.child.extends = "../evil": not a valid name']),
+    "profile selection": setting("profile", "tiny;touch PWNED", 'profile = "tiny;touch PWNED": not a valid name'),
+    "tracking prefix": setting("tracking.experiment_prefix", "/tmp/evil",
+                               'tracking.experiment_prefix = "/tmp/evil": not a valid name'),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_NAMES))
+def test_a_bad_name_is_refused_by_validate_naming_the_key(case, tmp_path):
+    mutate, expected = BAD_NAMES[case]
+    raw = copy.deepcopy(RAW)
+    mutate(raw)
+    proc = validate_cli(raw, tmp_path / "elsewhere")
+    assert proc.returncode == 1, proc.stdout
+    for line in expected:
+        assert line in proc.stderr, proc.stderr[-3000:]
+    if "baseline" not in case:  # a baseline follows its kind's pattern, which its message gives
+        assert NAME_PATTERN in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "elsewhere" / "PWNED").exists()
+
+
+def test_the_shipped_names_pass_the_same_validate(tmp_path):
+    """The control of the test above: the same command on params.yaml as shipped passes, and so do an empty
+    tracking prefix (the default) and a prefix ending in '-'."""
+    proc = validate_cli(RAW, tmp_path / "elsewhere")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "profile tiny: ok" in proc.stdout
+    raw = copy.deepcopy(RAW)
+    raw["tracking"]["experiment_prefix"] = "dht-"
+    assert load_config(ROOT / "params.yaml", raw=raw).tracking.experiment_prefix == "dht-"
+
+
+def test_every_accepted_baseline_name_is_a_safe_path_part():
+    """Baselines keep their kinds' patterns (numbers with a '.'), and what those accept is still one plain path
+    part and one shell word: ASCII letters, digits, '-' and at most one '.', never '..' or '/'."""
+    accepted = ["distil-3", "fastbert-0.5", "fastbert-.5", "nas-prune-1", "flexibert-0.25"]
+    refused = ["fastbert-0..5", "fastbert-0.5.", "distil-3/..", "fastbert-", "nas-prune-0.5 ", "distil-3\n",
+               "flexibert-0.5;ls", "distil-\u0663", "Distil-3"]
+    for name in accepted:
+        parse_baseline(name)
+        assert re.fullmatch(r"[a-z]+(-[a-z]+)?-[0-9]*\.?[0-9]+", name) and shlex.quote(name) == name
+    for name in refused:
+        with pytest.raises(ValueError, match="is not a baseline"):
+            parse_baseline(name)
+
+
+def test_a_name_from_the_command_line_follows_the_rule_too():
+    with pytest.raises(ConfigError, match=r'profile \(the one asked for\) = "x;touch PWNED": not a valid name'):
+        load_config(ROOT / "params.yaml", profile="x;touch PWNED")
+    with pytest.raises(ConfigError, match=r"profile = 'huge': unknown profile"):  # a name, but not a profile
+        load_config(ROOT / "params.yaml", profile="huge")
+
+
+# --- a csv dataset's relative path: from the folder of the params file, in validation and in the stage -------
+
+
+def test_a_relative_csv_path_starts_at_the_params_file_from_any_working_directory(project, tmp_path):
+    """`dht config validate --params <project>/params.yaml` and the download stage started as the rule starts it,
+    but from another folder with `--params` pointing into the project, read `path: data/external/sst2` as the
+    project's folder, not the working directory's (which has none)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    params = project / "params.yaml"
+    assert RAW["datasets"]["sst2"]["path"] == "data/external/sst2" and not (elsewhere / "data").exists()
+    proc = run_cli(["dht", "config", "validate", "--params", str(params)], cwd=elsewhere, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_cli(["python", str(project / "workflow/scripts/download.py"), "--params", str(params), "--profile", "default",
+             "--dataset", "sst2", "--out", "raw/sst2"], cwd=elsewhere)
+    meta = json.loads((elsewhere / "raw/sst2/meta.json").read_text())
+    assert meta["n_train"] == load_config(params).datasets["sst2"].max_train_samples and meta["n_test"] > 0
+    # and a folder the params file's folder does not have is refused, though the working directory has one
+    (elsewhere / "data/external/sst2").mkdir(parents=True)
+    for name in ("train.csv", "test.csv"):
+        (elsewhere / "data/external/sst2" / name).write_text('"1","a"\n')
+    raw = read_params(params)
+    raw["datasets"]["sst2"]["path"] = "data/external/sst2-gone"
+    with pytest.raises(ConfigError, match=r"datasets.sst2.path = 'data/external/sst2-gone': no such directory"):
+        load_config(params, raw=raw)
+    spec = load_config(params).datasets["sst2"]
+    assert spec.folder(params.parent) == project / "data/external/sst2"
+    assert spec.model_copy(update={"path": str(elsewhere)}).folder(params.parent) == elsewhere  # absolute: as is

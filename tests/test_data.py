@@ -15,6 +15,7 @@ from dht.data import (
     load_zhang_dir,
     read_raw,
     read_zhang_csv,
+    split_validation,
     subsample,
     write_raw,
 )
@@ -107,7 +108,7 @@ def test_csv_source_through_the_common_interface(tmp_path):
     write(tmp_path / "ag" / "train.csv", AG_TRAIN)
     write(tmp_path / "ag" / "test.csv", AG_TEST)
     spec = CsvDatasetSpec(source="csv", path="ag", fields=["title", "description"], max_train_samples=2)
-    ds = load_text_dataset(spec, seed=0, root=tmp_path)
+    ds = load_text_dataset(spec, seed=0, val_fraction=0, params_dir=tmp_path)
     assert len(ds.train) == 2 and len(ds.test) == 2 and ds.source.startswith("csv:")
 
 
@@ -128,7 +129,7 @@ def _hub_like_datasetdict():
 def test_hub_source_from_a_saved_dataset(tmp_path):
     _hub_like_datasetdict().save_to_disk(str(tmp_path / "dbpedia"))
     spec = HubDatasetSpec(source="hub", path=str(tmp_path / "dbpedia"), text_fields=["title", "content"])
-    ds = load_text_dataset(spec, seed=0)
+    ds = load_text_dataset(spec, seed=0, val_fraction=0)
     assert ds.classes == ["Company", "Artist", "Athlete"]
     assert ds.train["text"].tolist()[0] == "Acme\nmakes things"
     assert ds.train["label"].tolist() == [0, 1, 2, 0] and len(ds.test) == 2
@@ -142,7 +143,7 @@ def test_hub_source_from_a_directory_in_hub_layout(tmp_path):
     for split in dd:
         dd[split].to_parquet(str(tmp_path / "repo" / "data" / f"{split}-00000-of-00001.parquet"))
     spec = HubDatasetSpec(source="hub", path=str(tmp_path / "repo"), text_fields=["title", "content"])
-    ds = load_text_dataset(spec, seed=0)
+    ds = load_text_dataset(spec, seed=0, val_fraction=0)
     assert ds.classes == ["Company", "Artist", "Athlete"]  # ClassLabel survives in the parquet metadata
     assert len(ds.train) == 4 and ds.test["text"].tolist() == ["Ann\npaints", "Bo\nruns"]
 
@@ -151,22 +152,24 @@ def test_hub_source_errors_are_clear(tmp_path):
     _hub_like_datasetdict().save_to_disk(str(tmp_path / "d"))
     bad_field = HubDatasetSpec(source="hub", path=str(tmp_path / "d"), text_fields=["text"])
     with pytest.raises(DatasetError, match=r"no column\(s\) text; it has title, content, label"):
-        load_text_dataset(bad_field, seed=0)
+        load_text_dataset(bad_field, seed=0, val_fraction=0)
     bad_split = HubDatasetSpec(source="hub", path=str(tmp_path / "d"), text_fields=["title"], test_split="validation")
     with pytest.raises(DatasetError, match="no split 'validation'; it has train, test"):
-        load_text_dataset(bad_split, seed=0)
+        load_text_dataset(bad_split, seed=0, val_fraction=0)
     missing = HubDatasetSpec(source="hub", path=str(tmp_path / "nowhere" / "x"), text_fields=["title"])
     with pytest.raises(DatasetError, match="save_to_disk"):
-        load_text_dataset(missing, seed=0)
+        load_text_dataset(missing, seed=0, val_fraction=0)
 
 
 def test_embedded_source_and_raw_round_trip(tmp_path):
     spec = EmbeddedDatasetSpec(source="embedded", num_classes=2, n_train=40, n_test=10)
-    ds = load_text_dataset(spec, seed=1)
+    ds = load_text_dataset(spec, seed=1, val_fraction=0.25)
     meta = write_raw(ds, tmp_path / "raw", "emb")
-    assert meta["n_train"] == 40 and meta["classes"] == ["negative", "positive"] and meta["has_difficulty"]
+    assert (meta["n_train"], meta["n_val"], meta["n_test"]) == (40, 10, 10)
+    assert meta["classes"] == ["negative", "positive"] and meta["has_difficulty"]
     back = read_raw(tmp_path / "raw")
     pd.testing.assert_frame_equal(back.train, ds.train)
+    pd.testing.assert_frame_equal(back.val, ds.val)
     assert back.classes == ds.classes and json.loads((tmp_path / "raw" / "meta.json").read_text())["num_labels"] == 2
 
 
@@ -237,6 +240,75 @@ def test_a_hub_dataset_with_empty_texts_or_a_single_class_is_refused(tmp_path):
         return HubDatasetSpec(source="hub", path=str(tmp_path / name))
 
     with pytest.raises(DatasetError, match=r"\[train\]: a single class in the training split \(0: 3 rows, of 1 class"):
-        load_text_dataset(save("one", ["a", "b", "c"], [0, 0, 0]), seed=0)
+        load_text_dataset(save("one", ["a", "b", "c"], [0, 0, 0]), seed=0, val_fraction=0)
     with pytest.raises(DatasetError, match=r"\[train\]: empty text in row\(s\) 1, 2 \(0-based\)"):
-        load_text_dataset(save("empty", ["a", "", " ", "d"], [0, 1, 0, 1]), seed=0)
+        load_text_dataset(save("empty", ["a", "", " ", "d"], [0, 1, 0, 1]), seed=0, val_fraction=0)
+
+
+# --- the validation split (data.val_fraction) -----------------------------------------------------------------
+
+
+def _csv_dataset(root: Path, n_train: int = 200, n_test: int = 30) -> None:
+    """A csv dataset of unique texts, classes 1..3 in shares 50% / 30% / 20%."""
+    def rows(n: int, prefix: str) -> str:
+        return "".join(f'"{1 + (i % 10 >= 5) + (i % 10 >= 8)}","{prefix} text {i}"\n' for i in range(n))
+    write(root / "d" / "train.csv", rows(n_train, "train"))
+    write(root / "d" / "test.csv", rows(n_test, "test"))
+
+
+def test_the_validation_split_is_stratified_disjoint_and_drawn_before_the_training_subset(tmp_path):
+    _csv_dataset(tmp_path)
+    spec = CsvDatasetSpec(source="csv", path="d", fields=["text"], max_train_samples=150)
+    ds = load_text_dataset(spec, seed=0, val_fraction=0.1, params_dir=tmp_path)
+    # 10% of the 200 rows as shipped (not of the 150 drawn for training), which stay 150: the draw is from the rest
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (150, 20, 30)
+    assert ds.val["label"].value_counts().sort_index().tolist() == [10, 6, 4]  # the split's 50/30/20 shares
+    train, val, test = (set(f["text"]) for f in (ds.train, ds.val, ds.test))
+    assert not train & val and not val & test and not train & test
+    assert all(t.startswith("train text ") for t in train | val)  # both parts of the shipped training split
+    assert ds.val.index.tolist() == list(range(20))  # index reset, rows in file order
+    assert ds.val["text"].tolist() == sorted(ds.val["text"], key=lambda t: int(t.split()[-1]))
+
+
+def test_the_validation_split_is_seeded():
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(300)], "label": [i % 3 for i in range(300)]})
+    a_rest, a = split_validation(frame, 0.1, seed=4)
+    b_rest, b = split_validation(frame, 0.1, seed=4)
+    _, c = split_validation(frame, 0.1, seed=5)
+    assert a.equals(b) and a_rest.equals(b_rest)  # same seed, same rows
+    assert set(a["text"]) != set(c["text"])  # another seed, other rows
+    assert sorted(a_rest["text"].tolist() + a["text"].tolist()) == sorted(frame["text"])  # a partition
+
+
+def test_a_zero_fraction_holds_nothing_out_and_leaves_the_training_draw_as_it_was(tmp_path):
+    _csv_dataset(tmp_path)
+    spec = CsvDatasetSpec(source="csv", path="d", fields=["text"], max_train_samples=150)
+    ds = load_text_dataset(spec, seed=0, val_fraction=0, params_dir=tmp_path)
+    assert len(ds.val) == 0 and list(ds.val.columns) == list(ds.train.columns)
+    assert ds.train.equals(subsample(load_zhang_dir(tmp_path / "d", ["text"]).train, 150, 0))
+    meta = write_raw(ds, tmp_path / "raw", "d")
+    assert meta["n_val"] == 0 and len(read_raw(tmp_path / "raw").val) == 0
+
+
+def test_the_embedded_validation_split_is_a_third_stream_that_leaves_train_and_test_as_they_were():
+    spec = EmbeddedDatasetSpec(source="embedded", num_classes=4, n_train=400, n_test=40)
+    ds = load_text_dataset(spec, seed=0, val_fraction=0.1)
+    without = load_text_dataset(spec, seed=0, val_fraction=0)
+    assert ds.train.equals(without.train) and ds.test.equals(without.test) and len(without.val) == 0
+    assert (len(ds.train), len(ds.val)) == (400, 40)
+    counts = ds.val.groupby(["label", "difficulty"]).size()  # each class, and each level within it, in its share
+    assert counts.to_dict() == {(label, level): n for label in range(4) for level, n in enumerate((4, 3, 3))}
+    assert not set(ds.train["text"]) & set(ds.val["text"]) and not set(ds.test["text"]) & set(ds.val["text"])
+    again = load_text_dataset(spec, seed=0, val_fraction=0.1)
+    other = load_text_dataset(spec, seed=1, val_fraction=0.1)
+    assert again.val.equals(ds.val) and not set(other.val["text"]) & set(ds.val["text"])  # seeded
+
+
+def test_a_validation_split_that_would_miss_a_class_is_refused_with_the_fix():
+    frame = pd.DataFrame({"text": list("abcdefgh"), "label": [0, 0, 0, 0, 1, 1, 1, 2]})
+    with pytest.raises(DatasetError, match=r"class 2 has a single row.*set data.val_fraction: 0"):
+        split_validation(frame, 0.25, 0, "x [train]")
+    frame["label"] = [0, 0, 0, 1, 1, 1, 2, 2]
+    with pytest.raises(DatasetError, match=r"holds out 1 and leaves 7 to train, but each needs a row of every one of "
+                                           r"the 3 classes"):
+        split_validation(frame, 0.1, 0)

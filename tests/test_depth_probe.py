@@ -28,7 +28,7 @@ def _without_time(rows: list[dict]) -> list[dict]:
 def test_classify_learns_the_bag_of_words_level(probe, capsys):
     # Easy samples are solved by the embeddings alone: one small layer gets them in a few hundred steps. If the
     # probe's data, vocabulary, batching or optimiser were broken this would stay at chance (0.25).
-    args = ["classify", "--layers", "1", "--mix", "1", "0", "0", "--n-train", "1000", "--n-test", "100",
+    args = ["classify", "--layers", "1", "--mix", "1", "0", "0", "--n-train", "1000", "--n-val", "100",
             "--epochs", "4", *SMALL]
     (result,) = probe.main(args)
     assert result["layers"] == 1 and result["step"] == 4 * (1000 // 16)
@@ -39,7 +39,7 @@ def test_classify_learns_the_bag_of_words_level(probe, capsys):
 
 
 def test_classify_reports_every_level_and_depth_and_is_deterministic(probe, tmp_path):
-    args = ["classify", "--layers", "1", "2", "--n-train", "96", "--n-test", "60", "--epochs", "1", "--hops", "2",
+    args = ["classify", "--layers", "1", "2", "--n-train", "96", "--n-val", "60", "--epochs", "1", "--hops", "2",
             *SMALL, "--out", str(tmp_path / "probe.json")]
     first = probe.main(args)
     assert [r["layers"] for r in first] == [1, 2]
@@ -64,7 +64,7 @@ def test_stage_batches_train_the_stages_in_order_each_row_once(probe):
     assert rows[:40].tolist() != list(range(40))
 
 
-def test_curriculum_trains_every_stage_and_tests_on_the_final_hops(probe, tmp_path, monkeypatch):
+def test_curriculum_trains_every_stage_and_scores_the_final_hops(probe, tmp_path, monkeypatch):
     drawn = []
     generate = probe.generate_split
 
@@ -74,9 +74,9 @@ def test_curriculum_trains_every_stage_and_tests_on_the_final_hops(probe, tmp_pa
 
     monkeypatch.setattr(probe, "generate_split", recording)
     args = ["classify", "--layers", "1", "--mix", "0", "0", "1", "--curriculum", "1", "3", "--hops", "3",
-            "--n-train", "96", "--n-test", "40", "--epochs", "1", *SMALL, "--out", str(tmp_path / "c.json")]
+            "--n-train", "96", "--n-val", "40", "--epochs", "1", *SMALL, "--out", str(tmp_path / "c.json")]
     (result,) = probe.main(args)
-    assert drawn == [(48, 1), (48, 3), (40, 3)]  # half of --n-train per stage; the test split at --hops
+    assert drawn == [(48, 1), (48, 3), (40, 3)]  # half of --n-train per stage; the validation split at --hops
     assert result["step"] == 2 * (48 // 16)  # both stages' batches were trained
     assert result["accuracy"] == result["hard"]
     assert json.loads((tmp_path / "c.json").read_text())["args"]["curriculum"] == [1, 3]

@@ -6,6 +6,11 @@ features), with the tiny profile's model and `train.distributed: {nproc_per_node
 leaves a trace (dht.distributed.TRACE_ENV): the samples it trained per epoch and the digests of its weights and
 bandits. These stage runs are marked slow (three launches, ~65 s on a loaded 2-core machine); the in-library runs
 at the end (one torchrun launch of tests/distributed_worker.py, ~20 s) stay in the quick set.
+
+Then the train rule as a user runs it, with `train.distributed: {nproc_per_node: 2, backend: gloo}` in params.yaml
+on the tiny profile: its command (Snakemake's and dvc.yaml's) read by torchrun's own parser (quick), and, slow,
+Snakemake and `dvc repro` training with two processes from the built tiny upstream, and a SIGKILL of one rank:
+the job fails, its log names the rank, and the rerun resumes to the uninterrupted run's results.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -25,9 +33,11 @@ import psutil
 import pytest
 import torch
 import yaml
-from conftest import ROOT, write_processed_split
+from conftest import BIN, ROOT, copy_project, copy_tiny_upstream, run_cli, write_processed_split
 
+from dht import launch
 from dht.arm_features import arm_space, compute_arm_features, save_arm_features
+from dht.config import ConfigError
 from dht.config_loading import load_config, read_params
 from dht.distributed import TRACE_ENV
 from dht.model import model_from_params
@@ -78,15 +88,15 @@ def project(tmp_path_factory) -> Path:
 
 
 def torchrun(project: Path, out: str, trace: Path | None = None) -> subprocess.Popen:
-    """The train stage as the Snakemake rule starts it with nproc_per_node = 2."""
+    """The train stage as the Snakemake rule starts it with nproc_per_node = 2 (dht.launch, its `--log` included)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                DHT_NO_PROGRESS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop(TRACE_ENV, None)
     if trace is not None:
         env[TRACE_ENV] = str(trace)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "workflow" / "scripts" / "train.py"), "--params", "params.yaml", "--profile", "tiny",
+    cmd = [sys.executable, "-m", "dht.launch", "--standalone", "--nproc-per-node", "2", "--",
+           str(ROOT / "workflow" / "scripts" / "train.py"), "--log", f"logs/{out}.log", "--params", "params.yaml", "--profile", "tiny",
            "--dataset", DATASET, "--model", MODE, "--processed", f"data/processed/{DATASET}",
            "--features", f"data/features/{DATASET}", "--results", f"results/{out}", "--out-model", f"models/{out}",
            "--checkpoints", f"checkpoints/{out}", "--threads", "1"]
@@ -152,6 +162,195 @@ def test_killed_two_process_run_resumes_to_the_same_metrics(project, uninterrupt
     assert outputs(project, "killed") == outputs(project, "full")
 
 
+# The train rule as a user runs it: Snakemake and `dvc repro`, on the tiny profile's data (the `tiny_upstream`
+# build), with two gloo processes set in params.yaml.
+TINY_RUN = f"{DATASET}/{MODE}"
+TINY_TARGET = f"results/{TINY_RUN}/metrics.json"
+TINY_LOG = f"logs/train/{TINY_RUN}.log"
+TINY_CHECKPOINT = f"checkpoints/{TINY_RUN}/checkpoint.pt"
+TRAIN_SCRIPT = "workflow/scripts/train.py"
+
+
+def two_rank_tiny(project: Path) -> None:
+    """Edit `project`'s params.yaml as a user would to train the tiny profile's models with 2 CPU processes
+    (`profile: tiny`, so that DVC's ${profile} is tiny too; a checkpoint every 2 steps, so that a kill finds one).
+    The device stays tiny's `auto`, the CPU on the machines the tests run on (skipped where CUDA is there): `device:
+    cpu` would change the arm_features stage's tracked params, and Snakemake would rebuild the upstream."""
+    if torch.cuda.is_available():
+        pytest.skip("two CPU processes: tiny's device auto would take the GPU here")
+    path = project / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["profile"] = "tiny"
+    tiny = raw["profiles"]["tiny"]
+    tiny["train"] = {**tiny["train"], "checkpoint_every": 2, "distributed": {"nproc_per_node": 2, "backend": "gloo"}}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def launched(cmd: str) -> list[str]:
+    """A train command with 2 processes as torchrun reads it (its own parser: torchrun's command line, or dht.launch's,
+    which passes everything to it): it must start the stage script with every argument of the stage's own; returns
+    them."""
+    from torch.distributed.run import get_args_parser
+
+    argv = shlex.split(cmd)
+    assert argv[:2] == ["python", "-m"] and argv[2] in ("torch.distributed.run", "dht.launch"), cmd
+    args = (get_args_parser().parse_args if argv[2] == "torch.distributed.run" else launch.torchrun_args)(argv[3:])
+    assert args.standalone and args.nproc_per_node == "2", cmd
+    assert args.training_script == TRAIN_SCRIPT, cmd
+    assert args.training_script_args == argv[argv.index(TRAIN_SCRIPT) + 1 :], cmd
+    return args.training_script_args
+
+
+def test_train_rule_hands_the_stage_its_own_arguments_under_torchrun(tmp_path):
+    """The train rule's real command with nproc_per_node 2, as Snakemake runs it and as the generated dvc.yaml
+    runs it, read by torchrun's own parser: the stage script gets all of its arguments, `--log` included (torchrun
+    took the stage's `--log` for an ambiguous abbreviation of its own --log-dir / --logs-specs, and every
+    multi-process train job exited at once)."""
+    from dht.pipeline import expand_dvc_stages, snakemake_jobs
+
+    project = copy_project(tmp_path / "project")
+    two_rank_tiny(project)
+    job = next(j for j in snakemake_jobs(project, "tiny", [TINY_TARGET]) if j.rule == "train")
+    stage_args = launched(job.cmd)
+    assert stage_args[stage_args.index("--log") + 1] == TINY_LOG
+    assert stage_args[stage_args.index("--profile") + 1] == "tiny"
+    run_cli(["dht", "dvc-yaml", "--profile", "tiny"], cwd=project)
+    stages = expand_dvc_stages(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    dvc_cmd = stages[f"train@{DATASET}-{MODE}"]["cmd"].replace("${profile}", "tiny")  # DVC fills in params.yaml's
+    assert dvc_cmd == job.cmd
+    launched(dvc_cmd)
+
+
+def test_a_failed_rank_is_named_before_the_ranks_torchrun_stopped():
+    """dht.launch's line for torchrun's failures: the rank that was killed or failed first, then the ranks the
+    agent stopped (SIGTERM), whatever order and times torchrun recorded them in."""
+    from types import SimpleNamespace as Failure
+
+    killed = {0: Failure(exitcode=-signal.SIGTERM, pid=10, timestamp=7), 1: Failure(exitcode=-signal.SIGKILL, pid=11,
+                                                                                   timestamp=7)}
+    assert launch.describe_failures(killed, 2) == ("rank 1 of 2 (pid 11) was killed by SIGKILL; torchrun then "
+                                                   "stopped rank 0 (SIGTERM)")
+    # the other rank failed on the dead rank's closed connection before torchrun stopped it
+    crashed = {0: Failure(exitcode=1, pid=10, timestamp=7), 1: Failure(exitcode=-signal.SIGKILL, pid=11, timestamp=7)}
+    assert launch.describe_failures(crashed, 2) == ("rank 1 of 2 (pid 11) was killed by SIGKILL; rank 0 of 2 "
+                                                    "(pid 10) exited with status 1")
+    # a SIGTERM from outside (a scheduler's) to every rank: all of them are named
+    stopped = {1: Failure(exitcode=-signal.SIGTERM, pid=11, timestamp=7), 0: Failure(exitcode=-signal.SIGTERM,
+                                                                                      pid=10, timestamp=7)}
+    assert launch.describe_failures(stopped, 2) == ("rank 0 of 2 (pid 10) was killed by SIGTERM; rank 1 of 2 (pid 11) "
+                                                    "was killed by SIGTERM")
+
+
+def test_a_split_batch_needs_a_batch_size_the_ranks_divide():
+    """`batch: split` gives each rank batch_size / N (its queue size q): a batch_size N does not divide is refused
+    with the key, the values and a fix, when the configuration is loaded (before any job runs)."""
+    raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
+    tiny = raw["profiles"]["tiny"]
+    tiny["device"] = "cpu"
+    tiny["train"] = {**tiny["train"], "batch_size": 16,
+                     "distributed": {"nproc_per_node": 3, "backend": "gloo", "batch": "split"}}
+    with pytest.raises(ConfigError, match=r"train.distributed.batch = 'split' .* train.batch_size = 16 is not "
+                                          r"divisible by nproc_per_node = 3; use a multiple of 3 \(e.g. 15\)"):
+        load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
+    tiny["train"]["batch_size"] = 15
+    assert load_config(ROOT / "params.yaml", profile="tiny", raw=raw).train.queue_size == 15 // 3
+    tiny["train"]["distributed"]["batch"] = "per_rank"
+    assert load_config(ROOT / "params.yaml", profile="tiny", raw=raw).train.queue_size == 15
+
+
+def train_samples(project: Path) -> tuple[int, int]:
+    """(training samples of the tiny dataset, the profile's epochs)."""
+    n = json.loads((project / "data" / "processed" / DATASET / "meta.json").read_text())["splits"]["train"]["n"]
+    return n, load_config(project / "params.yaml", profile="tiny").train.epochs
+
+
+def check_two_ranks(project: Path, trace: Path, run: str) -> None:
+    """Both ranks trained (each rank's trace), each sample once per epoch on one of them, and ended in step;
+    metrics.json counts both."""
+    n, epochs = train_samples(project)
+    ranks = [json.loads((trace / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["size"] for r in ranks] == [2, 2]
+    for epoch in range(epochs):
+        assert Counter(ranks[0]["samples"][str(epoch)] + ranks[1]["samples"][str(epoch)]) == Counter(range(n))
+    assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["bandits"] == ranks[1]["bandits"]
+    assert json.loads((project / "results" / run / "metrics.json").read_text())["train_samples"] == epochs * n
+
+
+@pytest.fixture(scope="module")
+def snakemake_two_ranks(tiny_upstream, tmp_path_factory) -> tuple[Path, str]:
+    """The tiny profile's T-DHT trained by Snakemake with 2 processes, from a copy of the built upstream:
+    (the project, Snakemake's output)."""
+    project = copy_tiny_upstream(tiny_upstream, tmp_path_factory.mktemp("snakemake-ddp") / "project")
+    two_rank_tiny(project)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(TRACE_ENV, str(project / "trace"))
+        proc = run_cli(["snakemake", "--cores", "2", TINY_TARGET, "--config", "profile=tiny"], cwd=project)
+    return project, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_snakemake_trains_a_dht_mode_with_two_processes(snakemake_two_ranks):
+    project, output = snakemake_two_ranks
+    assert re.search(r"^train\s+1$", output, re.M) and re.search(r"^total\s+1$", output, re.M), output[-3000:]
+    check_two_ranks(project, project / "trace", TINY_RUN)
+    assert f"train {TINY_RUN}: accuracy" in (project / TINY_LOG).read_text()
+    assert not (project / TINY_CHECKPOINT).exists()  # removed once the run is done
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_a_train_stage_with_two_processes(tiny_project, monkeypatch):
+    """The generated dvc.yaml of the profile, run by `dvc repro` for one train stage (its upstream is there)."""
+    two_rank_tiny(tiny_project)
+    run_cli(["dht", "dvc-yaml", "--profile", "tiny"], cwd=tiny_project)
+    subprocess.run(["git", "init", "-q"], cwd=tiny_project, check=True)
+    monkeypatch.setenv(TRACE_ENV, str(tiny_project / "trace"))
+    stage = f"train@{DATASET}-vanilla-3"
+    proc = run_cli(["dvc", "repro", "--single-item", stage], cwd=tiny_project, timeout=900)
+    cmd = yaml.safe_load((tiny_project / "dvc.lock").read_text())["stages"][stage]["cmd"]
+    assert launched(cmd) and cmd in proc.stdout
+    check_two_ranks(tiny_project, tiny_project / "trace", f"{DATASET}/vanilla-3")
+
+
+def rank_process(parent: psutil.Process, rank: int) -> psutil.Process | None:
+    """The process of a rank among `parent`'s descendants (torchrun gives each its RANK)."""
+    for process in parent.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get("RANK") == str(rank):
+                return process
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_job_naming_it_and_the_rerun_resumes(tiny_project, snakemake_two_ranks):
+    """SIGKILL to rank 1 once a checkpoint is written (the OOM killer's way): torchrun's agent stops rank 0, which
+    would otherwise wait in its next collective for the dead rank (gloo's timeout is 30 minutes), the job fails and
+    its log names the rank; a plain rerun resumes from the checkpoint and ends as the uninterrupted run did."""
+    two_rank_tiny(tiny_project)
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([str(BIN / "snakemake"), "--cores", "2", TINY_TARGET, "--config", "profile=tiny"],
+                            cwd=tiny_project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = tiny_project / TINY_CHECKPOINT
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    rank1 = rank_process(psutil.Process(proc.pid), 1)
+    if rank1 is None or not checkpoint.exists():
+        proc.kill()
+        pytest.fail(f"no checkpoint and rank 1 to kill:\n{proc.communicate()[0][-4000:]}")
+    rank1.send_signal(signal.SIGKILL)
+    output, _ = proc.communicate(timeout=180)  # liveness: nothing may wait for the dead rank
+    assert proc.returncode != 0 and "Error in rule train" in output, output[-4000:]
+    log = (tiny_project / TINY_LOG).read_text()
+    assert re.search(rf"rank 1 of 2 \(pid {rank1.pid}\) was killed by SIGKILL", log), log[-3000:]
+    assert checkpoint.exists() and not (tiny_project / TINY_TARGET).exists()
+
+    run_cli(["snakemake", "--cores", "2", "--rerun-incomplete", TINY_TARGET, "--config", "profile=tiny"],
+            cwd=tiny_project)
+    assert re.search(rf"train {TINY_RUN}: resuming at epoch \d+, step [1-9]", (tiny_project / TINY_LOG).read_text())
+    assert outputs(tiny_project, TINY_RUN) == outputs(snakemake_two_ranks[0], TINY_RUN)
+
+
 # In-library runs (tests/distributed_worker.py under torchrun): the branches the stage run above does not take.
 CASES = [
     # integrated search (F-DHT's arms, UCB_cp) in the warm-up epoch, then P-DHT's own arms with every layer but
@@ -167,6 +366,9 @@ CASES = [
     {"name": "vanilla-no-dropout", "mode": "vanilla-12", "params": {}, "dropout": 0.0},
     {"name": "vanilla-global-no-dropout", "mode": "vanilla-12", "params": {"train.distributed.queues": "global"},
      "dropout": 0.0},
+    # batch: split: a batch_size of 16 split into 8 a rank, i.e. one process's steps of 16
+    {"name": "vanilla-split-no-dropout", "mode": "vanilla-12",
+     "params": {"train.batch_size": 16, "train.distributed.batch": "split"}, "dropout": 0.0},
 ]
 
 
@@ -195,17 +397,22 @@ def test_every_branch_keeps_the_ranks_in_step(library_runs, case):
     assert ranks[0]["samples_seen"] == 2 * 45
 
 
-@pytest.mark.parametrize("case", ["vanilla-no-dropout", "vanilla-global-no-dropout"])
+@pytest.mark.parametrize("case", ["vanilla-no-dropout", "vanilla-global-no-dropout", "vanilla-split-no-dropout"])
 def test_two_ranks_of_half_batches_step_as_one_process(library_runs, case):
     """Without dropout and with one fixed arm (one queue), two ranks of 8 samples a step train the samples one process
     trains 16 at a time (the shares interleave the order), so the loss of every step matches one process's, to
     rounding: the split and DDP's averaged gradient (each rank's sum x ranks / all samples) are right, also for the
-    last, partial step of each epoch (45 = 16 + 16 + 13: 7 + 6 samples on the two ranks)."""
+    last, partial step of each epoch (45 = 16 + 16 + 13: 7 + 6 samples on the two ranks). With `batch: split` and
+    batch_size 16 the ranks take 8 each: the same optimizer steps as one process with batch_size 16."""
     import distributed_worker
 
     spec = next(c for c in CASES if c["name"] == case)
-    alone = distributed_worker.train_once({**spec, "params": {"train.batch_size": 16}}, world=None).progress.history
-    ranks = json.loads((library_runs / f"{case}.rank0.json").read_text())["history"]
+    trained = distributed_worker.train_once({**spec, "params": {"train.batch_size": 16}}, world=None)
+    alone = trained.progress.history
+    rank0 = json.loads((library_runs / f"{case}.rank0.json").read_text())
+    ranks = rank0["history"]
+    # the optimizer steps: ceil(45 / 16) = 3 an epoch of the 2, as one process's
+    assert rank0["steps"] == trained.progress.step == 2 * math.ceil(distributed_worker.N_TRAIN / 16)
     assert [(s, e) for s, e, _, _ in ranks] == [(s, e) for s, e, _, _ in alone] and len(alone) == 6
     assert [loss for _, _, loss, _ in ranks] == pytest.approx([loss for _, _, loss, _ in alone], rel=1e-4)
     assert len({round(loss, 3) for _, _, loss, _ in alone}) > 3  # the loss moves: steps after the first compare too

@@ -12,6 +12,7 @@ from test_trainer import SEQ, make_cfg, make_split, setup, trainer_for  # noqa: 
 import dht.policy as policy_module
 import dht.trainer as trainer_module
 from dht.config import Config
+from dht.integrity import write_manifest
 from dht.policy import Policy, exit_uncertainty, predict
 from dht.trainer import load_trained, save_trained
 
@@ -71,6 +72,7 @@ def test_trains_saves_and_predicts_with_it(setup, tmp_path, monkeypatch):  # noq
     from safetensors.torch import save_file
 
     save_file(setup[1], str(tmp_path / "m" / "arm_features.safetensors"))
+    write_manifest(tmp_path / "m")  # as the train stage does, last
     model, policy, _ = load_trained(tmp_path / "m", torch.device("cpu"))
     assert policy.exit_confidence
     n = len(calls)

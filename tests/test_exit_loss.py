@@ -38,8 +38,8 @@ def test_the_loss_reads_every_exit_the_path_passes(setup, monkeypatch, exit_loss
     reads: list[tuple[int, torch.Tensor]] = []  # (tokens' hidden size, logits) of each classifier read with gradient
     classify = trainer.model.classify
 
-    def recording(hidden, keep=None):
-        logits = classify(hidden, keep)
+    def recording(hidden, keep=None, depth=None):
+        logits = classify(hidden, keep, depth)
         if torch.is_grad_enabled() and trainer.model.training:
             reads.append(logits.detach())
         return logits
@@ -62,7 +62,7 @@ def test_a_shallow_batch_reads_no_extra_exit(setup, monkeypatch):  # noqa: F811
     calls = []
     classify = trainer.model.classify
     monkeypatch.setattr(trainer.model, "classify",
-                        lambda h, k=None: calls.append(torch.is_grad_enabled()) or classify(h, k))
+                        lambda h, k=None, d=None: calls.append(torch.is_grad_enabled()) or classify(h, k, d))
     trainer.train_batch(policy, False, shallowest, items)
     assert calls.count(True) == 1
 

@@ -16,7 +16,6 @@ from dht.flexibert import OPS, Architecture, model_flops
 from dht.flexibert.search_stage import (
     budgets,
     choose,
-    hold_out,
     predictions,
     retrain,
     run_search,
@@ -78,23 +77,30 @@ def test_config_names_and_checks_flexibert_baselines():
         load_config(ROOT / "params.yaml", raw=raw)
 
 
-def test_hold_out_is_a_seeded_partition_of_the_training_split():
-    train = task(50, 0)
-    a, val = hold_out(train, 0.2, seed=3)
-    b, val2 = hold_out(train, 0.2, seed=3)
-    assert len(val["label"]) == 10 and len(a["label"]) == 40
-    assert np.array_equal(val["input_ids"], val2["input_ids"]) and np.array_equal(a["label"], b["label"])
-    rows = {tuple(r) for r in a["input_ids"]} | {tuple(r) for r in val["input_ids"]}
-    assert len(rows) == len({tuple(r) for r in train["input_ids"]})  # nothing lost, nothing duplicated
+def test_the_search_scores_its_queries_on_the_validation_split_it_is_given():
+    # The same search twice, the second with the validation labels flipped: the first (random, seeded) query trains
+    # the same model on the same training split, so its score must be the complement if, and only if, it is read
+    # from the validation split given (not from the training split, nor from anything else).
+    cfg = config(("flexibert-0.5",), evaluations=1, n_init=1, search_max_steps=10, learning_rate=3e-3)
+    train, val = far_token_task(96, 0), far_token_task(40, 1)
+    flipped = {**val, "label": 1 - val["label"]}
+    (first,) = run_search(cfg, train, val, META, cfg.section("model"))
+    (again,) = run_search(cfg, train, flipped, META, cfg.section("model"))
+    assert first["arch_id"] == again["arch_id"] and first["accuracy"] * 40 == pytest.approx(round(first["accuracy"] * 40))
+    assert again["accuracy"] == pytest.approx(1 - first["accuracy"])
+    assert first["train_samples"] == min(10 * cfg.train.batch_size, 96)  # trained on the training split's 96 rows
+    empty = {k: v[:0] for k, v in val.items()}
+    with pytest.raises(ValueError, match=r"validation split is empty \(data.val_fraction = 0\)"):
+        run_search(cfg, train, empty, META, cfg.section("model"))
 
 
 def test_search_per_budget_then_choose_retrain_and_predict(tmp_path):
     # Two random queries per budget (numpy-seeded: the same architectures on every CPU), then one the surrogate picks.
     cfg = config(ops=["sdp", "conv5"], layers=[1], evaluations=6, n_init=2, search_epochs=20, search_max_steps=150,
-                 val_fraction=0.25, learning_rate=3e-3)
+                 learning_rate=3e-3)
     reference = cfg.section("model")
-    train = far_token_task(240, 0)
-    trace = run_search(cfg, train, META, reference)
+    train, val = far_token_task(180, 0), far_token_task(60, 2)
+    trace = run_search(cfg, train, val, META, reference)
     assert len(trace) == 6 and [e["step"] for e in trace] == list(range(6))
     assert [e["budget"] for e in trace] == [0.25] * 3 + [0.5] * 3  # evaluations split between the budgets
     assert [e["method"] for e in trace[:2] + trace[3:5]] == ["init"] * 4
@@ -120,8 +126,9 @@ def test_search_per_budget_then_choose_retrain_and_predict(tmp_path):
         choose(trace, 0.001)
 
     test = far_token_task(40, 1)
-    model, info = retrain(cfg, best, train, test, META)
-    assert info["train_flops"] == 3 * model_flops(best, 12, 2) * 240  # one epoch of every sample
+    model, info = retrain(cfg, best, train, val, META)
+    assert info["train_flops"] == 3 * model_flops(best, 12, 2) * 180  # one epoch of every training sample
+    assert info["val_accuracy"] * 60 == pytest.approx(round(info["val_accuracy"] * 60))  # scored on the 60 val rows
     data = SplitData.from_arrays(test)
     pred = predictions(model, data, 16, 12)
     assert pred.labels.shape == (40,) and bool((pred.flops == model_flops(best, 12, 2)).all())
@@ -135,12 +142,12 @@ def test_search_per_budget_then_choose_retrain_and_predict(tmp_path):
 def test_a_budget_below_the_space_is_a_clear_error():
     cfg = config(["flexibert-0.001"], hidden=[32], ffn_widths=[64], layers=[4], ffn_depths=[2])
     with pytest.raises(ValueError, match=r"no architecture of the design space is within 0.001x"):
-        run_search(cfg, task(40, 0), META, cfg.section("model"))
+        run_search(cfg, task(40, 0), task(10, 1), META, cfg.section("model"))
 
 
 def test_architecture_ids_in_the_trace_rebuild_the_architecture():
     cfg = config(["flexibert-0.5"], evaluations=2)
-    trace = run_search(cfg, task(60, 0), META, cfg.section("model"))
+    trace = run_search(cfg, task(60, 0), task(20, 1), META, cfg.section("model"))
     for e in trace:
         assert Architecture.from_dict(e["arch"]).id == e["arch_id"]
 
@@ -163,7 +170,9 @@ def test_search_on_the_tiny_profile_beats_the_median_random_architecture():
         ids[i, : len(toks)] = toks
     train = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64), "label": df["label"].to_numpy()}
     meta = {"vocab_size": len(vocab) + 4, "num_labels": 4, "max_length": 32}
-    a, val = hold_out(train, 0.25, seed=0)
+    held = np.sort(np.random.default_rng(0).permutation(len(df))[:120])  # a quarter held out, seeded
+    rest = np.setdiff1d(np.arange(len(df)), held)
+    a, val = ({k: v[rows] for k, v in train.items()} for rows in (rest, held))
     f = cfg.baselines.flexibert
     evaluator = TrainingEvaluator(a, val, epochs=4, max_steps=f.search_max_steps, **_train_kwargs(cfg, meta, "cpu"))
     pool = candidate_pool(space_of(cfg), np.random.default_rng(0), max_candidates=500, seq_len=32, max_ratio=0.5,

@@ -144,6 +144,7 @@ def baseline_project(tmp_path_factory):
 
     from dht.config_loading import load_config
     from dht.data import load_text_dataset
+    from dht.integrity import write_manifest
     from dht.model import model_from_params
     from dht.policy import Policy
     from dht.tokenization import prepare
@@ -157,7 +158,7 @@ def baseline_project(tmp_path_factory):
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = load_config(params, profile="tiny")
     processed = project / "data/processed/embedded-news"
-    meta = prepare(load_text_dataset(cfg.dataset("embedded-news"), cfg.seed), cfg.tokenizer,
+    meta = prepare(load_text_dataset(cfg.dataset("embedded-news"), cfg.seed, cfg.data.val_fraction), cfg.tokenizer,
                    cfg.dataset("embedded-news").max_length, processed, "embedded-news")
     torch.manual_seed(0)
     model = model_from_params(cfg, num_labels=meta["num_labels"], vocab_size=meta["vocab_size"])
@@ -165,6 +166,7 @@ def baseline_project(tmp_path_factory):
     policy = Policy(cfg, cfg.dht.modes[reference], {}, model.config)
     save_trained(project / "models/embedded-news" / reference, model, policy, reference, cfg,
                  {"dataset": "embedded-news", "classes": meta["classes"], "max_length": meta["max_length"]})
+    write_manifest(project / "models/embedded-news" / reference)  # as the train stage does, last
     # what training it cost (dht.results.training_budget): the baselines built from it are charged that too
     (project / "results/embedded-news" / reference).mkdir(parents=True)
     (project / "results/embedded-news" / reference / "metrics.json").write_text(json.dumps(

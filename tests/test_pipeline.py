@@ -4,6 +4,7 @@ generated from it, DVC on the same stages, and MLflow receiving every run."""
 from __future__ import annotations
 
 import json
+import shlex
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -77,8 +78,9 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
         assert written[name]["matrix"] == {"dataset": datasets}
     assert written["train"]["matrix"] == {"dataset": datasets,
                                           "model": ["f-dht", "s-dht", "t-dht", "vanilla-2", "vanilla-6"]}
-    assert written["train"]["cmd"].startswith("python workflow/scripts/train.py --profile ${profile} "
-                                              "--dataset ${item.dataset} --model ${item.model} ")
+    # no --profile: DVC would paste `${profile}` into the command unquoted; the stages read params.yaml's profile:
+    assert written["train"]["cmd"].startswith("python workflow/scripts/train.py --dataset ${item.dataset} "
+                                              "--model ${item.model} ")
     assert written["train-p-dht"]["matrix"] == {"dataset": datasets}  # p-dht's warm-up mode is one more param
     assert written["baseline-fastbert"]["matrix"] == {"dataset": datasets, "baseline": ["fastbert-0.5", "fastbert-0.8"]}
 
@@ -112,7 +114,8 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
     assert "--threads 1 " in stages["arm_features@sst2"]["cmd"]  # the rule's threads
     assert stages["arm_features@sst2"]["cmd"].endswith(" --log logs/arm_features/sst2.log")  # the rule's log:
     tok = stages["tokenize@sst2"]
-    assert tok["cmd"].startswith("python workflow/scripts/tokenize_data.py --profile ${profile} ")
+    assert tok["cmd"].startswith("python workflow/scripts/tokenize_data.py --dataset sst2 ")
+    assert not any("profile" in stage["cmd"] for stage in stages.values())
     assert "data/raw/sst2/train.parquet" in tok["deps"] and "dht/tokenization.py" in tok["deps"]
     assert tok["params"] == ["profile", "tokenizer", "datasets.sst2", "profiles.${profile}"]
     assert "data/processed/sst2/tokenizer" in tok["outs"]
@@ -133,7 +136,7 @@ def dvc_reads(project: Path) -> dict:
 
 def test_dvc_runs_exactly_one_stage_per_snakemake_job(project):
     """The matrix stages are a way of writing, nothing more: DVC's own expansion of dvc.yaml is, stage for stage,
-    the plain stage of each Snakemake job (command, deps, params, outs, metrics, plots)."""
+    the plain stage of each Snakemake job (command less --profile, deps, params, outs, metrics, plots)."""
     from dht.pipeline import _stage_body, expand_dvc_stages, snakemake_jobs
 
     written = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
@@ -147,7 +150,8 @@ def test_dvc_runs_exactly_one_stage_per_snakemake_job(project):
     jobs = snakemake_jobs(project, "default")
     assert len(jobs) == len(by_cmd) == len(read)
     for job in jobs:
-        assert by_cmd[interpolated(job.cmd)] == interpolated(_stage_body(job, "default")), job.stage_name
+        assert job.cmd.replace(" --profile default ", " ") == _stage_body(job, "default")["cmd"]
+        assert by_cmd[_stage_body(job, "default")["cmd"]] == interpolated(_stage_body(job, "default")), job.stage_name
 
 
 def fit_job(dataset: str, model: str, seed: str, extra: tuple[str, ...] = ()):
@@ -182,7 +186,7 @@ def test_jobs_that_differ_only_in_wildcards_become_one_stage_that_dvc_expands_ba
     matrix = dvc_stages(full + [solo], "p")["stages"]
     assert list(matrix) == ["fit", "report-a"]  # one job: a plain stage, named as before
     assert matrix["fit"]["matrix"] == {"dataset": ["a", "b"], "model": ["m-1", "k-2"], "seed": ["1", "2"]}
-    assert matrix["fit"]["cmd"] == ("python fit.py --profile ${profile} --dataset ${item.dataset} --model ${item.model}"
+    assert matrix["fit"]["cmd"] == ("python fit.py --dataset ${item.dataset} --model ${item.model}"
                                     " --seed ${item.seed} --threads 2 --out out/${item.dataset}/${item.model}/seed-${item.seed}")
     assert matrix["fit"]["deps"][1:] == ["static/m-1x/vocab.txt", "static/a2/notes.txt"]
     assert matrix["fit"]["params"][1:4] == ["seed", "datasets.${item.dataset}", "modes.${item.model}"]
@@ -333,6 +337,110 @@ def test_only_profile_can_be_overridden_on_the_command_line(project):
     assert bad.returncode != 0 and "profile = 'huge': unknown profile" in bad.stdout + bad.stderr
 
 
+def test_a_bad_name_fails_the_dry_run_before_the_dag_is_built(project):
+    """A '.' in a dataset's name passed validation and then stopped the DAG build with a KeyError (the rules track
+    `datasets.<name>`); a profile name from the command line reaches every command as --profile. Both are
+    refused by the name rule, with the key, before any job."""
+    def add(raw):
+        raw["datasets"]["my.data"] = {"source": "embedded"}
+        raw["run"]["datasets"] = ["my.data"]
+    params = project / "params.yaml"
+    shipped = params.read_text()
+    set_params(project, add)
+    proc = run_cli(["snakemake", "-n", "--cores", "1"], cwd=project, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and 'datasets: key "my.data": not a valid name' in out, out[-3000:]
+    assert "KeyError" not in out and "Traceback" not in out
+    params.write_text(shipped)
+    proc = run_cli(["snakemake", "-n", "--cores", "1", "--config", "profile=tiny;touch PWNED"], cwd=project, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and 'profile (the one asked for) = "tiny;touch PWNED": not a valid name' in out, out
+    assert not (project / "PWNED").exists() and [p.name for p in (project / "data").iterdir()] == ["external"]
+
+
+def shell_fields(project: Path) -> dict[str, list[tuple[str, str]]]:
+    """Each rule's command template as Snakemake parsed it: {rule: [(field, format spec), ...]}."""
+    import string
+
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import OutputSettings, Quietness, ResourceSettings
+
+    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(cores=1), snakefile=project / "Snakefile",
+                                workdir=project)._workflow
+        return {rule.name: [(field, spec) for _, field, spec, _ in string.Formatter().parse(rule.shellcmd) if field]
+                for rule in workflow.rules if rule.shellcmd}
+
+
+def test_every_stage_command_quotes_every_value_it_interpolates(project):
+    """Defence in depth behind the name rule: every {wildcards.x}, {params.x}, {input.x}, {output}, {log},
+    {threads} and {PROFILE} of every rule's shell: is written {...:q} (shell-quoted by Snakemake, one word
+    whatever the value). Then a dry run with a log path holding a space and shell characters prints it as one
+    quoted word, runs nothing, and dvc.yaml's command for it keeps the quoting."""
+    fields = shell_fields(project)
+    assert {"download", "tokenize", "arm_features", "train", "baseline", "flexibert_search", "table1"} <= set(fields)
+    unquoted = {rule: [f for f, spec in found if not spec.endswith("q")] for rule, found in fields.items()}
+    assert not any(unquoted.values()), unquoted
+    assert all({"PROFILE", "log"} <= {f for f, _ in found} for found in fields.values())
+
+    rules = project / "workflow" / "rules" / "data.smk"
+    text = rules.read_text()
+    assert '"logs/download/{dataset}.log"' in text
+    rules.write_text(text.replace('"logs/download/{dataset}.log"', '"logs/download/{dataset} ;touch PWNED;.log"'))
+    proc = run_cli(["snakemake", "-n", "-p", "--cores", "1", "data/raw/sst2/meta.json"], cwd=project)
+    cmd = next(line for line in proc.stdout.splitlines() if line.startswith("Shell command: "))
+    assert cmd.endswith(" --log 'logs/download/sst2 ;touch PWNED;.log'"), cmd
+    assert shlex.split(cmd.removeprefix("Shell command: "))[-2:] == ["--log", "logs/download/sst2 ;touch PWNED;.log"]
+    assert not (project / "PWNED").exists() and [p.name for p in (project / "data").iterdir()] == ["external"]
+    from dht.pipeline import snakemake_jobs
+
+    job = next(j for j in snakemake_jobs(project, targets=["data/raw/sst2/meta.json"]) if j.rule == "download")
+    assert job.cmd.endswith(" --log 'logs/download/sst2 ;touch PWNED;.log'"), job.cmd
+
+
+@pytest.mark.slow
+def test_a_stage_runs_with_a_log_path_that_holds_shell_characters(project):
+    """The quoting through a real job: the download stage's log path holding ` ;touch PWNED;` is one argument:
+    the job writes that log, and no command `touch PWNED` runs."""
+    rules = project / "workflow" / "rules" / "data.smk"
+    rules.write_text(rules.read_text().replace('"logs/download/{dataset}.log"',
+                                               '"logs/download/{dataset} ;touch PWNED;.log"'))
+    run_cli(["snakemake", "--cores", "1", "data/raw/embedded-news/meta.json", "--config", "profile=tiny"], cwd=project)
+    log = project / "logs" / "download" / "embedded-news ;touch PWNED;.log"
+    assert "download embedded-news:" in log.read_text()
+    assert not (project / "PWNED").exists() and not (project / "PWNED;.log").exists()
+
+
+@pytest.mark.slow
+def test_dvc_runs_no_profile_name_in_the_shell(project):
+    """dvc.yaml's commands carry no `--profile ${profile}`: DVC pastes an interpolated value into the shell
+    unquoted before any stage runs, so params.yaml's `profile: default;touch PWNED;` (with a profile of that name)
+    ran `touch PWNED`. The stage reads `profile:` from params.yaml, and refuses it by the name rule."""
+    def poison(raw):
+        raw["profile"] = "default;touch PWNED;"
+        raw["profiles"]["default;touch PWNED;"] = {}
+    set_params(project, poison)
+    dvc_reads(project)  # git and DVC initialised
+    proc = run_cli(["dvc", "repro", "--single-item", "download-sst2"], cwd=project, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and 'profile = "default;touch PWNED;": not a valid name' in out, out[-3000:]
+    assert not (project / "PWNED").exists() and not (project / "data" / "raw").exists()
+
+
+def test_dvc_commands_keep_quoted_words_whole():
+    """dvc.yaml's commands are the Snakemake jobs' on one line (less --profile): runs of spaces between words
+    become one, but a quoted word is kept as Snakemake quoted it."""
+    from dht.pipeline import Job, _stage_body, squeeze_spaces
+
+    quoted = shlex.quote("logs/a  b;c's.log")
+    assert squeeze_spaces(f"python  s.py --log {quoted}  --x \"y  z\" ") == f'python s.py --log {quoted} --x "y  z"'
+    job = Job(rule="r", wildcards=(), cmd=squeeze_spaces(f"python s.py --profile tiny  --log {quoted} "), inputs=(),
+              outputs=("o",), tracked=())
+    cmd = _stage_body(job, "tiny")["cmd"]
+    assert cmd == f"python s.py --log {quoted}"
+    assert shlex.split(cmd)[-1] == "logs/a  b;c's.log"
+
+
 def mlflow_runs(project: Path) -> list[tuple[str, str]]:
     """(experiment, run name) of every run in the project's MLflow store."""
     with sqlite3.connect(project / "mlflow.db") as db:
@@ -346,7 +454,9 @@ def test_tokenization_stage_runs_through_snakemake(project):
     run_cli(["snakemake", "--cores", "2", "data/processed/embedded-news/meta.json", "--config", "profile=tiny"],
             cwd=project)
     meta = json.loads((project / "data/processed/embedded-news/meta.json").read_text())
-    assert meta["splits"]["train"]["n"] == 320 and meta["max_length"] == 40 and meta["num_labels"] == 4
+    # tiny's n_train 320, and a validation split of a tenth of that (data.val_fraction; a third generated stream)
+    assert meta["splits"]["train"]["n"] == 320 and meta["splits"]["val"]["n"] == 32
+    assert meta["max_length"] == 40 and meta["num_labels"] == 4
     assert (project / "data/processed/embedded-news/tokenizer/tokenizer.json").is_file()
     assert ("embedded-news", "tokenize") in mlflow_runs(project)
     assert not (project / "data/processed/embedded-sentiment").exists()  # only what was asked for
@@ -368,8 +478,8 @@ def test_end_to_end_tiny_then_noop(project):
     proc = run_cli(["snakemake", "--cores", "2", "--config", "profile=tiny"], cwd=project, timeout=1500)
     table = (project / "reports/table1.md").read_text()
     assert "Profile `tiny`" in table
-    assert "| embedded-news | embedded | 4 | 320 | 96 | 40 |" in table
-    assert "| embedded-sentiment | embedded | 2 | 320 | 96 | 40 |" in table
+    assert "| embedded-news | embedded | 4 | 320 | 32 | 96 | 40 |" in table  # train, val, test
+    assert "| embedded-sentiment | embedded | 2 | 320 | 32 | 96 | 40 |" in table
     runs = set(mlflow_runs(project))
     for dataset in ("embedded-news", "embedded-sentiment"):
         for run in ("tokenize", "arm_features", "vanilla-12", "vanilla-3", "t-dht", "s-dht", "f-dht", "p-dht",
@@ -378,13 +488,13 @@ def test_end_to_end_tiny_then_noop(project):
     for baseline in ("distil-3", "fastbert-0.5", "nas-prune-0.5", "flexibert-0.5"):  # the DHT runs' schema
         m = json.loads((project / f"results/embedded-news/{baseline}/metrics.json").read_text())
         assert {"accuracy", "macro_f1", "train_flop_ratio", "infer_flop_ratio", "infer_flop_ratio_linear",
-                "mean_layers", "n_test", "accuracy_easy"} <= set(m)
+                "mean_layers", "n_test", "accuracy_easy", "val_accuracy", "val_macro_f1", "n_val"} <= set(m)
     distil = json.loads((project / "results/embedded-news/distil-3/metrics.json").read_text())
     assert distil["mean_layers"] == 3 and 0.24 < distil["infer_flop_ratio"] < 0.27
     metrics = json.loads((project / "results/embedded-news/t-dht/metrics.json").read_text())
     for key in ("accuracy", "macro_f1", "train_flop_ratio", "infer_flop_ratio", "infer_flop_ratio_linear",
                 "mean_layers", "mean_heads", "train_seconds", "infer_seconds", "n_test", "accuracy_easy",
-                "mean_layers_easy"):
+                "mean_layers_easy", "val_accuracy", "val_macro_f1", "val_infer_flop_ratio", "n_val"):
         assert key in metrics
     assert "accuracy_hard" not in metrics  # tiny has easy samples only: no level without samples
     assert metrics["n_test"] == 96 and 0 < metrics["infer_flop_ratio"] <= 1
@@ -452,7 +562,9 @@ def test_a_user_adds_a_local_zhang_csv_dataset(project):
     run_cli(["snakemake", "--cores", "2", "data/processed/agcsv/meta.json"], cwd=project)
     meta = json.loads((project / "data/processed/agcsv/meta.json").read_text())
     assert meta["classes"] == ["World", "Sports", "Business", "Sci/Tech"]
-    assert meta["splits"]["train"]["n"] == 40 and meta["splits"]["train"]["label_counts"] == [10, 10, 10, 10]
+    # 40 rows, 10 a class: a tenth, one a class, held out as the validation split
+    assert meta["splits"]["train"]["n"] == 36 and meta["splits"]["train"]["label_counts"] == [9, 9, 9, 9]
+    assert meta["splits"]["val"]["label_counts"] == [1, 1, 1, 1]
 
 
 def test_a_missing_csv_dataset_fails_validation_and_the_dry_run(project):

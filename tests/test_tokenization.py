@@ -92,6 +92,34 @@ def test_prepare_writes_parquet_tokenizer_and_meta(tmp_path, corpus):
     assert (arrays["label"] == corpus.train["label"].to_numpy()).all()
 
 
+def test_the_validation_split_is_tokenized_apart_and_the_vocabulary_never_learns_from_it(tmp_path, corpus):
+    import pandas as pd
+
+    from dht.data import split_validation
+
+    train, val = split_validation(corpus.train, 0.1, seed=0)
+    # a word only the validation split has: with room for every word (vocab_size 2000: ~620 are learnt), trained on
+    # the 60 validation rows too it would be a vocabulary entry (checked)
+    val = val.assign(text=val["text"] + " quixotically")
+    ds = TextDataset(train, corpus.test, corpus.classes, source="embedded", val=val)
+    meta = prepare(ds, TokenizerConfig(vocab_size=2000), max_length=24, out_dir=tmp_path, name="emb")
+    assert [meta["splits"][s]["n"] for s in ("train", "val", "test")] == [540, 60, 100]
+    for split, frame in (("train", train), ("val", val)):
+        arrays = load_processed(tmp_path, split)
+        assert (arrays["label"] == frame["label"].to_numpy()).all()  # each split's own rows, in order
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(tmp_path / "tokenizer").get_vocab()
+    assert "quixotically" not in vocab and "the" in vocab
+    # without a validation split (data.val_fraction 0) the file is there, empty, with the same columns
+    empty = prepare(TextDataset(train, corpus.test, corpus.classes, source="embedded"), TokenizerConfig(vocab_size=300),
+                    max_length=24, out_dir=tmp_path / "none", name="emb")
+    assert empty["splits"]["val"] == {"n": 0, "label_counts": [0, 0, 0, 0], "difficulty_counts": [0, 0, 0]}
+    arrays = load_processed(tmp_path / "none", "val")
+    assert arrays["input_ids"].shape == (0, 24) and set(arrays) == set(load_processed(tmp_path / "none", "train"))
+    assert isinstance(pd.read_parquet(tmp_path / "none" / "val.parquet"), pd.DataFrame)
+
+
 def test_missing_processed_split_names_the_stage(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the tokenize stage first"):
         load_processed(tmp_path, "train")

@@ -9,12 +9,14 @@ from collections import Counter
 import pytest
 import torch
 from conftest import ROOT, two_epoch_tiny
+from test_integrity import RunsCode, assert_runs_code
 
 from dht.arm_features import arm_space, compute_arm_features
 from dht.config import ModeSpec
 from dht.config_loading import load_config, read_params
 from dht.evaluation import SplitData, evaluate
 from dht.flops import forward_flops, layer_flops
+from dht.integrity import read_checkpoint, write_checkpoint, write_manifest
 from dht.model import DHTConfig, DHTForSequenceClassification
 from dht.policy import LayerQueue, predict
 from dht.trainer import Trainer, TrainingError, load_trained, save_trained
@@ -137,7 +139,7 @@ def test_corrupt_or_mismatched_checkpoint_is_refused(setup, tmp_path):
     with pytest.raises(TrainingError, match="written by a run with other parameters.*rm -r"):
         other.load_checkpoint()
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(TrainingError, match="corrupt checkpoint"):
+    with pytest.raises(TrainingError, match="carries no checksum header.*rm -r"):
         trainer.load_checkpoint()
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # never silently overwritten
 
@@ -153,7 +155,7 @@ def mid_epoch_checkpoint(setup, tmp_path, mode="s-dht"):
     with pytest.raises(Killed):
         trainer_for(setup, mode, checkpoint_dir=tmp_path, on_step=kill_at).fit(progress_bar=False)
     path = tmp_path / "checkpoint.pt"
-    state = torch.load(path, weights_only=False)
+    state = read_checkpoint(path)
     assert 0 < state["progress"]["position"] < N_TRAIN  # mid-epoch
     return path, state
 
@@ -182,10 +184,30 @@ def test_a_checkpoint_whose_content_changed_is_refused_and_kept(setup, tmp_path,
 
 def test_a_checkpoint_without_a_checksum_is_refused(setup, tmp_path):
     path, state = mid_epoch_checkpoint(setup, tmp_path)
-    del state["checksum"]
-    torch.save(state, path)
+    torch.save(state, path)  # the state alone, as checkpoints were written before they had a checksum
     with pytest.raises(TrainingError, match="carries no checksum .* cannot be verified.*rm -r"):
         trainer_for(setup, "s-dht", checkpoint_dir=tmp_path).load_checkpoint()
+
+
+@pytest.mark.parametrize("header", ["checksum written by the attacker", "no checksum"])
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(setup, tmp_path, header):
+    """A pickle put in place of the checkpoint ran its code at resume (torch.load with weights_only=False, the
+    checksum checked only after). Now the checksum is checked before any byte is read, and a file whose checksum
+    matches is still read weights-only: tensors and plain data, never an object that runs code."""
+    path, state = mid_epoch_checkpoint(setup, tmp_path)
+    marker = tmp_path.parent / f"{tmp_path.name}-code-ran"
+    state["progress"]["run_id"] = RunsCode(marker)
+    if header == "no checksum":
+        torch.save(state, path)
+    else:
+        write_checkpoint(state, path)
+    assert_runs_code(path.read_bytes(), marker)
+    refusal = ("carries no checksum header" if header == "no checksum"
+               else r"holds more than tensors and plain data \(.*\): reading it could run code, so it is refused")
+    with pytest.raises(TrainingError, match=rf"^{re.escape(str(path))}: {refusal}.*not resumed and not overwritten; "
+                                            rf"delete it to start this run over: rm -r {re.escape(str(tmp_path))}$"):
+        trainer_for(setup, "s-dht", checkpoint_dir=tmp_path).load_checkpoint()
+    assert not marker.exists()
 
 
 def test_non_finite_loss_stops_with_the_step_and_batch(setup, monkeypatch):
@@ -193,9 +215,9 @@ def test_non_finite_loss_stops_with_the_step_and_batch(setup, monkeypatch):
     calls = {"n": 0}
     original = trainer.model.classify
 
-    def poisoned(hidden, key_keep=None):
+    def poisoned(hidden, key_keep=None, depth=None):
         calls["n"] += 1
-        logits = original(hidden, key_keep)
+        logits = original(hidden, key_keep, depth)
         return logits * float("nan") if calls["n"] == 3 else logits
 
     monkeypatch.setattr(trainer.model, "classify", poisoned)
@@ -273,6 +295,7 @@ def test_save_and_load_a_trained_model(setup, tmp_path):
     trainer.fit(progress_bar=False)
     save_trained(tmp_path, trainer.model, trainer.policy, "t-dht", trainer.cfg, {"classes": ["a", "b", "c"]})
     save_file(feats, str(tmp_path / "arm_features.safetensors"))
+    write_manifest(tmp_path)  # as the train stage does, last
     loaded, policy, info = load_trained(tmp_path, torch.device("cpu"))
     assert info["mode_name"] == "t-dht" and info["classes"] == ["a", "b", "c"]
     a = predict(trainer.model, trainer.policy, test, torch.device("cpu"), 16, SEQ)

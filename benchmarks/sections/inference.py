@@ -66,9 +66,8 @@ def load_models(root: Path, dataset: str, names: list[str], cfg: Config, data: D
                 batch: int, seq_len: int) -> tuple[dict[str, Loaded], dict[str, str]]:
     """The models found (name -> Loaded) and the ones that cannot be used (name -> why); with several training
     seeds, the first seed's."""
-    from dht.baselines.distil import predict_student
-    from dht.baselines.fastbert import FastBERT, predict_fastbert
-    from dht.baselines.nas_prune import PrunedBert, predict_pruned
+    from dht.baselines import BASELINE_FILE
+    from dht.baselines.saved import SavedBaseline, load_baseline
 
     greedy = cfg.dht.inference == "greedy"
     reference = cfg.run.reference  # FastBERT's backbone: the baselines' teacher
@@ -100,54 +99,24 @@ def load_models(root: Path, dataset: str, names: list[str], cfg: Config, data: D
             loaded[name] = Loaded(name, "dht", run_dht, model, policy)
             continue
         try:
-            kind, value = parse_baseline(name)
+            kind, _ = parse_baseline(name)
         except ValueError as err:
             unusable[name] = str(err)
             continue
-        if not (directory / "baseline.json").is_file():  # written last by the baseline stage: a complete model
-            unusable[name] = f"not trained ({directory} has no baseline.json)"
+        if not (directory / BASELINE_FILE).is_file():  # written last by the baseline stage: a complete model
+            unusable[name] = f"not trained ({directory} has no {BASELINE_FILE})"
             continue
-        if kind == "distil":
-            student = DHTForSequenceClassification.from_pretrained(directory).to(device).eval()
-            c = student.config
-            why = data.problem(str(directory), c.vocab_size, c.max_position_embeddings, c.num_labels)
+        if kind == "fastbert" and reference not in loaded:
+            unusable[name] = f"FastBERT's backbone is {reference}, which is not usable"
+            continue
+        # checked against its checksums first; FastBERT's students on the reference loaded above
+        saved = load_baseline(directory, device, teacher=loaded[reference].model if kind == "fastbert" else None)
+        why = data.problem(str(directory), saved.vocab_size, saved.max_positions, saved.num_labels)
 
-            def run_distil(split: SplitData, m: Any = student) -> Predictions:
-                return predict_student(m, split, device, batch, seq_len)
+        def run_baseline(split: SplitData, s: SavedBaseline = saved) -> Predictions:
+            return s.predict(split, batch, seq_len)
 
-            entry = Loaded(name, kind, run_distil, student)
-        elif kind == "fastbert":
-            if reference not in loaded:
-                unusable[name] = f"FastBERT's backbone is {reference}, which is not usable"
-                continue
-            fastbert = FastBERT.load(directory, loaded[reference].model)
-            why = None  # the backbone was checked as 12-VaBERT
-
-            def run_fastbert(split: SplitData, m: Any = fastbert, speed: float = value) -> Predictions:
-                return predict_fastbert(m, split, speed, device, batch, seq_len)
-
-            entry = Loaded(name, kind, run_fastbert, fastbert)
-        elif kind == "flexibert":
-            from dht.flexibert import FlexiBertForSequenceClassification
-            from dht.flexibert.search_stage import predictions as predict_flexibert
-
-            flexi = FlexiBertForSequenceClassification.from_pretrained(directory, device=device)
-            c = flexi.config
-            why = data.problem(str(directory), c.vocab_size, c.max_len, c.num_labels)
-
-            def run_flexi(split: SplitData, m: Any = flexi) -> Predictions:
-                return predict_flexibert(m, split, batch, seq_len, device)
-
-            entry = Loaded(name, kind, run_flexi, flexi)
-        else:
-            pruned = PrunedBert.load(directory, device)
-            a = pruned.arch
-            why = data.problem(str(directory), a.vocab_size, a.max_position_embeddings, a.num_labels)
-
-            def run_pruned(split: SplitData, m: Any = pruned) -> Predictions:
-                return predict_pruned(m, split, device, batch, seq_len)
-
-            entry = Loaded(name, kind, run_pruned, pruned)
+        entry = Loaded(name, kind, run_baseline, saved.model)
         if why:
             unusable[name] = why
         else:

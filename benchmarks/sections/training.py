@@ -85,7 +85,7 @@ def training_section(cfg: Config, args: argparse.Namespace, root: Path, device: 
         return Section(title, f"Skipped: {why}.", [f"training not measured: {why}"])
     q = cfg.train.batch_size
     data = DataInfo.load(processed, "train")
-    init = DHTForSequenceClassification.from_pretrained(features / "init_model").to(device)
+    init = DHTForSequenceClassification.from_pretrained(features / "init_model", use_safetensors=True).to(device)
     c = init.config
     why = data.problem(str(features / "init_model"), c.vocab_size, c.max_position_embeddings, c.num_labels)
     if why:

@@ -12,6 +12,7 @@ the keys from here) is its kind's module and not the others'. Shared by the kind
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
@@ -34,6 +35,7 @@ class Baseline:
     kind: str
     section: str
     module: str
+    title: str  # what it is, in words (dht predict says it of a baseline's model directory)
     starts_from_reference: bool
     also_reads: tuple[str, ...] = ()
 
@@ -45,13 +47,21 @@ class Baseline:
 
 KINDS: dict[str, Baseline] = {b.kind: b for b in (
     # A student of the reference's layers; FastBERT's students on the reference's backbone; a supernet of it.
-    Baseline("distil", "distil", "dht.baselines.distil", starts_from_reference=True),
-    Baseline("fastbert", "fastbert", "dht.baselines.fastbert", starts_from_reference=True),
-    Baseline("nas-prune", "nas_prune", "dht.baselines.nas_prune", starts_from_reference=True),
+    Baseline("distil", "distil", "dht.baselines.distil", "a DistilBERT student of the reference",
+             starts_from_reference=True),
+    Baseline("fastbert", "fastbert", "dht.baselines.fastbert", "FastBERT: the reference with early-exit students",
+             starts_from_reference=True),
+    Baseline("nas-prune", "nas_prune", "dht.baselines.nas_prune", "the reference pruned by differentiable NAS",
+             starts_from_reference=True),
     # Searched and retrained from scratch (the reference only sets the FLOP budget); its search is its own cost.
     # The retrained architecture's dropout is the model section's.
-    Baseline("flexibert", "flexibert", "dht.baselines.flexibert", starts_from_reference=False, also_reads=("model",)),
+    Baseline("flexibert", "flexibert", "dht.baselines.flexibert", "the best FlexiBERT architecture within a FLOP budget",
+             starts_from_reference=False, also_reads=("model",)),
 )}
+
+
+# A baseline's model directory's description, written last before its checksums (:func:`finish_model_dir`).
+BASELINE_FILE = "baseline.json"
 
 
 class BaselineError(Exception):
@@ -66,7 +76,7 @@ class BaselineJob:
     cfg: Config
     teacher: DHTForSequenceClassification  # the trained reference (run.reference), in eval mode on `device`
     train: SplitData
-    test: SplitData
+    val: SplitData  # the validation split (empty without one): FlexiBERT's retraining reports its accuracy on it
     meta: dict[str, Any]  # the processed dataset's meta.json
     device: torch.device
     out_model: Path  # the model directory to write (absent)
@@ -88,11 +98,13 @@ class BaselineJob:
 
 @dataclass
 class BaselineRun:
-    """What building a baseline gave: its predictions on the test split, what its own training cost (FLOPs, full
-    convention; the passes over the training split, `epochs`, as :func:`dht.results.training_budget` counts
-    them), its training loss per epoch, and parameters for the MLflow run beyond the job's."""
+    """What building a baseline gave: its inference (a split's predictions, with the baseline's own inference rule:
+    FastBERT's exits, a pruned model's heads; the stage runs it on the test and the validation split), what its own
+    training cost (FLOPs, full convention; the passes over the training split, `epochs`, as
+    :func:`dht.results.training_budget` counts them), its training loss per epoch, and parameters for the MLflow
+    run beyond the job's."""
 
-    predictions: Predictions
+    predict: Callable[[SplitData], Predictions]
     train_flops: float
     epochs: float
     history: list[float]
@@ -123,6 +135,29 @@ def load_reference(cfg: Config, dataset: str, directory: Path, device: torch.dev
     return teacher.to(device).eval()
 
 
+def finish_model_dir(out_model: Path, tokenizer: Path, info: dict[str, Any], teacher: Path) -> None:
+    """Complete a baseline's model directory once its kind has saved the model there: the dataset's tokenizer,
+    :data:`BASELINE_FILE` (``info``: model_name, dataset, classes, max_length, results, history; plus the kind and
+    value, where the teacher is relative to the directory and the SHA-256 of its weights, by which FastBERT's
+    students find their backbone) and last the checksums of every file (:mod:`dht.integrity`).
+    :func:`dht.baselines.saved.load_baseline` reads it back."""
+    import json
+    import os
+    import shutil
+
+    from dht.config import parse_baseline
+    from dht.integrity import write_manifest
+    from dht.pretrained import sha256_file
+
+    shutil.copytree(tokenizer, out_model / "tokenizer", dirs_exist_ok=True)
+    kind, value = parse_baseline(info["model_name"])
+    described = {**info, "kind": kind, "value": value,
+                 "teacher": {"path": os.path.relpath(teacher, out_model),
+                             "sha256": sha256_file(teacher / "model.safetensors")}}
+    (out_model / BASELINE_FILE).write_text(json.dumps(described, indent=2) + "\n")
+    write_manifest(out_model)
+
+
 def run_params(cfg: Config, dataset: str, name: str, device: torch.device) -> dict[str, Any]:
     """The MLflow params of a baseline run: what it is, and the params.yaml sections it reads."""
     from dht.config import parse_baseline
@@ -135,6 +170,7 @@ def run_params(cfg: Config, dataset: str, name: str, device: torch.device) -> di
 
 
 def run_baseline(kind: str, value: float, job: BaselineJob) -> BaselineRun:
-    """Build the baseline ``<kind>-<value>`` (``parse_baseline``'s pair): train it, write it to ``job.out_model``
-    and predict ``job.test``. Raises :class:`BaselineError` when its inputs cannot give one."""
+    """Build the baseline ``<kind>-<value>`` (``parse_baseline``'s pair): train it on ``job.train`` and write it to
+    ``job.out_model``; the result's ``predict`` runs it on a split. Raises :class:`BaselineError` when its inputs
+    cannot give one."""
     return import_module(KINDS[kind].module).run(value, job)

@@ -35,12 +35,15 @@ def student_from_teacher(teacher: DHTForSequenceClassification, k: int) -> DHTFo
     """A k-layer copy of the teacher (its width, embeddings, pooler and classifier; the chosen layers)."""
     picked = student_layers(teacher.config.num_hidden_layers, k)
     fields = teacher.config.to_dict()
-    fields.update(num_hidden_layers=k, fixed_layers=min(teacher.config.fixed_layers, k))
+    # exit_heads shared: a student is read at its full depth alone (a per-depth teacher's other heads stay behind)
+    fields.update(num_hidden_layers=k, fixed_layers=min(teacher.config.fixed_layers, k), exit_heads="shared")
     for key in ("model_type", "transformers_version", "architectures"):
         fields.pop(key, None)
     student = DHTForSequenceClassification(DHTConfig(**fields))
     state = {}
     for name, tensor in teacher.state_dict().items():
+        if name.startswith("exit_heads."):
+            continue
         if name.startswith("bert.encoder.layer."):
             index = int(name.split(".")[3])
             if index in picked:
@@ -124,12 +127,12 @@ def predict_student(model: DHTForSequenceClassification, data: SplitData, device
 
 def run(layers: float, job: BaselineJob) -> BaselineRun:
     """The ``distil-<layers>`` baseline (:func:`dht.baselines.run_baseline`): a student of ``layers`` of the
-    teacher's layers, distilled, written to ``job.out_model`` and run on the test split."""
+    teacher's layers, distilled and written to ``job.out_model``; it predicts with every layer it has."""
     c = job.cfg.baselines.distil
     model = student_from_teacher(job.teacher, int(layers))
     info = distill(model, job.teacher, job.train, epochs=c.epochs, lr=c.learning_rate, temperature=c.temperature,
                    alpha_kd=c.alpha_kd, alpha_ce=c.alpha_ce, alpha_cos=c.alpha_cos,
                    batch_size=job.cfg.train.batch_size, device=job.device, seed=job.cfg.seed, seq_len=job.seq_len)
-    pred = predict_student(model, job.test, job.device, job.cfg.train.eval_batch_size, job.seq_len)
     model.save_pretrained(job.out_model)
-    return BaselineRun(pred, info["train_flops"], c.epochs, info["loss_per_epoch"])
+    return BaselineRun(lambda data: predict_student(model, data, job.device, job.cfg.train.eval_batch_size, job.seq_len),
+                       info["train_flops"], c.epochs, info["loss_per_epoch"])

@@ -1,6 +1,6 @@
-"""The ``flexibert-<ratio>`` baseline: the most accurate architecture the dataset's FlexiBERT search
-(``flexibert_search`` stage, :mod:`dht.flexibert.search_stage`) found within ``ratio`` of the teacher's FLOPs,
-retrained on the whole training split (docs/baselines-flexibert.md)."""
+"""The ``flexibert-<ratio>`` baseline: the architecture the dataset's FlexiBERT search (``flexibert_search`` stage,
+:mod:`dht.flexibert.search_stage`) found most accurate on the validation split within ``ratio`` of the teacher's
+FLOPs, retrained on the training split (docs/baselines-flexibert.md)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ def _arrays(data: SplitData) -> dict[str, np.ndarray]:
 
 
 def run(ratio: float, job: BaselineJob) -> BaselineRun:
-    """Choose, retrain, write to ``job.out_model`` and run on the test split (:func:`dht.baselines.run_baseline`).
-    The search's training counts in its training FLOPs and epochs, as NAS pruning's does: it is what finding the
-    architecture cost."""
+    """Choose, retrain and write to ``job.out_model`` (:func:`dht.baselines.run_baseline`). The search's training
+    counts in its training FLOPs and epochs, as NAS pruning's does: it is what finding the architecture cost."""
     if job.search is None:
         raise BaselineError("flexibert baselines need --search (the flexibert_search stage's output directory)")
     trace = json.loads((job.search / "trace.json").read_text())["queries"]
@@ -30,10 +29,10 @@ def run(ratio: float, job: BaselineJob) -> BaselineRun:
         arch = choose(trace, ratio)
     except ValueError as err:
         raise BaselineError(str(err)) from None
-    model, info = retrain(job.cfg, arch, _arrays(job.train), _arrays(job.test), job.meta, job.device)
-    pred = predictions(model, job.test, job.cfg.train.eval_batch_size, job.seq_len, job.device)
+    model, info = retrain(job.cfg, arch, _arrays(job.train), _arrays(job.val), job.meta, job.device)
     model.save_pretrained(job.out_model)
     # The search's trainings (on part of the split, a few steps each) as passes over the split, then the retraining.
     epochs = sum(e["train_samples"] for e in trace) / len(job.train) + job.cfg.baselines.flexibert.epochs
-    return BaselineRun(pred, search_train_flops(trace) + info["train_flops"], epochs, [info["train_loss"]],
+    return BaselineRun(lambda data: predictions(model, data, job.cfg.train.eval_batch_size, job.seq_len, job.device),
+                       search_train_flops(trace) + info["train_flops"], epochs, [info["train_loss"]],
                        params={"arch_id": arch.id})

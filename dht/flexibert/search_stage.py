@@ -1,11 +1,12 @@
 """FlexiBERT in the pipeline: the per-dataset BOSHNAS search and the retraining of the best architecture under a
 FLOP budget, as the `flexibert_search` stage and the `baseline` stage's `flexibert-<ratio>` models use them.
 
-The search (:func:`run_search`) holds out ``val_fraction`` of the *training* split (seeded; the test split is
-never seen), then runs BOSHNAS once per FLOP budget of ``run.baselines`` (ascending), each over the candidates
-within that budget that were not queried yet, with ``evaluations`` split evenly between the budgets. An
+The search (:func:`run_search`) trains each queried architecture on the training split and scores it on the
+pipeline's validation split (``data.val_fraction``, held out of the training split by the data stage; the test
+split is never seen), running BOSHNAS once per FLOP budget of ``run.baselines`` (ascending), each over the
+candidates within that budget that were not queried yet, with ``evaluations`` split evenly between the budgets. An
 architecture found for a smaller budget also counts for the larger ones. :func:`choose` then takes the most
-accurate queried architecture within a budget, which :func:`retrain` trains on the whole training split (from
+accurate queried architecture within a budget, which :func:`retrain` trains on the training split (from
 scratch: FlexiBERT fine-tunes a pre-trained model, which this project's scale does not have; see
 docs/baselines-flexibert.md) and :func:`predictions` evaluates in the pipeline's :class:`dht.evaluation.Predictions`
 format, so Table 2 compares it with every other model on the same terms.
@@ -52,15 +53,6 @@ def space_of(cfg: Config) -> SpaceConfig:
                        ffn_widths=tuple(f.ffn_widths), ffn_depths=tuple(f.ffn_depths), ops=tuple(f.ops))
 
 
-def hold_out(train: Arrays, fraction: float, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(search-train, validation) rows of the training split, a seeded random partition."""
-    n = len(train["label"])
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, round(n * fraction))
-    val, rest = np.sort(order[:n_val]), np.sort(order[n_val:])
-    return {k: np.asarray(v)[rest] for k, v in train.items()}, {k: np.asarray(v)[val] for k, v in train.items()}
-
-
 def _train_kwargs(cfg: Config, meta: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
     f = cfg.baselines.flexibert
     return {"lr": f.learning_rate, "batch_size": cfg.train.batch_size, "seed": cfg.seed,
@@ -69,20 +61,23 @@ def _train_kwargs(cfg: Config, meta: Mapping[str, Any], device: torch.device | s
             "eval_batch_size": cfg.train.eval_batch_size, "device": device}
 
 
-def run_search(cfg: Config, train: Arrays, meta: Mapping[str, Any], reference: Any,
+def run_search(cfg: Config, train: Arrays, val: Arrays, meta: Mapping[str, Any], reference: Any,
                device: torch.device | str = "cpu",
                on_query: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """BOSHNAS over the profile's design space, per FLOP budget; the trace (one entry per trained architecture,
-    with its validation accuracy, FLOPs, FLOP ratio to ``reference``, the surrogate's prediction and
-    uncertainties, the budget it was searched for, and its training steps)."""
+    """BOSHNAS over the profile's design space, per FLOP budget, each query trained on `train` and scored on
+    `val` (the validation split); the trace (one entry per trained architecture, with its validation accuracy,
+    FLOPs, FLOP ratio to ``reference``, the surrogate's prediction and uncertainties, the budget it was searched
+    for, and its training steps)."""
     f = cfg.baselines.flexibert
     wanted = budgets(cfg)
     if not wanted:
         raise ValueError("run.baselines has no flexibert-<ratio>: nothing to search for")
-    search_train, val = hold_out(train, f.val_fraction, cfg.seed)
-    n_search = len(search_train["label"])
+    if len(val["label"]) == 0:
+        raise ValueError("the validation split is empty (data.val_fraction = 0): the search scores its queries on "
+                         "it; set data.val_fraction above 0")
+    n_search = len(train["label"])
     kwargs = _train_kwargs(cfg, meta, device)
-    evaluator = TrainingEvaluator(search_train, val, epochs=f.search_epochs, max_steps=f.search_max_steps, **kwargs)
+    evaluator = TrainingEvaluator(train, val, epochs=f.search_epochs, max_steps=f.search_max_steps, **kwargs)
     seq_len, num_labels = int(meta["max_length"]), int(meta["num_labels"])
     space = space_of(cfg)
     rng = np.random.default_rng(cfg.seed)
@@ -124,21 +119,23 @@ def choose(trace: list[Mapping[str, Any]], ratio: float) -> Architecture:
     return Architecture.from_dict(best["arch"])
 
 
-def retrain(cfg: Config, arch: Architecture, train: Arrays, test: Arrays, meta: Mapping[str, Any],
+def retrain(cfg: Config, arch: Architecture, train: Arrays, val: Arrays, meta: Mapping[str, Any],
             device: torch.device | str = "cpu") -> tuple[FlexiBertForSequenceClassification, dict[str, Any]]:
-    """Train ``arch`` on the whole training split for ``baselines.flexibert.epochs``; (model, what it cost)."""
+    """Train ``arch`` on the training split for ``baselines.flexibert.epochs``; (model, what it cost and its
+    ``val_accuracy`` on `val`, the validation split, NaN when empty)."""
     kwargs = _train_kwargs(cfg, meta, device)
-    result = train_and_evaluate(arch, train, test, epochs=cfg.baselines.flexibert.epochs, **kwargs)
+    result = train_and_evaluate(arch, train, val, epochs=cfg.baselines.flexibert.epochs, **kwargs)
     seq_len = int(meta["max_length"])
     # every sample once per epoch (the last batch of an epoch may be short, so steps x batch would overcount)
     samples = cfg.baselines.flexibert.epochs * len(train["label"])
     flops = 3 * model_flops(arch, seq_len, int(meta["num_labels"])) * samples
-    return result.model, {"train_flops": float(flops), "train_loss": result.train_loss, "steps": result.steps}
+    return result.model, {"train_flops": float(flops), "train_loss": result.train_loss, "steps": result.steps,
+                          "val_accuracy": result.accuracy}
 
 
 def predictions(model: FlexiBertForSequenceClassification, data: SplitData, batch_size: int, seq_len: int,
                 device: torch.device | str = "cpu") -> Predictions:
-    """Test-split predictions in the pipeline's format: one static architecture for every sample, its FLOPs
+    """A split's predictions in the pipeline's format: one static architecture for every sample, its FLOPs
     at the padded length (as :func:`dht.policy.predict` counts), heads per layer (1 for DFT/DCT mixing)."""
     arch: Architecture = model.config.arch
     split = {"input_ids": data.input_ids.numpy(), "attention_mask": data.attention_mask.numpy()}
@@ -171,7 +168,7 @@ def search_figure(trace: list[Mapping[str, Any]], budget_ratios: list[float], ou
         ax.axvline(b, color="grey", linewidth=0.8, linestyle=":")
         ax.text(b, ax.get_ylim()[1], f" {b:g}x", va="top", fontsize=8, color="grey")
     ax.set_xlabel("inference FLOPs relative to 12-VaBERT")
-    ax.set_ylabel("validation accuracy (held-out training samples)")
+    ax.set_ylabel("validation accuracy (the validation split)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")

@@ -25,5 +25,5 @@ rule arm_features:
     resources:
         gpu=GPU,
     shell:
-        "python workflow/scripts/arm_features.py --profile {PROFILE} --dataset {wildcards.dataset}"
-        " --processed {params.processed} --out {params.out} --threads {threads} --log {log}"
+        "python workflow/scripts/arm_features.py --profile {PROFILE:q} --dataset {wildcards.dataset:q}"
+        " --processed {params.processed:q} --out {params.out:q} --threads {threads:q} --log {log:q}"

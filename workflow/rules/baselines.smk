@@ -29,14 +29,16 @@ def search_input(wildcards):
 
 
 def search_arg(wildcards, input):
-    """--search <the folder of the search's trace> for a flexibert-<ratio> baseline."""
-    return f"--search {os.path.dirname(input.search)}" if "search" in input.keys() else ""
+    """--search <the folder of the search's trace> for a flexibert-<ratio> baseline: two arguments, which the
+    command quotes one by one ({params.search:q}), or none."""
+    return ["--search", os.path.dirname(input.search)] if "search" in input.keys() else []
 
 
 rule flexibert_search:
     input:
         code=code("flexibert_search.py"),
         train="data/processed/{dataset}/train.parquet",
+        val="data/processed/{dataset}/val.parquet",  # scores each query; never trained on
         meta="data/processed/{dataset}/meta.json",
         # The reference's architecture as built (the FLOP ratios' 1.00x), not the `model:` section, which need not
         # describe a checkpoint named by model.init.
@@ -54,9 +56,9 @@ rule flexibert_search:
     resources:
         gpu=GPU,
     shell:
-        "python workflow/scripts/flexibert_search.py --profile {PROFILE} --dataset {wildcards.dataset}"
-        " --processed {params.processed} --init-model {input.init_model} --out {params.out} --threads {threads}"
-        " --log {log}"
+        "python workflow/scripts/flexibert_search.py --profile {PROFILE:q} --dataset {wildcards.dataset:q}"
+        " --processed {params.processed:q} --init-model {input.init_model:q} --out {params.out:q}"
+        " --threads {threads:q} --log {log:q}"
 
 
 rule baseline:
@@ -64,6 +66,7 @@ rule baseline:
         unpack(search_input),  # positional, so first
         code=baseline_code,
         train="data/processed/{dataset}/train.parquet",
+        val="data/processed/{dataset}/val.parquet",  # val_accuracy in metrics.json; never trained on
         test="data/processed/{dataset}/test.parquet",
         meta="data/processed/{dataset}/meta.json",
         # the reference trained with the same seed, and its metrics (what training it cost: a baseline built
@@ -88,7 +91,7 @@ rule baseline:
     resources:
         gpu=GPU,
     shell:
-        "python workflow/scripts/baseline.py --profile {PROFILE} --dataset {wildcards.dataset}"
-        " --model {wildcards.baseline} --seed {params.seed} --processed {params.processed}"
-        " --teacher {input.teacher} --teacher-metrics {input.teacher_metrics} --results {params.results} --out-model {output.model} --threads {threads}"
-        " --log {log} {params.search}"
+        "python workflow/scripts/baseline.py --profile {PROFILE:q} --dataset {wildcards.dataset:q}"
+        " --model {wildcards.baseline:q} --seed {params.seed:q} --processed {params.processed:q}"
+        " --teacher {input.teacher:q} --teacher-metrics {input.teacher_metrics:q} --results {params.results:q}"
+        " --out-model {output.model:q} --threads {threads:q} --log {log:q} {params.search:q}"

@@ -28,5 +28,5 @@ rule compare:
     log:
         "logs/compare/{dataset}.log",
     shell:
-        "python workflow/scripts/compare.py --profile {PROFILE} --dataset {wildcards.dataset} --out {output}"
-        " --log {log}"
+        "python workflow/scripts/compare.py --profile {PROFILE:q} --dataset {wildcards.dataset:q} --out {output:q}"
+        " --log {log:q}"

@@ -29,7 +29,7 @@ rule table1:
     log:
         "logs/report/table1.log",
     shell:
-        "python workflow/scripts/report.py --profile {PROFILE} --report table1 --out {output} --log {log}"
+        "python workflow/scripts/report.py --profile {PROFILE:q} --report table1 --out {output:q} --log {log:q}"
 
 
 rule table2:
@@ -44,7 +44,7 @@ rule table2:
     log:
         "logs/report/table2.log",
     shell:
-        "python workflow/scripts/report.py --profile {PROFILE} --report table2 --out {output} --log {log}"
+        "python workflow/scripts/report.py --profile {PROFILE:q} --report table2 --out {output:q} --log {log:q}"
 
 
 rule figures:
@@ -62,7 +62,7 @@ rule figures:
     log:
         "logs/report/figures.log",
     shell:
-        "python workflow/scripts/figures.py --profile {PROFILE} --out-dir {params.out} --log {log}"
+        "python workflow/scripts/figures.py --profile {PROFILE:q} --out-dir {params.out:q} --log {log:q}"
 
 
 rule index:
@@ -79,4 +79,4 @@ rule index:
     log:
         "logs/report/index.log",
     shell:
-        "python workflow/scripts/report.py --profile {PROFILE} --report index --out {output} --log {log}"
+        "python workflow/scripts/report.py --profile {PROFILE:q} --report index --out {output:q} --log {log:q}"

@@ -1,11 +1,15 @@
 # DHT training per mode and dataset (Algorithms 2-3), evaluated with the inference policy. The fixed modes (the
 # reference, the shallow control) are the same trainer with one arm.
 
+from dht.results import run_subdir
+
 MODELS = CFG.run.models
 # train.distributed.nproc_per_node > 1: one model trained by N processes under torchrun (DDP, docs/distributed.md),
 # one GPU each on a CUDA profile; `--standalone` rendezvouses on a free local port, so jobs on one node do not clash.
+# dht.launch is torchrun with a `--` before the script (else torchrun reads the script's `--log` as its own option)
+# and a failed rank named in the job's log.
 NPROC = CFG.train.distributed.nproc_per_node
-TRAIN_LAUNCH = "python" if NPROC == 1 else f"python -m torch.distributed.run --standalone --nproc-per-node {NPROC}"
+TRAIN_LAUNCH = "python" if NPROC == 1 else f"python -m dht.launch --standalone --nproc-per-node {NPROC} --"
 
 
 wildcard_constraints:
@@ -18,10 +22,21 @@ def mode_keys(wildcards):
     return tracked_params(CFG, run_param_keys(CFG, wildcards.model))
 
 
+def reference_input(wildcards):
+    """A mode with init: reference (docs/training.md T30) starts from the trained reference of its dataset and seed
+    (dht.trainer.initial_model reads both): Snakemake trains the reference first, and reruns the mode when it does."""
+    if CFG.dht.modes[wildcards.model].init != "reference":
+        return {}
+    run = run_subdir(CFG, wildcards.dataset, CFG.run.reference, seed_of(wildcards))
+    return {"reference": f"models/{run}", "reference_metrics": f"results/{run}/metrics.json"}
+
+
 rule train:
     input:
+        unpack(reference_input),  # positional, so first
         code=code("train.py"),
         train="data/processed/{dataset}/train.parquet",
+        val="data/processed/{dataset}/val.parquet",  # val_accuracy in metrics.json; never trained on
         test="data/processed/{dataset}/test.parquet",
         meta="data/processed/{dataset}/meta.json",
         features="data/features/{dataset}/arm_features.safetensors",
@@ -45,6 +60,7 @@ rule train:
     resources:
         gpu=GPU * NPROC,
     shell:
-        TRAIN_LAUNCH + " workflow/scripts/train.py --profile {PROFILE} --dataset {wildcards.dataset}"
-        " --model {wildcards.model} --seed {params.seed} --processed {params.processed} --features {params.features}"
-        " --results {params.results} --out-model {output.model} --threads {threads} --log {log}"
+        TRAIN_LAUNCH + " workflow/scripts/train.py --profile {PROFILE:q} --dataset {wildcards.dataset:q}"
+        " --model {wildcards.model:q} --seed {params.seed:q} --processed {params.processed:q}"
+        " --features {params.features:q} --results {params.results:q} --out-model {output.model:q}"
+        " --threads {threads:q} --log {log:q}"

@@ -115,6 +115,12 @@ def stop_cleanly(what: str) -> None:
     sys.excepthook = hook
 
 
+def params_dir(args: argparse.Namespace) -> Path:
+    """The folder of the params file (``--params``): where a `csv` dataset's relative `path` starts, as in
+    validation (:meth:`dht.config.CsvDatasetSpec.folder`), wherever the stage is started from."""
+    return Path(args.params).parent
+
+
 def root() -> Path:
     """Stages run from the project root (Snakemake and DVC both start them there); paths stay relative so
     messages show them as params.yaml writes them."""

@@ -1,9 +1,10 @@
 """Stage `baseline`: one baseline of Table 2 built from the trained reference (run.reference) on one dataset:
 distil-<layers> (DistilBERT, BL2), fastbert-<speed> (FastBERT, BL3), nas-prune-<ratio> (differentiable NAS
 pruning) or flexibert-<ratio> (the best FlexiBERT architecture of the dataset's search within that FLOP ratio,
-retrained), each built by its module through dht.baselines.run_baseline. Writes results/<dataset>/<model>/
-metrics.json (the DHT runs' schema; a baseline built from the reference is charged the reference's training
-too, read from its metrics.json), predictions.csv and models/<dataset>/<model>/."""
+retrained), each built by its module through dht.baselines.run_baseline and run on the test and the validation
+split. Writes results/<dataset>/<model>/ metrics.json (the DHT runs' schema, val_accuracy included; a baseline
+built from the reference is charged the reference's training too, read from its metrics.json), predictions.csv
+(test split) and models/<dataset>/<model>/."""
 
 import json
 import shutil
@@ -13,10 +14,17 @@ from pathlib import Path
 
 import _stage
 
-from dht.baselines import KINDS, BaselineError, BaselineJob, load_reference, run_baseline, run_params
+from dht.baselines import (
+    KINDS,
+    BaselineError,
+    BaselineJob,
+    finish_model_dir,
+    load_reference,
+    run_baseline,
+    run_params,
+)
 from dht.config import parse_baseline
 from dht.evaluation import SplitData, accuracy_text
-from dht.integrity import write_manifest
 from dht.results import baseline_metrics, read_start, run_name, run_subdir, write_results
 from dht.tokenization import load_processed
 from dht.tracking import log_run_metrics, stage_run
@@ -65,11 +73,12 @@ if KINDS[kind].starts_from_reference:  # read before training: a file without th
 processed = Path(args.processed)
 meta = json.loads((processed / "meta.json").read_text())
 train = SplitData.from_arrays(load_processed(processed, "train"))
+val = SplitData.from_arrays(load_processed(processed, "val"))  # evaluated for metrics.json only, never trained on
 test = SplitData.from_arrays(load_processed(processed, "test"))
 out_model = Path(args.out_model)
 if out_model.exists():
     shutil.rmtree(out_model)
-job = BaselineJob(cfg, teacher, train, test, meta, device, out_model, Path(args.search) if args.search else None)
+job = BaselineJob(cfg, teacher, train, val, meta, device, out_model, Path(args.search) if args.search else None)
 
 with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baseline", profile=cfg.profile,
                params=run_params(cfg, args.dataset, args.model, device), prefix=cfg.tracking.experiment_prefix):
@@ -80,17 +89,19 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baselin
         built = run_baseline(kind, value, job)
     except BaselineError as err:
         sys.exit(f"error: {err}")
+    predictions = built.predict(test)
     seconds = time.perf_counter() - start
+    val_predictions = built.predict(val) if len(val) else None  # the same inference, outside the timed build
     if built.params:
         mlflow.log_params(built.params)
-    metrics = baseline_metrics(built.predictions, test, teacher.config, meta, built.train_flops,
-                               job.reference_train_flops, seconds, built.epochs, reference_metrics)
-    write_results(args.results, metrics, built.predictions, test)
-    shutil.copytree(processed / "tokenizer", out_model / "tokenizer", dirs_exist_ok=True)
-    (out_model / "baseline.json").write_text(json.dumps({"model_name": args.model, "kind": kind, "value": value,
-                                                          "dataset": args.dataset, "classes": meta["classes"],
-                                                          "history": built.history}, indent=2) + "\n")
-    write_manifest(out_model)  # last: checksums of every file (dht.integrity)
+    metrics = baseline_metrics(predictions, test, teacher.config, meta, built.train_flops,
+                               job.reference_train_flops, seconds, built.epochs, reference_metrics,
+                               val=(val_predictions, val))
+    write_results(args.results, metrics, predictions, test)
+    # the tokenizer, baseline.json (where the teacher is, for FastBERT's students) and last the checksums
+    finish_model_dir(out_model, processed / "tokenizer", {
+        "model_name": args.model, "dataset": args.dataset, "classes": meta["classes"],
+        "max_length": meta["max_length"], "results": args.results, "history": built.history}, teacher_dir)
     for epoch, loss in enumerate(built.history or [], start=1):
         mlflow.log_metric("train_loss", float(loss), step=epoch)
     log_run_metrics(metrics)

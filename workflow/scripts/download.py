@@ -1,4 +1,5 @@
-"""Stage `download`: fetch, generate or read one dataset into data/raw/<dataset>/ (text, label, difficulty)."""
+"""Stage `download`: fetch, generate or read one dataset into data/raw/<dataset>/ (text, label, difficulty): the
+training split, the validation split held out of it (data.val_fraction), and the test split."""
 
 import sys
 
@@ -13,9 +14,10 @@ args = p.parse_args()
 cfg = _stage.config(args)
 
 try:
-    ds = load_text_dataset(cfg.dataset(args.dataset), seed=cfg.seed, root=_stage.root())
+    ds = load_text_dataset(cfg.dataset(args.dataset), seed=cfg.seed, val_fraction=cfg.data.val_fraction,
+                           params_dir=_stage.params_dir(args))
 except (DatasetError, ValueError) as err:
     sys.exit(f"error: dataset '{args.dataset}': {err}")
 meta = write_raw(ds, args.out, args.dataset)
-print(f"download {args.dataset}: {meta['n_train']} train / {meta['n_test']} test, {meta['num_labels']} classes "
-      f"({meta['source']}) -> {args.out}")
+print(f"download {args.dataset}: {meta['n_train']} train / {meta['n_val']} val / {meta['n_test']} test, "
+      f"{meta['num_labels']} classes ({meta['source']}) -> {args.out}")

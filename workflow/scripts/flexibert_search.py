@@ -1,6 +1,6 @@
 """Stage `flexibert_search`: BOSHNAS over FlexiBERT's heterogeneous design space on one dataset, for every
 `flexibert-<ratio>` FLOP budget of run.baselines (docs/baselines-flexibert.md). Each queried architecture is
-trained briefly and scored on held-out training samples; writes the search trace and its figure to
+trained briefly on the training split and scored on the validation split; writes the search trace and its figure to
 results/<dataset>/flexibert-search/, and one nested MLflow run per query under the search's run."""
 
 import json
@@ -28,6 +28,7 @@ device, _ = _stage.runtime(args, cfg)
 processed, out = Path(args.processed), Path(args.out)
 meta = json.loads((processed / "meta.json").read_text())
 train = load_processed(processed, "train")
+val = load_processed(processed, "val")  # scores the queries (data.val_fraction); the test split is never read
 # 12-VaBERT's architecture as built from model.init (the FLOP ratios' 1.00x, the same reference the baseline
 # stage evaluates against); the `model:` section need not describe a checkpoint.
 reference = DHTConfig.from_pretrained(args.init_model)
@@ -53,12 +54,13 @@ with stage_run(args.dataset, "flexibert-search", stage="flexibert_search", profi
               f"{entry['arch_id']} -> accuracy {entry['accuracy']:.3f} at {entry['flop_ratio']:.2f}x", flush=True)
 
     try:
-        trace = run_search(cfg, train, meta, reference, device, on_query=log_query)
+        trace = run_search(cfg, train, val, meta, reference, device, on_query=log_query)
     except ValueError as err:
         sys.exit(f"error: {err}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "trace.json").write_text(json.dumps({"dataset": args.dataset, "budgets": budgets(cfg), "queries": trace},
-                                               indent=2) + "\n")
+    (out / "trace.json").write_text(json.dumps({"dataset": args.dataset, "budgets": budgets(cfg),
+                                                "n_train": len(train["label"]), "n_val": len(val["label"]),
+                                                "queries": trace}, indent=2) + "\n")
     figure = search_figure(trace, budgets(cfg), out / "search.png",
                            f"{args.dataset}: FlexiBERT architectures searched by BOSHNAS")
     best = max(trace, key=lambda e: e["accuracy"])

@@ -1,4 +1,5 @@
-"""Stage `tokenize`: tokenizer (trained WordPiece or pretrained) and padded ids in data/processed/<dataset>/."""
+"""Stage `tokenize`: tokenizer (trained WordPiece or pretrained; trained on the training split alone) and padded
+ids of the train, val and test splits in data/processed/<dataset>/."""
 
 import sys
 
@@ -27,9 +28,9 @@ with stage_run(args.dataset, "tokenize", stage="tokenize", profile=cfg.profile, 
     import mlflow
 
     meta = prepare(ds, cfg.tokenizer, spec.max_length, args.out, args.dataset)
-    for split, stats in meta["splits"].items():
-        mlflow.log_metrics({f"{split}.n": stats["n"], f"{split}.mean_tokens": stats["mean_tokens"],
-                            f"{split}.truncated_share": stats["truncated_share"]})
+    for split, stats in meta["splits"].items():  # an empty split (no validation split) has its size alone
+        mlflow.log_metrics({f"{split}.{key}": stats[key] for key in ("n", "mean_tokens", "truncated_share")
+                            if key in stats})
     mlflow.log_metric("vocab_size", meta["vocab_size"])
     mlflow.log_dict(meta, "meta.json")
 print(f"tokenize {args.dataset}: vocab {meta['vocab_size']}, max_length {meta['max_length']}, "

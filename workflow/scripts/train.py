@@ -1,6 +1,7 @@
 """Stage `train`: one DHT mode (or a fixed one: the reference, the shallow control) on one dataset: train
-(Algorithms 2-3), evaluate with the inference policy, write results/<dataset>/<model>/ (metrics.json,
-selections.json, loss.csv, predictions.csv) and models/<dataset>/<model>/. Resumes after a kill. Under torchrun
+(Algorithms 2-3), evaluate with the inference policy on the test split and the validation split (val_accuracy),
+write results/<dataset>/<model>/ (metrics.json, selections.json, loss.csv, predictions.csv of the test split) and
+models/<dataset>/<model>/. Resumes after a kill. Under torchrun
 (train.distributed.nproc_per_node > 1) every rank trains; rank 0 alone logs, evaluates and writes."""
 
 import json
@@ -13,12 +14,11 @@ import _stage
 from dht import distributed
 from dht.arm_features import load_arm_features
 from dht.evaluation import SplitData, accuracy_text
-from dht.model import DHTForSequenceClassification
 from dht.policy import predict
 from dht.results import run_name, run_subdir, training_metrics, write_results
 from dht.tokenization import load_processed
 from dht.tracking import TrainingLogger, log_run_metrics, stage_run
-from dht.trainer import Trainer, TrainingError, export_trained, fingerprint, run_params
+from dht.trainer import Trainer, TrainingError, export_trained, fingerprint, initial_model, run_params
 
 p = _stage.parser(__doc__)
 p.add_argument("--dataset", required=True)
@@ -49,11 +49,18 @@ if world is not None:
 processed, features = Path(args.processed), Path(args.features)
 meta = json.loads((processed / "meta.json").read_text())
 train = SplitData.from_arrays(load_processed(processed, "train"))
+val = SplitData.from_arrays(load_processed(processed, "val"))  # evaluated for metrics.json only, never trained on
 test = SplitData.from_arrays(load_processed(processed, "test"))
-model = DHTForSequenceClassification.from_pretrained(features / "init_model")
+try:  # dht.modes.<mode>.init (docs/training.md T30): the initial model, or the trained reference
+    model, reference = initial_model(cfg, args.model, args.dataset, features / "init_model")
+except TrainingError as err:
+    sys.exit(f"error: {err}")
+if reference is not None and (world is None or world.is_main):
+    print(f"train {args.dataset}/{args.model}: starting from the trained reference in {reference.model_dir}")
 arm_features = load_arm_features(features)
 run_fp = fingerprint(cfg, args.model, args.dataset,
-                     {"data": meta["splits"], "features": json.loads((features / "meta.json").read_text())["sizes"]})
+                     {"data": meta["splits"], "features": json.loads((features / "meta.json").read_text())["sizes"],
+                      **({"reference": reference.digest} if reference else {})})
 trainer = Trainer(cfg, args.model, model, arm_features, train, device, seq_len=meta["max_length"],
                   checkpoint_dir=Path(args.checkpoints) / run_subdir(cfg, args.dataset, args.model, cfg.seed),
                   run_fingerprint=run_fp, world=world)
@@ -92,7 +99,11 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="train",
         trainer.close_distributed()
     pred = predict(trainer.model, trainer.policy, test, device, cfg.train.eval_batch_size, meta["max_length"],
                    greedy=cfg.dht.inference == "greedy")
-    metrics = training_metrics(cfg, pred, test, trainer.model.config, meta, progress)
+    # the validation split with the same policy, after the test split (whose predictions stay what they were)
+    val_pred = predict(trainer.model, trainer.policy, val, device, cfg.train.eval_batch_size, meta["max_length"],
+                       greedy=cfg.dht.inference == "greedy") if len(val) else None
+    metrics = training_metrics(cfg, pred, test, trainer.model.config, meta, progress,
+                               reference.metrics if reference else None, val=(val_pred, val))
     export_trained(Path(args.out_model), trainer, cfg,
                    {"dataset": args.dataset, "classes": meta["classes"], "max_length": meta["max_length"],
                     "results": args.results}, processed / "tokenizer", features / "arm_features.safetensors")

@@ -113,16 +113,16 @@ __all__ = [
 
 def run(ratio: float, job: BaselineJob) -> BaselineRun:
     """The ``nas-prune-<ratio>`` baseline (:func:`dht.baselines.run_baseline`): the search for ``ratio`` of the
-    teacher's FLOPs, the extracted model fine-tuned, both written to ``job.out_model`` (the search in ``search/``),
-    the model run on the test split. Its training FLOPs are the search's and the fine-tuning's."""
+    teacher's FLOPs, the extracted model fine-tuned, both written to ``job.out_model`` (the search in ``search/``);
+    it predicts with the pruned model. Its training FLOPs are the search's and the fine-tuning's."""
     c, batch = job.cfg.baselines.nas_prune, job.cfg.train.batch_size
     found = search(job.teacher, job.train, ratio, c.lambda_cost, c.tolerance, c.search_epochs, c.lr_weights,
                    c.lr_arch, batch, job.device, job.cfg.seed, job.seq_len)
     model = extract(job.teacher, found)
     tuned = finetune(model, job.teacher, job.train, c.finetune_epochs, c.lr_weights, c.temperature, c.alpha_kd,
                      batch, job.device, job.cfg.seed, seq_len=job.seq_len)
-    pred = predict_pruned(model, job.test, job.device, job.cfg.train.eval_batch_size, job.seq_len)
     model.save(job.out_model)
     found.save(job.out_model / "search")
-    return BaselineRun(pred, found.train_flops + tuned["train_flops"], c.search_epochs + c.finetune_epochs,
+    return BaselineRun(lambda data: predict_pruned(model, data, job.device, job.cfg.train.eval_batch_size, job.seq_len),
+                       found.train_flops + tuned["train_flops"], c.search_epochs + c.finetune_epochs,
                        tuned["loss_per_epoch"])

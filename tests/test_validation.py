@@ -1,0 +1,96 @@
+"""The validation split in the pipeline and in what chooses settings: every model's metrics.json carries its
+val_accuracy (the same inference as its test figures), no model trains on the split, and the FlexiBERT search,
+experiments/routing_probe.py and experiments/levers.py read it, never the test split. In the tiny profile the two
+splits differ in size and rows (32 validation, 96 test samples of embedded-news), so a selection that read the
+test split would report on 96 samples and other mistakes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY_DATASET, run_cli
+
+from dht.config_loading import load_config
+from dht.evaluation import SplitData, read_predictions
+from dht.policy import predict
+from dht.tokenization import load_processed
+from dht.trainer import load_trained
+
+N_TRAIN, N_VAL, N_TEST = 320, 32, 96  # tiny: n_train 320, a validation stream of a tenth of that, n_test 96
+
+
+def experiment(name: str):
+    """A script of experiments/ as a module (they are run as scripts, not installed)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def split(project: Path, name: str) -> SplitData:
+    return SplitData.from_arrays(load_processed(project / "data/processed" / TINY_DATASET, name))
+
+
+@pytest.mark.slow
+def test_every_model_reports_val_accuracy_and_the_search_and_the_probe_read_the_validation_split(tiny_project):
+    project, ds = tiny_project, TINY_DATASET
+    # a DHT mode, the control, the reference and a baseline (the end-to-end test checks the other baselines' keys)
+    models = ["t-dht", "vanilla-3", "vanilla-12", "flexibert-0.5"]
+    run_cli(["snakemake", "--cores", "2", *(f"results/{ds}/{m}/metrics.json" for m in models),
+             "--config", "profile=tiny"], cwd=project, timeout=1500)
+    raw = json.loads((project / f"data/raw/{ds}/meta.json").read_text())
+    assert (raw["n_train"], raw["n_val"], raw["n_test"]) == (N_TRAIN, N_VAL, N_TEST)
+    val, test = split(project, "val"), split(project, "test")
+    assert (len(split(project, "train")), len(val), len(test)) == (N_TRAIN, N_VAL, N_TEST)
+
+    metrics = {m: json.loads((project / f"results/{ds}/{m}/metrics.json").read_text()) for m in models}
+    for m, got in metrics.items():
+        assert got["n_val"] == N_VAL and got["n_test"] == N_TEST, m
+        assert 0 <= got["val_accuracy"] <= 1 and 0 <= got["val_macro_f1"] <= 1 and got["val_infer_flop_ratio"] > 0, m
+    # val_accuracy is the model's accuracy on the validation split, with its inference policy
+    cfg = load_config(project / "params.yaml", profile="tiny")
+    model, policy, _ = load_trained(project / f"models/{ds}/t-dht", torch.device("cpu"))
+    pred = predict(model, policy, val, torch.device("cpu"), cfg.train.eval_batch_size, 40)
+    assert metrics["t-dht"]["val_accuracy"] == round(float((pred.labels == val.labels).float().mean()), 6)
+    # no model trains on it: the fixed control ran every training row, and only those, in each epoch
+    selections = json.loads((project / f"results/{ds}/vanilla-3/selections.json").read_text())
+    assert len(selections) == cfg.train.epochs and all(e["layers/3"] == N_TRAIN for e in selections.values())
+
+    # the FlexiBERT search scored its queries on the validation split
+    trace = json.loads((project / f"results/{ds}/flexibert-search/trace.json").read_text())
+    assert (trace["n_train"], trace["n_val"]) == (N_TRAIN, N_VAL)
+    assert all(round(q["accuracy"] * N_VAL, 6).is_integer() for q in trace["queries"])
+
+    # the routing probe: the control's mistakes and the contexts of the validation samples
+    r = experiment("routing_probe").probe(project, ds, "t-dht", "vanilla-3")
+    assert r["n"] == N_VAL and r["wrong"].shape == (N_VAL,)
+    assert 1 - r["wrong"].mean() == pytest.approx(metrics["vanilla-3"]["val_accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_lever_runs_are_evaluated_on_the_validation_split(tiny_project, monkeypatch):
+    levers = experiment("levers")
+    monkeypatch.chdir(tiny_project)
+    cfg = load_config(tiny_project / "params.yaml", profile="tiny")
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
+    out = levers.run_one(cfg, "default", TINY_DATASET, "t-dht", threads=1)
+    val, test = split(tiny_project, "val"), split(tiny_project, "test")
+    assert len(val) != len(test)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "val" and metrics["n_val"] == N_VAL and "n_test" not in metrics
+    predictions = read_predictions(out / "predictions.csv")
+    assert np.array_equal(predictions.label, val.labels.numpy())  # what the summary's columns are computed from
+    assert metrics["accuracy"] == pytest.approx(predictions.correct.mean(), abs=1e-6)
+    ladder = np.load(out / levers.LADDER)
+    assert np.array_equal(ladder["label"], val.labels.numpy()) and ladder["probs"].shape[0] == N_VAL
+    assert levers._read("default", TINY_DATASET, "t-dht") is not None
+
+    # a run of the test split (written before the validation split existed) is neither read nor skipped
+    (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "split"}))
+    assert levers._read("default", TINY_DATASET, "t-dht") is None and not levers._done(out)
