@@ -15,6 +15,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/arm_features.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/baselines.smk"
+include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/report.smk"
 
 

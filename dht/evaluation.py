@@ -9,23 +9,19 @@ difference of 0.02 is often noise, so every accuracy here carries its 95% interv
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dht.statistics import bootstrap_ci
+
 if TYPE_CHECKING:  # imported where a tensor is made: the Snakefile's report rules import this module for names
     import torch
     from torch import Tensor
 
-BOOTSTRAP_RESAMPLES = 1000
-BOOTSTRAP_SEED = 0  # fixed: the same predictions always give the same interval
 PREDICTION_COLUMNS = ("index", "label", "pred", "prob", "layers", "n_tokens")
-# Draws per chunk of the bootstrap: 1000 resamples of a 70 000-sample test split (DBpedia) at once would take
-# 560 MB of indices.
-_CHUNK_DRAWS = 4_000_000
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -74,7 +70,7 @@ def evaluate(pred: Predictions, data: SplitData, conf: Any, seq_len: int, diffic
     """The metrics of Tables 1-2 (micro-F1 = accuracy and macro-F1) and what the selections cost.
 
     `accuracy_ci95` is the accuracy's 95% percentile-bootstrap interval over the test samples
-    (:func:`dht.evaluation.bootstrap_ci`: 1000 resamples, a fixed seed), which the paper does not give."""
+    (:func:`dht.statistics.bootstrap_ci`: 1000 resamples, a fixed seed), which the paper does not give."""
     from sklearn.metrics import accuracy_score, f1_score
 
     from dht.flops import full_model_flops
@@ -101,34 +97,6 @@ def evaluate(pred: Predictions, data: SplitData, conf: Any, seq_len: int, diffic
                 metrics[f"accuracy_{name}"] = float((pred.labels[sel] == data.labels[sel]).float().mean())
                 metrics[f"mean_layers_{name}"] = float(pred.layers[sel].float().mean())
     return metrics
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The accuracy's interval
-# --------------------------------------------------------------------------------------------------------------
-
-
-def bootstrap_ci(correct: Sequence[bool] | np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95,
-                 seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """Percentile bootstrap interval of the accuracy (the mean of `correct`, one entry per test sample).
-
-    Each resample draws len(correct) samples with replacement from the test split; the interval is the
-    (1 - level)/2 and (1 + level)/2 quantiles of the resampled accuracies. It describes the test set's sampling
-    noise only (not the training seed's). Empty input: (nan, nan)."""
-    x = np.asarray(correct, dtype=np.float64).ravel()
-    n = x.size
-    if n == 0:
-        return float("nan"), float("nan")
-    if not 0 < level < 1:
-        raise ValueError(f"level = {level}: must be in (0, 1)")
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    step = max(1, _CHUNK_DRAWS // n)
-    for lo in range(0, resamples, step):
-        hi = min(lo + step, resamples)
-        means[lo:hi] = x[rng.integers(0, n, size=(hi - lo, n))].mean(axis=1)
-    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(low), float(high)
 
 
 def accuracy_text(metrics: dict[str, Any], digits: int = 3) -> str:

@@ -7,8 +7,9 @@ Tables 1-2, one set per dataset under ``reports/figures/``.
 - ``loss-<dataset>.png``, Figure 3, "loss trends": the training loss of every mode (the reference included)
   against the optimizer step, raw and smoothed (from ``loss.csv``).
 - ``pareto-<dataset>.png``: accuracy (micro-F1, with its 95% bootstrap interval, or its mean ± std over
-  several seeds) against inference FLOPs of every model and baseline, with the Pareto front (Table 2 as a
-  picture).
+  several seeds) of every model and baseline, with the Pareto front, against inference FLOPs (Table 2 as a
+  picture) and, in a second panel, against total training FLOPs (Table 1's budget: the model it starts from
+  included).
 - ``difficulty-<dataset>.png``: mean layers and accuracy per difficulty level, for data that have levels.
 - ``depth-<dataset>.png``: where the depth goes on any data: the DHT modes' mean layers by sample length, by
   whether the shallow control gets the sample right, and by the reference's confidence (from ``predictions.csv``;
@@ -303,19 +304,44 @@ def model_family(cfg: Config, name: str) -> str:
 
 
 def pareto_figure(cfg: Config, root: Path, dataset: str) -> Figure:
-    """Accuracy against inference FLOPs of every model and baseline, with the Pareto front as a step line:
-    the best accuracy reachable with at most that FLOP ratio."""
+    """Accuracy of every model and baseline against its inference FLOPs (left) and against its total training
+    FLOPs (right: what obtaining it cost, the model it starts from included), each with its Pareto front as a
+    step line: the best accuracy reachable with at most that FLOP ratio. A model whose metrics.json predates the
+    total is left out of the right panel."""
     names = list(dict.fromkeys([*cfg.run.models, *cfg.run.baselines]))
-    points, intervals = [], {}
-    for name in names:
-        m = read_metrics(cfg, root, dataset, name)
-        points.append((name, float(m["infer_flop_ratio"]), float(m["accuracy"])))
+    measured = {name: read_metrics(cfg, root, dataset, name) for name in names}
+    intervals = {}
+    for name, m in measured.items():
         if "accuracy_std" in m:  # several seeds: their spread (one standard deviation)
             intervals[name] = (m["accuracy"] - m["accuracy_std"], m["accuracy"] + m["accuracy_std"])
         elif m.get("accuracy_ci95"):
             intervals[name] = tuple(float(v) for v in m["accuracy_ci95"])
-    fig = Figure(figsize=(8, 5.5), layout="constrained")
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(14, 5.5), layout="constrained")
+    infer_ax, train_ax = fig.subplots(1, 2, sharey=True)
+    ref = reference_label(cfg)
+    panels = (
+        (infer_ax, "infer_flop_ratio", f"inference FLOPs (full convention)\nrelative to the {ref}",
+         "against inference FLOPs (Table 2)"),
+        (train_ax, "train_flop_ratio_total", f"training FLOPs in total (its start included)\nrelative to the "
+         f"training of the {ref}", "against total training FLOPs (Table 1)"),
+    )
+    for ax, key, xlabel, title in panels:
+        points = [(name, float(m.get(key, math.nan)), float(m["accuracy"])) for name, m in measured.items()]
+        _pareto_panel(ax, cfg, [p for p in points if math.isfinite(p[1])], intervals)
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"{dataset}: accuracy {title}", fontsize=10)
+    spread = f"mean ± std over {len(cfg.training_seeds)} seeds" if seeded(cfg) else "95% bootstrap interval"
+    infer_ax.set_ylabel(f"accuracy (= micro-F1), bars: {spread}")
+    # One legend for both panels, outside them: inside, "best" still hides points when many models share a corner.
+    handles, labels = infer_ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, frameon=False, loc="outside right upper")
+    return fig
+
+
+def _pareto_panel(ax: Axes, cfg: Config, points: list[tuple[str, float, float]],
+                  intervals: dict[str, tuple[float, float]]) -> None:
+    """One panel of the Pareto figure: the (name, FLOP ratio, accuracy) points in their family's style with
+    their accuracy bars, and the front."""
     seen: set[str] = set()
     offsets = _label_offsets(points)
     for name, flops, acc in points:
@@ -342,16 +368,11 @@ def pareto_figure(cfg: Config, root: Path, dataset: str) -> Figure:
             xs, ys = [*xs, right], [*ys, ys[-1]]
         ax.plot(xs, ys, drawstyle="steps-post", color="tab:purple", linewidth=1.2, linestyle="--",
                 label="Pareto front", zorder=2)
+    else:
+        _note(ax, "no model has this FLOP ratio in its metrics.json")
     ax.axvline(1.0, color="0.7", linewidth=0.8, zorder=1)
     ax.margins(x=0.1, y=0.1)  # room for the labels of the extreme points
-    ax.set_xlabel(f"inference FLOPs (full convention) relative to the {reference_label(cfg)}")
-    spread = f"mean ± std over {len(cfg.training_seeds)} seeds" if seeded(cfg) else "95% bootstrap interval"
-    ax.set_ylabel(f"accuracy (= micro-F1), bars: {spread}")
-    ax.set_title(f"{dataset}: accuracy against inference FLOPs (Table 2)")
-    # Outside the axes: inside, "best" still hides points when many models share a corner.
-    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(alpha=0.3)
-    return fig
 
 
 def _label_offsets(points: Sequence[tuple[str, float, float]]) -> dict[str, float]:

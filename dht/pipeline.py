@@ -40,6 +40,7 @@ import yaml
 from dht.config import Config, ConfigError
 from dht.config_loading import PROFILE_KEY, read_params
 from dht.dvc_params import _ITEM, RESOLVED_PARAMS, _expand, expand_dvc_stages
+from dht.results import PAIRED_FILE, PAIRED_SEEDS_FILE
 
 DVC_HEADER = (
     "# GENERATED from the Snakemake workflow by `dht dvc-yaml` (profile '{profile}'): do not edit by hand.\n"
@@ -48,7 +49,8 @@ DVC_HEADER = (
 # Run outputs DVC shows with `dvc metrics show` and `dvc plots show`. Every output is cached, metrics, plots and
 # reports included: all of them are git-ignored, so `dvc pull` must be able to restore them (an uncached output
 # is missing on a fresh clone, and `dvc status` would then call its stage stale).
-METRICS_SUFFIX = "/metrics.json"
+# A model's metrics.json and a dataset's paired comparisons (the compare stage's).
+METRICS_SUFFIXES = ("/metrics.json", f"/{PAIRED_FILE}", f"/{PAIRED_SEEDS_FILE}")
 PLOTS = {"/loss.csv": {"x": "step", "y": "loss", "title": "training loss (Figure 3)"}}
 # The resolved profile DVC reads the stages' params from, and the DVC-only stage that writes it from params.yaml
 # (the configuration code is its code). Snakemake resolves params.yaml itself: the stage is not one of its jobs.
@@ -309,7 +311,7 @@ def _stage_body(job: Job, profile: str) -> dict[str, Any]:
     metrics: list[Any] = []
     plots: list[Any] = []
     for out in job.outputs:
-        if out.endswith(METRICS_SUFFIX):
+        if out.endswith(METRICS_SUFFIXES):
             metrics.append(out)
         elif any(out.endswith(suffix) for suffix in PLOTS):
             spec = next(v for k, v in PLOTS.items() if out.endswith(k))

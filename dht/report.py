@@ -9,9 +9,13 @@ not comparable, so what carries over is relative: the F1 change against the refe
 FLOP ratio, beside the paper's relative figures (the mean over its four datasets, with their range); the
 paper's own table follows for reference. The paper's values live in `dht/paper_values.yaml`.
 
-Every accuracy carries its 95% bootstrap interval over the test samples (`accuracy_ci95`, dht.evaluation).
-Table 1 also shows, per dataset, where the DHT modes' depth goes: mean layers and accuracy by sample length,
-by whether the shallow control (`run.control`) gets the sample right, and by the reference's confidence
+Every accuracy carries its 95% bootstrap interval over the test samples (`accuracy_ci95`, dht.statistics).
+Table 1 charges every model (the baselines too) its total training budget, the model it starts from included,
+beside its own part (dht.results.training_budget). Table 2 adds, per dataset, the paired comparisons of the
+evaluation stage (`results/<dataset>/paired.json`, dht.comparison): each model against the reference and the
+best baseline at no more inference FLOPs, with the paired interval and McNemar's p-value, and says how large a
+difference the run can settle. Table 1 also shows, per dataset, where the DHT modes' depth goes: mean layers
+and accuracy by sample length, by whether the shallow control (`run.control`) gets the sample right, and by the reference's confidence
 (from every model's predictions.csv), which works on data without a difficulty column.
 """
 
@@ -28,16 +32,27 @@ import numpy as np
 import yaml
 
 from dht.arms import parse_arm
+from dht.comparison import half_widths, seed_spreads
 from dht.config import Config
 from dht.evaluation import (
-    BOOTSTRAP_RESAMPLES,
     Bin,
     DepthAnalysis,
     accuracy_text,
     depth_analysis,
     read_predictions,
 )
-from dht.results import read_metrics, result_file, run_name, seeded
+from dht.results import (
+    PAIRED_FILE,
+    PAIRED_SEEDS_FILE,
+    paired_path,
+    read_metrics,
+    read_paired,
+    read_seeds_run,
+    result_file,
+    run_name,
+    seeded,
+)
+from dht.statistics import BOOTSTRAP_RESAMPLES
 from dht.tracking import git_commit
 
 PAPER_FILE = Path(__file__).with_name("paper_values.yaml")
@@ -70,9 +85,34 @@ def accuracy_spread(cfg: Config) -> str:
 
 
 def ratio_text(metrics: dict[str, Any], key: str) -> str:
-    """A FLOP ratio, "0.38x", with its standard deviation over seeds when it has one that shows ("0.38x ± 0.02")."""
+    """A FLOP ratio, "0.38x", with its standard deviation over seeds when it has one that shows ("0.38x ± 0.02");
+    "-" when the metrics.json predates the key."""
+    if key not in metrics:
+        return "-"
     std = metrics.get(f"{key}_std", 0.0)
     return f"{metrics[key]:.2f}x" + (f" ± {std:.2f}" if round(std, 2) > 0 else "")
+
+
+def epochs_text(metrics: dict[str, Any]) -> str:
+    """Epochs seen, "4 (2)": in total (the start's included) and, in brackets, the model's own; "-" when the
+    metrics.json predates them."""
+    if "epochs_total" not in metrics:
+        return "-"
+    return f"{round(metrics['epochs_total'], 2):g} ({round(metrics['epochs_own'], 2):g})"
+
+
+def budget_legend() -> str:
+    """Table 1's note on what the training columns count."""
+    return (
+        "Training FLOPs are what obtaining each model cost. *Total* = the training of the model it starts from "
+        "plus its own (`train_flop_ratio_total` in metrics.json); *own* = its own training alone (`train_flop_ratio`, which kept that meaning). The "
+        "baselines built from the trained reference (distil, fastbert, nas-prune) start from it and are charged "
+        "its training as it recorded it (`start_flop_ratio`); a model started from the initial weights (the "
+        "pretrained checkpoint, or scratch) starts at 0 (a checkpoint's pretraining is charged to no model, all "
+        "share it). NAS pruning's and FlexiBERT's own part includes their search. Epochs: passes over the "
+        "training split, total (own); a search that trains on part of the split counts its samples over the "
+        "split's size."
+    )
 
 
 @cache
@@ -186,39 +226,133 @@ def comparison_table(cfg: Config, root: Path, dataset: str, models: list[str], t
     measured = {m: read_metrics(cfg, root, dataset, m) for m in models}
     reference = measured.get(cfg.run.reference)
     paper = paper_dataset(cfg, dataset)
-    flop_key = "train_flop_ratio" if table == "table1" else "infer_flop_ratio"
+    # Table 1 sets the paper's training FLOPs beside the total: the paper's models start from pretrained BERT.
+    flop_key = "train_flop_ratio_total" if table == "table1" else "infer_flop_ratio"
+    flops_header = "training FLOPs: total" if table == "table1" else "FLOPs"
     spread = accuracy_spread(cfg)
     wall_ref = reference["infer_seconds"] if reference else None
+
+    def extra(m: dict[str, Any]) -> list[str]:
+        if table == "table1":
+            return [ratio_text(m, "train_flop_ratio"), epochs_text(m)]
+        return [f"{m['infer_flop_ratio_linear']:.2f}x", f"{m['infer_seconds'] / wall_ref:.2f}x" if wall_ref else "-"]
+
+    extra_header = ["own", "epochs: total (own)"] if table == "table1" else ["FLOPs (linear)", "wall time"]
     rows = []
     if paper is not None:
-        header = ["model", "paper row", f"accuracy (micro-F1) {spread}", "paper F1", "diff", "macro-F1", "FLOPs",
-                  "paper FLOPs", "diff"]
-        if table == "table2":
-            header += ["FLOPs (linear)", "wall time"]
+        header = ["model", "paper row", f"accuracy (micro-F1) {spread}", "paper F1", "diff", "macro-F1",
+                  flops_header, "paper FLOPs", "diff", *extra_header]
         for model, m in measured.items():
             p = _paper_row(cfg, table, model)
-            row = [model, p["row"] if p else "-", accuracy_text(m),
-                   f"{p[paper][0]:.3f}" if p else "-", _signed(m["accuracy"] - p[paper][0]) if p else "-",
-                   f"{m['macro_f1']:.3f}", ratio_text(m, flop_key), f"{p[paper][1]:.2f}x" if p else "-",
-                   f"{m[flop_key] - p[paper][1]:+.2f}" if p else "-"]
-            if table == "table2":
-                row += [f"{m['infer_flop_ratio_linear']:.2f}x",
-                        f"{m['infer_seconds'] / wall_ref:.2f}x" if wall_ref else "-"]
-            rows.append(row)
+            rows.append([model, p["row"] if p else "-", accuracy_text(m),
+                         f"{p[paper][0]:.3f}" if p else "-", _signed(m["accuracy"] - p[paper][0]) if p else "-",
+                         f"{m['macro_f1']:.3f}", ratio_text(m, flop_key), f"{p[paper][1]:.2f}x" if p else "-",
+                         f"{m[flop_key] - p[paper][1]:+.2f}" if p and flop_key in m else "-", *extra(m)])
         return _md_table(header, rows)
     header = ["model", "paper row", f"accuracy (micro-F1) {spread}", "macro-F1",
-              f"F1 change vs {cfg.run.reference}", "paper: F1 change vs 12-VaBERT, mean (range)", "FLOPs",
-              "paper: FLOPs, mean (range)"]
-    if table == "table2":
-        header += ["FLOPs (linear)", "wall time"]
+              f"F1 change vs {cfg.run.reference}", "paper: F1 change vs 12-VaBERT, mean (range)", flops_header,
+              "paper: FLOPs, mean (range)", *extra_header]
     for model, m in measured.items():
         p = _paper_row(cfg, table, model)
         change = _signed(m["accuracy"] - reference["accuracy"]) if reference else "-"
-        row = [model, p["row"] if p else "-", accuracy_text(m), f"{m['macro_f1']:.3f}", change,
-               _paper_relative(cfg, table, model, 0), ratio_text(m, flop_key), _paper_relative(cfg, table, model, 1)]
-        if table == "table2":
-            row += [f"{m['infer_flop_ratio_linear']:.2f}x", f"{m['infer_seconds'] / wall_ref:.2f}x" if wall_ref else "-"]
-        rows.append(row)
+        rows.append([model, p["row"] if p else "-", accuracy_text(m), f"{m['macro_f1']:.3f}", change,
+                     _paper_relative(cfg, table, model, 0), ratio_text(m, flop_key),
+                     _paper_relative(cfg, table, model, 1), *extra(m)])
+    return _md_table(header, rows)
+
+
+def _p_text(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _ci_text(r: dict[str, Any]) -> str:
+    return f"{_signed(r['difference'])} [{_signed(r['ci95_lo'])}, {_signed(r['ci95_hi'])}]"
+
+
+def paired_cells(cmp: dict[str, Any] | None) -> list[str]:
+    """The difference, p-value and discordant counts of one comparison of paired.json: with one seed the
+    difference with its paired interval; with several the mean ± std over seeds and each seed's difference
+    (the p-values and counts per seed, in seed order)."""
+    if not cmp or not cmp.get("against"):
+        return ["-", "-", "-"]
+    runs = list(cmp["per_seed"].values())
+    if len(runs) == 1:
+        r = runs[0]
+        return [_ci_text(r), _p_text(r["p_value"]), f"{r['only_model']} / {r['only_other']}"]
+    diff = (f"{_signed(cmp['difference'])} ± {cmp['difference_std']:.3f} "
+            f"(per seed: {', '.join(_signed(r['difference']) for r in runs)})")
+    return [diff, ", ".join(_p_text(r["p_value"]) for r in runs),
+            ", ".join(f"{r['only_model']} / {r['only_other']}" for r in runs)]
+
+
+def paired_legend(cfg: Config) -> str:
+    seeds = (" With several seeds each model's run is paired with the same seed's run of the other model; a "
+             "difference is then written as the mean ± the standard deviation over the seeds with each seed's "
+             "difference, and the p-values and counts are per seed, in seed order.") if seeded(cfg) else ""
+    file = f"`results/<dataset>/{PAIRED_SEEDS_FILE if seeded(cfg) else PAIRED_FILE}`"
+    return (
+        f"Paired comparisons ({file}, the evaluation stage): each model against the reference and against the best baseline at no more "
+        "inference FLOPs (the most accurate of `run.baselines` whose inference FLOP ratio is at most the "
+        "model's; not the control), on the same test samples. Difference = the model's accuracy minus the "
+        f"other's, with its paired 95% bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples of the test samples, "
+        "the same samples for both models, fixed seed); p = McNemar's exact test on the discordant samples; "
+        "discordant = samples only the model gets right / only the other gets right. Both measure the test "
+        "split's noise for these trained models, not the training seed's." + seeds
+    )
+
+
+def settle_text(cfg: Config, root: Path, dataset: str, paired: dict[str, Any]) -> str:
+    """How large a difference the run can settle on a dataset: the paired intervals' half-widths against the
+    reference (the test split's noise) and the training seed's spread, measured by this run's seeds or, for a
+    one-seed run, by a run with several seeds when one's results are present; never a number measured nowhere."""
+    widths = half_widths(paired)
+    if not widths:
+        return ("How large a difference this run settles: no model predicts differently from the reference on any "
+                "test sample, so the paired intervals are empty and measure nothing.")
+    w = sorted(widths.values())
+    same = len([m for m, row in paired["models"].items() if row.get("vs_reference")]) - len(w)
+    hw = (f"the paired 95% intervals against the reference on these {paired['n_test']} test samples are "
+          f"±{float(np.median(w)):.3f} wide at the median (±{w[0]:.3f} to ±{w[-1]:.3f} over the models"
+          + (f"; {same} predicting exactly as the reference, whose interval is 0, left out" if same else "") + ")")
+    if seeded(cfg):
+        return (f"How large a difference this run settles: each seed's {hw}; across the {len(paired['seeds'])} "
+                f"training seeds the difference against the reference varies with {_spread_text(paired)}.")
+    text = (f"How large a difference this run settles: every model was trained once (one seed), and {hw}; a "
+            "difference well inside that is the test split's noise. The training seed's noise comes on top and "
+            "one run cannot measure it: ")
+    found = read_seeds_run(cfg, root, dataset)
+    if found is None:
+        return text + (
+            f"no run with several seeds is present for {dataset} (`results/{dataset}/paired-seeds.json`, written "
+            "by a profile with several `run.seeds` that runs this dataset, e.g. `--config profile=seeds`), so a "
+            "difference here is settled against the test split's noise only.")
+    path, other = found
+    return text + (
+        f"the run with seeds {', '.join(map(str, other['seeds']))} in `{path.relative_to(root).as_posix()}` "
+        f"(profile `{other.get('profile')}`, read when present, not an input of this report) measures it: there "
+        f"the difference against the reference varies over seeds with {_spread_text(other)}.")
+
+
+def _spread_text(paired: dict[str, Any]) -> str:
+    """"a standard deviation of 0.012 at the median (t-dht 0.010, ...)" from a run with several seeds."""
+    spread = seed_spreads(paired)
+    if not spread:
+        return "no measured spread (no model besides the reference)"
+    per = ", ".join(f"{m} {v:.3f}" for m, v in spread.items())
+    return f"a standard deviation of {float(np.median(list(spread.values()))):.3f} at the median ({per})"
+
+
+def paired_table(paired: dict[str, Any]) -> str:
+    """One row per model of paired.json: its inference FLOPs, its comparison with the reference and with the
+    best baseline at no more inference FLOPs."""
+    ref = paired["reference"]
+    header = ["model", "inference FLOPs", f"vs {ref}: difference [95% CI]", "p", f"discordant (model / {ref})",
+              "best baseline at ≤ its FLOPs", "difference [95% CI]", "p", "discordant (model / baseline)"]
+    rows = []
+    for model, row in paired["models"].items():
+        best = row.get("vs_best_baseline") or {}
+        rows.append([model, f"{row['infer_flop_ratio']:.2f}x", *paired_cells(row.get("vs_reference")),
+                     best.get("against") or "none", *paired_cells(best)])
     return _md_table(header, rows)
 
 
@@ -333,8 +467,9 @@ def _heading(cfg: Config, root: Path, title: str) -> list[str]:
 
 
 def write_table1(cfg: Config, out: str | Path, root: str | Path = ".") -> str:
-    """Table 1 (training comparison): F1 and training FLOPs of the reference and the DHT modes, per dataset;
-    then per dataset where the DHT modes' depth goes (and, on data with levels, by difficulty)."""
+    """Table 1 (training comparison): F1 and training budget (FLOPs total and own, epochs) of run.models (the
+    reference, the control, the DHT modes) and the baselines, per dataset; then per dataset where the DHT
+    modes' depth goes (and, on data with levels, by difficulty)."""
     root = Path(root)
     metas = _metas(cfg, root)
     parts = _heading(cfg, root, "Table 1: training comparison") + [
@@ -342,11 +477,12 @@ def write_table1(cfg: Config, out: str | Path, root: str | Path = ".") -> str:
         "6.2 (the paper's reference is 12-VaBERT: the reference's row stands beside its BL1 row, whatever its "
         "depth). The DHT modes' count includes the no-grad S1 pass when `dht.count_s1_flops` "
         "is on (the paper does not say; with it no arm goes below 0.33x, see docs/training.md T12). "
-        + accuracy_legend(cfg),
+        + budget_legend() + " " + accuracy_legend(cfg),
     ]
+    models = list(dict.fromkeys([*cfg.run.models, *cfg.run.baselines]))
     for meta in metas:
         name = meta["name"]
-        parts += [f"## {name}", comparison_table(cfg, root, name, cfg.run.models, "table1")]
+        parts += [f"## {name}", comparison_table(cfg, root, name, models, "table1")]
         if meta.get("has_difficulty"):
             parts += ["By difficulty (inference policy):",
                       difficulty_table(cfg, root, name, cfg.run.models, meta.get("difficulty_names", ["easy", "medium", "hard"]))]
@@ -358,7 +494,8 @@ def write_table1(cfg: Config, out: str | Path, root: str | Path = ".") -> str:
 
 
 def write_table2(cfg: Config, out: str | Path, root: str | Path = ".") -> str:
-    """Table 2 (inference comparison): the reference, the baselines and the DHT modes, per dataset."""
+    """Table 2 (inference comparison): the reference, the baselines and the DHT modes, per dataset, then their
+    paired comparisons (the evaluation stage's paired.json) and how large a difference the run settles."""
     root = Path(root)
     models = _reference_first(cfg, cfg.run.baselines)
     parts = _heading(cfg, root, "Table 2: inference comparison") + [
@@ -368,7 +505,9 @@ def write_table2(cfg: Config, out: str | Path, root: str | Path = ".") -> str:
         "jobs that may have shared the CPU: indicative; benchmarks/ measures side by side). " + accuracy_legend(cfg),
     ]
     for name in cfg.run.datasets:
-        parts += [f"## {name}", comparison_table(cfg, root, name, models, "table2")]
+        paired = read_paired(cfg, root, name)
+        parts += [f"## {name}", comparison_table(cfg, root, name, models, "table2"), paired_legend(cfg),
+                  paired_table(paired), settle_text(cfg, root, name, paired)]
     parts += ["## The paper's Table 2", paper_table("table2")]
     return _write(out, parts)
 
@@ -440,17 +579,24 @@ def write_index(cfg: Config, out: str | Path, figures: list[str], root: str | Pa
         "## Data", data_summary(metas),
     ]
     for name in cfg.run.datasets:
+        paired = read_paired(cfg, root, name)
         rows = []
         for model in models:
             m = read_metrics(cfg, root, name, model)
             run = runs.get((name, run_name(cfg, model, cfg.training_seeds[0])))
             link = f"[{run[1][:8]}]({mlflow_url}/#/experiments/{run[0]}/runs/{run[1]})" if run else "not in the store"
+            versus = (paired["models"].get(model) or {}).get("vs_reference")
+            diff, p, _ = paired_cells(versus)
             rows.append([model, accuracy_text(m), f"{m['macro_f1']:.3f}",
-                         f"{m['train_flop_ratio']:.2f}x" if "train_flop_ratio" in m else "-",
-                         f"{m['infer_flop_ratio']:.2f}x", f"{m['mean_layers']:.1f}", link])
+                         f"{ratio_text(m, 'train_flop_ratio_total')} ({ratio_text(m, 'train_flop_ratio')})",
+                         f"{m['infer_flop_ratio']:.2f}x", f"{m['mean_layers']:.1f}",
+                         "-" if diff == "-" else f"{diff}, p {p}", link])
         parts += [f"## {name}",
-                  _md_table(["model", f"accuracy {accuracy_spread(cfg)}", "macro-F1", "training FLOPs", "inference FLOPs", "mean layers",
-                             "MLflow run"], rows)]
+                  _md_table(["model", f"accuracy {accuracy_spread(cfg)}", "macro-F1", "training FLOPs: total (own)",
+                             "inference FLOPs", "mean layers", f"vs {cfg.run.reference} (paired)", "MLflow run"],
+                            rows),
+                  settle_text(cfg, root, name, paired) + f" Paired comparisons: [Table 2](table2.md), "
+                  f"`{paired_path(cfg, name)}`."]
         mine = [f for f in figures if Path(f).stem.endswith(f"-{name}")]
         parts += [f"![{Path(f).stem}]({rel(root / f)})" for f in mine]
         search = flexibert_search_figure(cfg, name)

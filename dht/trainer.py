@@ -557,6 +557,7 @@ class ReferenceStart:
         """The trained reference (run.reference) of `dataset` in `model_dir`, with its `metrics_file`; TrainingError
         naming what is missing or foreign and the command that trains it."""
         from dht.integrity import MANIFEST_FILE, sha256_file
+        from dht.results import read_start
 
         fix = f"train it first: snakemake --cores 4 {metrics_file}"
         policy_file = model_dir / POLICY_FILE
@@ -571,7 +572,11 @@ class ReferenceStart:
                 f"{info.get('mode_name')!r} on {info.get('dataset')!r}); {fix}")
         manifest = model_dir / MANIFEST_FILE
         digest = sha256_file(manifest if manifest.is_file() else model_dir / "model.safetensors")
-        return cls(model_dir, metrics_file, json.loads(metrics_file.read_text()), digest)
+        try:  # its training budget is this run's start (dht.results.training_budget): checked before training
+            metrics = read_start(metrics_file)
+        except ValueError as err:
+            raise TrainingError(f"init: reference: {err}") from None
+        return cls(model_dir, metrics_file, metrics, digest)
 
 
 def initial_model(cfg: Config, mode_name: str, dataset: str, init_dir: Path, reference_dir: Path | None = None,

@@ -1,5 +1,5 @@
-"""The accuracy's bootstrap interval (evaluate's `accuracy_ci95`), the per-sample predictions file and the depth
-analysis's groupings (dht.evaluation)."""
+"""The accuracy's bootstrap interval (evaluate's `accuracy_ci95`, dht.statistics), the per-sample predictions
+file and the depth analysis's groupings (dht.evaluation)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from dht.evaluation import (
     Predictions,
     SamplePredictions,
     SplitData,
-    bootstrap_ci,
     depth_analysis,
     evaluate,
     quartile_bins,
     read_predictions,
     write_predictions,
 )
+from dht.statistics import bootstrap_ci
 
 CONF = {"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 12, "num_hidden_layers": 12,
         "num_labels": 2}

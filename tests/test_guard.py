@@ -167,6 +167,11 @@ def baseline_project(tmp_path_factory):
     save_trained(project / "models/embedded-news" / reference, model, policy, reference, cfg,
                  {"dataset": "embedded-news", "classes": meta["classes"], "max_length": meta["max_length"]})
     write_manifest(project / "models/embedded-news" / reference)  # as the train stage does, last
+    # what training it cost (dht.results.training_budget): the baselines built from it are charged that too
+    (project / "results/embedded-news" / reference).mkdir(parents=True)
+    (project / "results/embedded-news" / reference / "metrics.json").write_text(json.dumps(
+        {"train_flop_ratio": 1.0, "start_flop_ratio": 0.0, "train_flop_ratio_total": 1.0, "epochs_own": 1,
+         "epochs_total": 1}))
     from dht.flexibert import Architecture
 
     arch = Architecture.homogeneous(1, "sdp", 2, 24, (48,))
@@ -209,3 +214,25 @@ def test_a_diverging_baseline_stops_in_one_line_and_writes_nothing(baseline_proj
     with sqlite3.connect(project / "mlflow.db") as db:
         status = db.execute("SELECT status FROM runs WHERE name = ?", (name,)).fetchall()
     assert status == [("FAILED",)]
+
+
+def test_a_baseline_stops_before_training_when_its_reference_predates_budgets(baseline_project, tmp_path):
+    """A reference's metrics.json written before training budgets were totals cannot say what the baseline
+    starts from: one line naming the file and the command, before any training, and nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    old = tmp_path / "metrics.json"
+    old.write_text(json.dumps({"accuracy": 0.5, "train_flop_ratio": 1.0}))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [sys.executable, "workflow/scripts/baseline.py", "--profile", "tiny", "--dataset", "embedded-news",
+         "--model", "distil-3", "--processed", "data/processed/embedded-news", "--teacher-metrics", str(old),
+         "--results", "results/embedded-news/distil-3", "--out-model", "models/embedded-news/distil-3"],
+        cwd=baseline_project, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (
+        f"error: --teacher-metrics {old}: no train_flop_ratio_total, epochs_total (written before training budgets "
+        f"were totals); rerun its stage (snakemake --cores 4 --force {old})")
+    assert not (baseline_project / "results/embedded-news/distil-3").exists()

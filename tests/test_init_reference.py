@@ -86,7 +86,8 @@ def saved(setup, tmp_path, monkeypatch):  # noqa: F811
     write_manifest(ref_dir)
     metrics = Path("results") / DATASET / "vanilla-12" / "metrics.json"
     metrics.parent.mkdir(parents=True)
-    metrics.write_text(json.dumps({"train_flop_ratio": 1.0, "epochs": 2, "accuracy": 0.5}))
+    metrics.write_text(json.dumps({"train_flop_ratio": 1.0, "start_flop_ratio": 0.0, "train_flop_ratio_total": 1.0,
+                                   "epochs_own": 2, "epochs_total": 2, "accuracy": 0.5}))
     return init_dir, ref_dir, reference
 
 
@@ -155,9 +156,11 @@ def test_its_metrics_count_the_references_training(setup):  # noqa: F811
     progress = Progress(train_flops=3.0, reference_flops=4.0, seconds=1.0)
     meta = {"max_length": SEQ, "difficulty_names": ["easy", "medium", "hard"]}
     own = training_metrics(cfg, pred, test, model.config, meta, progress)
-    assert not {"start_flop_ratio", "train_flop_ratio_total", "epochs_own", "epochs_total"} & set(own)
+    # from the initial model: the budget is its own (dht.results.training_budget), the same keys in every file
+    assert (own["start_flop_ratio"], own["train_flop_ratio_total"], own["train_flop_ratio"]) == (0.0, 0.75, 0.75)
+    assert own["epochs_own"] == own["epochs_total"] == cfg.train.epochs
     started = training_metrics(cfg, pred, test, model.config, meta, progress,
-                               {"train_flop_ratio": 1.012345, "epochs": 3})
+                               {"train_flop_ratio": 1.012345, "train_flop_ratio_total": 1.012345, "epochs_total": 3})
     assert started == {**own, "start_flop_ratio": 1.012345, "train_flop_ratio_total": round(1.012345 + 0.75, 6),
                        "epochs_own": cfg.train.epochs, "epochs_total": 3 + cfg.train.epochs}
 

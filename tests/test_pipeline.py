@@ -76,7 +76,8 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
     assert list(written) == ["resolve_params", "download-dbpedia-subset", "download-sst2", "tokenize",
                              "arm_features", "flexibert_search", "train", "train-p-dht", "train-vanilla",
                              "baseline-distil-2", "baseline-fastbert", "baseline-flexibert-0.5",
-                             "baseline-nas-prune-0.5", "table1", "figures", "table2", "index"]
+                             "baseline-nas-prune-0.5", "compare", "figures", "table1", "table2",
+                             "index"]
     assert written["resolve_params"] == {
         "cmd": "python -m dht.cli config show --out params.resolved.yaml",
         "deps": ["dht/cli.py", "dht/__init__.py", "dht/arms.py", "dht/config.py", "dht/config_checks.py",
@@ -98,7 +99,9 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
                          "tokenize@sst2", "arm_features@dbpedia-subset", "arm_features@sst2",
                          "flexibert_search@dbpedia-subset", "flexibert_search@sst2"]
     assert set(names[-4:]) == {"table1", "table2", "figures", "index"} and names[-1] == "index"
-    assert len(names) == 1 + 6 + 2 + 12 + 10 + 4
+    assert len(names) == 1 + 6 + 2 + 12 + 10 + 2 + 4
+    assert {"compare@dbpedia-subset", "compare@sst2"} == set(names[31:33])  # the evaluation stage, per dataset
+    assert stages["compare@sst2"]["metrics"] == ["results/sst2/paired.json"]  # `dvc metrics show` lists it
     # reports, metrics and plots are git-ignored outputs: cached, so that `dvc pull` restores them
     assert "reports/figures/pareto-sst2.png" in stages["figures"]["outs"]
     assert {f"train@{d}-{m}" for d in datasets for m in ("t-dht", "s-dht", "f-dht")} | {
@@ -293,7 +296,7 @@ def test_each_stage_declares_the_code_it_really_runs(project):
         key = " ".join([script, *extra])
         code = {f for f in job.inputs if f.endswith(".py")}
         assert declared.setdefault(key, code) == code, key  # every job of a script declares the same code
-    assert len(declared) == 11  # 7 scripts (report.py serves three rules), baseline.py once per kind
+    assert len(declared) == 12  # 8 scripts (report.py serves three rules), baseline.py once per kind
     env = dict(os.environ, PYTHONPATH=str(project))
     proc = subprocess.run([str(BIN / "python"), "-c", LOADED_FILES, json.dumps([k.split() for k in declared])],
                           cwd=project, env=env, capture_output=True, text=True, check=True)
@@ -329,7 +332,9 @@ def test_stage_code_follows_lazy_and_relative_imports(tmp_path):
 
 def test_dry_run_of_table1(project):
     proc = run_cli(["snakemake", "-n", "--cores", "1", "reports/table1.md"], cwd=project)
-    assert job_counts(proc.stdout) == {"download": 2, "tokenize": 2, "arm_features": 2, "train": 12, "table1": 1}
+    # the baselines too: Table 1 charges every model its training budget
+    assert job_counts(proc.stdout) == {"download": 2, "tokenize": 2, "arm_features": 2, "train": 12,
+                                       "flexibert_search": 2, "baseline": 10, "table1": 1}
     one = run_cli(["snakemake", "-n", "--cores", "1", "results/sst2/t-dht/metrics.json"], cwd=project)
     assert job_counts(one.stdout) == {"download": 1, "tokenize": 1, "arm_features": 1, "train": 1}
     # a baseline trains its teacher, the reference vanilla-6, first
@@ -339,6 +344,7 @@ def test_dry_run_of_table1(project):
     everything = run_cli(["snakemake", "-n", "--cores", "1"], cwd=project)
     counts = job_counts(everything.stdout)
     assert counts["baseline"] == 10 and counts["flexibert_search"] == 2 and counts["table2"] == 1
+    assert counts["compare"] == 2  # the evaluation stage: one per dataset
 
 
 def test_slurm_profile_submits_model_jobs_with_a_gpu_on_the_paper_profile(project):
@@ -582,7 +588,8 @@ def test_end_to_end_tiny_then_noop(project):
     set_params(project, lambda r: r["profiles"]["tiny"]["tokenizer"].__setitem__("vocab_size", 500))
     changed = run_cli(["snakemake", "-n", "--cores", "2", "--config", "profile=tiny"], cwd=project)
     assert job_counts(changed.stdout) == {"tokenize": 2, "arm_features": 2, "flexibert_search": 2, "train": 12,
-                                          "baseline": 8, "table1": 1, "table2": 1, "figures": 1, "index": 1, "all": 1}
+                                          "baseline": 8, "compare": 2, "table1": 1, "table2": 1, "figures": 1,
+                                          "index": 1, "all": 1}
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, embedded_raw
 
+from dht.comparison import compare_dataset
 from dht.config import ConfigError
 from dht.config_loading import load_config
 from dht.report import (
@@ -20,12 +21,17 @@ from dht.report import (
     write_table1,
     write_table2,
 )
+from dht.results import paired_path, write_paired
 
 MODELS = ["vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht"]
 BASELINES = ["distil-3", "fastbert-0.5", "nas-prune-0.5"]
 N_TEST = 80
 TOKENS = 5 + np.arange(N_TEST) % 40  # 5..44 tokens, each length twice
 CONTROL_RIGHT = np.arange(N_TEST) % 4 != 0  # the shallow control gets 3 samples in 4 right
+BASE_RIGHT = np.arange(N_TEST) % 5 != 0  # every other model gets 4 in 5 right, the same ones ...
+# ... except: t-dht also gets the first 6 of the others' wrong samples right, distil-3 the first 4 right ones wrong
+EXTRA_RIGHT = {"t-dht": 6}
+EXTRA_WRONG = {"distil-3": 4}
 
 
 def synthetic_layers(model: str) -> np.ndarray:
@@ -39,11 +45,20 @@ def synthetic_layers(model: str) -> np.ndarray:
     return np.full(N_TEST, fixed.get(model, 6))
 
 
+def correct_of(model: str) -> np.ndarray:
+    """Which test samples a model gets right in write_predictions."""
+    if model == "vanilla-3":
+        return CONTROL_RIGHT.copy()
+    correct = BASE_RIGHT.copy()
+    correct[np.flatnonzero(~BASE_RIGHT)[:EXTRA_RIGHT.get(model, 0)]] = True
+    correct[np.flatnonzero(BASE_RIGHT)[:EXTRA_WRONG.get(model, 0)]] = False
+    return correct
+
+
 def write_predictions(root, dataset, model):
     """A predictions.csv in the train/baseline stages' schema."""
     label = np.arange(N_TEST) % 2
-    correct = CONTROL_RIGHT if model == "vanilla-3" else np.arange(N_TEST) % 5 != 0
-    pred = np.where(correct, label, 1 - label)
+    pred = np.where(correct_of(model), label, 1 - label)
     prob = 0.5 + (np.arange(N_TEST) % 40) / 100
     lines = ["index,label,pred,prob,layers,n_tokens"]
     lines += [f"{i},{label[i]},{pred[i]},{prob[i]:.6f},{synthetic_layers(model)[i]},{TOKENS[i]}" for i in range(N_TEST)]
@@ -79,12 +94,18 @@ def cfg():
 
 
 def write_results(root, dataset, accuracy, models=None):
+    """metrics.json of every model: the i-th in the list trains for 1 - 0.1 i of the reference's FLOPs and infers
+    at 1 - 0.05 i; a baseline starts from the reference (trained for 1.0, 3 epochs) and trains 1 epoch."""
     for i, model in enumerate(models or MODELS + BASELINES + ["vanilla-3"]):
         path = root / "results" / dataset / model / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         acc = accuracy.get(model, 0.5)
+        own, start = round(1.0 - 0.1 * i, 6), 1.0 if model in BASELINES else 0.0  # all built from the reference
+        epochs = 1 if start else 3
         path.write_text(json.dumps({
-            "accuracy": acc, "accuracy_ci95": [acc - 0.05, acc + 0.04], "macro_f1": 0.4, "train_flop_ratio": 1.0 - 0.1 * i,
+            "accuracy": acc, "accuracy_ci95": [acc - 0.05, acc + 0.04], "macro_f1": 0.4, "train_flop_ratio": own,
+            "start_flop_ratio": start, "train_flop_ratio_total": start + own, "epochs_own": epochs,
+            "epochs_total": epochs + (3 if start else 0),
             "infer_flop_ratio": 1.0 - 0.05 * i, "infer_flop_ratio_linear": 1.0 - 0.05 * i, "infer_seconds": 2.0 + i,
             "mean_layers": 4.5, "accuracy_easy": 0.9, "mean_layers_easy": 3.0, "accuracy_hard": 0.4, "mean_layers_hard": 6.0,
         }))
@@ -116,11 +137,14 @@ def test_other_data_compare_relative_to_12_vabert(cfg, tmp_path):
     assert cells[7] == "0.33x (0.26x..0.39x)"  # the paper's training FLOP ratios for S-DHT
 
 
-def write_data(cfg, root, models=None):
+def write_data(cfg, root, models=None, accuracy=None):
+    """Every dataset's metrics.json and predictions.csv of every model, the evaluation stage's paired.json, and
+    meta.json."""
     for ds in cfg.run.datasets:
-        write_results(root, ds, {}, models)
-        for model in depth_models(cfg):
+        write_results(root, ds, accuracy or {}, models)
+        for model in dict.fromkeys([*depth_models(cfg), *cfg.run.models, *cfg.run.baselines]):
             write_predictions(root, ds, model)
+        write_paired(root / paired_path(cfg, ds), compare_dataset(cfg, root, ds))
         meta = {"name": ds, "source": "x", "num_labels": 4, "max_length": 32, "vocab_size": 100, "has_difficulty": True,
                 "difficulty_names": ["easy", "medium", "hard"],
                 "splits": {s: {"n": 10, "mean_tokens": 5.0, "truncated_share": 0.0, "difficulty_counts": [4, 3, 3]}
@@ -287,9 +311,101 @@ def test_without_baselines_the_reference_may_stay_out_of_run_models(tmp_path):
     raw["profiles"]["tiny"]["run"]["baselines"] = []
     cfg = load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
     assert depth_models(cfg) == ["t-dht", "vanilla-6"]  # the reference's predictions still feed the analysis
-    write_data(cfg, tmp_path, ["t-dht"])
+    write_data(cfg, tmp_path, ["t-dht", "vanilla-6"])  # the reference is trained for the reports all the same
     t2 = write_table2(cfg, tmp_path / "reports/table2.md", root=tmp_path)
     row = [c.strip() for c in next(line for line in t2.splitlines() if line.startswith("| t-dht ")).split("|")]
     assert row[5] == "-"  # no measured reference to compare with
     t1 = write_table1(cfg, tmp_path / "reports/table1.md", root=tmp_path)
     assert "vanilla-3 wrong" not in t1 and "| confidence | Q4: " in t1
+
+
+def cells_of(text: str, dataset: str, model: str, nth: int = 0) -> list[str]:
+    """The cells of a model's `nth` row in a dataset's section (Table 2 has the model in two tables)."""
+    section = text.split(f"## {dataset}\n")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith(f"| {model} |")]
+    return [c.strip() for c in rows[nth].strip("|").split("|")]
+
+
+def test_table1_charges_every_model_its_total_training_budget(cfg, tmp_path):
+    write_data(cfg, tmp_path)
+    t1 = write_table1(cfg, tmp_path / "reports/table1.md", root=tmp_path)
+    header = cells_of(t1, "embedded-news", "model")
+    assert header[6:] == ["training FLOPs: total", "paper: FLOPs, mean (range)", "own", "epochs: total (own)"]
+    # distil-3 (6th in write_results: 0.5x of its own, 1 epoch) starts from the reference (1.0x, 3 epochs)
+    distil = cells_of(t1, "embedded-news", "distil-3")
+    assert (distil[6], distil[8], distil[9]) == ("1.50x", "0.50x", "4 (1)")
+    t_dht = cells_of(t1, "embedded-news", "t-dht")  # from the initial weights: total = own
+    assert (t_dht[6], t_dht[8], t_dht[9]) == ("0.90x", "0.90x", "3 (3)")
+    # on a paper dataset the paper's training FLOPs stand beside the total
+    ag = cells_of(t1, "ag_news", "nas-prune-0.5")
+    assert ag[6:] == ["1.30x", "-", "-", "0.30x", "4 (1)"]
+    assert "*Total* = the training of the model it starts from plus its own" in t1
+    index = write_index(cfg, tmp_path / "reports/index.md", [], root=tmp_path)
+    assert cells_of(index, "embedded-news", "distil-3")[3] == "1.50x (0.50x)"
+
+
+def test_table2_pairs_every_model_with_the_reference_and_the_best_cheaper_baseline(cfg, tmp_path):
+    # distil-3 (0.75x inference) is the most accurate baseline, nas-prune-0.5 (0.65x) the cheapest
+    write_data(cfg, tmp_path, accuracy={"distil-3": 0.6, "fastbert-0.5": 0.55})
+    t2 = write_table2(cfg, tmp_path / "reports/table2.md", root=tmp_path)
+    header = cells_of(t2, "embedded-news", "model", 1)
+    assert header[2:6] == ["vs vanilla-12: difference [95% CI]", "p", "discordant (model / vanilla-12)",
+                           "best baseline at ≤ its FLOPs"]
+    t_dht = cells_of(t2, "embedded-news", "t-dht", 1)
+    # t-dht gets 6 samples right that the reference gets wrong, none the other way: 6/80, p = 2 / 2^6
+    assert t_dht[1] == "0.95x" and t_dht[2].startswith("+0.075 [") and t_dht[3] == "0.031" and t_dht[4] == "6 / 0"
+    lo, hi = (float(v) for v in t_dht[2].split("[")[1].rstrip("]").split(", "))
+    assert 0 < lo < 0.075 < hi
+    # distil-3 is wrong on 4 samples t-dht gets right, besides t-dht's 6: 10 / 0 against it
+    assert t_dht[5] == "distil-3" and t_dht[6].startswith("+0.125 [") and t_dht[8] == "10 / 0"
+    assert cells_of(t2, "embedded-news", "fastbert-0.5", 1)[5] == "nas-prune-0.5"  # the only cheaper one
+    assert cells_of(t2, "embedded-news", "nas-prune-0.5", 1)[5:] == ["none", "-", "-", "-"]
+    assert cells_of(t2, "embedded-news", "vanilla-12", 1)[2:5] == ["-", "-", "-"]
+    assert "McNemar's exact test" in t2
+    # one seed: the interval's half-width is stated, and that the seed's noise is not measured by this run
+    settle = t2.split("## embedded-news\n")[1].split("How large a difference this run settles: ")[1].split("\n")[0]
+    assert "every model was trained once (one seed)" in settle and "no run with several seeds is present" in settle
+    assert "standard deviation" not in settle
+    index = write_index(cfg, tmp_path / "reports/index.md", [], root=tmp_path)
+    assert cells_of(index, "embedded-news", "t-dht")[6].endswith(", p 0.031")
+    assert "How large a difference this run settles" in index.split("## embedded-news")[1]
+
+
+def test_table2_names_the_missing_comparisons(cfg, tmp_path):
+    write_data(cfg, tmp_path)
+    (tmp_path / "results/ag_news/paired.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"results/ag_news/paired.json: missing; run its stage first"):
+        write_table2(cfg, tmp_path / "reports/table2.md", root=tmp_path)
+
+
+def test_a_training_budget_adds_the_start_to_the_own_part(tmp_path):
+    from dht.results import read_start, training_budget
+
+    reference = {"train_flop_ratio": 1.02, "train_flop_ratio_total": 1.02, "epochs_own": 2, "epochs_total": 2}
+    assert training_budget(0.3, 1, reference) == {"train_flop_ratio": 0.3, "start_flop_ratio": 1.02,
+                                                   "train_flop_ratio_total": pytest.approx(1.32),
+                                                   "epochs_own": 1, "epochs_total": 3}
+    scratch = training_budget(0.45, 2, None)
+    assert scratch["start_flop_ratio"] == 0 and scratch["train_flop_ratio_total"] == 0.45
+    assert scratch["epochs_total"] == 2
+    old = tmp_path / "metrics.json"
+    old.write_text(json.dumps({"train_flop_ratio": 1.0}))
+    with pytest.raises(ValueError, match=r"no train_flop_ratio_total, epochs_total .*rerun its stage"):
+        read_start(old)
+    with pytest.raises(FileNotFoundError, match="missing; run its stage first"):
+        read_start(tmp_path / "none.json")
+
+
+def test_a_baselines_metrics_charge_it_the_reference_it_starts_from():
+    from test_evaluation import CONF, SEQ, pattern, split_and_predictions
+
+    from dht.results import baseline_metrics
+
+    data, pred = split_and_predictions(*pattern(40))
+    reference = {"train_flop_ratio_total": 0.98, "epochs_total": 2}
+    m = baseline_metrics(pred, data, CONF, {"max_length": SEQ}, train_flops=30.0, reference_train_flops=100.0,
+                         seconds=1.0, epochs=1, start=reference)
+    assert m["train_flop_ratio"] == 0.3 and m["start_flop_ratio"] == 0.98
+    assert m["train_flop_ratio_total"] == pytest.approx(1.28) and (m["epochs_own"], m["epochs_total"]) == (1, 3)
+    alone = baseline_metrics(pred, data, CONF, {"max_length": SEQ}, 30.0, 100.0, 1.0, 12.5, None)  # FlexiBERT's
+    assert alone["train_flop_ratio_total"] == 0.3 and alone["epochs_total"] == 12.5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import yaml
 from conftest import ROOT, embedded_raw, run_cli
@@ -88,6 +89,96 @@ def test_the_tables_show_mean_and_std_over_seeds(tmp_path):
     assert result_file(cfg, tmp_path, "embedded-news", "t-dht", "metrics.json").parent.name == "seed-0"
 
 
+N_PAIRED = 40
+
+
+def write_seed_predictions(root, cfg, dataset, model, seed, wrong):
+    """A predictions.csv of one seed's run: wrong on the samples `wrong`, right on the others."""
+    label = np.arange(N_PAIRED) % 2
+    pred = np.where(np.isin(np.arange(N_PAIRED), wrong), 1 - label, label)
+    rows = [f"{i},{label[i]},{pred[i]},0.7,6,10" for i in range(N_PAIRED)]
+    path = root / "results" / run_subdir(cfg, dataset, model, seed) / "predictions.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("index,label,pred,prob,layers,n_tokens\n" + "\n".join(rows) + "\n")
+
+
+def two_seed_comparison(root, cfg):
+    """Two seeds of the reference, t-dht and distil-3 on embedded-news, where pairing matters: t-dht's seed 0
+    gets 4 samples right that the reference's seed 0 gets wrong; its seed 1 predicts as the reference's seed 1,
+    which is wrong on other samples than seed 0's (pairing seed 1 with seed 0 would give another difference)."""
+    wrong = {("vanilla-12", 0): list(range(10)), ("t-dht", 0): list(range(4, 10)),
+             ("vanilla-12", 1): list(range(20, 28)), ("t-dht", 1): list(range(20, 28)),
+             ("distil-3", 0): list(range(12)), ("distil-3", 1): list(range(30, 40))}
+    for (model, seed), w in wrong.items():
+        accuracy = 1 - len(w) / N_PAIRED
+        write_metrics(root, cfg, "embedded-news", model, seed, accuracy, 0.3 if model == "distil-3" else 0.6)
+        write_seed_predictions(root, cfg, "embedded-news", model, seed, w)
+
+
+def test_several_seeds_pair_each_seeds_runs_and_report_the_difference_per_seed(tmp_path):
+    from dht.comparison import compare_dataset
+    from dht.report import paired_cells, settle_text
+
+    raw = embedded_raw()
+    raw["run"]["seeds"] = [0, 1]
+    raw["profiles"]["tiny"]["run"] = {"models": ["vanilla-12", "t-dht"], "baselines": ["distil-3"], "control": None}
+    cfg = load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
+    two_seed_comparison(tmp_path, cfg)
+    paired = compare_dataset(cfg, tmp_path, "embedded-news")
+    assert paired["seeds"] == [0, 1] and paired["n_test"] == N_PAIRED
+    versus = paired["models"]["t-dht"]["vs_reference"]
+    assert versus["per_seed"]["0"]["difference"] == pytest.approx(4 / N_PAIRED)
+    assert (versus["per_seed"]["0"]["only_model"], versus["per_seed"]["0"]["only_other"]) == (4, 0)
+    assert versus["per_seed"]["1"]["difference"] == 0 and versus["per_seed"]["1"]["p_value"] == 1
+    assert versus["difference"] == pytest.approx(2 / N_PAIRED)
+    assert versus["difference_std"] == pytest.approx(4 / N_PAIRED / math.sqrt(2), abs=1e-6)  # n - 1, 6 digits
+    # the baseline is chosen once (mean accuracy and FLOPs over the seeds) and paired seed by seed
+    best = paired["models"]["t-dht"]["vs_best_baseline"]
+    assert best["against"] == "distil-3"
+    assert best["per_seed"]["1"]["difference"] == pytest.approx((10 - 8) / N_PAIRED)
+    diff, p, counts = paired_cells(versus)
+    assert diff == f"+0.050 ± {4 / N_PAIRED / math.sqrt(2):.3f} (per seed: +0.100, +0.000)"
+    assert p == "0.125, 1.000" and counts == "4 / 0, 0 / 0"
+    text = settle_text(cfg, tmp_path, "embedded-news", paired)
+    assert "across the 2 training seeds" in text and "t-dht 0.071" in text
+
+
+def test_a_one_seed_report_quotes_the_seed_spread_of_a_seeds_run_when_present(tmp_path):
+    """The main job (one seed) states what a run with several seeds measured on the same data, read from its
+    paired-seeds.json when one is there, and says that none is otherwise."""
+    from dht.comparison import compare_dataset
+    from dht.report import settle_text
+    from dht.results import paired_path, write_paired
+
+    raw = embedded_raw()
+    raw["profiles"]["tiny"]["run"] = {"models": ["vanilla-12", "t-dht"], "baselines": ["distil-3"], "control": None}
+    one = load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
+    raw["run"]["seeds"] = [0, 1]
+    several = load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
+    two_seed_comparison(tmp_path, several)
+    for model, wrong in {"vanilla-12": range(10), "t-dht": range(6, 10), "distil-3": range(12)}.items():
+        write_metrics(tmp_path, one, "embedded-news", model, 0, 1 - len(wrong) / N_PAIRED, 0.5)
+        write_seed_predictions(tmp_path, one, "embedded-news", model, 0, list(wrong))
+    mine = compare_dataset(one, tmp_path, "embedded-news")
+    write_paired(tmp_path / paired_path(one, "embedded-news"), mine)
+    assert paired_path(one, "embedded-news") == "results/embedded-news/paired.json"
+    absent = settle_text(one, tmp_path, "embedded-news", mine)
+    assert "no run with several seeds is present" in absent and "standard deviation" not in absent
+    seeds_file = tmp_path / paired_path(several, "embedded-news")
+    assert seeds_file.name == "paired-seeds.json"  # beside the one-seed file, not over it
+    write_paired(seeds_file, compare_dataset(several, tmp_path, "embedded-news"))
+    present = settle_text(one, tmp_path, "embedded-news", mine)
+    assert "the run with seeds 0, 1 in `results/embedded-news/paired-seeds.json`" in present
+    # the median over the models: t-dht 0.071, distil-3 0 (2 samples worse than the reference in either seed)
+    assert f"standard deviation of {(4 / N_PAIRED / math.sqrt(2)) / 2:.3f}" in present
+    assert "(t-dht 0.071, distil-3 0.000)" in present
+    # a seeds run against another reference says nothing about this one
+    other = json.loads(seeds_file.read_text())
+    other["reference"] = "vanilla-6"
+    seeds_file.write_text(json.dumps(other))
+    assert "no run with several seeds is present" in settle_text(one, tmp_path, "embedded-news", mine)
+
+
 def seeded_tiny(raw, seeds=(0, 1)):
     raw["profiles"]["tiny"].setdefault("run", {})["seeds"] = list(seeds)
 
@@ -102,6 +193,8 @@ def test_dry_run_trains_every_model_once_per_seed(project):
     assert counts["train"] == 2 * n_data * len(cfg.run.models)  # each model once per seed
     assert counts["baseline"] == 2 * n_data * len(cfg.run.baselines)
     assert counts["arm_features"] == n_data and counts["flexibert_search"] == n_data  # drawn once, with `seed`
+    # one comparison per dataset over every seed's runs, beside a one-seed run's paired.json, not over it
+    assert counts["compare"] == n_data and "--out results/embedded-news/paired-seeds.json " in proc.stdout
     out = proc.stdout
     assert "--model t-dht --seed 1 " in out and "--results results/embedded-news/t-dht/seed-1 " in out
     assert "--out-model models/embedded-news/t-dht/seed-1 " in out

@@ -30,13 +30,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Baseline:
-    """One kind of baseline: its ``baselines:`` section in params.yaml, the module whose ``run`` builds it, and
-    the params.yaml keys of its own that a job of the kind reads (``reads``; default: its whole section)."""
+    """One kind of baseline: its ``baselines:`` section in params.yaml, the module whose ``run`` builds it, whether
+    its weights start from the trained reference (its training budget then includes the reference's,
+    :func:`dht.results.training_budget`), and the params.yaml keys of its own that a job of the kind reads
+    (``reads``; default: its whole section)."""
 
     kind: str
     section: str
     module: str
     title: str  # what it is, in words (dht predict says it of a baseline's model directory)
+    title: str  # what it is, in words (dht predict says it of a baseline's model directory)
+    starts_from_reference: bool
     reads: tuple[str, ...] = ()
 
     @property
@@ -56,10 +60,16 @@ class Baseline:
 # Everything else of baselines.flexibert is the search's (FLEXIBERT_SEARCH_PARAMS), an input of the baseline.
 FLEXIBERT_RETRAINING = ("epochs", "learning_rate")
 KINDS: dict[str, Baseline] = {b.kind: b for b in (
-    Baseline("distil", "distil", "dht.baselines.distil", "a DistilBERT student of the reference"),
-    Baseline("fastbert", "fastbert", "dht.baselines.fastbert", "FastBERT: the reference with early-exit students"),
-    Baseline("nas-prune", "nas_prune", "dht.baselines.nas_prune", "the reference pruned by differentiable NAS"),
+    # A student of the reference's layers; FastBERT's students on the reference's backbone; a supernet of it.
+    Baseline("distil", "distil", "dht.baselines.distil", "a DistilBERT student of the reference",
+             starts_from_reference=True),
+    Baseline("fastbert", "fastbert", "dht.baselines.fastbert", "FastBERT: the reference with early-exit students",
+             starts_from_reference=True),
+    Baseline("nas-prune", "nas_prune", "dht.baselines.nas_prune", "the reference pruned by differentiable NAS",
+             starts_from_reference=True),
+    # Searched and retrained from scratch (the reference only sets the FLOP budget); its search is its own cost.
     Baseline("flexibert", "flexibert", "dht.baselines.flexibert", "the best FlexiBERT architecture within a FLOP budget",
+             starts_from_reference=False,
              reads=(*(f"baselines.flexibert.{k}" for k in FLEXIBERT_RETRAINING), "model.hidden_dropout_prob")),
 )}
 
@@ -112,12 +122,14 @@ class BaselineJob:
 @dataclass
 class BaselineRun:
     """What building a baseline gave: its inference (a split's predictions, with the baseline's own inference rule:
-    FastBERT's exits, a pruned model's heads; the stage runs it on the test and the validation split), what the
-    training cost (FLOPs, full convention), its training loss per epoch, and parameters for the MLflow run beyond
-    the job's."""
+    FastBERT's exits, a pruned model's heads; the stage runs it on the test and the validation split), what its own
+    training cost (FLOPs, full convention; the passes over the training split, `epochs`, as
+    :func:`dht.results.training_budget` counts them), its training loss per epoch, and parameters for the MLflow
+    run beyond the job's."""
 
     predict: Callable[[SplitData], Predictions]
     train_flops: float
+    epochs: float
     history: list[float]
     params: dict[str, Any] = field(default_factory=dict)
 

@@ -135,4 +135,4 @@ def run(layers: float, job: BaselineJob) -> BaselineRun:
                    batch_size=job.cfg.train.batch_size, device=job.device, seed=job.cfg.seed, seq_len=job.seq_len)
     model.save_pretrained(job.out_model)
     return BaselineRun(lambda data: predict_student(model, data, job.device, job.cfg.train.eval_batch_size, job.seq_len),
-                       info["train_flops"], info["loss_per_epoch"])
+                       info["train_flops"], c.epochs, info["loss_per_epoch"])

@@ -515,4 +515,4 @@ def run(speed: float, job: BaselineJob) -> BaselineRun:
     model.save(job.out_model)
     return BaselineRun(
         lambda data: predict_fastbert(model, data, speed, job.device, job.cfg.train.eval_batch_size, job.seq_len),
-        info["train_flops"], info["epoch_kl"])
+        info["train_flops"], c.epochs, info["epoch_kl"])

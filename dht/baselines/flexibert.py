@@ -21,7 +21,7 @@ def _arrays(data: SplitData) -> dict[str, np.ndarray]:
 
 def run(ratio: float, job: BaselineJob) -> BaselineRun:
     """Choose, retrain and write to ``job.out_model`` (:func:`dht.baselines.run_baseline`). The search's training
-    counts in its training FLOPs, as NAS pruning's does: it is what finding the architecture cost."""
+    counts in its training FLOPs and epochs, as NAS pruning's does: it is what finding the architecture cost."""
     if job.search is None:
         raise BaselineError("flexibert baselines need --search (the flexibert_search stage's output directory)")
     trace = json.loads((job.search / "trace.json").read_text())["queries"]
@@ -31,6 +31,8 @@ def run(ratio: float, job: BaselineJob) -> BaselineRun:
         raise BaselineError(str(err)) from None
     model, info = retrain(job.cfg, arch, _arrays(job.train), _arrays(job.val), job.meta, job.device)
     model.save_pretrained(job.out_model)
+    # The search's trainings (on part of the split, a few steps each) as passes over the split, then the retraining.
+    epochs = sum(e["train_samples"] for e in trace) / len(job.train) + job.cfg.baselines.flexibert.epochs
     return BaselineRun(lambda data: predictions(model, data, job.cfg.train.eval_batch_size, job.seq_len, job.device),
-                       search_train_flops(trace) + info["train_flops"], [info["train_loss"]],
+                       search_train_flops(trace) + info["train_flops"], epochs, [info["train_loss"]],
                        params={"arch_id": arch.id})

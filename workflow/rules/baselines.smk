@@ -69,8 +69,10 @@ rule baseline:
         val="data/processed/{dataset}/val.parquet",  # val_accuracy in metrics.json; never trained on
         test="data/processed/{dataset}/test.parquet",
         meta="data/processed/{dataset}/meta.json",
-        # the reference trained with the same seed
+        # the reference trained with the same seed, and its metrics (what training it cost: a baseline built
+        # from it is charged that too)
         teacher=f"models/{RUN.replace('{model}', REFERENCE)}",
+        teacher_metrics=f"results/{RUN.replace('{model}', REFERENCE)}/metrics.json",
     output:
         metrics=f"results/{BASELINE_RUN}/metrics.json",
         predictions=f"results/{BASELINE_RUN}/predictions.csv",
@@ -91,5 +93,5 @@ rule baseline:
     shell:
         "python workflow/scripts/baseline.py --profile {PROFILE:q} --dataset {wildcards.dataset:q}"
         " --model {wildcards.baseline:q} --seed {params.seed:q} --processed {params.processed:q}"
-        " --teacher {input.teacher:q} --results {params.results:q} --out-model {output.model:q}"
-        " --threads {threads:q} --log {log:q} {params.search:q}"
+        " --teacher {input.teacher:q} --teacher-metrics {input.teacher_metrics:q} --results {params.results:q}"
+        " --out-model {output.model:q} --threads {threads:q} --log {log:q} {params.search:q}"

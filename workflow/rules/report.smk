@@ -9,6 +9,8 @@ FIGURES = figure_paths(CFG)
 # depth-<dataset>.png).
 # (The first seed's: the analysis reads one run.)
 DEPTH_PREDICTIONS = expand(f"results/{RUN}/predictions.csv", dataset=DATASETS, model=depth_models(CFG), seed=SEEDS[0])
+# The evaluation stage's paired comparisons (workflow/rules/evaluation.smk): Table 2 and the index.
+PAIRED = [paired_path(CFG, d) for d in DATASETS]
 
 localrules: all, table1, table2, figures, index
 
@@ -17,7 +19,8 @@ rule table1:
     input:
         code=REPORT_CODE,
         metas=expand("data/processed/{dataset}/meta.json", dataset=DATASETS),
-        metrics=run_paths(f"results/{RUN}/metrics.json", dataset=DATASETS, model=MODELS),
+        # the baselines too: every model's training budget, total and own
+        metrics=run_paths(f"results/{RUN}/metrics.json", dataset=DATASETS, model=MODELS + BASELINES),
         predictions=DEPTH_PREDICTIONS,
     output:
         "reports/table1.md",
@@ -33,6 +36,7 @@ rule table2:
     input:
         code=REPORT_CODE,
         metrics=run_paths(f"results/{RUN}/metrics.json", dataset=DATASETS, model=MODELS + BASELINES),
+        paired=PAIRED,
     output:
         "reports/table2.md",
     params:
@@ -67,6 +71,7 @@ rule index:
         tables=["reports/table1.md", "reports/table2.md"],
         figures=FIGURES,
         searches=[f for f in (flexibert_search_figure(CFG, d) for d in DATASETS) if f],
+        paired=PAIRED,
     output:
         "reports/index.md",
     params:

@@ -2,7 +2,8 @@
 distil-<layers> (DistilBERT, BL2), fastbert-<speed> (FastBERT, BL3), nas-prune-<ratio> (differentiable NAS
 pruning) or flexibert-<ratio> (the best FlexiBERT architecture of the dataset's search within that FLOP ratio,
 retrained), each built by its module through dht.baselines.run_baseline and run on the test and the validation
-split. Writes results/<dataset>/<model>/ metrics.json (the DHT runs' schema, val_accuracy included), predictions.csv
+split. Writes results/<dataset>/<model>/ metrics.json (the DHT runs' schema, val_accuracy included; a baseline
+built from the reference is charged the reference's training too, read from its metrics.json), predictions.csv
 (test split) and models/<dataset>/<model>/."""
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 import _stage
 
 from dht.baselines import (
+    KINDS,
     BaselineError,
     BaselineJob,
     finish_model_dir,
@@ -23,7 +25,7 @@ from dht.baselines import (
 )
 from dht.config import parse_baseline
 from dht.evaluation import SplitData, accuracy_text
-from dht.results import baseline_metrics, run_name, run_subdir, write_results
+from dht.results import baseline_metrics, read_start, run_name, run_subdir, write_results
 from dht.tokenization import load_processed
 from dht.tracking import log_run_metrics, stage_run
 
@@ -35,6 +37,10 @@ p.add_argument("--processed", required=True)
 p.add_argument("--teacher", default=None,
                help="the trained reference's model directory (default: models/<dataset>/<run.reference>, with "
                     "the seed's level when run.seeds lists several)")
+p.add_argument("--teacher-metrics", default=None,
+               help="the trained reference's metrics.json, whose training a baseline built from it is charged "
+                    "(default: results/<dataset>/<run.reference>/metrics.json, with the seed's level when "
+                    "run.seeds lists several)")
 p.add_argument("--results", required=True)
 p.add_argument("--out-model", required=True)
 p.add_argument("--search", default=None, help="flexibert-<ratio>: the dataset's flexibert_search output directory")
@@ -56,6 +62,14 @@ try:
     teacher = load_reference(cfg, args.dataset, teacher_dir, device)
 except BaselineError as err:
     sys.exit(f"error: --teacher {err}")
+reference_metrics = None  # what the baseline starts from: the reference, for most kinds
+if KINDS[kind].starts_from_reference:  # read before training: a file without the budget stops the job now
+    teacher_metrics = (Path(args.teacher_metrics) if args.teacher_metrics else _stage.root() / "results"
+                       / run_subdir(cfg, args.dataset, cfg.run.reference, cfg.seed) / "metrics.json")
+    try:
+        reference_metrics = read_start(teacher_metrics)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: --teacher-metrics {err}")
 processed = Path(args.processed)
 meta = json.loads((processed / "meta.json").read_text())
 train = SplitData.from_arrays(load_processed(processed, "train"))
@@ -81,7 +95,8 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baselin
     if built.params:
         mlflow.log_params(built.params)
     metrics = baseline_metrics(predictions, test, teacher.config, meta, built.train_flops,
-                               job.reference_train_flops, seconds, val=(val_predictions, val))
+                               job.reference_train_flops, seconds, built.epochs, reference_metrics,
+                               val=(val_predictions, val))
     write_results(args.results, metrics, predictions, test)
     # the tokenizer, baseline.json (where the teacher is, for FastBERT's students) and last the checksums
     finish_model_dir(out_model, processed / "tokenizer", {
@@ -92,5 +107,6 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baselin
     log_run_metrics(metrics)
     if cfg.train.log_model:
         mlflow.log_artifacts(str(out_model), artifact_path="model")
-print(f"baseline {args.dataset}/{args.model}: accuracy {accuracy_text(metrics)}, inference FLOPs "
+print(f"baseline {args.dataset}/{args.model}: accuracy {accuracy_text(metrics)}, train FLOPs "
+      f"{metrics['train_flop_ratio_total']:.2f}x in total ({metrics['train_flop_ratio']:.2f}x its own), inference FLOPs "
       f"{metrics['infer_flop_ratio']:.2f}x, mean layers {metrics['mean_layers']:.1f} ({seconds:.0f}s)")

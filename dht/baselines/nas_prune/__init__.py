@@ -124,4 +124,5 @@ def run(ratio: float, job: BaselineJob) -> BaselineRun:
     model.save(job.out_model)
     found.save(job.out_model / "search")
     return BaselineRun(lambda data: predict_pruned(model, data, job.device, job.cfg.train.eval_batch_size, job.seq_len),
-                       found.train_flops + tuned["train_flops"], tuned["loss_per_epoch"])
+                       found.train_flops + tuned["train_flops"], c.search_epochs + c.finetune_epochs,
+                       tuned["loss_per_epoch"])
