@@ -417,7 +417,7 @@ class TrainConfig(_Strict):
         """q of Algorithm 3: a depth's queue releases a training batch when q samples wait in it. The paper trains
         every batch from one queue, so q is the training batch size: one key, read by this name where it is q.
         Per process: with ``distributed.batch: split`` each of the N ranks queues and trains batch_size / N."""
-        if self.distributed.batch == "split":
+        if self.distributed.nproc_per_node > 1 and self.distributed.batch == "split":  # one process: no split to read
             return self.batch_size // self.distributed.nproc_per_node
         return self.batch_size
 
@@ -579,7 +579,7 @@ def run_param_keys(cfg: Config, mode_name: str) -> list[str]:
     keys = ["seed", "device", "model.exit_heads", "dht.fixed_layers", *(f"train.{k}" for k in TRAINING_KEYS),
             "train.distributed.nproc_per_node"]
     if cfg.train.distributed.nproc_per_node > 1:
-        keys += ["train.distributed.backend", "train.distributed.queues"]
+        keys += ["train.distributed.backend", "train.distributed.queues", "train.distributed.batch"]
     if any(cfg.dht.modes[m].search != "fixed" for m in modes):
         # dht.features whole: besides the contexts' poolings, refresh and exit_confidence, its keys are the
         # arm_features stage's, whose output every training reads, so tracking them costs no extra rerun.

@@ -306,7 +306,8 @@ def test_dvc_repro_runs_a_train_stage_with_two_processes(tiny_project, monkeypat
     run_cli(["dht", "dvc-yaml", "--profile", "tiny"], cwd=tiny_project)
     subprocess.run(["git", "init", "-q"], cwd=tiny_project, check=True)
     monkeypatch.setenv(TRACE_ENV, str(tiny_project / "trace"))
-    stage = f"train@{DATASET}-vanilla-3"
+    stage = f"train-vanilla@{DATASET}-vanilla-3"  # the fixed modes' own stage: they read no bandit key
+    run_cli(["dvc", "repro", "resolve_params"], cwd=tiny_project)  # the resolved params every stage reads
     proc = run_cli(["dvc", "repro", "--single-item", stage], cwd=tiny_project, timeout=900)
     cmd = yaml.safe_load((tiny_project / "dvc.lock").read_text())["stages"][stage]["cmd"]
     assert launched(cmd) and cmd in proc.stdout

@@ -467,7 +467,8 @@ def test_dvc_runs_no_profile_name_in_the_shell(project):
         raw["profiles"]["default;touch PWNED;"] = {}
     set_params(project, poison)
     dvc_reads(project)  # git and DVC initialised
-    proc = run_cli(["dvc", "repro", "--single-item", "download-sst2"], cwd=project, check=False)
+    # with its upstream: resolve_params, which resolves params.yaml's profile: and refuses the name
+    proc = run_cli(["dvc", "repro", "download-sst2"], cwd=project, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and 'profile = "default;touch PWNED;": not a valid name' in out, out[-3000:]
     assert not (project / "PWNED").exists() and not (project / "data" / "raw").exists()
@@ -828,7 +829,7 @@ def test_a_changed_parameter_reruns_exactly_the_stages_that_read_it(tiny_project
     assert sorted(map(label, jobs)) == sorted(["download", "tokenize", "arm_features", "flexibert_search",
                                                *(f"train:{m}" for m in fixed + bandit),
                                                *(f"baseline:{b}" for b in baselines),
-                                               "table1", "table2", "figures", "index"])
+                                               "compare", "table1", "table2", "figures", "index"])
     files = {".json", ".csv", ".md", ".png"}  # the file outputs' suffixes; the others are directories (models/...)
     for job in jobs:  # stand-ins for what the upstream did not build
         for out in map(Path, job.outputs):
@@ -869,7 +870,7 @@ def test_a_changed_parameter_reruns_exactly_the_stages_that_read_it(tiny_project
     reports = {"table1", "table2", "figures", "index"}
     cases = [
         ("seed", top("seed", 1), {"download", "arm_features", "flexibert_search", *trains,
-                                  *(f"baseline:{b}" for b in baselines), *reports}),
+                                  *(f"baseline:{b}" for b in baselines), "compare", *reports}),
         ("device", top("device", "cpu"), {"arm_features", "flexibert_search", *trains,
                                           *(f"baseline:{b}" for b in baselines)}),
         ("datasets.embedded-news.n_test", tiny("datasets.embedded-news.n_test", 80), {"download"}),
@@ -965,7 +966,7 @@ def test_every_stage_tracks_the_params_it_reads(project):
     set_params(project, small)
     jobs = snakemake_jobs(project, "tiny")
     assert {j.rule for j in jobs} == {"download", "tokenize", "arm_features", "flexibert_search", "train",
-                                      "baseline", "table1", "table2", "figures", "index"}
+                                      "baseline", "compare", "table1", "table2", "figures", "index"}
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(project),
                DHT_NO_PROGRESS="1", OMP_NUM_THREADS="1")
     env.pop("MLFLOW_TRACKING_URI", None)
