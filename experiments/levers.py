@@ -150,6 +150,7 @@ def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: i
     directory."""
     from dht.arm_features import load_arm_features
     from dht.evaluation import SplitData, accuracy_text
+    from dht.integrity import write_manifest
     from dht.policy import predict
     from dht.results import POLICY_FILE, training_metrics, write_results
     from dht.runtime import configure_threads, resolve_device, seed_everything
@@ -187,6 +188,7 @@ def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: i
     out.mkdir(parents=True, exist_ok=True)
     if keep_model:  # with its dht_policy.json, which names it the reference of `dataset` (dht.trainer.initial_model)
         save_trained(out / "model", trainer.model, trainer.policy, model_name, cfg, {"dataset": dataset})
+        write_manifest(out / "model")  # as the train stage does, last: init-reference verifies it before loading
     if not fixed:
         depths = sorted(set(trainer.policy.layer_options))
         np.savez(out / LADDER, **exit_ladder(trainer.model, val, device, cfg.train.eval_batch_size, depths))
@@ -353,6 +355,112 @@ def ladder_summary(settings: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+# The rule `select` applies, stated before the sweep's results were read (docs/real-text.md section 5).
+FLOP_BUDGET = 0.6  # the paper's goal: at most 0.6x the reference's inference FLOPs
+
+
+def _line(m: dict[str, Any], ref: dict[str, Any], ctrl: dict[str, Any]) -> float:
+    """The random-mixing line at a run's FLOPs: the accuracy of sending that share of the samples through the
+    reference and the rest through the control, at random (linear in the FLOP ratio)."""
+    x0, x1 = ctrl["infer_flop_ratio"], ref["infer_flop_ratio"]
+    t = (m["infer_flop_ratio"] - x0) / (x1 - x0)
+    return ctrl["accuracy"] + t * (ref["accuracy"] - ctrl["accuracy"])
+
+
+def select(settings: list[str], model: str) -> tuple[str | None, list[str]]:
+    """The setting of `model` chosen on the validation split, and the table behind the choice. The rule: among the
+    settings at no more than FLOP_BUDGET of the reference's inference FLOPs on every dataset, the one whose
+    validation accuracy lies furthest above the random-mixing line (mean over the datasets): the setting whose
+    router adds the most over mixing the control and the reference at random for the same FLOPs. No test figure
+    is read."""
+    cfg = load_config("params.yaml", profile="default")
+    rows, scores = [], {}
+    for setting in settings:
+        above, within, cells = [], True, []
+        for dataset in DATASETS:
+            run, ref, ctrl = (_read(s, dataset, m) for s, m in ((setting, model), ("default", cfg.run.reference),
+                                                                  ("default", cfg.run.control)))
+            if run is None or ref is None or ctrl is None:
+                cells.append("not run")
+                within = False
+                continue
+            m = run[0]
+            d = m["accuracy"] - _line(m, ref[0], ctrl[0])
+            above.append(d)
+            within &= m["infer_flop_ratio"] <= FLOP_BUDGET + 1e-9
+            cells.append(f"{m['accuracy']:.3f} @ {m['infer_flop_ratio']:.2f}x ({100 * d:+.1f} pt)")
+        if within and len(above) == len(DATASETS):
+            scores[setting] = float(np.mean(above))
+        rows.append(f"| {setting} | " + " | ".join(cells) + f" | {'yes' if within else 'no'} |")
+    chosen = max(scores, key=lambda k: scores[k]) if scores else None
+    head = [f"| setting | {' | '.join(DATASETS)} | within {FLOP_BUDGET}x |", "|---|" + "---|" * (len(DATASETS) + 1)]
+    return chosen, head + rows
+
+
+def _p_true(pred_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's probability of its true class and whether it was right, from a binary task's
+    predictions.csv (which keeps the top class's probability only)."""
+    import pandas as pd
+
+    df = pd.read_csv(pred_path)
+    right = (df["pred"] == df["label"]).to_numpy()
+    return np.where(right, df["prob"], 1.0 - df["prob"]).astype(float), right
+
+
+def depth_gain_shares(dataset: str = "sst2", prices: tuple[float, ...] = (0.02, 0.04, 0.075)) -> list[str]:
+    """T25's and T27's readings on the validation split: among the samples the control gets wrong / right, the
+    share where the reference's full depth pays under each reward: loss x L (Section 4.3's ratio), a price per
+    layer on the cross-entropy (T25's difference) and on 1 - p(true class) (T27). From the `default` runs' fixed
+    models (a binary dataset: predictions.csv keeps the top probability only)."""
+    cfg = load_config("params.yaml", profile="default")
+    ref, ctrl = cfg.run.reference, cfg.run.control
+    root = OUT / "default" / dataset
+    if not (_done(root / ref) and _done(root / ctrl)):
+        return [f"{dataset}: the default setting's {ref} / {ctrl} have not run on the validation split yet."]
+    p6, _ = _p_true(root / ref / "predictions.csv")
+    p2, right2 = _p_true(root / ctrl / "predictions.csv")
+    l6, l2 = -np.log(np.clip(p6, 1e-12, 1)), -np.log(np.clip(p2, 1e-12, 1))
+    d6, d2 = cfg.dht.modes[ref].arms[0].split("L")[0], cfg.dht.modes[ctrl].arms[0].split("L")[0]
+    deep, shallow = int(d6), int(d2)
+    rules = {f"loss x L (ratio: {deep} layers win when their loss is {deep / shallow:.0f}x lower)":
+             l6 * deep < l2 * shallow}
+    for p in prices:
+        rules[f"cross-entropy, price {p} per layer"] = l2 - l6 > p * (deep - shallow)
+        rules[f"1 - p(true class), price {p} per layer"] = (1 - p2) - (1 - p6) > p * (deep - shallow)
+    lines = [f"{dataset}, validation split ({len(p6)} samples; {ctrl} wrong on {int((~right2).sum())}): share of "
+             f"samples where {deep} layers pay over {shallow}",
+             "", f"| reward | {ctrl} wrong | {ctrl} right |", "|---|---|---|"]
+    for name, pays in rules.items():
+        lines.append(f"| {name} | {pays[~right2].mean():.0%} | {pays[right2].mean():.0%} |")
+    return lines
+
+
+def exit_quartiles(setting: str, dataset: str, model: str = "t-dht") -> list[str]:
+    """T27's reading on the validation split, from a trained DHT model's exit ladder: by quarter of the shallowest
+    exit's uncertainty (1 - top probability), the accuracy, cross-entropy and 1 - p(true class) of the shallowest
+    and the deepest exit."""
+    path = OUT / setting / dataset / model / LADDER
+    if not (_done(path.parent) and path.is_file()):
+        return [f"{setting} {dataset}/{model}: no exit ladder of the validation split."]
+    ladder = dict(np.load(path))
+    probs, label = ladder["probs"], ladder["label"]
+    pt = probs[np.arange(len(label)), :, label]  # [N, K] p(true class) at each exit
+    unc = 1.0 - probs[:, 0].max(-1)
+    quarter = np.minimum((np.argsort(np.argsort(unc, kind="stable"), kind="stable") * 4) // len(unc), 3)
+    lo, hi = ladder["depths"][0], ladder["depths"][-1]
+    lines = [f"{setting}, {dataset}/{model}, validation split: by quarter of the {lo}-layer exit's uncertainty",
+             "", f"| quarter | accuracy {lo} / {hi} | cross-entropy {lo} / {hi} | 1 - p(true) {lo} / {hi} |",
+             "|---|---|---|---|"]
+    for q in range(4):
+        s = quarter == q
+        acc = (probs[s].argmax(-1) == label[s, None]).mean(0)
+        ce = -np.log(np.clip(pt[s], 1e-12, 1)).mean(0)
+        ep = (1 - pt[s]).mean(0)
+        lines.append(f"| {q + 1} ({'most' if q == 0 else 'least' if q == 3 else 'mid'} confident) | "
+                     f"{acc[0]:.2f} / {acc[-1]:.2f} | {ce[0]:.2f} / {ce[-1]:.2f} | {ep[0]:.2f} / {ep[-1]:.2f} |")
+    return lines
+
+
 def _acc(m: dict[str, Any]) -> str:
     from dht.evaluation import accuracy_text
 
@@ -372,6 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="print each lever atom and its overlay")
     lad = sub.add_parser("ladder", help="write experiments/levers/ladder.md: each DHT run's exits and routers")
     lad.add_argument("--settings", nargs="+", default=None)
+    sel = sub.add_parser("select", help="the setting chosen on the validation split by the rule of select()")
+    sel.add_argument("--settings", nargs="+", required=True)
+    sel.add_argument("--model", default="t-dht")
+    rd = sub.add_parser("readings", help="T25's and T27's readings re-derived on the validation split")
+    rd.add_argument("--setting", default="init-reference+path-exits", help="the run whose exit ladder T27 reads")
     args = p.parse_args(argv)
     try:
         if args.command == "list":
@@ -389,6 +502,15 @@ def main(argv: list[str] | None = None) -> int:
                         start = time.perf_counter()
                         run_one(cfg, setting, dataset, model, args.threads)
                         print(f"  ({time.perf_counter() - start:.0f} s wall)", flush=True)
+        elif args.command == "select":
+            chosen, table = select(args.settings, args.model)
+            print("\n".join(table))
+            print(f"\nchosen on the validation split: {chosen or 'none within the budget'}")
+        elif args.command == "readings":
+            print("\n".join(depth_gain_shares()))
+            for dataset in DATASETS:
+                print()
+                print("\n".join(exit_quartiles(args.setting, dataset)))
         elif args.command == "ladder":
             text = ladder_summary(args.settings)
             (OUT / "ladder.md").write_text(text + "\n")

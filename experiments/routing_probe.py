@@ -17,6 +17,8 @@ its predictions of that split, made here with its inference policy.
 
 Usage (on a finished run of the default profile, e.g. a copy made by `make reproduce`):
   .venv/bin/python experiments/routing_probe.py --root . --dataset sst2 --model t-dht
+and on a run with several training seeds (`--config profile=seeds`), one seed's models:
+  .venv/bin/python experiments/routing_probe.py --root . --profile seeds --seed 0
 It prints one markdown row per (dataset, model).
 """
 
@@ -32,6 +34,7 @@ import torch
 from dht.config_loading import load_config
 from dht.evaluation import SplitData
 from dht.policy import exit_uncertainty, predict
+from dht.results import SEED_DIR
 from dht.tokenization import load_processed
 from dht.trainer import load_trained
 
@@ -48,9 +51,16 @@ def probe_split(root: Path, dataset: str) -> SplitData:
     return data
 
 
-def contexts(root: Path, dataset: str, model_name: str, data: SplitData) -> tuple[np.ndarray, np.ndarray]:
+def model_dir(root: Path, dataset: str, model_name: str, seed: int | None = None) -> Path:
+    """Where the train stage saved a model: models/<dataset>/<model>[/seed-<s>] (a profile with run.seeds)."""
+    out = root / "models" / dataset / model_name
+    return out / SEED_DIR.format(seed=seed) if seed is not None else out
+
+
+def contexts(root: Path, dataset: str, model_name: str, data: SplitData,
+             seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(S1 contexts of `data` as the policy normalises them [N, F], the exit confidence at b layers [N])."""
-    model, policy, _ = load_trained(root / "models" / dataset / model_name, torch.device("cpu"))
+    model, policy, _ = load_trained(model_dir(root, dataset, model_name, seed), torch.device("cpu"))
     b = model.config.fixed_layers
     xs, conf = [], []
     with torch.no_grad():
@@ -67,14 +77,14 @@ def contexts(root: Path, dataset: str, model_name: str, data: SplitData) -> tupl
     return np.concatenate(xs), np.concatenate(conf)
 
 
-def control_wrong(root: Path, dataset: str, control: str, data: SplitData) -> np.ndarray:
+def control_wrong(root: Path, dataset: str, control: str, data: SplitData, seed: int | None = None) -> np.ndarray:
     """Whether the trained control gets each sample of `data` wrong (its inference policy, greedy)."""
-    model, policy, _ = load_trained(root / "models" / dataset / control, torch.device("cpu"))
+    model, policy, _ = load_trained(model_dir(root, dataset, control, seed), torch.device("cpu"))
     pred = predict(model, policy, data, torch.device("cpu"), 128, data.input_ids.shape[1])
     return (pred.labels != data.labels).numpy()
 
 
-def probe(root: Path, dataset: str, model_name: str, control: str) -> dict[str, Any]:
+def probe(root: Path, dataset: str, model_name: str, control: str, seed: int | None = None) -> dict[str, Any]:
     """The three AUCs of the module docstring for one trained mode, on the validation split: ``n`` samples,
     ``wrong`` (the control's mistakes among them), and ``linear_context``, ``exit_confidence``, ``both`` (NaN when
     the control's mistakes or successes are too few to score: fewer than FOLDS of either)."""
@@ -83,8 +93,8 @@ def probe(root: Path, dataset: str, model_name: str, control: str) -> dict[str, 
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     data = probe_split(root, dataset)
-    y = control_wrong(root, dataset, control, data)
-    x, conf = contexts(root, dataset, model_name, data)
+    y = control_wrong(root, dataset, control, data, seed)
+    x, conf = contexts(root, dataset, model_name, data, seed)
     out: dict[str, Any] = {"n": len(y), "wrong": y, "linear_context": float("nan"), "exit_confidence": float("nan"),
                            "both": float("nan")}
     if min(y.sum(), (~y).sum()) < FOLDS:
@@ -107,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", default=None)
     p.add_argument("--dataset", nargs="+", default=None)
     p.add_argument("--model", nargs="+", default=["t-dht", "f-dht"])
+    p.add_argument("--seed", type=int, default=None, help="the training seed's models (a profile with run.seeds)")
     args = p.parse_args(argv)
 
     root = Path(args.root)
@@ -117,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     for dataset in args.dataset or cfg.run.datasets:
         for name in args.model:
-            r = probe(root, dataset, name, cfg.run.control)
+            r = probe(root, dataset, name, cfg.run.control, args.seed)
             y = r["wrong"]
             print(f"| {dataset} | {name} | {y.mean():.3f} ({y.sum()} of {r['n']}) | {r['linear_context']:.3f} | "
                   f"{r['exit_confidence']:.3f} | {r['both']:.3f} |", flush=True)

@@ -94,3 +94,35 @@ def test_lever_runs_are_evaluated_on_the_validation_split(tiny_project, monkeypa
     # a run of the test split (written before the validation split existed) is neither read nor skipped
     (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "split"}))
     assert levers._read("default", TINY_DATASET, "t-dht") is None and not levers._done(out)
+
+
+def _val_run(root: Path, setting: str, dataset: str, model: str, accuracy: float, flops: float,
+             split: str | None = "val") -> None:
+    d = root / setting / dataset / model
+    d.mkdir(parents=True)
+    metrics = {"accuracy": accuracy, "infer_flop_ratio": flops}
+    if split:
+        metrics["split"] = split
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    (d / "predictions.csv").write_text("index,label,pred,prob,layers,n_tokens\n")
+    (d / "selections.json").write_text("{}")
+
+
+def test_the_lever_selection_reads_validation_runs_only_and_keeps_to_the_flop_budget(tmp_path, monkeypatch):
+    """`experiments/levers.py select`: the setting furthest above the control-reference line on the validation
+    split, among those within 0.6x on every dataset; a run evaluated on the test split is never read."""
+    levers = experiment("levers")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(levers, "OUT", tmp_path)
+    for dataset in levers.DATASETS:
+        _val_run(tmp_path, "default", dataset, "vanilla-6", 0.90, 1.0)
+        _val_run(tmp_path, "default", dataset, "vanilla-2", 0.80, 1 / 3)
+        _val_run(tmp_path, "deep", dataset, "t-dht", 0.95, 0.9)        # most accurate, over the budget
+        _val_run(tmp_path, "near-line", dataset, "t-dht", 0.82, 0.4)   # within, just above the line
+        _val_run(tmp_path, "above", dataset, "t-dht", 0.86, 0.5)       # within, furthest above it
+        _val_run(tmp_path, "test-read", dataset, "t-dht", 0.99, 0.34, split=None)  # a test-split run
+    chosen, table = levers.select(["deep", "near-line", "above", "test-read"], "t-dht")
+    assert chosen == "above"
+    assert any(row.startswith("| test-read | not run") for row in table)
+    chosen, _ = levers.select(["deep"], "t-dht")
+    assert chosen is None
