@@ -297,6 +297,11 @@ class ModeSpec(_Strict):
     # (model.init: the checkpoint, or from scratch; the paper); `reference`, the trained run.reference of the same
     # dataset and seed (as the baselines start from it), whose training then counts in the run's total FLOPs.
     init: Literal["pretrained", "reference"] = "pretrained"
+    # With depth_feedback: all_depths, this mode's own value of the dht.bandits key of the same name (T25, T27;
+    # null: dht.bandits'), so that one mode can be priced without changing what every other mode reads.
+    all_depths_reward: Literal["ratio", "difference"] | None = None
+    depth_price: Annotated[float, Field(ge=0)] | None = None
+    depth_loss: Literal["cross_entropy", "error_probability"] | None = None
 
 
 class PoolingConfig(_Strict):
@@ -366,6 +371,16 @@ class BanditConfig(_Strict):
     # (the paper's currency); error_probability: 1 - p(true class), bounded, so one confidently wrong exit cannot
     # outweigh the samples it gets right.
     depth_loss: Literal["cross_entropy", "error_probability"] = "cross_entropy"
+
+
+MODE_BANDIT_KEYS = ("all_depths_reward", "depth_price", "depth_loss")  # ModeSpec fields over dht.bandits'
+
+
+def mode_bandits(bandits: BanditConfig, mode: ModeSpec) -> BanditConfig:
+    """The bandit settings one mode trains with: dht.bandits, with the mode's own all-depths reward settings
+    (:data:`MODE_BANDIT_KEYS`) where it sets them."""
+    own = {k: getattr(mode, k) for k in MODE_BANDIT_KEYS if getattr(mode, k) is not None}
+    return bandits.model_copy(update=own) if own else bandits
 
 
 class DHTSection(_Strict):

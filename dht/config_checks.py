@@ -22,7 +22,14 @@ from typing import Annotated, Any, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from dht.arms import Arm, parse_arm
-from dht.config import Config, CsvDatasetSpec, EmbeddedDatasetSpec, PoolingConfig, parse_baseline
+from dht.config import (
+    MODE_BANDIT_KEYS,
+    Config,
+    CsvDatasetSpec,
+    EmbeddedDatasetSpec,
+    PoolingConfig,
+    parse_baseline,
+)
 
 # --- after validation: the rules across fields --------------------------------------------------------------
 
@@ -137,6 +144,11 @@ def check_semantics(cfg: Config) -> list[str]:
                 problems.append(
                     f"{key}.depth_feedback = 'all_depths': one process only (train.distributed.nproc_per_node = "
                     f"{cfg.train.distributed.nproc_per_node}); use `chosen` or nproc_per_node: 1")
+        own = [k for k in MODE_BANDIT_KEYS if getattr(mode, k) is not None]
+        if own and mode.depth_feedback != "all_depths":
+            problems.append(
+                f"{key}: {', '.join(own)} set, but they act only with depth_feedback: all_depths (T24), which this "
+                "mode does not use; set depth_feedback: all_depths or remove them")
         if mode.depth_memory == "epoch" and cfg.train.distributed.nproc_per_node > 1:
             problems.append(
                 f"{key}.depth_memory = 'epoch': one process only (train.distributed.nproc_per_node = "

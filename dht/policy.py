@@ -21,7 +21,7 @@ from torch import Tensor
 from dht.arm_features import arm_layer_heads, arm_matrix
 from dht.arms import parse_arm
 from dht.bandits import LinUCB, LogisticThompsonHeads
-from dht.config import Config, ModeSpec
+from dht.config import Config, ModeSpec, mode_bandits
 from dht.contexts import RunningNormalizer, multi_granularity_pool
 from dht.evaluation import Predictions, SplitData
 from dht.flops import forward_flops
@@ -74,11 +74,12 @@ class Policy:
     def __init__(self, cfg: Config, mode: ModeSpec, arm_features: dict[str, Tensor], model_config: Any):
         self.cfg = cfg
         self.mode = mode
+        self.bandit_cfg = mode_bandits(cfg.dht.bandits, mode)  # dht.bandits with the mode's own reward settings
         self.search = mode.search
         self.b = cfg.dht.fixed_layers
         self.n_heads = model_config.num_attention_heads
         self.groups = model_config.dynamic_layer_groups()
-        bc = cfg.dht.bandits
+        bc = self.bandit_cfg
         feats = cfg.dht.features
         self.pool_l = feats.ucb_cp if self.search == "integrated" else feats.ucb_l
         self.pool_h = feats.ucb_h
@@ -217,7 +218,7 @@ class Policy:
         learns every option instead of the chosen one."""
         if self.search == "fixed":
             return
-        bc = self.cfg.dht.bandits
+        bc = self.bandit_cfg
         loss = loss.detach().double().cpu()
         layers = torch.full_like(loss, float(decision.layers))
         key = f"/L{decision.layers}" if bc.reward_baseline == "per_queue" else ""
@@ -254,9 +255,9 @@ class Policy:
     def _learn_all_depths(self, context: Tensor, depth_losses: Tensor) -> None:
         """UCB_L's full-information update (T24): every option k of every sample, with the reward of
         :func:`dht.rewards.all_depths_reward` on ``loss_k * L_k**gamma`` or
-        :func:`dht.rewards.difference_reward` (``dht.bandits.all_depths_reward``, T25). The batch baseline of the chosen-arm
+        :func:`dht.rewards.difference_reward` (``all_depths_reward`` of the mode or dht.bandits, T25). The batch baseline of the chosen-arm
         reward is still kept (above), so switching this off mid-run would continue from a current one."""
-        bc = self.cfg.dht.bandits
+        bc = self.bandit_cfg
         n, k = depth_losses.shape
         losses, depths = depth_losses.detach().double().cpu(), torch.tensor(self.layer_options, dtype=torch.float64)
         if bc.all_depths_reward == "difference":  # T25

@@ -232,7 +232,7 @@ class Trainer:
         """Each sample's loss at every depth option [B, K] (``depth_feedback: all_depths``, T24): one eval-mode,
         no-grad pass with every head to the deepest option, the classifier read after each option's layers,
         before this step's update (the weights the chosen depth's loss is measured with); the loss is the
-        cross-entropy or 1 - p(true class) (``dht.bandits.depth_loss``, T27). Eval mode draws no
+        cross-entropy or 1 - p(true class) (``depth_loss`` of the mode or dht.bandits, T27). Eval mode draws no
         dropout, so the step's own randomness is the same as without it. Its FLOPs are counted in
         :meth:`_account`."""
         self.model.eval()
@@ -240,7 +240,7 @@ class Trainer:
         losses = {}
         with torch.no_grad():
             for depth, logits in zip(depths, exit_logits(self.model, ids, mask, depths), strict=True):
-                if self.cfg.dht.bandits.depth_loss == "error_probability":  # T27
+                if policy.bandit_cfg.depth_loss == "error_probability":  # T27
                     losses[depth] = 1.0 - logits.float().softmax(-1).gather(1, labels[:, None]).squeeze(1)
                 else:
                     losses[depth] = F.cross_entropy(logits, labels, reduction="none")

@@ -165,3 +165,24 @@ def test_depth_memory_epoch_restarts_ucb_l_each_epoch(setup):  # noqa: F811
     k = len(trainer.policy.layer_options)
     assert int(trainer.policy.ucb.counts.sum()) == last_epoch * k  # full information, this epoch's samples only
     assert int(trainer.policy.ucb_h.counts.sum()) > 0  # UCB_H keeps its memory
+
+
+def test_a_mode_sets_its_own_all_depths_reward_over_dht_bandits(setup):  # noqa: F811
+    """A mode's all_depths_reward / depth_price / depth_loss replace dht.bandits' for that mode alone (the
+    `seeds` profile prices t-dht-val without changing what the paper's modes read), and a mode that sets them
+    without depth_feedback: all_depths is refused (they would do nothing)."""
+    raw = with_all_depths(make_cfg()).model_dump(mode="json")
+    raw["dht"]["modes"]["t-dht"].update({"all_depths_reward": "difference", "depth_price": 0.3,
+                                          "depth_loss": "error_probability"})
+    cfg = Config.model_validate(raw)
+    assert not check_semantics(cfg)
+    trainer = trainer_for(setup, "t-dht", cfg=cfg)
+    own = trainer.policy.bandit_cfg
+    assert (own.all_depths_reward, own.depth_price, own.depth_loss) == ("difference", 0.3, "error_probability")
+    assert (cfg.dht.bandits.all_depths_reward, cfg.dht.bandits.depth_price) == ("ratio", 0.075)
+    ids, mask, labels = setup[2].batch(torch.arange(8), torch.device("cpu"))
+    err = trainer._depth_losses(trainer.policy, ids, mask, labels)
+    assert bool(((err >= 0) & (err <= 1)).all())  # 1 - p(true class), the mode's depth_loss
+    raw["dht"]["modes"]["f-dht"]["depth_price"] = 0.1
+    problems = check_semantics(Config.model_validate(raw))
+    assert any(p.startswith("dht.modes.f-dht: depth_price set") and "all_depths" in p for p in problems)
