@@ -6,8 +6,8 @@ outputs (``outs``) and tracked params, and writes the jobs of a rule whose stage
 values as one ``matrix:`` (or ``foreach:``) stage, which DVC expands back into them (``train@sst2-t-dht``). The
 commands leave out Snakemake's ``--profile``: a stage then runs params.yaml's ``profile:`` (validated as a name
 before use), and every stage's params are read from the profile resolved by :data:`PARAMS_STAGE`, so
-``dvc exp run -S profile=tiny`` runs the same stages on the tiny profile (profiles that share dataset names, as default and tiny do). A profile
-with other datasets (paper) needs ``dht dvc-yaml --profile paper`` first.
+``dvc exp run -S <key>=<value>`` runs an experiment of params.yaml's profile. dvc.yaml lists one profile's jobs:
+another profile (``-S profile=tiny``) needs ``dht dvc-yaml --profile tiny`` first.
 
 A stage's ``params:`` are the keys its job tracks, read by DVC from ``params.resolved.yaml``: the profile as the
 stages see it, resolved (defaults filled in, overlays applied), written by a stage of DVC's own,
