@@ -8,7 +8,7 @@ CORES   ?= 4
 TARGET  ?= all
 WORKERS ?= 2
 
-.PHONY: install reproduce test test-fast lint benchmarks dvc-yaml dvc-repro dvc-pull dvc-checkout mlflow-ui clean
+.PHONY: install reproduce test test-fast lint benchmarks dvc-yaml dvc-repro dvc-record dvc-pull dvc-checkout mlflow-ui clean
 
 install: $(STAMP)
 
@@ -19,9 +19,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-## The main job: the pipeline on the embedded default profile (PROFILE=tiny|paper to change it).
+## The main job: the pipeline on the default profile (PROFILE=tiny|paper to change it), then the run recorded in
+## DVC (dht dvc-record: dvc.lock and DVC's cache, seconds), so that `dvc status` is clean and `dvc push` sends the
+## models and results. The record is skipped, saying why, where DVC cannot version the run: PROFILE is not
+## params.yaml's `profile:` (DVC's stages run that one), dvc.yaml lists another profile's stages, no git repository;
+## and for a TARGET other than all (`make dvc-record` once the whole DAG is built).
 reproduce: $(STAMP)
 	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES) $(TARGET) --config profile=$(PROFILE)
+ifeq ($(TARGET),all)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dht dvc-record --profile $(PROFILE) --optional
+else
+	@echo "note: TARGET=$(TARGET) is not the whole DAG: not recorded in DVC (make dvc-record once it is built)"
+endif
 
 ## The test suite, slow end-to-end pipeline tests included (CI runs exactly this), on WORKERS pytest-xdist
 ## processes: most tests wait on one single-threaded subprocess at a time, so two keep a 2-core machine busy.
@@ -51,6 +60,11 @@ dvc-yaml: $(STAMP)
 ## The same pipeline through DVC (stage commands call `python`: the venv's, via PATH).
 dvc-repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+## Record a Snakemake run in DVC without rerunning anything (refused, naming the rules, unless Snakemake has nothing
+## left to do); then `git add dvc.lock && git commit` and `dvc push`.
+dvc-record: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dht dvc-record
 
 ## Restore data, models and results from DVC's cache or remote without Snakemake retraining them afterwards
 ## (dht sync-snakemake: only when `dvc status` confirms they match params.yaml and the code).

@@ -6,6 +6,9 @@
     dht dvc-yaml [--check]               regenerate dvc.yaml from the Snakemake jobs (or check it is current)
     dht sync-snakemake [STAGE...]        after `dvc pull` / `dvc checkout`: record the restored outputs as current
                                          in Snakemake (refused unless `dvc status` says they are)
+    dht dvc-record [STAGE...]            after a Snakemake run (make reproduce runs it): record its outputs in DVC
+                                         (dvc.lock, DVC's cache) without rerunning anything, so that `dvc status` is
+                                         clean and `dvc push` sends them (refused unless Snakemake has nothing to do)
     dht predict --model DIR [--input F]  classify texts (one a line; stdin without --input) with a trained model:
                                          label, probability, and the layers and heads chosen for each text; the
                                          bandits act as the model's dht.inference says (--inference overrides).
@@ -96,6 +99,26 @@ def _sync_snakemake(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"Snakemake now takes {len(outs)} outputs restored by DVC as up to date")
+    return 0
+
+
+def _dvc_record(args: argparse.Namespace) -> int:
+    from dht.pipeline import NotRecordable, RecordError, record_dvc_run
+
+    try:
+        recorded = record_dvc_run(".", args.stages, profile=args.profile)
+    except NotRecordable as err:
+        if args.optional:  # make reproduce: the run is done; DVC cannot version it as the project stands
+            print(f"note: the run is not recorded in DVC: {err}")
+            return 0
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except RecordError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"recorded {len(recorded)} DVC stages as this run made them (dvc.lock, outputs in DVC's cache): `dvc status` "
+          "is clean. Keep it with `git add dvc.lock && git commit`; `dvc push` sends the outputs to a remote "
+          "(`dvc remote add -d NAME URL`)")
     return 0
 
 
@@ -261,6 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync-snakemake", help="after dvc pull/checkout: no Snakemake rerun of restored outputs")
     sync.add_argument("stages", nargs="*", help="DVC stages to sync, e.g. train@sst2-t-dht or all of train (default: every stage)")
     sync.set_defaults(func=_sync_snakemake)
+
+    rec = sub.add_parser("dvc-record", help="after a Snakemake run: record its outputs in DVC without rerunning them")
+    rec.add_argument("stages", nargs="*", help="DVC stages to record (default: every stage)")
+    rec.add_argument("--profile", default=None,
+                     help="the profile Snakemake ran (default: params.yaml's profile:, the one DVC runs; another is "
+                          "refused)")
+    rec.add_argument("--optional", action="store_true",
+                     help="when DVC cannot version the run as the project stands (--profile is not params.yaml's "
+                          "profile: or dvc.yaml's, no git repository), say why and exit 0 (make reproduce)")
+    rec.set_defaults(func=_dvc_record)
 
     pred = sub.add_parser("predict", help="classify texts with a trained model (models/<dataset>/<model>)")
     pred.add_argument("--model", required=True, help="a trained model directory, e.g. models/embedded-news/t-dht (a "

@@ -20,17 +20,18 @@ from typing import Any
 import yaml
 
 RESOLVED_PARAMS = "params.resolved.yaml"
-_ITEM = re.compile(r"\$\{item\.([A-Za-z_][A-Za-z0-9_]*)\}")
+# A `${item.<name>}` slot of a `matrix:` / `foreach:` stage (the name in group 1).
+ITEM_SLOT = re.compile(r"\$\{item\.([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _expand(value: Any, item: Mapping[str, str]) -> Any:
+def fill_items(value: Any, item: Mapping[str, str]) -> Any:
     """A templated stage body with `${item.<name>}` filled in for one item (as DVC does; `${profile}` stays)."""
     if isinstance(value, dict):
-        return {_expand(k, item): _expand(v, item) for k, v in value.items()}
+        return {fill_items(k, item): fill_items(v, item) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, item) for v in value]
+        return [fill_items(v, item) for v in value]
     if isinstance(value, str):
-        return _ITEM.sub(lambda m: item[m.group(1)] if m.group(1) in item else m.group(0), value)
+        return ITEM_SLOT.sub(lambda m: item[m.group(1)] if m.group(1) in item else m.group(0), value)
     return value
 
 
@@ -45,10 +46,10 @@ def expand_dvc_stages(stages: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             body = {k: v for k, v in stage.items() if k != "matrix"}
             for combo in itertools.product(*axes.values()):
                 item = dict(zip(axes, map(str, combo), strict=True))
-                out[f"{name}@{'-'.join(item.values())}"] = _expand(body, item)
+                out[f"{name}@{'-'.join(item.values())}"] = fill_items(body, item)
         elif "foreach" in stage:
             for key, item in stage["foreach"].items():
-                out[f"{name}@{key}"] = _expand(stage["do"], {k: str(v) for k, v in item.items()})
+                out[f"{name}@{key}"] = fill_items(stage["do"], {k: str(v) for k, v in item.items()})
         else:
             out[name] = stage
     return out

@@ -6,8 +6,8 @@ outputs (``outs``) and tracked params, and writes the jobs of a rule whose stage
 values as one ``matrix:`` (or ``foreach:``) stage, which DVC expands back into them (``train@sst2-t-dht``). The
 commands leave out Snakemake's ``--profile``: a stage then runs params.yaml's ``profile:`` (validated as a name
 before use), and every stage's params are read from the profile resolved by :data:`PARAMS_STAGE`, so
-``dvc exp run -S profile=tiny`` runs the same stages on the tiny profile (profiles that share dataset names, as default and tiny do). A profile
-with other datasets (paper) needs ``dht dvc-yaml --profile paper`` first.
+``dvc exp run -S <key>=<value>`` runs an experiment of params.yaml's profile. dvc.yaml lists one profile's jobs:
+another profile (``-S profile=tiny``) needs ``dht dvc-yaml --profile tiny`` first.
 
 A stage's ``params:`` are the keys its job tracks, read by DVC from ``params.resolved.yaml``: the profile as the
 stages see it, resolved (defaults filled in, overlays applied), written by a stage of DVC's own,
@@ -39,7 +39,7 @@ import yaml
 
 from dht.config import Config, ConfigError
 from dht.config_loading import PROFILE_KEY, read_params
-from dht.dvc_params import _ITEM, RESOLVED_PARAMS, _expand, expand_dvc_stages
+from dht.dvc_params import ITEM_SLOT, RESOLVED_PARAMS, expand_dvc_stages, fill_items
 from dht.results import PAIRED_FILE, PAIRED_SEEDS_FILE
 
 DVC_HEADER = (
@@ -51,7 +51,12 @@ DVC_HEADER = (
 # is missing on a fresh clone, and `dvc status` would then call its stage stale).
 # A model's metrics.json and a dataset's paired comparisons (the compare stage's).
 METRICS_SUFFIXES = ("/metrics.json", f"/{PAIRED_FILE}", f"/{PAIRED_SEEDS_FILE}")
-PLOTS = {"/loss.csv": {"x": "step", "y": "loss", "title": "training loss (Figure 3)"}}
+# `dvc plots show` shows the run's figures as images (DVC's image plots): the figures stage's, one per dataset and
+# kind, its dataset in its title and one line or panel per model (Figure 3's loss curves among them), and the
+# FlexiBERT search's. Not Vega-Lite charts of each model's loss.csv: DVC drew one chart per file, all under one
+# title, and its HTML page loads Vega from a CDN for them (blank offline); a page of images loads nothing.
+# loss.csv stays an output (`dvc plots show results/<dataset>/<model>/loss.csv -x step -y loss` draws one).
+PLOT_SUFFIXES = (".png", ".svg")
 # The resolved profile DVC reads the stages' params from, and the DVC-only stage that writes it from params.yaml
 # (the configuration code is its code). Snakemake resolves params.yaml itself: the stage is not one of its jobs.
 PARAMS_STAGE = "resolve_params"
@@ -60,8 +65,9 @@ PARAMS_STAGE = "resolve_params"
 PARAMS_CMD = f"python -m dht.cli config show --out {RESOLVED_PARAMS}"
 
 
-# What a fresh clone holds for the pipeline to run: the workflow, the library and the config (no outputs or stores).
-PROJECT_FILES = ("Snakefile", "params.yaml", "dvc.yaml", "pyproject.toml", ".dvcignore")
+# What a fresh clone holds for the pipeline to run: the workflow, the library and the config (no outputs or stores);
+# .gitignore too, so that a copy made a git repository (DVC wants one) keeps its outputs out of git, as a clone does.
+PROJECT_FILES = ("Snakefile", "params.yaml", "dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore")
 PROJECT_DIRS = ("workflow", "dht", ".dvc", "data/external")  # data/external: the shipped real text
 
 
@@ -313,9 +319,8 @@ def _stage_body(job: Job, profile: str) -> dict[str, Any]:
     for out in job.outputs:
         if out.endswith(METRICS_SUFFIXES):
             metrics.append(out)
-        elif any(out.endswith(suffix) for suffix in PLOTS):
-            spec = next(v for k, v in PLOTS.items() if out.endswith(k))
-            plots.append({out: dict(spec)})
+        elif out.endswith(PLOT_SUFFIXES):
+            plots.append(out)
         else:
             outs.append(out)
     stage: dict[str, Any] = {"cmd": dvc_command(job.cmd, profile)}
@@ -373,7 +378,7 @@ def _refit(template: Any, constants: Mapping[str, str], body: Any, item: Mapping
         return None if any(v is None for v in values) else values
     if not isinstance(template, str) or not isinstance(body, str):
         return template if template == body else None
-    parts = _ITEM.split(template)  # literal, wildcard name, literal, ...
+    parts = ITEM_SLOT.split(template)  # literal, wildcard name, literal, ...
     pattern = []
     for i, part in enumerate(parts):
         if i % 2 == 0:
@@ -408,7 +413,7 @@ class _Group:
         _, job, body = entry
         template = _refit(self.template, constants, body, dict(job.wildcards))
         members = [*self.jobs, entry]
-        if template is None or any(_expand(template, dict(j.wildcards)) != b for _, j, b in members):
+        if template is None or any(fill_items(template, dict(j.wildcards)) != b for _, j, b in members):
             return False
         self.template, self.jobs = template, members
         return True
@@ -427,7 +432,7 @@ def _group_jobs(jobs: list[tuple[int, Job, dict[str, Any]]]) -> list[_Group]:
         if any(group.add(entry) for group in groups):
             continue
         template = _template(body, dict(job.wildcards))
-        if _expand(template, dict(job.wildcards)) != body:
+        if fill_items(template, dict(job.wildcards)) != body:
             template = None  # a stage that already held `${item.` text: keep it plain
         groups.append(_Group(template, [entry]))
     return groups
@@ -469,7 +474,7 @@ def _group_stage(group: _Group, fixed: Iterable[str] = ()) -> tuple[dict[str, An
     assert group.template is not None and all(list(item) == list(items[0]) for item in items)
     constants = {n: items[0][n] for n in fixed}
     assert all(item[n] == v for item in items for n, v in constants.items())
-    template = _expand(group.template, constants)
+    template = fill_items(group.template, constants)
     items = [{n: v for n, v in item.items() if n not in constants} for item in items]
     keys = ["-".join(item.values()) for item in items]
     axes = {n: list(dict.fromkeys(item[n] for item in items)) for n in items[0]}
@@ -638,17 +643,77 @@ class RecordError(RuntimeError):
     """Snakemake's outputs are not current, so DVC must not be told they are."""
 
 
-def record_dvc_run(root: str | Path = ".", stages: Iterable[str] = ()) -> list[str]:
-    """After a Snakemake run: record its outputs in DVC (dvc.lock and DVC's cache) as if ``dvc repro`` had made
-    them, without running anything again; the inverse of :func:`sync_snakemake`.
+class NotRecordable(RecordError):
+    """DVC cannot version this run as the project stands (another profile than the one DVC runs, no git
+    repository): nothing is wrong with the run, and ``make reproduce`` says so instead of failing."""
 
-    Refuses, naming the rules, unless Snakemake finds the outputs of the stages current (a dry run with nothing to
-    do): what DVC records as current must be. Then DVC's own stage :data:`PARAMS_STAGE` writes the resolved
-    profile (:func:`_resolve_params`), and ``dvc commit --force`` records each stage's code, params and outputs as
-    they are. `stages` are DVC's names, as in :func:`sync_snakemake` (default: every stage). Returns the stages
-    recorded; ``dvc status`` then reports them up to date, and after an edit of params.yaml (and ``dvc repro
-    resolve_params``) or of the code stale exactly where Snakemake would rerun jobs because of it."""
+
+# dvc.yaml's first line names the profile it was generated for (DVC_HEADER).
+_HEADER_PROFILE = re.compile(r"^# GENERATED .*\(profile '([^']*)'\)")
+
+
+def _dvc_yaml_profile(root: Path) -> str | None:
+    """The profile dvc.yaml was generated for, from its header; None without one."""
+    path = root / "dvc.yaml"
+    first = path.read_text().partition("\n")[0] if path.is_file() else ""
+    match = _HEADER_PROFILE.match(first)
+    return match.group(1) if match else None
+
+
+def check_recordable(root: str | Path = ".", profile: str | None = None) -> str:
+    """Whether DVC can record a Snakemake run of `profile` (default: params.yaml's) here, as :func:`record_dvc_run`
+    would: returns the profile, or raises :class:`NotRecordable` naming the steps that make it recordable, or
+    :class:`RecordError` when dvc.yaml is out of date with the workflow.
+
+    DVC's stages run params.yaml's ``profile:`` (their commands carry no ``--profile``) and track its resolved keys,
+    so a run of another profile (``make reproduce PROFILE=tiny`` beside ``profile: default``) would be recorded under
+    values it was not made with; dvc.yaml lists one profile's jobs (``dht dvc-yaml --profile``); and DVC keeps
+    dvc.lock in a git repository."""
+    from dht.config_loading import load_config
+
     root = Path(root)
+    dvc_profile = load_config(root / "params.yaml").profile
+    profile = profile or dvc_profile
+    if profile != dvc_profile:
+        raise NotRecordable(
+            f"this is a run of profile {profile}, but DVC runs params.yaml's `profile: {dvc_profile}` and would record "
+            f"that profile's params beside its outputs. To version runs of {profile} in DVC: set `profile: {profile}` "
+            f"in params.yaml, `dht dvc-yaml --profile {profile}`, then `dht dvc-record` (Snakemake has nothing to rerun "
+            "then: its jobs read the same resolved profile)")
+    try:
+        in_git = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root, capture_output=True,
+                                text=True).stdout.strip() == "true"
+    except FileNotFoundError:  # no git at all
+        in_git = False
+    if not in_git:
+        raise NotRecordable(f"{root.resolve()} is not in a git repository, where DVC keeps dvc.lock (a clone is "
+                            "one; else `git init`), then `dht dvc-record`")
+    listed = _dvc_yaml_profile(root)
+    if listed != profile:
+        raise NotRecordable(f"dvc.yaml lists the stages of profile {listed}, not of {profile}, the one params.yaml "
+                            f"runs: `dht dvc-yaml --profile {profile}`, then `dht dvc-record`")
+    if (root / "dvc.yaml").read_text() != render_dvc_yaml(root, profile):
+        raise RecordError(f"dvc.yaml is out of date with the Snakemake workflow: `dht dvc-yaml --profile {profile}`, "
+                          "then `dht dvc-record`")
+    return profile
+
+
+def record_dvc_run(root: str | Path = ".", stages: Iterable[str] = (), profile: str | None = None) -> list[str]:
+    """After a Snakemake run: record its outputs in DVC (dvc.lock and DVC's cache) as if ``dvc repro`` had made
+    them, without running anything again; the inverse of :func:`sync_snakemake` (``dht dvc-record``, which
+    ``make reproduce`` runs after Snakemake).
+
+    Refuses (:func:`check_recordable`) unless `profile`, the run's (default: params.yaml's), is the one DVC runs and
+    dvc.yaml is current for it; then unless Snakemake finds the outputs of the stages current (a dry run with
+    nothing to do): what DVC records as current must be. Then DVC's own stage :data:`PARAMS_STAGE` writes the
+    resolved profile (:func:`_resolve_params`), and ``dvc commit --force --no-relink`` records each stage's code,
+    params and outputs as they are, copying the outputs into DVC's cache without rewriting them (Snakemake's
+    file times stay as its run left them). `stages` are DVC's names, as in :func:`sync_snakemake` (default: every
+    stage). Returns the stages recorded; ``dvc status`` then reports them up to date, ``dvc push`` sends their
+    outputs to a remote, and after an edit of params.yaml (and ``dvc repro resolve_params``) or of the code
+    ``dvc status`` names exactly the stages whose params or code changed, as Snakemake would rerun them."""
+    root = Path(root)
+    check_recordable(root, profile)
     named = list(stages)
     stages_of = _dvc_stages_of(root, named)
     outs = [out for name, paths in stages_of.items() if name != PARAMS_STAGE for out in paths]
@@ -661,14 +726,15 @@ def record_dvc_run(root: str | Path = ".", stages: Iterable[str] = ()) -> list[s
         if "Nothing to be done" not in text:
             rules = sorted(set(re.findall(r"^(?:local)?rule (\S+):", text, flags=re.MULTILINE)))
             raise RecordError(f"Snakemake would still run jobs of these rules: {', '.join(rules) or '?'} (see "
-                              "`snakemake -n`); run them (snakemake), then record the run")
+                              "`snakemake -n`); run them (snakemake, make reproduce), then record the run")
     try:
         _resolve_params(root)
     except RuntimeError as err:
         raise RecordError(str(err)) from None
     targets = [n for n in named if n != PARAMS_STAGE]
     if targets or not named:  # no targets: every stage (DVC collects each named target on its own, seconds apiece)
-        done = subprocess.run([_tool("dvc"), "commit", "--force", *targets], cwd=root, capture_output=True, text=True)
+        cmd = [_tool("dvc"), "commit", "--force", "--no-relink", *targets]
+        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
         if done.returncode != 0:
             raise RecordError(f"`dvc commit` failed: {(done.stderr.strip() or done.stdout.strip())[-2000:]}")
     return list(dict.fromkeys([PARAMS_STAGE, *stages_of]))

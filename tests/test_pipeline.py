@@ -103,7 +103,7 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
     assert {"compare@dbpedia-subset", "compare@sst2"} == set(names[31:33])  # the evaluation stage, per dataset
     assert stages["compare@sst2"]["metrics"] == ["results/sst2/paired.json"]  # `dvc metrics show` lists it
     # reports, metrics and plots are git-ignored outputs: cached, so that `dvc pull` restores them
-    assert "reports/figures/pareto-sst2.png" in stages["figures"]["outs"]
+    assert "reports/figures/pareto-sst2.png" in stages["figures"]["plots"] and "reports/table1.md" in stages["table1"]["outs"]
     assert {f"train@{d}-{m}" for d in datasets for m in ("t-dht", "s-dht", "f-dht")} | {
         f"train-vanilla@{d}-{m}" for d in datasets for m in ("vanilla-6", "vanilla-2")} | {
         f"train-p-dht@{d}" for d in datasets} == set(names[9:21])
@@ -123,7 +123,7 @@ def test_dvc_stages_mirror_snakemake_jobs(project):
     assert params(train)[-2:] == ["dht.modes.p-dht", "dht.modes.f-dht"]  # its warm-up mode
     assert "models/sst2/p-dht" in train["outs"]
     assert train["metrics"] == ["results/sst2/p-dht/metrics.json"]
-    assert list(train["plots"][0]) == ["results/sst2/p-dht/loss.csv"]
+    assert "results/sst2/p-dht/loss.csv" in train["outs"] and "plots" not in train  # the figures are the plots
     assert params(stages["train@sst2-t-dht"])[-1] == "dht.modes.t-dht" and "dht.bandits" in params(stages["train@sst2-t-dht"])
     assert "dht.bandits" not in params(stages["train-vanilla@sst2-vanilla-6"])  # one fixed arm, no bandit
     assert "--threads 1 " in stages["arm_features@sst2"]["cmd"]  # the rule's threads
@@ -518,9 +518,12 @@ def test_tokenization_stage_runs_through_snakemake(project):
 
 
 @pytest.mark.slow
-def test_end_to_end_tiny_then_noop(project):
+def test_end_to_end_tiny_then_noop(project, tmp_path):
+    """The tiny profile's whole DAG through Snakemake; then the run recorded in DVC and its round trip through a
+    remote (tests/test_dvc_record.py, on this run rather than a second one); then a changed parameter."""
     from dht.config_loading import load_config
 
+    set_params(project, lambda r: r.__setitem__("profile", "tiny"))  # the profile DVC runs, to record the run
     # the whole DAG: ~10 minutes on 2 free cores, more on a loaded CI machine
     proc = run_cli(["snakemake", "--cores", "2", "--config", "profile=tiny"], cwd=project, timeout=1500)
     table = (project / "reports/table1.md").read_text()
@@ -585,6 +588,9 @@ def test_end_to_end_tiny_then_noop(project):
     assert (project / "data/features/embedded-news/init_model/config.json").is_file()
     again = run_cli(["snakemake", "-n", "--cores", "2", "--config", "profile=tiny"], cwd=project)
     assert "Nothing to be done" in again.stdout + again.stderr, proc.stdout[-2000:]
+    from test_dvc_record import record_and_round_trip
+
+    record_and_round_trip(project, tmp_path, sorted(cfg.run.datasets), ["t-dht", "s-dht", "f-dht", "p-dht"])
     # a changed parameter reruns exactly the jobs that read it
     set_params(project, lambda r: r["profiles"]["tiny"]["tokenizer"].__setitem__("vocab_size", 500))
     changed = run_cli(["snakemake", "-n", "--cores", "2", "--config", "profile=tiny"], cwd=project)
@@ -848,7 +854,7 @@ def test_a_changed_parameter_reruns_exactly_the_stages_that_read_it(tiny_project
 
     stages = expand_dvc_stages(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
     stage_of = {out: name for name, body in stages.items()
-                for out in [*body.get("outs", []), *body.get("metrics", []), *(next(iter(p)) for p in body.get("plots", []))]}
+                for out in [*body.get("outs", []), *body.get("metrics", []), *body.get("plots", [])]}
     by_output = {out: label(job) for job in jobs for out in job.outputs}
     dvc_name = {label(job): stage_of[job.outputs[0]] for job in jobs}
     saved = {name: (project / name).read_bytes() for name in ("params.yaml", "params.resolved.yaml", "dvc.lock")}
