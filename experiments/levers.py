@@ -504,8 +504,14 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  ({time.perf_counter() - start:.0f} s wall)", flush=True)
         elif args.command == "select":
             chosen, table = select(args.settings, args.model)
-            print("\n".join(table))
-            print(f"\nchosen on the validation split: {chosen or 'none within the budget'}")
+            text = "\n".join([
+                f"# {args.model}: the setting chosen on the validation split (experiments/levers.py select)", "",
+                f"Validation accuracy @ inference FLOPs (points above the control-reference line at those FLOPs), one "
+                f"seed. The rule (select()): among the settings within {FLOP_BUDGET}x on every dataset, the one "
+                "furthest above the line on average.", "", *table, "",
+                f"Chosen: {chosen or 'none within the budget'}"])
+            (OUT / "selection.md").write_text(text + "\n")
+            print(text)
         elif args.command == "readings":
             print("\n".join(depth_gain_shares()))
             for dataset in DATASETS:
