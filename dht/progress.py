@@ -68,6 +68,7 @@ class LogLines:
                         self._emit_pending()
                 elif self._pending is not None:  # the bar was blanked: its last state
                     self._emit_pending()
+                    self._last_progress = -float("inf")  # the next redrawn line is another bar: its first state
                 self._line = ""
             elif part == "\n":
                 if self._line.strip():
@@ -78,6 +79,7 @@ class LogLines:
                 else:
                     self._write("\n")
                 self._line = ""
+                self._last_progress = -float("inf")
             else:
                 self._line += part
 
