@@ -74,7 +74,7 @@ def fit(trainer: Trainer, log: Callable[[list[tuple[int, float, float]], Progres
                 since_checkpoint = 0
         trainer.ready += trainer.queue.drain()  # partly filled queues: every sample once per epoch
         train_steps(trainer, policy, frozen, drain=True)
-        bar.close()
+        progress.finish(bar)
         trainer._end_epoch(log, start_time, save)
         since_checkpoint = 0
     p.seconds = time.perf_counter() - start_time

@@ -36,6 +36,13 @@ def bar(total: int, desc: str, *, initial: int = 0, unit: str = "step", enabled:
                 disable=not enabled or os.environ.get(NO_PROGRESS_ENV) == "1")
 
 
+def finish(shown: Any) -> None:
+    """Close a bar from :func:`bar` after drawing its final state (100%): a bar redrawn at most once a second
+    would otherwise be cleared showing an earlier step, and that earlier step would be its last line in the log."""
+    shown.refresh()
+    shown.close()
+
+
 def recent_mean(values: list[float], last: int = 10) -> float:
     """The mean of the last `last` values: the loss a bar shows (one batch's loss is noise)."""
     tail = values[-last:]

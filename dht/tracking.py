@@ -271,8 +271,11 @@ def log_model(model_dir: str | Path, teacher_dir: str | Path | None = None) -> A
     the pyfunc model ``model`` (:mod:`dht.mlflow_model`), with the teacher it runs on (`teacher_dir`: a FastBERT
     baseline's students run on the reference's backbone). MLflow runs the input example through the logged copy,
     so a model that does not load fails here. Returns MLflow's model info (its ``model_uri`` loads it)."""
+    import logging
+
     import mlflow
 
+    logging.getLogger("mlflow.models.signature").setLevel(logging.WARNING)  # "Running the predict function ...": noise
     artifacts = {"model": str(model_dir)}
     if teacher_dir is not None:
         artifacts["teacher"] = str(teacher_dir)

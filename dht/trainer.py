@@ -361,7 +361,7 @@ class Trainer:
                     since_checkpoint = 0
             for layers, items in self.queue.drain():  # partly filled queues: every sample once per epoch
                 self._step(policy, frozen, layers, items)
-            bar.close()
+            progress.finish(bar)
             self._end_epoch(log, start_time, self.save_checkpoint)
             since_checkpoint = 0
         p.seconds = time.perf_counter() - start_time

@@ -124,7 +124,7 @@ def train(
     bar over all its steps (:func:`dht.progress.bar`: steps, ETA, epoch and recent loss; none without a name).
     Returns one :class:`Epoch` per epoch run.
     """
-    from dht.progress import bar, recent_mean
+    from dht.progress import bar, finish, recent_mean
 
     history: list[Epoch] = []
     step = 0
@@ -152,7 +152,7 @@ def train(
         history.append(seen)
         if on_epoch is not None:
             on_epoch(epoch, seen)
-    shown.close()
+    finish(shown)
     return history
 
 

@@ -23,7 +23,7 @@ from dht.evaluation import SplitData
 from dht.flops import full_model_flops, train_flops
 from dht.guard import FiniteGuard
 from dht.model import DHTForSequenceClassification
-from dht.progress import bar, recent_mean
+from dht.progress import bar, finish, recent_mean
 
 ALPHA_CLIP = 10.0  # dimension alphas stay in [-10, 10] (see dht.baselines.nas_prune.masks._RescaledSigmoid)
 HEAD_LR_SCALE = 0.1  # head alphas learn at 0.1 x lr_arch (see search)
@@ -228,7 +228,7 @@ def search(
             history.append({"epoch": epoch + 1, **{k: v / max(steps, 1) for k, v in sums.items()},
                             "expected_flop_ratio": expected_ratio, "threshold_flop_ratio": at_threshold / full})
         alphas = net.alphas()
-        shown.close()
+        finish(shown)
     tau, arch = fit_threshold(alphas, fields, target, tolerance, seq_len, convention, threshold)
     ratio = pruned_flops(arch, seq_len, convention) / full
     settings = {"target_ratio": target_ratio, "lambda_cost": lambda_cost, "tolerance": tolerance, "epochs": epochs,
