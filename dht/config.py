@@ -424,7 +424,7 @@ class TrainConfig(_Strict):
     eval_batch_size: Annotated[int, Field(ge=1)] = 128
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     checkpoint_every: Annotated[int, Field(ge=1)] = 50  # optimizer steps between resumable checkpoints
-    log_model: bool = True  # copy the model directory into MLflow's artifacts
+    log_model: bool = True  # log the model directory as an MLflow pyfunc model (dht.tracking.log_model)
     distributed: DistributedConfig = DistributedConfig()
 
     @property

@@ -21,7 +21,6 @@ bookkeeping). The process group itself (the world, shards, DDP, digests) is :mod
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from functools import partial
@@ -49,7 +48,7 @@ def fit(trainer: Trainer, log: Callable[[list[tuple[int, float, float]], Progres
     ones (``train.distributed.queues: global``); the decisions of a round are taken jointly on every rank's
     contexts, and the released batches train in steps every rank takes together (one batch or an empty part per
     rank; docs/distributed.md). Every rank ends with the same weights and bandits (checked)."""
-    from tqdm.auto import tqdm
+    from dht import progress
 
     cfg, p, world = trainer.cfg, trainer.progress, trainer.world
     q = cfg.train.queue_size
@@ -63,9 +62,8 @@ def fit(trainer: Trainer, log: Callable[[list[tuple[int, float, float]], Progres
             trainer._refresh_arm_features(policy)  # as in Trainer.fit: before any sample of the epoch is queued
         order = trainer.order(p.epoch)
         shares = [shard(order, r, world.size) for r in range(world.size)]  # every rank's, for global queues
-        bar = tqdm(total=length, initial=p.position, desc=f"{trainer.mode_name} epoch {p.epoch + 1}/{cfg.train.epochs}",
-                   disable=not progress_bar or not world.is_main or os.environ.get("DHT_NO_PROGRESS") == "1",
-                   mininterval=1.0, leave=False)
+        bar = progress.bar(length, f"{trainer.mode_name} epoch {p.epoch + 1}/{cfg.train.epochs}", initial=p.position,
+                           unit="sample", enabled=progress_bar and world.is_main)
         while p.position < length:  # rounds in lockstep: a shorter share sends an empty chunk last
             trainer.ready += enqueue(trainer, policy, [s[p.position : p.position + q] for s in shares])
             since_checkpoint += train_steps(trainer, policy, frozen, drain=False)
@@ -76,7 +74,7 @@ def fit(trainer: Trainer, log: Callable[[list[tuple[int, float, float]], Progres
                 since_checkpoint = 0
         trainer.ready += trainer.queue.drain()  # partly filled queues: every sample once per epoch
         train_steps(trainer, policy, frozen, drain=True)
-        bar.close()
+        progress.finish(bar)
         trainer._end_epoch(log, start_time, save)
         since_checkpoint = 0
     p.seconds = time.perf_counter() - start_time

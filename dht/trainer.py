@@ -325,7 +325,7 @@ class Trainer:
     def fit(self, log: Callable[[list[tuple[int, float, float]], Progress], None] | None = None,
             progress_bar: bool = True) -> Progress:
         """Train every epoch, resuming from a checkpoint when one fits; returns the accounting."""
-        from tqdm.auto import tqdm
+        from dht import progress
 
         if self.world is not None:  # several processes in lockstep (docs/distributed.md)
             return distributed_training.fit(self, log, progress_bar)
@@ -342,9 +342,8 @@ class Trainer:
             if p.epoch > 0 and p.position == 0 and policy.mode.depth_memory == "epoch":
                 policy.forget_depths()  # T28; position 0 as above: a run resumed at this epoch's start forgets too
             order = self.order(p.epoch)
-            bar = tqdm(total=len(order), initial=p.position, desc=f"{self.mode_name} epoch {p.epoch + 1}/{cfg.train.epochs}",
-                       disable=not progress_bar or os.environ.get("DHT_NO_PROGRESS") == "1", mininterval=1.0,
-                       leave=False)
+            bar = progress.bar(len(order), f"{self.mode_name} epoch {p.epoch + 1}/{cfg.train.epochs}",
+                               initial=p.position, unit="sample", enabled=progress_bar)
             while p.position < len(order):
                 chunk = order[p.position : p.position + q]
                 released = self._enqueue(policy, chunk)
@@ -356,13 +355,13 @@ class Trainer:
                 if p.pending_log:
                     recent = p.pending_log[-10:]
                     bar.set_postfix(loss=f"{np.mean([x[1] for x in recent]):.3f}",
-                                    layers=f"{np.mean([x[2] for x in recent]):.1f}")
+                                    layers=f"{np.mean([x[2] for x in recent]):.1f}", refresh=False)
                 if since_checkpoint >= cfg.train.checkpoint_every and p.position < len(order):
                     self._checkpoint_now(log, start_time, self.save_checkpoint)
                     since_checkpoint = 0
             for layers, items in self.queue.drain():  # partly filled queues: every sample once per epoch
                 self._step(policy, frozen, layers, items)
-            bar.close()
+            progress.finish(bar)
             self._end_epoch(log, start_time, self.save_checkpoint)
             since_checkpoint = 0
         p.seconds = time.perf_counter() - start_time

@@ -505,7 +505,7 @@ def test_tokenization_stage_runs_through_snakemake(project):
     assert meta["splits"]["train"]["n"] == 320 and meta["splits"]["val"]["n"] == 32
     assert meta["max_length"] == 40 and meta["num_labels"] == 4
     assert (project / "data/processed/embedded-news/tokenizer/tokenizer.json").is_file()
-    assert ("embedded-news", "tokenize") in mlflow_runs(project)
+    assert ("embedded-news.stages", "tokenize") in mlflow_runs(project)  # not among the models
     assert not (project / "data/processed/embedded-sentiment").exists()  # only what was asked for
     # every rule keeps a log of what its stage printed (log:, written by the stage itself, so DVC runs get it too)
     log = (project / "logs/tokenize/embedded-news.log").read_text().splitlines()
@@ -515,6 +515,28 @@ def test_tokenization_stage_runs_through_snakemake(project):
                       "--out", "x", "--log", "logs/x/nope.log"], cwd=project, check=False)
     assert failed.returncode != 0  # an error ends up in the log as well, in a folder the stage made
     assert "error: " in (project / "logs/x/nope.log").read_text()
+
+
+def assert_mlflow_reads_first_what_matters(project: Path, dataset: str, models: tuple[str, ...]) -> None:
+    """In the dataset's experiment, described: every model run's headline metrics sort first and were logged
+    first (the runs table's and the run page's order), train_loss is per optimizer step, and its model is an
+    MLflow model."""
+    import mlflow
+
+    from dht.tracking import NOTE_TAG, SUMMARY, tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(project))
+    experiment = client.get_experiment_by_name(dataset)
+    assert f"**{dataset}**" in experiment.tags[NOTE_TAG] and "`tiny`" in experiment.tags[NOTE_TAG]
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(models)
+    for run in runs:
+        keys = list(run.data.metrics)
+        assert keys[: len(SUMMARY)] == list(SUMMARY) == sorted(keys)[: len(SUMMARY)], (run.info.run_name, keys)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert len(steps) > 3 and steps == sorted(steps), run.info.run_name  # per step, not per epoch
+    logged = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert {m.source_run_id for m in logged} == {r.info.run_id for r in runs}
 
 
 @pytest.mark.slow
@@ -531,10 +553,14 @@ def test_end_to_end_tiny_then_noop(project, tmp_path):
     assert "| embedded-news | embedded | 4 | 320 | 32 | 96 | 40 |" in table  # train, val, test
     assert "| embedded-sentiment | embedded | 2 | 320 | 32 | 96 | 40 |" in table
     runs = set(mlflow_runs(project))
+    models = ("vanilla-12", "vanilla-3", "t-dht", "s-dht", "f-dht", "p-dht", "distil-3", "fastbert-0.5",
+              "nas-prune-0.5", "flexibert-0.5")
     for dataset in ("embedded-news", "embedded-sentiment"):
-        for run in ("tokenize", "arm_features", "vanilla-12", "vanilla-3", "t-dht", "s-dht", "f-dht", "p-dht",
-                    "distil-3", "fastbert-0.5", "nas-prune-0.5", "flexibert-search", "flexibert-0.5"):
-            assert (dataset, run) in runs
+        # the dataset's experiment compares its models only; the stages that made their inputs have their own
+        assert {name for experiment, name in runs if experiment == dataset} == set(models)
+        for run in ("tokenize", "arm_features", "flexibert-search", "query-02"):
+            assert (f"{dataset}.stages", run) in runs
+    assert_mlflow_reads_first_what_matters(project, "embedded-news", models)
     for baseline in ("distil-3", "fastbert-0.5", "nas-prune-0.5", "flexibert-0.5"):  # the DHT runs' schema
         m = json.loads((project / f"results/embedded-news/{baseline}/metrics.json").read_text())
         assert {"accuracy", "macro_f1", "train_flop_ratio", "infer_flop_ratio", "infer_flop_ratio_linear",
@@ -570,7 +596,12 @@ def test_end_to_end_tiny_then_noop(project, tmp_path):
     chosen = next(q for q in trace["queries"] if q["arch_id"] == choose(trace["queries"], 0.5).id)
     flexi = json.loads((project / "results/embedded-news/flexibert-0.5/metrics.json").read_text())
     assert chosen["flop_ratio"] == pytest.approx(flexi["infer_flop_ratio"], rel=1e-3)
-    assert ("embedded-news", "query-02") in runs  # one nested MLflow run per query
+    assert ("embedded-news.stages", "query-02") in runs  # one nested MLflow run per query
+    # every long job's log shows its progress as plain lines (the first, then one every 30 s, the last)
+    for name in ("distil-3", "fastbert-0.5", "nas-prune-0.5", "flexibert-0.5"):
+        log = (project / f"logs/baseline/embedded-news/{name}.log").read_text()
+        assert "\r" not in log and "100%|" in log and "loss=" in log, log[-2000:]
+    assert all("\r" not in f.read_text() for f in (project / "logs").rglob("*.log"))
     assert (project / "reports/figures/selection-embedded-sentiment.png").is_file()
     table2 = (project / "reports/table2.md").read_text()
     for model in ("vanilla-12", "distil-3", "fastbert-0.5", "nas-prune-0.5", "flexibert-0.5", "t-dht", "p-dht"):

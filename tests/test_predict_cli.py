@@ -383,6 +383,10 @@ def test_a_user_story_crafted_checkpoint_then_baselines_through_snakemake(tiny_p
     assert refusal.endswith("delete it to start this run over: rm -r checkpoints/embedded-news/vanilla-12")
     subprocess.run(refusal.split(": ")[-1].split(), cwd=project, check=True)  # the rm -r the message gives
     run_cli(command, cwd=project)
+    for name in ("distil-3", "fastbert-0.5"):  # the baselines' logs show their training's progress, line by line
+        log = (project / f"logs/baseline/embedded-news/{name}.log").read_text()
+        progress = [line for line in log.splitlines() if "loss=" in line]
+        assert "\r" not in log and progress and "100%|" in progress[-1] and "epoch=" in progress[-1], log[-2000:]
 
     texts = tmp_path / "texts.txt"
     texts.write_text("the striker scored twice\nshares fell sharply\n")

@@ -39,9 +39,9 @@ class Baseline:
     section: str
     module: str
     title: str  # what it is, in words (dht predict says it of a baseline's model directory)
-    title: str  # what it is, in words (dht predict says it of a baseline's model directory)
     starts_from_reference: bool
     reads: tuple[str, ...] = ()
+    runs_on_teacher: bool = False  # its model directory runs on the teacher's (FastBERT's students on its backbone)
 
     @property
     def params(self) -> list[str]:
@@ -64,7 +64,7 @@ KINDS: dict[str, Baseline] = {b.kind: b for b in (
     Baseline("distil", "distil", "dht.baselines.distil", "a DistilBERT student of the reference",
              starts_from_reference=True),
     Baseline("fastbert", "fastbert", "dht.baselines.fastbert", "FastBERT: the reference with early-exit students",
-             starts_from_reference=True),
+             starts_from_reference=True, runs_on_teacher=True),
     Baseline("nas-prune", "nas_prune", "dht.baselines.nas_prune", "the reference pruned by differentiable NAS",
              starts_from_reference=True),
     # Searched and retrained from scratch (the reference only sets the FLOP budget); its search is its own cost.
@@ -124,13 +124,16 @@ class BaselineRun:
     """What building a baseline gave: its inference (a split's predictions, with the baseline's own inference rule:
     FastBERT's exits, a pruned model's heads; the stage runs it on the test and the validation split), what its own
     training cost (FLOPs, full convention; the passes over the training split, `epochs`, as
-    :func:`dht.results.training_budget` counts them), its training loss per epoch, and parameters for the MLflow
-    run beyond the job's."""
+    :func:`dht.results.training_budget` counts them), its training loss per epoch (``history``, kept in its model
+    directory's baseline.json), its training curves per optimizer step (``curves``: MLflow metric name -> (step,
+    value), ``train_loss`` on the step axis of the DHT runs' ``train_loss``), and parameters for the MLflow run
+    beyond the job's."""
 
     predict: Callable[[SplitData], Predictions]
     train_flops: float
     epochs: float
     history: list[float]
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
 
 

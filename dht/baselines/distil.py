@@ -73,7 +73,7 @@ def distill(
     guard: FiniteGuard | None = None,
 ) -> dict[str, Any]:
     """Train the student on the teacher's softened distribution (and the labels); returns the mean loss per
-    epoch and the training FLOPs (teacher forward + student forward and backward, full convention). A non-finite
+    epoch, the loss per optimizer step ((step, loss) pairs) and the training FLOPs (teacher forward + student forward and backward, full convention). A non-finite
     loss or weight stops it (:mod:`dht.guard`)."""
     guard = guard or FiniteGuard("distil: distillation", f"lower baselines.distil.learning_rate (now {lr:g})")
     teacher = teacher.to(device).eval()
@@ -102,13 +102,14 @@ def distill(
 
     start = time.perf_counter()
     history = loop.train(student, optimizer, loss_of, len(train), epochs=epochs, batch_size=batch_size,
-                         generator=torch.Generator().manual_seed(seed), guard=guard, clip=1.0)
+                         generator=torch.Generator().manual_seed(seed), guard=guard, clip=1.0,
+                         progress=f"distil-{student.config.num_hidden_layers} distillation")
     flops = 0.0
     for epoch in history:
         for size in epoch.sizes:
             flops += per_sample * size
-    return {"loss_per_epoch": [epoch.sample_mean() for epoch in history], "train_flops": flops,
-            "seconds": time.perf_counter() - start}
+    return {"loss_per_epoch": [epoch.sample_mean() for epoch in history], "step_losses": loop.step_losses(history),
+            "train_flops": flops, "seconds": time.perf_counter() - start}
 
 
 def predict_student(model: DHTForSequenceClassification, data: SplitData, device: torch.device, batch_size: int,
@@ -135,4 +136,4 @@ def run(layers: float, job: BaselineJob) -> BaselineRun:
                    batch_size=job.cfg.train.batch_size, device=job.device, seed=job.cfg.seed, seq_len=job.seq_len)
     model.save_pretrained(job.out_model)
     return BaselineRun(lambda data: predict_student(model, data, job.device, job.cfg.train.eval_batch_size, job.seq_len),
-                       info["train_flops"], c.epochs, info["loss_per_epoch"])
+                       info["train_flops"], c.epochs, info["loss_per_epoch"], {"train_loss": info["step_losses"]})

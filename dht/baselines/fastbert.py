@@ -354,7 +354,8 @@ def distill(
             ``baselines.fastbert.learning_rate``).
 
     Returns:
-        ``epoch_kl`` (mean summed KL per epoch, sample-weighted), ``train_flops`` (total, "full" convention, see
+        ``epoch_kl`` (mean summed KL per epoch, sample-weighted), ``step_kl`` ((optimizer step, its KL) pairs),
+        ``train_flops`` (total, "full" convention, see
         :func:`distill_flops_per_sample`), ``train_flops_per_sample``, ``steps``, ``samples``, ``seconds``.
     """
     if epochs < 1 or batch_size < 1 or lr <= 0:
@@ -395,10 +396,11 @@ def distill(
         torch.manual_seed(seed)
         history = loop.train(fastbert.students, optimizer, loss_of, n, epochs=epochs, batch_size=batch_size,
                              generator=torch.Generator().manual_seed(seed), guard=guard, scheduler=scheduler,
-                             on_epoch=report)
+                             on_epoch=report, progress="fastbert self-distillation")
     fastbert.eval()
     return {
         "epoch_kl": [epoch.sample_mean() for epoch in history],
+        "step_kl": loop.step_losses(history),
         "train_flops": float(per_sample) * n * epochs,
         "train_flops_per_sample": float(per_sample),
         "steps": sum(len(epoch.losses) for epoch in history),
@@ -515,4 +517,4 @@ def run(speed: float, job: BaselineJob) -> BaselineRun:
     model.save(job.out_model)
     return BaselineRun(
         lambda data: predict_fastbert(model, data, speed, job.device, job.cfg.train.eval_batch_size, job.seq_len),
-        info["train_flops"], c.epochs, info["epoch_kl"])
+        info["train_flops"], c.epochs, info["epoch_kl"], {"train_loss": info["step_kl"]})

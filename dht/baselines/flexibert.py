@@ -35,4 +35,4 @@ def run(ratio: float, job: BaselineJob) -> BaselineRun:
     epochs = sum(e["train_samples"] for e in trace) / len(job.train) + job.cfg.baselines.flexibert.epochs
     return BaselineRun(lambda data: predictions(model, data, job.cfg.train.eval_batch_size, job.seq_len, job.device),
                        search_train_flops(trace) + info["train_flops"], epochs, [info["train_loss"]],
-                       params={"arch_id": arch.id})
+                       {"train_loss": info["step_losses"]}, params={"arch_id": arch.id})

@@ -111,6 +111,7 @@ def train(
     max_steps: int | None = None,
     name_epoch: bool = True,
     on_epoch: Callable[[int, Epoch], None] | None = None,
+    progress: str | None = None,
 ) -> list[Epoch]:
     """Train ``model`` for ``epochs`` passes over ``rows`` samples, in batches of a new seeded order every epoch
     (:func:`batches`), one :func:`update` per batch; stop early after ``max_steps`` updates.
@@ -119,10 +120,16 @@ def train(
     (loss, extras): named values recorded per step in :attr:`Epoch.extras` (a tensor is detached first).
     ``model`` is put in train mode at the start of every epoch; its gradients are clipped (``clip``) and its
     weights checked by the guard, whose messages name the epoch unless ``name_epoch`` is false. ``on_epoch`` is
-    called after every epoch with (epoch number from 1, the epoch). Returns one :class:`Epoch` per epoch run.
+    called after every epoch with (epoch number from 1, the epoch). ``progress`` names the training on a progress
+    bar over all its steps (:func:`dht.progress.bar`: steps, ETA, epoch and recent loss; none without a name).
+    Returns one :class:`Epoch` per epoch run.
     """
+    from dht.progress import bar, finish, recent_mean
+
     history: list[Epoch] = []
     step = 0
+    total = epochs * -(-rows // batch_size)
+    shown = bar(total if max_steps is None else min(total, max_steps), progress or "", enabled=progress is not None)
     for epoch in range(1, epochs + 1):
         if max_steps is not None and step >= max_steps:
             break
@@ -140,7 +147,17 @@ def train(
             seen.losses.append(float(loss.detach()))
             for key, value in extras.items():
                 seen.extras.setdefault(key, []).append(float(value.detach() if isinstance(value, Tensor) else value))
+            shown.set_postfix(epoch=f"{epoch}/{epochs}", loss=f"{recent_mean(seen.losses):.4f}", refresh=False)
+            shown.update(1)
         history.append(seen)
         if on_epoch is not None:
             on_epoch(epoch, seen)
+    finish(shown)
     return history
+
+
+def step_losses(history: list[Epoch], first_step: int = 1) -> list[tuple[int, float]]:
+    """(optimizer step, loss) of every step of :func:`train`'s history, steps counted from `first_step`: the
+    baselines' training curve on the step axis the DHT runs use (MLflow's ``train_loss``)."""
+    losses = [loss for epoch in history for loss in epoch.losses]
+    return list(enumerate(losses, start=first_step))

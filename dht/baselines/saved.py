@@ -79,11 +79,12 @@ def teacher_dir(directory: Path, info: dict[str, Any]) -> Path:
 
 
 def load_baseline(directory: str | Path, device: torch.device, teacher: Any = None,
-                  allow_unverified: bool = False) -> SavedBaseline:
+                  allow_unverified: bool = False, teacher_dir: str | Path | None = None) -> SavedBaseline:
     """The baseline saved in ``directory`` by the baseline stage, on ``device``, checked against its
     checksums.sha256 before anything in it is read (without one it is refused unless ``allow_unverified``).
-    FastBERT's backbone is ``teacher`` when given (a loaded reference), else the teacher its baseline.json
-    names, checked the same way and against the SHA-256 of the weights the students were distilled on.
+    FastBERT's backbone is ``teacher`` when given (a loaded reference), else the teacher in ``teacher_dir`` (a
+    copy of it elsewhere, as an MLflow model keeps it) or, by default, where its baseline.json says it is,
+    checked the same way and against the SHA-256 of the weights the students were distilled on.
     Raises :class:`IntegrityError` (or FileNotFoundError when ``directory`` is not a baseline's) in one line."""
     directory = Path(directory)
     info_path = directory / BASELINE_FILE
@@ -98,6 +99,8 @@ def load_baseline(directory: str | Path, device: torch.device, teacher: Any = No
     except (ValueError, KeyError, TypeError) as err:
         raise IntegrityError(f"{info_path}: not a baseline's description ({type(err).__name__}: {err}); {fix}") from err
     try:
+        if teacher_dir is not None:
+            info = {**info, "teacher": {**(info.get("teacher") or {}), "path": os.path.relpath(teacher_dir, directory)}}
         model, run, dims = _LOADERS[kind](directory, device, value, teacher, info, fix, allow_unverified)
     except IntegrityError:
         raise

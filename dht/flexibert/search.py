@@ -110,6 +110,7 @@ class TrainResult:
     model: FlexiBertForSequenceClassification
     steps: int
     train_loss: float  # mean loss of the last epoch
+    step_losses: list[tuple[int, float]] = field(default_factory=list)  # (optimizer step, loss) of every step
     inherited: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -157,6 +158,7 @@ def train_and_evaluate(
     eval_batch_size: int = 128,
     device: torch.device | str = "cpu",
     guard: FiniteGuard | None = None,
+    progress: str | None = None,
 ) -> TrainResult:
     """Train ``arch`` briefly on ``train_split`` and return its accuracy on ``val_split``.
 
@@ -169,7 +171,8 @@ def train_and_evaluate(
     ``max_len`` defaults to the padded length. Sequences are not trimmed to the longest sample: DFT/DCT mix over
     the padded length, and the FLOPs of :mod:`dht.flexibert.flops` are counted at that length.
     A non-finite loss or weight stops it (``guard``, :mod:`dht.guard`; default: names the architecture and
-    ``baselines.flexibert.learning_rate``).
+    ``baselines.flexibert.learning_rate``). ``progress`` names the training on a progress bar
+    (:func:`dht.baselines.loop.train`).
     """
     guard = guard or FiniteGuard(f"flexibert: training {arch.id}",
                                  f"lower baselines.flexibert.learning_rate (now {lr:g})")
@@ -202,13 +205,14 @@ def train_and_evaluate(
         # `total` steps bound the epochs; the guard's messages name the step only.
         history = loop.train(model, opt, loss_of, ids.shape[0], epochs=epochs, batch_size=batch_size,
                              generator=torch.Generator().manual_seed(seed), guard=guard, clip=grad_clip,
-                             scheduler=sched, max_steps=total, name_epoch=False)
+                             scheduler=sched, max_steps=total, name_epoch=False, progress=progress)
     step = sum(len(epoch.losses) for epoch in history)
     epoch_losses = history[-1].losses if history else []  # the last epoch's
     probs = predict_proba(model, val_split, eval_batch_size, device)
     accuracy = float((probs.argmax(-1) == vlabels.numpy()).mean()) if len(probs) else float("nan")
     return TrainResult(accuracy=accuracy, model=model.cpu(), steps=step,
                        train_loss=float(np.mean(epoch_losses)) if epoch_losses else float("nan"),
+                       step_losses=loop.step_losses(history),
                        inherited=inherited, seconds=time.perf_counter() - start)
 
 

@@ -77,7 +77,8 @@ def run_search(cfg: Config, train: Arrays, val: Arrays, meta: Mapping[str, Any],
                          "it; set data.val_fraction above 0")
     n_search = len(train["label"])
     kwargs = _train_kwargs(cfg, meta, device)
-    evaluator = TrainingEvaluator(train, val, epochs=f.search_epochs, max_steps=f.search_max_steps, **kwargs)
+    evaluator = TrainingEvaluator(train, val, epochs=f.search_epochs, max_steps=f.search_max_steps,
+                                  progress="flexibert query", **kwargs)
     seq_len, num_labels = int(meta["max_length"]), int(meta["num_labels"])
     space = space_of(cfg)
     rng = np.random.default_rng(cfg.seed)
@@ -121,16 +122,17 @@ def choose(trace: list[Mapping[str, Any]], ratio: float) -> Architecture:
 
 def retrain(cfg: Config, arch: Architecture, train: Arrays, val: Arrays, meta: Mapping[str, Any],
             device: torch.device | str = "cpu") -> tuple[FlexiBertForSequenceClassification, dict[str, Any]]:
-    """Train ``arch`` on the training split for ``baselines.flexibert.epochs``; (model, what it cost and its
-    ``val_accuracy`` on `val`, the validation split, NaN when empty)."""
+    """Train ``arch`` on the training split for ``baselines.flexibert.epochs``; (model, what it cost, its loss per
+    optimizer step and its ``val_accuracy`` on `val`, the validation split, NaN when empty)."""
     kwargs = _train_kwargs(cfg, meta, device)
-    result = train_and_evaluate(arch, train, val, epochs=cfg.baselines.flexibert.epochs, **kwargs)
+    result = train_and_evaluate(arch, train, val, epochs=cfg.baselines.flexibert.epochs,
+                                progress="flexibert retraining", **kwargs)
     seq_len = int(meta["max_length"])
     # every sample once per epoch (the last batch of an epoch may be short, so steps x batch would overcount)
     samples = cfg.baselines.flexibert.epochs * len(train["label"])
     flops = 3 * model_flops(arch, seq_len, int(meta["num_labels"])) * samples
     return result.model, {"train_flops": float(flops), "train_loss": result.train_loss, "steps": result.steps,
-                          "val_accuracy": result.accuracy}
+                          "step_losses": result.step_losses, "val_accuracy": result.accuracy}
 
 
 def predictions(model: FlexiBertForSequenceClassification, data: SplitData, batch_size: int, seq_len: int,

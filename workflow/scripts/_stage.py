@@ -7,8 +7,10 @@ import os
 import sys
 from pathlib import Path
 
-# transformers draws a progress bar for every save/load of a small model: noise in a pipeline log.
+# transformers draws a progress bar for every save/load of a small model, MLflow one for every model it logs:
+# noise in a pipeline log.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from dht.config import Config, ConfigError
 from dht.config_loading import load_config
@@ -24,16 +26,26 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 class _Tee:
-    """A text stream that writes to the terminal's stream and to the stage's log file."""
+    """A text stream that writes to the terminal's stream and to the stage's log file; to the log through
+    :class:`dht.progress.LogLines`, so a progress bar's redraws become plain lines there, one every
+    :data:`dht.progress.LOG_EVERY_SECONDS`, instead of carriage-return runs."""
 
     def __init__(self, stream: object, log: object) -> None:
+        from dht.progress import LogLines
+
         self._stream, self._log = stream, log
+        self._lines = LogLines(log.write)
 
     def write(self, text: str) -> int:
         self._stream.write(text)
-        self._log.write(text)
+        self._lines.write(text)
         self._log.flush()  # a killed job keeps what it printed
         return len(text)
+
+    def close_log(self) -> None:
+        """At exit: what the log side still holds back (a bar's last state, a line without its newline)."""
+        self._lines.close()
+        self._log.flush()
 
     def flush(self) -> None:
         self._stream.flush()
@@ -47,6 +59,7 @@ def start_log(path: str | Path) -> None:
     """Copy stdout and stderr (messages, progress, an error's traceback) into `path`, appended after a header
     line, so a resumed job's log keeps the attempt before it. Snakemake makes the folder; DVC does not, so it is
     made here."""
+    import atexit
     import datetime
     import shlex
 
@@ -56,6 +69,8 @@ def start_log(path: str | Path) -> None:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     log.write(f"=== {stamp}: {shlex.join(sys.argv)}\n")
     sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+    for tee in (sys.stdout, sys.stderr):
+        atexit.register(tee.close_log)
 
 
 def config(args: argparse.Namespace) -> Config:

@@ -27,7 +27,7 @@ from dht.config import parse_baseline
 from dht.evaluation import SplitData, accuracy_text
 from dht.results import baseline_metrics, read_start, run_name, run_subdir, write_results
 from dht.tokenization import load_processed
-from dht.tracking import log_run_metrics, stage_run
+from dht.tracking import log_curves, log_model, log_run_metrics, stage_run
 
 p = _stage.parser(__doc__)
 p.add_argument("--dataset", required=True)
@@ -81,7 +81,7 @@ if out_model.exists():
 job = BaselineJob(cfg, teacher, train, val, meta, device, out_model, Path(args.search) if args.search else None)
 
 with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baseline", profile=cfg.profile,
-               params=run_params(cfg, args.dataset, args.model, device), prefix=cfg.tracking.experiment_prefix):
+               params=run_params(cfg, args.dataset, args.model, device), prefix=cfg.tracking.experiment_prefix) as run:
     import mlflow
 
     start = time.perf_counter()
@@ -102,11 +102,10 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baselin
     finish_model_dir(out_model, processed / "tokenizer", {
         "model_name": args.model, "dataset": args.dataset, "classes": meta["classes"],
         "max_length": meta["max_length"], "results": args.results, "history": built.history}, teacher_dir)
-    for epoch, loss in enumerate(built.history or [], start=1):
-        mlflow.log_metric("train_loss", float(loss), step=epoch)
-    log_run_metrics(metrics)
-    if cfg.train.log_model:
-        mlflow.log_artifacts(str(out_model), artifact_path="model")
+    log_run_metrics(metrics)  # the headline first, then the curves per optimizer step (dht.tracking says why)
+    log_curves(run.info.run_id, built.curves)
+    if cfg.train.log_model:  # with the teacher, for a kind whose model runs on it
+        log_model(out_model, teacher_dir if KINDS[kind].runs_on_teacher else None)
 print(f"baseline {args.dataset}/{args.model}: accuracy {accuracy_text(metrics)}, train FLOPs "
       f"{metrics['train_flop_ratio_total']:.2f}x in total ({metrics['train_flop_ratio']:.2f}x its own), inference FLOPs "
       f"{metrics['infer_flop_ratio']:.2f}x, mean layers {metrics['mean_layers']:.1f} ({seconds:.0f}s)")

@@ -19,7 +19,7 @@ from dht.evaluation import SplitData, accuracy_text
 from dht.policy import predict
 from dht.results import run_name, run_subdir, training_metrics, write_results
 from dht.tokenization import load_processed
-from dht.tracking import TrainingLogger, log_run_metrics, stage_run
+from dht.tracking import log_curves, log_model, log_run_metrics, stage_run, training_curves
 from dht.trainer import Trainer, TrainingError, export_trained, fingerprint, initial_model, run_params
 
 p = _stage.parser(__doc__)
@@ -95,7 +95,7 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="train",
 
     trainer.progress.run_id = run.info.run_id
     try:
-        progress = trainer.fit(log=TrainingLogger(run.info.run_id, trainer.progress))
+        progress = trainer.fit()
     except TrainingError as err:
         sys.exit(f"error: {err}")
     if world is not None:
@@ -114,10 +114,12 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="train",
     # last: metrics.json marks the run as done
     results = write_results(args.results, metrics, pred, test, progress)
 
+    # the headline first, then the curves, from the history the checkpoints kept (dht.tracking says why)
     log_run_metrics(metrics)
+    log_curves(run.info.run_id, training_curves(progress))
     mlflow.log_artifact(str(results / "selections.json"))
     if cfg.train.log_model:
-        mlflow.log_artifacts(args.out_model, artifact_path="model")
+        log_model(args.out_model)
 trainer.remove_checkpoint()
 print(f"train {args.dataset}/{args.model}: accuracy {accuracy_text(metrics)}, macro-F1 {metrics['macro_f1']:.3f}, "
       f"train FLOPs {metrics['train_flop_ratio']:.2f}x, inference FLOPs {metrics['infer_flop_ratio']:.2f}x, "

@@ -114,7 +114,9 @@ __all__ = [
 def run(ratio: float, job: BaselineJob) -> BaselineRun:
     """The ``nas-prune-<ratio>`` baseline (:func:`dht.baselines.run_baseline`): the search for ``ratio`` of the
     teacher's FLOPs, the extracted model fine-tuned, both written to ``job.out_model`` (the search in ``search/``);
-    it predicts with the pruned model. Its training FLOPs are the search's and the fine-tuning's."""
+    it predicts with the pruned model. Its training FLOPs are the search's and the fine-tuning's. Its curves, on one
+    step axis: ``search_loss`` (the weight steps' CE, steps 1..S of the search), then ``train_loss`` (the
+    fine-tuning, steps S+1...)."""
     c, batch = job.cfg.baselines.nas_prune, job.cfg.train.batch_size
     found = search(job.teacher, job.train, ratio, c.lambda_cost, c.tolerance, c.search_epochs, c.lr_weights,
                    c.lr_arch, batch, job.device, job.cfg.seed, job.seq_len)
@@ -125,4 +127,6 @@ def run(ratio: float, job: BaselineJob) -> BaselineRun:
     found.save(job.out_model / "search")
     return BaselineRun(lambda data: predict_pruned(model, data, job.device, job.cfg.train.eval_batch_size, job.seq_len),
                        found.train_flops + tuned["train_flops"], c.search_epochs + c.finetune_epochs,
-                       tuned["loss_per_epoch"])
+                       tuned["loss_per_epoch"],
+                       {"search_loss": list(enumerate(found.step_losses, start=1)),
+                        "train_loss": [(len(found.step_losses) + step, loss) for step, loss in tuned["step_losses"]]})

@@ -23,6 +23,7 @@ from dht.evaluation import SplitData
 from dht.flops import full_model_flops, train_flops
 from dht.guard import FiniteGuard
 from dht.model import DHTForSequenceClassification
+from dht.progress import bar, finish, recent_mean
 
 ALPHA_CLIP = 10.0  # dimension alphas stay in [-10, 10] (see dht.baselines.nas_prune.masks._RescaledSigmoid)
 HEAD_LR_SCALE = 0.1  # head alphas learn at 0.1 x lr_arch (see search)
@@ -46,6 +47,7 @@ class SearchResult:
         expected_flop_ratio: E_cost / full at the end of the search.
         flop_ratio: FLOPs of ``arch`` / full (``convention``); within_tolerance: |flop_ratio - r| <= t r.
         settings: the arguments of the search.
+        step_losses: the weight step's CE of every search step, in order (the search's training curve).
     """
 
     alphas: dict[str, Tensor]
@@ -59,6 +61,7 @@ class SearchResult:
     flop_ratio: float
     within_tolerance: bool
     settings: dict[str, Any] = field(default_factory=dict)
+    step_losses: list[float] = field(default_factory=list)
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -177,6 +180,8 @@ def search(
         spent = 0.0
         arch_iter = loop.cycle(arch_half, batch_size, gen)
         step = 0
+        step_losses: list[float] = []
+        shown = bar(total_steps, "nas-prune search")
         for epoch in range(epochs):
             sums = {"ce": 0.0, "ce_weights": 0.0, "cost_loss": 0.0, "sampled_flop_ratio": 0.0}
             steps = 0
@@ -214,12 +219,16 @@ def search(
                 sums["cost_loss"] += float(cost.detach())
                 sums["sampled_flop_ratio"] += actual / full
                 steps += 1
+                step_losses.append(float(ce_w.detach()))
+                shown.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{recent_mean(step_losses):.4f}", refresh=False)
+                shown.update(1)
             with torch.no_grad():
                 expected_ratio = float(net.expected_flops(seq_len, convention)) / full
             at_threshold = pruned_flops(derive_arch(net.alphas(), fields, threshold), seq_len, convention)
             history.append({"epoch": epoch + 1, **{k: v / max(steps, 1) for k, v in sums.items()},
                             "expected_flop_ratio": expected_ratio, "threshold_flop_ratio": at_threshold / full})
         alphas = net.alphas()
+        finish(shown)
     tau, arch = fit_threshold(alphas, fields, target, tolerance, seq_len, convention, threshold)
     ratio = pruned_flops(arch, seq_len, convention) / full
     settings = {"target_ratio": target_ratio, "lambda_cost": lambda_cost, "tolerance": tolerance, "epochs": epochs,
@@ -227,4 +236,4 @@ def search(
                 "seq_len": seq_len, "convention": convention, "threshold": threshold, "alpha_clip": alpha_clip,
                 "head_lr_scale": head_lr_scale}
     return SearchResult(alphas, arch, tau, history, spent, full, target, expected_ratio, ratio,
-                        abs(ratio - target_ratio) <= tolerance * target_ratio + 1e-12, settings)
+                        abs(ratio - target_ratio) <= tolerance * target_ratio + 1e-12, settings, step_losses)

@@ -42,7 +42,8 @@ def finetune(
     gradient and is not modified.
 
     Returns:
-        ``{"loss_per_epoch": [...], "kd_per_epoch": [...], "ce_per_epoch": [...]}`` (means per epoch) and
+        ``{"loss_per_epoch": [...], "kd_per_epoch": [...], "ce_per_epoch": [...]}`` (means per epoch),
+        ``"step_losses"`` ((optimizer step, loss) pairs, from 1) and
         ``"train_flops"``: teacher forward + student forward and backward (3 x forward), full convention, per
         sample at ``seq_len`` (pass the pipeline's padded length; default: each batch's own width).
         A non-finite loss or weight stops it (``guard``, :mod:`dht.guard`; default: names
@@ -72,7 +73,8 @@ def finetune(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             history = loop.train(pruned, optimizer, loss_of, len(train), epochs=epochs, batch_size=batch_size,
-                                 generator=torch.Generator().manual_seed(seed), guard=guard)
+                                 generator=torch.Generator().manual_seed(seed), guard=guard,
+                                 progress="nas-prune fine-tuning")
     finally:
         pruned.eval()
         teacher.train(was_training)
@@ -80,7 +82,7 @@ def finetune(
     for epoch in history:
         for flops in epoch.extras.get("flops", []):
             spent += flops
-    return {"loss_per_epoch": [epoch.mean() for epoch in history],
+    return {"loss_per_epoch": [epoch.mean() for epoch in history], "step_losses": loop.step_losses(history),
             "kd_per_epoch": [epoch.mean("kd") for epoch in history],
             "ce_per_epoch": [epoch.mean("ce") for epoch in history], "train_flops": spent}
 
