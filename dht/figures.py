@@ -5,11 +5,13 @@ Tables 1-2, one set per dataset under ``reports/figures/``.
   throughout training": per DHT mode, the share of choices of each layer count and of each head count, epoch by
   epoch (from ``results/<dataset>/<model>/selections.json``).
 - ``loss-<dataset>.png``, Figure 3, "loss trends": the training loss of every mode (the reference included)
-  against the optimizer step, raw and smoothed (from ``loss.csv``).
+  against the optimizer step, raw and smoothed by a trailing mean over 10% of each run's steps (the window in
+  the title; from ``loss.csv``).
 - ``pareto-<dataset>.png``: accuracy (micro-F1, with its 95% bootstrap interval, or its mean ± std over
   several seeds) of every model and baseline, with the Pareto front, against inference FLOPs (Table 2 as a
   picture) and, in a second panel, against total training FLOPs (Table 1's budget: the model it starts from
-  included).
+  included). The reference, the control and the DHT modes each have their marker; every point's label is placed
+  where it hides no other label, marker or line.
 - ``difficulty-<dataset>.png``: mean layers and accuracy per difficulty level, for data that have levels.
 - ``depth-<dataset>.png``: where the depth goes on any data: the DHT modes' mean layers by sample length, by
   whether the shallow control gets the sample right, and by the reference's confidence (from ``predictions.csv``;

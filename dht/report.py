@@ -16,7 +16,9 @@ evaluation stage (`results/<dataset>/paired.json`, dht.comparison): each model a
 best baseline at no more inference FLOPs, with the paired interval and McNemar's p-value, and says how large a
 difference the run can settle. Table 1 also shows, per dataset, where the DHT modes' depth goes: mean layers
 and accuracy by sample length, by whether the shallow control (`run.control`) gets the sample right, and by the reference's confidence
-(from every model's predictions.csv), which works on data without a difficulty column.
+(from every model's predictions.csv), which works on data without a difficulty column; a grouping the data cannot
+form (lengths, when most texts were cut at max_length) is said, with the reason, not tabulated. The index
+(`reports/index.md`) opens each dataset with a generated reading of these numbers (:func:`reading_text`).
 """
 
 from __future__ import annotations
@@ -363,7 +365,7 @@ SIGNIFICANCE = round(1 - CONFIDENCE, 6)  # McNemar's p below it: a difference be
 
 def versus_text(cmp: dict[str, Any] | None) -> str | None:
     """One paired comparison of paired.json in words: "-0.020 [-0.051, +0.010], within the test split's noise
-    (McNemar p 0.210)"; over several seeds the mean ± std and in how many seeds p is below
+    (McNemar p = 0.210)"; over several seeds the mean ± std and in how many seeds p is below
     :data:`SIGNIFICANCE`; None when there is no comparison."""
     if not cmp or not cmp.get("against"):
         return None
