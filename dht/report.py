@@ -138,7 +138,7 @@ def report_param_keys(cfg: Config, report: str) -> list[str]:
     """The params.yaml keys a report stage reads (`report` one of :data:`REPORTS`; this module, and dht.figures for
     the figures): the run's lists (run: datasets, models, baselines, reference, control, seeds), the seed (where the
     results of a run without run.seeds live), the arms of the reference (the depth its label names) and, but for
-    Table 2, of the control and the search of each mode (the depth analysis). The tables and the index name the
+    Table 2, of the control (its label) and the search of each mode (the depth analysis). The tables and the index name the
     profile, the tables the paper's column of each dataset (its `paper:`), the figures and the index each
     dataset's source (figures by difficulty for the embedded data); the figures read the model's depth (their axes)
     and each DHT mode's warm-up (the selection figure), the index the MLflow experiments (tracking). Every model's
@@ -147,9 +147,10 @@ def report_param_keys(cfg: Config, report: str) -> list[str]:
     if report not in REPORTS:
         raise ValueError(f"{report!r}: not a report ({', '.join(REPORTS)})")
     keys = ["seed", "run"]
-    if report != "index":  # the reference's depth (reference_label), and the control's in the depth analysis
-        control = [cfg.run.control] if cfg.run.control and report != "table2" else []
-        keys += [f"dht.modes.{m}.arms" for m in [cfg.run.reference, *control]]
+    # the reference's depth (reference_label) and, but for Table 2, the control's (control_label: the depth
+    # analysis, the Pareto figure's legend, the index's reading)
+    control = [cfg.run.control] if cfg.run.control and report != "table2" else []
+    keys += [f"dht.modes.{m}.arms" for m in [cfg.run.reference, *control]]
     if report != "table2":  # which modes choose their depth (the depth analysis, the figures, the index's rows)
         keys += [f"dht.modes.{m}.search" for m in cfg.run.models]
     if report != "figures":
