@@ -9,7 +9,7 @@ difference of 0.02 is often noise, so every accuracy here carries its 95% interv
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -217,11 +217,13 @@ class DepthAnalysis:
     """Mean layers and accuracy of every DHT mode per group of test samples, for three groupings:
     `length` (quartiles of n_tokens), `control` (the shallow control right or wrong) and `confidence`
     (quartiles of the reference's probability of its prediction). A grouping is absent when its model's
-    predictions are (no control configured)."""
+    predictions are (no control configured), or when the data cannot form it: then `notes` says why (the
+    length grouping when most samples were cut at max_length, :func:`length_note`)."""
 
     groupings: dict[str, tuple[str, list[Bin]]]  # key -> (title, bins)
     modes: dict[str, SamplePredictions]
     context: dict[str, SamplePredictions]  # the reference and the control: their accuracy per group
+    notes: dict[str, str] = field(default_factory=dict)  # key of a grouping left out -> why
 
     def mean_layers(self, mode: str, b: Bin) -> float:
         return float(self.modes[mode].layers[b.mask].mean()) if b.n else float("nan")
@@ -238,10 +240,46 @@ GROUPINGS = {
 }
 
 
+# More than this share of the test samples at one length, the longest: quartiles cannot separate lengths.
+LENGTH_TIE_SHARE = 0.5
+
+
+def length_note(n_tokens: np.ndarray, max_length: int | None = None) -> str | None:
+    """Why the samples cannot be grouped by length, or None when they can.
+
+    `n_tokens` are the lengths the model saw (predictions.csv: the non-padding tokens, after truncation), so
+    every text longer than max_length counts max_length tokens. When more than half the samples share the
+    longest length, quartiles put them in one group (equal values share a group, :func:`quartile_bins`) and
+    the "by length" rows would compare nothing: DBpedia's articles at max_length 32 (82% cut). Decided from
+    the data; `max_length` (the dataset's, from data/processed/<dataset>/meta.json, when the caller has it)
+    only names the cause exactly."""
+    lengths = np.asarray(n_tokens)
+    if lengths.size == 0:
+        return None
+    longest = int(lengths.max())
+    at_longest = int((lengths == longest).sum())
+    if at_longest <= LENGTH_TIE_SHARE * lengths.size:
+        return None
+    share = f"{at_longest} of the {lengths.size} test samples ({at_longest / lengths.size:.0%})"
+    if max_length is not None and longest < max_length:  # not a cut: many samples of one length
+        return (f"Not grouped by length: {share} have the same length, {longest} tokens (below max_length "
+                f"{max_length}: none was cut), so quartiles of length cannot tell them apart.")
+    if max_length is not None:
+        cut = f"reach the dataset's max_length, {max_length} tokens, where longer texts are cut"
+    else:  # the figures stage does not read meta.json: the cause from the data alone
+        cut = f"have the longest length the model saw, {longest} tokens, where texts cut at max_length end"
+    return (f"Not grouped by length: {share} {cut}. The model saw {longest} tokens of each and how long they "
+            "really are is unknown, so quartiles of length cannot tell them apart (they would all fall in one "
+            "group). A larger `max_length` keeps this analysis, at the cost of longer sequences (Table 1's Data "
+            "table gives each split's truncated share).")
+
+
 def depth_analysis(modes: dict[str, SamplePredictions], reference: tuple[str, SamplePredictions],
-                   control: tuple[str, SamplePredictions] | None) -> DepthAnalysis:
+                   control: tuple[str, SamplePredictions] | None, max_length: int | None = None) -> DepthAnalysis:
     """Group the test samples by length, by the control's correctness and by the reference's confidence, for
-    the DHT modes' predictions (all of one test split, checked)."""
+    the DHT modes' predictions (all of one test split, checked). The length grouping is left out, with the
+    reason in `notes`, when most samples share the longest length (:func:`length_note`; `max_length`, the
+    dataset's when known, names the cause)."""
     ref_name, ref = reference
     everyone = {**modes, ref_name: ref, **({control[0]: control[1]} if control else {})}
     n = len(ref)
@@ -249,9 +287,12 @@ def depth_analysis(modes: dict[str, SamplePredictions], reference: tuple[str, Sa
         if len(p) != n or not np.array_equal(p.label, ref.label):
             raise ValueError(f"{name}: its predictions.csv is not of the same test split as {ref_name}'s "
                              f"({len(p)} rows, {n} expected, labels must agree); rerun its stage")
-    groupings: dict[str, tuple[str, list[Bin]]] = {
-        "length": (GROUPINGS["length"], quartile_bins(ref.n_tokens, "tokens")),
-    }
+    groupings: dict[str, tuple[str, list[Bin]]] = {}
+    notes: dict[str, str] = {}
+    if (note := length_note(ref.n_tokens, max_length)) is not None:
+        notes["length"] = note
+    else:
+        groupings["length"] = (GROUPINGS["length"], quartile_bins(ref.n_tokens, "tokens"))
     if control is not None:
         name, c = control
         right_wrong = [Bin(f"{name} right", c.correct), Bin(f"{name} wrong", ~c.correct)]
@@ -259,4 +300,4 @@ def depth_analysis(modes: dict[str, SamplePredictions], reference: tuple[str, Sa
     groupings["confidence"] = (f"{GROUPINGS['confidence']} ({ref_name})",
                                quartile_bins(ref.prob, "", digits=3))
     context = {ref_name: ref, **({control[0]: control[1]} if control else {})}
-    return DepthAnalysis(groupings, modes, context)
+    return DepthAnalysis(groupings, modes, context, notes)

@@ -5,11 +5,13 @@ Tables 1-2, one set per dataset under ``reports/figures/``.
   throughout training": per DHT mode, the share of choices of each layer count and of each head count, epoch by
   epoch (from ``results/<dataset>/<model>/selections.json``).
 - ``loss-<dataset>.png``, Figure 3, "loss trends": the training loss of every mode (the reference included)
-  against the optimizer step, raw and smoothed (from ``loss.csv``).
+  against the optimizer step, raw and smoothed by a trailing mean over 10% of each run's steps (the window in
+  the title; from ``loss.csv``).
 - ``pareto-<dataset>.png``: accuracy (micro-F1, with its 95% bootstrap interval, or its mean ± std over
   several seeds) of every model and baseline, with the Pareto front, against inference FLOPs (Table 2 as a
   picture) and, in a second panel, against total training FLOPs (Table 1's budget: the model it starts from
-  included).
+  included). The reference, the control and the DHT modes each have their marker; every point's label is placed
+  where it hides no other label, marker or line.
 - ``difficulty-<dataset>.png``: mean layers and accuracy per difficulty level, for data that have levels.
 - ``depth-<dataset>.png``: where the depth goes on any data: the DHT modes' mean layers by sample length, by
   whether the shallow control gets the sample right, and by the reference's confidence (from ``predictions.csv``;
@@ -27,21 +29,26 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.transforms import Bbox
 
 from dht.config import Config, parse_baseline
-from dht.evaluation import DepthAnalysis
+from dht.evaluation import GROUPINGS, DepthAnalysis
 from dht.report import (
+    control_label,
     depth_models,
     dht_modes,
     fixed_layers_of,
     load_depth_analysis,
+    pareto_front,
     reference_label,
 )
 from dht.results import read_metrics, result_file, seeded
@@ -49,11 +56,18 @@ from dht.results import read_metrics, result_file, seeded
 FIGURES_DIR = "reports/figures"
 DPI = 120
 LEVELS = ("easy", "medium", "hard")  # the embedded data's difficulty levels (docs/embedded-data.md)
-SMOOTHING_STEPS = 50  # Figure 3's moving average spans 1/50 of a run's steps (at least one step)
+# Figure 3's trailing mean spans this share of a run's steps (at least one step): the window grows with the run, so
+# a 96-step run and a 10,000-step one are smoothed alike (per-batch losses are noisy at any length).
+SMOOTHING_SHARE = 0.1
 
-# Pareto figure: the DHT modes share one style, each baseline family has its own (dht.config.parse_baseline).
+Segment = tuple[tuple[float, float], tuple[float, float]]  # a straight line from one (x, y) to another
+
+# Pareto figure: the reference and the control each have their style, the DHT modes share one, each baseline family
+# has its own (dht.config.parse_baseline).
 _STYLES = {
     "reference": {"color": "black", "marker": "*", "s": 160, "label": "reference"},  # the label: reference_label
+    "control": {"color": "tab:brown", "marker": "v", "s": 75, "label": "control"},  # the label: control_label
+    "fixed": {"color": "tab:gray", "marker": "h", "s": 65, "label": "other fixed modes"},
     "dht": {"color": "tab:blue", "marker": "o", "s": 60, "label": "DHT modes"},
     "distil": {"color": "tab:orange", "marker": "s", "s": 55, "label": "DistilBERT (distil-L)"},
     "fastbert": {"color": "tab:green", "marker": "^", "s": 65, "label": "FastBERT (fastbert-speed)"},
@@ -94,21 +108,6 @@ def figure_paths(cfg: Config, out_dir: str = FIGURES_DIR) -> list[str]:
 # --- pure helpers -------------------------------------------------------------------------------------------
 
 
-def pareto_front(points: Sequence[tuple[str, float, float]]) -> list[str]:
-    """Names of the (name, flops, accuracy) points on the Pareto front, by increasing FLOPs (ties keep the
-    input order).
-
-    A point is on the front when no other point has <= FLOPs and > accuracy, nor < FLOPs and >= accuracy: the
-    best accuracy reachable for at most its FLOPs. Identical points do not dominate each other, so both stay.
-    Points with a non-finite coordinate are left out (a metric that could not be computed ranks nowhere)."""
-    finite = [(n, f, a) for n, f, a in points if math.isfinite(f) and math.isfinite(a)]
-    front = [
-        (name, flops, acc) for name, flops, acc in finite
-        if not any((f <= flops and a > acc) or (f < flops and a >= acc) for _, f, a in finite)
-    ]
-    return [name for name, _, _ in sorted(front, key=lambda p: p[1])]
-
-
 def moving_average(values: Sequence[float], window: int) -> np.ndarray:
     """Trailing mean over the last `window` values (fewer at the start), so the curve starts at step 1 and
     never looks ahead: a loss spike shows at its own step, not before it."""
@@ -124,8 +123,19 @@ def moving_average(values: Sequence[float], window: int) -> np.ndarray:
 
 
 def smoothing_window(steps: int) -> int:
-    """Figure 3's moving-average window: max(1, steps // 50), i.e. ~2% of the run (no smoothing on tiny runs)."""
-    return max(1, steps // SMOOTHING_STEPS)
+    """Figure 3's moving-average window: :data:`SMOOTHING_SHARE` of the run's steps, rounded, at least 1 (a run
+    of fewer than 15 steps is shown raw)."""
+    return max(1, round(steps * SMOOTHING_SHARE))
+
+
+def smoothing_text(windows: Sequence[int]) -> str:
+    """What the overlay's title says about its smoothing: the share and the windows it gave ("trailing mean over
+    10% of each run's steps: 10 steps"), or that the runs were too short to smooth."""
+    if not windows or max(windows) == 1:
+        return "raw (too few steps to smooth)"
+    lo, hi = min(windows), max(windows)
+    steps = f"{lo} steps" if lo == hi else f"{lo}-{hi} steps"
+    return f"trailing mean over {SMOOTHING_SHARE:.0%} of each run's steps: {steps}"
 
 
 def _option_key(option: str) -> tuple[int, float, str]:
@@ -250,10 +260,12 @@ def _epoch_spans(steps: np.ndarray, epochs: np.ndarray) -> list[tuple[int, float
 
 def loss_figure(cfg: Config, root: Path, dataset: str) -> Figure:
     """Figure 3: training loss against the optimizer step. The first panel overlays every model's smoothed
-    curve; then one panel per model with its raw curve (faint), the moving average (window max(1, steps//50))
-    and its epochs shaded alternately (step counts per epoch differ between modes, so each panel has its own)."""
+    curve (the window in its title); then one panel per model with its raw curve (faint), the trailing mean over
+    :data:`SMOOTHING_SHARE` of its steps and its epochs shaded alternately (step counts per epoch differ
+    between modes, so each panel has its own)."""
     models = list(cfg.run.models)
     losses = {m: read_loss(cfg, root, dataset, m) for m in models}
+    windows = {m: smoothing_window(d["loss"].size) for m, d in losses.items() if d["loss"].size}
     ncols = 2
     nrows = math.ceil((len(models) + 1) / ncols)
     fig = Figure(figsize=(11, 0.6 + 2.8 * nrows), layout="constrained")
@@ -261,26 +273,28 @@ def loss_figure(cfg: Config, root: Path, dataset: str) -> Figure:
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
     overlay = axes[0]
-    for model, data in losses.items():
-        if data["loss"].size:
-            window = smoothing_window(data["loss"].size)
-            overlay.plot(data["step"], moving_average(data["loss"], window), color=colors[model], label=model,
-                         linewidth=1.3)
-    overlay.set_title("all models (smoothed)", fontsize=9, loc="left")
+    for model, window in windows.items():
+        data = losses[model]
+        overlay.plot(data["step"], moving_average(data["loss"], window), color=colors[model], label=model,
+                     linewidth=1.3)
+    overlay.set_title(f"all models, {smoothing_text(list(windows.values()))}", fontsize=9, loc="left")
     overlay.legend(fontsize=7, frameon=False)
     for ax, (model, data) in zip(axes[1:], losses.items(), strict=False):
-        if not data["loss"].size:
+        if model not in windows:
             _note(ax, "no steps in loss.csv")
         else:
-            window = smoothing_window(data["loss"].size)
+            window = windows[model]
             for epoch, start, end in _epoch_spans(data["step"], data["epoch"]):
                 if epoch % 2 == 0:
                     ax.axvspan(start, end, color="0.92", zorder=0)
                 ax.text((start + end) / 2, 0.98, f"epoch {epoch}", transform=ax.get_xaxis_transform(),
                         ha="center", va="top", fontsize=7, color="dimgray")
-            ax.plot(data["step"], data["loss"], color=colors[model], alpha=0.25, linewidth=0.8, label="raw")
-            ax.plot(data["step"], moving_average(data["loss"], window), color=colors[model], linewidth=1.5,
-                    label=f"moving average, {window} step{'s' if window > 1 else ' (= raw)'}")
+            smoothed = window > 1  # else the raw curve is all there is: drawn in full
+            ax.plot(data["step"], data["loss"], color=colors[model], alpha=0.25 if smoothed else 1.0,
+                    linewidth=0.8, label="raw" if smoothed else "raw (too few steps to smooth)")
+            if smoothed:
+                ax.plot(data["step"], moving_average(data["loss"], window), color=colors[model], linewidth=1.5,
+                        label=f"trailing mean, {window} steps ({SMOOTHING_SHARE:.0%} of {data['loss'].size})")
             ax.legend(fontsize=7, frameon=False, loc="lower left")
         ax.set_title(model, fontsize=9, loc="left")
     for ax in axes[: len(models) + 1]:
@@ -292,22 +306,35 @@ def loss_figure(cfg: Config, root: Path, dataset: str) -> Figure:
 
 
 def model_family(cfg: Config, name: str) -> str:
-    """The Pareto figure's style key: reference, dht, distil, fastbert, nas-prune, flexibert or other."""
+    """The Pareto figure's style key: reference, control (run.control), fixed (another fixed mode), dht (a mode
+    that chooses its depth), distil, fastbert, nas-prune, flexibert or other."""
     if name == cfg.run.reference:
         return "reference"
+    if name == cfg.run.control:
+        return "control"
     if name in cfg.dht.modes:
-        return "dht"
+        return "fixed" if cfg.dht.modes[name].search == "fixed" else "dht"
     try:
         return parse_baseline(name)[0]
     except ValueError:
         return "other"
 
 
+def family_label(cfg: Config, family: str) -> str:
+    """A family's legend entry: the reference and the control named with their depth (dht.report)."""
+    if family == "reference":
+        return reference_label(cfg)
+    if family == "control":
+        return control_label(cfg) or _STYLES["control"]["label"]
+    return _STYLES[family]["label"]
+
+
 def pareto_figure(cfg: Config, root: Path, dataset: str) -> Figure:
     """Accuracy of every model and baseline against its inference FLOPs (left) and against its total training
     FLOPs (right: what obtaining it cost, the model it starts from included), each with its Pareto front as a
     step line: the best accuracy reachable with at most that FLOP ratio. A model whose metrics.json predates the
-    total is left out of the right panel."""
+    total is left out of the right panel. Each point is labelled with its model's name, placed where it overlaps
+    no other label nor point (:func:`place_labels`)."""
     names = list(dict.fromkeys([*cfg.run.models, *cfg.run.baselines]))
     measured = {name: read_metrics(cfg, root, dataset, name) for name in names}
     intervals = {}
@@ -316,7 +343,7 @@ def pareto_figure(cfg: Config, root: Path, dataset: str) -> Figure:
             intervals[name] = (m["accuracy"] - m["accuracy_std"], m["accuracy"] + m["accuracy_std"])
         elif m.get("accuracy_ci95"):
             intervals[name] = tuple(float(v) for v in m["accuracy_ci95"])
-    fig = Figure(figsize=(14, 5.5), layout="constrained")
+    fig = Figure(figsize=(14, 5.5), dpi=DPI, layout="constrained")
     infer_ax, train_ax = fig.subplots(1, 2, sharey=True)
     ref = reference_label(cfg)
     panels = (
@@ -325,9 +352,12 @@ def pareto_figure(cfg: Config, root: Path, dataset: str) -> Figure:
         (train_ax, "train_flop_ratio_total", f"training FLOPs in total (its start included)\nrelative to the "
          f"training of the {ref}", "against total training FLOPs (Table 1)"),
     )
+    shown = []
     for ax, key, xlabel, title in panels:
         points = [(name, float(m.get(key, math.nan)), float(m["accuracy"])) for name, m in measured.items()]
-        _pareto_panel(ax, cfg, [p for p in points if math.isfinite(p[1])], intervals)
+        points = [p for p in points if math.isfinite(p[1])]
+        lines = _pareto_panel(ax, cfg, points, intervals)
+        shown.append((ax, points, lines))
         ax.set_xlabel(xlabel)
         ax.set_title(f"{dataset}: accuracy {title}", fontsize=10)
     spread = f"mean ± std over {len(cfg.training_seeds)} seeds" if seeded(cfg) else "95% bootstrap interval"
@@ -335,28 +365,33 @@ def pareto_figure(cfg: Config, root: Path, dataset: str) -> Figure:
     # One legend for both panels, outside them: inside, "best" still hides points when many models share a corner.
     handles, labels = infer_ax.get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, frameon=False, loc="outside right upper")
+    # The labels go last, on the laid-out figure: where a label overlaps depends on the axes' final size and limits.
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw_without_rendering()
+    for ax, points, lines in shown:
+        place_labels(ax, points, {name: _STYLES[model_family(cfg, name)]["s"] for name, _, _ in points}, renderer,
+                     lines)
     return fig
 
 
 def _pareto_panel(ax: Axes, cfg: Config, points: list[tuple[str, float, float]],
-                  intervals: dict[str, tuple[float, float]]) -> None:
+                  intervals: dict[str, tuple[float, float]]) -> list[Segment]:
     """One panel of the Pareto figure: the (name, FLOP ratio, accuracy) points in their family's style with
-    their accuracy bars, and the front."""
+    their accuracy bars, and the front (the labels: :func:`place_labels`, once the figure is laid out). Returns
+    the lines drawn (bars, front, the reference's 1.0), in data coordinates: where a label had better not go."""
     seen: set[str] = set()
-    offsets = _label_offsets(points)
+    lines: list[Segment] = []
     for name, flops, acc in points:
         family = model_family(cfg, name)
-        style = dict(_STYLES[family])
-        label = style.pop("label")
-        label = reference_label(cfg) if family == "reference" else label
-        label = label if family not in seen else None  # one legend entry per family
+        style = {k: v for k, v in _STYLES[family].items() if k != "label"}
+        label = family_label(cfg, family) if family not in seen else None  # one legend entry per family
         seen.add(family)
         if name in intervals:  # bootstrap interval or the seeds' spread, in the point's colour
             lo, hi = intervals[name]
             ax.errorbar([flops], [acc], yerr=[[max(acc - lo, 0.0)], [max(hi - acc, 0.0)]], fmt="none",
                         ecolor=style["color"], elinewidth=1, capsize=3, alpha=0.6, zorder=2)
+            lines.append(((flops, min(lo, acc)), (flops, max(hi, acc))))
         ax.scatter([flops], [acc], label=label, zorder=3, edgecolors="black", linewidths=0.5, **style)
-        ax.annotate(name, (flops, acc), xytext=(4, offsets[name]), textcoords="offset points", fontsize=7)
     front = pareto_front(points)
     by_name = {n: (f, a) for n, f, a in points}
     xs = [by_name[n][0] for n in front]
@@ -368,29 +403,91 @@ def _pareto_panel(ax: Axes, cfg: Config, points: list[tuple[str, float, float]],
             xs, ys = [*xs, right], [*ys, ys[-1]]
         ax.plot(xs, ys, drawstyle="steps-post", color="tab:purple", linewidth=1.2, linestyle="--",
                 label="Pareto front", zorder=2)
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=False):
+            lines += [((x0, y0), (x1, y0)), ((x1, y0), (x1, y1))]  # steps-post: along, then up
     else:
         _note(ax, "no model has this FLOP ratio in its metrics.json")
     ax.axvline(1.0, color="0.7", linewidth=0.8, zorder=1)
-    ax.margins(x=0.1, y=0.1)  # room for the labels of the extreme points
+    accs = [a for _, _, a in points]
+    if accs:
+        lines.append(((1.0, min(accs)), (1.0, max(accs))))
+    ax.margins(x=0.12, y=0.12)  # room for the labels of the extreme points
     ax.grid(alpha=0.3)
+    return lines
 
 
-def _label_offsets(points: Sequence[tuple[str, float, float]]) -> dict[str, float]:
-    """Vertical label offsets (points): a label moves down one line per earlier point (by FLOPs) close to it
-    in both coordinates, so models with nearly equal FLOPs and accuracy (common on small data) stay legible."""
-    finite = [p for p in points if math.isfinite(p[1]) and math.isfinite(p[2])]
-    offsets: dict[str, float] = {n: 4.0 for n, _, _ in points}
-    if not finite:
-        return offsets
-    xspan = (max(p[1] for p in finite) - min(p[1] for p in finite)) or 1.0
-    yspan = (max(p[2] for p in finite) - min(p[2] for p in finite)) or 1.0
-    placed: list[tuple[float, float]] = []
-    for name, flops, acc in sorted(finite, key=lambda p: p[1]):
-        # A label is ~10% of the FLOP axis wide and one line (~4% of the accuracy axis) high.
-        near = sum(abs(flops - f) < 0.1 * xspan and abs(acc - a) < 0.04 * yspan for f, a in placed)
-        offsets[name] = 4.0 if near == 0 else -5.0 - 9.0 * near
-        placed.append((flops, acc))
-    return offsets
+# Where a point's label may go, nearest first: a direction from the point and the text's alignment there (right,
+# left, above, below, then the diagonals). Each is tried just clear of the point's marker, then 2.5x and 4x as far
+# (with a leader line), so a crowd of points spreads its labels outwards.
+_LABEL_SLOTS = (
+    (1, 0, "left", "center"), (-1, 0, "right", "center"), (0, 1, "center", "bottom"), (0, -1, "center", "top"),
+    (0.7, 0.7, "left", "bottom"), (0.7, -0.7, "left", "top"), (-0.7, 0.7, "right", "bottom"),
+    (-0.7, -0.7, "right", "top"),
+)
+_LABEL_DISTANCES = (1.0, 2.5, 4.0)
+LABEL_FONTSIZE = 7
+
+
+def _overlap(a: Bbox, b: Bbox) -> float:
+    """The area two boxes share (0 when they only touch)."""
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def place_labels(ax: Axes, points: Sequence[tuple[str, float, float]], sizes: dict[str, float],
+                 renderer: Any, lines: Sequence[Segment] = ()) -> dict[str, Bbox]:
+    """Label every (name, x, y) point of `ax` with its name, each where it overlaps no label placed before it,
+    no point's marker (`sizes`: the marker's area in points², as scatter's `s`), no line of `lines` (horizontal
+    or vertical segments in data coordinates: error bars, a front) and stays inside the axes: the first free slot
+    of :data:`_LABEL_SLOTS` at the nearest distance, else the slot that overlaps least. Points
+    are labelled by increasing x, then y, then name: the same data give the same picture. Needs the figure laid
+    out (`renderer`: its canvas's, after ``fig.draw_without_rendering()``); returns each label's box (pixels)."""
+    finite = sorted(((n, x, y) for n, x, y in points if math.isfinite(x) and math.isfinite(y)),
+                    key=lambda p: (p[1], p[2], p[0]))
+    px = ax.figure.dpi / 72  # pixels per point
+    markers = []
+    for name, x, y in finite:
+        cx, cy = ax.transData.transform((x, y))
+        r = (math.sqrt(sizes.get(name, 60.0)) / 2 + 1) * px
+        markers.append(Bbox.from_extents(cx - r, cy - r, cx + r, cy + r))
+    crossed = []  # a line as a box 2 pixels thick, so a label crossing it overlaps it
+    for start, end in lines:
+        (x0, y0), (x1, y1) = ax.transData.transform([start, end])
+        crossed.append(Bbox.from_extents(min(x0, x1) - 1, min(y0, y1) - 1, max(x0, x1) + 1, max(y0, y1) + 1))
+    frame = ax.get_window_extent(renderer)
+    placed: dict[str, Bbox] = {}
+    for name, x, y in finite:
+        clear = math.sqrt(sizes.get(name, 60.0)) / 2 + 2  # points from the centre to just beyond the marker
+        best: tuple[float, tuple[float, float, str, str], float, Bbox] | None = None
+        for k in _LABEL_DISTANCES:
+            for ux, uy, ha, va in _LABEL_SLOTS:
+                slot = (ux * clear * k, uy * clear * k, ha, va)
+                probe = ax.annotate(name, (x, y), xytext=slot[:2], textcoords="offset points", ha=ha, va=va,
+                                    fontsize=LABEL_FONTSIZE)
+                box = probe.get_window_extent(renderer)
+                probe.remove()
+                # Overlapping another label or leaving the axes hides text, covering a marker hides a point,
+                # crossing a line only disturbs: weighted so, where every slot costs something.
+                hidden = box.width * box.height - _overlap(box, frame) + sum(_overlap(box, b) for b in placed.values())
+                cost = (10 * hidden + 3 * sum(_overlap(box, b) for b in markers)
+                        + sum(_overlap(box, b) for b in crossed))
+                if best is None or cost < best[0]:
+                    best = (cost, slot, k, box)
+                if cost == 0:
+                    break
+            if best is not None and best[0] == 0:
+                break
+        assert best is not None
+        _, (dx, dy, ha, va), k, box = best
+        far = k > 1  # away from its point: a thin leader line says whose label it is
+        label = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                            fontsize=LABEL_FONTSIZE, zorder=4,
+                            arrowprops={"arrowstyle": "-", "color": "0.5", "linewidth": 0.5, "shrinkA": 0,
+                                        "shrinkB": 3} if far else None)
+        label.set_in_layout(False)  # the layout was made without the labels; saving must not remake it
+        placed[name] = box
+    return placed
 
 
 def difficulty_figure(cfg: Config, root: Path, dataset: str) -> Figure:
@@ -439,12 +536,24 @@ def depth_figure(cfg: Config, root: Path, dataset: str) -> Figure:
 
 
 def _depth_panels(cfg: Config, analysis: DepthAnalysis, dataset: str) -> Figure:
-    groupings = list(analysis.groupings.items())
-    fig = Figure(figsize=(4.6 * len(groupings), 4.6), layout="constrained")
+    # A grouping the data cannot form (most samples cut at max_length: no length groups) keeps its panel, which
+    # says why, so the figure reads the same on every dataset.
+    keys = [k for k in GROUPINGS if k in analysis.groupings or k in analysis.notes]
+    fig = Figure(figsize=(4.6 * len(keys), 4.6), layout="constrained")
     fig.suptitle(f"{dataset}: where the depth goes (mean layers of the DHT modes, inference policy)")
-    axes = fig.subplots(1, len(groupings), squeeze=False)[0]
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
     fixed = {m: fixed_layers_of(cfg, m) for m in analysis.context}
-    for ax, (key, (title, bins)) in zip(axes, groupings, strict=True):
+    xlabels = {"length": "length quartile", "control": "the control's prediction",
+               "confidence": "confidence quartile"}
+    for ax, key in zip(axes, keys, strict=True):
+        ax.set_xlabel(xlabels[key])
+        if key not in analysis.groupings:
+            ax.set_title(GROUPINGS[key], fontsize=8, loc="left", wrap=True)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            _note(ax, textwrap.fill(analysis.notes[key], 48))
+            continue
+        title, bins = analysis.groupings[key]
         x = np.arange(len(bins))
         for i, mode in enumerate(analysis.modes):
             ax.plot(x, [analysis.mean_layers(mode, b) for b in bins], marker="o", color=f"C{i % 10}", label=mode)
@@ -455,11 +564,10 @@ def _depth_panels(cfg: Config, analysis: DepthAnalysis, dataset: str) -> Figure:
         ax.set_xlim(-0.4, len(bins) - 0.6)
         ax.set_ylim(0, cfg.model.num_hidden_layers + 0.5)
         ax.set_title(title, fontsize=8, loc="left", wrap=True)
-        ax.set_xlabel({"length": "length quartile", "control": "the control's prediction",
-                       "confidence": "confidence quartile"}.get(key, key))
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("mean layers run")
-    axes[-1].legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
+    drawn = [ax for ax, key in zip(axes, keys, strict=True) if key in analysis.groupings]
+    drawn[0].set_ylabel("mean layers run")  # the confidence grouping is always drawn
+    drawn[-1].legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig
 
 

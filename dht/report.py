@@ -16,14 +16,18 @@ evaluation stage (`results/<dataset>/paired.json`, dht.comparison): each model a
 best baseline at no more inference FLOPs, with the paired interval and McNemar's p-value, and says how large a
 difference the run can settle. Table 1 also shows, per dataset, where the DHT modes' depth goes: mean layers
 and accuracy by sample length, by whether the shallow control (`run.control`) gets the sample right, and by the reference's confidence
-(from every model's predictions.csv), which works on data without a difficulty column.
+(from every model's predictions.csv), which works on data without a difficulty column; a grouping the data cannot
+form (lengths, when most texts were cut at max_length) is said, with the reason, not tabulated. The index
+(`reports/index.md`) opens each dataset with a generated reading of these numbers (:func:`reading_text`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -52,7 +56,7 @@ from dht.results import (
     run_name,
     seeded,
 )
-from dht.statistics import BOOTSTRAP_RESAMPLES
+from dht.statistics import BOOTSTRAP_RESAMPLES, CONFIDENCE
 from dht.tracking import git_commit
 
 PAPER_FILE = Path(__file__).with_name("paper_values.yaml")
@@ -134,7 +138,7 @@ def report_param_keys(cfg: Config, report: str) -> list[str]:
     """The params.yaml keys a report stage reads (`report` one of :data:`REPORTS`; this module, and dht.figures for
     the figures): the run's lists (run: datasets, models, baselines, reference, control, seeds), the seed (where the
     results of a run without run.seeds live), the arms of the reference (the depth its label names) and, but for
-    Table 2, of the control and the search of each mode (the depth analysis). The tables and the index name the
+    Table 2, of the control (its label) and the search of each mode (the depth analysis). The tables and the index name the
     profile, the tables the paper's column of each dataset (its `paper:`), the figures and the index each
     dataset's source (figures by difficulty for the embedded data); the figures read the model's depth (their axes)
     and each DHT mode's warm-up (the selection figure), the index the MLflow experiments (tracking). Every model's
@@ -143,9 +147,10 @@ def report_param_keys(cfg: Config, report: str) -> list[str]:
     if report not in REPORTS:
         raise ValueError(f"{report!r}: not a report ({', '.join(REPORTS)})")
     keys = ["seed", "run"]
-    if report != "index":  # the reference's depth (reference_label), and the control's in the depth analysis
-        control = [cfg.run.control] if cfg.run.control and report != "table2" else []
-        keys += [f"dht.modes.{m}.arms" for m in [cfg.run.reference, *control]]
+    # the reference's depth (reference_label) and, but for Table 2, the control's (control_label: the depth
+    # analysis, the Pareto figure's legend, the index's reading)
+    control = [cfg.run.control] if cfg.run.control and report != "table2" else []
+    keys += [f"dht.modes.{m}.arms" for m in [cfg.run.reference, *control]]
     if report != "table2":  # which modes choose their depth (the depth analysis, the figures, the index's rows)
         keys += [f"dht.modes.{m}.search" for m in cfg.run.models]
     if report != "figures":
@@ -356,6 +361,82 @@ def paired_table(paired: dict[str, Any]) -> str:
     return _md_table(header, rows)
 
 
+SIGNIFICANCE = round(1 - CONFIDENCE, 6)  # McNemar's p below it: a difference beyond the test split's noise
+
+
+def versus_text(cmp: dict[str, Any] | None) -> str | None:
+    """One paired comparison of paired.json in words: "-0.020 [-0.051, +0.010], within the test split's noise
+    (McNemar p = 0.210)"; over several seeds the mean ± std and in how many seeds p is below
+    :data:`SIGNIFICANCE`; None when there is no comparison."""
+    if not cmp or not cmp.get("against"):
+        return None
+    runs = list(cmp["per_seed"].values())
+    if not any(r["n_discordant"] for r in runs):
+        return "the same prediction on every test sample (no difference to measure)"
+    if len(runs) == 1:
+        r = runs[0]
+        noise = "beyond" if r["p_value"] < SIGNIFICANCE else "within"
+        p = _p_text(r["p_value"])
+        return f"{_ci_text(r)}, {noise} the test split's noise (McNemar p {p if p[0] == '<' else '= ' + p})"
+    beyond = sum(r["p_value"] < SIGNIFICANCE for r in runs)
+    return (f"{_signed(cmp['difference'])} ± {cmp['difference_std']:.3f} over {len(runs)} seeds (McNemar p < "
+            f"{SIGNIFICANCE:g} in {beyond} of them)")
+
+
+def dominating(points: Sequence[tuple[str, float, float]], name: str) -> str | None:
+    """The model that keeps `name` off the Pareto front of (name, flops, accuracy) points: the most accurate of
+    those with no more FLOPs and no less accuracy (and more of one), ties to fewer FLOPs, then input order."""
+    _, flops, acc = next(p for p in points if p[0] == name)
+    better = [(n, f, a) for n, f, a in points
+              if n != name and f <= flops and a >= acc and (f < flops or a > acc)]
+    return min(better, key=lambda p: (-p[2], p[1]))[0] if better else None
+
+
+def reading_text(cfg: Config, root: Path, dataset: str, paired: dict[str, Any]) -> str:
+    """The index's paragraph on what a dataset's numbers say, generated from its results: the models on the
+    accuracy-inference FLOPs Pareto front, where the reference and the control stand, then one line per DHT
+    mode: its depth and cost, its paired comparison with the reference and with the best baseline at no more
+    inference FLOPs (paired.json), its accuracy against the control's, and whether it is on the front."""
+    names = list(dict.fromkeys([*cfg.run.models, *cfg.run.baselines]))
+    measured = {m: read_metrics(cfg, root, dataset, m) for m in names}
+    points = [(m, float(measured[m]["infer_flop_ratio"]), float(measured[m]["accuracy"])) for m in names]
+    front = pareto_front(points)
+
+    def cost(m: str) -> str:
+        return f"{measured[m]['accuracy']:.3f} at {measured[m]['infer_flop_ratio']:.2f}x"
+
+    lead = [f"**What it says.** On the Pareto front of accuracy against inference FLOPs (no other model is more "
+            f"accurate at no more FLOPs), by increasing FLOPs: {', '.join(f'{m} ({cost(m)})' for m in front)}."]
+    ref, control = cfg.run.reference, cfg.run.control
+    fixed = [f"the {reference_label(cfg)} reaches {cost(ref)}"] if ref in measured else []
+    if control in measured:
+        fixed.append(f"the {control_label(cfg)} {cost(control)}")
+    if fixed:
+        lead.append(f"For scale, {' and '.join(fixed)}.")
+    lines = [" ".join(lead)]
+    for mode in dht_modes(cfg):
+        m = measured[mode]
+        row = paired["models"].get(mode) or {}
+        said = [f"- **{mode}**: {m['mean_layers']:.1f} layers on average, {cost(mode)}"]
+        if (vs := versus_text(row.get("vs_reference"))) is not None:
+            said.append(f"against the reference {vs}")
+        if control in measured:
+            c = measured[control]
+            said.append(f"against the control {m['accuracy'] - c['accuracy']:+.3f} (unpaired) for "
+                        f"{m['infer_flop_ratio'] / c['infer_flop_ratio']:.1f} times its FLOPs")
+        best = row.get("vs_best_baseline") or {}
+        if best.get("against"):
+            said.append(f"against {best['against']}, the best baseline at no more FLOPs, {versus_text(best)}")
+        elif cfg.run.baselines:
+            said.append("no baseline runs at its FLOPs or fewer")
+        over = dominating(points, mode)
+        said.append("on the front" if mode in front else
+                    f"off the front: {over} ({cost(over)}) is more accurate at no more FLOPs" if over else
+                    "off the front")
+        lines.append("; ".join(said) + ".")
+    return "\n".join(lines)
+
+
 def paper_table(table: str) -> str:
     """The paper's own table, for reference."""
     datasets = paper_values()["datasets"]
@@ -378,6 +459,21 @@ def difficulty_table(cfg: Config, root: Path, dataset: str, models: list[str], n
     return _md_table(header, rows)
 
 
+def pareto_front(points: Sequence[tuple[str, float, float]]) -> list[str]:
+    """Names of the (name, flops, accuracy) points on the Pareto front, by increasing FLOPs (ties keep the
+    input order).
+
+    A point is on the front when no other point has <= FLOPs and > accuracy, nor < FLOPs and >= accuracy: the
+    best accuracy reachable for at most its FLOPs. Identical points do not dominate each other, so both stay.
+    Points with a non-finite coordinate are left out (a metric that could not be computed ranks nowhere)."""
+    finite = [(n, f, a) for n, f, a in points if math.isfinite(f) and math.isfinite(a)]
+    front = [
+        (name, flops, acc) for name, flops, acc in finite
+        if not any((f <= flops and a > acc) or (f < flops and a >= acc) for _, f, a in finite)
+    ]
+    return [name for name, _, _ in sorted(front, key=lambda p: p[1])]
+
+
 def dht_modes(cfg: Config) -> list[str]:
     """The modes of run.models that choose their depth (not `search: fixed`)."""
     return [m for m in cfg.run.models if cfg.dht.modes[m].search != "fixed"]
@@ -393,9 +489,10 @@ def depth_models(cfg: Config) -> list[str]:
     return list(dict.fromkeys([*modes, cfg.run.reference, *([cfg.run.control] if cfg.run.control else [])]))
 
 
-def load_depth_analysis(cfg: Config, root: Path, dataset: str) -> DepthAnalysis | None:
+def load_depth_analysis(cfg: Config, root: Path, dataset: str, max_length: int | None = None) -> DepthAnalysis | None:
     """The depth analysis of a dataset from the predictions.csv of :func:`depth_models` (None without a DHT
-    mode)."""
+    mode). `max_length`: the dataset's, from its meta.json where the caller reads it (Table 1), to name why
+    lengths cannot be grouped when most texts were cut (:func:`dht.evaluation.length_note`)."""
     if not depth_models(cfg):
         return None
 
@@ -404,7 +501,7 @@ def load_depth_analysis(cfg: Config, root: Path, dataset: str) -> DepthAnalysis 
 
     ref, control = cfg.run.reference, cfg.run.control
     return depth_analysis({m: read(m) for m in dht_modes(cfg)}, (ref, read(ref)),
-                          (control, read(control)) if control else None)
+                          (control, read(control)) if control else None, max_length)
 
 
 def depth_legend(cfg: Config) -> str:
@@ -486,9 +583,9 @@ def write_table1(cfg: Config, out: str | Path, root: str | Path = ".") -> str:
         if meta.get("has_difficulty"):
             parts += ["By difficulty (inference policy):",
                       difficulty_table(cfg, root, name, cfg.run.models, meta.get("difficulty_names", ["easy", "medium", "hard"]))]
-        analysis = load_depth_analysis(cfg, root, name)
-        if analysis is not None:
-            parts += [depth_legend(cfg), depth_table(analysis)]
+        analysis = load_depth_analysis(cfg, root, name, meta["max_length"])
+        if analysis is not None:  # a grouping the data cannot form is said, not shown as one meaningless row
+            parts += [depth_legend(cfg), depth_table(analysis), *analysis.notes.values()]
     parts += ["## The paper's Table 1", paper_table("table1"), "## Data", data_summary(metas)]
     return _write(out, parts)
 
@@ -561,8 +658,9 @@ def flexibert_search_figure(cfg: Config, dataset: str) -> str | None:
 
 def write_index(cfg: Config, out: str | Path, figures: list[str], root: str | Path = ".",
                 mlflow_url: str = "http://127.0.0.1:5000") -> str:
-    """reports/index.md: what produced the reports (profile, data, commit), links to both tables and every
-    figure, and per dataset each model's headline numbers with a link to its MLflow run."""
+    """reports/index.md: what produced the reports (profile, data, commit), links to both tables, every figure
+    and docs/real-text.md, and per dataset what its numbers say (:func:`reading_text`) and each model's headline
+    numbers with a link to its MLflow run."""
     root, out = Path(root), Path(out)
     runs = mlflow_runs(cfg, root)
     metas = _metas(cfg, root)
@@ -575,7 +673,9 @@ def write_index(cfg: Config, out: str | Path, figures: list[str], root: str | Pa
         "- [Table 1: training comparison](table1.md) (F1 and training FLOPs, Section 6.2)\n"
         "- [Table 2: inference comparison](table2.md) (F1, inference FLOPs and wall time, Section 6.3)\n"
         f"- MLflow: `mlflow ui --backend-store-uri sqlite:///mlflow.db` (or `make mlflow-ui`) in the project "
-        f"directory, then the links below ({mlflow_url}). One experiment per dataset, one run per model.",
+        f"directory, then the links below ({mlflow_url}). One experiment per dataset, one run per model.\n"
+        f"- What the default profile's numbers on real text mean, and the measurements behind its settings: "
+        f"[docs/real-text.md]({rel(root / 'docs' / 'real-text.md')})",
         "## Data", data_summary(metas),
     ]
     for name in cfg.run.datasets:
@@ -591,7 +691,7 @@ def write_index(cfg: Config, out: str | Path, figures: list[str], root: str | Pa
                          f"{ratio_text(m, 'train_flop_ratio_total')} ({ratio_text(m, 'train_flop_ratio')})",
                          f"{m['infer_flop_ratio']:.2f}x", f"{m['mean_layers']:.1f}",
                          "-" if diff == "-" else f"{diff}, p {p}", link])
-        parts += [f"## {name}",
+        parts += [f"## {name}", reading_text(cfg, root, name, paired),
                   _md_table(["model", f"accuracy {accuracy_spread(cfg)}", "macro-F1", "training FLOPs: total (own)",
                              "inference FLOPs", "mean layers", f"vs {cfg.run.reference} (paired)", "MLflow run"],
                             rows),

@@ -95,7 +95,12 @@ def encode_frame(tokenizer, frame: pd.DataFrame, max_length: int, batch_size: in
     texts = frame["text"].tolist()
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
-        full = tokenizer(chunk, add_special_tokens=True, truncation=False)["input_ids"]
+        # The untruncated lengths are counted, never run through a model: `verbose=False` turns off, for this
+        # call only, transformers' "Token indices sequence length is longer than the specified maximum ...
+        # indexing errors" warning, which is about a model's input and would be logged once per dataset with a
+        # text over max_length. The ids the model reads (the call below) keep every warning.
+        full = tokenizer(chunk, add_special_tokens=True, truncation=False, return_attention_mask=False,
+                         verbose=False)["input_ids"]
         lengths += [len(x) for x in full]
         enc = tokenizer(chunk, truncation=True, max_length=max_length, padding="max_length",
                         return_attention_mask=True, return_tensors="np")

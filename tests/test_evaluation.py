@@ -13,6 +13,7 @@ from dht.evaluation import (
     SplitData,
     depth_analysis,
     evaluate,
+    length_note,
     quartile_bins,
     read_predictions,
     write_predictions,
@@ -161,3 +162,32 @@ def test_depth_analysis_groups_by_length_control_and_confidence():
     other_split = sample_predictions(n - 1, np.full(n - 1, 3), np.ones(n - 1, bool))
     with pytest.raises(ValueError, match="not of the same test split"):
         depth_analysis({"short": other_split}, ("vanilla-12", ref), None)
+
+
+def test_lengths_mostly_cut_at_max_length_are_not_grouped_and_the_report_says_why():
+    # DBpedia at max_length 32: most articles are longer, so the model sees 32 tokens of most samples and their
+    # quartiles would hold one group. 70 of 100 samples here sit at the cut, the rest spread below it.
+    n = 100
+    tokens = np.where(np.arange(n) < 70, 32, 10 + np.arange(n) % 20)
+    note = length_note(tokens, max_length=32)
+    assert note is not None and note.startswith("Not grouped by length: 70 of the 100 test samples (70%) reach the "
+                                                "dataset's max_length, 32 tokens")
+    assert len(quartile_bins(tokens, "tokens")) < 4  # what the note replaces: the quartiles collapse
+    # without the dataset's max_length (the figures stage) the same decision, from the data alone
+    assert "longest length the model saw, 32 tokens" in length_note(tokens)
+    # many samples of one length below max_length: nothing was cut, and the note does not say so
+    same = length_note(np.full(n, 12), max_length=64)
+    assert same is not None and "have the same length, 12 tokens (below max_length 64: none was cut)" in same
+    # spread lengths, or a minority at the cut: the quartiles separate them
+    assert length_note(5 + np.arange(n) % 40, max_length=64) is None
+    assert length_note(np.where(np.arange(n) < 50, 32, np.arange(n) % 30), max_length=32) is None
+    assert length_note(np.array([], dtype=int), max_length=32) is None
+
+    ref = sample_predictions(n, np.full(n, 12), np.ones(n, bool), prob=0.5 + (np.arange(n) % 40) / 100,
+                             n_tokens=tokens)
+    mode = sample_predictions(n, np.full(n, 6), np.ones(n, bool), n_tokens=tokens)
+    a = depth_analysis({"t-dht": mode}, ("vanilla-12", ref), None, max_length=32)
+    assert list(a.groupings) == ["confidence"] and a.notes == {"length": note}
+    spread = sample_predictions(n, np.full(n, 12), np.ones(n, bool), n_tokens=5 + np.arange(n) % 40)
+    kept = depth_analysis({"t-dht": spread}, ("vanilla-12", spread), None, max_length=32)
+    assert "length" in kept.groupings and kept.notes == {}

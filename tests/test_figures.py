@@ -12,19 +12,25 @@ import numpy as np
 import pytest
 import yaml
 from conftest import ROOT, embedded_raw
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from matplotlib.image import imread
-from test_report import six_layer_raw
+from matplotlib.text import Text
+from test_report import N_TEST, six_layer_raw
 from test_report import write_predictions as write_predictions_csv
 
 from dht.config_loading import load_config
 from dht.figures import (
     depth_figure,
     figure_paths,
+    loss_figure,
     model_family,
     moving_average,
     pareto_figure,
     pareto_front,
+    place_labels,
     selection_shares,
+    smoothing_text,
     smoothing_window,
     write_figures,
 )
@@ -193,14 +199,18 @@ def test_pareto_front_edge_cases():
     assert pareto_front([("nan", float("nan"), 0.99), ("ok", 0.5, 0.5)]) == ["ok"]
 
 
-def test_moving_average_is_trailing_and_window_is_two_percent():
+def test_moving_average_is_trailing_and_window_is_a_share_of_the_run():
     assert moving_average([1.0, 2.0, 3.0, 4.0], 2).tolist() == [1.0, 1.5, 2.5, 3.5]
     assert moving_average([4.0, 0.0, 2.0], 1).tolist() == [4.0, 0.0, 2.0]
     assert moving_average([3.0, 6.0], 10).tolist() == [3.0, 4.5]  # a window longer than the run
     assert moving_average([], 3).size == 0
     with pytest.raises(ValueError, match="window = 0"):
         moving_average([1.0], 0)
-    assert [smoothing_window(n) for n in (1, 49, 50, 99, 500)] == [1, 1, 1, 1, 10]
+    # 10% of the steps: the default profile's 96-step runs were "smoothed" over 1 step by the old steps // 50
+    assert [smoothing_window(n) for n in (1, 14, 15, 96, 500)] == [1, 1, 2, 10, 50]
+    assert smoothing_text([10, 10]) == "trailing mean over 10% of each run's steps: 10 steps"
+    assert smoothing_text([8, 10]) == "trailing mean over 10% of each run's steps: 8-10 steps"
+    assert smoothing_text([1, 1]) == smoothing_text([]) == "raw (too few steps to smooth)"
 
 
 def test_selection_shares_per_epoch_sorted_numerically():
@@ -220,13 +230,17 @@ def test_selection_shares_per_epoch_sorted_numerically():
 
 
 def test_model_families_for_the_pareto_styles(cfg):
-    assert [model_family(cfg, m) for m in ["vanilla-12", "t-dht", "distil-3", "fastbert-0.5", "nas-prune-0.5", "xyz"]] == [
-        "reference", "dht", "distil", "fastbert", "nas-prune", "other"]
+    models = ["vanilla-12", "vanilla-3", "t-dht", "distil-3", "fastbert-0.5", "nas-prune-0.5", "xyz"]
+    assert [model_family(cfg, m) for m in models] == [
+        "reference", "control", "dht", "distil", "fastbert", "nas-prune", "other"]
 
 
-def test_model_families_follow_the_configured_reference():
-    six = load_config(ROOT / "params.yaml", profile="tiny", raw=six_layer_raw())
-    assert [model_family(six, m) for m in ["vanilla-6", "vanilla-3", "t-dht"]] == ["reference", "dht", "dht"]
+def test_model_families_follow_the_configured_reference_and_control():
+    raw = six_layer_raw()
+    raw["dht"]["modes"]["vanilla-4"] = {"search": "fixed", "arms": ["4L12H"]}
+    six = load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
+    assert [model_family(six, m) for m in ["vanilla-6", "vanilla-3", "vanilla-4", "t-dht"]] == [
+        "reference", "control", "fixed", "dht"]
 
 
 def scattered(ax) -> dict[str, tuple[float, float]]:
@@ -276,3 +290,103 @@ def test_the_depth_figure_shows_where_the_layers_go(cfg, tmp_path):
     assert [t.get_text().split("\n")[0] for t in length.get_xticklabels()][0].startswith("Q1: 5-")
     labels = {line.get_label() for line in panels[1].get_lines()}
     assert {"t-dht", "vanilla-12 (12 layers)", "vanilla-3 (3 layers)"} <= labels
+
+
+def test_the_loss_figure_smooths_over_a_share_of_each_run_and_says_so(cfg, tmp_path):
+    write_all(cfg, tmp_path)  # 3 epochs of 40 steps: a 12-step window
+    fig = loss_figure(cfg, tmp_path, "ag_news")
+    overlay, t_dht_panel = fig.axes[0], fig.axes[2]
+    assert overlay.get_title(loc="left") == "all models, trailing mean over 10% of each run's steps: 12 steps"
+    raw = next(line for line in t_dht_panel.get_lines() if line.get_label() == "raw").get_ydata()
+    smoothed = next(line for line in overlay.get_lines() if line.get_label() == "t-dht").get_ydata()
+    np.testing.assert_allclose(smoothed, moving_average(raw, 12))
+    # smoothed: its step-to-step changes are a fraction of the raw curve's noise
+    assert np.abs(np.diff(smoothed)).mean() < 0.3 * np.abs(np.diff(raw)).mean()
+    assert "trailing mean, 12 steps (10% of 120)" in [line.get_label() for line in t_dht_panel.get_lines()]
+    write_results(tmp_path, "ag_news", epochs=1, steps_per_epoch=10, difficulty=False)  # too short to smooth
+    short = loss_figure(cfg, tmp_path, "ag_news")
+    assert short.axes[0].get_title(loc="left") == "all models, raw (too few steps to smooth)"
+
+
+# DBpedia-like results: a dozen models within two points of accuracy, several at nearly the same FLOPs.
+CROWD = {  # model: (inference FLOPs, accuracy)
+    "vanilla-12": (1.0, 0.962), "vanilla-3": (0.27, 0.905), "t-dht": (0.55, 0.951), "s-dht": (0.56, 0.953),
+    "f-dht": (0.57, 0.950), "p-dht": (0.55, 0.952), "distil-3": (0.27, 0.941), "fastbert-0.5": (0.50, 0.955),
+    "fastbert-0.8": (0.31, 0.948), "nas-prune-0.5": (0.50, 0.944), "flexibert-0.5": (0.49, 0.910),
+}
+
+
+def crowded(tmp_path):
+    raw = raw_params()
+    raw["run"].update(models=[m for m in CROWD if "vanilla" in m or "dht" in m],
+                      baselines=[m for m in CROWD if "vanilla" not in m and "dht" not in m])
+    raw["profiles"]["tiny"]["run"]["baselines"] = raw["run"]["baselines"]
+    cfg = load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
+    for model, (flops, acc) in CROWD.items():
+        run = tmp_path / "results" / "ag_news" / model
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({
+            "accuracy": acc, "accuracy_ci95": [acc - 0.02, acc + 0.02], "infer_flop_ratio": flops,
+            "train_flop_ratio_total": flops + (1.0 if model[0] in "dfn" else 0.0)}))
+    return cfg
+
+
+def text_box(text, renderer):
+    """A label's own box, without its leader line."""
+    return Text.get_window_extent(text, renderer)
+
+
+def test_the_pareto_figure_styles_the_control_apart_and_its_labels_never_overlap(tmp_path):
+    cfg = crowded(tmp_path)
+    fig = pareto_figure(cfg, tmp_path, "ag_news")
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"reference (vanilla-12, 12 layers)", "shallow control (vanilla-3, 3 layers)", "DHT modes"} <= set(legend)
+    infer = fig.axes[0]
+    marker = {c.get_label(): c.get_paths()[0].vertices.tolist() for c in infer.collections if c.get_label()}
+    assert marker["shallow control (vanilla-3, 3 layers)"] != marker["DHT modes"]  # its own marker, not a DHT mode's
+    fig.canvas.draw()  # as savefig lays it out
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes[:2]:
+        labels = {t.get_text(): t for t in ax.texts if hasattr(t, "xy")}
+        assert set(labels) == set(CROWD)
+        boxes = {name: text_box(t, renderer) for name, t in labels.items()}
+        frame = ax.get_window_extent(renderer)
+        names = sorted(boxes)
+        for i, a in enumerate(names):
+            assert frame.x0 <= boxes[a].x0 and boxes[a].x1 <= frame.x1 and frame.y0 <= boxes[a].y0 <= boxes[a].y1 <= frame.y1, a
+            for b in names[i + 1:]:
+                assert not boxes[a].overlaps(boxes[b]), (a, b)
+            for other, t in labels.items():  # nor does a label cover a point's centre
+                assert not boxes[a].contains(*ax.transData.transform(t.xy)), (a, other)
+
+
+def test_labels_go_where_nothing_else_is():
+    fig = Figure(figsize=(4, 3), dpi=100)
+    ax = fig.add_subplot()
+    points = [(f"m{i}", 0.5, 0.5) for i in range(4)] + [("far", 0.9, 0.1)]  # four identical points
+    for _, x, y in points:
+        ax.scatter([x], [y], s=60)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw_without_rendering()
+    boxes = place_labels(ax, points, {}, renderer)
+    assert list(boxes) == ["m0", "m1", "m2", "m3", "far"]  # by x, then y, then name: the same picture every time
+    assert all(not a.overlaps(b) for i, a in enumerate(boxes.values()) for b in list(boxes.values())[i + 1:])
+    again = place_labels(ax, points, {}, renderer)
+    assert [b.bounds for b in again.values()] == [b.bounds for b in boxes.values()]
+
+
+def test_the_depth_figure_says_why_it_has_no_length_groups(cfg, tmp_path):
+    write_all(cfg, tmp_path)
+    cut = np.where(np.arange(N_TEST) % 4 != 0, 32, 5 + np.arange(N_TEST) % 20)  # 60 of 80 at the longest length
+    for model in depth_models(cfg):
+        write_predictions_csv(tmp_path, "ag_news", model, tokens=cut)
+    fig = depth_figure(cfg, tmp_path, "ag_news")
+    panels = [ax for ax in fig.axes if ax.get_xlabel()]
+    assert [ax.get_xlabel() for ax in panels] == ["length quartile", "the control's prediction", "confidence quartile"]
+    length = panels[0]
+    assert not length.get_lines()  # no groups drawn ...
+    note = " ".join(t.get_text() for t in length.texts).replace("\n", " ")
+    assert "Not grouped by length: 60 of the 80 test samples (75%) have the longest length the model saw, 32 tokens" in note
+    assert panels[1].get_lines() and panels[2].get_lines()  # ... the other groupings are

@@ -17,9 +17,11 @@ from dht.flexibert.search_stage import (
     budgets,
     choose,
     predictions,
+    reference_name,
     retrain,
     run_search,
     search_figure,
+    search_plot,
 )
 
 
@@ -135,8 +137,21 @@ def test_search_per_budget_then_choose_retrain_and_predict(tmp_path):
     metrics = evaluate(pred, data, reference | {"num_labels": 2}, 12, ["easy", "medium", "hard"])
     assert abs(metrics["infer_flop_ratio"] - next(e for e in trace if e["arch_id"] == best.id)["flop_ratio"]) < 1e-9
     assert metrics["mean_layers"] == len(best.layers) and "accuracy_hard" in metrics
-    png = search_figure(trace, [0.25, 0.5], tmp_path / "search.png", "test")
+    png = search_figure(trace, [0.25, 0.5], tmp_path / "search.png", "test", reference=reference_name(cfg, reference))
     assert png.stat().st_size > 10_000
+
+
+def test_the_search_figure_names_the_configured_reference():
+    # The axis said "relative to 12-VaBERT" on the default profile's 6-layer reference: it names run.reference with
+    # the depth of the architecture the FLOPs are counted against (the model as built), as the reports do.
+    cfg = load_config(ROOT / "params.yaml")  # the default profile: vanilla-6 on a 6-layer MiniLM
+    built = cfg.section("model")
+    assert reference_name(cfg, built) == "reference (vanilla-6, 6 layers)"
+    tiny = config(["flexibert-0.5"])
+    assert reference_name(tiny, tiny.section("model")) == "reference (vanilla-12, 12 layers)"
+    trace = [{"flop_ratio": 0.2 + 0.1 * i, "accuracy": 0.5 + 0.05 * i, "step": i} for i in range(4)]
+    fig = search_plot(trace, [0.5], "sst2", reference_name(cfg, built))
+    assert fig.axes[0].get_xlabel() == "inference FLOPs relative to the reference (vanilla-6, 6 layers)"
 
 
 def test_a_budget_below_the_space_is_a_clear_error():

@@ -55,13 +55,13 @@ def correct_of(model: str) -> np.ndarray:
     return correct
 
 
-def write_predictions(root, dataset, model):
-    """A predictions.csv in the train/baseline stages' schema."""
+def write_predictions(root, dataset, model, tokens=TOKENS):
+    """A predictions.csv in the train/baseline stages' schema (`tokens`: each sample's length as the model saw it)."""
     label = np.arange(N_TEST) % 2
     pred = np.where(correct_of(model), label, 1 - label)
     prob = 0.5 + (np.arange(N_TEST) % 40) / 100
     lines = ["index,label,pred,prob,layers,n_tokens"]
-    lines += [f"{i},{label[i]},{pred[i]},{prob[i]:.6f},{synthetic_layers(model)[i]},{TOKENS[i]}" for i in range(N_TEST)]
+    lines += [f"{i},{label[i]},{pred[i]},{prob[i]:.6f},{synthetic_layers(model)[i]},{tokens[i]}" for i in range(N_TEST)]
     path = root / "results" / dataset / model / "predictions.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -284,7 +284,8 @@ def test_the_reference_comes_from_the_configuration(tmp_path):
     ref = [c.strip() for c in next(line for line in news.splitlines() if line.startswith("| vanilla-6 ")).split("|")]
     assert ref[2] == "BL1 12-VaBERT" and ref[5] == "+0.000"  # beside the paper's reference row
     assert t2.split("## embedded-news")[1].split("\n| ")[2].startswith("vanilla-6 |")  # Table 2's first row
-    assert "| vanilla-6 |" in index.split("## embedded-news")[1].splitlines()[4]  # the index's first row
+    rows = [line for line in index.split("## embedded-news")[1].splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| vanilla-6 |")  # the index's first row, after its header
     assert "vanilla-6 acc." in t1 and "vanilla-3 wrong" in t1
 
 
@@ -409,3 +410,74 @@ def test_a_baselines_metrics_charge_it_the_reference_it_starts_from():
     assert m["train_flop_ratio_total"] == pytest.approx(1.28) and (m["epochs_own"], m["epochs_total"]) == (1, 3)
     alone = baseline_metrics(pred, data, CONF, {"max_length": SEQ}, 30.0, 100.0, 1.0, 12.5, None)  # FlexiBERT's
     assert alone["train_flop_ratio_total"] == 0.3 and alone["epochs_total"] == 12.5
+
+
+def test_lengths_cut_at_max_length_are_said_not_tabulated(cfg, tmp_path):
+    # ag_news's texts cut at its max_length (32, meta.json): 60 of the 80 test samples see 32 tokens, as DBpedia's
+    # did in the default profile, where the "by length" rows were one meaningless group.
+    write_data(cfg, tmp_path)
+    cut = np.where(np.arange(N_TEST) % 4 != 0, 32, TOKENS % 32)
+    for model in depth_models(cfg):
+        write_predictions(tmp_path, "ag_news", model, tokens=cut)
+    t1 = write_table1(cfg, tmp_path / "reports/table1.md", root=tmp_path)
+    ag = t1.split("## ag_news\n")[1].split("\n## ")[0]
+    assert "Not grouped by length: 60 of the 80 test samples (75%) reach the dataset's max_length, 32 tokens" in ag
+    assert "| length |" not in ag and "| confidence |" in ag
+    news = t1.split("## embedded-news\n")[1].split("\n## ")[0]
+    assert "| length | Q1: " in news and "Not grouped by length" not in news  # the other dataset keeps its rows
+
+
+def test_the_index_says_what_each_datasets_numbers_mean(cfg, tmp_path, monkeypatch):
+    from dht.figures import pareto_front
+    from dht.report import dominating, versus_text
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # write_results: the i-th model of MODELS + BASELINES + [vanilla-3] infers at 1 - 0.05 i of the reference
+    accuracy = {"vanilla-12": 0.90, "t-dht": 0.85, "s-dht": 0.80, "distil-3": 0.82}
+    write_data(cfg, tmp_path, accuracy=accuracy)
+    index = write_index(cfg, tmp_path / "reports/index.md", [], root=tmp_path)
+    assert "[docs/real-text.md](../docs/real-text.md)" in index
+    for ds in cfg.run.datasets:
+        section = index.split(f"## {ds}\n")[1].split("\n## ")[0]
+        reading = section.strip().split("\n\n")[0]
+        assert reading.startswith("**What it says.**")
+        paired = json.loads((tmp_path / paired_path(cfg, ds)).read_text())
+        names = [*cfg.run.models, *cfg.run.baselines]
+        points = [(m, paired["models"][m]["infer_flop_ratio"], paired["models"][m]["accuracy"]) for m in names]
+        front = pareto_front(points)
+        # by construction: the cheapest of the 0.5 models (the control), distil-3, t-dht and the reference
+        assert front == ["vanilla-3", "distil-3", "t-dht", "vanilla-12"]
+        assert ("by increasing FLOPs: vanilla-3 (0.500 at 0.60x), distil-3 (0.820 at 0.75x), t-dht (0.850 at "
+                "0.95x), vanilla-12 (0.900 at 1.00x).") in reading
+        assert ("For scale, the reference (vanilla-12, 12 layers) reaches 0.900 at 1.00x and the shallow control "
+                "(vanilla-3, 3 layers) 0.500 at 0.60x.") in reading
+        # one line per DHT mode: its comparisons as paired.json has them, the control and where it stands
+        lines = {line.split("**")[1]: line for line in reading.splitlines()[1:]}
+        assert list(lines) == ["t-dht", "s-dht", "f-dht", "p-dht"]
+        t_dht, s_dht = lines["t-dht"], lines["s-dht"]
+        assert versus_text(paired["models"]["t-dht"]["vs_reference"]) in t_dht
+        # t-dht gets 6 samples right that the reference gets wrong, and none the other way: McNemar's p = 2/2^6
+        assert "against the reference +0.075 [" in t_dht and "beyond the test split's noise (McNemar p = 0.031)" in t_dht
+        assert "the same prediction on every test sample" in s_dht  # s-dht predicts as the reference does
+        assert f"against the control +0.350 (unpaired) for {0.95 / 0.60:.1f} times its FLOPs" in t_dht
+        assert paired["models"]["t-dht"]["vs_best_baseline"]["against"] == "distil-3"
+        assert "against distil-3, the best baseline at no more FLOPs, " in t_dht
+        assert t_dht.endswith("; on the front.")
+        assert dominating(points, "s-dht") == "distil-3"
+        assert s_dht.endswith("; off the front: distil-3 (0.820 at 0.75x) is more accurate at no more FLOPs.")
+
+
+def test_a_paired_comparison_in_words():
+    from dht.report import versus_text
+
+    run = {"difference": -0.02, "ci95_lo": -0.051, "ci95_hi": 0.01, "p_value": 0.21, "n_discordant": 9}
+    one = {"against": "vanilla-6", "difference": -0.02, "per_seed": {"0": run}}
+    assert versus_text(one) == "-0.020 [-0.051, +0.010], within the test split's noise (McNemar p = 0.210)"
+    tiny_p = {**one, "per_seed": {"0": {**run, "p_value": 0.0004}}}
+    assert versus_text(tiny_p).endswith("beyond the test split's noise (McNemar p <0.001)")
+    seeds = {"against": "vanilla-6", "difference": 0.02, "difference_std": 0.01,
+             "per_seed": {"0": {**run, "p_value": 0.01}, "1": {**run, "p_value": 0.3}, "2": {**run, "p_value": 0.04}}}
+    assert versus_text(seeds) == "+0.020 ± 0.010 over 3 seeds (McNemar p < 0.05 in 2 of them)"
+    same = {**one, "per_seed": {"0": {**run, "n_discordant": 0}}}
+    assert versus_text(same) == "the same prediction on every test sample (no difference to measure)"
+    assert versus_text({"against": None}) is None and versus_text(None) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -79,6 +80,38 @@ def test_encode_pads_truncates_and_counts(corpus):
     assert ids[0, -1] == tok.sep_token_id and mask[0].all()  # truncated keeps the closing [SEP]
     assert (ids[mask == 0] == tok.pad_token_id).all()
     assert table.column("difficulty").to_pylist() == frame["difficulty"].tolist()
+
+
+class Recorded(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_counting_lengths_past_max_length_logs_no_model_input_warning(tmp_path, corpus):
+    # The tokenize stage's log carried transformers' "Token indices sequence length is longer than the specified
+    # maximum ... indexing errors" for the untruncated count, which no model reads: it must not be logged, and the
+    # count must still be the full length. A real problem of the ids the model reads is still reported (the last
+    # part: the same tokenizer asked for an untruncated model input still warns).
+    long = corpus.train.copy()
+    long.loc[long.index[:3], "text"] = " ".join(["goalkeeper"] * 50)
+    ds = TextDataset(long, corpus.test, corpus.classes, source="embedded")
+    handler = Recorded()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        meta = prepare(ds, TokenizerConfig(vocab_size=300), max_length=16, out_dir=tmp_path, name="emb")
+        assert not [m for m in handler.messages if "sequence length is longer" in m], handler.messages
+        assert meta["splits"]["train"]["truncated_share"] > 0
+        assert load_processed(tmp_path, "train")["n_tokens"].max() >= 52  # [CLS] + 50 pieces + [SEP], uncut
+        tok = load_pretrained_tokenizer(str(tmp_path / "tokenizer"))
+        tok(" ".join(["goalkeeper"] * 50))
+        assert [m for m in handler.messages if "sequence length is longer" in m]
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_prepare_writes_parquet_tokenizer_and_meta(tmp_path, corpus):

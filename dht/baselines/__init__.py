@@ -76,9 +76,10 @@ KINDS: dict[str, Baseline] = {b.kind: b for b in (
 # The params.yaml keys the flexibert_search stage reads (workflow/scripts/flexibert_search.py,
 # dht.flexibert.search_stage.run_search): the design space, BOSHNAS's settings and each query's brief training
 # (every baselines.flexibert key but the retraining's epochs), the FLOP budgets (the flexibert-<ratio> names in
-# run.baselines), the seed and device, and the training batches and dropout it shares with the retraining.
+# run.baselines), the seed and device, the training batches and dropout it shares with the retraining, and the
+# reference's name (its figure's FLOP axis, dht.flexibert.search_stage.reference_name).
 FLEXIBERT_SEARCH_PARAMS: tuple[str, ...] = (
-    "seed", "device", "run.baselines", "model.hidden_dropout_prob", "train.batch_size", "train.eval_batch_size",
+    "seed", "device", "run.baselines", "run.reference", "model.hidden_dropout_prob", "train.batch_size", "train.eval_batch_size",
     *(f"baselines.flexibert.{k}" for k in FlexiBERTConfig.model_fields if k != "epochs"),
 )
 

@@ -37,14 +37,22 @@ from dht.flexibert.search import (
     train_and_evaluate,
 )
 from dht.flexibert.space import Architecture, SpaceConfig
+from dht.flops import FlopShape
 
 Arrays = Mapping[str, np.ndarray]
 
 
 def budgets(cfg: Config) -> list[float]:
-    """The FLOP budgets (ratios to 12-VaBERT) of the `flexibert-<ratio>` baselines the profile runs, ascending."""
+    """The FLOP budgets (ratios to the reference) of the `flexibert-<ratio>` baselines the profile runs, ascending."""
     found = {parse_baseline(name) for name in cfg.run.baselines}
     return sorted(value for kind, value in found if kind == "flexibert")
+
+
+def reference_name(cfg: Config, reference: Any) -> str:
+    """The FLOP ratios' 1.00x as the reports name it (dht.report.reference_label), "reference (vanilla-6, 6
+    layers)": run.reference, with the depth of `reference`, the architecture as built from model.init (the
+    search's FLOPs are counted against it; it is run.reference's full depth)."""
+    return f"reference ({cfg.run.reference}, {FlopShape.of(reference).num_hidden_layers} layers)"
 
 
 def space_of(cfg: Config) -> SpaceConfig:
@@ -89,8 +97,9 @@ def run_search(cfg: Config, train: Arrays, val: Arrays, meta: Mapping[str, Any],
                                           reference=reference, num_labels=num_labels) if a.id not in queried]
         if not pool:
             raise ValueError(
-                f"baselines.flexibert: no architecture of the design space is within {budget}x of 12-VaBERT's FLOPs "
-                f"at length {seq_len}; allow smaller ones (hidden, layers, ffn_widths) or raise the budget")
+                f"baselines.flexibert: no architecture of the design space is within {budget}x of the FLOPs of the "
+                f"{reference_name(cfg, reference)} at length {seq_len}; allow smaller ones (hidden, layers, "
+                "ffn_widths) or raise the budget")
         # Evaluations split evenly; the earlier budgets' leftovers go to the later ones.
         share = (f.evaluations - len(trace)) // (len(wanted) - i)
 
@@ -115,7 +124,7 @@ def choose(trace: list[Mapping[str, Any]], ratio: float) -> Architecture:
     best = best_under_budget(trace, ratio)
     if best is None:
         raise ValueError(
-            f"no searched architecture is within {ratio}x of 12-VaBERT's FLOPs; rerun the search with this budget "
+            f"no searched architecture is within {ratio}x of the reference's FLOPs; rerun the search with this budget "
             f"in run.baselines (flexibert-{ratio:g}) or more baselines.flexibert.evaluations")
     return Architecture.from_dict(best["arch"])
 
@@ -150,11 +159,9 @@ def predictions(model: FlexiBertForSequenceClassification, data: SplitData, batc
                               model_flops(arch, seq_len, num_labels, "linear"), seconds)
 
 
-def search_figure(trace: list[Mapping[str, Any]], budget_ratios: list[float], out: str | Path, title: str) -> Path:
-    """Accuracy against FLOP ratio of every queried architecture, the Pareto front, the budgets marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def search_plot(trace: list[Mapping[str, Any]], budget_ratios: list[float], title: str, reference: str) -> Any:
+    """Accuracy against FLOP ratio of every queried architecture, the Pareto front, the budgets marked; the FLOP
+    axis names `reference`, the ratios' 1.00x (:func:`reference_name`). A `matplotlib.figure.Figure`."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 5), dpi=120, constrained_layout=True)
@@ -169,12 +176,18 @@ def search_figure(trace: list[Mapping[str, Any]], budget_ratios: list[float], ou
     for b in budget_ratios:
         ax.axvline(b, color="grey", linewidth=0.8, linestyle=":")
         ax.text(b, ax.get_ylim()[1], f" {b:g}x", va="top", fontsize=8, color="grey")
-    ax.set_xlabel("inference FLOPs relative to 12-VaBERT")
+    ax.set_xlabel(f"inference FLOPs relative to the {reference}")
     ax.set_ylabel("validation accuracy (the validation split)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
+    return fig
+
+
+def search_figure(trace: list[Mapping[str, Any]], budget_ratios: list[float], out: str | Path, title: str, *,
+                  reference: str) -> Path:
+    """:func:`search_plot` written to `out` (PNG, rendered by Agg: no GUI backend)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    search_plot(trace, budget_ratios, title, reference).savefig(out)
     return out

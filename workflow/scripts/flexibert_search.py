@@ -10,7 +10,7 @@ from pathlib import Path
 import _stage
 
 from dht.baselines import FLEXIBERT_SEARCH_PARAMS
-from dht.flexibert.search_stage import budgets, run_search, search_figure
+from dht.flexibert.search_stage import budgets, reference_name, run_search, search_figure
 from dht.model import DHTConfig
 from dht.tokenization import load_processed
 from dht.tracking import stage_run
@@ -18,7 +18,7 @@ from dht.tracking import stage_run
 p = _stage.parser(__doc__)
 p.add_argument("--dataset", required=True)
 p.add_argument("--processed", required=True)
-p.add_argument("--init-model", required=True, help="data/features/<dataset>/init_model: 12-VaBERT as built")
+p.add_argument("--init-model", required=True, help="data/features/<dataset>/init_model: the reference as built")
 p.add_argument("--out", required=True)
 _stage.add_threads(p)
 args = p.parse_args()
@@ -30,7 +30,7 @@ processed, out = Path(args.processed), Path(args.out)
 meta = json.loads((processed / "meta.json").read_text())
 train = load_processed(processed, "train")
 val = load_processed(processed, "val")  # scores the queries (data.val_fraction); the test split is never read
-# 12-VaBERT's architecture as built from model.init (the FLOP ratios' 1.00x, the same reference the baseline
+# The reference's architecture as built from model.init (the FLOP ratios' 1.00x, the same reference the baseline
 # stage evaluates against); the `model:` section need not describe a checkpoint.
 reference = DHTConfig.from_pretrained(args.init_model)
 params = {**{key: cfg.section(key) for key in FLEXIBERT_SEARCH_PARAMS},  # what the rule tracks
@@ -62,7 +62,8 @@ with stage_run(args.dataset, "flexibert-search", stage="flexibert_search", profi
                                                 "n_train": len(train["label"]), "n_val": len(val["label"]),
                                                 "queries": trace}, indent=2) + "\n")
     figure = search_figure(trace, budgets(cfg), out / "search.png",
-                           f"{args.dataset}: FlexiBERT architectures searched by BOSHNAS")
+                           f"{args.dataset}: FlexiBERT architectures searched by BOSHNAS",
+                           reference=reference_name(cfg, reference))
     best = max(trace, key=lambda e: e["accuracy"])
     mlflow.log_metrics({"queries": len(trace), "best_accuracy": best["accuracy"]})
     mlflow.log_artifact(str(out / "trace.json"))
