@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=_dvc_record)
 
     pred = sub.add_parser("predict", help="classify texts with a trained model (models/<dataset>/<model>)")
-    pred.add_argument("--model", required=True, help="a trained model directory, e.g. models/embedded-news/t-dht (a "
+    pred.add_argument("--model", required=True, help="a trained model directory, e.g. models/sst2/t-dht (a "
                                                      "DHT mode's or a baseline's)")
     pred.add_argument("--input", default=None, help="a text file, one text a line (default: standard input)")
     pred.add_argument("--format", choices=["tsv", "jsonl"], default="tsv")
