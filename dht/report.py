@@ -320,7 +320,7 @@ def settle_text(cfg: Config, root: Path, dataset: str, paired: dict[str, Any]) -
           f"±{float(np.median(w)):.3f} wide at the median (±{w[0]:.3f} to ±{w[-1]:.3f} over the models"
           + (f"; {same} predicting exactly as the reference, whose interval is 0, left out" if same else "") + ")")
     if seeded(cfg):
-        return (f"How large a difference this run settles: each seed's {hw}; across the {len(paired['seeds'])} "
+        return (f"How large a difference this run settles: for each training seed, {hw}; across the {len(paired['seeds'])} "
                 f"training seeds the difference against the reference varies with {_spread_text(paired)}.")
     text = (f"How large a difference this run settles: every model was trained once (one seed), and {hw}; a "
             "difference well inside that is the test split's noise. The training seed's noise comes on top and "
