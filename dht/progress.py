@@ -33,7 +33,20 @@ def bar(total: int, desc: str, *, initial: int = 0, unit: str = "step", enabled:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, mininterval=1.0, leave=False,
-                disable=not enabled or os.environ.get(NO_PROGRESS_ENV) == "1")
+                disable=not enabled or os.environ.get(NO_PROGRESS_ENV) == "1" or not _read_live())
+
+
+def _read_live() -> bool:
+    """Whether a bar on stderr reaches a reader: a terminal, or a stage's log (``_stage.start_log`` marks its
+    stream ``progress_lines``, LogLines turns the redraws into lines). Into a pipe or a captured stream a bar would
+    be carriage-return runs in front of the stage's own messages (its one-line error among them), so none is drawn."""
+    import sys
+
+    stream = sys.stderr
+    if getattr(stream, "progress_lines", False):
+        return True
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def finish(shown: Any) -> None:

@@ -30,6 +30,8 @@ class _Tee:
     :class:`dht.progress.LogLines`, so a progress bar's redraws become plain lines there, one every
     :data:`dht.progress.LOG_EVERY_SECONDS`, instead of carriage-return runs."""
 
+    progress_lines = True  # dht.progress draws its bars here: LogLines writes them to the log as lines
+
     def __init__(self, stream: object, log: object) -> None:
         from dht.progress import LogLines
 
