@@ -4,6 +4,7 @@ loads, predicts and serves; progress lines, not carriage-return runs, in a log f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -165,6 +166,11 @@ def logged(tmp_path_factory):
     from test_predict_cli import save_baseline, save_model
 
     root = tmp_path_factory.mktemp("logged")
+    # This store, whatever an earlier test left in MLFLOW_TRACKING_URI (mlflow.set_tracking_uri sets it, and under
+    # pytest-xdist other modules' tests run between this fixture and the tests that read it): the tests load from
+    # the URI recorded here, never from the environment.
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    store = tracking.tracking_uri(root)
     previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     teacher = save_model(root / "models/vanilla-12", "greedy")
@@ -174,7 +180,8 @@ def logged(tmp_path_factory):
         with tracking.stage_run("news", name, stage="train", profile="tiny", root=root):
             uris[name] = (directory, tracking.log_model(directory, teacher_dir).model_uri)
     mlflow.set_tracking_uri(None)
-    yield root, uris
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield root, store, uris
     if previous is None:
         os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
 
@@ -187,9 +194,9 @@ def test_a_logged_model_predicts_as_dht_predict_does(logged, name, tmp_path, cap
 
     from dht import cli
 
-    root, uris = logged
+    root, store, uris = logged
     directory, uri = uris[name]
-    mlflow.set_tracking_uri(tracking.tracking_uri(root))
+    mlflow.set_tracking_uri(store)
     try:
         rows = mlflow.pyfunc.load_model(uri).predict(["the striker scored", "shares fell"]).to_dict("records")
     finally:
@@ -215,8 +222,8 @@ def test_a_logged_model_holds_no_pickle_and_is_checked_before_it_is_read(logged)
 
     from dht.integrity import IntegrityError
 
-    root, uris = logged
-    mlflow.set_tracking_uri(tracking.tracking_uri(root))
+    root, store, uris = logged
+    mlflow.set_tracking_uri(store)
     try:
         local = Path(mlflow.artifacts.download_artifacts(uris["vanilla-12"][1], dst_path=str(root / "download")))
         pyfunc = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
@@ -239,9 +246,11 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_texts_on_localhost(logged):
     """`mlflow models serve --env-manager local` on 127.0.0.1: POST texts to /invocations, one prediction a text."""
-    root, uris = logged
+    root, store, uris = logged
     port = free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri(root), OMP_NUM_THREADS="1")
+    # the venv's bin first: the server starts `uvicorn` by name (make test does not activate the venv)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store, OMP_NUM_THREADS="1",
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", uris["fastbert-0.5"][1], "--env-manager",
                                "local", "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=root,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -261,7 +270,8 @@ def test_mlflow_models_serve_answers_texts_on_localhost(logged):
         with urllib.request.urlopen(request, timeout=60) as answer:
             predictions = json.loads(answer.read())["predictions"]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and its workers: the session it leads
+        with contextlib.suppress(ProcessLookupError):  # a server that failed to start is gone already
+            os.killpg(server.pid, signal.SIGTERM)  # the server and its workers: the session it leads
         server.wait(timeout=60)
     assert len(predictions) == 2
     assert all(p["label"] in ("a", "b") and 1 <= p["layers"] <= 12 and len(p["heads"]) == p["layers"]
