@@ -276,7 +276,6 @@ def summary(settings: list[str] | None = None, models: list[str] | None = None) 
                   "| setting | mode | accuracy [95% CI] | FLOPs | mean layers | vs line | layers ctrl wrong / right "
                   f"| train {b}L | train time |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        slope = (rm["accuracy"] - cm["accuracy"]) / (rm["infer_flop_ratio"] - cm["infer_flop_ratio"])
         for setting in order:
             # fixed modes run under a setting (the reference and control with more epochs, vanilla-4): no depth
             modes = setting_config(setting).dht.modes
@@ -287,7 +286,7 @@ def summary(settings: list[str] | None = None, models: list[str] | None = None) 
                 if got is None:
                     continue
                 m, p, sel = got
-                line = cm["accuracy"] + slope * (m["infer_flop_ratio"] - cm["infer_flop_ratio"])
+                line = _line(m, rm, cm)
                 if model in fixed:
                     lines.append(f"| {setting} | {model} | {_acc(m)} | {m['infer_flop_ratio']:.2f}x | "
                                  f"{m['mean_layers']:.2f} | {100 * (m['accuracy'] - line):+.1f} pt | - | - | "
@@ -412,6 +411,8 @@ def depth_gain_shares(dataset: str = "sst2", prices: tuple[float, ...] = (0.02, 
     share where the reference's full depth pays under each reward: loss x L (Section 4.3's ratio), a price per
     layer on the cross-entropy (T25's difference) and on 1 - p(true class) (T27). From the `default` runs' fixed
     models (a binary dataset: predictions.csv keeps the top probability only)."""
+    from dht.report import fixed_layers_of
+
     cfg = load_config("params.yaml", profile="default")
     ref, ctrl = cfg.run.reference, cfg.run.control
     root = OUT / "default" / dataset
@@ -420,8 +421,7 @@ def depth_gain_shares(dataset: str = "sst2", prices: tuple[float, ...] = (0.02, 
     p6, _ = _p_true(root / ref / "predictions.csv")
     p2, right2 = _p_true(root / ctrl / "predictions.csv")
     l6, l2 = -np.log(np.clip(p6, 1e-12, 1)), -np.log(np.clip(p2, 1e-12, 1))
-    d6, d2 = cfg.dht.modes[ref].arms[0].split("L")[0], cfg.dht.modes[ctrl].arms[0].split("L")[0]
-    deep, shallow = int(d6), int(d2)
+    deep, shallow = fixed_layers_of(cfg, ref), fixed_layers_of(cfg, ctrl)
     rules = {f"loss x L (ratio: {deep} layers win when their loss is {deep / shallow:.0f}x lower)":
              l6 * deep < l2 * shallow}
     for p in prices:
