@@ -469,7 +469,7 @@ class NASPruneConfig(_Strict):
     alpha_kd: Annotated[float, Field(ge=0, le=1)] = 0.5
 
 
-FlexiOp = Literal["sdp", "wma", "dft", "dct", "conv5", "conv9", "conv13"]  # dht.flexibert.space.OPS (tested)
+FlexiOp = Literal["sdp", "wma", "dft", "dct", "conv5", "conv9", "conv13"]  # dht.baselines.flexibert.space.OPS (tested)
 
 
 class FlexiBERTConfig(_Strict):

@@ -55,7 +55,7 @@ class Baseline:
                 *(self.reads or (f"baselines.{self.section}",))]
 
 
-# The flexibert-<ratio> baseline retrains the architecture its dataset's search chose (dht.flexibert.search_stage
+# The flexibert-<ratio> baseline retrains the architecture its dataset's search chose (dht.baselines.flexibert.search_stage
 # .retrain): for baselines.flexibert.epochs, with the search's learning rate, batches and dropout (_train_kwargs).
 # Everything else of baselines.flexibert is the search's (FLEXIBERT_SEARCH_PARAMS), an input of the baseline.
 FLEXIBERT_RETRAINING = ("epochs", "learning_rate")
@@ -74,10 +74,10 @@ KINDS: dict[str, Baseline] = {b.kind: b for b in (
 )}
 
 # The params.yaml keys the flexibert_search stage reads (workflow/scripts/flexibert_search.py,
-# dht.flexibert.search_stage.run_search): the design space, BOSHNAS's settings and each query's brief training
+# dht.baselines.flexibert.search_stage.run_search): the design space, BOSHNAS's settings and each query's brief training
 # (every baselines.flexibert key but the retraining's epochs), the FLOP budgets (the flexibert-<ratio> names in
 # run.baselines), the seed and device, the training batches and dropout it shares with the retraining, and the
-# reference's name (its figure's FLOP axis, dht.flexibert.search_stage.reference_name).
+# reference's name (its figure's FLOP axis, dht.baselines.flexibert.search_stage.reference_name).
 FLEXIBERT_SEARCH_PARAMS: tuple[str, ...] = (
     "seed", "device", "run.baselines", "run.reference", "model.hidden_dropout_prob", "train.batch_size", "train.eval_batch_size",
     *(f"baselines.flexibert.{k}" for k in FlexiBERTConfig.model_fields if k != "epochs"),

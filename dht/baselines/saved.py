@@ -164,8 +164,8 @@ def _nas_prune(directory: Path, device: torch.device, value: float, teacher: Any
 
 def _flexibert(directory: Path, device: torch.device, value: float, teacher: Any, info: dict[str, Any], fix: str,
                allow_unverified: bool) -> Loaded:
-    from dht.flexibert import FlexiBertForSequenceClassification
-    from dht.flexibert.search_stage import predictions
+    from dht.baselines.flexibert import FlexiBertForSequenceClassification
+    from dht.baselines.flexibert.search_stage import predictions
 
     flexi = FlexiBertForSequenceClassification.from_pretrained(directory, device=device)
     c = flexi.config
