@@ -72,7 +72,8 @@ def test_config_names_and_checks_flexibert_baselines():
     raw["baselines"] = {**raw.get("baselines", {}), "flexibert": {"hidden": [30], "heads": [4], "ops": ["sdp"]}}
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "params.yaml", raw=raw)
-    assert "run.baselines[0] = 'flexibert-1.5': a FLOP target ratio is in (0, 1]" in str(err.value)
+    assert ("run.baselines[0] = 'flexibert-1.5': out of range; flexibert-<FLOP ratio> takes FLOP ratio in (0, 1]"
+            in str(err.value))
     assert "baselines.flexibert.heads = [4]: none divides a hidden size in [30]" in str(err.value)
     raw["baselines"]["flexibert"] = {"ops": ["lstm"]}
     with pytest.raises(ConfigError, match="baselines.flexibert.ops"):

@@ -26,7 +26,7 @@ import json
 
 import numpy as np
 
-from dht.baselines import BaselineError, BaselineJob, BaselineRun
+from dht.baselines import BaselineError, BaselineJob, BaselineRun, Loaded, LoadJob
 from dht.evaluation import SplitData
 
 from .embedding import ArchEmbedder, embedding_distance
@@ -78,6 +78,7 @@ __all__ = [
     "inherit_weights",
     "inheritance_overlap",
     "layer_flops",
+    "load",
     "mixer_flops",
     "model_flops",
     "neighbours",
@@ -116,3 +117,11 @@ def run(ratio: float, job: BaselineJob) -> BaselineRun:
     return BaselineRun(lambda data: predictions(model, data, job.cfg.train.eval_batch_size, job.seq_len, job.device),
                        search_train_flops(trace) + info["train_flops"], epochs, [info["train_loss"]],
                        {"train_loss": info["step_losses"]}, params={"arch_id": arch.id})
+
+
+def load(job: LoadJob) -> Loaded:
+    """A ``flexibert-<ratio>`` model directory read back (:func:`dht.baselines.saved.load_baseline`)."""
+    flexi = FlexiBertForSequenceClassification.from_pretrained(job.directory, device=job.device)
+    c = flexi.config
+    return Loaded(flexi, lambda data, batch_size, seq_len: predictions(flexi, data, batch_size, seq_len, job.device),
+                  c.vocab_size, c.max_len, c.num_labels)
