@@ -156,6 +156,26 @@ def test_the_registry_takes_each_kind_once_and_each_section_with_one_model():
     assert registry(KINDS["distil"], Baseline(**{**TOY.__dict__, "section": "distil", "config": DistilConfig}))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["distil", "fastbert", "nas-prune"])  # flexibert: its search's own stage first
+def test_what_a_kind_runs_is_what_its_load_reads_back(baseline_job, kind):
+    """The contract of a kind's module (docs/baselines.md, "Adding a baseline"): ``run`` trains and writes the
+    baseline, ``load`` reads the directory back to the same model, whose predictions are the run's."""
+    from dht.baselines import LoadJob
+
+    value = float(KINDS[kind].value.example)
+    built = importlib.import_module(KINDS[kind].module).run(value, baseline_job)
+    assert built.train_flops > 0 and len(built.history) >= 1
+    teacher = baseline_job.teacher if KINDS[kind].runs_on_teacher else None
+    loaded = importlib.import_module(KINDS[kind].module).load(
+        LoadJob(baseline_job.out_model, baseline_job.device, value, "retrain it", teacher))
+    assert (loaded.vocab_size, loaded.num_labels) == (60, 3)
+    batch = baseline_job.cfg.train.eval_batch_size  # the run's batches: the same sums, in the same order
+    ran, read = built.predict(baseline_job.val), loaded.predict(baseline_job.val, batch, baseline_job.seq_len)
+    assert torch.equal(ran.labels, read.labels) and torch.equal(ran.layers, read.layers)
+    torch.testing.assert_close(ran.probs, read.probs)
+
+
 def _model_and_data():
     torch.manual_seed(0)
     x, y = torch.randn(10, 3), torch.randn(10, 1)
