@@ -423,65 +423,6 @@ class TrainConfig(_Strict):
         return self.batch_size
 
 
-class DistilConfig(_Strict):
-    """DistilBERT (Sanh et al. 2019) students of the trained 12-VaBERT (BL2)."""
-
-    epochs: Annotated[int, Field(ge=1)] = 3
-    learning_rate: Annotated[float, Field(gt=0)] = 3e-4
-    temperature: Annotated[float, Field(gt=0)] = 2.0
-    alpha_kd: Annotated[float, Field(ge=0)] = 0.5
-    alpha_ce: Annotated[float, Field(ge=0)] = 0.5
-    alpha_cos: Annotated[float, Field(ge=0)] = 0.0
-
-
-class FastBERTConfig(_Strict):
-    """FastBERT (Liu et al. 2020) self-distillation of student classifiers on the trained 12-VaBERT (BL3)."""
-
-    epochs: Annotated[int, Field(ge=1)] = 2
-    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
-    classifier_size: Annotated[int, Field(ge=2)] | None = None  # None: hidden x 128/768 (FastBERT's proportion)
-
-
-class NASPruneConfig(_Strict):
-    """Differentiable NAS pruning of the trained 12-VaBERT (the NAS-on-BERT report, Sections 5.3-5.5)."""
-
-    search_epochs: Annotated[int, Field(ge=1)] = 2
-    finetune_epochs: Annotated[int, Field(ge=1)] = 2
-    lambda_cost: Annotated[float, Field(ge=0)] = 1.0
-    tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.05
-    lr_weights: Annotated[float, Field(gt=0)] = 1e-4
-    lr_arch: Annotated[float, Field(gt=0)] = 5e-2
-    temperature: Annotated[float, Field(gt=0)] = 2.0
-    alpha_kd: Annotated[float, Field(ge=0, le=1)] = 0.5
-
-
-FlexiOp = Literal["sdp", "wma", "dft", "dct", "conv5", "conv9", "conv13"]  # dht.baselines.flexibert.space.OPS (tested)
-
-
-class FlexiBERTConfig(_Strict):
-    """FlexiBERT (Tuli et al. 2022): heterogeneous encoders searched by BOSHNAS, one search per dataset, then the
-    best architecture within each `flexibert-<ratio>` FLOP budget retrained (docs/baselines-flexibert.md)."""
-
-    # The design space; defaults: the paper's "Tiny" space with every operation type.
-    hidden: list[Annotated[int, Field(ge=1)]] = [128, 256]
-    layers: list[Annotated[int, Field(ge=1)]] = [2, 4]
-    heads: list[Annotated[int, Field(ge=1)]] = [2, 4]
-    ffn_widths: list[Annotated[int, Field(ge=1)]] = [512, 1024]
-    ffn_depths: list[Annotated[int, Field(ge=1)]] = [1, 2]
-    ops: list[FlexiOp] = ["sdp", "wma", "dft", "dct", "conv5", "conv9", "conv13"]
-    # BOSHNAS
-    candidates: Annotated[int, Field(ge=1)] = 5000  # sampled when the space is larger (then filtered by budget)
-    evaluations: Annotated[int, Field(ge=1)] = 12  # architectures trained by the search, over all budgets
-    n_init: Annotated[int, Field(ge=1)] = 3  # random queries per budget before the surrogate steers
-    kappa: Annotated[float, Field(ge=0)] = 0.5  # UCB weight of the surrogate's standard deviation
-    search_epochs: Annotated[int, Field(ge=1)] = 1  # brief training of each queried architecture ...
-    search_max_steps: Annotated[int, Field(ge=1)] | None = None  # ... capped at this many steps
-    # The chosen architecture, retrained on the training split (the search scores its queries on the validation
-    # split of data.val_fraction, which no model trains on)
-    epochs: Annotated[int, Field(ge=1)] = 3
-    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
-
-
 # --- baselines: the registry of kinds -------------------------------------------------------------------------
 # One entry per kind of baseline (docs/baselines.md, "Adding a baseline"). Everything else follows from it: the
 # names run.baselines accepts (parse_baseline, the JSON schema, the baseline rule's wildcard), their ranges
@@ -584,6 +525,90 @@ def registry(*kinds: Baseline) -> dict[str, Baseline]:
     return out
 
 
+def baseline_pattern() -> str:
+    """Every baseline name of the registry, as one regular expression (the JSON schema's, the baseline rule's
+    wildcard constraint)."""
+    return "|".join(b.pattern for b in KINDS.values())
+
+
+def parse_baseline(name: str) -> tuple[str, float]:
+    """(kind, value) of a baseline's name, ``<kind>-<value>`` (``("distil", 3.0)``, ``("nas-prune", 0.5)``); a
+    ValueError naming every kind's form otherwise."""
+    kind = name.rpartition("-")[0]
+    if kind in KINDS and re.fullmatch(KINDS[kind].pattern, name):
+        return kind, float(name.rpartition("-")[2])
+    forms = [f"{b.kind}-<{b.value.placeholder}> (e.g. {b.kind}-{b.value.example})" for b in KINDS.values()]
+    raise ValueError(f"{name!r} is not a baseline: write {', '.join(forms[:-1])} or {forms[-1]}")
+
+
+def baselines_model(kinds: dict[str, Baseline]) -> type[BaseModel]:
+    """The model of params.yaml's `baselines:` section: each kind's section with its model (defaults when absent)."""
+    fields: dict[str, Any] = {b.section: (b.config, b.config()) for b in kinds.values()}
+    return create_model("BaselinesConfig", __base__=_Strict, **fields)
+
+
+# The models of the kinds' `baselines:` sections (a new kind's after the last), then the registry itself.
+
+
+class DistilConfig(_Strict):
+    """DistilBERT (Sanh et al. 2019) students of the trained 12-VaBERT (BL2)."""
+
+    epochs: Annotated[int, Field(ge=1)] = 3
+    learning_rate: Annotated[float, Field(gt=0)] = 3e-4
+    temperature: Annotated[float, Field(gt=0)] = 2.0
+    alpha_kd: Annotated[float, Field(ge=0)] = 0.5
+    alpha_ce: Annotated[float, Field(ge=0)] = 0.5
+    alpha_cos: Annotated[float, Field(ge=0)] = 0.0
+
+
+class FastBERTConfig(_Strict):
+    """FastBERT (Liu et al. 2020) self-distillation of student classifiers on the trained 12-VaBERT (BL3)."""
+
+    epochs: Annotated[int, Field(ge=1)] = 2
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+    classifier_size: Annotated[int, Field(ge=2)] | None = None  # None: hidden x 128/768 (FastBERT's proportion)
+
+
+class NASPruneConfig(_Strict):
+    """Differentiable NAS pruning of the trained 12-VaBERT (the NAS-on-BERT report, Sections 5.3-5.5)."""
+
+    search_epochs: Annotated[int, Field(ge=1)] = 2
+    finetune_epochs: Annotated[int, Field(ge=1)] = 2
+    lambda_cost: Annotated[float, Field(ge=0)] = 1.0
+    tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    lr_weights: Annotated[float, Field(gt=0)] = 1e-4
+    lr_arch: Annotated[float, Field(gt=0)] = 5e-2
+    temperature: Annotated[float, Field(gt=0)] = 2.0
+    alpha_kd: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+
+FlexiOp = Literal["sdp", "wma", "dft", "dct", "conv5", "conv9", "conv13"]  # dht.baselines.flexibert.space.OPS (tested)
+
+
+class FlexiBERTConfig(_Strict):
+    """FlexiBERT (Tuli et al. 2022): heterogeneous encoders searched by BOSHNAS, one search per dataset, then the
+    best architecture within each `flexibert-<ratio>` FLOP budget retrained (docs/baselines-flexibert.md)."""
+
+    # The design space; defaults: the paper's "Tiny" space with every operation type.
+    hidden: list[Annotated[int, Field(ge=1)]] = [128, 256]
+    layers: list[Annotated[int, Field(ge=1)]] = [2, 4]
+    heads: list[Annotated[int, Field(ge=1)]] = [2, 4]
+    ffn_widths: list[Annotated[int, Field(ge=1)]] = [512, 1024]
+    ffn_depths: list[Annotated[int, Field(ge=1)]] = [1, 2]
+    ops: list[FlexiOp] = ["sdp", "wma", "dft", "dct", "conv5", "conv9", "conv13"]
+    # BOSHNAS
+    candidates: Annotated[int, Field(ge=1)] = 5000  # sampled when the space is larger (then filtered by budget)
+    evaluations: Annotated[int, Field(ge=1)] = 12  # architectures trained by the search, over all budgets
+    n_init: Annotated[int, Field(ge=1)] = 3  # random queries per budget before the surrogate steers
+    kappa: Annotated[float, Field(ge=0)] = 0.5  # UCB weight of the surrogate's standard deviation
+    search_epochs: Annotated[int, Field(ge=1)] = 1  # brief training of each queried architecture ...
+    search_max_steps: Annotated[int, Field(ge=1)] | None = None  # ... capped at this many steps
+    # The chosen architecture, retrained on the training split (the search scores its queries on the validation
+    # split of data.val_fraction, which no model trains on)
+    epochs: Annotated[int, Field(ge=1)] = 3
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+
+
 # The flexibert-<ratio> baseline retrains the architecture its dataset's search chose
 # (dht.baselines.flexibert.search_stage.retrain): for baselines.flexibert.epochs, with the search's learning rate,
 # batches and dropout (_train_kwargs). Everything else of baselines.flexibert is the search's
@@ -608,30 +633,6 @@ KINDS: dict[str, Baseline] = registry(
              starts_from_reference=False,
              reads=(*(f"baselines.flexibert.{k}" for k in FLEXIBERT_RETRAINING), "model.hidden_dropout_prob")),
 )
-
-
-def baseline_pattern() -> str:
-    """Every baseline name of the registry, as one regular expression (the JSON schema's, the baseline rule's
-    wildcard constraint)."""
-    return "|".join(b.pattern for b in KINDS.values())
-
-
-def parse_baseline(name: str) -> tuple[str, float]:
-    """(kind, value) of a baseline's name, ``<kind>-<value>`` (``("distil", 3.0)``, ``("nas-prune", 0.5)``); a
-    ValueError naming every kind's form otherwise."""
-    kind = name.rpartition("-")[0]
-    if kind in KINDS and re.fullmatch(KINDS[kind].pattern, name):
-        return kind, float(name.rpartition("-")[2])
-    forms = [f"{b.kind}-<{b.value.placeholder}> (e.g. {b.kind}-{b.value.example})" for b in KINDS.values()]
-    raise ValueError(f"{name!r} is not a baseline: write {', '.join(forms[:-1])} or {forms[-1]}")
-
-
-def baselines_model(kinds: dict[str, Baseline]) -> type[BaseModel]:
-    """The model of params.yaml's `baselines:` section: each kind's section with its model (defaults when absent)."""
-    fields: dict[str, Any] = {b.section: (b.config, b.config()) for b in kinds.values()}
-    return create_model("BaselinesConfig", __base__=_Strict, **fields)
-
-
 BaselinesConfig = baselines_model(KINDS)
 
 
