@@ -76,6 +76,8 @@ class _Strict(BaseModel):
 # number. Checked by :func:`parse_baseline`; the JSON schema's pattern is :func:`baseline_pattern`, read when the
 # schema is written.
 class _BaselinePattern:
+    """BaselineName's JSON schema, made when the schema is written (the registry is defined further down)."""
+
     def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
         return {"type": "string", "pattern": f"^({baseline_pattern()})$"}
 
@@ -468,8 +470,8 @@ _SECTION = re.compile(r"[a-z][a-z0-9_]*")
 @dataclass(frozen=True)
 class Baseline:
     """One kind of baseline: its name's number (:class:`BaselineValue`), its ``baselines:`` section in params.yaml
-    and the model of that section (`config`), the module whose ``run(value, job)`` builds it and ``load(saved)``
-    loads it back (:mod:`dht.baselines`, :mod:`dht.baselines.saved`), what it is in words (`title`; dht predict
+    and the model of that section (`config`), the module whose ``run(value, job)`` builds it and ``load(job)``
+    reads it back (:mod:`dht.baselines`, :mod:`dht.baselines.saved`), what it is in words (`title`; dht predict
     says it of a baseline's model directory, with `inference`, what every text runs, ``{value:g}`` filled in),
     whether its weights start from the trained reference (its training budget then includes the reference's,
     :func:`dht.results.training_budget`), the params.yaml keys of its own that a job of the kind reads (``reads``;
@@ -534,9 +536,9 @@ def baseline_pattern() -> str:
 def parse_baseline(name: str) -> tuple[str, float]:
     """(kind, value) of a baseline's name, ``<kind>-<value>`` (``("distil", 3.0)``, ``("nas-prune", 0.5)``); a
     ValueError naming every kind's form otherwise."""
-    kind = name.rpartition("-")[0]
+    kind, _, value = name.rpartition("-")
     if kind in KINDS and re.fullmatch(KINDS[kind].pattern, name):
-        return kind, float(name.rpartition("-")[2])
+        return kind, float(value)
     forms = [f"{b.kind}-<{b.value.placeholder}> (e.g. {b.kind}-{b.value.example})" for b in KINDS.values()]
     raise ValueError(f"{name!r} is not a baseline: write {', '.join(forms[:-1])} or {forms[-1]}")
 
