@@ -602,6 +602,8 @@ def test_end_to_end_tiny_then_noop(project, tmp_path):
         log = (project / f"logs/baseline/embedded-news/{name}.log").read_text()
         assert "\r" not in log and "100%|" in log and "loss=" in log, log[-2000:]
     assert all("\r" not in f.read_text() for f in (project / "logs").rglob("*.log"))
+    # and so does Snakemake's own output: a stage's bar is drawn live only on a terminal
+    assert "\r" not in proc.stdout + proc.stderr and "loss=" in proc.stdout + proc.stderr
     assert (project / "reports/figures/selection-embedded-sentiment.png").is_file()
     table2 = (project / "reports/table2.md").read_text()
     for model in ("vanilla-12", "distil-3", "fastbert-0.5", "nas-prune-0.5", "flexibert-0.5", "t-dht", "p-dht"):
