@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-## The main job: the pipeline on the default profile (PROFILE=tiny|paper to change it), then the run recorded in
-## DVC (dht dvc-record: dvc.lock and DVC's cache, seconds), so that `dvc status` is clean and `dvc push` sends the
-## models and results. The record is skipped, saying why, where DVC cannot version the run: PROFILE is not
-## params.yaml's `profile:` (DVC's stages run that one), dvc.yaml lists another profile's stages, no git repository;
-## and for a TARGET other than all (`make dvc-record` once the whole DAG is built).
+## The main job: the pipeline on the default profile (the pretrained MiniLM on SST-2 and a DBpedia subset, real
+## text; PROFILE=full|seeds|embedded|tiny|paper to change it, embedded and tiny being the generated data with a
+## model from scratch), then the run recorded in DVC (dht dvc-record: dvc.lock and DVC's cache, seconds), so that
+## `dvc status` is clean and `dvc push` sends the models and results. The record is skipped, saying why, where DVC
+## cannot version the run: PROFILE is not params.yaml's `profile:` (DVC's stages run that one), dvc.yaml lists
+## another profile's stages, no git repository; and for a TARGET other than all (`make dvc-record` once the whole
+## DAG is built).
 reproduce: $(STAMP)
 	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES) $(TARGET) --config profile=$(PROFILE)
 ifeq ($(TARGET),all)
