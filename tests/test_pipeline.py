@@ -553,6 +553,7 @@ def assert_mlflow_reads_first_what_matters(project: Path, dataset: str, models: 
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_end_to_end_tiny_then_noop(project, tmp_path):
     """The tiny profile's whole DAG through Snakemake; then the run recorded in DVC and its round trip through a
     remote (tests/test_dvc_record.py, on this run rather than a second one); then a changed parameter."""
@@ -597,6 +598,18 @@ def test_end_to_end_tiny_then_noop(project, tmp_path):
     assert len(accuracy) == 20
     low = {f"{ds}/{model}": acc for (ds, model), acc in accuracy.items() if acc < floor[ds]}
     assert not low, f"below {floor}: {low}"
+    # what the compare stage paired, with the budgets (tests/test_statistics.py), and what read the validation split
+    # (tests/test_validation.py), on this run rather than on runs of their own
+    from test_statistics import assert_the_evaluation_stage_paired_the_trained_models
+    from test_validation import (
+        assert_every_model_reports_val_accuracy_and_the_search_and_the_probe_read_the_validation_split,
+    )
+
+    for ds in cfg.run.datasets:
+        assert_the_evaluation_stage_paired_the_trained_models(project, ds, cfg.run.models, cfg.run.baselines,
+                                                              cfg.train.epochs, distil=("distil-3", cfg.baselines.distil.epochs))
+    assert_every_model_reports_val_accuracy_and_the_search_and_the_probe_read_the_validation_split(
+        project, [*cfg.run.models, *cfg.run.baselines])
     assert "| t-dht |" in table and "| vanilla-12 | " in table and "## The paper's Table 1" in table
     index = (project / "reports/index.md").read_text()
     assert index.count("/#/experiments/") == 20  # 2 datasets x 10 models, each linked to its MLflow run
