@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     WithJsonSchema,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -33,7 +35,7 @@ class ConfigError(ValueError):
 
 # The one rule for every name params.yaml gives that becomes a folder, a file, an MLflow experiment, a
 # Snakemake wildcard or a command argument: dataset keys, mode names, profile names and the tracking prefix
-# (baselines keep their kinds' patterns, :data:`BASELINE_PATTERN`, as safe). No '/', '.', space or shell
+# (baselines keep their kinds' patterns, :meth:`BaselineValue.pattern`, as safe). No '/', '.', space or shell
 # character: `../evil` or `/tmp/evil` would write outside the project, `x;touch PWNED` would run in a stage's
 # shell, and a '.' splits the dotted params keys (`datasets.<name>`) the rules track.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -70,26 +72,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# A baseline's name: its kind and number. [0-9], not \d (which takes any script's digits), and at most one '.',
-# so a name is letters, digits, '-' and one '.': safe as a folder name and a command argument (see NAME_PATTERN).
-BASELINE_PATTERN = (
-    r"(distil)-([0-9]+)|(fastbert)-([0-9]*\.?[0-9]+)|(nas-prune)-([0-9]*\.?[0-9]+)|(flexibert)-([0-9]*\.?[0-9]+)"
-)
-_BASELINE = re.compile(BASELINE_PATTERN)
+# A baseline's name, <kind>-<value>: a kind of the registry (:data:`KINDS`, below with the sections' models) and its
+# number. Checked by :func:`parse_baseline`; the JSON schema's pattern is :func:`baseline_pattern`, read when the
+# schema is written.
+class _BaselinePattern:
+    """BaselineName's JSON schema, made when the schema is written (the registry is defined further down)."""
 
-
-def parse_baseline(name: str) -> tuple[str, float]:
-    """("distil", layers) / ("fastbert", speed) / ("nas-prune" or "flexibert", FLOP ratio) from a baseline's name."""
-    m = _BASELINE.fullmatch(name)
-    if not m:
-        raise ValueError(
-            f"{name!r} is not a baseline: write distil-<layers> (e.g. distil-3), fastbert-<speed> "
-            "(e.g. fastbert-0.5), nas-prune-<FLOP ratio> (e.g. nas-prune-0.5) or flexibert-<FLOP ratio> "
-            "(e.g. flexibert-0.5)"
-        )
-    kind = m.group(1) or m.group(3) or m.group(5) or m.group(7)
-    value = m.group(2) or m.group(4) or m.group(6) or m.group(8)
-    return kind, float(value)
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
+        return {"type": "string", "pattern": f"^({baseline_pattern()})$"}
 
 
 def _check_baseline(value: str) -> str:
@@ -97,9 +87,7 @@ def _check_baseline(value: str) -> str:
     return value
 
 
-BaselineName = Annotated[
-    str, AfterValidator(_check_baseline), WithJsonSchema({"type": "string", "pattern": f"^({BASELINE_PATTERN})$"})
-]
+BaselineName = Annotated[str, AfterValidator(_check_baseline), _BaselinePattern()]
 
 
 # --- datasets -----------------------------------------------------------------------------------------------
@@ -437,6 +425,133 @@ class TrainConfig(_Strict):
         return self.batch_size
 
 
+# --- baselines: the registry of kinds -------------------------------------------------------------------------
+# One entry per kind of baseline (docs/baselines.md, "Adding a baseline"). Everything else follows from it: the
+# names run.baselines accepts (parse_baseline, the JSON schema, the baseline rule's wildcard), their ranges
+# (dht.config_checks), the `baselines:` section (BaselinesConfig), a job's code and tracked keys
+# (workflow/rules/baselines.smk), and which module builds and loads it (dht.baselines).
+
+
+@dataclass(frozen=True)
+class BaselineValue:
+    """The number in a baseline's name, ``<kind>-<value>``: what it is (the name's placeholder in messages,
+    ``distil-<layers>``), an example, whether it is a whole number, and the values it may take: ``[low, high]``, or
+    ``(low, high]`` with `low_open`; `high` is a number or the dotted params.yaml key whose value bounds it (a
+    student has at most ``model.num_hidden_layers`` layers)."""
+
+    placeholder: str
+    example: str
+    integer: bool
+    low: float
+    high: float | str
+    low_open: bool = False
+
+    @property
+    def pattern(self) -> str:
+        """[0-9], not \\d (which takes any script's digits), and at most one '.', so that a name is letters, digits,
+        '-' and one '.': safe as a folder name and a command argument (see NAME_PATTERN)."""
+        return "[0-9]+" if self.integer else r"[0-9]*\.?[0-9]+"
+
+    def problem(self, value: float, cfg: Config) -> str | None:
+        """What is wrong with `value` under `cfg`, or None when it is in range."""
+        high = float(cfg.section(self.high)) if isinstance(self.high, str) else self.high
+        if (self.low < value if self.low_open else self.low <= value) and value <= high:
+            return None
+        bound = f" ({self.high} = {high:g})" if isinstance(self.high, str) else ""
+        return f"{self.placeholder} in {'(' if self.low_open else '['}{self.low:g}, {high:g}]{bound}"
+
+
+# A kind is lower-case words joined by '-' (its value, digits and at most one '.', has none, so a name splits at its
+# last '-'); a section is a params.yaml key.
+_KIND = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
+_SECTION = re.compile(r"[a-z][a-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One kind of baseline: its name's number (:class:`BaselineValue`), its ``baselines:`` section in params.yaml
+    and the model of that section (`config`), the module whose ``run(value, job)`` builds it and ``load(job)``
+    reads it back (:mod:`dht.baselines`, :mod:`dht.baselines.saved`), what it is in words (`title`; dht predict
+    says it of a baseline's model directory, with `inference`, what every text runs, ``{value:g}`` filled in),
+    whether its weights start from the trained reference (its training budget then includes the reference's,
+    :func:`dht.results.training_budget`), the params.yaml keys of its own that a job of the kind reads (``reads``;
+    default: its whole section), and whether its model directory runs on the teacher's (FastBERT's students on its
+    backbone)."""
+
+    kind: str
+    value: BaselineValue
+    section: str
+    config: type[BaseModel]
+    module: str
+    title: str
+    inference: str
+    starts_from_reference: bool
+    reads: tuple[str, ...] = ()
+    runs_on_teacher: bool = False
+
+    def __post_init__(self) -> None:
+        if not _KIND.fullmatch(self.kind):
+            raise ValueError(f"baseline kind {self.kind!r}: lower-case words joined by '-' ({_KIND.pattern})")
+        if not _SECTION.fullmatch(self.section):
+            raise ValueError(f"baseline {self.kind!r}: section {self.section!r} is not a params.yaml key "
+                             f"({_SECTION.pattern})")
+
+    @property
+    def pattern(self) -> str:
+        """The names of this kind, as a regular expression (no groups)."""
+        return f"{self.kind}-{self.value.pattern}"
+
+    @property
+    def params(self) -> list[str]:
+        """The params.yaml keys a job of this kind reads (workflow/scripts/baseline.py, dht.baselines, the kind's
+        module): the seed and device; train.epochs (the reference's training FLOPs, the 1.00x of its training
+        FLOP ratio), train.batch_size and train.eval_batch_size (its training and test batches); and its own
+        keys. Not the `model:` section (the kind reads the trained reference, an input), nor train.log_model
+        (MLflow only). Snakemake reruns a job when their values change and DVC tracks them; tests/test_pipeline.py
+        checks them against what a job really reads."""
+        return ["seed", "device", "train.epochs", "train.batch_size", "train.eval_batch_size",
+                *(self.reads or (f"baselines.{self.section}",))]
+
+
+def registry(*kinds: Baseline) -> dict[str, Baseline]:
+    """:data:`KINDS` from its entries, each kind once; kinds may share a section only with its model."""
+    out: dict[str, Baseline] = {}
+    models: dict[str, type[BaseModel]] = {}
+    for b in kinds:
+        if b.kind in out:
+            raise ValueError(f"baseline kind {b.kind!r} registered twice")
+        if models.setdefault(b.section, b.config) is not b.config:
+            raise ValueError(f"baseline {b.kind!r}: section {b.section!r} has another kind's model, "
+                             f"{models[b.section].__name__}")
+        out[b.kind] = b
+    return out
+
+
+def baseline_pattern() -> str:
+    """Every baseline name of the registry, as one regular expression (the JSON schema's, the baseline rule's
+    wildcard constraint)."""
+    return "|".join(b.pattern for b in KINDS.values())
+
+
+def parse_baseline(name: str) -> tuple[str, float]:
+    """(kind, value) of a baseline's name, ``<kind>-<value>`` (``("distil", 3.0)``, ``("nas-prune", 0.5)``); a
+    ValueError naming every kind's form otherwise."""
+    kind, _, value = name.rpartition("-")
+    if kind in KINDS and re.fullmatch(KINDS[kind].pattern, name):
+        return kind, float(value)
+    forms = [f"{b.kind}-<{b.value.placeholder}> (e.g. {b.kind}-{b.value.example})" for b in KINDS.values()]
+    raise ValueError(f"{name!r} is not a baseline: write {', '.join(forms[:-1])} or {forms[-1]}")
+
+
+def baselines_model(kinds: dict[str, Baseline]) -> type[BaseModel]:
+    """The model of params.yaml's `baselines:` section: each kind's section with its model (defaults when absent)."""
+    fields: dict[str, Any] = {b.section: (b.config, b.config()) for b in kinds.values()}
+    return create_model("BaselinesConfig", __base__=_Strict, **fields)
+
+
+# The models of the kinds' `baselines:` sections (a new kind's after the last), then the registry itself.
+
+
 class DistilConfig(_Strict):
     """DistilBERT (Sanh et al. 2019) students of the trained 12-VaBERT (BL2)."""
 
@@ -469,7 +584,7 @@ class NASPruneConfig(_Strict):
     alpha_kd: Annotated[float, Field(ge=0, le=1)] = 0.5
 
 
-FlexiOp = Literal["sdp", "wma", "dft", "dct", "conv5", "conv9", "conv13"]  # dht.flexibert.space.OPS (tested)
+FlexiOp = Literal["sdp", "wma", "dft", "dct", "conv5", "conv9", "conv13"]  # dht.baselines.flexibert.space.OPS (tested)
 
 
 class FlexiBERTConfig(_Strict):
@@ -496,11 +611,31 @@ class FlexiBERTConfig(_Strict):
     learning_rate: Annotated[float, Field(gt=0)] = 1e-3
 
 
-class BaselinesConfig(_Strict):
-    distil: DistilConfig = DistilConfig()
-    fastbert: FastBERTConfig = FastBERTConfig()
-    nas_prune: NASPruneConfig = NASPruneConfig()
-    flexibert: FlexiBERTConfig = FlexiBERTConfig()
+# The flexibert-<ratio> baseline retrains the architecture its dataset's search chose
+# (dht.baselines.flexibert.search_stage.retrain): for baselines.flexibert.epochs, with the search's learning rate,
+# batches and dropout (_train_kwargs). Everything else of baselines.flexibert is the search's
+# (dht.baselines.FLEXIBERT_SEARCH_PARAMS), an input of the baseline.
+FLEXIBERT_RETRAINING = ("epochs", "learning_rate")
+_FLOP_RATIO = BaselineValue("FLOP ratio", "0.5", integer=False, low=0, high=1, low_open=True)
+KINDS: dict[str, Baseline] = registry(
+    # A student of the reference's layers; FastBERT's students on the reference's backbone; a supernet of it.
+    Baseline("distil", BaselineValue("layers", "3", integer=True, low=1, high="model.num_hidden_layers"),
+             "distil", DistilConfig, "dht.baselines.distil", "a DistilBERT student of the reference",
+             "every text runs its {value:g} layers", starts_from_reference=True),
+    Baseline("fastbert", BaselineValue("speed", "0.5", integer=False, low=0, high=1),
+             "fastbert", FastBERTConfig, "dht.baselines.fastbert", "FastBERT: the reference with early-exit students",
+             "a text leaves at the first layer whose student is surer than speed {value:g}",
+             starts_from_reference=True, runs_on_teacher=True),
+    Baseline("nas-prune", _FLOP_RATIO, "nas_prune", NASPruneConfig, "dht.baselines.nas_prune",
+             "the reference pruned by differentiable NAS", "every text runs the same pruned architecture",
+             starts_from_reference=True),
+    # Searched and retrained from scratch (the reference only sets the FLOP budget); its search is its own cost.
+    Baseline("flexibert", _FLOP_RATIO, "flexibert", FlexiBERTConfig, "dht.baselines.flexibert",
+             "the best FlexiBERT architecture within a FLOP budget", "every text runs the same searched architecture",
+             starts_from_reference=False,
+             reads=(*(f"baselines.flexibert.{k}" for k in FLEXIBERT_RETRAINING), "model.hidden_dropout_prob")),
+)
+BaselinesConfig = baselines_model(KINDS)
 
 
 class TrackingConfig(_Strict):

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from dht.arms import Arm, parse_arm
 from dht.config import (
+    KINDS,
     MODE_BANDIT_KEYS,
     Config,
     CsvDatasetSpec,
@@ -98,12 +99,10 @@ def check_semantics(cfg: Config) -> list[str]:
 
     for i, name in enumerate(cfg.run.baselines):
         kind, value = parse_baseline(name)  # a baseline's name: validated by its type (dht.config.BaselineName)
-        if kind == "distil" and not 1 <= value <= m.num_hidden_layers:
-            problems.append(f"run.baselines[{i}] = {name!r}: a student has 1..{m.num_hidden_layers} layers")
-        if kind == "fastbert" and not 0 <= value <= 1:
-            problems.append(f"run.baselines[{i}] = {name!r}: a FastBERT speed is in [0, 1]")
-        if kind in ("nas-prune", "flexibert") and not 0 < value <= 1:
-            problems.append(f"run.baselines[{i}] = {name!r}: a FLOP target ratio is in (0, 1]")
+        wrong = KINDS[kind].value.problem(value, cfg)  # the range its registry entry gives
+        if wrong:
+            problems.append(f"run.baselines[{i}] = {name!r}: out of range; {kind}-<{KINDS[kind].value.placeholder}> "
+                            f"takes {wrong}")
     fx = cfg.baselines.flexibert
     if any(n.startswith("flexibert-") for n in cfg.run.baselines) and cfg.data.val_fraction == 0:
         problems.append(

@@ -63,7 +63,7 @@ SMOOTHING_SHARE = 0.1
 Segment = tuple[tuple[float, float], tuple[float, float]]  # a straight line from one (x, y) to another
 
 # Pareto figure: the reference and the control each have their style, the DHT modes share one, each baseline family
-# has its own (dht.config.parse_baseline).
+# has its own (dht.config.parse_baseline; a kind without one here is drawn as "other").
 _STYLES = {
     "reference": {"color": "black", "marker": "*", "s": 160, "label": "reference"},  # the label: reference_label
     "control": {"color": "tab:brown", "marker": "v", "s": 75, "label": "control"},  # the label: control_label
@@ -315,9 +315,10 @@ def model_family(cfg: Config, name: str) -> str:
     if name in cfg.dht.modes:
         return "fixed" if cfg.dht.modes[name].search == "fixed" else "dht"
     try:
-        return parse_baseline(name)[0]
+        kind = parse_baseline(name)[0]
     except ValueError:
         return "other"
+    return kind if kind in _STYLES else "other"  # a kind of dht.config.KINDS given no style below
 
 
 def family_label(cfg: Config, family: str) -> str:

@@ -141,6 +141,34 @@ def tiny_project(tmp_path: Path, tiny_upstream: Path) -> Path:
     return copy_tiny_upstream(tiny_upstream, tmp_path / "project")
 
 
+BASELINE_SEQ = 12  # the padded length of baseline_job's splits
+
+
+@pytest.fixture
+def baseline_job(tmp_path: Path):
+    """What a baseline kind's ``run(value, job)`` gets (dht.baselines.BaselineJob), small and on the CPU: the tiny
+    profile's configuration, its reference model untrained (a kind only needs one to start from), 48 training and
+    24 validation samples of a 3-class task whose label is in the second token, and a model directory to write
+    (``job.out_model``, absent). A kind's test runs it and loads the result back (docs/baselines.md, "Adding a
+    baseline")."""
+    from dht.baselines import BaselineJob
+    from dht.config_loading import load_config
+    from dht.evaluation import SplitData
+    from dht.model import model_from_params
+
+    cfg = load_config(ROOT / "params.yaml", profile="tiny")
+
+    def split(n: int, seed: int) -> SplitData:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(5, 60, (n, BASELINE_SEQ), generator=g)
+        return SplitData(ids, torch.ones_like(ids), (ids[:, 1] % 3).long(), torch.arange(n) % 3)
+
+    torch.manual_seed(0)
+    teacher = model_from_params(cfg, num_labels=3, vocab_size=60).eval()
+    meta = {"max_length": BASELINE_SEQ, "num_labels": 3, "vocab_size": 60, "classes": ["a", "b", "c"]}
+    return BaselineJob(cfg, teacher, split(48, 1), split(24, 2), meta, torch.device("cpu"), tmp_path / "model")
+
+
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run a console script of this environment (snakemake, dvc, dht) with the venv first on PATH."""
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")

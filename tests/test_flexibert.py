@@ -1,4 +1,4 @@
-"""Tests for the FlexiBERT/BOSHNAS baseline (dht/flexibert): design space, ops and padding, FLOPs against
+"""Tests for the FlexiBERT/BOSHNAS baseline (dht/baselines/flexibert): design space, ops and padding, FLOPs against
 FlopCounterMode, persistence, embedding, surrogate, weight inheritance, training and the search."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dht.flexibert import (
+from dht.baselines.flexibert import (
     OPS,
     ArchEmbedder,
     Architecture,
@@ -37,7 +37,7 @@ from dht.flexibert import (
     train_and_evaluate,
     within_budget,
 )
-from dht.flexibert.model import CONFIG_FILE, WEIGHTS_FILE, build_mixer, dct_matrix, dft_matrices
+from dht.baselines.flexibert.model import CONFIG_FILE, WEIGHTS_FILE, build_mixer, dct_matrix, dft_matrices
 from dht.flops import FlopShape, forward_flops, full_model_flops
 
 SMALL = SpaceConfig(hidden=(16, 32), heads=(2, 4), ffn_widths=(32, 64), layers=(2, 4))

@@ -9,11 +9,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from dht.config import ConfigError, FlexiBERTConfig, parse_baseline
-from dht.config_loading import load_config, read_params
-from dht.evaluation import SplitData, evaluate
-from dht.flexibert import OPS, Architecture, model_flops
-from dht.flexibert.search_stage import (
+from dht.baselines.flexibert import OPS, Architecture, model_flops
+from dht.baselines.flexibert.search_stage import (
     budgets,
     choose,
     predictions,
@@ -23,6 +20,9 @@ from dht.flexibert.search_stage import (
     search_figure,
     search_plot,
 )
+from dht.config import ConfigError, FlexiBERTConfig, parse_baseline
+from dht.config_loading import load_config, read_params
+from dht.evaluation import SplitData, evaluate
 
 
 def config(baselines=("distil-3", "flexibert-0.5", "flexibert-0.25"), **flexibert):
@@ -72,7 +72,8 @@ def test_config_names_and_checks_flexibert_baselines():
     raw["baselines"] = {**raw.get("baselines", {}), "flexibert": {"hidden": [30], "heads": [4], "ops": ["sdp"]}}
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "params.yaml", raw=raw)
-    assert "run.baselines[0] = 'flexibert-1.5': a FLOP target ratio is in (0, 1]" in str(err.value)
+    assert ("run.baselines[0] = 'flexibert-1.5': out of range; flexibert-<FLOP ratio> takes FLOP ratio in (0, 1]"
+            in str(err.value))
     assert "baselines.flexibert.heads = [4]: none divides a hidden size in [30]" in str(err.value)
     raw["baselines"]["flexibert"] = {"ops": ["lstm"]}
     with pytest.raises(ConfigError, match="baselines.flexibert.ops"):
@@ -172,9 +173,9 @@ def test_search_on_the_tiny_profile_beats_the_median_random_architecture():
     """The issue's check, on the tiny profile's embedded data (generated here, seeded): the best architecture
     BOSHNAS queries scores above the median of as many random architectures of the same pool and budget,
     trained and scored the same way."""
+    from dht.baselines.flexibert import TrainingEvaluator, candidate_pool, search
+    from dht.baselines.flexibert.search_stage import _train_kwargs, space_of
     from dht.embedded import generate_split
-    from dht.flexibert import TrainingEvaluator, candidate_pool, search
-    from dht.flexibert.search_stage import _train_kwargs, space_of
 
     cfg = config(["flexibert-0.5"], evaluations=6, n_init=2, search_max_steps=90)
     df = generate_split(n=480, num_classes=4, seed=0)  # word-level ids: the test needs no tokenizer training

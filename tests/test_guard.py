@@ -85,7 +85,7 @@ def test_nas_prune_search_and_finetuning_stop_on_a_non_finite_weight(teacher):
 
 
 def test_flexibert_training_stops_on_a_non_finite_weight():
-    from dht.flexibert import Architecture, train_and_evaluate
+    from dht.baselines.flexibert import Architecture, train_and_evaluate
 
     rng = np.random.default_rng(0)
     split = {"input_ids": rng.integers(5, 30, size=(32, SEQ)), "attention_mask": np.ones((32, SEQ), dtype=np.int64),
@@ -172,7 +172,7 @@ def baseline_project(tmp_path_factory):
     (project / "results/embedded-news" / reference / "metrics.json").write_text(json.dumps(
         {"train_flop_ratio": 1.0, "start_flop_ratio": 0.0, "train_flop_ratio_total": 1.0, "epochs_own": 1,
          "epochs_total": 1}))
-    from dht.flexibert import Architecture
+    from dht.baselines.flexibert import Architecture
 
     arch = Architecture.homogeneous(1, "sdp", 2, 24, (48,))
     search = project / "results/embedded-news/flexibert-search"

@@ -45,7 +45,7 @@ def test_an_install_holds_the_library_and_the_workflow_tooling():
     folders = {package: f"{where}/{package.replace('.', '/')}".removeprefix("./")
                for where in found["where"] for package in find_packages(ROOT / where, include=found["include"])}
     assert {package: folders.get(package) for package in PACKAGES} == PACKAGES
-    assert {"dht.baselines", "dht.baselines.nas_prune", "dht.flexibert"} <= set(folders)  # subpackages too
+    assert {"dht.baselines", "dht.baselines.nas_prune", "dht.baselines.flexibert"} <= set(folders)  # subpackages too
     assert not {p for p in folders if p.split(".")[0] not in PACKAGES}  # nothing else (the stage scripts are none)
     assert pyproject["project"]["scripts"]["dht"] == "dht_workflow.cli:main"
 

@@ -617,7 +617,7 @@ def test_end_to_end_tiny_then_noop(project, tmp_path):
     trace = json.loads((project / "results/embedded-news/flexibert-search/trace.json").read_text())
     assert len(trace["queries"]) == 3 and all(q["flop_ratio"] <= 0.5 for q in trace["queries"])
     # the search measures its budgets against the 12-VaBERT the baseline stage evaluates against
-    from dht.flexibert.search_stage import choose
+    from dht.baselines.flexibert.search_stage import choose
 
     chosen = next(q for q in trace["queries"] if q["arch_id"] == choose(trace["queries"], 0.5).id)
     flexi = json.loads((project / "results/embedded-news/flexibert-0.5/metrics.json").read_text())

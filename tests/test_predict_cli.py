@@ -288,8 +288,8 @@ def save_baseline(name: str, teacher_dir: Path, out: Path) -> Path:
     from dht.baselines import finish_model_dir
     from dht.baselines.distil import student_from_teacher
     from dht.baselines.fastbert import FastBERT
+    from dht.baselines.flexibert import Architecture, FlexiBertForSequenceClassification
     from dht.baselines.nas_prune import extract
-    from dht.flexibert import Architecture, FlexiBertForSequenceClassification
     from dht.integrity import load_checked_model
 
     teacher = load_checked_model(teacher_dir, "retrain")

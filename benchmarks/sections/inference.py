@@ -21,7 +21,7 @@ import torch
 from _common import Timers, fmt_pct, fmt_ratio, fmt_seconds, instrumented, interleaved, sync, table
 from report import Section, shortfall_text
 
-from dht.config import Config, parse_baseline
+from dht.config import KINDS, Config, parse_baseline
 from dht.evaluation import Predictions, SplitData, evaluate
 from dht.flops import forward_flops
 from dht.model import DHTForSequenceClassification
@@ -106,11 +106,12 @@ def load_models(root: Path, dataset: str, names: list[str], cfg: Config, data: D
         if not (directory / BASELINE_FILE).is_file():  # written last by the baseline stage: a complete model
             unusable[name] = f"not trained ({directory} has no {BASELINE_FILE})"
             continue
-        if kind == "fastbert" and reference not in loaded:
-            unusable[name] = f"FastBERT's backbone is {reference}, which is not usable"
+        on_teacher = KINDS[kind].runs_on_teacher  # FastBERT's students
+        if on_teacher and reference not in loaded:
+            unusable[name] = f"{name} runs on {reference}, which is not usable"
             continue
-        # checked against its checksums first; FastBERT's students on the reference loaded above
-        saved = load_baseline(directory, device, teacher=loaded[reference].model if kind == "fastbert" else None)
+        # checked against its checksums first; a kind that runs on the teacher, on the reference loaded above
+        saved = load_baseline(directory, device, teacher=loaded[reference].model if on_teacher else None)
         why = data.problem(str(directory), saved.vocab_size, saved.max_positions, saved.num_labels)
 
         def run_baseline(split: SplitData, s: SavedBaseline = saved) -> Predictions:

@@ -2,12 +2,14 @@
 one registry.
 
 A baseline is named ``<kind>-<value>`` (``distil-3``, ``fastbert-0.5``, ``nas-prune-0.5``, ``flexibert-0.5``;
-:func:`dht.config.parse_baseline`). :data:`KINDS` says, for every kind, which ``baselines:`` section of
-params.yaml it reads and which module builds it; :func:`run_baseline` builds one, with the same calling
-convention for every kind: each module has ``run(value, job) -> BaselineRun``. The modules are imported by
-name, only for a job of their kind, so a job's code (``workflow/rules/baselines.smk``, which reads the module and
-the keys from here) is its kind's module and not the others'. Shared by the kinds: :mod:`dht.baselines.loop`
-(the training loop) and :mod:`dht.baselines.inference` (inference of a static architecture).
+:func:`dht.config.parse_baseline`). :data:`KINDS` (defined in :mod:`dht.config`, with the ``baselines:`` sections'
+models it names) says, for every kind, the values its name takes, which ``baselines:`` section of params.yaml it
+reads and which module builds it; :func:`run_baseline` builds one, with the same calling convention for every
+kind: each module has ``run(value, job) -> BaselineRun`` (and ``load``, :mod:`dht.baselines.saved`). The modules
+are imported by name, only for a job of their kind, so a job's code (``workflow/rules/baselines.smk``, which reads
+the module and the keys from here) is its kind's module and not the others'. Shared by the kinds:
+:mod:`dht.baselines.loop` (the training loop) and :mod:`dht.baselines.inference` (inference of a static
+architecture). docs/baselines.md, "Adding a baseline", says how to add a kind.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dht.config import KINDS as KINDS  # the registry, here where the kinds are built
 from dht.config import FlexiBERTConfig
 
 if TYPE_CHECKING:
@@ -28,56 +31,11 @@ if TYPE_CHECKING:
     from dht.model import DHTForSequenceClassification
 
 
-@dataclass(frozen=True)
-class Baseline:
-    """One kind of baseline: its ``baselines:`` section in params.yaml, the module whose ``run`` builds it, whether
-    its weights start from the trained reference (its training budget then includes the reference's,
-    :func:`dht.results.training_budget`), and the params.yaml keys of its own that a job of the kind reads
-    (``reads``; default: its whole section)."""
-
-    kind: str
-    section: str
-    module: str
-    title: str  # what it is, in words (dht predict says it of a baseline's model directory)
-    starts_from_reference: bool
-    reads: tuple[str, ...] = ()
-    runs_on_teacher: bool = False  # its model directory runs on the teacher's (FastBERT's students on its backbone)
-
-    @property
-    def params(self) -> list[str]:
-        """The params.yaml keys a job of this kind reads (workflow/scripts/baseline.py, this package, the kind's
-        module): the seed and device; train.epochs (the reference's training FLOPs, the 1.00x of its training
-        FLOP ratio), train.batch_size and train.eval_batch_size (its training and test batches); and its own
-        keys. Not the `model:` section (the kind reads the trained reference, an input), nor train.log_model
-        (MLflow only). Snakemake reruns a job when their values change and DVC tracks them; tests/test_pipeline.py
-        checks them against what a job really reads."""
-        return ["seed", "device", "train.epochs", "train.batch_size", "train.eval_batch_size",
-                *(self.reads or (f"baselines.{self.section}",))]
-
-
-# The flexibert-<ratio> baseline retrains the architecture its dataset's search chose (dht.flexibert.search_stage
-# .retrain): for baselines.flexibert.epochs, with the search's learning rate, batches and dropout (_train_kwargs).
-# Everything else of baselines.flexibert is the search's (FLEXIBERT_SEARCH_PARAMS), an input of the baseline.
-FLEXIBERT_RETRAINING = ("epochs", "learning_rate")
-KINDS: dict[str, Baseline] = {b.kind: b for b in (
-    # A student of the reference's layers; FastBERT's students on the reference's backbone; a supernet of it.
-    Baseline("distil", "distil", "dht.baselines.distil", "a DistilBERT student of the reference",
-             starts_from_reference=True),
-    Baseline("fastbert", "fastbert", "dht.baselines.fastbert", "FastBERT: the reference with early-exit students",
-             starts_from_reference=True, runs_on_teacher=True),
-    Baseline("nas-prune", "nas_prune", "dht.baselines.nas_prune", "the reference pruned by differentiable NAS",
-             starts_from_reference=True),
-    # Searched and retrained from scratch (the reference only sets the FLOP budget); its search is its own cost.
-    Baseline("flexibert", "flexibert", "dht.baselines.flexibert", "the best FlexiBERT architecture within a FLOP budget",
-             starts_from_reference=False,
-             reads=(*(f"baselines.flexibert.{k}" for k in FLEXIBERT_RETRAINING), "model.hidden_dropout_prob")),
-)}
-
 # The params.yaml keys the flexibert_search stage reads (workflow/scripts/flexibert_search.py,
-# dht.flexibert.search_stage.run_search): the design space, BOSHNAS's settings and each query's brief training
+# dht.baselines.flexibert.search_stage.run_search): the design space, BOSHNAS's settings and each query's brief training
 # (every baselines.flexibert key but the retraining's epochs), the FLOP budgets (the flexibert-<ratio> names in
 # run.baselines), the seed and device, the training batches and dropout it shares with the retraining, and the
-# reference's name (its figure's FLOP axis, dht.flexibert.search_stage.reference_name).
+# reference's name (its figure's FLOP axis, dht.baselines.flexibert.search_stage.reference_name).
 FLEXIBERT_SEARCH_PARAMS: tuple[str, ...] = (
     "seed", "device", "run.baselines", "run.reference", "model.hidden_dropout_prob", "train.batch_size", "train.eval_batch_size",
     *(f"baselines.flexibert.{k}" for k in FlexiBERTConfig.model_fields if k != "epochs"),
@@ -136,6 +94,33 @@ class BaselineRun:
     history: list[float]
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoadJob:
+    """What every kind loads its saved model from (``load(job) -> Loaded``, called by
+    :func:`dht.baselines.saved.load_baseline` once the directory's checksums are checked): the model directory, the
+    device, the name's value, what to do when a file of it is bad (`fix`, for an :class:`dht.integrity.IntegrityError`
+    message) and, for a kind that runs on the teacher (``runs_on_teacher``), the loaded, checked teacher."""
+
+    directory: Path
+    device: torch.device
+    value: float
+    fix: str
+    teacher: DHTForSequenceClassification | None = None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A kind's saved model loaded back: the model, its predictions on a split (``predict(data, batch_size,
+    seq_len)``, the pipeline's :class:`Predictions`, with the kind's own inference rule), and the inputs it takes and
+    the labels it gives (``dht predict`` checks a dataset against them)."""
+
+    model: Any
+    predict: Callable[[SplitData, int, int], Predictions]
+    vocab_size: int
+    max_positions: int
+    num_labels: int
 
 
 def load_reference(cfg: Config, dataset: str, directory: Path, device: torch.device) -> DHTForSequenceClassification:

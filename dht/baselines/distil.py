@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dht.baselines import BaselineJob, BaselineRun, loop
+from dht.baselines import BaselineJob, BaselineRun, Loaded, LoadJob, loop
 from dht.baselines.inference import predict_probs, static_predictions
 from dht.evaluation import Predictions, SplitData
 from dht.flops import forward_flops
 from dht.guard import FiniteGuard
+from dht.integrity import read_model
 from dht.model import DHTConfig, DHTForSequenceClassification
 
 
@@ -137,3 +138,12 @@ def run(layers: float, job: BaselineJob) -> BaselineRun:
     model.save_pretrained(job.out_model)
     return BaselineRun(lambda data: predict_student(model, data, job.device, job.cfg.train.eval_batch_size, job.seq_len),
                        info["train_flops"], c.epochs, info["loss_per_epoch"], {"train_loss": info["step_losses"]})
+
+
+def load(job: LoadJob) -> Loaded:
+    """A ``distil-<layers>`` model directory read back (:func:`dht.baselines.saved.load_baseline`)."""
+    student = read_model(job.directory, job.fix).to(job.device).eval()
+    c = student.config
+    return Loaded(student, lambda data, batch_size, seq_len: predict_student(student, data, job.device, batch_size,
+                                                                             seq_len),
+                  c.vocab_size, c.max_position_embeddings, c.num_labels)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from dht.baselines import BaselineJob, BaselineRun, loop
+from dht.baselines import BaselineJob, BaselineRun, Loaded, LoadJob, loop
 from dht.evaluation import Predictions, SplitData
 from dht.flops import Convention, FlopShape, forward_flops, full_model_flops
 from dht.guard import FiniteGuard
@@ -518,3 +518,13 @@ def run(speed: float, job: BaselineJob) -> BaselineRun:
     return BaselineRun(
         lambda data: predict_fastbert(model, data, speed, job.device, job.cfg.train.eval_batch_size, job.seq_len),
         info["train_flops"], c.epochs, info["epoch_kl"], {"train_loss": info["step_kl"]})
+
+
+def load(job: LoadJob) -> Loaded:
+    """A ``fastbert-<speed>`` model directory read back (:func:`dht.baselines.saved.load_baseline`): its students
+    on ``job.teacher``, the backbone they were distilled on; it predicts with exits at the speed."""
+    fastbert = FastBERT.load(job.directory, job.teacher)
+    c = job.teacher.config
+    return Loaded(fastbert, lambda data, batch_size, seq_len: predict_fastbert(fastbert, data, job.value, job.device,
+                                                                               batch_size, seq_len),
+                  c.vocab_size, c.max_position_embeddings, c.num_labels)

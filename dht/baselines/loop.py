@@ -3,10 +3,10 @@ check, backward, clipping, the optimizer and scheduler steps, the guard's check 
 
 DistilBERT (:mod:`dht.baselines.distil`), FastBERT's self-distillation (:mod:`dht.baselines.fastbert`), NAS
 pruning's fine-tuning (:mod:`dht.baselines.nas_prune`) and FlexiBERT's training of a queried architecture
-(:mod:`dht.flexibert.search`) run :func:`train`; NAS pruning's search, which alternates two updates on two halves
-of the data, runs :func:`batches`, :func:`cycle` and :func:`update` itself. What differs between them is the loss
-(``loss_of``), the module trained, the optimizer and scheduler, clipping and the seeding around the loop, all
-chosen by the caller. Random numbers are drawn only by :func:`batches` (one ``randperm`` per epoch from the
+(:mod:`dht.baselines.flexibert.search`) run :func:`train`; NAS pruning's search, which alternates two updates on
+two halves of the data, runs :func:`batches`, :func:`cycle` and :func:`update` itself. What differs between them is
+the loss (``loss_of``), the module trained, the optimizer and scheduler, clipping and the seeding around the loop,
+all chosen by the caller. Random numbers are drawn only by :func:`batches` (one ``randperm`` per epoch from the
 caller's generator) and by the caller's forward (dropout), in that order, so a seed gives the same run.
 (The DHT trainer's loop, Algorithms 2-3 of the paper, is its own: :mod:`dht.trainer`.)
 """

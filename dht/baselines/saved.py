@@ -13,8 +13,8 @@ Each kind saves its model its own way, never as a pickle:
 
 The stage then adds the tokenizer, ``baseline.json`` and, last, ``checksums.sha256``
 (:func:`dht.baselines.finish_model_dir`). :func:`load_baseline` checks the checksums before it reads anything
-(:mod:`dht.integrity`). It imports every kind's module, so the baseline stage, whose code is its kind's module
-alone (``workflow/rules/baselines.smk``), does not import this one.
+(:mod:`dht.integrity`), then hands the directory to its kind's module, imported by name (``load(job) ->
+Loaded``, :class:`dht.baselines.LoadJob`), which reads its own files back.
 """
 
 from __future__ import annotations
@@ -23,19 +23,19 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dht.baselines import BASELINE_FILE
+from dht.baselines import BASELINE_FILE, KINDS, LoadJob
 from dht.config import parse_baseline
 from dht.evaluation import Predictions, SplitData
 from dht.integrity import (
     IntegrityError,
     description,
     read_error,
-    read_model,
     retrain_hint,
     verify_directory,
 )
@@ -60,13 +60,8 @@ class SavedBaseline:
 
     def summary(self) -> str:
         """What it is, for a user who expected a DHT model: the kind's title and what every text runs."""
-        from dht.baselines import KINDS
-
-        what = {"distil": f"every text runs its {int(self.value)} layers",
-                "fastbert": f"a text leaves at the first layer whose student is surer than speed {self.value:g}",
-                "nas-prune": "every text runs the same pruned architecture",
-                "flexibert": "every text runs the same searched architecture"}[self.kind]
-        return f"the baseline {self.name} ({KINDS[self.kind].title}), not a DHT model: {what}"
+        kind = KINDS[self.kind]
+        return f"the baseline {self.name} ({kind.title}), not a DHT model: {kind.inference.format(value=self.value)}"
 
 
 def teacher_dir(directory: Path, info: dict[str, Any]) -> Path:
@@ -101,80 +96,30 @@ def load_baseline(directory: str | Path, device: torch.device, teacher: Any = No
     try:
         if teacher_dir is not None:
             info = {**info, "teacher": {**(info.get("teacher") or {}), "path": os.path.relpath(teacher_dir, directory)}}
-        model, run, dims = _LOADERS[kind](directory, device, value, teacher, info, fix, allow_unverified)
+        runs_on = _teacher(directory, device, teacher, info, fix, allow_unverified) if KINDS[kind].runs_on_teacher else None
+        loaded = import_module(KINDS[kind].module).load(LoadJob(directory, device, value, fix, runs_on))
     except IntegrityError:
         raise
     except Exception as err:  # a missing or damaged file of the kind (each library raises its own types)
         raise read_error(directory, err, fix) from err
-    return SavedBaseline(name, kind, value, info, model, run, *dims)
+    return SavedBaseline(name, kind, value, info, loaded.model, loaded.predict, loaded.vocab_size,
+                         loaded.max_positions, loaded.num_labels)
 
 
-# ---- each kind: (model, predict(data, batch_size, seq_len), (vocab size, positions, labels)) ---------------------
-
-Loaded = tuple[Any, Callable[[SplitData, int, int], Predictions], tuple[int, int, int]]
-
-
-def _distil(directory: Path, device: torch.device, value: float, teacher: Any, info: dict[str, Any], fix: str,
-            allow_unverified: bool) -> Loaded:
-    from dht.baselines.distil import predict_student
-
-    student = read_model(directory, fix).to(device).eval()
-    c = student.config
-
-    def run(data: SplitData, batch_size: int, seq_len: int) -> Predictions:
-        return predict_student(student, data, device, batch_size, seq_len)
-
-    return student, run, (c.vocab_size, c.max_position_embeddings, c.num_labels)
-
-
-def _fastbert(directory: Path, device: torch.device, value: float, teacher: Any, info: dict[str, Any], fix: str,
-              allow_unverified: bool) -> Loaded:
-    from dht.baselines.fastbert import FastBERT, predict_fastbert
+def _teacher(directory: Path, device: torch.device, teacher: Any, info: dict[str, Any], fix: str,
+             allow_unverified: bool) -> Any:
+    """The teacher a baseline that runs on it (FastBERT's students) was built on: `teacher` when given, else the
+    model directory its baseline.json names, checked against its checksums and the SHA-256 of the weights the
+    baseline was built on."""
+    if teacher is not None:
+        return teacher
     from dht.integrity import load_checked_model
 
-    if teacher is None:
-        backbone = teacher_dir(directory, info)
-        teacher_fix = retrain_hint(description(backbone / POLICY_FILE))
-        teacher = load_checked_model(backbone, teacher_fix, allow_unverified).to(device).eval()
-        expected = (info.get("teacher") or {}).get("sha256")
-        if expected and sha256_file(backbone / "model.safetensors") != expected:
-            raise IntegrityError(f"{backbone}: not the teacher the students of {directory} were distilled on (its "
-                                 f"weights changed since: retrained?); {fix}")
-    fastbert = FastBERT.load(directory, teacher)
-    c = teacher.config
-
-    def run(data: SplitData, batch_size: int, seq_len: int) -> Predictions:
-        return predict_fastbert(fastbert, data, value, device, batch_size, seq_len)
-
-    return fastbert, run, (c.vocab_size, c.max_position_embeddings, c.num_labels)
-
-
-def _nas_prune(directory: Path, device: torch.device, value: float, teacher: Any, info: dict[str, Any], fix: str,
-               allow_unverified: bool) -> Loaded:
-    from dht.baselines.nas_prune import PrunedBert, predict_pruned
-
-    pruned = PrunedBert.load(directory, device)  # its state dict read weights-only
-    a = pruned.arch
-
-    def run(data: SplitData, batch_size: int, seq_len: int) -> Predictions:
-        return predict_pruned(pruned, data, device, batch_size, seq_len)
-
-    return pruned, run, (a.vocab_size, a.max_position_embeddings, a.num_labels)
-
-
-def _flexibert(directory: Path, device: torch.device, value: float, teacher: Any, info: dict[str, Any], fix: str,
-               allow_unverified: bool) -> Loaded:
-    from dht.flexibert import FlexiBertForSequenceClassification
-    from dht.flexibert.search_stage import predictions
-
-    flexi = FlexiBertForSequenceClassification.from_pretrained(directory, device=device)
-    c = flexi.config
-
-    def run(data: SplitData, batch_size: int, seq_len: int) -> Predictions:
-        return predictions(flexi, data, batch_size, seq_len, device)
-
-    return flexi, run, (c.vocab_size, c.max_len, c.num_labels)
-
-
-_LOADERS: dict[str, Callable[..., Loaded]] = {"distil": _distil, "fastbert": _fastbert, "nas-prune": _nas_prune,
-                                              "flexibert": _flexibert}
+    backbone = teacher_dir(directory, info)
+    teacher_fix = retrain_hint(description(backbone / POLICY_FILE))
+    teacher = load_checked_model(backbone, teacher_fix, allow_unverified).to(device).eval()
+    expected = (info.get("teacher") or {}).get("sha256")
+    if expected and sha256_file(backbone / "model.safetensors") != expected:
+        raise IntegrityError(f"{backbone}: not the teacher the students of {directory} were distilled on (its "
+                             f"weights changed since: retrained?); {fix}")
+    return teacher

@@ -102,7 +102,7 @@ def _code_closure(root: Path, script_path: Path, package: str, modules: Iterable
         """Queue the project files an import of `name` runs (a package's __init__.py files included)."""
         parts = name.split(".")
         if parts[0] in PACKAGES:
-            prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]  # dht, dht.flexibert, ...
+            prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]  # dht, dht.baselines, dht.baselines.flexibert, ...
             files = [(f, p) for p in prefixes if (f := _module_file(root, p))]
         elif importer.parent == root / SCRIPTS_DIR and (f := _in_folder(root / SCRIPTS_DIR, name)):
             files = [(f, "")]

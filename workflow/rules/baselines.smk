@@ -3,6 +3,7 @@
 # (flexibert).
 
 from dht.baselines import FLEXIBERT_SEARCH_PARAMS, KINDS  # each kind's params.yaml keys and module
+from dht.config import baseline_pattern  # the names of every kind of KINDS
 
 BASELINES = CFG.run.baselines
 REFERENCE = CFG.run.reference
@@ -78,7 +79,7 @@ rule baseline:
         predictions=f"results/{BASELINE_RUN}/predictions.csv",
         model=directory(f"models/{BASELINE_RUN}"),
     wildcard_constraints:
-        baseline=r"distil-\d+|fastbert-[0-9.]+|nas-prune-[0-9.]+|flexibert-[0-9.]+",
+        baseline=baseline_pattern(),
     params:
         tracked=baseline_keys,
         search=search_arg,

@@ -32,7 +32,7 @@ from dht.tracking import log_curves, log_model, log_run_metrics, stage_run
 p = _stage.parser(__doc__)
 p.add_argument("--dataset", required=True)
 p.add_argument("--model", required=True,
-               help="distil-<layers>, fastbert-<speed>, nas-prune-<ratio> or flexibert-<ratio>")
+               help=", ".join(f"{b.kind}-<{b.value.placeholder}>" for b in KINDS.values()))
 p.add_argument("--processed", required=True)
 p.add_argument("--teacher", default=None,
                help="the trained reference's model directory (default: models/<dataset>/<run.reference>, with "

@@ -10,7 +10,7 @@ from pathlib import Path
 import _stage
 
 from dht.baselines import FLEXIBERT_SEARCH_PARAMS
-from dht.flexibert.search_stage import budgets, reference_name, run_search, search_figure
+from dht.baselines.flexibert.search_stage import budgets, reference_name, run_search, search_figure
 from dht.model import DHTConfig
 from dht.tokenization import load_processed
 from dht.tracking import stage_run

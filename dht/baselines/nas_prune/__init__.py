@@ -67,7 +67,7 @@ The package, one module per step, in reading order (each imports only the ones a
 
 from __future__ import annotations
 
-from dht.baselines import BaselineJob, BaselineRun
+from dht.baselines import BaselineJob, BaselineRun, Loaded, LoadJob
 from dht.baselines.nas_prune.arch import LayerArch, PrunedArch, teacher_fields
 from dht.baselines.nas_prune.cost import Convention, pruned_flops, tas_cost_loss
 from dht.baselines.nas_prune.darts import ALPHAS_FILE, SEARCH_FILE, SearchResult, search
@@ -100,6 +100,7 @@ __all__ = [
     "extract",
     "finetune",
     "fit_threshold",
+    "load",
     "predict_pruned",
     "pruned_flops",
     "rescaled_sigmoid",
@@ -130,3 +131,13 @@ def run(ratio: float, job: BaselineJob) -> BaselineRun:
                        tuned["loss_per_epoch"],
                        {"search_loss": list(enumerate(found.step_losses, start=1)),
                         "train_loss": [(len(found.step_losses) + step, loss) for step, loss in tuned["step_losses"]]})
+
+
+def load(job: LoadJob) -> Loaded:
+    """A ``nas-prune-<ratio>`` model directory read back (:func:`dht.baselines.saved.load_baseline`): the pruned
+    model, its state dict read weights-only."""
+    pruned = PrunedBert.load(job.directory, job.device)
+    a = pruned.arch
+    return Loaded(pruned, lambda data, batch_size, seq_len: predict_pruned(pruned, data, job.device, batch_size,
+                                                                           seq_len),
+                  a.vocab_size, a.max_position_embeddings, a.num_labels)

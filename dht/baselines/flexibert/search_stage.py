@@ -25,9 +25,11 @@ import torch
 from dht.baselines.inference import static_predictions
 from dht.config import Config, parse_baseline
 from dht.evaluation import Predictions, SplitData
-from dht.flexibert.flops import model_flops
-from dht.flexibert.model import FlexiBertForSequenceClassification
-from dht.flexibert.search import (
+from dht.flops import FlopShape
+
+from .flops import model_flops
+from .model import FlexiBertForSequenceClassification
+from .search import (
     TrainingEvaluator,
     best_under_budget,
     candidate_pool,
@@ -36,8 +38,7 @@ from dht.flexibert.search import (
     search,
     train_and_evaluate,
 )
-from dht.flexibert.space import Architecture, SpaceConfig
-from dht.flops import FlopShape
+from .space import Architecture, SpaceConfig
 
 Arrays = Mapping[str, np.ndarray]
 

@@ -169,7 +169,7 @@ def train_and_evaluate(
     ``vocab_size`` / ``num_labels`` default to what the data show (max id + 1, max label + 1); pass the
     tokenizer's and dataset's real sizes (``meta.json``) when the splits may not contain them all.
     ``max_len`` defaults to the padded length. Sequences are not trimmed to the longest sample: DFT/DCT mix over
-    the padded length, and the FLOPs of :mod:`dht.flexibert.flops` are counted at that length.
+    the padded length, and the FLOPs of :mod:`dht.baselines.flexibert.flops` are counted at that length.
     A non-finite loss or weight stops it (``guard``, :mod:`dht.guard`; default: names the architecture and
     ``baselines.flexibert.learning_rate``). ``progress`` names the training on a progress bar
     (:func:`dht.baselines.loop.train`).

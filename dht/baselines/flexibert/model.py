@@ -1,6 +1,6 @@
 """FlexiBERT encoders in plain torch (Tuli et al. 2022, design space: heterogeneous layers).
 
-One :class:`~dht.flexibert.space.Architecture` becomes a BERT-style classifier:
+One :class:`~dht.baselines.flexibert.space.Architecture` becomes a BERT-style classifier:
 
     embeddings (token + position, LayerNorm, dropout) at the first layer's hidden size
     for each layer j:   x = LN(x + drop(mixer_j(x, mask)))              # token mixer: the op
@@ -28,7 +28,7 @@ projection like every operation in the authors' code:
   positions get weight exactly 0), so padding contributes nothing.
 
 Parameter names are stable across architectures (``layers.<j>.<family>.<name>``, family = attention / linear /
-conv) so that weight inheritance (:func:`dht.flexibert.search.inherit_weights`) copies exactly the tensors whose
+conv) so that weight inheritance (:func:`dht.baselines.flexibert.search.inherit_weights`) copies exactly the tensors whose
 role and shape match: SDP and WMA share Q/K/V/O, DFT and DCT share the output projection, convolutions of
 different k share V and O.
 """

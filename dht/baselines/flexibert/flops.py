@@ -7,7 +7,7 @@ are those of :mod:`dht.flops`:
 ``"full"``
     Every matrix multiplication, 2 FLOPs per multiply-accumulate. Embedding lookups, LayerNorm, softmax, GELU,
     tanh, masking, bias and residual adds count 0. This is exactly what ``torch.utils.flop_counter.FlopCounterMode``
-    counts on :class:`dht.flexibert.model.FlexiBertForSequenceClassification` (tests/test_flexibert.py), because
+    counts on :class:`dht.baselines.flexibert.model.FlexiBertForSequenceClassification` (tests/test_flexibert.py), because
     every token mixer is written with explicit matmuls (no FFT, no fused attention kernel).
 
 ``"linear"``
