@@ -54,8 +54,9 @@ from dht.flops import depth_feedback_flops, exit_loss_flops, forward_flops, full
 from dht.guard import FiniteGuard, TrainingError  # noqa: F401 (TrainingError: raised and re-exported here)
 from dht.integrity import IntegrityError, read_checkpoint, write_checkpoint
 from dht.model import DHTForSequenceClassification
-from dht.policy import Decision, LayerQueue, Policy, exit_logits, exit_uncertainty
+from dht.policy import Decision, LayerQueue, Policy, exit_uncertainty
 from dht.results import POLICY_FILE
+from dht.walk import At, Next, Run, exit_logits, path_points, start, walk
 
 BANDITS_FILE = "bandits.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -247,8 +248,8 @@ class Trainer:
         rows = [x for _, x in parts if x is not None]
         arm, context = policy.decide_arms(torch.cat(rows) if rows else None, total, greedy=False, learn=True)
         if self.cfg.train.distributed.queues != "global":  # this rank queues its own rows
-            start = sum(map(len, chunks[: self.world.rank]))
-            arm, context, chunks = arm[start : start + len(chunk)], context[start : start + len(chunk)], [chunk]
+            first = sum(map(len, chunks[: self.world.rank]))
+            arm, context, chunks = arm[first : first + len(chunk)], context[first : first + len(chunk)], [chunk]
         layers = policy.layers_of(arm)
         released = []
         for row, index in enumerate(torch.cat(chunks).tolist()):  # rank order, as the decisions
@@ -303,7 +304,6 @@ class Trainer:
         if n:
             ids, mask, labels = self.train_data.batch(index, self.device)
             trainable = self._trainable_layers(layers, frozen)
-        b = min(cfg.dht.fixed_layers, layers)
         decided: list[dict[str, Any]] | None = None
         decision_layers = 0  # layers of the eval-mode decision pass, for the FLOP count
         if cfg.dht.decision_states == "clean" and policy.search != "fixed":
@@ -320,37 +320,35 @@ class Trainer:
         heads_rows = torch.full((n, layers), model.config.num_attention_heads, dtype=torch.long)
 
         def gradient_pass() -> Tensor:
-            hidden = keep = None
-            exit_reads = []
-            if n:
-                hidden, keep = model.embed(ids, mask)
-                hidden = self._run(hidden, keep, 0, b, None, trainable)  # S2,0: the b layers again, with gradient
-                if b in exits:
-                    exit_reads.append(F.cross_entropy(model.classify(hidden, keep, b), labels, reduction="none"))
-            for g, group in enumerate(policy.groups):
-                reaches = n > 0 and group.start < layers
-                if decided is not None:
-                    if not reaches:
-                        break
-                    info = decided[g]
-                else:  # decision_states: train (or one fixed arm), the dropout-noised states of this pass
-                    info = self._choose_heads(policy, g, hidden.detach() if reaches else None, mask, arm)
-                    if info is None:
-                        break
-                    if not reaches:
-                        continue
-                stop = min(group.stop, layers)
-                plan = info["plan"][:, : stop - group.start]
-                hidden = self._run(hidden, keep, group.start, stop, plan.to(self.device), trainable)
-                heads_rows[:, group.start : stop] = plan.sum(dim=2)
-                groups.append(info)
-                if stop in exits:
-                    exit_reads.append(F.cross_entropy(model.classify(hidden, keep, stop), labels, reduction="none"))
             if not n:  # an empty part: one parameter in the graph, so DDP all-reduces (zeros) with the others
+                if decided is None:
+                    self._take_part(policy, 0)
                 return model.classifier.weight.sum() * 0.0
+            exit_reads: list[Tensor] = []
+            chosen: list[Tensor] = []
+
+            def at_point(at: At) -> Next | None:
+                if at.next is None:  # L: the chosen depth's exit
+                    chosen.append(at.logits())
+                    return None
+                if at.depth in exits:
+                    exit_reads.append(F.cross_entropy(at.logits(), labels, reduction="none"))
+                if decided is not None:
+                    info = decided[at.group]
+                else:  # decision_states: train (or one fixed arm), the dropout-noised states of this pass
+                    info = self._choose_heads(policy, at.group, at.state.detach(), at.mask, arm)
+                plan = info["plan"][:, : at.next - at.depth]
+                heads_rows[:, at.depth : at.next] = plan.sum(dim=2)
+                groups.append(info)
+                return Next(heads=plan)
+
+            # S2,0 (the b layers again, with gradient), then group by group to L
+            walk(start(model, ids, mask), path_points(model.config, layers), at_point, run=self._runner(trainable))
+            if decided is None:
+                self._take_part(policy, len(groups))
             # the chosen depth's per-sample loss (what the bandits learn), then the exits'; every read weighs the
             # same, and a sample's loss keeps the scale of one cross-entropy
-            reads[:] = [F.cross_entropy(model.classify(hidden, keep, layers), labels, reduction="none"), *exit_reads]
+            reads[:] = [F.cross_entropy(chosen[0], labels, reduction="none"), *exit_reads]
             return (torch.stack(reads) if len(reads) > 1 else reads[0]).sum()
 
         model.train()
@@ -403,8 +401,8 @@ class Trainer:
             self.on_step(p.step)
         return loss_value
 
-    def _choose_heads(self, policy: Policy, g: int, state: Tensor | None, mask: Tensor | None, arm: Tensor
-                      ) -> dict[str, Any] | None:
+    def _choose_heads(self, policy: Policy, g: int, state: Tensor | None, mask: Tensor | None,
+                      arm: Tensor | None) -> dict[str, Any] | None:
         """UCB_H (tree) and the TSB for group g (Algorithm 2, lines 9-13) on the rows of every rank whose path
         reaches it (``state`` None: this rank's does not): contexts gathered in rank order, one decision on all of
         them on every rank, this rank's rows returned ({} when it has none; None when no rank reaches the group).
@@ -421,36 +419,34 @@ class Trainer:
         info = policy.decide_heads(g, xt, xh, torch.cat([r[2] for r in rows]), greedy=False, learn=True)
         if mine is None:
             return {}
-        start = sum(len(part[2]) for part in parts[: self.world.rank] if part is not None)
-        return {key: value[start : start + len(arm)] for key, value in info.items()}
+        first = sum(len(part[2]) for part in parts[: self.world.rank] if part is not None)
+        return {key: value[first : first + len(arm)] for key, value in info.items()}
+
+    def _take_part(self, policy: Policy, g: int) -> None:
+        """This rank's path ended before group g (or it has no batch): it still takes part in the joint decision of
+        every later group some other rank's path reaches."""
+        while g < len(policy.groups) and self._choose_heads(policy, g, None, None, None) is not None:
+            g += 1
 
     def _clean_decisions(self, policy: Policy, ids: Tensor | None, mask: Tensor | None, arm: Tensor,
                          layers: int) -> list[dict[str, Any]]:
-        """``decision_states: clean`` (T2): each group's heads decided on the states of an eval-mode, no-grad pass
+        """``decision_states: clean`` (T2): each group's heads decided on the states of an eval-mode, no-grad walk
         with the current weights, every rank taking part in each group's joint decision, reached or not. The last
         group's output decides nothing and is not run. Returns this rank's decisions, one per group it reaches."""
         model = self.model
-        b = min(self.cfg.dht.fixed_layers, layers)
         model.eval()
         decided: list[dict[str, Any]] = []
+
+        def at_group(at: At) -> Next | None:
+            info = self._choose_heads(policy, at.group, at.state, at.mask, arm)
+            decided.append(info)
+            return None if at.next is None else Next(heads=info["plan"][:, : at.next - at.depth])
+
+        starts = [group.start for group in policy.groups if group.start < layers]
         with torch.no_grad():
-            state = keep = None
-            if ids is not None and layers > b:
-                state, keep = model.embed(ids, mask)
-                state = model.run_layers(state, keep, 0, b)
-            for g, group in enumerate(policy.groups):
-                reaches = state is not None and group.start < layers
-                info = self._choose_heads(policy, g, state if reaches else None, mask, arm)
-                if info is None:
-                    break
-                if not reaches:
-                    continue
-                decided.append(info)
-                stop = min(group.stop, layers)
-                if stop < layers:
-                    plan = info["plan"][:, : stop - group.start]
-                    state = model.run_layers(state, keep, group.start, stop,
-                                             None if bool(plan.all()) else plan.to(state.device))
+            if ids is not None and starts:
+                walk(start(model, ids, mask), starts, at_group)
+            self._take_part(policy, len(decided))
         return decided
 
     def _all_depths(self, policy: Policy) -> bool:
@@ -487,24 +483,28 @@ class Trainer:
         tail = set(range(max(layers - 2, 0), layers))
         return tail if self.cfg.dht.p_dht_freeze == "all_but_last_two" else everything - tail
 
-    def _run(self, hidden: Tensor, keep: Tensor | None, start: int, stop: int, plan: Tensor | None,
-             trainable: set[int]) -> Tensor:
-        """Layers start..stop-1; frozen layers before any trainable one run without gradient (their backward is
-        never needed), frozen layers after one still pass gradients through but do not update."""
-        for layer in range(start, stop):
-            sub = None if plan is None else plan[:, layer - start : layer - start + 1]
-            if sub is not None and bool(sub.all()):
-                sub = None  # every head kept: the plain projections, no weight slices copied
-            needs_grad = layer in trainable or hidden.requires_grad
-            module = self.model.bert.encoder.layer[layer]
-            for p in module.parameters():
-                p.requires_grad_(layer in trainable)
-            if needs_grad:
-                hidden = self.model.run_layers(hidden, keep, layer, layer + 1, sub)
-            else:
-                with torch.no_grad():
+    def _runner(self, trainable: set[int]) -> Run:
+        """How the gradient pass runs its layers (:func:`dht.walk.walk`'s ``run``): the weights of ``trainable``
+        layers train; frozen layers before any trainable one run without gradient (their backward is never needed),
+        frozen layers after one still pass gradients through but do not update."""
+
+        def run(hidden: Tensor, keep: Tensor | None, first: int, stop: int, plan: Tensor | None) -> Tensor:
+            for layer in range(first, stop):
+                sub = None if plan is None else plan[:, layer - first : layer - first + 1].to(self.device)
+                if sub is not None and bool(sub.all()):
+                    sub = None  # every head kept: the plain projections, no weight slices copied
+                needs_grad = layer in trainable or hidden.requires_grad
+                module = self.model.bert.encoder.layer[layer]
+                for p in module.parameters():
+                    p.requires_grad_(layer in trainable)
+                if needs_grad:
                     hidden = self.model.run_layers(hidden, keep, layer, layer + 1, sub)
-        return hidden
+                else:
+                    with torch.no_grad():
+                        hidden = self.model.run_layers(hidden, keep, layer, layer + 1, sub)
+            return hidden
+
+        return run
 
     def _account(self, policy: Policy, layers: int, heads_rows: Tensor, trainable: set[int],
                  groups: list[dict[str, Any]], arm: Tensor, decision_layers: int, embeddings_train: bool,
