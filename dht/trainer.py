@@ -360,16 +360,17 @@ class Trainer:
             "heads_rows": heads_rows, "trainable": sorted(trainable), "decision_layers": decision_layers,
             "embeddings_train": any(q.requires_grad for q in model.bert.embeddings.parameters())}
         records = world.all_gather(record)
-        done = [rec for rec in records if rec is not None]
+        ranks = [r for r, rec in enumerate(records) if rec is not None]  # the ranks with samples in this step
+        done = [records[r] for r in ranks]
         total = sum(len(rec["index"]) for rec in done)
 
         def scale(x: Tensor, rec: dict[str, Any]) -> Tensor:  # a rank's summed reads -> its share of the step's mean
             return x / (rec["reads"] * total / world.size)
 
         values = [float(scale(rec["out"], rec)) for rec in done]
-        for rec, value in zip(done, values, strict=True):
+        for r, rec, value in zip(ranks, done, values, strict=True):
             if not math.isfinite(value):
-                rank = f", on rank {records.index(rec)}" if world.size > 1 else ""
+                rank = f", on rank {r}" if world.size > 1 else ""
                 raise TrainingError(
                     f"non-finite loss ({value}) at epoch {p.epoch + 1}, step {p.step + 1}{rank}, in a batch of "
                     f"{len(rec['index'])} samples with L = {rec['layers']} (sample indices {rec['index'][:8].tolist()}"
