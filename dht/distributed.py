@@ -160,8 +160,8 @@ def share_length(n: int, size: int) -> int:
 class _Pass(torch.nn.Module):
     """The gradient pass of one training step as one module call. DistributedDataParallel prepares its gradient
     all-reduce in its module's forward (and, with find_unused_parameters, finds there the parameters this rank's
-    pass did not reach); the trainer's pass is a sequence of calls (embed, run_layers per group with the bandits'
-    heads in between, classify), so it is handed over as a function."""
+    pass did not reach); the trainer's pass is a walk (dht.walk) with the bandits' head decisions at its stopping
+    points, so it is handed over as a function."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
