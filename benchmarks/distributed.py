@@ -95,7 +95,7 @@ def worker(args: argparse.Namespace) -> None:
     spent = [0.0]
     work = [0.0, 0.0]  # per step: the deepest rank's layer-samples, and the mean over ranks
     batch_work: list[float] = []  # layer-samples of every non-empty part
-    if world is not None:  # time the collectives the trainer calls
+    if world.size > 1:  # time the collectives the trainer calls
         gather = world.all_gather
 
         def timed(obj):
@@ -119,8 +119,8 @@ def worker(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    every = world.all_gather((seconds, spent[0])) if world is not None else [(seconds, 0.0)]
-    if world is None or world.is_main:
+    every = world.all_gather((seconds, spent[0]))
+    if world.is_main:
         slowest = max(every)
         layers = {int(k.split("/")[1]): v for e in progress.selections.values() for k, v in e.items()
                   if k.startswith("layers/")}

@@ -134,30 +134,17 @@ def check_semantics(cfg: Config) -> list[str]:
             continue  # a profile may keep modes of another model shape (the paper's 12-layer arms) that it never runs
         key = f"dht.modes.{mode_name}"
         bad_heads: set[int] = {h for h in mode.heads or [] if not 1 <= h <= m.num_attention_heads}
-        if mode.depth_feedback == "all_depths":
-            if mode.search != "tree":
-                problems.append(
-                    f"{key}.depth_feedback = 'all_depths': needs search: tree (UCB_L's options are depths; an "
-                    f"integrated mode's arms are (L, H) plans, one pass each); use `chosen` for a {mode.search} mode")
-            elif cfg.train.distributed.nproc_per_node > 1:
-                problems.append(
-                    f"{key}.depth_feedback = 'all_depths': one process only (train.distributed.nproc_per_node = "
-                    f"{cfg.train.distributed.nproc_per_node}); use `chosen` or nproc_per_node: 1")
+        if mode.depth_feedback == "all_depths" and mode.search != "tree":
+            problems.append(
+                f"{key}.depth_feedback = 'all_depths': needs search: tree (UCB_L's options are depths; an "
+                f"integrated mode's arms are (L, H) plans, one pass each); use `chosen` for a {mode.search} mode")
         own = [k for k in MODE_BANDIT_KEYS if getattr(mode, k) is not None]
         if own and mode.depth_feedback != "all_depths":
             problems.append(
                 f"{key}: {', '.join(own)} set, but they act only with depth_feedback: all_depths (T24), which this "
                 "mode does not use; set depth_feedback: all_depths or remove them")
-        if mode.depth_memory == "epoch" and cfg.train.distributed.nproc_per_node > 1:
-            problems.append(
-                f"{key}.depth_memory = 'epoch': one process only (train.distributed.nproc_per_node = "
-                f"{cfg.train.distributed.nproc_per_node}); use `run` or nproc_per_node: 1")
         if mode.init == "reference":
             problems += _init_reference_problems(cfg, mode_name)
-        if mode.exit_loss == "path" and cfg.train.distributed.nproc_per_node > 1:
-            problems.append(
-                f"{key}.exit_loss = 'path': one process only (train.distributed.nproc_per_node = "
-                f"{cfg.train.distributed.nproc_per_node}); use `chosen` or nproc_per_node: 1")
         if mode.search == "tree":
             if not mode.layers or not mode.heads:
                 problems.append(f"{key}: search = tree needs both `layers` (UCB_L) and `heads` (UCB_H) lists")

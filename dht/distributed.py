@@ -1,11 +1,12 @@
-"""One model trained by several processes: `torchrun` + DistributedDataParallel (docs/distributed.md).
+"""The processes one model trains on (docs/distributed.md): the :class:`World` the training loop runs in.
 
-`train.distributed.nproc_per_node: N` makes the train stage run under ``torchrun --nproc-per-node N`` (started by
-:mod:`dht.launch`); each process (rank) gets a :class:`World` from :func:`start` and passes it to
-:class:`dht.trainer.Trainer`, which then runs the lockstep loop of :mod:`dht.distributed_training`: each rank queues
-its share of every epoch's permutation (:func:`shard`), the bandits decide jointly on every rank's contexts (one
-bandit, identical on every rank) and the gradient pass runs under DDP (:func:`wrap`). This module is the process
-group and those helpers; with one process nothing here is used and the trainer runs as it always has.
+:class:`dht.trainer.Trainer` runs one loop, Algorithms 2-3 in lockstep over a world of N processes (ranks): each
+rank queues its share of every epoch's permutation (:func:`shard`), the bandits decide jointly on every rank's
+contexts (gathered, one bandit identical on every rank), the gradient pass runs under DDP (:meth:`World.parallel`)
+and every rank replays every rank's bandit updates. With one process the world is trivial (a gather returns
+``[x]``, a broadcast ``x``, the gradient pass runs as it is), so the one loop is the one-process trainer; under
+``torchrun`` (``train.distributed.nproc_per_node: N``, started by :mod:`dht.launch`) :func:`start` joins the
+process group and returns a :class:`ProcessGroup`.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ class DistributedError(RuntimeError):
 
 @dataclass(frozen=True)
 class World:
-    """This process's place among the ranks of one training run, and the collectives the trainer uses."""
+    """This process's place among the ranks of one training run, and the collectives the trainer uses; this class
+    itself is the world of one process, where every collective is the identity."""
 
-    rank: int
-    size: int
-    local_rank: int
-    device: torch.device
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -49,12 +51,38 @@ class World:
 
     def all_gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj` (picklable: CPU tensors, numbers, lists, dicts), in rank order, on every rank."""
+        return [obj]
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (the others pass anything, e.g. None)."""
+        return obj
+
+    def barrier(self) -> None:
+        """Wait until every rank is here."""
+
+    def parallel(self, model: torch.nn.Module) -> Callable[[Callable[[], Tensor]], Tensor]:
+        """What runs the gradient pass of a step: called with a function that runs the pass and returns the tensor
+        the loss's backward starts from. One process: the function itself."""
+        return _call
+
+    def close(self) -> None:
+        """Leave the process group (drop what :meth:`parallel` returned first: Trainer.close_distributed)."""
+
+
+def _call(run: Callable[[], Tensor]) -> Tensor:
+    return run()
+
+
+@dataclass(frozen=True)
+class ProcessGroup(World):
+    """The world of a torchrun launch: the collectives of torch.distributed's process group."""
+
+    def all_gather(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.size
         dist.all_gather_object(out, obj)
         return out
 
     def broadcast(self, obj: Any) -> Any:
-        """Rank 0's `obj` on every rank (the others pass anything, e.g. None)."""
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -65,8 +93,11 @@ class World:
         else:
             dist.barrier()
 
+    def parallel(self, model: torch.nn.Module) -> Callable[[Callable[[], Tensor]], Tensor]:
+        """DDP over `model` (:func:`wrap`), whose all-reduce averages the ranks' gradients."""
+        return wrap(model, self)
+
     def close(self) -> None:
-        """Leave the process group (drop DistributedDataParallel first: Trainer.close_distributed)."""
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -76,8 +107,8 @@ def launched_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def start(cfg: Config, device: torch.device) -> World | None:
-    """Join the process group torchrun set up, or None for a one-process run.
+def start(cfg: Config, device: torch.device) -> World:
+    """Join the process group torchrun set up (a :class:`ProcessGroup`), or the one-process :class:`World`.
 
     Each rank takes the GPU of its local rank (``device`` cuda) or the CPU, and reseeds torch's global generator
     with ``seed + rank``: dropout then draws differently on each rank, and rank 0 draws as a one-process run.
@@ -94,7 +125,7 @@ def start(cfg: Config, device: torch.device) -> World | None:
             "the setting"
         )
     if size == 1:
-        return None
+        return World(device=device)
     backend = cfg.train.distributed.backend
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -112,7 +143,7 @@ def start(cfg: Config, device: torch.device) -> World | None:
         )
     dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     torch.manual_seed(cfg.seed + rank)
-    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank, device=device)
+    return ProcessGroup(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 
 def shard(order: Tensor, rank: int, size: int) -> Tensor:
@@ -129,8 +160,8 @@ def share_length(n: int, size: int) -> int:
 class _Pass(torch.nn.Module):
     """The gradient pass of one training step as one module call. DistributedDataParallel prepares its gradient
     all-reduce in its module's forward (and, with find_unused_parameters, finds there the parameters this rank's
-    pass did not reach); the trainer's pass is a sequence of calls (embed, run_layers per group with the bandits'
-    heads in between, classify), so it is handed over as a function."""
+    pass did not reach); the trainer's pass is a walk (dht.walk) with the bandits' head decisions at its stopping
+    points, so it is handed over as a function."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -179,10 +210,10 @@ def digest(obj: Any) -> str:
     return h.hexdigest()
 
 
-def write_trace(world: World | None, samples: dict[str, list[int]] | None, digests: tuple[str, str] | None) -> None:
+def write_trace(world: World, samples: dict[str, list[int]] | None, digests: tuple[str, str] | None) -> None:
     """Write this rank's trace when :data:`TRACE_ENV` names a directory (nothing otherwise, or with one process)."""
     directory = os.environ.get(TRACE_ENV)
-    if world is None or not directory:
+    if world.size == 1 or not directory:
         return
     os.makedirs(directory, exist_ok=True)
     weights, bandits = digests or (None, None)

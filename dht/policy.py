@@ -27,24 +27,11 @@ from dht.evaluation import Predictions, SplitData
 from dht.flops import forward_flops
 from dht.model import DHTForSequenceClassification
 from dht.rewards import RewardBaseline, all_depths_reward, difference_reward, reward_delta, ts_reward
+from dht.walk import At, Next, path_points, start, walk
 
 # --------------------------------------------------------------------------------------------------------------
 # The bandits of one mode
 # --------------------------------------------------------------------------------------------------------------
-
-
-def exit_logits(model: DHTForSequenceClassification, ids: Tensor, mask: Tensor, depths: list[int]) -> list[Tensor]:
-    """The logits after each of ``depths`` (ascending) with every head, each read by its depth's exit head (the one
-    shared classifier, or with ``model.exit_heads: per_depth`` that depth's own), from one pass to the deepest:
-    T24's counterfactual reads and the exit ladder of experiments/levers.py. The caller sets the mode and the
-    gradient."""
-    state, keep = model.embed(ids, mask)
-    done, out = 0, []
-    for depth in depths:
-        state = model.run_layers(state, keep, done, depth)
-        done = depth
-        out.append(model.classify(state, keep, depth))
-    return out
 
 
 def exit_uncertainty(model: DHTForSequenceClassification, s1: Tensor, mask: Tensor) -> Tensor:
@@ -315,30 +302,6 @@ def _dynamic_heads(heads: list[int], b: int) -> int:
     return min(dynamic) if dynamic else heads[-1]
 
 
-def decide_groups(model: DHTForSequenceClassification, policy: Policy, hidden: Tensor, keep: Tensor | None,
-                  mask: Tensor, arm: Tensor, layers: int, greedy: bool, learn: bool,
-                  run_last: bool = True) -> tuple[list[dict[str, Any]], Tensor]:
-    """Algorithm 2, lines 9-14 on the states of one plain pass: for each head group of an L-layer path, UCB_H
-    (tree) and the TSB decide from the state entering the group, then its layers run with the chosen heads.
-
-    ``hidden``: the state after the b fixed layers. Inference runs its whole path here; training, with
-    ``dht.decision_states: clean``, runs it in eval mode without gradient and ``run_last=False`` (the last
-    group's output decides nothing), so both decide from the same states. Returns the groups' decisions and the
-    state reached."""
-    infos: list[dict[str, Any]] = []
-    for g, group in enumerate(policy.groups):
-        if group.start >= layers:
-            break
-        info = policy.choose_heads(g, hidden, mask, arm, greedy=greedy, learn=learn)
-        infos.append(info)
-        stop = min(group.stop, layers)
-        if stop == layers and not run_last:
-            break
-        plan = info["plan"][:, : stop - group.start]
-        hidden = model.run_layers(hidden, keep, group.start, stop, None if bool(plan.all()) else plan.to(hidden.device))
-    return infos, hidden
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Queues (Algorithm 3)
 # --------------------------------------------------------------------------------------------------------------
@@ -384,43 +347,56 @@ def predict(model: DHTForSequenceClassification, policy: Policy, data: SplitData
     each group runs only its layers and its kept heads. The bandits are not updated."""
     model.eval()
     conf = model.config
-    n_layers, n_heads, b = conf.num_hidden_layers, conf.num_attention_heads, conf.fixed_layers
+    n_layers, n_heads = conf.num_hidden_layers, conf.num_attention_heads
+    first = min(conf.fixed_layers, n_layers)
     n = len(data)
     out_labels = torch.zeros(n, dtype=torch.long)
     probs = torch.zeros(n, conf.num_labels)
     depth = torch.zeros(n, dtype=torch.long)
     heads = torch.zeros(n, n_layers, dtype=torch.long)
-    start = time.perf_counter()
+    began = time.perf_counter()
     for lo in range(0, n, batch_size):
         index = torch.arange(lo, min(lo + batch_size, n))
         ids, mask, _ = data.batch(index, device)
-        hidden, keep = model.embed(ids, mask)
-        first = min(b, n_layers)
-        hidden = model.run_layers(hidden, keep, 0, first)  # S1 (= S2,0: the weights do not change)
-        u = exit_uncertainty(model, hidden, mask) if policy.exit_confidence else None
-        arm, _ = policy.choose_arms(hidden if policy.uses_s1 else None, mask, len(index), greedy=greedy, learn=False,
-                                    uncertainty=u)
+        s1 = walk(start(model, ids, mask), [first])  # S1 (= S2,0: the weights do not change)
+        u = exit_uncertainty(model, s1.state, mask) if policy.exit_confidence else None
+        arm, _ = policy.choose_arms(s1.state if policy.uses_s1 else None, mask, len(index), greedy=greedy,
+                                    learn=False, uncertainty=u)
         layers = policy.layers_of(arm)
-        for L in layers.unique().tolist():
+        for L in layers.unique().tolist():  # each depth's samples walk on from S1 together
             sel = (layers == L).nonzero().squeeze(1)
-            sel_dev = sel.to(device)
-            h, k_sub, m = hidden[sel_dev], None if keep is None else keep[sel_dev], mask[sel_dev]
-            h_rows = torch.full((len(sel), n_layers), 0, dtype=torch.long)
-            h_rows[:, :first] = n_heads
-            infos, h = decide_groups(model, policy, h, k_sub, m, arm[sel], L, greedy=greedy, learn=False)
-            for group, info in zip(policy.groups, infos, strict=False):
-                stop = min(group.stop, L)
-                h_rows[:, group.start:stop] = info["plan"][:, : stop - group.start].sum(dim=2)
-            logits = model.classify(h, k_sub, L).float().cpu()
-            p = logits.softmax(-1)
+            path = _BanditPath(policy, arm[sel], greedy, n_layers, first, n_heads)
+            walk(s1.select(sel.to(device)), path_points(conf, L), path)
+            p = path.logits.softmax(-1)
             rows = index[sel]
             out_labels[rows] = p.argmax(-1)
             probs[rows] = p
             depth[rows] = L
-            heads[rows] = h_rows
-    seconds = time.perf_counter() - start
+            heads[rows] = path.heads
+    seconds = time.perf_counter() - began
     flops = torch.tensor([forward_flops(seq_len, [h for h in row.tolist() if h], conf, "full") for row in heads],
                          dtype=torch.float64)
     flops_lin = torch.tensor([forward_flops(seq_len, [h for h in row.tolist() if h], conf, "linear") for row in heads],
                              dtype=torch.float64)
     return Predictions(out_labels, probs, depth, heads, flops, flops_lin, seconds)
+
+
+class _BanditPath:
+    """The decision callback (:func:`dht.walk.walk`) of samples whose depth UCB_L / UCB_cp chose from S1: at each
+    group's start UCB_H and the TSB choose its heads (Algorithm 2, lines 9-14, greedy or sampled, no update), at
+    the path's end the exit is read. Keeps the heads each layer ran and the logits."""
+
+    def __init__(self, policy: Policy, arm: Tensor, greedy: bool, n_layers: int, first: int, n_heads: int):
+        self.policy, self.arm, self.greedy = policy, arm, greedy
+        self.heads = torch.zeros(len(arm), n_layers, dtype=torch.long)
+        self.heads[:, :first] = n_heads
+        self.logits = torch.empty(0)
+
+    def __call__(self, at: At) -> Next | None:
+        if at.next is None:
+            self.logits = at.logits().float().cpu()
+            return None
+        info = self.policy.choose_heads(at.group, at.state, at.mask, self.arm, greedy=self.greedy, learn=False)
+        plan = info["plan"][:, : at.next - at.depth]
+        self.heads[:, at.depth : at.next] = plan.sum(dim=2)
+        return Next(heads=plan)

@@ -14,11 +14,14 @@ One epoch (Algorithm 3 around Algorithm 2):
 
 12-VaBERT (BL1) is the same loop with one fixed arm (12L12H): no S1 pass, no bandits.
 
+The loop runs in a :class:`~dht.distributed.World`: one process, or N ranks under torchrun (docs/distributed.md) in
+lockstep, each queueing its share of every epoch, the bandits deciding jointly on every rank's contexts, the
+gradient pass under DDP and every rank replaying every rank's bandit updates. With one process every collective is
+the identity, so there is one loop, and every mode and lever runs on any number of processes.
+
 The bandits' decisions and updates, the queues and inference live in :mod:`dht.policy`; what a model is
 evaluated on and the metrics in :mod:`dht.evaluation`. This module is the training loop around them, its
-checkpoints, and saving / loading a trained model with its bandits. With several processes (torchrun,
-docs/distributed.md) :meth:`Trainer.fit` hands over to the lockstep loop of :mod:`dht.distributed_training`, which
-runs on the same trainer.
+checkpoints, and saving / loading a trained model with its bandits.
 
 Readings of the paper taken here are listed in docs/training.md.
 """
@@ -42,18 +45,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dht import distributed_training
 from dht.arm_features import ArmSpace, arm_layer_heads, arm_matrix, arm_space, compute_arm_features
 from dht.arms import parse_arm
 from dht.config import Config, ModeSpec, run_param_keys
-from dht.distributed import World, share_length, wrap
+from dht.distributed import World, digest, shard, share_length
 from dht.evaluation import SplitData
 from dht.flops import depth_feedback_flops, exit_loss_flops, forward_flops, full_model_flops, train_flops
 from dht.guard import FiniteGuard, TrainingError  # noqa: F401 (TrainingError: raised and re-exported here)
 from dht.integrity import IntegrityError, read_checkpoint, write_checkpoint
 from dht.model import DHTForSequenceClassification
-from dht.policy import Decision, LayerQueue, Policy, decide_groups, exit_logits, exit_uncertainty
+from dht.policy import Decision, LayerQueue, Policy, exit_uncertainty
 from dht.results import POLICY_FILE
+from dht.walk import At, Next, Run, exit_logits, path_points, start, walk
 
 BANDITS_FILE = "bandits.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -102,8 +105,12 @@ def fingerprint(cfg: Config, mode_name: str, dataset: str, data_meta: dict[str, 
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+Batch = tuple[int, list[tuple[int, int, Tensor]]]  # (L, [(sample index, arm, context)]) as a queue releases it
+
+
 class Trainer:
-    """Trains one mode on one dataset (Algorithms 2-3), resumable, and evaluates it (inference policy)."""
+    """Trains one mode on one dataset (Algorithms 2-3), resumable, on one process or on the ranks of a
+    :class:`~dht.distributed.World` in lockstep, and evaluates it (inference policy)."""
 
     def __init__(self, cfg: Config, mode_name: str, model: DHTForSequenceClassification, arm_features: dict[str, Tensor],
                  train: SplitData, device: torch.device, seq_len: int, checkpoint_dir: Path | None = None,
@@ -129,19 +136,19 @@ class Trainer:
             for policy, name in ((self.policy, mode_name), (self.warmup_policy, self.mode.warmup_mode)):
                 if policy is not None and policy.search != "fixed":
                     self.refresh_spaces[id(policy)] = arm_space(cfg, [name], warmup_modes=False)
+        # The processes this model trains on (docs/distributed.md; None: this one alone), what runs the gradient pass
+        # (DDP around the model with several), the batches the queues released that wait for a step every rank takes,
+        # and with several ranks what a run leaves for its checks: the samples this rank trained per epoch (when set)
+        # and the digests of the weights and bandits, equal on every rank.
+        self.world = world if world is not None else World(device=device)
+        self.parallel: Callable[[Callable[[], Tensor]], Tensor] | None = self.world.parallel(self.model)
+        self.ready: list[Batch] = []
+        self.trace: dict[str, list[int]] | None = None
+        self.digests: tuple[str, str] | None = None
         q = cfg.train.queue_size
-        shared = world is not None and cfg.train.distributed.queues == "global"
-        self.queue = LayerQueue(q * world.size if shared else q)  # global: one set of queues for all ranks
-        # Several processes (docs/distributed.md, dht.distributed_training): this rank's place, DDP around the model
-        # for the gradient pass, the batches its queues released that wait for a step, and the per-rank state a
-        # checkpoint gathers.
-        self.world = world
-        self.ddp = wrap(self.model, world) if world is not None else None
-        self.ready: list[tuple[int, list[tuple[int, int, Tensor]]]] = []
-        self.rank_states: list[dict[str, Any]] | None = None
-        self.trace: dict[str, list[int]] | None = None  # epoch -> sample indices this rank trained, when set
-        self.digests: tuple[str, str] | None = None  # (weights, bandits) after a distributed run, equal on every rank
-        share = share_length(len(train), world.size if world is not None else 1)  # samples this rank queues an epoch
+        shared = cfg.train.distributed.queues == "global"
+        self.queue = LayerQueue(q * self.world.size if shared else q)  # global: one set of queues for all ranks
+        share = share_length(len(train), self.world.size)  # samples this rank queues an epoch
         steps_per_epoch = math.ceil(share / q) + 8  # queues release at most a few partial batches more
         total = steps_per_epoch * cfg.train.epochs
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate,
@@ -160,70 +167,288 @@ class Trainer:
             return self.warmup_policy, False
         return self.policy, self.warmup_policy is not None and self.cfg.dht.p_dht_freeze != "none"
 
-    # ---- one queue batch (Algorithm 2, lines 7-16) -----------------------------------------------------------
+    # ---- epochs (Algorithm 3) --------------------------------------------------------------------------------
+
+    def order(self, epoch: int) -> Tensor:
+        return torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
+
+    def fit(self, log: Callable[[list[tuple[int, float, float]], Progress], None] | None = None,
+            progress_bar: bool = True) -> Progress:
+        """Train every epoch, resuming from a checkpoint when one fits; returns the accounting.
+
+        Each rank queues its share of the epoch's order (:func:`dht.distributed.shard`; one process: all of it) in
+        rounds of q (Algorithm 3) into its own per-L queues, or every rank's rows into one shared set
+        (``train.distributed.queues: global``); the depth decisions of a round are taken jointly on every rank's
+        contexts (:meth:`_enqueue`), the released batches train in steps every rank takes together
+        (:meth:`_train_ready`, :meth:`train_batch`), and at the end of the epoch the partly filled queues train too:
+        every sample once per epoch. With several ranks every rank ends with the same weights and bandits
+        (checked)."""
+        from dht import progress
+
+        cfg, p, world = self.cfg, self.progress, self.world
+        q = cfg.train.queue_size
+        length = share_length(len(self.train_data), world.size)
+        start_time = time.perf_counter() - p.seconds
+        since_checkpoint = 0
+        while p.epoch < cfg.train.epochs:
+            policy, frozen = self.active(p.epoch)
+            if p.epoch > 0 and p.position == 0:
+                # Position 0: no sample of this epoch has been queued. A checkpoint with position 0 was written at
+                # the end of the previous epoch, before these, so a resumed run does them here too.
+                if id(policy) in self.refresh_spaces:
+                    self._refresh_arm_features(policy)
+                if policy.mode.depth_memory == "epoch":
+                    policy.forget_depths()  # T28
+            share = shard(self.order(p.epoch), world.rank, world.size)
+            bar = progress.bar(length, f"{self.mode_name} epoch {p.epoch + 1}/{cfg.train.epochs}", initial=p.position,
+                               unit="sample", enabled=progress_bar and world.is_main)
+            while p.position < length:  # rounds in lockstep: a shorter share sends an empty chunk last
+                self.ready += self._enqueue(policy, share[p.position : p.position + q])
+                since_checkpoint += self._train_ready(policy, frozen, drain=False)
+                done = min(q, length - p.position)
+                p.position += done
+                bar.update(done)
+                if p.pending_log:
+                    recent = p.pending_log[-10:]
+                    bar.set_postfix(loss=f"{np.mean([x[1] for x in recent]):.3f}",
+                                    layers=f"{np.mean([x[2] for x in recent]):.1f}", refresh=False)
+                if since_checkpoint >= cfg.train.checkpoint_every and p.position < length:
+                    self._checkpoint_now(log, start_time)
+                    since_checkpoint = 0
+            self.ready += self.queue.drain()  # partly filled queues: every sample once per epoch
+            self._train_ready(policy, frozen, drain=True)
+            progress.finish(bar)
+            self._end_epoch(log, start_time)
+            since_checkpoint = 0
+        p.seconds = time.perf_counter() - start_time
+        self._check_in_step()
+        return p
+
+    def _enqueue(self, policy: Policy, chunk: Tensor) -> list[Batch]:
+        """S1 and the depth decision for a round of samples (``chunk``: this rank's part of it); the queues that fill
+        up (Algorithm 2, lines 2-6; Algorithm 3, lines 2-5).
+
+        The decision is joint: every rank pools the S1 contexts of its own chunk, they are gathered in rank order and
+        UCB_L / UCB_cp decide on all of them on every rank (the same normaliser update, the same draws). Each rank
+        queues its own rows, or, with ``train.distributed.queues: global``, every rank's rows in its copy of the
+        shared queues."""
+        x = None
+        if policy.uses_s1 and len(chunk):
+            ids, mask, _ = self.train_data.batch(chunk, self.device)
+            self.model.eval()  # S1: the previous weights, no gradient, no dropout
+            with torch.no_grad():
+                s1 = self.model.encode_prefix(ids, mask)
+                u = exit_uncertainty(self.model, s1, mask) if policy.exit_confidence else None
+            x = policy.arm_context(s1, mask, u)
+        parts = self.world.all_gather((chunk, x))
+        chunks = [c for c, _ in parts]
+        total = sum(map(len, chunks))
+        if not total:
+            return []
+        rows = [x for _, x in parts if x is not None]
+        arm, context = policy.decide_arms(torch.cat(rows) if rows else None, total, greedy=False, learn=True)
+        if self.cfg.train.distributed.queues != "global":  # this rank queues its own rows
+            first = sum(map(len, chunks[: self.world.rank]))
+            arm, context, chunks = arm[first : first + len(chunk)], context[first : first + len(chunk)], [chunk]
+        layers = policy.layers_of(arm)
+        released = []
+        for row, index in enumerate(torch.cat(chunks).tolist()):  # rank order, as the decisions
+            full = self.queue.push(int(layers[row]), index, int(arm[row]), context[row])
+            if full is not None:
+                released.append((int(layers[row]), full))
+        return released
+
+    def _train_ready(self, policy: Policy, frozen: bool, drain: bool) -> int:
+        """Train the ready batches in steps every rank takes together; returns the steps taken.
+
+        Within an epoch, as many steps as the rank with the fewest ready batches has (the others' wait for the next
+        round: a rank's released batches never run ahead of another's by more than its number of queues); at the
+        epoch's end (``drain``), as many as the rank with the most, the others taking part with an empty batch. With
+        ``queues: global`` every rank holds the same released batches: each is one step, split over the ranks (every
+        size-th sample from the rank's on; a rank left without samples takes part with an empty batch). One process
+        trains every batch as it is released."""
+        world = self.world
+        if self.cfg.train.distributed.queues == "global":
+            released, self.ready = self.ready, []
+            for layers, items in released:
+                self.train_batch(policy, frozen, layers, items[world.rank :: world.size])
+            return len(released)
+        sizes = world.all_gather(len(self.ready))
+        steps = max(sizes) if drain else min(sizes)
+        mine, self.ready = self.ready[:steps], self.ready[steps:]
+        for j in range(steps):
+            layers, items = mine[j] if j < len(mine) else (0, [])
+            self.train_batch(policy, frozen, layers, items)
+        return steps
+
+    # ---- one step (Algorithm 2, lines 7-16) --------------------------------------------------------------------
 
     def train_batch(self, policy: Policy, frozen: bool, layers: int, items: list[tuple[int, int, Tensor]]) -> float:
-        model, cfg = self.model, self.cfg
-        index = torch.tensor([i for i, _, _ in items])
-        arm = torch.tensor([a for _, a, _ in items])
-        context = torch.stack([c for _, _, c in items]) if policy.uses_s1 else torch.zeros(len(items), 0)
-        ids, mask, labels = self.train_data.batch(index, self.device)
-        trainable = self._trainable_layers(layers, frozen)
-        b = min(cfg.dht.fixed_layers, layers)
+        """One optimizer step of every rank: this rank's queue batch ``items``, all of depth ``layers`` (none: an
+        empty part, with which a rank takes part in a step of the others); returns the step's loss.
+
+        UCB_H and the TSB decide each group's heads from the states reached so far (jointly over the ranks, from the
+        clean states of an eval-mode pass or, with ``decision_states: train``, from this pass's), the batch runs its
+        layers with gradient, and the loss gives every bandit its update (Section 4.3). The gradient pass runs under
+        the world's DDP, whose all-reduce averages the ranks' gradients: each rank's loss is its samples' summed
+        loss x ranks / the step's samples on all ranks, so the step's gradient is the mean over all of them. The
+        ranks' decisions and losses are gathered and every rank replays every rank's bandit updates and accounting
+        in rank order, so the bandits and the accounting stay identical on every rank."""
+        model, cfg, world, p = self.model, self.cfg, self.world, self.progress
+        n = len(items)
+        index = torch.tensor([i for i, _, _ in items], dtype=torch.long)
+        arm = torch.tensor([a for _, a, _ in items], dtype=torch.long)
+        context = torch.stack([c for _, _, c in items]) if policy.uses_s1 and n else torch.zeros(n, 0)
+        ids = mask = labels = None
+        trainable: set[int] = set()
+        if n:
+            ids, mask, labels = self.train_data.batch(index, self.device)
+            trainable = self._trainable_layers(layers, frozen)
         decided: list[dict[str, Any]] | None = None
         decision_layers = 0  # layers of the eval-mode decision pass, for the FLOP count
-        if cfg.dht.decision_states == "clean" and policy.search != "fixed" and layers > b:
+        if cfg.dht.decision_states == "clean" and policy.search != "fixed":
             # UCB_H and the TSB decide from the states inference would give them (no dropout, the current
             # weights: S2,0 and S2,l of Algorithm 2 without the training noise); docs/training.md, T2.
-            model.eval()
-            with torch.no_grad():
-                state, keep = model.embed(ids, mask)
-                state = model.run_layers(state, keep, 0, b)
-                decided, _ = decide_groups(model, policy, state, keep, mask, arm, layers, greedy=False, learn=True,
-                                           run_last=False)
-            decision_layers = policy.groups[len(decided) - 1].start
-        depth_losses = self._depth_losses(policy, ids, mask, labels) if self._all_depths(policy) else None
-        model.train()
-        hidden, keep = model.embed(ids, mask)
-        hidden = self._run(hidden, keep, 0, b, None, trainable)  # S2,0: the b layers again, with gradient
+            decided = self._clean_decisions(policy, ids, mask, arm, layers)
+            if decided:
+                decision_layers = policy.groups[len(decided) - 1].start
+        depth_losses = self._depth_losses(policy, ids, mask, labels) if n and self._all_depths(policy) else None
         # exit_loss: path (T26): the classifier also reads, and trains on, every shallower depth option passed
         exits = set(policy.layer_options) - {layers} if policy.mode.exit_loss == "path" else set()
-        exit_losses = [F.cross_entropy(model.classify(hidden, keep, b), labels, reduction="none")] if b in exits else []
+        reads: list[Tensor] = []  # per-sample losses of every exit read with gradient, the chosen depth's first
         groups: list[dict[str, Any]] = []
-        heads_rows = torch.full((len(items), layers), model.config.num_attention_heads, dtype=torch.long)
-        for g, group in enumerate(policy.groups):
-            if group.start >= layers:
-                break
-            if decided is not None:
-                info = decided[g]
-            else:  # decision_states: train, the dropout-noised state of this pass
-                info = policy.choose_heads(g, hidden.detach(), mask, arm, greedy=False, learn=True)
-            stop = min(group.stop, layers)
-            plan = info["plan"][:, : stop - group.start]
-            hidden = self._run(hidden, keep, group.start, stop, plan.to(self.device), trainable)
-            heads_rows[:, group.start : stop] = plan.sum(dim=2)
-            groups.append(info)
-            if stop in exits:
-                exit_losses.append(F.cross_entropy(model.classify(hidden, keep, stop), labels, reduction="none"))
-        logits = model.classify(hidden, keep, layers)
-        per_sample = F.cross_entropy(logits, labels, reduction="none")  # the chosen depth's: what the bandits learn
-        # every exit read weighs the same; a sample's loss keeps the scale of one cross-entropy
-        loss = torch.stack([per_sample, *exit_losses]).mean() if exit_losses else per_sample.mean()
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"non-finite loss ({float(loss.detach())}) at epoch {self.progress.epoch + 1}, step {self.progress.step + 1}, "
-                f"in a batch of {len(items)} samples with L = {layers} (sample indices {index[:8].tolist()}...); "
-                "lower train.learning_rate or check the data; no model was written"
-            )
+        heads_rows = torch.full((n, layers), model.config.num_attention_heads, dtype=torch.long)
+
+        def gradient_pass() -> Tensor:
+            if not n:  # an empty part: one parameter in the graph, so DDP all-reduces (zeros) with the others
+                if decided is None:
+                    self._take_part(policy, 0)
+                return model.classifier.weight.sum() * 0.0
+            exit_reads: list[Tensor] = []
+            chosen: list[Tensor] = []
+
+            def at_point(at: At) -> Next | None:
+                if at.next is None:  # L: the chosen depth's exit
+                    chosen.append(at.logits())
+                    return None
+                if at.depth in exits:
+                    exit_reads.append(F.cross_entropy(at.logits(), labels, reduction="none"))
+                if decided is not None:
+                    info = decided[at.group]
+                else:  # decision_states: train (or one fixed arm), the dropout-noised states of this pass
+                    info = self._choose_heads(policy, at.group, at.state.detach(), at.mask, arm)
+                plan = info["plan"][:, : at.next - at.depth]
+                heads_rows[:, at.depth : at.next] = plan.sum(dim=2)
+                groups.append(info)
+                return Next(heads=plan)
+
+            # S2,0 (the b layers again, with gradient), then group by group to L
+            walk(start(model, ids, mask), path_points(model.config, layers), at_point, run=self._runner(trainable))
+            if decided is None:
+                self._take_part(policy, len(groups))
+            # the chosen depth's per-sample loss (what the bandits learn), then the exits'; every read weighs the
+            # same, and a sample's loss keeps the scale of one cross-entropy
+            reads[:] = [F.cross_entropy(chosen[0], labels, reduction="none"), *exit_reads]
+            return (torch.stack(reads) if len(reads) > 1 else reads[0]).sum()
+
+        model.train()
+        out = self.parallel(gradient_pass)
+        record = None if not n else {
+            "index": index, "arm": arm, "context": context, "layers": layers, "out": out.detach().cpu(),
+            "reads": len(reads), "loss": reads[0].detach().double().cpu(),
+            "depth_losses": None if depth_losses is None else depth_losses.cpu(), "groups": groups,
+            "heads_rows": heads_rows, "trainable": sorted(trainable), "decision_layers": decision_layers,
+            "embeddings_train": any(q.requires_grad for q in model.bert.embeddings.parameters())}
+        records = world.all_gather(record)
+        ranks = [r for r, rec in enumerate(records) if rec is not None]  # the ranks with samples in this step
+        done = [records[r] for r in ranks]
+        total = sum(len(rec["index"]) for rec in done)
+
+        def scale(x: Tensor, rec: dict[str, Any]) -> Tensor:  # a rank's summed reads -> its share of the step's mean
+            return x / (rec["reads"] * total / world.size)
+
+        values = [float(scale(rec["out"], rec)) for rec in done]
+        for r, rec, value in zip(ranks, done, values, strict=True):
+            if not math.isfinite(value):
+                rank = f", on rank {r}" if world.size > 1 else ""
+                raise TrainingError(
+                    f"non-finite loss ({value}) at epoch {p.epoch + 1}, step {p.step + 1}{rank}, in a batch of "
+                    f"{len(rec['index'])} samples with L = {rec['layers']} (sample indices {rec['index'][:8].tolist()}"
+                    "...); lower train.learning_rate or check the data; no model was written"
+                )
+        loss = scale(out, record) if n else out
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        policy.learn(Decision(arm, context, layers), groups, per_sample.detach(), depth_losses)
-        self._account(policy, layers, heads_rows, trainable, groups, arm, decision_layers, exits=len(exit_losses))
-        return float(loss.detach())
+        for rec in done:  # rank order: "the previous batch" of a reward is the previous one of this order
+            policy.learn(Decision(rec["arm"], rec["context"], rec["layers"]), rec["groups"], rec["loss"],
+                         rec["depth_losses"])
+            self._account(policy, rec["layers"], rec["heads_rows"], set(rec["trainable"]), rec["groups"], rec["arm"],
+                          rec["decision_layers"], rec["embeddings_train"], exits=rec["reads"] - 1)
+        if self.trace is not None and n:
+            self.trace.setdefault(str(p.epoch), []).extend(index.tolist())
+        p.step += 1
+        # a non-finite loss stopped above; a weight the update made non-finite stops here (dht.guard)
+        FiniteGuard(f"train {self.mode_name}", f"lower train.learning_rate (now {cfg.train.learning_rate:g})"
+                    ).parameters(model.named_parameters(), p.step, p.epoch + 1)
+        loss_value = sum(values) / world.size  # the mean over the step's samples on every rank
+        layers_value = float(sum(len(rec["index"]) * rec["layers"] for rec in done) / total)
+        p.pending_log.append((p.step, loss_value, layers_value))
+        p.history.append((p.step, p.epoch, loss_value, layers_value))
+        if self.on_step is not None:
+            self.on_step(p.step)
+        return loss_value
+
+    def _choose_heads(self, policy: Policy, g: int, state: Tensor | None, mask: Tensor | None,
+                      arm: Tensor | None) -> dict[str, Any] | None:
+        """UCB_H (tree) and the TSB for group g (Algorithm 2, lines 9-13) on the rows of every rank whose path
+        reaches it (``state`` None: this rank's does not): contexts gathered in rank order, one decision on all of
+        them on every rank, this rank's rows returned ({} when it has none; None when no rank reaches the group).
+        One fixed arm has no bandit to share: its plan is this rank's alone."""
+        if policy.search == "fixed":
+            return None if state is None else policy.choose_heads(g, state, mask, arm, greedy=False, learn=True)
+        mine = None if state is None else (*policy.head_contexts(state, mask), arm)
+        parts = self.world.all_gather(mine)
+        rows = [part for part in parts if part is not None]
+        if not rows:
+            return None
+        xt = torch.cat([r[0] for r in rows])
+        xh = torch.cat([r[1] for r in rows]) if rows[0][1] is not None else None
+        info = policy.decide_heads(g, xt, xh, torch.cat([r[2] for r in rows]), greedy=False, learn=True)
+        if mine is None:
+            return {}
+        first = sum(len(part[2]) for part in parts[: self.world.rank] if part is not None)
+        return {key: value[first : first + len(arm)] for key, value in info.items()}
+
+    def _take_part(self, policy: Policy, g: int) -> None:
+        """This rank's path ended before group g (or it has no batch): it still takes part in the joint decision of
+        every later group some other rank's path reaches."""
+        while g < len(policy.groups) and self._choose_heads(policy, g, None, None, None) is not None:
+            g += 1
+
+    def _clean_decisions(self, policy: Policy, ids: Tensor | None, mask: Tensor | None, arm: Tensor,
+                         layers: int) -> list[dict[str, Any]]:
+        """``decision_states: clean`` (T2): each group's heads decided on the states of an eval-mode, no-grad walk
+        with the current weights, every rank taking part in each group's joint decision, reached or not. The last
+        group's output decides nothing and is not run. Returns this rank's decisions, one per group it reaches."""
+        model = self.model
+        model.eval()
+        decided: list[dict[str, Any]] = []
+
+        def at_group(at: At) -> Next | None:
+            info = self._choose_heads(policy, at.group, at.state, at.mask, arm)
+            decided.append(info)
+            return None if at.next is None else Next(heads=info["plan"][:, : at.next - at.depth])
+
+        starts = [group.start for group in policy.groups if group.start < layers]
+        with torch.no_grad():
+            if ids is not None and starts:
+                walk(start(model, ids, mask), starts, at_group)
+            self._take_part(policy, len(decided))
+        return decided
 
     def _all_depths(self, policy: Policy) -> bool:
         return policy.search == "tree" and policy.mode.depth_feedback == "all_depths"
@@ -259,28 +484,32 @@ class Trainer:
         tail = set(range(max(layers - 2, 0), layers))
         return tail if self.cfg.dht.p_dht_freeze == "all_but_last_two" else everything - tail
 
-    def _run(self, hidden: Tensor, keep: Tensor | None, start: int, stop: int, plan: Tensor | None,
-             trainable: set[int]) -> Tensor:
-        """Layers start..stop-1; frozen layers before any trainable one run without gradient (their backward is
-        never needed), frozen layers after one still pass gradients through but do not update."""
-        for layer in range(start, stop):
-            sub = None if plan is None else plan[:, layer - start : layer - start + 1]
-            if sub is not None and bool(sub.all()):
-                sub = None  # every head kept: the plain projections, no weight slices copied
-            needs_grad = layer in trainable or hidden.requires_grad
-            module = self.model.bert.encoder.layer[layer]
-            for p in module.parameters():
-                p.requires_grad_(layer in trainable)
-            if needs_grad:
-                hidden = self.model.run_layers(hidden, keep, layer, layer + 1, sub)
-            else:
-                with torch.no_grad():
+    def _runner(self, trainable: set[int]) -> Run:
+        """How the gradient pass runs its layers (:func:`dht.walk.walk`'s ``run``): the weights of ``trainable``
+        layers train; frozen layers before any trainable one run without gradient (their backward is never needed),
+        frozen layers after one still pass gradients through but do not update."""
+
+        def run(hidden: Tensor, keep: Tensor | None, first: int, stop: int, plan: Tensor | None) -> Tensor:
+            for layer in range(first, stop):
+                sub = None if plan is None else plan[:, layer - first : layer - first + 1].to(self.device)
+                if sub is not None and bool(sub.all()):
+                    sub = None  # every head kept: the plain projections, no weight slices copied
+                needs_grad = layer in trainable or hidden.requires_grad
+                module = self.model.bert.encoder.layer[layer]
+                for p in module.parameters():
+                    p.requires_grad_(layer in trainable)
+                if needs_grad:
                     hidden = self.model.run_layers(hidden, keep, layer, layer + 1, sub)
-        return hidden
+                else:
+                    with torch.no_grad():
+                        hidden = self.model.run_layers(hidden, keep, layer, layer + 1, sub)
+            return hidden
+
+        return run
 
     def _account(self, policy: Policy, layers: int, heads_rows: Tensor, trainable: set[int],
-                 groups: list[dict[str, Any]], arm: Tensor, decision_layers: int = 0,
-                 embeddings_train: bool | None = None, exits: int = 0) -> None:
+                 groups: list[dict[str, Any]], arm: Tensor, decision_layers: int, embeddings_train: bool,
+                 exits: int = 0) -> None:
         """Training FLOPs of the batch, sample by sample (Table 1), and the selection counts (Figure 2).
 
         Each sample's step is counted by :func:`dht.flops.train_flops` (docs/training.md, T12), from what this
@@ -290,8 +519,6 @@ class Trainer:
         cfg, conf = self.cfg, self.model.config
         n = heads_rows.shape[0]
         frozen_layers = set(range(layers)) - trainable
-        if embeddings_train is None:  # this process's batch (a distributed run passes each rank's)
-            embeddings_train = any(p.requires_grad for p in self.model.bert.embeddings.parameters())
         include_s1 = policy.uses_s1 and cfg.dht.count_s1_flops
         p = self.progress
         for row, count in Counter(tuple(r) for r in heads_rows.tolist()).items():
@@ -317,72 +544,21 @@ class Trainer:
                     if c:
                         sel[f"head_g{g}/{h}"] = sel.get(f"head_g{g}/{h}", 0) + int(c)
 
-    # ---- epochs (Algorithm 3) --------------------------------------------------------------------------------
-
-    def order(self, epoch: int) -> Tensor:
-        return torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
-
-    def fit(self, log: Callable[[list[tuple[int, float, float]], Progress], None] | None = None,
-            progress_bar: bool = True) -> Progress:
-        """Train every epoch, resuming from a checkpoint when one fits; returns the accounting."""
-        from dht import progress
-
-        if self.world is not None:  # several processes in lockstep (docs/distributed.md)
-            return distributed_training.fit(self, log, progress_bar)
-        cfg, p = self.cfg, self.progress
-        q = cfg.train.queue_size
-        start_time = time.perf_counter() - p.seconds
-        since_checkpoint = 0
-        while p.epoch < cfg.train.epochs:
-            policy, frozen = self.active(p.epoch)
-            if p.epoch > 0 and p.position == 0 and id(policy) in self.refresh_spaces:
-                # Position 0: no sample of this epoch has been queued. A checkpoint with position 0 was written
-                # at the end of the previous epoch, before this refresh, so a resumed run refreshes here too.
-                self._refresh_arm_features(policy)
-            if p.epoch > 0 and p.position == 0 and policy.mode.depth_memory == "epoch":
-                policy.forget_depths()  # T28; position 0 as above: a run resumed at this epoch's start forgets too
-            order = self.order(p.epoch)
-            bar = progress.bar(len(order), f"{self.mode_name} epoch {p.epoch + 1}/{cfg.train.epochs}",
-                               initial=p.position, unit="sample", enabled=progress_bar)
-            while p.position < len(order):
-                chunk = order[p.position : p.position + q]
-                released = self._enqueue(policy, chunk)
-                for layers, items in released:
-                    self._step(policy, frozen, layers, items)
-                    since_checkpoint += 1
-                p.position += len(chunk)
-                bar.update(len(chunk))
-                if p.pending_log:
-                    recent = p.pending_log[-10:]
-                    bar.set_postfix(loss=f"{np.mean([x[1] for x in recent]):.3f}",
-                                    layers=f"{np.mean([x[2] for x in recent]):.1f}", refresh=False)
-                if since_checkpoint >= cfg.train.checkpoint_every and p.position < len(order):
-                    self._checkpoint_now(log, start_time, self.save_checkpoint)
-                    since_checkpoint = 0
-            for layers, items in self.queue.drain():  # partly filled queues: every sample once per epoch
-                self._step(policy, frozen, layers, items)
-            progress.finish(bar)
-            self._end_epoch(log, start_time, self.save_checkpoint)
-            since_checkpoint = 0
-        p.seconds = time.perf_counter() - start_time
-        return p
-
     def _checkpoint_now(self, log: Callable[[list[tuple[int, float, float]], Progress], None] | None,
-                        start_time: float, save: Callable[[], None]) -> None:
-        """Bring the time and the MLflow log up to date, then checkpoint (``save``: one process's or the
-        distributed one), so a resumed run logs every step once."""
+                        start_time: float) -> None:
+        """Bring the time and the MLflow log up to date, then checkpoint, so a resumed run logs every step once."""
         self.progress.seconds = time.perf_counter() - start_time
         self._flush_log(log)
-        save()
+        self.save_checkpoint()
 
     def _end_epoch(self, log: Callable[[list[tuple[int, float, float]], Progress], None] | None,
-                   start_time: float, save: Callable[[], None]) -> None:
+                   start_time: float) -> None:
         """The epoch is done: the next one starts at position 0, with a checkpoint unless it was the last."""
         p = self.progress
         p.epoch += 1
         p.position = 0
         if p.epoch < self.cfg.train.epochs:
-            self._checkpoint_now(log, start_time, save)
+            self._checkpoint_now(log, start_time)
         else:
             p.seconds = time.perf_counter() - start_time
             self._flush_log(log)
@@ -404,11 +580,9 @@ class Trainer:
             rows = pick.sort().values
         size = features_cfg.batch_size
         batches = (self.train_data.batch(rows[i : i + size], self.device)[:2] for i in range(0, len(rows), size))
-        if self.world is None:
-            features, counts = compute_arm_features(self.model, batches, space, features_cfg, seed=seed)
-        else:  # one pass, on rank 0, sent to every rank: every rank's bandits must read the same vectors
-            features, counts = self.world.broadcast(
-                compute_arm_features(self.model, batches, space, features_cfg, seed=seed) if self.world.is_main else None)
+        # one pass, on rank 0, sent to every rank: every rank's bandits must read the same vectors
+        features, counts = self.world.broadcast(
+            compute_arm_features(self.model, batches, space, features_cfg, seed=seed) if self.world.is_main else None)
         if policy.search == "tree":
             policy.ucb.replace_arm_features(arm_matrix(features, "ucb_l", policy.layer_options))
             policy.ucb_h.replace_arm_features(arm_matrix(features, "ucb_h", policy.head_options))
@@ -424,57 +598,56 @@ class Trainer:
                    for k, c in counts.items() if k.startswith("pool/"))
         p.train_flops += float(len(rows) * full + arms)
 
-    def _enqueue(self, policy: Policy, chunk: Tensor) -> list[tuple[int, list[tuple[int, int, Tensor]]]]:
-        """S1 and the depth decision for a round of samples; the queues that fill up (Algorithm 3, lines 2-5)."""
-        ids, mask, _ = self.train_data.batch(chunk, self.device)
-        s1 = u = None
-        if policy.uses_s1:
-            self.model.eval()  # S1: the previous weights, no gradient, no dropout
-            with torch.no_grad():
-                s1 = self.model.encode_prefix(ids, mask)
-                u = exit_uncertainty(self.model, s1, mask) if policy.exit_confidence else None
-        arm, context = policy.choose_arms(s1, mask, len(chunk), greedy=False, learn=True, uncertainty=u)
-        layers = policy.layers_of(arm)
-        released = []
-        for row, index in enumerate(chunk.tolist()):
-            full = self.queue.push(int(layers[row]), index, int(arm[row]), context[row])
-            if full is not None:
-                released.append((int(layers[row]), full))
-        return released
-
-    def _step(self, policy: Policy, frozen: bool, layers: int, items: list[tuple[int, int, Tensor]]) -> None:
-        loss = self.train_batch(policy, frozen, layers, items)
-        self.progress.step += 1
-        # train_batch stops on a non-finite loss; a weight the update made non-finite stops here (dht.guard)
-        FiniteGuard(f"train {self.mode_name}", f"lower train.learning_rate (now {self.cfg.train.learning_rate:g})"
-                    ).parameters(self.model.named_parameters(), self.progress.step, self.progress.epoch + 1)
-        self.progress.pending_log.append((self.progress.step, loss, float(layers)))
-        self.progress.history.append((self.progress.step, self.progress.epoch, loss, float(layers)))
-        if self.on_step is not None:
-            self.on_step(self.progress.step)
-
     def _flush_log(self, log: Callable[[list[tuple[int, float, float]], Progress], None] | None) -> None:
         if log is not None and self.progress.pending_log:
             log(self.progress.pending_log, self.progress)
         self.progress.pending_log = []
 
-    # ---- several processes (docs/distributed.md; the loop: dht.distributed_training) ----------------------------
+    # ---- several processes (docs/distributed.md) ----------------------------------------------------------------
 
     def close_distributed(self) -> None:
         """Leave the process group after a distributed run: DDP first, while the group is still registered, then the
         group. DDP's reducer holds the group too, and when it drops the last reference it destroys the group with the
         GIL held, which deadlocks when gloo's worker thread is still releasing the last collective's tensors (seen
         here at exit; pytorch/pytorch#56297); the group's own Python handle releases the GIL first."""
-        if self.world is not None:
-            self.ddp = None
-            gc.collect()
-            self.world.close()
+        self.parallel = None
+        gc.collect()
+        self.world.close()
+
+    def _check_in_step(self) -> None:
+        """With several ranks, they must end with bit-identical weights and bandits: DDP keeps the weights so, the
+        joint decisions and replayed updates the bandits; a difference is a bug, and is not written as a result.
+        Sets :attr:`digests`."""
+        if self.world.size == 1:
+            return
+        bandits = {"policy": self.policy.state_dict(),
+                   "warmup": self.warmup_policy.state_dict() if self.warmup_policy is not None else None}
+        mine = (digest(self.model.state_dict()), digest(bandits))
+        every = self.world.all_gather(mine)
+        if len(set(every)) > 1:
+            raise TrainingError(
+                "the ranks ended training out of step (sha256 of weights, bandits per rank: "
+                f"{[(w[:12], s[:12]) for w, s in every]}); this is a bug, no model was written"
+            )
+        self.digests = mine
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
+        """The weights, optimizer, bandits and accounting (the same on every rank) and, with several ranks, every
+        rank's own state (its queues, its ready batches, its dropout RNG), gathered: rank 0 writes the one checkpoint,
+        the others wait until it is written."""
         if self.checkpoint_dir is None:
             return
+        cuda = self.device.type == "cuda"
+        mine = {"queue": self.queue.state_dict(), "ready": self.ready, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None}
+        ranks = self.world.all_gather(mine)
+        if self.world.is_main:
+            self._write_checkpoint(ranks if len(ranks) > 1 else None)
+        self.world.barrier()
+
+    def _write_checkpoint(self, ranks: list[dict[str, Any]] | None) -> None:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         state = {
             "fingerprint": self.fingerprint,
@@ -487,7 +660,7 @@ class Trainer:
             "progress": self.progress.__dict__,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "ranks": self.rank_states,  # a distributed run: each rank's queues, ready batches and RNG
+            "ranks": ranks,  # several processes: each rank's queues, ready batches and RNG
         }
         tmp = self.checkpoint_dir / (CHECKPOINT_FILE + ".tmp")
         write_checkpoint(state, tmp)  # behind the SHA-256 of its bytes, checked before a resume reads any (dht.integrity)
@@ -522,8 +695,26 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        distributed_training.restore_rank(self, path, state.get("ranks"))  # refuses another process count
+        self._restore_rank(path, state.get("ranks"))  # refuses another process count
         return True
+
+    def _restore_rank(self, path: Path, ranks: list[dict[str, Any]] | None) -> None:
+        """This rank's part of a checkpoint (a one-process checkpoint has none); one of another process count is
+        refused (its queues are per rank), by a one-process run too."""
+        if (1 if ranks is None else len(ranks)) != self.world.size:
+            raise TrainingError(
+                f"{path}: written by a run of {1 if ranks is None else len(ranks)} process(es), this run has "
+                f"{self.world.size} (train.distributed.nproc_per_node). It is not resumed; delete it to start over: "
+                f"rm -r {self.checkpoint_dir}"
+            )
+        if ranks is None:
+            return
+        mine = ranks[self.world.rank]
+        self.queue.load_state_dict(mine["queue"])
+        self.ready = list(mine["ready"])
+        torch.set_rng_state(mine["torch_rng"])
+        if mine["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
 
     def remove_checkpoint(self) -> None:
         if self.checkpoint_dir is not None:

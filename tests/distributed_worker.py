@@ -78,11 +78,12 @@ def run(case: dict, world: distributed.World, out: Path) -> None:
     trainer = train_once(case, world)
     progress = trainer.progress
     weights, bandits = trainer.digests
-    trainer.ddp = None  # freed while the process group lives (Trainer.close_distributed says why)
+    trainer.parallel = None  # freed while the process group lives (Trainer.close_distributed says why)
     (out / f"{case['name']}.rank{world.rank}.json").write_text(json.dumps({
         "samples": trainer.trace, "weights": weights, "bandits": bandits, "samples_seen": progress.samples_seen,
         "steps": progress.step, "train_flops": progress.train_flops, "selections": progress.selections,
-        "history": progress.history}))
+        "history": progress.history,
+        "ucb_counts": None if trainer.policy.ucb is None else trainer.policy.ucb.counts.tolist()}))
 
 
 if __name__ == "__main__":

@@ -52,15 +52,22 @@ def trainer_for(setup, mode, cfg):
     return Trainer(cfg, mode, copy.deepcopy(model), feats, train, torch.device("cpu"), SEQ)
 
 
-def recording(policy, calls):
-    original = policy.choose_heads
+def recording(monkeypatch, policy, calls):
+    """Record every head decision of `policy`: the state its contexts were pooled from, the group, and what was
+    decided (training pools on each rank and decides jointly, inference in one call: both go through these two)."""
+    contexts, decide = policy.head_contexts, policy.decide_heads
 
-    def choose_heads(g, state, mask, arm, greedy, learn):
-        out = original(g, state, mask, arm, greedy=greedy, learn=learn)
-        calls.append({"g": g, "state": state.detach().clone(), **out})
+    def head_contexts(state, mask):
+        calls.append({"state": state.detach().clone()})
+        return contexts(state, mask)
+
+    def decide_heads(g, xt, xh, arm, greedy, learn):
+        out = decide(g, xt, xh, arm, greedy=greedy, learn=learn)
+        calls[-1].update(g=g, **out)
         return out
 
-    return choose_heads
+    monkeypatch.setattr(policy, "head_contexts", head_contexts)
+    monkeypatch.setattr(policy, "decide_heads", decide_heads)
 
 
 def one_batch(trainer):
@@ -78,7 +85,7 @@ def test_training_decides_from_the_states_inference_sees(setup, monkeypatch):
     layers, items = one_batch(trainer)
     weights = copy.deepcopy(trainer.model)  # the weights the decisions see (the step updates them afterwards)
     train_calls: list[dict] = []
-    monkeypatch.setattr(policy, "choose_heads", recording(policy, train_calls))
+    recording(monkeypatch, policy, train_calls)
     trainer.train_batch(policy, False, layers, items)
     assert [c["g"] for c in train_calls] == [0, 1, 2]
 
@@ -94,7 +101,7 @@ def test_training_decides_from_the_states_inference_sees(setup, monkeypatch):
 
     # Inference from the same weights and samples (after the step's normaliser updates, which it reads).
     infer_calls: list[dict] = []
-    monkeypatch.setattr(policy, "choose_heads", recording(policy, infer_calls))
+    recording(monkeypatch, policy, infer_calls)
     data = SplitData(trainer.train_data.input_ids[index], trainer.train_data.attention_mask[index],
                      trainer.train_data.labels[index])
     pred = predict(weights, policy, data, torch.device("cpu"), 16, SEQ)
@@ -109,7 +116,7 @@ def test_train_reading_decides_from_the_noisy_states(setup, monkeypatch):
     layers, items = one_batch(trainer)
     weights = copy.deepcopy(trainer.model).eval()
     calls: list[dict] = []
-    monkeypatch.setattr(trainer.policy, "choose_heads", recording(trainer.policy, calls))
+    recording(monkeypatch, trainer.policy, calls)
     trainer.train_batch(trainer.policy, False, layers, items)
     ids, mask, _ = trainer.train_data.batch(torch.tensor([i for i, _, _ in items]), torch.device("cpu"))
     with torch.no_grad():

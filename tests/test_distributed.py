@@ -4,8 +4,9 @@ The stage script runs as the Snakemake rule runs it (workflow/scripts/train.py u
 small synthetic project written the way the pipeline writes one (processed splits, the initial model, the arm
 features), with the tiny profile's model and `train.distributed: {nproc_per_node: 2, backend: gloo}`. Each rank
 leaves a trace (dht.distributed.TRACE_ENV): the samples it trained per epoch and the digests of its weights and
-bandits. These stage runs are marked slow (three launches, ~65 s on a loaded 2-core machine); the in-library runs
-at the end (one torchrun launch of tests/distributed_worker.py, ~20 s) stay in the quick set.
+bandits. These stage runs are marked slow (three launches, ~65 s on a loaded 2-core machine, and three more with the
+levers the one loop brought to several processes); the in-library runs at the end (one torchrun launch of
+tests/distributed_worker.py, ~20 s) stay in the quick set.
 
 Then the train rule as a user runs it, with `train.distributed: {nproc_per_node: 2, backend: gloo}` in params.yaml
 on the tiny profile: its command (Snakemake's and dvc.yaml's) read by torchrun's own parser (quick), and, slow,
@@ -55,11 +56,12 @@ def write_split(path: Path, n: int, gen: torch.Generator) -> None:
     write_processed_split(path, ids, mask, ids[:, 0] % LABELS, lengths)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ddp")
+def write_project(root: Path, mode: dict | None = None) -> Path:
+    """The synthetic project in `root`, with `mode`'s entries set on dht.modes.<MODE> (the tiny profile's)."""
     raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
     tiny = raw["profiles"]["tiny"]
+    if mode:
+        tiny.setdefault("dht", {}).setdefault("modes", {}).setdefault(MODE, {}).update(mode)
     tiny["device"] = "cpu"
     tiny["model"] = {**tiny["model"], "max_position_embeddings": SEQ}
     tiny["train"] = {**tiny["train"], "epochs": EPOCHS, "batch_size": 8, "eval_batch_size": 32, "checkpoint_every": 1,
@@ -86,6 +88,11 @@ def project(tmp_path_factory) -> Path:
     feats, counts = compute_arm_features(model, batches, arm_space(cfg), cfg.dht.features, seed=0)
     save_arm_features(features, feats, counts, {"dataset": DATASET, "profile": "tiny"})
     return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return write_project(tmp_path_factory.mktemp("ddp"))
 
 
 def torchrun(project: Path, out: str, trace: Path | None = None) -> subprocess.Popen:
@@ -118,6 +125,19 @@ def outputs(project: Path, out: str) -> tuple[dict, str, str]:
     return metrics, (results / "loss.csv").read_text(), (results / "selections.json").read_text()
 
 
+def kill_at_checkpoint(proc: subprocess.Popen, checkpoint: Path) -> None:
+    """SIGKILL to torchrun and both ranks (torchrun starts each rank in a session of its own), as a scheduler's time
+    limit would, once `checkpoint` is written."""
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
+    output, _ = proc.communicate(timeout=60)
+    assert checkpoint.exists(), f"the run ended before its first checkpoint could be killed:\n{output[-6000:]}"
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(project) -> Path:
     trace = project / "trace"
@@ -147,20 +167,47 @@ def test_two_ranks_share_every_epoch_and_end_in_step(project, uninterrupted):
 @pytest.mark.slow
 def test_killed_two_process_run_resumes_to_the_same_metrics(project, uninterrupted):
     proc = torchrun(project, "killed")
-    checkpoint = project / "checkpoints" / "killed" / DATASET / MODE / "checkpoint.pt"
-    deadline = time.monotonic() + 240
-    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    # torchrun and both ranks (torchrun starts each rank in a session of its own), as a scheduler's time limit would
-    for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.send_signal(signal.SIGKILL)
-    output, _ = proc.communicate(timeout=60)
-    assert checkpoint.exists(), f"the run ended before its first checkpoint could be killed:\n{output[-6000:]}"
+    kill_at_checkpoint(proc, project / "checkpoints" / "killed" / DATASET / MODE / "checkpoint.pt")
     assert not (project / "results" / "killed" / "metrics.json").exists()
     resumed = finish(torchrun(project, "killed"))
     assert "resuming at epoch" in resumed
     assert outputs(project, "killed") == outputs(project, "full")
+
+
+# Levers that were refused with several processes while the distributed loop was a second copy of the trainer's
+# (docs/training.md T24, T26, T28): UCB_L fed every depth option, every exit of the path trained, UCB_L restarted at
+# every epoch.
+STAGE_LEVERS = {"depth_feedback": "all_depths", "exit_loss": "path", "depth_memory": "epoch"}
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_formerly_one_process_levers_in_step_and_resume(tmp_path_factory):
+    """T-DHT with the three levers on, trained by the stage under torchrun as the rule starts it: each sample once per
+    epoch on one rank, both ranks end with the same weights and bandits, and UCB_L (bandits.pt, as written) holds
+    one update per depth option of every sample of the last epoch alone, of both ranks. Then the same run killed at
+    its first checkpoint and rerun ends with the uninterrupted run's metrics, loss curve and selections."""
+    from dht.integrity import load_tensors
+
+    lever_project = write_project(tmp_path_factory.mktemp("ddp-levers"), STAGE_LEVERS)
+    trace = lever_project / "trace"
+    finish(torchrun(lever_project, "full", trace))
+    ranks = [json.loads((trace / f"rank{r}.json").read_text()) for r in range(2)]
+    for epoch in range(EPOCHS):
+        assert Counter(ranks[0]["samples"][str(epoch)] + ranks[1]["samples"][str(epoch)]) == Counter(range(N_TRAIN))
+    assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["bandits"] == ranks[1]["bandits"]
+    metrics, _, selections = outputs(lever_project, "full")
+    assert metrics["train_samples"] == EPOCHS * N_TRAIN
+    bandits = load_tensors(lever_project / "models" / "full" / "bandits.pt", "retrain")
+    options = load_config(lever_project / "params.yaml", profile="tiny").dht.modes[MODE].layers
+    assert bandits["ucb"]["counts"].tolist() == [N_TRAIN] * len(options)
+    assert sum(v for k, v in json.loads(selections)[str(EPOCHS - 1)].items() if k.startswith("layers/")) == N_TRAIN
+
+    proc = torchrun(lever_project, "killed")
+    checkpoint = lever_project / "checkpoints" / "killed" / DATASET / MODE / "checkpoint.pt"
+    kill_at_checkpoint(proc, checkpoint)
+    resumed = finish(torchrun(lever_project, "killed"))
+    assert "resuming at epoch" in resumed
+    assert outputs(lever_project, "killed") == outputs(lever_project, "full")
 
 
 # The train rule as a user runs it: Snakemake and `dvc repro`, on the tiny profile's data (the `tiny_upstream`
@@ -356,6 +403,8 @@ def test_a_killed_rank_fails_the_job_naming_it_and_the_rerun_resumes(tiny_projec
 
 
 # In-library runs (tests/distributed_worker.py under torchrun): the branches the stage run above does not take.
+LEVERS = {"dht.modes.t-dht.depth_feedback": "all_depths", "dht.modes.t-dht.exit_loss": "path",
+          "dht.modes.t-dht.depth_memory": "epoch"}
 CASES = [
     # integrated search (F-DHT's arms, UCB_cp) in the warm-up epoch, then P-DHT's own arms with every layer but
     # the last two of each sample's path frozen: ranks at different depths freeze and train different layers
@@ -366,6 +415,9 @@ CASES = [
      "params": {"dht.decision_states": "train", "dht.features.refresh": "epoch"}},
     # one set of queues shared by the ranks, each released batch split over them
     {"name": "t-dht-global-queues", "mode": "t-dht", "params": {"train.distributed.queues": "global"}},
+    # the levers the one loop brought to several processes (docs/training.md T24, T26, T28): UCB_L fed every depth
+    # from a counterfactual pass, every exit of the path trained, UCB_L restarted each epoch
+    {"name": "t-dht-levers", "mode": "t-dht", "params": LEVERS},
     # one fixed arm without dropout, per-rank and global queues: compared with one process below
     {"name": "vanilla-no-dropout", "mode": "vanilla-12", "params": {}, "dropout": 0.0},
     {"name": "vanilla-global-no-dropout", "mode": "vanilla-12", "params": {"train.distributed.queues": "global"},
@@ -399,6 +451,23 @@ def test_every_branch_keeps_the_ranks_in_step(library_runs, case):
     for key in ("samples_seen", "steps", "train_flops", "selections"):  # the accounting: one, over both ranks
         assert ranks[0][key] == ranks[1][key]
     assert ranks[0]["samples_seen"] == 2 * 45
+
+
+def test_two_ranks_feed_ucb_l_every_depth_of_every_rank_and_restart_it_each_epoch(library_runs):
+    """depth_feedback: all_depths with depth_memory: epoch on two ranks: at the end UCB_L holds, on both ranks, one
+    update per depth option for every sample of the last epoch, both ranks' samples (each rank replays the other's
+    updates), and none of the first epoch's."""
+    ranks = [json.loads((library_runs / f"t-dht-levers.rank{r}.json").read_text()) for r in range(2)]
+    options = len(distributed_worker_config(LEVERS).dht.modes["t-dht"].layers)
+    assert ranks[0]["ucb_counts"] == ranks[1]["ucb_counts"]
+    assert sum(ranks[0]["ucb_counts"]) == 45 * options
+    assert all(count == 45 for count in ranks[0]["ucb_counts"])  # every sample fed every option
+
+
+def distributed_worker_config(params: dict):
+    import distributed_worker
+
+    return distributed_worker.config({"params": params})
 
 
 @pytest.mark.parametrize("case", ["vanilla-no-dropout", "vanilla-global-no-dropout", "vanilla-split-no-dropout"])

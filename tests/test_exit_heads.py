@@ -18,8 +18,9 @@ from dht.baselines.distil import student_from_teacher
 from dht.config import Config
 from dht.flops import forward_flops
 from dht.model import DHTConfig, DHTForSequenceClassification
-from dht.policy import exit_logits, exit_uncertainty, predict
+from dht.policy import exit_uncertainty, predict
 from dht.trainer import Trainer
+from dht.walk import exit_logits
 
 EXITS = [2, 4, 6]  # test_model's make_dht: 6 layers, b = c = 2
 
@@ -252,7 +253,7 @@ def test_every_search_mode_trains_the_heads_it_reads(setup, mode):  # noqa: F811
 
 
 def test_exit_reads_use_each_depths_head(setup):  # noqa: F811
-    """dht.policy.exit_logits (T24's reads, the levers' ladder) and exit_uncertainty (T23, on S1 after b layers)."""
+    """dht.walk.exit_logits (T24's reads, the levers' ladder) and exit_uncertainty (T23, on S1 after b layers)."""
     model = copy.deepcopy(setup[0])
     model.set_exit_heads("per_depth")
     perturb_heads(model).eval()

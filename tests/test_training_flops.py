@@ -92,7 +92,7 @@ def counted(monkeypatch):
 
         return wrapped
 
-    for name in ("choose_arms", "choose_heads", "learn"):
+    for name in ("arm_context", "decide_arms", "head_contexts", "decide_heads", "learn"):
         monkeypatch.setattr(Policy, name, outside_counter(getattr(Policy, name)))
     for name in ("_enqueue", "train_batch"):
         monkeypatch.setattr(Trainer, name, counting(getattr(Trainer, name)))

@@ -43,6 +43,7 @@ from dht.evaluation import Predictions, SplitData
 from dht.flops import Convention, FlopShape, forward_flops, full_model_flops
 from dht.guard import FiniteGuard
 from dht.model import DHTForSequenceClassification
+from dht.walk import At, Next, start, walk
 
 __all__ = [
     "CONFIG_FILE",
@@ -219,15 +220,18 @@ class FastBERT(nn.Module):
         """The frozen pass: (outputs of layers 1..N_L-1, teacher logits [B, C], key mask or None), eval mode."""
         teacher = self.teacher
         teacher.eval()
-        hidden, key_keep = teacher.embed(input_ids, attention_mask)
-        states = []
-        for layer in range(self.num_layers):
-            hidden = teacher.run_layers(hidden, key_keep, layer, layer + 1)
-            if layer < self.num_layers - 1:
-                # A pre-LN backbone's intermediate states are un-normalised; every exit reads them through the
-                # teacher's (frozen) final LayerNorm, as its own classifier does. Identity for post-LN BERT.
-                states.append(teacher.bert.final_norm(hidden))
-        return states, teacher.classify(hidden, key_keep), key_keep
+        states: list[Tensor] = []
+        first = start(teacher, input_ids, attention_mask)
+        # the students read layers 1..N_L-1 (through the normalised state, :meth:`student_input`), the teacher N_L
+        last = walk(first, range(1, self.num_layers + 1),
+                    lambda at: None if at.next is None else states.append(self.student_input(at)))
+        return states, last.logits(), first.keep
+
+    def student_input(self, at: At) -> Tensor:
+        """What the student after layer ``at.depth`` reads: a pre-LN backbone's intermediate states are
+        un-normalised, so every exit reads them through the teacher's (frozen) final LayerNorm, as its own
+        classifier does (identity for post-LN BERT)."""
+        return self.teacher.bert.final_norm(at.state)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(student logits [N_L - 1, B, C] with gradient, teacher logits [B, C] without): the self-distillation
@@ -390,7 +394,7 @@ def distill(
         return F.kl_div(log_q, p_t, reduction="sum") / len(index)
 
     report = None if on_epoch is None else lambda epoch, seen: on_epoch(epoch, seen.sample_mean())
-    start = time.perf_counter()
+    began = time.perf_counter()
     fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
@@ -405,7 +409,7 @@ def distill(
         "train_flops_per_sample": float(per_sample),
         "steps": sum(len(epoch.losses) for epoch in history),
         "samples": n * epochs,
-        "seconds": time.perf_counter() - start,
+        "seconds": time.perf_counter() - began,
     }
 
 
@@ -451,37 +455,27 @@ def predict_fastbert(
     labels = torch.zeros(n, dtype=torch.long)
     probs = torch.zeros(n, n_labels)
     exits = torch.zeros(n, dtype=torch.long)
-    start = time.perf_counter()
+    began = time.perf_counter()
     for lo in range(0, n, batch_size):
-        rows = torch.arange(lo, min(lo + batch_size, n))  # original indices of the samples still running
+        rows = torch.arange(lo, min(lo + batch_size, n))
         ids, mask, _ = data.batch(rows, device)
-        lengths = mask.sum(dim=1)
-        hidden, key_keep = teacher.embed(ids, mask)
-        for layer in range(n_layers):
-            hidden = teacher.run_layers(hidden, key_keep, layer, layer + 1)
-            last = layer == n_layers - 1
-            logits = (teacher.classify(hidden, key_keep) if last
-                      else fastbert.students[layer](teacher.bert.final_norm(hidden), key_keep))
+
+        def exit_here(at: At, rows: Tensor = rows) -> Next:
+            """FastBERT's exit (Section 3.3): the student of this layer, the teacher at the last, decides."""
+            last = at.next is None
+            logits = at.logits() if last else fastbert.students[at.depth - 1](fastbert.student_input(at), at.keep)
             p = logits.float().softmax(-1)
-            done = torch.ones(len(rows), dtype=torch.bool, device=p.device) if last else normalized_entropy(p) < speed
+            done = torch.ones(len(at.rows), dtype=torch.bool, device=p.device) if last else normalized_entropy(p) < speed
             if bool(done.any()):
-                done_cpu = done.cpu()
-                out = rows[done_cpu]
+                out = rows[at.rows[done.cpu()]]
                 probs[out] = p[done].cpu()
                 labels[out] = p[done].argmax(-1).cpu()
-                exits[out] = layer + 1
-                stay = ~done
-                rows, hidden, lengths = rows[~done_cpu], hidden[stay], lengths[stay]
-                key_keep = None if key_keep is None else key_keep[stay]
-                if not len(rows):
-                    break
-                width = max(int(lengths.max()), 1)  # right padding: drop columns no remaining sample needs
-                if width < hidden.shape[1]:
-                    hidden = hidden[:, :width]
-                    key_keep = None if key_keep is None else key_keep[:, :width]
-                if key_keep is not None and bool(key_keep.all()):
-                    key_keep = None  # no padding left: the unmasked kernels, as DHTForSequenceClassification.embed
-    seconds = time.perf_counter() - start
+                exits[out] = at.depth
+            return Next(stop=done)
+
+        # the exited samples leave the batch, which is cut to its longest remaining sample (dht.walk)
+        walk(start(teacher, ids, mask), range(1, n_layers + 1), exit_here)
+    seconds = time.perf_counter() - began
     cla = fastbert.cla_hidden_size
     per_exit = {
         conv: torch.tensor([float(exit_flops(k, seq_len, conf, conv, cla)) for k in range(1, n_layers + 1)], dtype=torch.float64)

@@ -45,7 +45,7 @@ try:
     world = distributed.start(cfg, device)
 except distributed.DistributedError as err:
     sys.exit(f"error: {err}")
-if world is not None:
+if world.size > 1:
     from dht.runtime import configure_threads
 
     device = world.device
@@ -59,7 +59,7 @@ try:  # dht.modes.<mode>.init (docs/training.md T30): the initial model, or the 
     model, reference = initial_model(cfg, args.model, args.dataset, features / "init_model")
 except TrainingError as err:
     sys.exit(f"error: {err}")
-if reference is not None and (world is None or world.is_main):
+if reference is not None and world.is_main:
     print(f"train {args.dataset}/{args.model}: starting from the trained reference in {reference.model_dir}")
 arm_features = load_arm_features(features)
 run_fp = fingerprint(cfg, args.model, args.dataset,
@@ -68,17 +68,17 @@ run_fp = fingerprint(cfg, args.model, args.dataset,
 trainer = Trainer(cfg, args.model, model, arm_features, train, device, seq_len=meta["max_length"],
                   checkpoint_dir=Path(args.checkpoints) / run_subdir(cfg, args.dataset, args.model, cfg.seed),
                   run_fingerprint=run_fp, world=world)
-if world is not None and os.environ.get(distributed.TRACE_ENV):
+if os.environ.get(distributed.TRACE_ENV):
     trainer.trace = {}
 try:
     resumed = trainer.load_checkpoint()
 except TrainingError as err:
     sys.exit(f"error: {err}")
-if resumed and (world is None or world.is_main):
+if resumed and world.is_main:
     pr = trainer.progress
     print(f"train {args.dataset}/{args.model}: resuming at epoch {pr.epoch + 1}, step {pr.step} from {trainer.checkpoint_dir}")
 
-if world is not None and not world.is_main:  # the other ranks train, then leave the rest to rank 0
+if not world.is_main:  # the other ranks train, then leave the rest to rank 0
     try:
         trainer.fit(progress_bar=False)
     except TrainingError as err:
@@ -98,9 +98,8 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="train",
         progress = trainer.fit()
     except TrainingError as err:
         sys.exit(f"error: {err}")
-    if world is not None:
-        distributed.write_trace(world, trainer.trace, trainer.digests)
-        trainer.close_distributed()
+    distributed.write_trace(world, trainer.trace, trainer.digests)
+    trainer.close_distributed()
     pred = predict(trainer.model, trainer.policy, test, device, cfg.train.eval_batch_size, meta["max_length"],
                    greedy=cfg.dht.inference == "greedy")
     # the validation split with the same policy, after the test split (whose predictions stay what they were)
