@@ -2,7 +2,6 @@
 
     dht config show [--profile tiny]     the resolved, validated configuration of a profile (YAML; --out FILE)
     dht config validate                  check every profile of params.yaml; exit 1 with the problems
-    dht config schema                    write workflow/schemas/config.schema.json (JSON Schema of a profile)
     dht dvc-yaml [--check]               regenerate dvc.yaml from the Snakemake jobs (or check it is current)
     dht sync-snakemake [STAGE...]        after `dvc pull` / `dvc checkout`: record the restored outputs as current
                                          in Snakemake (refused unless `dvc status` says they are)
@@ -31,10 +30,8 @@ from typing import Any
 
 import yaml
 
-from dht.config import ConfigError, json_schema
+from dht.config import ConfigError
 from dht.config_loading import OVERLAYS_KEY, load_config, read_params
-
-SCHEMA_PATH = Path("workflow/schemas/config.schema.json")
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -59,17 +56,6 @@ def _config_validate(args: argparse.Namespace) -> int:
             failed += 1
             print(err, file=sys.stderr)
     return 1 if failed else 0
-
-
-def render_schema() -> str:
-    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
-
-
-def _config_schema(args: argparse.Namespace) -> int:
-    SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
-    SCHEMA_PATH.write_text(render_schema())
-    print(f"wrote {SCHEMA_PATH}")
-    return 0
 
 
 def _dvc_yaml(args: argparse.Namespace) -> int:
@@ -263,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dht", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    cfg = sub.add_parser("config", help="show, validate or export the configuration")
+    cfg = sub.add_parser("config", help="show or validate the configuration")
     cfg_sub = cfg.add_subparsers(dest="action", required=True)
     show = cfg_sub.add_parser("show", help="print the resolved configuration of a profile")
     show.add_argument("--profile", default=None)
@@ -271,8 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_config_show)
     val = cfg_sub.add_parser("validate", help="validate every profile")
     val.set_defaults(func=_config_validate)
-    sch = cfg_sub.add_parser("schema", help=f"write {SCHEMA_PATH}")
-    sch.set_defaults(func=_config_schema)
     for action in (show, val):
         action.add_argument("--params", default="params.yaml")
 

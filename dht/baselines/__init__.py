@@ -46,12 +46,13 @@ class Baseline:
     @property
     def params(self) -> list[str]:
         """The params.yaml keys a job of this kind reads (workflow/scripts/baseline.py, this package, the kind's
-        module): the seed and device; train.epochs (the reference's training FLOPs, the 1.00x of its training
+        module): the device; train.epochs (the reference's training FLOPs, the 1.00x of its training
         FLOP ratio), train.batch_size and train.eval_batch_size (its training and test batches); and its own
         keys. Not the `model:` section (the kind reads the trained reference, an input), nor train.log_model
-        (MLflow only). Snakemake reruns a job when their values change and DVC tracks them; tests/test_pipeline.py
+        (MLflow only). Its training seed is not a key (the job's --training-seed, one of run.training_seeds, in its
+        MLflow params as training_seed). Snakemake reruns a job when their values change and DVC tracks them; tests/test_pipeline.py
         checks them against what a job really reads."""
-        return ["seed", "device", "train.epochs", "train.batch_size", "train.eval_batch_size",
+        return ["device", "train.epochs", "train.batch_size", "train.eval_batch_size",
                 *(self.reads or (f"baselines.{self.section}",))]
 
 
@@ -76,10 +77,10 @@ KINDS: dict[str, Baseline] = {b.kind: b for b in (
 # The params.yaml keys the flexibert_search stage reads (workflow/scripts/flexibert_search.py,
 # dht.flexibert.search_stage.run_search): the design space, BOSHNAS's settings and each query's brief training
 # (every baselines.flexibert key but the retraining's epochs), the FLOP budgets (the flexibert-<ratio> names in
-# run.baselines), the seed and device, the training batches and dropout it shares with the retraining, and the
+# run.baselines), the data seed (one search per dataset) and the device, the training batches and dropout it shares with the retraining, and the
 # reference's name (its figure's FLOP axis, dht.flexibert.search_stage.reference_name).
 FLEXIBERT_SEARCH_PARAMS: tuple[str, ...] = (
-    "seed", "device", "run.baselines", "run.reference", "model.hidden_dropout_prob", "train.batch_size", "train.eval_batch_size",
+    "data_seed", "device", "run.baselines", "run.reference", "model.hidden_dropout_prob", "train.batch_size", "train.eval_batch_size",
     *(f"baselines.flexibert.{k}" for k in FlexiBERTConfig.model_fields if k != "epochs"),
 )
 
@@ -154,7 +155,7 @@ def load_reference(cfg: Config, dataset: str, directory: Path, device: torch.dev
         raise BaselineError(
             f"{directory}: not the trained reference {cfg.run.reference!r} of run.reference ({policy_file} names "
             f"{trained_as!r}); train it first (snakemake --cores 4 results/{dataset}/{cfg.run.reference}/metrics.json)")
-    results = f"results/{run_subdir(cfg, dataset, cfg.run.reference, cfg.seed)}"
+    results = f"results/{run_subdir(cfg, dataset, cfg.run.reference, cfg.training_seed)}"
     try:
         teacher = load_checked_model(directory, retrain_hint({"results": results}))
     except IntegrityError as err:
@@ -192,7 +193,7 @@ def run_params(cfg: Config, dataset: str, name: str, device: torch.device) -> di
 
     kind, value = parse_baseline(name)
     return {**{key: cfg.section(key) for key in KINDS[kind].params}, "model_name": name, "dataset": dataset,
-            "seed": cfg.seed, "device": str(device), "baseline.kind": kind, "baseline.value": value}
+            "training_seed": cfg.training_seed, "device": str(device), "baseline.kind": kind, "baseline.value": value}
 
 
 def run_baseline(kind: str, value: float, job: BaselineJob) -> BaselineRun:

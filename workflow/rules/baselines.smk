@@ -82,7 +82,7 @@ rule baseline:
     params:
         tracked=baseline_keys,
         search=search_arg,
-        seed=seed_of,
+        training_seed=seed_of,
         processed=folder("meta", of="input"),
         results=folder("metrics"),
     log:
@@ -92,6 +92,6 @@ rule baseline:
         gpu=GPU,
     shell:
         "python workflow/scripts/baseline.py --profile {PROFILE:q} --dataset {wildcards.dataset:q}"
-        " --model {wildcards.baseline:q} --seed {params.seed:q} --processed {params.processed:q}"
+        " --model {wildcards.baseline:q} --training-seed {params.training_seed:q} --processed {params.processed:q}"
         " --teacher {input.teacher:q} --teacher-metrics {input.teacher_metrics:q} --results {params.results:q}"
         " --out-model {output.model:q} --threads {threads:q} --log {log:q} {params.search:q}"
