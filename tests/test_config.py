@@ -584,3 +584,38 @@ def test_a_relative_csv_path_starts_at_the_params_file_from_any_working_director
     spec = load_config(params).datasets["sst2"]
     assert spec.folder(params.parent) == project / "data/external/sst2"
     assert spec.model_copy(update={"path": str(elsewhere)}).folder(params.parent) == elsewhere  # absolute: as is
+
+
+def test_the_keys_a_stage_tracks_come_from_the_fields_that_say_who_reads_them():
+    """The train and arm_features stages track the keys their fields' ReadBy names them in (dht.config.keys_read_by),
+    not hand lists: every train key says who reads it (a new one must say), a training tracks the ones marked for
+    it and not train.log_model (MLflow's only), the arm_features stage the warm-up's only when it warms up, and a
+    training's MLflow params carry its training seed, which is not a key."""
+    from dht.config import (
+        ARM_FEATURES_WARMUP,
+        TRAIN,
+        ReadBy,
+        TrainConfig,
+        arm_feature_keys,
+        run_param_keys,
+    )
+    from dht.trainer import run_params
+
+    def marked(stage):
+        return {name for name, field in TrainConfig.model_fields.items()
+                if any(isinstance(m, ReadBy) and stage in m.stages for m in field.metadata)}
+
+    unmarked = [name for name, field in TrainConfig.model_fields.items()
+                if name != "distributed" and not any(isinstance(m, ReadBy) for m in field.metadata)]
+    assert unmarked == [], "say which stages read these train keys (dht.config.ReadBy)"
+    cfg = load_config(ROOT / "params.yaml", profile="embedded")  # dht.features.warmup_steps: 100
+    trained = {k.removeprefix("train.") for k in run_param_keys(cfg, "t-dht") if k.startswith("train.")}
+    assert trained - {"distributed.nproc_per_node"} == marked(TRAIN) and "log_model" not in trained
+    warmed = {k.removeprefix("train.") for k in arm_feature_keys(cfg) if k.startswith("train.")}
+    assert warmed == marked(ARM_FEATURES_WARMUP) and cfg.dht.features.warmup_steps > 0
+    assert not [k for k in arm_feature_keys(load_config(ROOT / "params.yaml")) if k.startswith("train.")]  # 0 steps
+    features = {k.removeprefix("dht.features.") for k in arm_feature_keys(cfg) if k.startswith("dht.features.")}
+    assert {"refresh", "exit_confidence"}.isdisjoint(features) and {"ucb_l", "warmup_steps"} <= features
+    assert all(f"dht.modes.t-dht.{k}" in arm_feature_keys(cfg) for k in ("layers", "heads", "arms"))
+    params = run_params(cfg.for_training_seed(0), "t-dht")
+    assert params["training_seed"] == 0 and "seed" not in params and "data_seed" not in params
