@@ -95,7 +95,7 @@ def test_only_one_process_tree_modes_take_it():
     problems = check_semantics(Config.model_validate(raw))
     assert any("dht.modes.s-dht.depth_feedback = 'all_depths'" in p and "search: tree" in p for p in problems)
     raw = with_all_depths(cfg).model_dump(mode="json")
-    raw["train"]["distributed"] = {"nproc_per_node": 2, "backend": "gloo"}
+    raw["train"]["distributed"].update(nproc_per_node=2, backend="gloo")
     problems = check_semantics(Config.model_validate(raw))
     assert any("dht.modes.t-dht.depth_feedback" in p and "nproc_per_node" in p for p in problems)
     assert not check_semantics(with_all_depths(cfg))

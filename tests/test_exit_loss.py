@@ -89,7 +89,7 @@ def test_its_flops_are_the_extra_classifier_reads(setup, monkeypatch):  # noqa: 
 def test_one_process_only_and_a_known_value():
     raw = with_path_exits(make_cfg()).model_dump(mode="json")
     assert not check_semantics(Config.model_validate(raw))
-    raw["train"]["distributed"] = {"nproc_per_node": 2, "backend": "gloo"}
+    raw["train"]["distributed"].update(nproc_per_node=2, backend="gloo")
     problems = check_semantics(Config.model_validate(raw))
     assert any("dht.modes.t-dht.exit_loss = 'path'" in p and "nproc_per_node" in p for p in problems)
     raw["dht"]["modes"]["t-dht"]["exit_loss"] = "all"

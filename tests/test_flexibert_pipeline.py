@@ -70,12 +70,12 @@ def test_config_names_and_checks_flexibert_baselines():
     assert budgets(config()) == [0.25, 0.5]
     raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
     raw["run"]["baselines"] = ["flexibert-1.5"]
-    raw["baselines"] = {**raw.get("baselines", {}), "flexibert": {"hidden": [30], "heads": [4], "ops": ["sdp"]}}
+    raw["baselines"]["flexibert"].update(hidden=[30], heads=[4], ops=["sdp"])
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "params.yaml", raw=raw)
     assert "run.baselines[0] = 'flexibert-1.5': a FLOP target ratio is in (0, 1]" in str(err.value)
     assert "baselines.flexibert.heads = [4]: none divides a hidden size in [30]" in str(err.value)
-    raw["baselines"]["flexibert"] = {"ops": ["lstm"]}
+    raw["baselines"]["flexibert"]["ops"] = ["lstm"]
     with pytest.raises(ConfigError, match="baselines.flexibert.ops"):
         load_config(ROOT / "params.yaml", raw=raw)
 
