@@ -3,7 +3,7 @@
 params.yaml is the one source of every value: no field here has a default, so a key params.yaml leaves out is an
 error, and unknown keys are errors too (typos fail loudly). Its comments are the documentation of the keys; the
 models say what each key takes. A dataset or mode entry lists what differs from its collection's defaults, which
-params.yaml states too (`dataset_defaults.<source>`, `dht.mode_defaults`; :func:`_with_entry_defaults`).
+params.yaml states too (`dataset_defaults.<source>`, `dht.mode_defaults`; :func:`with_entry_defaults`).
 tests/test_config.py holds both to it. Reading params.yaml and choosing a profile is :mod:`dht.config_loading`
 (:func:`~dht.config_loading.load_config`); the rules across fields (Section 6.1: ``(L - b)`` must be a multiple of
 ``c``; heads must divide the hidden size; ...) are :mod:`dht.config_checks`.
@@ -235,7 +235,7 @@ def entry_default_problems(spec: type[BaseModel], defaults: Mapping[str, Any], e
 
 class DatasetDefaults(_Strict):
     """params.yaml's `dataset_defaults:`: the keys a dataset of each source takes when its entry under `datasets:`
-    leaves them out (:func:`_with_entry_defaults`); an entry states its `source` and whatever else differs."""
+    leaves them out (:func:`with_entry_defaults`); an entry states its `source` and whatever else differs."""
 
     embedded: dict[str, Any]
     hub: dict[str, Any]
@@ -596,7 +596,7 @@ class TrackingConfig(_Strict):
     ]
 
 
-def _with_entry_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
+def with_entry_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
     """A profile with every dataset entry completed from `dataset_defaults.<its source>` and every mode from
     `dht.mode_defaults`: an entry's own keys win (YAML-level, before validation; anything malformed is left for
     validation to name)."""
@@ -641,7 +641,7 @@ class Config(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _complete_entries(cls, data: Any) -> Any:
-        return _with_entry_defaults(data) if isinstance(data, Mapping) else data
+        return with_entry_defaults(data) if isinstance(data, Mapping) else data
 
     def dataset(self, name: str) -> EmbeddedDatasetSpec | HubDatasetSpec | CsvDatasetSpec:
         """The spec of a dataset the active profile runs; a clear error otherwise."""

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from dht.config import NOT_A_NAME, Config, ConfigError, is_name
+from dht.config import NOT_A_NAME, Config, ConfigError, is_name, with_entry_defaults
 from dht.config_checks import (
     booleans_for_numbers,
     check_semantics,
@@ -190,7 +190,7 @@ def load_config(
     renamed = renamed_key_problems(resolved)
     if renamed:  # before validation, which would add "unknown key" and "required" for each of them
         raise ConfigError(f"{where} has {len(renamed)} problem(s):\n" + "\n".join(f"  - {p}" for p in renamed))
-    booleans = booleans_for_numbers(Config, resolved)
+    booleans = booleans_for_numbers(Config, with_entry_defaults(resolved))  # a default's yes, where it lands
     try:
         cfg = Config.model_validate(resolved)
     except ValidationError as err:

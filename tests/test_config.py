@@ -388,6 +388,8 @@ def test_a_wrong_default_fails_before_an_entry_uses_it():
     msg = errors_for(lambda r: r["dht"]["mode_defaults"].update(depth_memory="forever", search="tree", depth=2))
     assert "depth_memory = 'forever': Input should be 'run' or 'epoch'" in msg
     assert "search: not a key an entry takes from its defaults" in msg and "depth: not a key an entry takes" in msg
+    msg = errors_for(lambda r: r["dht"]["mode_defaults"].update(warmup_epochs=True))  # YAML's yes: not 1
+    assert "dht.modes.t-dht.warmup_epochs = true: a number is needed, not a yes/no" in msg
 
 
 @pytest.mark.parametrize(("mutate", "message"), [
