@@ -8,7 +8,7 @@ CORES   ?= 4
 TARGET  ?= all
 WORKERS ?= 2
 
-.PHONY: install reproduce test test-fast lint benchmarks dvc-yaml dvc-repro dvc-record dvc-pull dvc-checkout mlflow-ui clean
+.PHONY: install reproduce test test-all test-fast lint benchmarks dvc-yaml dvc-repro dvc-record dvc-pull dvc-checkout mlflow-ui clean
 
 install: $(STAMP)
 
@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-## The main job: the pipeline on the default profile (PROFILE=tiny|paper to change it), then the run recorded in
-## DVC (dht dvc-record: dvc.lock and DVC's cache, seconds), so that `dvc status` is clean and `dvc push` sends the
-## models and results. The record is skipped, saying why, where DVC cannot version the run: PROFILE is not
-## params.yaml's `profile:` (DVC's stages run that one), dvc.yaml lists another profile's stages, no git repository;
-## and for a TARGET other than all (`make dvc-record` once the whole DAG is built).
+## The main job: the pipeline on the default profile (the pretrained MiniLM on SST-2 and a DBpedia subset, real
+## text; PROFILE=full|seeds|embedded|tiny|paper to change it, embedded and tiny being the generated data with a
+## model from scratch), then the run recorded in DVC (dht dvc-record: dvc.lock and DVC's cache, seconds), so that
+## `dvc status` is clean and `dvc push` sends the models and results. The record is skipped, saying why, where DVC
+## cannot version the run: PROFILE is not params.yaml's `profile:` (DVC's stages run that one), dvc.yaml lists
+## another profile's stages, no git repository; and for a TARGET other than all (`make dvc-record` once the whole
+## DAG is built).
 reproduce: $(STAMP)
 	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES) $(TARGET) --config profile=$(PROFILE)
 ifeq ($(TARGET),all)
@@ -32,13 +34,20 @@ else
 	@echo "note: TARGET=$(TARGET) is not the whole DAG: not recorded in DVC (make dvc-record once it is built)"
 endif
 
-## The test suite, slow end-to-end pipeline tests included (CI runs exactly this), on WORKERS pytest-xdist
-## processes: most tests wait on one single-threaded subprocess at a time, so two keep a 2-core machine busy.
-## WORKERS=0 runs it in this process, one test at a time.
+## The test suite CI runs (README's test command): every fast test and the pipeline's end-to-end path (the tiny
+## profile's whole DAG through Snakemake, then recorded in DVC, MLflow's runs and the reports read back; marker
+## e2e), on WORKERS pytest-xdist processes: the end-to-end run keeps one worker and both cores busy while the other
+## worker runs the fast tests. WORKERS=0 runs it in this process, one test at a time.
 test: $(STAMP)
+	$(BIN)/pytest -n $(WORKERS) -m "not slow or e2e"
+
+## Every test, the other slow ones included: pipelines through Snakemake and `dvc repro` on parts of the tiny
+## profile, two-process training, a killed training or rank resumed, the parameter-tracking audit (README gives
+## the time). Run it before a change is submitted.
+test-all: $(STAMP)
 	$(BIN)/pytest -n $(WORKERS)
 
-## The quick subset while developing.
+## The quick subset while developing: no pipeline run, no training beyond a few steps.
 test-fast: $(STAMP)
 	$(BIN)/pytest -n $(WORKERS) -m "not slow"
 

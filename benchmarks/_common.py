@@ -189,7 +189,7 @@ def machine_description(device: torch.device, commit: str) -> list[tuple[str, st
 
 def copy_project(dest: Path, root: Path = REPO) -> Path:
     """The workflow, library and config of `root`, without outputs or stores: what a fresh clone has."""
-    from dht.pipeline import copy_project as copy
+    from dht_workflow.project import copy_project as copy
 
     return copy(dest, root)
 

@@ -64,7 +64,7 @@ from _common import REPO, machine_description  # noqa: E402
 from report import Section, render  # noqa: E402
 from sections.inference import inference_section  # noqa: E402
 from sections.inputs import BenchmarkError  # noqa: E402
-from sections.pipeline import pipeline_section  # noqa: E402
+from sections.pipeline_times import pipeline_times_section  # noqa: E402
 from sections.scaling import scaling_section  # noqa: E402
 from sections.training import training_section  # noqa: E402
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> Path:
         makers = {"inference": lambda: inference_section(cfg, args, root, device),
                   "training": lambda: training_section(cfg, args, root, device),
                   "scaling": lambda: scaling_section(cfg, args, device),
-                  "pipeline": lambda: pipeline_section(args)}
+                  "pipeline": lambda: pipeline_times_section(args)}
         for name in SECTIONS:
             if name not in args.sections:
                 continue

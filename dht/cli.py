@@ -1,19 +1,8 @@
-"""The `dht` command: inspect the configuration and keep dvc.yaml in step with the Snakemake workflow.
+"""The library's commands of `dht` (:data:`USAGE`): inspect the configuration, classify texts with a model.
 
-    dht config show [--profile tiny]     the resolved, validated configuration of a profile (YAML; --out FILE)
-    dht config validate                  check every profile of params.yaml; exit 1 with the problems
-    dht dvc-yaml [--check]               regenerate dvc.yaml from the Snakemake jobs (or check it is current)
-    dht sync-snakemake [STAGE...]        after `dvc pull` / `dvc checkout`: record the restored outputs as current
-                                         in Snakemake (refused unless `dvc status` says they are)
-    dht dvc-record [STAGE...]            after a Snakemake run (make reproduce runs it): record its outputs in DVC
-                                         (dvc.lock, DVC's cache) without rerunning anything, so that `dvc status` is
-                                         clean and `dvc push` sends them (refused unless Snakemake has nothing to do)
-    dht predict --model DIR [--input F]  classify texts (one a line; stdin without --input) with a trained model:
-                                         label, probability, and the layers and heads chosen for each text; the
-                                         bandits act as the model's dht.inference says (--inference overrides).
-                                         A baseline's directory predicts too (it says which baseline it is).
-                                         DIR is checked against its checksums.sha256 first; one without it is
-                                         refused unless --allow-unverified
+The `dht` console script is these and the workflow's commands (``dvc-yaml``, ``sync-snakemake``, ``dvc-record``),
+which dht_workflow.cli adds through :func:`build_parser` and :func:`main`: the library never imports the workflow's
+tooling. ``python -m dht.cli`` runs the library's alone, as DVC's resolve_params stage does (``config show --out``).
 """
 
 from __future__ import annotations
@@ -24,7 +13,7 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +21,21 @@ import yaml
 
 from dht.config import ConfigError
 from dht.config_loading import OVERLAYS_KEY, load_config, read_params
+
+# The help's list of the library's commands (the workflow's CLI lists its own after it).
+USAGE = """\
+    dht config show [--profile tiny]     the resolved, validated configuration of a profile (YAML; --out FILE)
+    dht config validate                  check every profile of params.yaml; exit 1 with the problems
+    dht predict --model DIR [--input F]  classify texts (one a line; stdin without --input) with a trained model:
+                                         label, probability, and the layers and heads chosen for each text; the
+                                         bandits act as the model's dht.inference says (--inference overrides).
+                                         A baseline's directory predicts too (it says which baseline it is).
+                                         DIR is checked against its checksums.sha256 first; one without it is
+                                         refused unless --allow-unverified
+"""
+DESCRIPTION = f"The `dht` command's library part: the configuration and trained models.\n\n{USAGE}"
+# A function that adds subcommands to `dht`'s parser (given its subparsers), as the workflow's CLI does.
+AddCommands = Callable[[Any], None]
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -56,56 +60,6 @@ def _config_validate(args: argparse.Namespace) -> int:
             failed += 1
             print(err, file=sys.stderr)
     return 1 if failed else 0
-
-
-def _dvc_yaml(args: argparse.Namespace) -> int:
-    from dht.pipeline import expand_dvc_stages, render_dvc_yaml
-
-    text = render_dvc_yaml(".", args.profile)
-    path = Path("dvc.yaml")
-    if args.check:
-        if not path.is_file() or path.read_text() != text:
-            print("dvc.yaml is out of date with the Snakemake workflow: run `dht dvc-yaml`", file=sys.stderr)
-            return 1
-        print("dvc.yaml matches the Snakemake workflow")
-        return 0
-    path.write_text(text)
-    stages = yaml.safe_load(text)["stages"]
-    print(f"wrote dvc.yaml ({len(stages)} stages, {len(expand_dvc_stages(stages))} once matrix and foreach stages "
-          f"are expanded; profile {args.profile})")
-    return 0
-
-
-def _sync_snakemake(args: argparse.Namespace) -> int:
-    from dht.pipeline import SyncError, sync_snakemake
-
-    try:
-        outs = sync_snakemake(".", args.stages)
-    except SyncError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"Snakemake now takes {len(outs)} outputs restored by DVC as up to date")
-    return 0
-
-
-def _dvc_record(args: argparse.Namespace) -> int:
-    from dht.pipeline import NotRecordable, RecordError, record_dvc_run
-
-    try:
-        recorded = record_dvc_run(".", args.stages, profile=args.profile)
-    except NotRecordable as err:
-        if args.optional:  # make reproduce: the run is done; DVC cannot version it as the project stands
-            print(f"note: the run is not recorded in DVC: {err}")
-            return 0
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except RecordError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"recorded {len(recorded)} DVC stages as this run made them (dvc.lock, outputs in DVC's cache): `dvc status` "
-          "is clean. Keep it with `git add dvc.lock && git commit`; `dvc push` sends the outputs to a remote "
-          "(`dvc remote add -d NAME URL`)")
-    return 0
 
 
 class _InputError(ValueError):
@@ -245,8 +199,10 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dht", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(*more: AddCommands, description: str = DESCRIPTION) -> argparse.ArgumentParser:
+    """`dht`'s argument parser: the library's commands, then those each of `more` adds (the workflow's:
+    dht_workflow.cli), with `description` at the top of the help."""
+    p = argparse.ArgumentParser(prog="dht", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     cfg = sub.add_parser("config", help="show or validate the configuration")
@@ -259,25 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=_config_validate)
     for action in (show, val):
         action.add_argument("--params", default="params.yaml")
-
-    dvc = sub.add_parser("dvc-yaml", help="generate dvc.yaml from the Snakemake workflow")
-    dvc.add_argument("--profile", default="default", help="profile whose jobs become stages (default: default)")
-    dvc.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml is not current")
-    dvc.set_defaults(func=_dvc_yaml)
-
-    sync = sub.add_parser("sync-snakemake", help="after dvc pull/checkout: no Snakemake rerun of restored outputs")
-    sync.add_argument("stages", nargs="*", help="DVC stages to sync, e.g. train@sst2-t-dht or all of train (default: every stage)")
-    sync.set_defaults(func=_sync_snakemake)
-
-    rec = sub.add_parser("dvc-record", help="after a Snakemake run: record its outputs in DVC without rerunning them")
-    rec.add_argument("stages", nargs="*", help="DVC stages to record (default: every stage)")
-    rec.add_argument("--profile", default=None,
-                     help="the profile Snakemake ran (default: params.yaml's profile:, the one DVC runs; another is "
-                          "refused)")
-    rec.add_argument("--optional", action="store_true",
-                     help="when DVC cannot version the run as the project stands (--profile is not params.yaml's "
-                          "profile: or dvc.yaml's, no git repository), say why and exit 0 (make reproduce)")
-    rec.set_defaults(func=_dvc_record)
 
     pred = sub.add_parser("predict", help="classify texts with a trained model (models/<dataset>/<model>)")
     pred.add_argument("--model", required=True, help="a trained model directory, e.g. models/sst2/t-dht (a "
@@ -293,11 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="load a model directory that has no checksums.sha256 (saved before checksums existed, or "
                            "not by this pipeline); its weights are still read as tensors only, never as code")
     pred.set_defaults(func=_predict)
+
+    for add in more:
+        add(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run `dht` with `argv` (default: the command line), parsed by `parser` (default: the library's commands)."""
+    args = (parser or build_parser()).parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as err:

@@ -10,7 +10,7 @@ checked loaders (:func:`load_classifier`: :func:`dht.trainer.load_trained`, :fun
 .load_baseline`): every file against the directory's checksums first, weights as safetensors, bandits and state
 dicts weights-only. The project (the ``dht`` package, torch, transformers) must be installed where the model is
 loaded or served: ``mlflow models serve --env-manager local`` in the project's environment. This module reads
-what the stages wrote and is none of their code (``dht.pipeline.stage_code``): changing it retrains nothing.
+what the stages wrote and is none of their code (``dht_workflow.stage_code``): changing it retrains nothing.
 
 ``predict`` takes texts (a list of strings; the signature comes from :meth:`TextClassifier.predict`'s type hint)
 and answers a DataFrame, one row per text: ``label`` (the class's name), ``probability`` (of that label),

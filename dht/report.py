@@ -4,7 +4,7 @@ the measured values.
 The reference is the configuration's `run.reference` (the full-depth fixed mode; the paper's is 12-VaBERT, BL1),
 named with its depth in the reports ("reference (vanilla-6, 6 layers)"); its row is set beside the paper's BL1.
 Where a dataset is one of the paper's (its name, or its `paper:` key in params.yaml), every measured cell has
-the paper's value and the difference beside it. On other data (the embedded default) absolute F1 values are
+the paper's value and the difference beside it. On other data (the embedded datasets) absolute F1 values are
 not comparable, so what carries over is relative: the F1 change against the reference on the same data and the
 FLOP ratio, beside the paper's relative figures (the mean over its four datasets, with their range); the
 paper's own table follows for reference. The paper's values live in `dht/paper_values.yaml`.

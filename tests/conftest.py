@@ -13,9 +13,9 @@ import pytest
 import torch
 from pydantic import TypeAdapter
 
-from dht import pipeline
 from dht.config import CsvDatasetSpec, DatasetSpec, EmbeddedDatasetSpec, HubDatasetSpec, ModeSpec
 from dht.config_loading import read_params, resolve_params
+from dht_workflow import project as workflow_project
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -39,7 +39,7 @@ def write_processed_split(path: Path, ids: torch.Tensor, mask: torch.Tensor, lab
 
 def copy_project(dest: Path) -> Path:
     """The workflow, library and config, without outputs or stores: what a fresh clone has."""
-    return pipeline.copy_project(dest, ROOT)
+    return workflow_project.copy_project(dest, ROOT)
 
 
 def embedded_raw() -> dict:

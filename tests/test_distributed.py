@@ -207,7 +207,8 @@ def test_train_rule_hands_the_stage_its_own_arguments_under_torchrun(tmp_path):
     runs it, read by torchrun's own parser: the stage script gets all of its arguments, `--log` included (torchrun
     took the stage's `--log` for an ambiguous abbreviation of its own --log-dir / --logs-specs, and every
     multi-process train job exited at once)."""
-    from dht.pipeline import expand_dvc_stages, snakemake_jobs
+    from dht_workflow.dvc_params import expand_dvc_stages
+    from dht_workflow.snakemake_dag import snakemake_jobs
 
     project = copy_project(tmp_path / "project")
     two_rank_tiny(project)

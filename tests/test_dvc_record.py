@@ -36,7 +36,7 @@ def test_dvc_plots_are_the_runs_figures_as_images():
     Each model's loss.csv is an ordinary cached output, no longer one Vega chart per file under one title."""
     from dht.config_loading import load_config
     from dht.figures import figure_paths
-    from dht.pipeline import expand_dvc_stages
+    from dht_workflow.dvc_params import expand_dvc_stages
 
     stages = expand_dvc_stages(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
     plots = [p for body in stages.values() for p in body.get("plots", [])]
@@ -114,7 +114,8 @@ def record_and_round_trip(project: Path, tmp: Path, datasets: list[str], bandit_
     with nothing for Snakemake or DVC to rerun."""
     from test_pipeline import set_params, summary
 
-    from dht.pipeline import PARAMS_STAGE, expand_dvc_stages
+    from dht_workflow.dvc_params import expand_dvc_stages
+    from dht_workflow.dvc_yaml import PARAMS_STAGE
 
     run_cli(["dht", "dvc-yaml", "--profile", "tiny"], cwd=project)  # the tiny profile's datasets
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)

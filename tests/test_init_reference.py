@@ -124,7 +124,7 @@ def test_a_missing_foreign_damaged_or_other_architecture_reference_is_refused(sa
     with pytest.raises(TrainingError, match=r"needs the trained reference 'vanilla-12', but "
                        r"models/embedded-news/vanilla-12/seed-1/dht_policy.json is missing; train it first: "
                        r"snakemake --cores 4 results/embedded-news/vanilla-12/seed-1/metrics.json"):
-        initial_model(seeded, "t-dht", DATASET, init_dir)  # with run.seeds: the same seed's reference
+        initial_model(seeded, "t-dht", DATASET, init_dir)  # with several run.training_seeds: the same seed's reference
     policy_file = ref_dir / "dht_policy.json"
     original = policy_file.read_bytes()
     policy_file.write_text(json.dumps({**json.loads(original), "mode_name": "vanilla-3"}))

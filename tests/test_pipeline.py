@@ -13,6 +13,8 @@ import pytest
 import yaml
 from conftest import BIN, run_cli
 
+from dht_workflow.project import python_path
+
 
 def job_counts(output: str) -> dict[str, int]:
     """Snakemake's 'Job stats' table as {rule: count}."""
@@ -41,7 +43,7 @@ def test_dvc_yaml_is_generated_from_the_current_workflow(project):
 
 def test_a_csv_datasets_files_are_inputs_of_its_download(project):
     """Editing a shipped CSV (data/external) must rerun its download in both runners."""
-    from dht.pipeline import expand_dvc_stages
+    from dht_workflow.dvc_params import expand_dvc_stages
 
     stages = expand_dvc_stages(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
     deps = next(s["deps"] for name, s in stages.items() if name.startswith("download") and "sst2" in name)
@@ -53,21 +55,21 @@ def test_a_csv_datasets_files_are_inputs_of_its_download(project):
 def test_drift_between_snakefile_and_dvc_yaml_is_detected(project):
     rules = project / "workflow" / "rules" / "data.smk"
     text = rules.read_text()
-    assert 'tracked("seed", "data", "datasets.{dataset}")' in text
-    rules.write_text(text.replace('tracked("seed", "data", "datasets.{dataset}")',
-                                  'tracked("seed", "tokenizer", "data", "datasets.{dataset}")'))
+    assert 'tracked("data_seed", "data", "datasets.{dataset}")' in text
+    rules.write_text(text.replace('tracked("data_seed", "data", "datasets.{dataset}")',
+                                  'tracked("data_seed", "tokenizer", "data", "datasets.{dataset}")'))
     proc = run_cli(["dht", "dvc-yaml", "--check"], cwd=project, check=False)
     assert proc.returncode == 1 and "out of date" in proc.stderr
     run_cli(["dht", "dvc-yaml"], cwd=project)
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    assert stages["download-sst2"]["params"] == [{"params.resolved.yaml": ["seed", "tokenizer", "data", "datasets.sst2"]}]
+    assert stages["download-sst2"]["params"] == [{"params.resolved.yaml": ["data_seed", "tokenizer", "data", "datasets.sst2"]}]
 
 
 def test_dvc_stages_mirror_snakemake_jobs(project):
     """dvc.yaml is generated for the default profile: sst2 and dbpedia-subset, six models, five baselines; a
     rule's jobs that differ only in their wildcards are one `matrix:` stage, as DVC's examples write them. The
     params come from the resolved profile, which DVC's own first stage writes."""
-    from dht.pipeline import expand_dvc_stages
+    from dht_workflow.dvc_params import expand_dvc_stages
 
     written = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     datasets = ["dbpedia-subset", "sst2"]
@@ -153,7 +155,9 @@ def test_dvc_runs_exactly_one_stage_per_snakemake_job(project):
     """The matrix stages are a way of writing, nothing more: DVC's own expansion of dvc.yaml is, stage for stage,
     the plain stage of each Snakemake job (command less --profile, deps, params, outs, metrics, plots), and DVC's own
     stage that resolves the profile."""
-    from dht.pipeline import PARAMS_STAGE, _stage_body, expand_dvc_stages, params_stage, snakemake_jobs
+    from dht_workflow.dvc_params import expand_dvc_stages
+    from dht_workflow.dvc_yaml import PARAMS_STAGE, _stage_body, params_stage
+    from dht_workflow.snakemake_dag import snakemake_jobs
 
     written = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     read = dvc_reads(project)
@@ -179,8 +183,7 @@ def test_a_stage_run_by_dvc_stops_when_dvc_yaml_tracks_other_keys_than_it_reads(
 
     from dht.config import arm_feature_keys
     from dht.config_loading import load_config
-    from dht.dvc_params import check_dvc_keys
-    from dht.pipeline import expand_dvc_stages
+    from dht_workflow.dvc_params import check_dvc_keys, expand_dvc_stages
 
     stage = "arm_features@sst2"
     cmd = expand_dvc_stages(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])[stage]["cmd"]
@@ -188,7 +191,7 @@ def test_a_stage_run_by_dvc_stops_when_dvc_yaml_tracks_other_keys_than_it_reads(
     assert check_dvc_keys(project, arm_feature_keys(load_config(project / "params.yaml")), "default") is None  # current
     assert load_config(project / "params.yaml").dht.features.warmup_steps == 0
     set_params(project, lambda r: r["dht"]["features"].__setitem__("warmup_steps", 10))
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(project))
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=python_path(project))
     proc = subprocess.run(cmd.replace("${profile}", "default"), shell=True, cwd=project, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -200,7 +203,7 @@ def test_a_stage_run_by_dvc_stops_when_dvc_yaml_tracks_other_keys_than_it_reads(
 
 
 def fit_job(dataset: str, model: str, seed: str, extra: tuple[str, ...] = ()):
-    from dht.pipeline import Job
+    from dht_workflow.snakemake_dag import Job
 
     run = f"{dataset}/{model}/seed-{seed}"
     return Job(rule="fit", wildcards=(("dataset", dataset), ("model", model), ("seed", seed)),
@@ -216,7 +219,9 @@ def test_jobs_that_differ_only_in_wildcards_become_one_stage_that_dvc_expands_ba
     product, else `foreach:` over named items; a job whose stage differs otherwise is a stage of its own. Values
     are replaced only where they stand whole (`m-1` in `static/m-1x` and `a` in `static/a2` stay), a value met
     by accident (seed 2 in `--threads 2`) stays literal, and DVC expands the result back to every job's stage."""
-    from dht.pipeline import Job, _stage_body, _template, dvc_stages, dvc_yaml_text, expand_dvc_stages
+    from dht_workflow.dvc_params import expand_dvc_stages
+    from dht_workflow.dvc_yaml import _stage_body, _template, dvc_stages, dvc_yaml_text
+    from dht_workflow.snakemake_dag import Job
 
     assert _template("out/a/m-1/seed-2 --threads 2 ${profile} a2 m-1x", {"dataset": "a", "model": "m-1", "seed": "2"}) \
         == "out/${item.dataset}/${item.model}/seed-${item.seed} --threads ${item.seed} ${profile} a2 m-1x"
@@ -266,7 +271,7 @@ for job in json.loads(sys.argv[1]):
     script, extra = job[0], job[1:]
     # Forget the project's modules, so this job imports them afresh (third-party ones such as torch stay loaded,
     # which keeps one process for every stage cheap).
-    for name in [n for n in sys.modules if n == "dht" or n.startswith("dht.") or n == "_stage"]:
+    for name in [n for n in sys.modules if n.partition(".")[0] in ("dht", "dht_workflow", "_stage")]:
         del sys.modules[name]
     sys.argv = [script, "--help"]  # every stage script stops at argument parsing, after its module-level imports
     try:
@@ -286,7 +291,7 @@ def test_each_stage_declares_the_code_it_really_runs(project):
     import os
 
     from dht.baselines import KINDS
-    from dht.pipeline import snakemake_jobs
+    from dht_workflow.snakemake_dag import snakemake_jobs
 
     kinds = {kind: b.module for kind, b in KINDS.items()}
     declared: dict[str, set[str]] = {}
@@ -297,7 +302,7 @@ def test_each_stage_declares_the_code_it_really_runs(project):
         code = {f for f in job.inputs if f.endswith(".py")}
         assert declared.setdefault(key, code) == code, key  # every job of a script declares the same code
     assert len(declared) == 12  # 8 scripts (report.py serves three rules), baseline.py once per kind
-    env = dict(os.environ, PYTHONPATH=str(project))
+    env = dict(os.environ, PYTHONPATH=python_path(project))  # the copy's code
     proc = subprocess.run([str(BIN / "python"), "-c", LOADED_FILES, json.dumps([k.split() for k in declared])],
                           cwd=project, env=env, capture_output=True, text=True, check=True)
     root = project.resolve()
@@ -305,28 +310,35 @@ def test_each_stage_declares_the_code_it_really_runs(project):
         paths = {Path(f).resolve() for f in files}
         mine = {f.relative_to(root).as_posix() for f in paths if f.is_relative_to(root)}
         assert {"workflow/scripts/_stage.py", "dht/config.py"} <= mine, (key, sorted(mine))
+        if key == "workflow/scripts/train.py":  # the workflow's tooling is a stage's code too
+            assert "workflow/dht_workflow/dvc_params.py" in mine, sorted(mine)
         missing = mine - declared[key]
         assert not missing, f"{key} loads code its stage does not declare: {sorted(missing)}"
 
 
 def test_stage_code_follows_lazy_and_relative_imports(tmp_path):
-    from dht.pipeline import stage_code
+    from dht_workflow.stage_code import stage_code
 
     (tmp_path / "workflow/scripts").mkdir(parents=True)
+    (tmp_path / "workflow/dht_workflow").mkdir(parents=True)
     (tmp_path / "dht/sub").mkdir(parents=True)
-    for f in ("dht/__init__.py", "dht/sub/__init__.py", "dht/unused.py"):
+    for f in ("dht/__init__.py", "dht/sub/__init__.py", "dht/unused.py", "workflow/dht_workflow/__init__.py"):
         (tmp_path / f).write_text("")
     (tmp_path / "dht/a.py").write_text("def f():\n    from dht.sub import b\n")  # lazy, from-import of a module
     (tmp_path / "dht/sub/b.py").write_text("from .c import x\n")  # relative
     (tmp_path / "dht/sub/c.py").write_text("import json\nx = 1\n")
     (tmp_path / "workflow/scripts/_helper.py").write_text("import dht.a\n")
-    (tmp_path / "workflow/scripts/s.py").write_text("import _helper\ndef main():\n    import dht.unused\n")
+    # the workflow's tooling, a package of its own folder: its files are the code of a script that imports them
+    (tmp_path / "workflow/dht_workflow/checks.py").write_text("from dht.sub.c import x\n")
+    (tmp_path / "workflow/scripts/s.py").write_text(
+        "import _helper\nfrom dht_workflow.checks import x\ndef main():\n    import dht.unused\n")
     assert stage_code("s.py", root=tmp_path) == [
         "workflow/scripts/s.py", "dht/__init__.py", "dht/a.py", "dht/sub/__init__.py", "dht/sub/b.py",
-        "dht/sub/c.py", "dht/unused.py", "workflow/scripts/_helper.py"]
+        "dht/sub/c.py", "dht/unused.py", "workflow/dht_workflow/__init__.py", "workflow/dht_workflow/checks.py",
+        "workflow/scripts/_helper.py"]
     shallow = stage_code("s.py", root=tmp_path, top_level_only=True)
     assert "dht/unused.py" not in shallow and "dht/sub/c.py" in shallow  # only the script's own lazy import
-    with pytest.raises(ValueError, match="not a module of the dht package"):
+    with pytest.raises(ValueError, match=r"dht\.nothing: not a module of the project's packages \(dht, dht_workflow\)"):
         stage_code("s.py", "dht.nothing", root=tmp_path)
 
 
@@ -438,7 +450,7 @@ def test_every_stage_command_quotes_every_value_it_interpolates(project):
     assert cmd.endswith(" --log 'logs/download/sst2 ;touch PWNED;.log'"), cmd
     assert shlex.split(cmd.removeprefix("Shell command: "))[-2:] == ["--log", "logs/download/sst2 ;touch PWNED;.log"]
     assert not (project / "PWNED").exists() and [p.name for p in (project / "data").iterdir()] == ["external"]
-    from dht.pipeline import snakemake_jobs
+    from dht_workflow.snakemake_dag import snakemake_jobs
 
     job = next(j for j in snakemake_jobs(project, targets=["data/raw/sst2/meta.json"]) if j.rule == "download")
     assert job.cmd.endswith(" --log 'logs/download/sst2 ;touch PWNED;.log'"), job.cmd
@@ -477,7 +489,8 @@ def test_dvc_runs_no_profile_name_in_the_shell(project):
 def test_dvc_commands_keep_quoted_words_whole():
     """dvc.yaml's commands are the Snakemake jobs' on one line (less --profile): runs of spaces between words
     become one, but a quoted word is kept as Snakemake quoted it."""
-    from dht.pipeline import Job, _stage_body, squeeze_spaces
+    from dht_workflow.dvc_yaml import _stage_body
+    from dht_workflow.snakemake_dag import Job, squeeze_spaces
 
     quoted = shlex.quote("logs/a  b;c's.log")
     assert squeeze_spaces(f"python  s.py --log {quoted}  --x \"y  z\" ") == f'python s.py --log {quoted} --x "y  z"'
@@ -540,6 +553,7 @@ def assert_mlflow_reads_first_what_matters(project: Path, dataset: str, models: 
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_end_to_end_tiny_then_noop(project, tmp_path):
     """The tiny profile's whole DAG through Snakemake; then the run recorded in DVC and its round trip through a
     remote (tests/test_dvc_record.py, on this run rather than a second one); then a changed parameter."""
@@ -584,6 +598,18 @@ def test_end_to_end_tiny_then_noop(project, tmp_path):
     assert len(accuracy) == 20
     low = {f"{ds}/{model}": acc for (ds, model), acc in accuracy.items() if acc < floor[ds]}
     assert not low, f"below {floor}: {low}"
+    # what the compare stage paired, with the budgets (tests/test_statistics.py), and what read the validation split
+    # (tests/test_validation.py), on this run rather than on runs of their own
+    from test_statistics import assert_the_evaluation_stage_paired_the_trained_models
+    from test_validation import (
+        assert_every_model_reports_val_accuracy_and_the_search_and_the_probe_read_the_validation_split,
+    )
+
+    for ds in cfg.run.datasets:
+        assert_the_evaluation_stage_paired_the_trained_models(project, ds, cfg.run.models, cfg.run.baselines,
+                                                              cfg.train.epochs, distil=("distil-3", cfg.baselines.distil.epochs))
+    assert_every_model_reports_val_accuracy_and_the_search_and_the_probe_read_the_validation_split(
+        project, [*cfg.run.models, *cfg.run.baselines])
     assert "| t-dht |" in table and "| vanilla-12 | " in table and "## The paper's Table 1" in table
     index = (project / "reports/index.md").read_text()
     assert index.count("/#/experiments/") == 20  # 2 datasets x 10 models, each linked to its MLflow run
@@ -602,6 +628,8 @@ def test_end_to_end_tiny_then_noop(project, tmp_path):
         log = (project / f"logs/baseline/embedded-news/{name}.log").read_text()
         assert "\r" not in log and "100%|" in log and "loss=" in log, log[-2000:]
     assert all("\r" not in f.read_text() for f in (project / "logs").rglob("*.log"))
+    # and so does Snakemake's own output: a stage's bar is drawn live only on a terminal
+    assert "\r" not in proc.stdout + proc.stderr and "loss=" in proc.stdout + proc.stderr
     assert (project / "reports/figures/selection-embedded-sentiment.png").is_file()
     table2 = (project / "reports/table2.md").read_text()
     for model in ("vanilla-12", "distil-3", "fastbert-0.5", "nas-prune-0.5", "flexibert-0.5", "t-dht", "p-dht"):
@@ -845,8 +873,11 @@ def test_a_changed_parameter_reruns_exactly_the_stages_that_read_it(tiny_project
     to rerun, those and everything that reads their outputs), and `dvc status` names the same stages once
     `resolve_params` has resolved the edit. The tiny profile on one dataset, with its upstream built
     (tiny_project) and the rest of its outputs stand-ins recorded as current (`snakemake --touch`, then
-    dht.pipeline.record_dvc_run): dry runs, not trainings."""
-    from dht.pipeline import PARAMS_STAGE, expand_dvc_stages, record_dvc_run, snakemake_jobs
+    dht_workflow.dvc_sync.record_dvc_run): dry runs, not trainings."""
+    from dht_workflow.dvc_params import expand_dvc_stages
+    from dht_workflow.dvc_sync import record_dvc_run
+    from dht_workflow.dvc_yaml import PARAMS_STAGE
+    from dht_workflow.snakemake_dag import snakemake_jobs
 
     project = tiny_project
     fixed, bandit = ["vanilla-12", "vanilla-3"], ["t-dht", "s-dht", "f-dht", "p-dht"]
@@ -994,7 +1025,7 @@ def test_every_stage_tracks_the_params_it_reads(project):
 
     from conftest import two_epoch_tiny
 
-    from dht.pipeline import snakemake_jobs
+    from dht_workflow.snakemake_dag import snakemake_jobs
 
     def small(raw):
         raw["profile"] = "tiny"
@@ -1006,7 +1037,7 @@ def test_every_stage_tracks_the_params_it_reads(project):
     jobs = snakemake_jobs(project, "tiny")
     assert {j.rule for j in jobs} == {"download", "tokenize", "arm_features", "flexibert_search", "train",
                                       "baseline", "compare", "table1", "table2", "figures", "index"}
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(project),
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=python_path(project),
                DHT_NO_PROGRESS="1", OMP_NUM_THREADS="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     untracked = {}

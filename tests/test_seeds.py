@@ -14,9 +14,9 @@ from test_pipeline import job_counts, set_params
 from dht.config import ConfigError
 from dht.config_loading import load_config
 from dht.evaluation import accuracy_text
-from dht.pipeline import expand_dvc_stages
 from dht.report import comparison_table
 from dht.results import aggregate, read_metrics, result_file, run_name, run_subdir, seeded
+from dht_workflow.dvc_params import expand_dvc_stages
 
 
 def tiny(seeds=None, data_seed=0):

@@ -109,61 +109,55 @@ def test_the_best_baseline_is_the_most_accurate_at_no_more_inference_flops(cfg):
     assert best_baseline(cfg, "vanilla-3", measured) is None
 
 
-@pytest.mark.slow
-def test_the_evaluation_stage_pairs_the_trained_models_through_snakemake(tiny_project):
-    """The real stages on tiny's embedded-news (data and arm features come built, conftest.tiny_project), with two
-    DistilBERT baselines for speed: `compare` pairs what train and baseline wrote, and the baselines' metrics
-    charge them the reference they start from."""
+def assert_the_evaluation_stage_paired_the_trained_models(project, dataset: str, models: list[str],
+                                                         baselines: list[str], epochs: int,
+                                                         distil: tuple[str, int] | None = None) -> None:
+    """What the `compare` stage wrote after a real run (the end-to-end test's tiny DAG calls this): it pairs what
+    train and baseline wrote, prediction by prediction, names each model's best baseline at no more FLOPs, and
+    the baselines' metrics charge them the reference they start from. `distil`: a DistilBERT baseline of the run
+    and its own epochs."""
     import json
-
-    from conftest import run_cli
-    from test_pipeline import set_params
 
     from dht.evaluation import read_predictions
 
-    project = tiny_project
-
-    def small(raw):
-        raw["profiles"]["tiny"]["run"] = {"datasets": ["embedded-news"], "baselines": ["distil-1", "distil-3"]}
-
-    set_params(project, small)
-    run_cli(["snakemake", "--cores", "2", "reports/table2.md", "--config", "profile=tiny"], cwd=project, timeout=1500)
-    results = project / "results/embedded-news"
+    results = project / "results" / dataset
     paired = json.loads((results / "paired.json").read_text())
     metrics = {m: json.loads((results / m / "metrics.json").read_text()) for m in paired["models"]}
-    assert list(paired["models"]) == ["vanilla-12", "vanilla-3", "t-dht", "s-dht", "f-dht", "p-dht", "distil-1",
-                                      "distil-3"]
-    assert paired["reference"] == "vanilla-12" and paired["seeds"] == [0] and paired["n_test"] == 96
-    reference = read_predictions(results / "vanilla-12/predictions.csv")
+    assert list(paired["models"]) == [*models, *baselines]
+    reference = models[0]
+    assert paired["reference"] == reference and paired["seeds"] == [0]
+    assert paired["n_test"] == metrics[reference]["n_test"]
+    ref_predictions = read_predictions(results / reference / "predictions.csv")
     for model, row in paired["models"].items():
         mine = read_predictions(results / model / "predictions.csv")
-        if model != "vanilla-12":
+        if model != reference:
             r = row["vs_reference"]["per_seed"]["0"]
             # the difference of the two models' own accuracies, and the discordant samples of their predictions
-            assert r["difference"] == pytest.approx(metrics[model]["accuracy"] - metrics["vanilla-12"]["accuracy"],
+            assert r["difference"] == pytest.approx(metrics[model]["accuracy"] - metrics[reference]["accuracy"],
                                                     abs=2e-6)
-            assert r["only_model"] == int((mine.correct & ~reference.correct).sum())
-            assert r["only_other"] == int((reference.correct & ~mine.correct).sum())
+            assert r["only_model"] == int((mine.correct & ~ref_predictions.correct).sum())
+            assert r["only_other"] == int((ref_predictions.correct & ~mine.correct).sum())
             assert r["ci95_lo"] <= r["difference"] <= r["ci95_hi"] and 0 < r["p_value"] <= 1
         # the best baseline, recomputed from the metrics: the most accurate other one at no more inference FLOPs
-        cheaper = [b for b in ("distil-1", "distil-3") if b != model
+        cheaper = [b for b in baselines if b != model
                    and metrics[b]["infer_flop_ratio"] <= metrics[model]["infer_flop_ratio"]]
         best = max(cheaper, key=lambda b: (metrics[b]["accuracy"], -metrics[b]["infer_flop_ratio"]), default=None)
         assert row["vs_best_baseline"]["against"] == best, model
-    assert paired["models"]["distil-1"]["vs_best_baseline"]["against"] is None  # nothing is as cheap as 1 layer
-    # budgets: a baseline is charged the reference's training (its recorded total) and its own, with the epochs
-    ref = metrics["vanilla-12"]
+    cheapest = min(baselines, key=lambda b: metrics[b]["infer_flop_ratio"])
+    assert paired["models"][cheapest]["vs_best_baseline"]["against"] is None  # nothing else is as cheap
+    # budgets: a baseline that starts from the reference is charged its training (its recorded total) and its own
+    ref = metrics[reference]
     assert ref["start_flop_ratio"] == 0 and ref["train_flop_ratio_total"] == ref["train_flop_ratio"]
-    assert ref["epochs_own"] == ref["epochs_total"] == 4  # tiny's train.epochs
-    for baseline in ("distil-1", "distil-3"):
+    assert ref["epochs_own"] == ref["epochs_total"] == epochs
+    for baseline in baselines:
         m = metrics[baseline]
-        assert m["start_flop_ratio"] == ref["train_flop_ratio_total"]
-        assert m["train_flop_ratio_total"] == pytest.approx(ref["train_flop_ratio_total"] + m["train_flop_ratio"],
-                                                            abs=2e-6)
-        assert (m["epochs_own"], m["epochs_total"]) == (1, 5)  # tiny's baselines.distil.epochs, after the 4
-    assert metrics["t-dht"]["train_flop_ratio_total"] == metrics["t-dht"]["train_flop_ratio"]
+        assert m["start_flop_ratio"] in (0, ref["train_flop_ratio_total"]), baseline  # from scratch, or the reference
+        assert m["train_flop_ratio_total"] == pytest.approx(m["start_flop_ratio"] + m["train_flop_ratio"], abs=2e-6)
+    if distil is not None:
+        name, own = distil
+        assert metrics[name]["start_flop_ratio"] == ref["train_flop_ratio_total"]
+        assert (metrics[name]["epochs_own"], metrics[name]["epochs_total"]) == (own, epochs + own)
+    for model in models:  # the DHT modes and the fixed models start from the initial model: nothing to charge
+        assert metrics[model]["train_flop_ratio_total"] == metrics[model]["train_flop_ratio"], model
     table2 = (project / "reports/table2.md").read_text()
     assert "best baseline at ≤ its FLOPs" in table2 and "How large a difference this run settles" in table2
-    again = run_cli(["snakemake", "-n", "--cores", "1", "reports/table2.md", "--config", "profile=tiny"],
-                    cwd=project)
-    assert "Nothing to be done" in again.stdout + again.stderr

@@ -8,9 +8,10 @@ from snakemake.exceptions import WorkflowError
 
 from dht.config import ConfigError, arm_feature_keys, parse_baseline, run_param_keys  # noqa: F401 (rule files use it)
 from dht.config_loading import load_config
-from dht.pipeline import check_cli_overrides, stage_code, tracked_params  # noqa: F401 (rule files use it)
 from dht.results import run_pattern, seeded
 from dht.tracking import init_store
+from dht_workflow.rule_params import check_cli_overrides, tracked_params  # noqa: F401 (rule files use it)
+from dht_workflow.stage_code import stage_code
 
 # Stage commands call `python`: make it this interpreter's, so `.venv/bin/snakemake` works unactivated.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -64,7 +65,7 @@ def tracked_by(keys_of, *args):
 
 def code(script, *modules, files=(), top_level_only=False):
     """A stage's code as inputs, so editing it reruns the stage in Snakemake and DVC alike: the files the script
-    really imports, transitively (dht.pipeline.stage_code; `modules`: ones a job imports on top of the
+    really imports, transitively (dht_workflow.stage_code; `modules`: ones a job imports on top of the
     script's module-level imports, which `top_level_only` then limits it to), and data `files` the code reads."""
     return [*stage_code(script, *modules, top_level_only=top_level_only), *files]
 

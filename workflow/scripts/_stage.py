@@ -26,9 +26,11 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 class _Tee:
-    """A text stream that writes to the terminal's stream and to the stage's log file; to the log through
+    """A text stream that writes to the stage's own stream and to its log file; to the log through
     :class:`dht.progress.LogLines`, so a progress bar's redraws become plain lines there, one every
-    :data:`dht.progress.LOG_EVERY_SECONDS`, instead of carriage-return runs."""
+    :data:`dht.progress.LOG_EVERY_SECONDS`, instead of carriage-return runs. The stage's own stream gets the live
+    bar only when it is a terminal; into Snakemake's or DVC's captured output (a file, a pipe) it gets the same
+    plain lines as the log."""
 
     progress_lines = True  # dht.progress draws its bars here: LogLines writes them to the log as lines
 
@@ -37,9 +39,14 @@ class _Tee:
 
         self._stream, self._log = stream, log
         self._lines = LogLines(log.write)
+        isatty = getattr(stream, "isatty", None)
+        self._stream_lines = None if isatty and isatty() else LogLines(stream.write)
 
     def write(self, text: str) -> int:
-        self._stream.write(text)
+        if self._stream_lines is None:
+            self._stream.write(text)
+        else:
+            self._stream_lines.write(text)
         self._lines.write(text)
         self._log.flush()  # a killed job keeps what it printed
         return len(text)
@@ -48,6 +55,9 @@ class _Tee:
         """At exit: what the log side still holds back (a bar's last state, a line without its newline)."""
         self._lines.close()
         self._log.flush()
+        if self._stream_lines is not None:
+            self._stream_lines.close()
+            self._stream.flush()
 
     def flush(self) -> None:
         self._stream.flush()

@@ -18,9 +18,9 @@ from dht.arm_features import (
     warm_up,
 )
 from dht.config import arm_feature_keys
-from dht.dvc_params import check_dvc_keys
 from dht.model import model_from_params
 from dht.tracking import stage_run
+from dht_workflow.dvc_params import check_dvc_keys
 
 p = _stage.parser(__doc__)
 p.add_argument("--dataset", required=True)

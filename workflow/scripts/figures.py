@@ -7,9 +7,9 @@ import sys
 
 import _stage
 
-from dht.dvc_params import check_dvc_keys
 from dht.figures import FIGURES_DIR, write_figures
 from dht.report import report_param_keys
+from dht_workflow.dvc_params import check_dvc_keys
 
 p = _stage.parser(__doc__)
 p.add_argument("--out-dir", default=FIGURES_DIR, help=f"where the PNG files go (default: {FIGURES_DIR})")

@@ -7,9 +7,9 @@ import sys
 
 import _stage
 
-from dht.dvc_params import check_dvc_keys
 from dht.figures import figure_paths
 from dht.report import report_param_keys, write_index, write_table1, write_table2
+from dht_workflow.dvc_params import check_dvc_keys
 
 p = _stage.parser(__doc__)
 p.add_argument("--report", choices=["table1", "table2", "index"], required=True)

@@ -14,13 +14,13 @@ import _stage
 from dht import distributed
 from dht.arm_features import load_arm_features
 from dht.config import run_param_keys
-from dht.dvc_params import check_dvc_keys
 from dht.evaluation import SplitData, accuracy_text
 from dht.policy import predict
 from dht.results import run_name, run_subdir, training_metrics, write_results
 from dht.tokenization import load_processed
 from dht.tracking import log_curves, log_model, log_run_metrics, stage_run, training_curves
 from dht.trainer import Trainer, TrainingError, export_trained, fingerprint, initial_model, run_params
+from dht_workflow.dvc_params import check_dvc_keys
 
 p = _stage.parser(__doc__)
 p.add_argument("--dataset", required=True)

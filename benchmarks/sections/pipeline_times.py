@@ -1,6 +1,6 @@
-"""Section 3: a cold `snakemake --cores 4 reports/table1.md` in a throw-away copy of the project, then an
-immediate no-op rerun (goal < 10 s), and the test suite's duration (`pytest -q`). Each runs once: minutes, not
-milliseconds, so there are no rounds."""
+"""Section 3, the wall times of the pipeline and of the test suite: a cold `snakemake --cores 4 reports/table1.md`
+in a throw-away copy of the project, then an immediate no-op rerun (goal < 10 s), and the test suite's duration
+(`pytest -q`). Each runs once: minutes, not milliseconds, so there are no rounds."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def time_suite(selection: list[str] | None = None) -> dict[str, Any]:
     return {"seconds": seconds, "summary": summary.strip("= "), "slowest": slowest, "returncode": proc.returncode}
 
 
-def pipeline_section(args: argparse.Namespace) -> Section:
+def pipeline_times_section(args: argparse.Namespace) -> Section:
     title = "3. Pipeline and test suite"
     body: list[str] = []
     shortfalls: list[str] = []

@@ -1,11 +1,12 @@
-"""dvc.yaml's stages as DVC reads them, and what each tracks: the small part of the DVC tooling (:mod:`dht.pipeline`)
-that the stage scripts use, kept apart so that editing the generator does not rerun them.
+"""dvc.yaml's stages as DVC reads them, and what each tracks: the small part of the DVC tooling
+(:mod:`dht_workflow.dvc_yaml`) that the stage scripts use, kept apart so that editing the generator does not rerun
+them.
 
-The stages track their params in :data:`RESOLVED_PARAMS`, the resolved profile (:mod:`dht.pipeline`). Which keys a
-stage reads can depend on values (a mode's search: a fixed mode reads no bandit key; dht.features.warmup_steps: the
-warm-up's train keys), and dvc.yaml lists them as they were when ``dht dvc-yaml`` wrote it. A changed value reruns
-the stage, since the value is itself tracked; :func:`check_dvc_keys` makes that run stop, naming the fix, instead
-of recording the stage in dvc.lock under a list that misses keys it now reads.
+The stages track their params in :data:`RESOLVED_PARAMS`, the resolved profile (:mod:`dht_workflow.dvc_yaml`).
+Which keys a stage reads can depend on values (a mode's search: a fixed mode reads no bandit key;
+dht.features.warmup_steps: the warm-up's train keys), and dvc.yaml lists them as they were when ``dht dvc-yaml``
+wrote it. A changed value reruns the stage, since the value is itself tracked; :func:`check_dvc_keys` makes that
+run stop, naming the fix, instead of recording the stage in dvc.lock under a list that misses keys it now reads.
 """
 
 from __future__ import annotations
