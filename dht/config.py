@@ -711,11 +711,19 @@ ARM_FEATURE_KEYS = keys_read_by(FeaturesConfig, ARM_FEATURES)
 MODE_ARM_KEYS = keys_read_by(ModeSpec, ARM_FEATURES)
 
 
+def training_seed_keys(cfg: Config) -> list[str]:
+    """The key that holds a training run's seed where nothing else does: with one training seed the run's paths
+    and its DVC stage have no seed level, so run.training_seeds is tracked and a changed seed reruns the run
+    (Snakemake and DVC alike); with several, each seed is its own job, path and DVC stage (its command names it),
+    and adding a seed must not rerun the others: none."""
+    return ["run.training_seeds"] if len(cfg.run.training_seeds) == 1 else []
+
+
 def run_param_keys(cfg: Config, mode_name: str) -> list[str]:
     """The params.yaml keys a training run of `mode_name` reads (workflow/scripts/train.py, dht.trainer,
     dht.policy): its own mode and its warm-up mode, the device, dht.fixed_layers and the train keys of
-    :data:`TRAINING_KEYS` (and its training seed, :attr:`Config.training_seed`, which is not a key: the run's
-    command line names it, one of run.training_seeds, and :func:`dht.trainer.run_params` records it). A mode with a bandit (tree or integrated search, itself or its warm-up mode) also reads the
+    :data:`TRAINING_KEYS`; its training seed (:attr:`Config.training_seed`: the run's command line names it, one
+    of run.training_seeds; :func:`training_seed_keys`, and :func:`dht.trainer.run_params` records it). A mode with a bandit (tree or integrated search, itself or its warm-up mode) also reads the
     bandits, their contexts (dht.features), how they act at test time (dht.inference), the FLOP count of the S1
     pass and the states they decide from; a fixed mode (the reference, the control: one arm) reads none of them.
     P-DHT reads how it freezes after the warm-up. The distributed settings beyond the process count are read under
@@ -730,7 +738,8 @@ def run_param_keys(cfg: Config, mode_name: str) -> list[str]:
     MLflow run's params and the checkpoint's :func:`fingerprint`; tests/test_pipeline.py checks it against what a
     training really reads."""
     modes = with_warmup_modes(cfg, [mode_name])
-    keys = ["device", "model.exit_heads", "dht.fixed_layers", *(f"train.{k}" for k in TRAINING_KEYS),
+    keys = [*training_seed_keys(cfg), "device", "model.exit_heads", "dht.fixed_layers",
+            *(f"train.{k}" for k in TRAINING_KEYS),
             "train.distributed.nproc_per_node"]
     if cfg.train.distributed.nproc_per_node > 1:
         keys += ["train.distributed.backend", "train.distributed.queues", "train.distributed.batch"]

@@ -11,7 +11,7 @@ import yaml
 from conftest import ROOT, embedded_raw, run_cli
 from test_pipeline import job_counts, set_params
 
-from dht.config import ConfigError
+from dht.config import ConfigError, run_param_keys
 from dht.config_loading import load_config
 from dht.evaluation import accuracy_text
 from dht.report import comparison_table
@@ -50,6 +50,10 @@ def test_the_data_seed_and_a_runs_training_seed_are_apart():
     assert several.model_dump() == run.model_dump()  # the profile is the same: the seed is the run's
     with pytest.raises(ValueError, match=r"5 is not a training seed of profile 'tiny'"):
         several.for_training_seed(5)
+    # one seed: no seed level in the paths, so a run tracks run.training_seeds (a new seed reruns it); several: each
+    # seed is its own job and path, and adding one must not rerun the others
+    assert "run.training_seeds" in run_param_keys(cfg, "t-dht")
+    assert not [k for k in run_param_keys(several, "t-dht") if k.startswith("run.")]
 
 
 def test_one_seed_keeps_the_paths_several_get_a_level_each():

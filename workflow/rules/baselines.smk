@@ -3,6 +3,7 @@
 # (flexibert).
 
 from dht.baselines import FLEXIBERT_SEARCH_PARAMS, KINDS  # each kind's params.yaml keys and module
+from dht.config import training_seed_keys
 
 BASELINES = CFG.run.baselines
 REFERENCE = CFG.run.reference
@@ -18,7 +19,7 @@ def baseline_code(wildcards):
 
 def baseline_keys(wildcards):
     kind, _ = parse_baseline(wildcards.baseline)
-    return tracked_params(CFG, KINDS[kind].params)
+    return tracked_params(CFG, [*KINDS[kind].params, *training_seed_keys(CFG)])  # its training seed, with one
 
 
 def search_input(wildcards):
