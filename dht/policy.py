@@ -80,7 +80,7 @@ class Policy:
         self.norm_h = [RunningNormalizer(self.pool_h.size) for _ in self.groups]
         self.norm_t = [RunningNormalizer(self.pool_t.size) for _ in self.groups]
         self.baseline = RewardBaseline()
-        seed = cfg.seed
+        seed = cfg.training_seed
         self.ucb: LinUCB | None = None
         self.ucb_h: LinUCB | None = None
         self.tsb: LogisticThompsonHeads | None = None
@@ -113,7 +113,7 @@ class Policy:
             return
         old = self.ucb
         self.ucb = LinUCB(old.arm_features, old.context_dim, alpha=old.alpha, lam=old.lam,
-                          refresh_every=old.refresh_every, seed=self.cfg.seed, device=old.device)
+                          refresh_every=old.refresh_every, seed=self.cfg.training_seed, device=old.device)
 
     @property
     def uses_s1(self) -> bool:

@@ -166,7 +166,7 @@ def run_one(cfg: Config, setting: str, dataset: str, model_name: str, threads: i
         return out
     cfg.dataset(dataset)
     configure_threads(threads)
-    seed_everything(cfg.seed)  # where train.py seeds (dht.runtime via _stage.runtime), before the model loads
+    seed_everything(cfg.training_seed)  # where train.py seeds (dht.runtime via _stage.runtime), before the model loads
     device = resolve_device(cfg.device)
     processed, features = Path("data/processed") / dataset, Path("data/features") / dataset
     meta = json.loads((processed / "meta.json").read_text())
@@ -251,7 +251,7 @@ def summary(settings: list[str] | None = None, models: list[str] | None = None) 
     lines = [
         "# Levers on the default profile (experiments/levers.py)",
         "",
-        f"One seed (seed {cfg.seed}) per run; each setting is the default profile with one value changed "
+        f"One seed (training seed {cfg.training_seed}) per run; each setting is the default profile with one value changed "
         f"(`python experiments/levers.py list`). Reference {ref} and control {control} from the `default` runs.",
         "Every number on the validation split (data.val_fraction of the training split; never the test split). "
         "Accuracy [95% bootstrap interval over the validation samples, dht.evaluation]; FLOPs: inference FLOPs / the "

@@ -66,7 +66,7 @@ run_fp = fingerprint(cfg, args.model, args.dataset,
                      {"data": meta["splits"], "features": json.loads((features / "meta.json").read_text())["sizes"],
                       **({"reference": reference.digest} if reference else {})})
 trainer = Trainer(cfg, args.model, model, arm_features, train, device, seq_len=meta["max_length"],
-                  checkpoint_dir=Path(args.checkpoints) / run_subdir(cfg, args.dataset, args.model, cfg.seed),
+                  checkpoint_dir=Path(args.checkpoints) / run_subdir(cfg, args.dataset, args.model, cfg.training_seed),
                   run_fingerprint=run_fp, world=world)
 if os.environ.get(distributed.TRACE_ENV):
     trainer.trace = {}
@@ -89,7 +89,7 @@ if not world.is_main:  # the other ranks train, then leave the rest to rank 0
 
 params = {"model_name": args.model, "dataset": args.dataset, **run_params(cfg, args.model), "device": str(device)}
 
-with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="train", profile=cfg.profile, params=params,
+with stage_run(args.dataset, run_name(cfg, args.model, cfg.training_seed), stage="train", profile=cfg.profile, params=params,
                prefix=cfg.tracking.experiment_prefix, run_id=trainer.progress.run_id) as run:
     import mlflow
 
