@@ -136,10 +136,12 @@ def summary(resolved: ResolvedStudy, root: str | Path) -> str:
                     continue
                 analysis = depth_analysis({run.model: p}, (ref, rp), (control, cp))
                 bins = {x.label: x for x in analysis.groupings["control"][1]}
-                wrong, right = (analysis.mean_layers(run.model, bins[f"{control} {w}"]) for w in ("wrong", "right"))
+                # "-" where the control gets no sample wrong (or none right): an empty group has no mean
+                wrong, right = (f"{analysis.mean_layers(run.model, bins[k]):.2f}" if (k := f"{control} {w}") in bins
+                                else "-" for w in ("wrong", "right"))
                 lines.append(
                     f"| {setting} | {run.model} | {_acc(m)} | {m['infer_flop_ratio']:.2f}x | {m['mean_layers']:.2f} | "
-                    f"{100 * (m['accuracy'] - line):+.1f} pt | {wrong:.2f} / {right:.2f} | "
+                    f"{100 * (m['accuracy'] - line):+.1f} pt | {wrong} / {right} | "
                     f"{_shallow_share(sel, b):.2f} | {m['train_seconds']:.0f} s |")
         lines.append("")
     return "\n".join(lines)

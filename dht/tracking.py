@@ -227,7 +227,8 @@ def summary_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 def summary_text(metrics: Mapping[str, Any]) -> str:
     """The headline numbers in words: a model run's description (its page shows it above everything else)."""
     lo, hi = metrics["accuracy_ci95"]
-    return (f"accuracy {metrics['accuracy']:.3f} (95% interval [{lo:.3f}, {hi:.3f}]), inference FLOPs "
+    split = "validation " if metrics.get("split") == "val" else ""  # a study's run (dht.studies)
+    return (f"{split}accuracy {metrics['accuracy']:.3f} (95% interval [{lo:.3f}, {hi:.3f}]), inference FLOPs "
             f"{metrics['infer_flop_ratio']:.2f}x, training FLOPs {metrics['train_flop_ratio_total']:.2f}x in total, "
             f"mean layers {metrics['mean_layers']:.1f} (FLOPs relative to the reference)")
 

@@ -92,6 +92,7 @@ rule study_train:
     params:
         tracked=study_run_keys,
         overlay=study_overlay,
+        # `--reference-model=` (empty: the mode starts from the initial model); Snakemake quotes "" as nothing
         reference=lambda wildcards, input: input.get("reference", ""),
         reference_metrics=lambda wildcards, input: input.get("reference_metrics", ""),
         processed=folder("meta", of="input"),
@@ -109,7 +110,7 @@ rule study_train:
         " --dataset {wildcards.dataset:q} --model {wildcards.study_model:q} --processed {params.processed:q}"
         " --features {params.features:q} --results {params.results:q} --out-model {output.model:q}"
         " --checkpoints {params.checkpoints:q}"
-        " --reference-model {params.reference:q} --reference-metrics {params.reference_metrics:q}"
+        " --reference-model={params.reference:q} --reference-metrics={params.reference_metrics:q}"
         " --threads {threads:q} --log {log:q}"
 
 
