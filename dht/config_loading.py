@@ -199,3 +199,20 @@ def load_config(
     if problems:
         raise ConfigError(f"{where} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
     return cfg
+
+
+def apply_overlay(base: Config, overlay: Mapping[str, Any], where: str) -> Config:
+    """A resolved profile with `overlay` (a partial params.yaml) deep-merged into it, validated again as params.yaml
+    is (structure, then the semantic checks): a study's setting (dht.studies). :class:`ConfigError` names `where`
+    and every problem."""
+    if not isinstance(overlay, Mapping):
+        raise ConfigError(f"{where}: an overlay is a mapping of params.yaml sections, not {type(overlay).__name__}")
+    data = deep_merge(base.model_dump(mode="json"), overlay)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(where, err, data, [])) from None
+    if problems := check_semantics(cfg):
+        raise ConfigError(f"{where} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    return cfg
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from dht.config import Config, ConfigError
-from dht.config_loading import load_config
+from dht.config_loading import apply_overlay, load_config
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -94,6 +95,11 @@ def config(args: argparse.Namespace) -> Config:
         cfg = load_config(args.params, profile=args.profile)
     except ConfigError as err:
         sys.exit(f"error: {err}")
+    if getattr(args, "overlay", None):
+        try:
+            cfg = apply_overlay(cfg, json.loads(args.overlay), "--overlay")
+        except (ValueError, ConfigError) as err:  # json's errors are ValueErrors
+            sys.exit(f"error: {err}")
     seed = getattr(args, "training_seed", None)
     if seed is not None:
         if seed not in cfg.training_seeds:
@@ -107,6 +113,12 @@ def add_seed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--training-seed", type=int, default=None,
                    help="the training seed of this run, one of run.training_seeds (default: the only one); the data "
                         "and arm features were drawn with data_seed before")
+
+
+def add_overlay(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overlay", default=None, metavar="JSON",
+                   help="a partial params.yaml (a JSON mapping) merged into the profile and validated again: a study's "
+                        "setting, as workflow/rules/studies.smk resolves it (docs/pipeline.md, \"Studies\")")
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:
