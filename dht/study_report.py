@@ -332,12 +332,12 @@ def table(resolved: ResolvedStudy, root: str | Path, name: str) -> str:
 def exit_ladder(model: Any, data: Any, device: Any, batch_size: int, depths: list[int]) -> dict[str, np.ndarray]:
     """Every sample's class probabilities (of the split given: validation, or train) read by the exit heads (the
     shared classifier, or each depth's own with model.exit_heads: per_depth) after each depth option with every
-    head (dht.policy.exit_logits): ``probs`` [N, K, C] for ``depths`` [K], and ``label`` [N]. What the trained
+    head (dht.walk.exit_logits): ``probs`` [N, K, C] for ``depths`` [K], and ``label`` [N]. What the trained
     model's exits can do whatever the router: the accuracy of each exit, and what routing on the shallow exit's own
     confidence would reach (:func:`ladder_table`)."""
     import torch
 
-    from dht.policy import exit_logits
+    from dht.walk import exit_logits
 
     model.eval()
     probs, labels = [], []
