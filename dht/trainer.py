@@ -146,8 +146,10 @@ class Trainer:
         self.trace: dict[str, list[int]] | None = None
         self.digests: tuple[str, str] | None = None
         q = cfg.train.queue_size
-        shared = cfg.train.distributed.queues == "global"
-        self.queue = LayerQueue(q * self.world.size if shared else q)  # global: one set of queues for all ranks
+        # global: one set of queues for all ranks; read with several processes only (one process has one set either
+        # way, and its training must not depend on, nor rerun for, a key it cannot act on)
+        self.global_queues = self.world.size > 1 and cfg.train.distributed.queues == "global"
+        self.queue = LayerQueue(q * self.world.size if self.global_queues else q)
         share = share_length(len(train), self.world.size)  # samples this rank queues an epoch
         steps_per_epoch = math.ceil(share / q) + 8  # queues release at most a few partial batches more
         total = steps_per_epoch * cfg.train.epochs
@@ -247,7 +249,7 @@ class Trainer:
             return []
         rows = [x for _, x in parts if x is not None]
         arm, context = policy.decide_arms(torch.cat(rows) if rows else None, total, greedy=False, learn=True)
-        if self.cfg.train.distributed.queues != "global":  # this rank queues its own rows
+        if not self.global_queues:  # this rank queues its own rows
             first = sum(map(len, chunks[: self.world.rank]))
             arm, context, chunks = arm[first : first + len(chunk)], context[first : first + len(chunk)], [chunk]
         layers = policy.layers_of(arm)
@@ -268,7 +270,7 @@ class Trainer:
         size-th sample from the rank's on; a rank left without samples takes part with an empty batch). One process
         trains every batch as it is released."""
         world = self.world
-        if self.cfg.train.distributed.queues == "global":
+        if self.global_queues:
             released, self.ready = self.ready, []
             for layers, items in released:
                 self.train_batch(policy, frozen, layers, items[world.rank :: world.size])

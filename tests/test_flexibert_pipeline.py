@@ -191,7 +191,7 @@ def test_search_on_the_tiny_profile_beats_the_median_random_architecture():
     rest = np.setdiff1d(np.arange(len(df)), held)
     a, val = ({k: v[rows] for k, v in train.items()} for rows in (rest, held))
     f = cfg.baselines.flexibert
-    evaluator = TrainingEvaluator(a, val, epochs=4, max_steps=f.search_max_steps, **_train_kwargs(cfg, meta, "cpu"))
+    evaluator = TrainingEvaluator(a, val, epochs=4, max_steps=f.search_max_steps, **_train_kwargs(cfg, meta, "cpu", cfg.data_seed))
     pool = candidate_pool(space_of(cfg), np.random.default_rng(0), max_candidates=500, seq_len=32, max_ratio=0.5,
                           reference=cfg.section("model"), num_labels=4)
     trace = search(pool, evaluator, f.evaluations, f.n_init, np.random.default_rng(0), f.kappa, seq_len=32,

@@ -10,12 +10,19 @@ from dht.study_report import LADDER, LADDER_TRAIN, TABLES, is_fixed, ladder_runs
 
 # The file is validated as params.yaml is, at every start: its structure and names; and every setting of the studies
 # of this profile, resolved and checked (a typo in an overlay fails here, before any job).
+# A study that does not resolve against this params.yaml (say, its datasets are not the profile's after a user
+# edited run.datasets) stops only a run that asks for it: its error is raised when its target is requested.
 try:
     STUDIES = load_studies(STUDIES_FILE)
-    RESOLVED = {name: resolve_study(STUDIES, name, PARAMS_FILE, profile=CFG)
-                for name, study in STUDIES.studies.items() if study.profile == PROFILE}
 except ConfigError as err:
     raise WorkflowError(f"invalid studies file\n{err}") from None
+RESOLVED, UNRESOLVED = {}, {}
+for _name, _study in STUDIES.studies.items():
+    if _study.profile == PROFILE:
+        try:
+            RESOLVED[_name] = resolve_study(STUDIES, _name, PARAMS_FILE, profile=CFG)
+        except ConfigError as err:
+            UNRESOLVED[_name] = f"invalid studies file\n{err}"
 
 STUDY_RUN = "studies/{study}/{setting}/{dataset}/{study_model}"
 
@@ -34,6 +41,8 @@ wildcard_constraints:
 
 def resolved_study(wildcards):
     name = wildcards.study
+    if name in UNRESOLVED:
+        raise WorkflowError(UNRESOLVED[name])
     if name not in RESOLVED:
         raise WorkflowError(f"study {name!r} runs on profile {STUDIES.studies[name].profile!r}, not {PROFILE!r}: "
                             f"add --config profile={STUDIES.studies[name].profile}")
