@@ -109,7 +109,7 @@ def path_points(config: DHTConfig, layers: int) -> list[int]:
 def exit_logits(model: DHTForSequenceClassification, ids: Tensor, mask: Tensor, depths: list[int]) -> list[Tensor]:
     """The logits after each of ``depths`` (ascending) with every head, each read by its depth's exit head (the one
     shared classifier, or with ``model.exit_heads: per_depth`` that depth's own), from one walk to the deepest: T24's
-    counterfactual reads and the exit ladder of experiments/levers.py. The caller sets the mode and the gradient."""
+    counterfactual reads and the studies' exit ladder (dht.study_report). The caller sets the mode and the gradient."""
     out: list[Tensor] = []
     walk(start(model, ids, mask), depths, lambda at: out.append(at.logits()))
     return out
