@@ -503,7 +503,7 @@ class TrainConfig(_Strict):
 
 # --- baselines: the registry of kinds -------------------------------------------------------------------------
 # One entry per kind of baseline (docs/baselines.md, "Adding a baseline"). Everything else follows from it: the
-# names run.baselines accepts (parse_baseline, the JSON schema, the baseline rule's wildcard), their ranges
+# names run.baselines accepts (parse_baseline, the baseline rule's wildcard), their ranges
 # (dht.config_checks), the `baselines:` section (BaselinesConfig), a job's code and tracked keys
 # (workflow/rules/baselines.smk), and which module builds and loads it (dht.baselines).
 
