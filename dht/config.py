@@ -264,8 +264,9 @@ class ModelSection(_Strict):
 class ModeSpec(_Strict):
     """One DHT configuration of Section 6.1 (or 12-VaBERT as the single fixed arm 12L12H)."""
 
-    search: Literal["tree", "integrated", "fixed"]
-    layers: list[int] | None = None  # tree search: UCB_L's options
+    # sequential (not the paper's; docs/training.md T31): stop or continue decided at every group boundary
+    search: Literal["tree", "integrated", "fixed", "sequential"]
+    layers: list[int] | None = None  # tree search: UCB_L's options; sequential: the depths it may stop at
     heads: list[int] | None = None  # tree search: UCB_H's options
     arms: list[str] | None = None  # integrated/fixed: UCB_cp's options, e.g. "6L8H" or "4L8H+2L12H"
     warmup_mode: Name | None = None  # P-DHT: train as this mode first ...
@@ -290,6 +291,15 @@ class ModeSpec(_Strict):
     all_depths_reward: Literal["ratio", "difference"] | None = None
     depth_price: Annotated[float, Field(ge=0)] | None = None
     depth_loss: Literal["cross_entropy", "error_probability"] | None = None
+    # search: sequential only (docs/training.md T31). How the exits on a sample's path weigh in its loss: `depth`,
+    # each in proportion to its depth (the deepest weighs most); `uniform`, each the same (T26's mean).
+    exit_weights: Literal["uniform", "depth"] = "uniform"
+    # The share of each shallower exit's loss that is self-distillation (KL from the deepest exit's probabilities,
+    # read without gradient before the step, as FastBERT's students learn from its teacher); 0: none.
+    distil_weight: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # What continuing at a boundary is worth: `next`, err_d - err_next - price x (layers added) (the issue's
+    # one-step gain); `best`, err_d - min over the deeper depths d' of (err_d' + price x (d' - d)).
+    continue_reward: Literal["next", "best"] = "next"
 
 
 class PoolingConfig(_Strict):
