@@ -300,6 +300,9 @@ class ModeSpec(_Strict):
     # What continuing at a boundary is worth: `next`, err_d - err_next - price x (layers added) (the issue's
     # one-step gain); `best`, err_d - min over the deeper depths d' of (err_d' + price x (d' - d)).
     continue_reward: Literal["next", "best"] = "next"
+    # This mode's own model.exit_heads (T29; null: model.exit_heads), so that one mode can train an exit head per
+    # depth while the reference it starts from, and every other mode, keep theirs.
+    exit_heads: Literal["shared", "per_depth"] | None = None
 
 
 class PoolingConfig(_Strict):

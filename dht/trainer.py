@@ -931,9 +931,9 @@ def initial_model(cfg: Config, mode_name: str, dataset: str, init_dir: Path, ref
     of the same dataset and seed (`reference_dir` and its `reference_metrics`; default: the pipeline's
     ``models/<run>`` and ``results/<run>/metrics.json`` below the working directory, :func:`dht.results.run_subdir`),
     checked against its checksums and required to have the initial model's architecture. Then
-    ``model.exit_heads`` (T29): with ``per_depth`` every exit below the full depth starts as a copy of the
-    full-depth head, so a model trained at full depth alone (the reference; a directory saved with one head) gives
-    each exit its trained classifier. Raises :class:`TrainingError` with the command that fixes it."""
+    the mode's own ``exit_heads`` or ``model.exit_heads`` (T29): with ``per_depth`` every exit below the full depth
+    starts as a copy of the full-depth head, so a model trained at full depth alone (the reference; a directory
+    saved with one head) gives each exit its trained classifier. Raises :class:`TrainingError` with the command that fixes it."""
     from dht.integrity import IntegrityError, load_checked_model
     from dht.model import DHTConfig
     from dht.results import run_subdir
@@ -958,8 +958,9 @@ def initial_model(cfg: Config, mode_name: str, dataset: str, init_dir: Path, ref
             raise TrainingError(
                 f"{reference.model_dir}: the reference's architecture is not the initial model's ({'; '.join(differ)}), "
                 f"so dht.modes.{mode_name} cannot start from it; {fix}")
-    if reference is not None or model.config.exit_heads != cfg.model.exit_heads:
-        model.set_exit_heads(cfg.model.exit_heads)
+    heads = mode.exit_heads or cfg.model.exit_heads  # the mode's own, over the model section's (T29)
+    if reference is not None or model.config.exit_heads != heads:
+        model.set_exit_heads(heads)
     return model, reference
 
 

@@ -5,10 +5,11 @@ layer on 1 - p(true class); every exit on the path trained, with self-distillati
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
-from conftest import ROOT, two_epoch_tiny
+from conftest import ROOT, run_cli, two_epoch_tiny
 from test_trainer import N_TRAIN, SEQ, make_split, setup, trainer_for  # noqa: F401 (setup is a fixture)
 from torch import Tensor
 
@@ -17,6 +18,7 @@ from dht.config_loading import load_config, read_params
 from dht.policy import Policy, exit_statistics, predict
 from dht.rewards import continue_rewards
 
+DATASET = "embedded-news"
 SEQUENTIAL = {"search": "sequential", "layers": [3, 6, 9, 12], "heads": [8, 10, 12], "depth_feedback": "all_depths",
               "exit_loss": "path", "all_depths_reward": "difference", "depth_loss": "error_probability",
               "depth_price": 0.01, "exit_weights": "depth", "distil_weight": 0.5}
@@ -182,3 +184,32 @@ def test_samples_that_stop_leave_the_batch_and_read_their_exit(qsetup, monkeypat
     assert pred.flops[stopped].unique().tolist() == [forward_flops(SEQ, [12] * 3, conf)]
     deep = [forward_flops(SEQ, row.tolist(), conf) + exit_read_flops(3, conf) for row in pred.heads[~stopped]]
     assert pred.flops[~stopped].tolist() == deep and bool((pred.heads[~stopped, 3:] < 12).any())
+
+
+@pytest.mark.slow
+def test_snakemake_trains_a_sequential_mode_from_the_reference_and_dht_predict_reads_it(tiny_project):
+    """A sequential mode added to params.yaml as a user would (init: reference, its own per-depth exit heads) is
+    trained by Snakemake after the reference, its metrics count mixed depths, and `dht predict` answers with it."""
+    from test_pipeline import set_params
+
+    project = tiny_project
+
+    def edit(raw):
+        tiny = two_epoch_tiny(raw)["profiles"]["tiny"]
+        raw["dht"]["modes"]["q-dht"] = {**SEQUENTIAL, "init": "reference", "exit_heads": "per_depth"}
+        tiny["run"] = {**tiny.get("run", {}), "models": ["vanilla-12", "vanilla-3", "t-dht", "q-dht"]}
+    set_params(project, edit)
+    target = f"results/{DATASET}/q-dht/metrics.json"
+    out = run_cli(["snakemake", "--cores", "1", target, "--config", "profile=tiny"], cwd=project)
+    text = out.stdout + out.stderr
+    assert f"train {DATASET}/q-dht: starting from the trained reference" in text
+    metrics = json.loads((project / target).read_text())
+    assert 3 <= metrics["mean_layers"] <= 12 and 0 < metrics["infer_flop_ratio"] <= 1.2
+    model_dir = project / f"models/{DATASET}/q-dht"
+    assert json.loads((model_dir / "config.json").read_text())["exit_heads"] == "per_depth"
+    assert json.loads((model_dir / "dht_policy.json").read_text())["search"] == "sequential"
+    (project / "texts.txt").write_text("a text about the market\nanother one\n")
+    answer = run_cli(["dht", "predict", "--model", str(model_dir), "--input", "texts.txt", "--format", "jsonl"],
+                     cwd=project).stdout.strip().splitlines()
+    rows = [json.loads(line) for line in answer]
+    assert len(rows) == 2 and all(row["layers"] in (3, 6, 9, 12) for row in rows), rows
