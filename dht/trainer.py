@@ -314,8 +314,8 @@ class Trainer:
         decided: list[dict[str, Any]] | None = None
         decision_layers = 0  # layers of the eval-mode decision pass, for the FLOP count
         seq = self._sequential_pass(policy, ids, mask, labels) if policy.search == "sequential" else None
-        if seq is not None:  # T31: the heads, the stops and every exit's error from one no-grad pass
-            decided = seq["groups"]
+        if policy.search == "sequential":  # T31: the heads, the stops and every exit's error from one no-grad pass
+            decided = seq["groups"] if seq is not None else []  # no batch: it took part in the pass's decisions
         elif cfg.dht.decision_states == "clean" and policy.search != "fixed":
             # UCB_H and the TSB decide from the states inference would give them (no dropout, the current
             # weights: S2,0 and S2,l of Algorithm 2 without the training noise); docs/training.md, T2.

@@ -425,6 +425,9 @@ CASES = [
     # jointly on both ranks' rows, each rank's samples leaving its batch where they stop, the full-information
     # updates replayed on every rank
     {"name": "q-dht", "mode": "q-dht", "params": {"dht.modes.q-dht": SEQUENTIAL}},
+    # ... and with batches of 11, so that at the end of each epoch one rank (23 samples) has a third batch (of 1)
+    # and the other (22) takes part in its decisions and its step without one
+    {"name": "q-dht-empty-rank", "mode": "q-dht", "params": {"dht.modes.q-dht": SEQUENTIAL, "train.batch_size": 11}},
     # one fixed arm without dropout, per-rank and global queues: compared with one process below
     {"name": "vanilla-no-dropout", "mode": "vanilla-12", "params": {}, "dropout": 0.0},
     {"name": "vanilla-global-no-dropout", "mode": "vanilla-12", "params": {"train.distributed.queues": "global"},
