@@ -213,3 +213,44 @@ def test_snakemake_trains_a_sequential_mode_from_the_reference_and_dht_predict_r
                      cwd=project).stdout.strip().splitlines()
     rows = [json.loads(line) for line in answer]
     assert len(rows) == 2 and all(row["layers"] in (3, 6, 9, 12) for row in rows), rows
+
+
+@pytest.mark.parametrize("exit_weights, distil", [("depth", 0.5), ("uniform", 0.0)])
+def test_a_samples_loss_reads_every_exit_on_its_path(qsetup, exit_weights, distil):
+    """The gradient pass's loss of a sample that stops after d layers: the mean of its exits' losses up to d,
+    weighed by depth (or not), each below the deepest mixed with the KL divergence from the teacher's
+    probabilities; exits past its stop are not read."""
+    import torch.nn.functional as F
+
+    from dht.walk import exit_logits, path_points, start, walk
+
+    model, feats, _, test = qsetup
+    cfg = make_cfg({"exit_weights": exit_weights, "distil_weight": distil})
+    trainer = trainer_for(qsetup, "q-dht", cfg)
+    policy, model = trainer.policy, trainer.model
+    ids, mask, labels = test.batch(torch.arange(8), torch.device("cpu"))
+    depth = torch.tensor([3, 6, 9, 12, 3, 6, 9, 12])
+    teacher = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    groups = [{"plan": torch.ones(8, 3, 12, dtype=torch.bool)} for _ in range(3)]
+    seq = {"depth": depth, "teacher": teacher, "groups": groups}
+    reads: list[Tensor] = []
+    model.eval()
+    with torch.no_grad():
+        walk(start(model, ids, mask), path_points(model.config, 12),
+             trainer._sequential_reads(policy, seq, labels, torch.zeros(8, 12, dtype=torch.long), reads))
+        exits = exit_logits(model, ids, mask, [3, 6, 9, 12])
+    want = []
+    for i in range(8):
+        total = weight = 0.0
+        for d, logits in zip([3, 6, 9, 12], exits, strict=True):
+            if d > depth[i]:
+                break
+            loss = F.cross_entropy(logits[i : i + 1], labels[i : i + 1])
+            if d < 12:
+                kl = F.kl_div(logits[i : i + 1].log_softmax(-1), teacher[i : i + 1].log_softmax(-1), log_target=True,
+                              reduction="sum")
+                loss = (1 - distil) * loss + distil * kl
+            w = d if exit_weights == "depth" else 1
+            total, weight = total + w * float(loss), weight + w
+        want.append(total / weight)
+    assert torch.allclose(reads[0], torch.tensor(want), atol=1e-5)
