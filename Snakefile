@@ -17,6 +17,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/baselines.smk"
 include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/studies.smk"  # not part of `all`: docs/pipeline.md, "Studies"
 
 
 onstart:

@@ -16,12 +16,13 @@ import argparse
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from dht.arms import parse_arm
 from dht.bandits import LinUCB, LogisticThompsonHeads
-from dht.config import FeaturesConfig
+from dht.config_loading import load_config
 from dht.contexts import RunningNormalizer, multi_granularity_pool
 from dht.model import DHTConfig, DHTForSequenceClassification
 from dht.rewards import RewardBaseline, reward_delta, ts_reward
@@ -50,7 +51,7 @@ class Bandits:
         self.mode = mode
         self.config = config
         n_groups = len(config.dynamic_layer_groups())
-        features = FeaturesConfig()  # the paper's poolings (params.yaml's defaults)
+        features = load_config(Path(__file__).resolve().parents[1] / "params.yaml").dht.features  # the paper's poolings (params.yaml's)
         f_l, f_h, f_t = features.ucb_l, features.ucb_h, features.tsb
         self.f_l, self.f_h, self.f_t = f_l, f_h, f_t
         self.norm_l, self.norm_h, self.norm_t = RunningNormalizer(f_l.size), RunningNormalizer(f_h.size), RunningNormalizer(f_t.size)

@@ -19,15 +19,13 @@ from typing import Any
 
 import yaml
 
-from dht.config import ConfigError, json_schema
+from dht.config import ConfigError
 from dht.config_loading import OVERLAYS_KEY, load_config, read_params
 
-SCHEMA_PATH = Path("workflow/schemas/config.schema.json")
 # The help's list of the library's commands (the workflow's CLI lists its own after it).
 USAGE = """\
     dht config show [--profile tiny]     the resolved, validated configuration of a profile (YAML; --out FILE)
     dht config validate                  check every profile of params.yaml; exit 1 with the problems
-    dht config schema                    write workflow/schemas/config.schema.json (JSON Schema of a profile)
     dht predict --model DIR [--input F]  classify texts (one a line; stdin without --input) with a trained model:
                                          label, probability, and the layers and heads chosen for each text; the
                                          bandits act as the model's dht.inference says (--inference overrides).
@@ -62,17 +60,6 @@ def _config_validate(args: argparse.Namespace) -> int:
             failed += 1
             print(err, file=sys.stderr)
     return 1 if failed else 0
-
-
-def render_schema() -> str:
-    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
-
-
-def _config_schema(args: argparse.Namespace) -> int:
-    SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
-    SCHEMA_PATH.write_text(render_schema())
-    print(f"wrote {SCHEMA_PATH}")
-    return 0
 
 
 class _InputError(ValueError):
@@ -218,7 +205,7 @@ def build_parser(*more: AddCommands, description: str = DESCRIPTION) -> argparse
     p = argparse.ArgumentParser(prog="dht", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    cfg = sub.add_parser("config", help="show, validate or export the configuration")
+    cfg = sub.add_parser("config", help="show or validate the configuration")
     cfg_sub = cfg.add_subparsers(dest="action", required=True)
     show = cfg_sub.add_parser("show", help="print the resolved configuration of a profile")
     show.add_argument("--profile", default=None)
@@ -226,8 +213,6 @@ def build_parser(*more: AddCommands, description: str = DESCRIPTION) -> argparse
     show.set_defaults(func=_config_show)
     val = cfg_sub.add_parser("validate", help="validate every profile")
     val.set_defaults(func=_config_validate)
-    sch = cfg_sub.add_parser("schema", help=f"write {SCHEMA_PATH}")
-    sch.set_defaults(func=_config_schema)
     for action in (show, val):
         action.add_argument("--params", default="params.yaml")
 

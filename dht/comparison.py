@@ -15,7 +15,7 @@ Readings (docs/pipeline.md, "Paired statistics"):
   candidates: the question is whether DHT beats the methods it is proposed against at their cost, and the
   control (the b layers every arm runs anyway) answers another one, in Table 1's depth analysis. None at or
   below the model's FLOPs: said so (``against`` null).
-- **Several seeds** (``run.seeds``): the baseline is chosen once, by the accuracy and FLOPs averaged over the
+- **Several seeds** (``run.training_seeds``): the baseline is chosen once, by the accuracy and FLOPs averaged over the
   seeds, and each seed's run is paired with the same seed's run of the reference and of that baseline (the
   baselines of a seed learn from the reference of that seed). ``difference`` is the mean of the per-seed
   differences, ``difference_std`` their sample standard deviation (n - 1); each seed keeps its own interval,

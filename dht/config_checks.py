@@ -472,7 +472,7 @@ def format_validation_error(where: str, err: ValidationError, data: Mapping[str,
             allowed = ", ".join(parent.model_fields) if parent is not None else "see params.yaml"
             lines.append(f"{key}: unknown key; allowed here: {allowed}")
         elif e["type"] == "missing":
-            lines.append(f"{key}: required but missing")
+            lines.append(f"{key}: required but missing; {_where_to_state(loc)}")
         elif e["type"] == "union_tag_invalid":
             given = e["input"].get("source") if isinstance(e["input"], Mapping) else e["input"]
             lines.append(f"{key}.source = {given!r}: unknown source; allowed: embedded, hub, csv")
@@ -480,6 +480,17 @@ def format_validation_error(where: str, err: ValidationError, data: Mapping[str,
             value = json.dumps(e.get("input"), default=str)
             lines.append(f"{key} = {value}: {message}")
     return f"{where} has {len(lines)} problem(s):\n" + "\n".join(f"  - {line}" for line in lines)
+
+
+def _where_to_state(loc: list[str]) -> str:
+    """Where a missing key goes: params.yaml states every key (dht/config.py has no defaults), a dataset's or a
+    mode's in its entry or in its collection's defaults."""
+    if len(loc) == 3 and loc[0] == "datasets":
+        return ("state it in the entry, or for every dataset of its source in dataset_defaults (params.yaml's "
+                "default profile has each key with its comment)")
+    if len(loc) == 4 and loc[:2] == ["dht", "modes"]:
+        return "state it in the mode, or for every mode in dht.mode_defaults (params.yaml has each with its comment)"
+    return "params.yaml states every key: copy it, with its comment, from the default profile (the file's top level)"
 
 
 def _lookup_model(loc: list[str]) -> type[BaseModel] | None:

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from dht.config import NOT_A_NAME, Config, ConfigError, is_name
+from dht.config import NOT_A_NAME, Config, ConfigError, is_name, with_entry_defaults
 from dht.config_checks import (
     booleans_for_numbers,
     check_semantics,
@@ -29,6 +29,32 @@ from dht.config_checks import (
 PROFILE_KEY = "profile"
 OVERLAYS_KEY = "profiles"
 EXTENDS_KEY = "extends"  # a profile that starts from another one
+
+# Keys renamed so that their names say what they are, by their old path ("*": any dataset): each is refused with
+# its new name rather than accepted under two spellings. `seed` drew the data and, unless run.seeds was set, the
+# training too; now data_seed draws the data and run.training_seeds lists the trainings' seeds.
+RENAMED = {
+    ("seed",): "data_seed (it draws the data: the validation split, the subsets, the embedded data, the arm "
+               "features, the FlexiBERT search); the trainings' seeds are run.training_seeds",
+    ("run", "seeds"): "run.training_seeds (a list, always set: [0] for one run)",
+    ("datasets", "*", "seed"): "data_seed, as the top-level data_seed it replaces for this dataset",
+}
+
+
+def renamed_key_problems(resolved: Mapping[str, Any]) -> list[str]:
+    """One message per key of :data:`RENAMED` written under its old name, naming the new one."""
+    problems = []
+
+    def walk(node: Any, path: tuple[str, ...], shown: str) -> None:
+        for old, new in RENAMED.items():
+            if len(old) == len(path) and all(o in ("*", p) for o, p in zip(old, path, strict=True)):
+                problems.append(f"{shown}: renamed; write {new}")
+        if isinstance(node, Mapping) and len(path) < max(map(len, RENAMED)):
+            for key, value in node.items():
+                walk(value, (*path, str(key)), f"{shown}.{key}".lstrip("."))
+
+    walk(resolved, (), "")
+    return problems
 
 
 def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
@@ -161,7 +187,10 @@ def load_config(
         raw = read_params(path)
     resolved = resolve_params(raw, profile)
     where = f"{Path(path).name} (profile '{resolved[PROFILE_KEY]}')"
-    booleans = booleans_for_numbers(Config, resolved)
+    renamed = renamed_key_problems(resolved)
+    if renamed:  # before validation, which would add "unknown key" and "required" for each of them
+        raise ConfigError(f"{where} has {len(renamed)} problem(s):\n" + "\n".join(f"  - {p}" for p in renamed))
+    booleans = booleans_for_numbers(Config, with_entry_defaults(resolved))  # a default's yes, where it lands
     try:
         cfg = Config.model_validate(resolved)
     except ValidationError as err:
@@ -170,3 +199,20 @@ def load_config(
     if problems:
         raise ConfigError(f"{where} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
     return cfg
+
+
+def apply_overlay(base: Config, overlay: Mapping[str, Any], where: str) -> Config:
+    """A resolved profile with `overlay` (a partial params.yaml) deep-merged into it, validated again as params.yaml
+    is (structure, then the semantic checks): a study's setting (dht.studies). :class:`ConfigError` names `where`
+    and every problem."""
+    if not isinstance(overlay, Mapping):
+        raise ConfigError(f"{where}: an overlay is a mapping of params.yaml sections, not {type(overlay).__name__}")
+    data = deep_merge(base.model_dump(mode="json"), overlay)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(where, err, data, [])) from None
+    if problems := check_semantics(cfg):
+        raise ConfigError(f"{where} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    return cfg
+

@@ -262,7 +262,7 @@ def load_text_dataset(
         # Generated data have no finite split to hold rows out of: the validation split is a third seeded stream of
         # val_fraction x n_train samples, drawn (and stratified) like the training split, which stays n_train rows,
         # the same rows as without it (docs/pipeline.md, "The validation split").
-        data_seed = spec.seed if spec.seed is not None else seed
+        data_seed = spec.data_seed if spec.data_seed is not None else seed
         mix = tuple(spec.difficulty_mix)
         train, test, classes = embedded.generate(spec.num_classes, spec.n_train, spec.n_test, data_seed, mix,
                                                  hops=spec.alias_hops)

@@ -142,7 +142,7 @@ def start(cfg: Config, device: torch.device) -> World:
             "use backend: gloo to train on CPUs"
         )
     dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(cfg.training_seed + rank)
     return ProcessGroup(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 

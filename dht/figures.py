@@ -17,7 +17,7 @@ Tables 1-2, one set per dataset under ``reports/figures/``.
   whether the shallow control gets the sample right, and by the reference's confidence (from ``predictions.csv``;
   Table 1's "Where the depth goes").
 
-With several training seeds (`run.seeds`), the Pareto and difficulty figures show the mean over the seeds; the
+With several training seeds (`run.training_seeds`), the Pareto and difficulty figures show the mean over the seeds; the
 selection, loss and depth figures show the first seed's run.
 
 :func:`figure_paths` is the list Snakemake declares as the stage's outputs, so it reads the configuration only,

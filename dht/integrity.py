@@ -234,7 +234,7 @@ def retrain_hint(info: dict[str, Any]) -> str:
     """How to rebuild a model directory the train or baseline stage wrote (``info``: its dht_policy.json or
     baseline.json)."""
     dataset, model = info.get("dataset"), info.get("mode_name") or info.get("model_name")
-    if info.get("results"):  # the run's results directory (with its seed level when run.seeds lists several)
+    if info.get("results"):  # the run's results directory (with its seed level when run.training_seeds lists several)
         return f"retrain it: snakemake --cores 4 --force {info['results']}/metrics.json"
     if dataset and model:
         return f"retrain it: snakemake --cores 4 --force results/{dataset}/{model}/metrics.json"

@@ -27,6 +27,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Literal
 
 import torch
@@ -108,6 +109,13 @@ class DHTConfig(PretrainedConfig):
       so it can be switched on a live model.
 
     ``num_labels`` is handled by ``PretrainedConfig`` (pass ``num_labels=...``).
+
+    Its defaults are this model class's, not the pipeline's: BERT-base's (``transformers.BertConfig``'s) and the
+    paper's b = c = 3. A transformers configuration gives every field a default (``DHTConfig()`` must build, and
+    transformers reads the class's defaults when it writes one), and a config.json saved before a field existed
+    loads with that field's default (``exit_heads``), so they stay the class's own. The pipeline never reads them: it builds every model from
+    params.yaml (:func:`model_from_params`, which sets every field of :data:`FROM_PARAMS` from the profile; a test
+    builds one with every value unlike these defaults), and a saved model's config.json states every field.
     """
 
     model_type = "dht-bert"
@@ -1122,6 +1130,28 @@ class DHTForSequenceClassification(DHTPreTrainedModel):
 # --------------------------------------------------------------------------------------------------------------
 
 
+# The DHTConfig fields params.yaml sets, and the key that sets each: the pipeline's models take these from the profile,
+# never from DHTConfig's own defaults. A checkpoint (model.init) brings its own sizes (CHECKPOINT_FIELDS), which the
+# configuration checks against model: (dht.config_checks).
+FROM_PARAMS = {
+    "hidden_size": "model.hidden_size",
+    "num_hidden_layers": "model.num_hidden_layers",
+    "num_attention_heads": "model.num_attention_heads",
+    "intermediate_size": "model.intermediate_size",
+    "hidden_dropout_prob": "model.hidden_dropout_prob",
+    "attention_probs_dropout_prob": "model.attention_probs_dropout_prob",
+    "max_position_embeddings": "model.max_position_embeddings",
+    "layer_norm": "model.layer_norm",
+    "residual_init_scale": "model.residual_init_scale",
+    "classifier_pooling": "model.classifier_pooling",
+    "exit_heads": "model.exit_heads",
+    "fixed_layers": "dht.fixed_layers",
+    "group_size": "dht.group_size",
+}
+CHECKPOINT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "layer_norm", "residual_init_scale")
+
+
 def model_from_params(cfg: Any, num_labels: int, vocab_size: int) -> DHTForSequenceClassification:
     """The initial model a profile describes (`dht.config.Config`): from scratch (seeded by the caller) when
     ``model.init`` is ``scratch``, else BERT weights from a hub name or local directory (``bert-base-uncased``
@@ -1132,29 +1162,14 @@ def model_from_params(cfg: Any, num_labels: int, vocab_size: int) -> DHTForSeque
     from dht.pretrained import is_package_ref, resolve
 
     m = cfg.model
-    dht_fields = {"fixed_layers": cfg.dht.fixed_layers, "group_size": cfg.dht.group_size,
-                  "classifier_pooling": m.classifier_pooling, "exit_heads": m.exit_heads}
+    fields = {name: attrgetter(key)(cfg) for name, key in FROM_PARAMS.items()}
     if m.init == "scratch":
-        config = DHTConfig(
-            vocab_size=vocab_size,
-            hidden_size=m.hidden_size,
-            num_hidden_layers=m.num_hidden_layers,
-            num_attention_heads=m.num_attention_heads,
-            intermediate_size=m.intermediate_size,
-            hidden_dropout_prob=m.hidden_dropout_prob,
-            attention_probs_dropout_prob=m.attention_probs_dropout_prob,
-            max_position_embeddings=m.max_position_embeddings,
-            layer_norm=m.layer_norm,
-            residual_init_scale=m.residual_init_scale,
-            num_labels=num_labels,
-            **dht_fields,
-        )
-        return DHTForSequenceClassification(config)
+        return DHTForSequenceClassification(DHTConfig(vocab_size=vocab_size, num_labels=num_labels, **fields))
     model = DHTForSequenceClassification.from_bert(
-        resolve(m.init), num_labels=num_labels, hidden_dropout_prob=m.hidden_dropout_prob,
-        attention_probs_dropout_prob=m.attention_probs_dropout_prob,
+        resolve(m.init), num_labels=num_labels,
         # A package is a local directory: never ask the hub, even for a file the directory lacks.
-        load_kwargs={"local_files_only": True} if is_package_ref(m.init) else None, **dht_fields,
+        load_kwargs={"local_files_only": True} if is_package_ref(m.init) else None,
+        **{name: value for name, value in fields.items() if name not in CHECKPOINT_FIELDS},
     )
     if model.config.vocab_size < vocab_size:
         raise ValueError(

@@ -103,7 +103,7 @@ class Policy:
         self.norm_h = [RunningNormalizer(self.pool_h.size) for _ in self.groups]
         self.norm_t = [RunningNormalizer(self.pool_t.size) for _ in self.groups]
         self.baseline = RewardBaseline()
-        seed = cfg.seed
+        seed = cfg.training_seed
         self.ucb: LinUCB | None = None
         self.ucb_h: LinUCB | None = None
         self.tsb: LogisticThompsonHeads | None = None
@@ -142,13 +142,13 @@ class Policy:
         (A = lambda I, b = 0), with the arm features they have now; the context normaliser, UCB_H, the TSB and the
         reward baselines keep their state. The sequential mode's stop bandits alike (T31)."""
         self.ucb_s = [LinUCB(old.arm_features, old.context_dim, alpha=old.alpha, lam=old.lam,
-                             refresh_every=old.refresh_every, seed=self.cfg.seed + 3 + k, device=old.device)
+                             refresh_every=old.refresh_every, seed=self.cfg.training_seed + 3 + k, device=old.device)
                       for k, old in enumerate(self.ucb_s)]
         if self.ucb is None:
             return
         old = self.ucb
         self.ucb = LinUCB(old.arm_features, old.context_dim, alpha=old.alpha, lam=old.lam,
-                          refresh_every=old.refresh_every, seed=self.cfg.seed, device=old.device)
+                          refresh_every=old.refresh_every, seed=self.cfg.training_seed, device=old.device)
 
     @property
     def uses_s1(self) -> bool:

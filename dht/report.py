@@ -68,7 +68,7 @@ CI_LEGEND = (
     "beyond that noise; overlapping intervals do not settle it (the models share their test samples)."
 )
 SEEDS_LEGEND = (
-    "Every model was trained once per seed of `run.seeds` ({seeds}); each number is the mean over those runs, "
+    "Every model was trained once per seed of `run.training_seeds` ({seeds}); each number is the mean over those runs, "
     "and accuracy is written `0.891 ± 0.012 (3 seeds)`: the mean and the sample standard deviation over the "
     "seeds (the training's noise; each run's own bootstrap interval over the test samples is in its "
     "metrics.json, results/<dataset>/<model>/seed-<s>/). FLOP ratios that vary with the seed carry their "
@@ -136,8 +136,8 @@ REPORTS = ("table1", "table2", "figures", "index")
 
 def report_param_keys(cfg: Config, report: str) -> list[str]:
     """The params.yaml keys a report stage reads (`report` one of :data:`REPORTS`; this module, and dht.figures for
-    the figures): the run's lists (run: datasets, models, baselines, reference, control, seeds), the seed (where the
-    results of a run without run.seeds live), the arms of the reference (the depth its label names) and, but for
+    the figures): the run's lists (run: datasets, models, baselines, reference, control, training_seeds: where each run's
+    results live), the arms of the reference (the depth its label names) and, but for
     Table 2, of the control (its label) and the search of each mode (the depth analysis). The tables and the index name the
     profile, the tables the paper's column of each dataset (its `paper:`), the figures and the index each
     dataset's source (figures by difficulty for the embedded data); the figures read the model's depth (their axes)
@@ -146,7 +146,7 @@ def report_param_keys(cfg: Config, report: str) -> list[str]:
     rules' tracked params."""
     if report not in REPORTS:
         raise ValueError(f"{report!r}: not a report ({', '.join(REPORTS)})")
-    keys = ["seed", "run"]
+    keys = ["run"]
     # the reference's depth (reference_label) and, but for Table 2, the control's (control_label: the depth
     # analysis, the Pareto figure's legend, the index's reading)
     control = [cfg.run.control] if cfg.run.control and report != "table2" else []
@@ -329,7 +329,7 @@ def settle_text(cfg: Config, root: Path, dataset: str, paired: dict[str, Any]) -
     if found is None:
         return text + (
             f"no run with several seeds is present for {dataset} (`results/{dataset}/paired-seeds.json`, written "
-            "by a profile with several `run.seeds` that runs this dataset, e.g. `--config profile=seeds`), so a "
+            "by a profile with several `run.training_seeds` that runs this dataset, e.g. `--config profile=seeds`), so a "
             "difference here is settled against the test split's noise only.")
     path, other = found
     return text + (

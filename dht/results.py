@@ -2,8 +2,8 @@
 and the figures).
 
 A run is one model (a DHT mode, a fixed mode or a baseline) trained on one dataset with one training seed. With
-one seed (`run.seeds` unset, or a single seed) its files are ``results/<dataset>/<model>/`` and
-``models/<dataset>/<model>/``, as they always were; with several (``run.seeds: [0, 1, 2]``) each seed has its
+one seed (``run.training_seeds: [0]``) its files are ``results/<dataset>/<model>/`` and
+``models/<dataset>/<model>/``, as they always were; with several (``run.training_seeds: [0, 1, 2]``) each seed has its
 own directory below them, ``results/<dataset>/<model>/seed-<s>/``. The reports then show the mean and the
 standard deviation over the seeds (:func:`read_metrics`).
 """
@@ -157,7 +157,7 @@ def run_subdir(cfg: Config, dataset: str, name: str, seed: int | None = None) ->
     if not seeded(cfg):
         return f"{dataset}/{name}"
     if seed is None:
-        raise ValueError(f"{dataset}/{name}: run.seeds lists {cfg.training_seeds}; name the seed of the run")
+        raise ValueError(f"{dataset}/{name}: run.training_seeds lists {cfg.training_seeds}; name the seed of the run")
     return f"{dataset}/{name}/{SEED_DIR.format(seed=seed)}"
 
 

@@ -18,7 +18,7 @@ right (0 otherwise) and b_i likewise:
   (:func:`scipy.stats.binomtest`), 1 when there is no discordant sample.
 
 Both describe the test split's sampling noise for the two trained models, not the training seed's noise
-(``run.seeds`` measures that).
+(``run.training_seeds`` measures that).
 """
 
 from __future__ import annotations

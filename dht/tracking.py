@@ -64,6 +64,7 @@ def init_store(root: str | Path = ".") -> str:
 # dataset's stages experiment.
 MODEL_STAGES = ("train", "baseline")
 STAGES_SUFFIX = ".stages"
+STUDY_INFIX = ".study."  # <dataset>.study.<study>: a study's runs (dht.studies)
 NOTE_TAG = "mlflow.note.content"  # the description MLflow's UI shows on an experiment's or a run's page
 PROFILES_TAG = "profiles"  # the profiles whose runs an experiment holds, comma-separated
 
@@ -87,6 +88,21 @@ def experiment_name(dataset: str, prefix: str = "") -> str:
 def stages_experiment_name(dataset: str, prefix: str = "") -> str:
     """The dataset's experiment of pipeline stages (tokenize, arm_features, flexibert-search and its queries)."""
     return f"{prefix}{dataset}{STAGES_SUFFIX}"
+
+
+def study_experiment_name(dataset: str, study: str, prefix: str = "") -> str:
+    """The experiment of a study's runs on the dataset (dht.studies; '.' is in no dataset name, so it never meets
+    the dataset's own experiments)."""
+    return f"{prefix}{dataset}{STUDY_INFIX}{study}"
+
+
+def describe_study_experiment(dataset: str, study: str, prefix: str, profiles: list[str]) -> str:
+    """A study experiment's description (Markdown)."""
+    ran = ", ".join(f"`{p}`" for p in profiles)
+    return (f"The study **{study}** (workflow/studies.yaml) on the dataset **{dataset}** (profile {ran}): one run per "
+            "setting and model, each the profile with the setting's overlays (params `overlay.*`; tags `study`, "
+            "`setting`). Every metric is of the **validation split**: a study chooses settings, the test split is "
+            f"for the tables. The pipeline's models are in the experiment `{experiment_name(dataset, prefix)}`.")
 
 
 def describe_experiment(dataset: str, prefix: str, profiles: list[str], models: bool) -> str:
@@ -164,22 +180,31 @@ def stage_run(
     prefix: str = "",
     root: str | Path = ".",
     run_id: str | None = None,
+    study: str | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> Iterator[Any]:
     """An MLflow run, tagged with stage, profile and commit: in the dataset's experiment of models for a model's
     stage (:data:`MODEL_STAGES`), in its stages experiment otherwise (the module's docstring says why).
 
     Params use the same flat names across models (``model.hidden_size``, ``train.learning_rate``, ...) so the
     MLflow UI's compare view lines runs up. `run_id` continues an earlier run (a resumed training).
+    A `study`'s runs (dht.studies) go to the experiment ``<dataset>.study.<study>`` (:func:`study_experiment_name`);
+    `tags` are added to the run's.
     """
     import mlflow
 
     init_store(root)
     mlflow.set_tracking_uri(tracking_uri(root))
     models = stage in MODEL_STAGES
-    name = experiment_name(dataset, prefix) if models else stages_experiment_name(dataset, prefix)
-    exp_id = get_or_create_experiment(
-        name, root, lambda profiles: describe_experiment(dataset, prefix, profiles, models), profile)
-    tags = {"stage": stage, "profile": profile, "dataset": dataset, "git_commit": git_commit(root)}
+    if study:
+        name = study_experiment_name(dataset, study, prefix)
+        exp_id = get_or_create_experiment(
+            name, root, lambda profiles: describe_study_experiment(dataset, study, prefix, profiles), profile)
+    else:
+        name = experiment_name(dataset, prefix) if models else stages_experiment_name(dataset, prefix)
+        exp_id = get_or_create_experiment(
+            name, root, lambda profiles: describe_experiment(dataset, prefix, profiles, models), profile)
+    tags = {"stage": stage, "profile": profile, "dataset": dataset, "git_commit": git_commit(root), **(tags or {})}
     if run_id is not None:
         with mlflow.start_run(run_id=run_id) as run:
             yield run
@@ -202,7 +227,8 @@ def summary_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 def summary_text(metrics: Mapping[str, Any]) -> str:
     """The headline numbers in words: a model run's description (its page shows it above everything else)."""
     lo, hi = metrics["accuracy_ci95"]
-    return (f"accuracy {metrics['accuracy']:.3f} (95% interval [{lo:.3f}, {hi:.3f}]), inference FLOPs "
+    split = "validation " if metrics.get("split") == "val" else ""  # a study's run (dht.studies)
+    return (f"{split}accuracy {metrics['accuracy']:.3f} (95% interval [{lo:.3f}, {hi:.3f}]), inference FLOPs "
             f"{metrics['infer_flop_ratio']:.2f}x, training FLOPs {metrics['train_flop_ratio_total']:.2f}x in total, "
             f"mean layers {metrics['mean_layers']:.1f} (FLOPs relative to the reference)")
 

@@ -94,8 +94,8 @@ class Progress:
 def run_params(cfg: Config, mode_name: str) -> dict[str, Any]:
     """:func:`run_param_keys` with their resolved values, the mode's own entry as `mode` (and its warm-up mode's
     as `warmup_mode`, the reference's as `reference_mode` with ``init: reference``), so that every model's MLflow
-    run has the same parameter names."""
-    out: dict[str, Any] = {}
+    run has the same parameter names; and the run's training seed (not a key: one of run.training_seeds)."""
+    out: dict[str, Any] = {"training_seed": cfg.training_seed}
     warmup = cfg.dht.modes[mode_name].warmup_mode
     for key in run_param_keys(cfg, mode_name):
         # the mode's own name wins: a reference's run calls its entry `mode`
@@ -177,7 +177,7 @@ class Trainer:
     # ---- epochs (Algorithm 3) --------------------------------------------------------------------------------
 
     def order(self, epoch: int) -> Tensor:
-        return torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
+        return torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.cfg.training_seed * 1000 + epoch))
 
     def fit(self, log: Callable[[list[tuple[int, float, float]], Progress], None] | None = None,
             progress_bar: bool = True) -> Progress:
@@ -724,7 +724,7 @@ class Trainer:
         cfg, p, conf = self.cfg, self.progress, self.model.config
         features_cfg = cfg.dht.features
         space = self.refresh_spaces[id(policy)]
-        seed = cfg.seed * 1000 + p.epoch
+        seed = cfg.training_seed * 1000 + p.epoch
         n = len(self.train_data)
         rows = torch.arange(n)
         if features_cfg.arm_feature_samples is not None and features_cfg.arm_feature_samples < n:
@@ -943,7 +943,7 @@ def initial_model(cfg: Config, mode_name: str, dataset: str, init_dir: Path, ref
     if mode.init == "pretrained":
         model = DHTForSequenceClassification.from_pretrained(init_dir, use_safetensors=True)
     else:
-        run = run_subdir(cfg, dataset, cfg.run.reference, cfg.seed)
+        run = run_subdir(cfg, dataset, cfg.run.reference, cfg.training_seed)
         reference = ReferenceStart.locate(cfg, dataset, reference_dir or Path("models") / run,
                                           reference_metrics or Path("results") / run / "metrics.json")
         fix = f"retrain it: snakemake --cores 4 --force {reference.metrics_file}"

@@ -52,7 +52,7 @@ def probe_split(root: Path, dataset: str) -> SplitData:
 
 
 def model_dir(root: Path, dataset: str, model_name: str, seed: int | None = None) -> Path:
-    """Where the train stage saved a model: models/<dataset>/<model>[/seed-<s>] (a profile with run.seeds)."""
+    """Where the train stage saved a model: models/<dataset>/<model>[/seed-<s>] (a profile with several run.training_seeds)."""
     out = root / "models" / dataset / model_name
     return out / SEED_DIR.format(seed=seed) if seed is not None else out
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", default=None)
     p.add_argument("--dataset", nargs="+", default=None)
     p.add_argument("--model", nargs="+", default=["t-dht", "f-dht"])
-    p.add_argument("--seed", type=int, default=None, help="the training seed's models (a profile with run.seeds)")
+    p.add_argument("--seed", type=int, default=None, help="the training seed's models (a profile with several run.training_seeds)")
     args = p.parse_args(argv)
 
     root = Path(args.root)

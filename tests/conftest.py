@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import TypeAdapter
 
+from dht.config import CsvDatasetSpec, DatasetSpec, EmbeddedDatasetSpec, HubDatasetSpec, ModeSpec
 from dht.config_loading import read_params, resolve_params
 from dht_workflow import project as workflow_project
 
@@ -50,6 +52,18 @@ def embedded_raw() -> dict:
     resolved["profile"] = "default"
     resolved["profiles"] = {**raw["profiles"], "embedded": {}}
     return resolved
+
+
+def dataset_spec(**keys: object) -> EmbeddedDatasetSpec | HubDatasetSpec | CsvDatasetSpec:
+    """A dataset entry completed as params.yaml completes one (dht.config has no defaults): its source's
+    `dataset_defaults` in params.yaml, then `keys` (which name the source and every key without a default there)."""
+    defaults = read_params(ROOT / "params.yaml")["dataset_defaults"][keys["source"]]
+    return TypeAdapter(DatasetSpec).validate_python({**defaults, **keys})
+
+
+def mode_spec(**keys: object) -> ModeSpec:
+    """A mode completed as params.yaml completes one: its `dht.mode_defaults`, then `keys` (its search and arms)."""
+    return ModeSpec(**{**read_params(ROOT / "params.yaml")["dht"]["mode_defaults"], **keys})
 
 
 def two_epoch_tiny(raw: dict) -> dict:

@@ -43,7 +43,7 @@ def key_of(obj: object) -> str:
     found = paths.get(id(obj))
     if found is not None and found[1] is obj:
         return found[0]
-    if isinstance(obj, config.Config):  # a copy (a training's --seed): the root
+    if isinstance(obj, config.Config):  # a copy (a training's --training-seed): the root
         return ""
     return f"?{type(obj).__name__}"  # built by the code, not read from params.yaml
 

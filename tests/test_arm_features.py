@@ -27,7 +27,6 @@ from dht.arm_features import (
     warm_up,
 )
 from dht.arms import parse_arm
-from dht.config import FeaturesConfig
 from dht.config_loading import load_config
 from dht.contexts import multi_granularity_pool
 from dht.model import DHTConfig, DHTForSequenceClassification
@@ -107,7 +106,7 @@ def test_arm_feature_means_are_exact_and_cover_every_arm(model):
     data = batches()
     feats, counts = compute_arm_features(model, data, space, cfg.dht.features, seed=0)
     # UCB_L: the mean over all samples of the pooled state after layer L of the full model
-    pool = FeaturesConfig().ucb_l  # the paper's (1, 2) x (4, 8, 16), the tiny profile's too
+    pool = load_config(ROOT / "params.yaml").dht.features.ucb_l  # the paper's (1, 2) x (4, 8, 16), tiny's too
     ids = torch.cat([b[0] for b in data])
     mask = torch.cat([b[1] for b in data])
     with torch.no_grad():
@@ -242,7 +241,7 @@ def test_the_control_variate_removes_the_sampling_noise_of_few_samples_per_arm(m
     exact = {}  # every sample through every arm, one random head order per sample (the estimand, estimated)
     ids = torch.cat([x for x, _ in batches(n=80)])
     mask = torch.cat([m for _, m in batches(n=80)])
-    pool = FeaturesConfig().ucb_cp  # the paper's (1, 2) x (4, 8, 16), the tiny profile's too
+    pool = load_config(ROOT / "params.yaml").dht.features.ucb_cp  # the paper's (1, 2) x (4, 8, 16), tiny's too
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for arm in space.cp_arms:
@@ -290,7 +289,7 @@ def test_the_tiny_profiles_stage_output_tells_every_arm_apart(tiny_upstream):
     # init_model/ is the initial model, not the warmed-up copy: every run starts from the same weights
     init = DHTForSequenceClassification.from_pretrained(out / "init_model")
     data_meta = json.loads((tiny_upstream / "data/processed/embedded-news/meta.json").read_text())
-    seed_everything(cfg.seed)
+    seed_everything(cfg.data_seed)
     fresh = model_from_params(cfg, num_labels=data_meta["num_labels"], vocab_size=data_meta["vocab_size"])
     assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), fresh.state_dict().values(), strict=True))
 
@@ -320,7 +319,7 @@ def refresh_trainer(setup, mode, **kw):
     from dht.trainer import Trainer
 
     cfg, model, feats, train, _ = setup
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.training_seed)
     return Trainer(cfg, mode, copy.deepcopy(model), feats, train, torch.device("cpu"), 12, run_fingerprint="fp", **kw)
 
 

@@ -23,7 +23,6 @@ from dht.config import (
     DistilConfig,
     baseline_pattern,
     baselines_model,
-    json_schema,
     parse_baseline,
     registry,
 )
@@ -39,7 +38,7 @@ def test_every_kind_has_its_section_a_runner_and_a_loader(kind):
     example = f"{kind}-{baseline.value.example}"
     assert parse_baseline(example) == (kind, float(baseline.value.example))
     assert baseline.value.problem(float(baseline.value.example), load_config(ROOT / "params.yaml")) is None
-    assert isinstance(getattr(BaselinesConfig(), baseline.section), baseline.config)
+    assert isinstance(getattr(load_config(ROOT / "params.yaml").baselines, baseline.section), baseline.config)
     section = f"baselines.{baseline.section}"
     assert any(k == section or k.startswith(f"{section}.") for k in baseline.params)  # its section, or keys of it
     assert "model" not in baseline.params and "train" not in baseline.params  # read: the keys, not the sections
@@ -50,7 +49,7 @@ def test_every_kind_has_its_section_a_runner_and_a_loader(kind):
 
 class ToyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    width: int = Field(default=4, ge=1)
+    width: int = Field(ge=1)
 
 
 # A kind the project does not have: its name takes a whole number from 2 up to the model's layer count.
@@ -60,7 +59,7 @@ TOY = Baseline("toy-net", BaselineValue("width", "4", integer=True, low=2, high=
 
 
 def test_a_kind_added_to_the_registry_is_named_ranged_and_configured_from_its_entry(monkeypatch):
-    """The entry alone makes its names valid (parse_baseline, the JSON schema's pattern), checks their range
+    """The entry alone makes its names valid (parse_baseline, the baseline rule's pattern), checks their range
     (dht.config_checks) and gives its `baselines:` section; nothing else is edited."""
     raw = copy.deepcopy(RAW)
     raw["run"]["baselines"] = ["toy-net-1", "toy-net-3"]
@@ -75,8 +74,6 @@ def test_a_kind_added_to_the_registry_is_named_ranged_and_configured_from_its_en
     with pytest.raises(ValueError, match=r"write distil-<layers> \(e.g. distil-3\), .* or toy-net-<width> "
                                          r"\(e.g. toy-net-4\)$"):
         parse_baseline("toy-net-0.5")  # a whole number only
-    items = json_schema()["$defs"]["RunConfig"]["properties"]["baselines"]["items"]
-    assert re.fullmatch(items["pattern"].strip("^$"), "toy-net-3") and "distil-[0-9]+" in items["pattern"]
 
     # The range: [2, model.num_hidden_layers] (6 in the default profile), from the entry.
     with pytest.raises(ConfigError) as err:
@@ -86,14 +83,17 @@ def test_a_kind_added_to_the_registry_is_named_ranged_and_configured_from_its_en
     raw["run"]["baselines"] = ["toy-net-3", "toy-net-6"]
     assert load_config(ROOT / "params.yaml", raw=raw).run.baselines == ["toy-net-3", "toy-net-6"]
 
-    # The `baselines:` section: every kind's, each with its model and defaults.
+    # The `baselines:` section: every kind's, each with its model, required (params.yaml states every key).
     section = baselines_model(KINDS)
     assert list(section.model_fields) == [*BaselinesConfig.model_fields, "toy_net"]
-    assert section().toy_net == ToyConfig() and section(toy_net={"width": 8}).toy_net.width == 8
+    stated = RAW["baselines"]
+    assert section(**stated, toy_net={"width": 8}).toy_net == ToyConfig(width=8)
+    with pytest.raises(ValidationError, match="toy_net"):
+        section(**stated)  # its section left out of params.yaml
     with pytest.raises(ValidationError, match="toy_net.width"):
-        section(toy_net={"width": 0})
+        section(**stated, toy_net={"width": 0})
     with pytest.raises(ValidationError, match="toy_net.depth"):
-        section(toy_net={"depth": 2})  # unknown keys are errors, as everywhere in params.yaml
+        section(**stated, toy_net={"width": 4, "depth": 2})  # unknown keys are errors, as everywhere in params.yaml
 
 
 def test_the_baseline_rule_takes_the_names_of_a_kind_added_to_the_registry(project):

@@ -8,13 +8,15 @@ import re
 import shlex
 import subprocess
 from pathlib import Path
+from typing import get_args, get_origin
 
 import pytest
 import yaml
 from conftest import ROOT, embedded_raw, run_cli
+from pydantic import BaseModel
 
 from dht.arms import parse_arm
-from dht.config import NAME_PATTERN, ConfigError, parse_baseline
+from dht.config import DATASET_SPECS, NAME_PATTERN, Config, ConfigError, parse_baseline
 from dht.config_loading import deep_merge, load_config, read_params, resolve_params
 
 RAW = read_params(ROOT / "params.yaml")
@@ -73,11 +75,11 @@ def test_deep_merge_merges_mappings_and_replaces_lists():
 
 
 def test_a_profile_extends_another_and_cycles_are_refused():
-    raw = {"seed": 0, "model": {"hidden_size": 96, "init": "scratch"},
-           "profiles": {"small": {"model": {"hidden_size": 48}}, "smaller": {"extends": "small", "seed": 1},
+    raw = {"data_seed": 0, "model": {"hidden_size": 96, "init": "scratch"},
+           "profiles": {"small": {"model": {"hidden_size": 48}}, "smaller": {"extends": "small", "data_seed": 1},
                         "loop_a": {"extends": "loop_b"}, "loop_b": {"extends": "loop_a"}, "bad": {"extends": "nope"}}}
     resolved = resolve_params(raw, "smaller")
-    assert resolved["model"] == {"hidden_size": 48, "init": "scratch"} and resolved["seed"] == 1
+    assert resolved["model"] == {"hidden_size": 48, "init": "scratch"} and resolved["data_seed"] == 1
     assert "extends" not in resolved and resolved["profile"] == "smaller"
     with pytest.raises(ConfigError, match=r"cycle: loop_a -> loop_b -> loop_a"):
         resolve_params(raw, "loop_a")
@@ -188,13 +190,13 @@ def test_distributed_training_needs_a_device_per_rank_and_nccl_needs_cuda():
     def two_ranks(device, backend="nccl"):
         def mutate(r):
             r["device"] = device
-            r["train"]["distributed"] = {"nproc_per_node": 2, "backend": backend}
+            r["train"]["distributed"].update(nproc_per_node=2, backend=backend)
         return mutate
 
     assert "train.distributed.backend = 'nccl' needs CUDA GPUs, but device = 'cpu'; use gloo" in errors_for(two_ranks("cpu"))
     assert "device = 'cuda:1': train.distributed.nproc_per_node = 2 gives each process" in errors_for(two_ranks("cuda:1"))
     assert "nproc_per_node = 0: Input should be greater than or equal to 1" in errors_for(
-        lambda r: r["train"].__setitem__("distributed", {"nproc_per_node": 0}))
+        lambda r: r["train"]["distributed"].__setitem__("nproc_per_node", 0))
     raw = copy.deepcopy(RAW)
     two_ranks("cpu", "gloo")(raw)
     assert load_config(ROOT / "params.yaml", raw=raw).train.distributed.nproc_per_node == 2
@@ -283,10 +285,123 @@ def test_parse_arm():
         parse_arm("4L8H+")
 
 
-def test_schema_file_is_current():
-    from dht.cli import SCHEMA_PATH, render_schema
+# --- params.yaml states every key, with its comment; the code has no defaults ------------------------------
 
-    assert (ROOT / SCHEMA_PATH).read_text() == render_schema(), "run `dht config schema`"
+
+def model_keys(model: type[BaseModel], path: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Every key path of a configuration model, a dataset's under ("datasets", <source>), a mode's under
+    ("dht", "modes", "*"); asserting on the way that no field has a default (so that params.yaml must state it)."""
+    out = set()
+    for name, field in model.model_fields.items():
+        key = (*path, name)
+        assert field.is_required(), f"{'.'.join(key)} has a default in dht/config.py: state it in params.yaml instead"
+        out.add(key)
+        kind = field.annotation
+        if get_origin(kind) is dict and isinstance(get_args(kind)[1], type) and issubclass(get_args(kind)[1], BaseModel):
+            out |= model_keys(get_args(kind)[1], (*key, "*"))
+        elif name == "datasets" and not path:
+            out |= {k for source, spec in DATASET_SPECS.items() for k in model_keys(spec, (*key, source))}
+        elif isinstance(kind, type) and issubclass(kind, BaseModel):
+            out |= model_keys(kind, key)
+    return out
+
+
+def stated_keys(text: str) -> dict[tuple[str, ...], bool]:
+    """Every key params.yaml's default profile (its top level, not `profiles:`) writes, as :func:`model_keys`
+    names it, and whether it is documented: a comment on its line or on the line right above it. A dataset's or a
+    mode's defaults count as its entries' keys."""
+    lines = text.splitlines()
+    out: dict[tuple[str, ...], bool] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value in node.value:
+            key = (*path, key_node.value)
+            if key == ("profiles",):
+                continue
+            at = key_node.start_mark
+            after = lines[at.line][at.column:]
+            above = lines[at.line - 1].strip() if at.line else ""
+            documented = "#" in after or above.startswith("#")
+            if path == ("datasets",):  # an entry: its keys under its source
+                source = next((v.value for k, v in value.value if k.value == "source"), "?")
+                out[key[:1]] = out.get(key[:1], False)
+                walk(value, ("datasets", source))
+                continue
+            if path == ("dataset_defaults",):
+                walk(value, ("datasets", key_node.value))
+            elif key == ("dht", "mode_defaults"):
+                walk(value, ("dht", "modes", "*"))
+            elif path == ("dht", "modes"):
+                walk(value, ("dht", "modes", "*"))
+                continue
+            else:
+                walk(value, key)
+            out[key] = out.get(key, False) or documented
+
+    walk(yaml.compose(text), ())
+    return out
+
+
+def test_params_yaml_states_every_key_with_a_comment_and_the_code_none():
+    """The issue's three sets of defaults: params.yaml is the one. No field of the configuration models has a
+    default (a key params.yaml leaves out is an error, test_a_key_left_out_is_refused_naming_where_it_goes); every
+    key of the models is written at params.yaml's top level (the default profile), in an entry or its collection's
+    defaults for a dataset's and a mode's, and documented there by a comment; params.yaml writes no key the models
+    lack. The JSON Schema once generated from the models is gone: it was a second copy that nothing read."""
+    wanted = model_keys(Config)
+    stated = stated_keys((ROOT / "params.yaml").read_text())
+    # the collections themselves: names, not keys
+    names = {("datasets", s) for s in DATASET_SPECS} | {("dht", "modes", "*")}
+    assert sorted(wanted - set(stated) - names) == [], "keys of dht/config.py that params.yaml does not state"
+    assert sorted(set(stated) - wanted - names - {("datasets",)}) == [], "keys params.yaml states that no model has"
+    undocumented = sorted(".".join(k) for k, documented in stated.items() if not documented and k in wanted)
+    assert undocumented == [], "keys of params.yaml without a comment on their line or right above"
+    assert not (ROOT / "workflow" / "schemas").exists()
+
+
+def test_a_key_left_out_is_refused_naming_where_it_goes():
+    msg = errors_for(lambda r: r["train"].pop("grad_clip"))
+    assert "train.grad_clip: required but missing; params.yaml states every key" in msg
+    def no_memory(r):
+        del r["dht"]["mode_defaults"]["depth_memory"]
+    assert "dht.modes.t-dht.depth_memory: required but missing; state it in the mode, or for every mode in " \
+           "dht.mode_defaults" in errors_for(no_memory)
+    def no_hops(r):
+        del r["dataset_defaults"]["embedded"]["alias_hops"]
+    assert "datasets.embedded-sentiment.alias_hops: required but missing; state it in the entry, or for every " \
+           "dataset of its source in dataset_defaults" in errors_for(no_hops, profile="embedded")
+    # an entry's own key wins over its collection's default, and the default fills the rest
+    raw = copy.deepcopy(RAW)
+    raw["dataset_defaults"]["embedded"]["alias_hops"] = 2
+    raw["dht"]["mode_defaults"]["depth_memory"] = "epoch"
+    raw["dht"]["modes"]["t-dht"]["depth_memory"] = "run"
+    cfg = load_config(ROOT / "params.yaml", profile="embedded", raw=raw)
+    assert cfg.datasets["embedded-news"].alias_hops == 1 and cfg.datasets["embedded-sentiment"].alias_hops == 2
+    assert cfg.dht.modes["t-dht"].depth_memory == "run" and cfg.dht.modes["s-dht"].depth_memory == "epoch"
+
+
+def test_a_wrong_default_fails_before_an_entry_uses_it():
+    msg = errors_for(lambda r: r["dataset_defaults"]["hub"].__setitem__("label_field", 3))
+    assert "hub.label_field = 3: Input should be a valid string" in msg  # no hub dataset in the default profile
+    msg = errors_for(lambda r: r["dht"]["mode_defaults"].update(depth_memory="forever", search="tree", depth=2))
+    assert "depth_memory = 'forever': Input should be 'run' or 'epoch'" in msg
+    assert "search: not a key an entry takes from its defaults" in msg and "depth: not a key an entry takes" in msg
+    msg = errors_for(lambda r: r["dht"]["mode_defaults"].update(warmup_epochs=True))  # YAML's yes: not 1
+    assert "dht.modes.t-dht.warmup_epochs = true: a number is needed, not a yes/no" in msg
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda r: r.update(seed=r.pop("data_seed")), "seed: renamed; write data_seed (it draws the data"),
+    (lambda r: r["run"].update(seeds=r["run"].pop("training_seeds")), "run.seeds: renamed; write run.training_seeds"),
+    (lambda r: r["datasets"]["embedded-news"].update(seed=3), "datasets.embedded-news.seed: renamed; write data_seed"),
+])
+def test_an_old_seed_key_is_refused_with_its_new_name(mutate, message):
+    """`seed` drew the data and, without run.seeds, the training: data_seed and run.training_seeds now say which.
+    The old spellings are refused with the new name (one message, not "unknown key" and "required")."""
+    msg = errors_for(mutate)
+    assert message in msg and "1 problem(s)" in msg
 
 
 def test_a_key_written_twice_is_refused_with_its_line(tmp_path):
@@ -315,7 +430,7 @@ def test_a_yes_for_a_number_is_refused(tmp_path, value):
 
 def test_a_csv_dataset_that_is_not_there_fails_validation(tmp_path):
     def add(raw, path):
-        raw["datasets"]["mine"] = {"source": "csv", "path": str(path), "fields": ["text"]}
+        raw["datasets"]["mine"] = {"source": "csv", "path": str(path), "fields": ["text"], "max_length": 64}
         raw["run"]["datasets"] = ["mine"]
     msg = errors_for(lambda r: add(r, "data/external/mine"))
     assert "datasets.mine.path = 'data/external/mine': no such directory; point it at the folder" in msg
@@ -471,3 +586,38 @@ def test_a_relative_csv_path_starts_at_the_params_file_from_any_working_director
     spec = load_config(params).datasets["sst2"]
     assert spec.folder(params.parent) == project / "data/external/sst2"
     assert spec.model_copy(update={"path": str(elsewhere)}).folder(params.parent) == elsewhere  # absolute: as is
+
+
+def test_the_keys_a_stage_tracks_come_from_the_fields_that_say_who_reads_them():
+    """The train and arm_features stages track the keys their fields' ReadBy names them in (dht.config.keys_read_by),
+    not hand lists: every train key says who reads it (a new one must say), a training tracks the ones marked for
+    it and not train.log_model (MLflow's only), the arm_features stage the warm-up's only when it warms up, and a
+    training's MLflow params carry its training seed, which is not a key."""
+    from dht.config import (
+        ARM_FEATURES_WARMUP,
+        TRAIN,
+        ReadBy,
+        TrainConfig,
+        arm_feature_keys,
+        run_param_keys,
+    )
+    from dht.trainer import run_params
+
+    def marked(stage):
+        return {name for name, field in TrainConfig.model_fields.items()
+                if any(isinstance(m, ReadBy) and stage in m.stages for m in field.metadata)}
+
+    unmarked = [name for name, field in TrainConfig.model_fields.items()
+                if name != "distributed" and not any(isinstance(m, ReadBy) for m in field.metadata)]
+    assert unmarked == [], "say which stages read these train keys (dht.config.ReadBy)"
+    cfg = load_config(ROOT / "params.yaml", profile="embedded")  # dht.features.warmup_steps: 100
+    trained = {k.removeprefix("train.") for k in run_param_keys(cfg, "t-dht") if k.startswith("train.")}
+    assert trained - {"distributed.nproc_per_node"} == marked(TRAIN) and "log_model" not in trained
+    warmed = {k.removeprefix("train.") for k in arm_feature_keys(cfg) if k.startswith("train.")}
+    assert warmed == marked(ARM_FEATURES_WARMUP) and cfg.dht.features.warmup_steps > 0
+    assert not [k for k in arm_feature_keys(load_config(ROOT / "params.yaml")) if k.startswith("train.")]  # 0 steps
+    features = {k.removeprefix("dht.features.") for k in arm_feature_keys(cfg) if k.startswith("dht.features.")}
+    assert {"refresh", "exit_confidence"}.isdisjoint(features) and {"ucb_l", "warmup_steps"} <= features
+    assert all(f"dht.modes.t-dht.{k}" in arm_feature_keys(cfg) for k in ("layers", "heads", "arms"))
+    params = run_params(cfg.for_training_seed(0), "t-dht")
+    assert params["training_seed"] == 0 and "seed" not in params and "data_seed" not in params

@@ -8,8 +8,10 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
-from dht.config import FeaturesConfig, PoolingConfig
+from dht.config import PoolingConfig
+from dht.config_loading import load_config
 from dht.contexts import (
     ArmFeatureAccumulator,
     RunningNormalizer,
@@ -18,7 +20,7 @@ from dht.contexts import (
     pool_head_slices,
 )
 
-FEATURES = FeaturesConfig()  # the paper's poolings: the defaults of params.yaml's dht.features
+FEATURES = load_config(ROOT / "params.yaml").dht.features  # the paper's poolings, params.yaml's
 UCB_L = FEATURES.ucb_l
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import dataset_spec
 
-from dht.config import CsvDatasetSpec, EmbeddedDatasetSpec, HubDatasetSpec
 from dht.data import (
     DatasetError,
     load_text_dataset,
@@ -107,7 +107,7 @@ def test_zhang_broken_quoting(tmp_path):
 def test_csv_source_through_the_common_interface(tmp_path):
     write(tmp_path / "ag" / "train.csv", AG_TRAIN)
     write(tmp_path / "ag" / "test.csv", AG_TEST)
-    spec = CsvDatasetSpec(source="csv", path="ag", fields=["title", "description"], max_train_samples=2)
+    spec = dataset_spec(source="csv", path="ag", fields=["title", "description"], max_train_samples=2, max_length=128)
     ds = load_text_dataset(spec, seed=0, val_fraction=0, params_dir=tmp_path)
     assert len(ds.train) == 2 and len(ds.test) == 2 and ds.source.startswith("csv:")
 
@@ -128,7 +128,7 @@ def _hub_like_datasetdict():
 
 def test_hub_source_from_a_saved_dataset(tmp_path):
     _hub_like_datasetdict().save_to_disk(str(tmp_path / "dbpedia"))
-    spec = HubDatasetSpec(source="hub", path=str(tmp_path / "dbpedia"), text_fields=["title", "content"])
+    spec = dataset_spec(source="hub", path=str(tmp_path / "dbpedia"), text_fields=["title", "content"], max_length=128)
     ds = load_text_dataset(spec, seed=0, val_fraction=0)
     assert ds.classes == ["Company", "Artist", "Athlete"]
     assert ds.train["text"].tolist()[0] == "Acme\nmakes things"
@@ -142,7 +142,7 @@ def test_hub_source_from_a_directory_in_hub_layout(tmp_path):
     (tmp_path / "repo" / "data").mkdir(parents=True)
     for split in dd:
         dd[split].to_parquet(str(tmp_path / "repo" / "data" / f"{split}-00000-of-00001.parquet"))
-    spec = HubDatasetSpec(source="hub", path=str(tmp_path / "repo"), text_fields=["title", "content"])
+    spec = dataset_spec(source="hub", path=str(tmp_path / "repo"), text_fields=["title", "content"], max_length=128)
     ds = load_text_dataset(spec, seed=0, val_fraction=0)
     assert ds.classes == ["Company", "Artist", "Athlete"]  # ClassLabel survives in the parquet metadata
     assert len(ds.train) == 4 and ds.test["text"].tolist() == ["Ann\npaints", "Bo\nruns"]
@@ -150,19 +150,19 @@ def test_hub_source_from_a_directory_in_hub_layout(tmp_path):
 
 def test_hub_source_errors_are_clear(tmp_path):
     _hub_like_datasetdict().save_to_disk(str(tmp_path / "d"))
-    bad_field = HubDatasetSpec(source="hub", path=str(tmp_path / "d"), text_fields=["text"])
+    bad_field = dataset_spec(source="hub", path=str(tmp_path / "d"), text_fields=["text"], max_length=128)
     with pytest.raises(DatasetError, match=r"no column\(s\) text; it has title, content, label"):
         load_text_dataset(bad_field, seed=0, val_fraction=0)
-    bad_split = HubDatasetSpec(source="hub", path=str(tmp_path / "d"), text_fields=["title"], test_split="validation")
+    bad_split = dataset_spec(source="hub", path=str(tmp_path / "d"), text_fields=["title"], test_split="validation", max_length=128)
     with pytest.raises(DatasetError, match="no split 'validation'; it has train, test"):
         load_text_dataset(bad_split, seed=0, val_fraction=0)
-    missing = HubDatasetSpec(source="hub", path=str(tmp_path / "nowhere" / "x"), text_fields=["title"])
+    missing = dataset_spec(source="hub", path=str(tmp_path / "nowhere" / "x"), text_fields=["title"], max_length=128)
     with pytest.raises(DatasetError, match="save_to_disk"):
         load_text_dataset(missing, seed=0, val_fraction=0)
 
 
 def test_embedded_source_and_raw_round_trip(tmp_path):
-    spec = EmbeddedDatasetSpec(source="embedded", num_classes=2, n_train=40, n_test=10)
+    spec = dataset_spec(source="embedded", num_classes=2, n_train=40, n_test=10, difficulty_mix=(0.4, 0.3, 0.3), max_length=48)
     ds = load_text_dataset(spec, seed=1, val_fraction=0.25)
     meta = write_raw(ds, tmp_path / "raw", "emb")
     assert (meta["n_train"], meta["n_val"], meta["n_test"]) == (40, 10, 10)
@@ -237,7 +237,7 @@ def test_a_hub_dataset_with_empty_texts_or_a_single_class_is_refused(tmp_path):
     def save(name, texts, labels):
         split = datasets.Dataset.from_dict({"text": texts, "label": labels})
         datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / name))
-        return HubDatasetSpec(source="hub", path=str(tmp_path / name))
+        return dataset_spec(source="hub", path=str(tmp_path / name), text_fields=["text"], max_length=128)
 
     with pytest.raises(DatasetError, match=r"\[train\]: a single class in the training split \(0: 3 rows, of 1 class"):
         load_text_dataset(save("one", ["a", "b", "c"], [0, 0, 0]), seed=0, val_fraction=0)
@@ -258,7 +258,7 @@ def _csv_dataset(root: Path, n_train: int = 200, n_test: int = 30) -> None:
 
 def test_the_validation_split_is_stratified_disjoint_and_drawn_before_the_training_subset(tmp_path):
     _csv_dataset(tmp_path)
-    spec = CsvDatasetSpec(source="csv", path="d", fields=["text"], max_train_samples=150)
+    spec = dataset_spec(source="csv", path="d", fields=["text"], max_train_samples=150, max_length=128)
     ds = load_text_dataset(spec, seed=0, val_fraction=0.1, params_dir=tmp_path)
     # 10% of the 200 rows as shipped (not of the 150 drawn for training), which stay 150: the draw is from the rest
     assert (len(ds.train), len(ds.val), len(ds.test)) == (150, 20, 30)
@@ -282,7 +282,7 @@ def test_the_validation_split_is_seeded():
 
 def test_a_zero_fraction_holds_nothing_out_and_leaves_the_training_draw_as_it_was(tmp_path):
     _csv_dataset(tmp_path)
-    spec = CsvDatasetSpec(source="csv", path="d", fields=["text"], max_train_samples=150)
+    spec = dataset_spec(source="csv", path="d", fields=["text"], max_train_samples=150, max_length=128)
     ds = load_text_dataset(spec, seed=0, val_fraction=0, params_dir=tmp_path)
     assert len(ds.val) == 0 and list(ds.val.columns) == list(ds.train.columns)
     assert ds.train.equals(subsample(load_zhang_dir(tmp_path / "d", ["text"]).train, 150, 0))
@@ -291,7 +291,7 @@ def test_a_zero_fraction_holds_nothing_out_and_leaves_the_training_draw_as_it_wa
 
 
 def test_the_embedded_validation_split_is_a_third_stream_that_leaves_train_and_test_as_they_were():
-    spec = EmbeddedDatasetSpec(source="embedded", num_classes=4, n_train=400, n_test=40)
+    spec = dataset_spec(source="embedded", num_classes=4, n_train=400, n_test=40, difficulty_mix=(0.4, 0.3, 0.3), max_length=48)
     ds = load_text_dataset(spec, seed=0, val_fraction=0.1)
     without = load_text_dataset(spec, seed=0, val_fraction=0)
     assert ds.train.equals(without.train) and ds.test.equals(without.test) and len(without.val) == 0

@@ -7,10 +7,9 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, mode_spec
 
 from dht.arm_features import arm_space, compute_arm_features
-from dht.config import ModeSpec
 from dht.config_loading import load_config, read_params
 from dht.evaluation import SplitData
 from dht.model import DHTConfig, DHTForSequenceClassification
@@ -25,7 +24,7 @@ def make_cfg(**dht):
     raw["profiles"]["tiny"]["train"].update({"batch_size": 16, "checkpoint_every": 1000})
     raw["dht"].update(dht)
     cfg = load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
-    cfg.dht.modes["t-12"] = ModeSpec(search="tree", layers=[12], heads=[8, 10, 12])  # every sample: 3 groups
+    cfg.dht.modes["t-12"] = mode_spec(search="tree", layers=[12], heads=[8, 10, 12])  # every sample: 3 groups
     return cfg
 
 
@@ -48,7 +47,7 @@ def setup():
 
 def trainer_for(setup, mode, cfg):
     model, feats, train = setup
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.training_seed)
     return Trainer(cfg, mode, copy.deepcopy(model), feats, train, torch.device("cpu"), SEQ)
 
 

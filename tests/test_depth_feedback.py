@@ -96,7 +96,7 @@ def test_only_tree_modes_take_it_on_any_number_of_processes():
     assert any("dht.modes.s-dht.depth_feedback = 'all_depths'" in p and "search: tree" in p for p in problems)
     assert not check_semantics(with_all_depths(cfg))
     raw = with_all_depths(cfg).model_dump(mode="json")
-    raw["train"]["distributed"] = {"nproc_per_node": 2, "backend": "gloo"}  # one loop: trained on 2 ranks too
+    raw["train"]["distributed"].update(nproc_per_node=2, backend="gloo")  # one loop: trained on 2 ranks too
     assert not check_semantics(Config.model_validate(raw))
     raw["dht"]["modes"]["t-dht"]["depth_feedback"] = "every"
     with pytest.raises(ValidationError, match="depth_feedback"):

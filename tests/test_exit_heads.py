@@ -198,7 +198,7 @@ def per_depth_trainer(setup, mode, cfg):  # noqa: F811
     model, feats, train, _ = setup
     model = copy.deepcopy(model)
     model.set_exit_heads("per_depth")  # before the optimizer is built, as dht.trainer.initial_model does
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.training_seed)
     return Trainer(cfg, mode, model, feats, train, torch.device("cpu"), SEQ)
 
 

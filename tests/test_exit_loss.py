@@ -89,7 +89,7 @@ def test_its_flops_are_the_extra_classifier_reads(setup, monkeypatch):  # noqa: 
 def test_any_number_of_processes_and_a_known_value():
     raw = with_path_exits(make_cfg()).model_dump(mode="json")
     assert not check_semantics(Config.model_validate(raw))
-    raw["train"]["distributed"] = {"nproc_per_node": 2, "backend": "gloo"}  # one loop: trained on 2 ranks too
+    raw["train"]["distributed"].update(nproc_per_node=2, backend="gloo")  # one loop: trained on 2 ranks too
     assert not check_semantics(Config.model_validate(raw))
     raw["dht"]["modes"]["t-dht"]["exit_loss"] = "all"
     with pytest.raises(ValidationError, match="exit_loss"):

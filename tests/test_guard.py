@@ -155,7 +155,7 @@ def baseline_project(tmp_path_factory):
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = load_config(params, profile="tiny")
     processed = project / "data/processed/embedded-news"
-    meta = prepare(load_text_dataset(cfg.dataset("embedded-news"), cfg.seed, cfg.data.val_fraction), cfg.tokenizer,
+    meta = prepare(load_text_dataset(cfg.dataset("embedded-news"), cfg.data_seed, cfg.data.val_fraction), cfg.tokenizer,
                    cfg.dataset("embedded-news").max_length, processed, "embedded-news")
     torch.manual_seed(0)
     model = model_from_params(cfg, num_labels=meta["num_labels"], vocab_size=meta["vocab_size"])

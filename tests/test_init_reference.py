@@ -120,11 +120,11 @@ def test_a_mode_starts_from_the_references_weights(saved, setup, exit_heads):  #
 def test_a_missing_foreign_damaged_or_other_architecture_reference_is_refused(saved, setup):  # noqa: F811
     init_dir, ref_dir, reference = saved
     cfg = with_init(make_cfg())
-    seeded = with_init(make_cfg(), run={"seeds": [0, 1]}).model_copy(update={"seed": 1})
+    seeded = with_init(make_cfg(), run={"training_seeds": [0, 1]}).for_training_seed(1)
     with pytest.raises(TrainingError, match=r"needs the trained reference 'vanilla-12', but "
                        r"models/embedded-news/vanilla-12/seed-1/dht_policy.json is missing; train it first: "
                        r"snakemake --cores 4 results/embedded-news/vanilla-12/seed-1/metrics.json"):
-        initial_model(seeded, "t-dht", DATASET, init_dir)  # with run.seeds: the same seed's reference
+        initial_model(seeded, "t-dht", DATASET, init_dir)  # with several run.training_seeds: the same seed's reference
     policy_file = ref_dir / "dht_policy.json"
     original = policy_file.read_bytes()
     policy_file.write_text(json.dumps({**json.loads(original), "mode_name": "vanilla-3"}))
@@ -172,7 +172,7 @@ def test_the_train_job_depends_on_the_same_seeds_reference(project):
     def edit(raw):
         tiny = raw["profiles"]["tiny"]
         tiny["run"].update({"datasets": [DATASET], "models": ["vanilla-12", "t-dht"], "baselines": [],
-                            "control": None, "seeds": [0, 1]})
+                            "control": None, "training_seeds": [0, 1]})
         tiny["dht"]["modes"]["t-dht"] = {"init": "reference"}
     set_params(project, edit)
     target = f"results/{DATASET}/t-dht/seed-1/metrics.json"

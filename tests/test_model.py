@@ -105,6 +105,42 @@ def test_config_rejects_invalid_values(kwargs, message):
         DHTConfig(**kwargs)
 
 
+def test_the_pipeline_builds_a_model_from_the_profile_never_from_dhtconfigs_defaults():
+    """DHTConfig keeps BERT-base's defaults (a transformers class's own); the pipeline's models take every field
+    params.yaml has from the profile (dht.model.FROM_PARAMS): here each set to a value unlike DHTConfig's default,
+    and the built model has them all. Every key of the model: section, and dht.fixed_layers / group_size, that
+    names a DHTConfig field is in FROM_PARAMS, so a new one cannot fall back to DHTConfig's default unnoticed."""
+    import dataclasses
+    from operator import attrgetter
+
+    from conftest import ROOT
+
+    from dht.config import DHTSection, ModelSection
+    from dht.config_loading import load_config
+    from dht.model import FROM_PARAMS, model_from_params
+
+    fields = {f.name for f in dataclasses.fields(DHTConfig)}
+    named = {f"model.{k}" for k in ModelSection.model_fields if k in fields}
+    named |= {f"dht.{k}" for k in DHTSection.model_fields if k in fields}
+    assert named == set(FROM_PARAMS.values()) and all(name in fields for name in FROM_PARAMS)
+    cfg = load_config(ROOT / "params.yaml", profile="tiny")  # init: scratch
+    unlike = {"hidden_size": 24, "num_hidden_layers": 4, "num_attention_heads": 6, "intermediate_size": 40,
+              "hidden_dropout_prob": 0.05, "attention_probs_dropout_prob": 0.15, "max_position_embeddings": 40,
+              "layer_norm": "pre", "residual_init_scale": 0.5, "classifier_pooling": "mean", "exit_heads": "per_depth",
+              "fixed_layers": 1, "group_size": 1}
+    assert set(unlike) == set(FROM_PARAMS)
+    defaults = DHTConfig()
+    assert all(getattr(defaults, name) != value for name, value in unlike.items())
+    sections = {"model": {}, "dht": {}}
+    for name, key in FROM_PARAMS.items():
+        section, field = key.split(".")
+        sections[section][field] = unlike[name]
+    cfg = cfg.model_copy(update={s: getattr(cfg, s).model_copy(update=v) for s, v in sections.items()})
+    assert all(attrgetter(key)(cfg) == unlike[name] for name, key in FROM_PARAMS.items())
+    built = model_from_params(cfg, num_labels=3, vocab_size=50).config
+    assert {name: getattr(built, name) for name in FROM_PARAMS} == unlike
+
+
 def test_config_defaults_and_groups():
     config = DHTConfig()
     assert config.model_type == "dht-bert"

@@ -441,7 +441,7 @@ def test_search_extract_finetune_predict_end_to_end(any_teacher, train_data, tmp
     assert result.arch.layer_norm == teacher.config.layer_norm
     assert result.arch.classifier_pooling == teacher.config.classifier_pooling
     assert result.within_tolerance  # fit_threshold enters the band even after one epoch
-    pruned = nas.extract(teacher, result)
+    pruned = nas.extract(teacher, result.arch)
     net = nas.Supernet(teacher)
     ids, mask = train_data.input_ids[:8], train_data.attention_mask[:8]
     with torch.no_grad():  # the searched architecture too: extracted model = supernet with its 0/1 gates

@@ -55,14 +55,14 @@ def test_a_csv_datasets_files_are_inputs_of_its_download(project):
 def test_drift_between_snakefile_and_dvc_yaml_is_detected(project):
     rules = project / "workflow" / "rules" / "data.smk"
     text = rules.read_text()
-    assert 'tracked("seed", "data", "datasets.{dataset}")' in text
-    rules.write_text(text.replace('tracked("seed", "data", "datasets.{dataset}")',
-                                  'tracked("seed", "tokenizer", "data", "datasets.{dataset}")'))
+    assert 'tracked("data_seed", "data", "datasets.{dataset}")' in text
+    rules.write_text(text.replace('tracked("data_seed", "data", "datasets.{dataset}")',
+                                  'tracked("data_seed", "tokenizer", "data", "datasets.{dataset}")'))
     proc = run_cli(["dht", "dvc-yaml", "--check"], cwd=project, check=False)
     assert proc.returncode == 1 and "out of date" in proc.stderr
     run_cli(["dht", "dvc-yaml"], cwd=project)
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    assert stages["download-sst2"]["params"] == [{"params.resolved.yaml": ["seed", "tokenizer", "data", "datasets.sst2"]}]
+    assert stages["download-sst2"]["params"] == [{"params.resolved.yaml": ["data_seed", "tokenizer", "data", "datasets.sst2"]}]
 
 
 def test_dvc_stages_mirror_snakemake_jobs(project):
@@ -937,8 +937,10 @@ def test_a_changed_parameter_reruns_exactly_the_stages_that_read_it(tiny_project
     bandit_trains = {f"train:{m}" for m in bandit}
     reports = {"table1", "table2", "figures", "index"}
     cases = [
-        ("seed", top("seed", 1), {"download", "arm_features", "flexibert_search", *trains,
-                                  *(f"baseline:{b}" for b in baselines), "compare", *reports}),
+        ("data_seed", top("data_seed", 1), {"download", "arm_features", "flexibert_search"}),
+        # one seed, no seed level in the paths: the same jobs, each training now with seed 1
+        ("run.training_seeds", top("run.training_seeds", [1]), {*trains, *(f"baseline:{b}" for b in baselines),
+                                                                 "compare", *reports}),
         ("device", top("device", "cpu"), {"arm_features", "flexibert_search", *trains,
                                           *(f"baseline:{b}" for b in baselines)}),
         ("datasets.embedded-news.n_test", tiny("datasets.embedded-news.n_test", 80), {"download"}),
@@ -969,7 +971,7 @@ def test_a_changed_parameter_reruns_exactly_the_stages_that_read_it(tiny_project
         assert {by_output[out] for out, (st, _) in status.items() if st == "params changed"} == expected, key
         rerun = {by_output[out] for out, (_, plan) in status.items() if plan == "update pending"}
         assert rerun == downstream(jobs, expected, label), key  # and what reads their outputs
-        if key == "seed":  # DVC sees params.yaml change first; resolve_params turns it into the stages' keys
+        if key == "data_seed":  # DVC sees params.yaml change first; resolve_params turns it into the stages' keys
             assert set(json.loads(run_cli(["dvc", "status", "--json"], cwd=project).stdout)) == {PARAMS_STAGE}
         run_cli(["dvc", "repro", "--single-item", PARAMS_STAGE], cwd=project)
         stale = json.loads(run_cli(["dvc", "status", "--json"], cwd=project).stdout)
@@ -987,7 +989,7 @@ NOT_TRACKED = {
     "train.log_model": "whether the MLflow run keeps a copy of the model",
     "datasets": "a stage checks that its dataset is defined (Config.dataset)",
     "run.datasets": "... and run by the profile: which jobs exist (the reports, which list them, track run)",
-    "run.seeds": "a training checks that its --seed is one of the profile's: which jobs exist",
+    "run.training_seeds": "a training checks that its --training-seed is one of the profile's: which jobs exist",
     "run.reference": "a baseline checks that its teacher, an input, is the reference",
     "<profile>": "policy.json keeps a copy of the resolved profile beside a trained model, a record of its run",
 }

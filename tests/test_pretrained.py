@@ -16,7 +16,7 @@ from conftest import ROOT
 from transformers import AutoTokenizer, BertModel
 
 from dht import pretrained
-from dht.config import ConfigError, TokenizerConfig
+from dht.config import ConfigError
 from dht.config_loading import load_config, read_params
 from dht.data import TextDataset
 from dht.embedded import generate
@@ -50,10 +50,9 @@ def minilm_raw(**changes) -> dict:
     """params.yaml's default sections, which are the MiniLM checkpoint's (6 layers, b = c = 2: arms of 2, 4 or 6
     layers), stated here in full so that the tests below read the checkpoint whatever the default becomes."""
     raw = copy.deepcopy(RAW)
-    raw["tokenizer"] = {"kind": "pretrained", "name_or_path": PACKAGE}
-    raw["model"] = {"init": PACKAGE, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
-                    "intermediate_size": 1536, "max_position_embeddings": 512, "layer_norm": "post",
-                    "residual_init_scale": 1.0}
+    raw["tokenizer"].update(kind="pretrained", name_or_path=PACKAGE)
+    raw["model"].update(init=PACKAGE, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                        intermediate_size=1536, max_position_embeddings=512, layer_norm="post", residual_init_scale=1.0)
     raw["dht"].update(fixed_layers=2, group_size=2)
     raw["dht"]["modes"] = {"vanilla-6": {"search": "fixed", "arms": ["6L12H"]},
                            "vanilla-2": {"search": "fixed", "arms": ["2L12H"]},
@@ -147,7 +146,7 @@ def test_the_package_tokenizer_is_the_checkpoint_s_own():
 def test_prepare_with_the_package_records_no_machine_path(tmp_path):
     train, test, classes = generate(4, 40, 12, seed=0)
     meta = prepare(TextDataset(train, test, classes, source="embedded"),
-                   TokenizerConfig(kind="pretrained", name_or_path=PACKAGE), max_length=24, out_dir=tmp_path,
+                   load_config(ROOT / "params.yaml").tokenizer, max_length=24, out_dir=tmp_path,
                    name="emb")
     assert meta["tokenizer"] == PACKAGE and meta["vocab_size"] == 30522
     site = str(pretrained.package_dir(PACKAGE).parent)

@@ -1,4 +1,4 @@
-"""`run.seeds`: every model trained once per seed, in its own directory, and the reports' mean ± std."""
+"""`run.training_seeds`: every model trained once per seed, in its own directory, and the reports' mean ± std."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import yaml
 from conftest import ROOT, embedded_raw, run_cli
 from test_pipeline import job_counts, set_params
 
-from dht.config import ConfigError
+from dht.config import ConfigError, run_param_keys
 from dht.config_loading import load_config
 from dht.evaluation import accuracy_text
 from dht.report import comparison_table
@@ -19,24 +19,45 @@ from dht.results import aggregate, read_metrics, result_file, run_name, run_subd
 from dht_workflow.dvc_params import expand_dvc_stages
 
 
-def tiny(seeds):
+def tiny(seeds=None, data_seed=0):
     raw = embedded_raw()
-    raw["run"]["seeds"] = seeds
+    if seeds is not None:
+        raw["run"]["training_seeds"] = seeds
+    raw["data_seed"] = data_seed
     return load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
 
 
 def test_seeds_are_validated():
-    assert tiny(None).training_seeds == [0] and not seeded(tiny(None))
+    assert tiny().training_seeds == [0] and not seeded(tiny())
     assert tiny([3]).training_seeds == [3] and not seeded(tiny([3]))
     assert tiny([0, 2]).training_seeds == [0, 2] and seeded(tiny([0, 2]))
-    with pytest.raises(ConfigError, match=r"run.seeds.*seed 1 listed twice"):
+    with pytest.raises(ConfigError, match=r"run.training_seeds.*seed 1 listed twice"):
         tiny([1, 0, 1])
-    with pytest.raises(ConfigError, match=r"run.seeds.*at least one seed"):
+    with pytest.raises(ConfigError, match=r"run.training_seeds.*at least 1 item"):
         tiny([])
 
 
+def test_the_data_seed_and_a_runs_training_seed_are_apart():
+    """data_seed draws the data, whatever the training seeds; a run's training seed is one of run.training_seeds,
+    chosen per run (a stage's --training-seed), and with several a run must choose."""
+    cfg = tiny([3], data_seed=7)
+    assert (cfg.data_seed, cfg.training_seed) == (7, 3)
+    several = tiny([0, 2], data_seed=7)
+    with pytest.raises(ValueError, match=r"trains seeds \[0, 2\]: choose the run's"):
+        _ = several.training_seed
+    run = several.for_training_seed(2)
+    assert (run.training_seed, run.data_seed, run.training_seeds) == (2, 7, [0, 2])
+    assert several.model_dump() == run.model_dump()  # the profile is the same: the seed is the run's
+    with pytest.raises(ValueError, match=r"5 is not a training seed of profile 'tiny'"):
+        several.for_training_seed(5)
+    # one seed: no seed level in the paths, so a run tracks run.training_seeds (a new seed reruns it); several: each
+    # seed is its own job and path, and adding one must not rerun the others
+    assert "run.training_seeds" in run_param_keys(cfg, "t-dht")
+    assert not [k for k in run_param_keys(several, "t-dht") if k.startswith("run.")]
+
+
 def test_one_seed_keeps_the_paths_several_get_a_level_each():
-    assert run_subdir(tiny(None), "sst2", "t-dht") == "sst2/t-dht"
+    assert run_subdir(tiny(), "sst2", "t-dht") == "sst2/t-dht"
     assert run_subdir(tiny([0, 2]), "sst2", "t-dht", 2) == "sst2/t-dht/seed-2"
     assert run_name(tiny([0, 2]), "t-dht", 2) == "t-dht/seed-2" and run_name(tiny([5]), "t-dht", 5) == "t-dht"
     with pytest.raises(ValueError, match="name the seed"):
@@ -120,7 +141,7 @@ def test_several_seeds_pair_each_seeds_runs_and_report_the_difference_per_seed(t
     from dht.report import paired_cells, settle_text
 
     raw = embedded_raw()
-    raw["run"]["seeds"] = [0, 1]
+    raw["run"]["training_seeds"] = [0, 1]
     raw["profiles"]["tiny"]["run"] = {"models": ["vanilla-12", "t-dht"], "baselines": ["distil-3"], "control": None}
     cfg = load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
     two_seed_comparison(tmp_path, cfg)
@@ -153,7 +174,7 @@ def test_a_one_seed_report_quotes_the_seed_spread_of_a_seeds_run_when_present(tm
     raw = embedded_raw()
     raw["profiles"]["tiny"]["run"] = {"models": ["vanilla-12", "t-dht"], "baselines": ["distil-3"], "control": None}
     one = load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
-    raw["run"]["seeds"] = [0, 1]
+    raw["run"]["training_seeds"] = [0, 1]
     several = load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
     two_seed_comparison(tmp_path, several)
     for model, wrong in {"vanilla-12": range(10), "t-dht": range(6, 10), "distil-3": range(12)}.items():
@@ -180,7 +201,7 @@ def test_a_one_seed_report_quotes_the_seed_spread_of_a_seeds_run_when_present(tm
 
 
 def seeded_tiny(raw, seeds=(0, 1)):
-    raw["profiles"]["tiny"].setdefault("run", {})["seeds"] = list(seeds)
+    raw["profiles"]["tiny"].setdefault("run", {})["training_seeds"] = list(seeds)
 
 
 def test_dry_run_trains_every_model_once_per_seed(project):
@@ -192,14 +213,14 @@ def test_dry_run_trains_every_model_once_per_seed(project):
     n_data = len(cfg.run.datasets)
     assert counts["train"] == 2 * n_data * len(cfg.run.models)  # each model once per seed
     assert counts["baseline"] == 2 * n_data * len(cfg.run.baselines)
-    assert counts["arm_features"] == n_data and counts["flexibert_search"] == n_data  # drawn once, with `seed`
+    assert counts["arm_features"] == n_data and counts["flexibert_search"] == n_data  # drawn once, with data_seed
     # one comparison per dataset over every seed's runs, beside a one-seed run's paired.json, not over it
     assert counts["compare"] == n_data and "--out results/embedded-news/paired-seeds.json " in proc.stdout
     out = proc.stdout
-    assert "--model t-dht --seed 1 " in out and "--results results/embedded-news/t-dht/seed-1 " in out
+    assert "--model t-dht --training-seed 1 " in out and "--results results/embedded-news/t-dht/seed-1 " in out
     assert "--out-model models/embedded-news/t-dht/seed-1 " in out
     # each seed's baseline learns from the reference trained with the same seed
-    assert ("--model distil-3 --seed 1 --processed data/processed/embedded-news "
+    assert ("--model distil-3 --training-seed 1 --processed data/processed/embedded-news "
             "--teacher models/embedded-news/vanilla-12/seed-1 ") in out
     # a seed that is not listed has no job
     none = run_cli(["snakemake", "-n", "--cores", "1", "results/embedded-news/t-dht/seed-7/metrics.json",
@@ -212,7 +233,7 @@ def test_dry_run_trains_every_model_once_per_seed(project):
     stages = expand_dvc_stages(written)
     assert "train@embedded-news-t-dht-1" in stages
     assert "results/embedded-news/t-dht/seed-1/metrics.json" in stages["train@embedded-news-t-dht-1"]["metrics"]
-    assert "--seed 1 " in stages["train@embedded-news-t-dht-1"]["cmd"]
+    assert "--training-seed 1 " in stages["train@embedded-news-t-dht-1"]["cmd"]
 
 
 @pytest.mark.slow
@@ -232,8 +253,8 @@ def test_two_seeds_train_two_different_runs_through_the_pipeline(tiny_project):
     runs = set(mlflow_runs(project))
     assert {("embedded-news", "vanilla-3/seed-0"), ("embedded-news", "vanilla-3/seed-1")} <= runs
     assert (project / "models/embedded-news/vanilla-3/seed-1/model.safetensors").is_file()
-    # a seed outside run.seeds is refused by the stage itself, before any work
+    # a seed outside run.training_seeds is refused by the stage itself, before any work
     bad = run_cli(["python", "workflow/scripts/train.py", "--profile", "tiny", "--dataset", "embedded-news",
-                   "--model", "vanilla-3", "--seed", "9", "--processed", "x", "--features", "x", "--results", "x",
+                   "--model", "vanilla-3", "--training-seed", "9", "--processed", "x", "--features", "x", "--results", "x",
                    "--out-model", "x"], cwd=project, check=False)
-    assert bad.returncode != 0 and "--seed 9 is not a training seed" in bad.stderr
+    assert bad.returncode != 0 and "--training-seed 9 is not a training seed" in bad.stderr

@@ -254,3 +254,19 @@ def test_a_samples_loss_reads_every_exit_on_its_path(qsetup, exit_weights, disti
             total, weight = total + w * float(loss), weight + w
         want.append(total / weight)
     assert torch.allclose(reads[0], torch.tensor(want), atol=1e-5)
+
+
+def test_depth_memory_epoch_restarts_the_stop_bandits(qsetup):
+    """T28 for the sequential mode: the boundary bandits start again (A = lambda I, b = 0); their normalisers keep
+    their statistics."""
+    model, feats, _, _ = qsetup
+    cfg = make_cfg({"depth_memory": "epoch"})
+    policy = Policy(cfg, cfg.dht.modes["q-dht"], feats, model.config)
+    route(policy)
+    assert all(int(bandit.counts.sum()) > 0 for bandit in policy.ucb_s)
+    seen = [copy.deepcopy(norm.state_dict()) for norm in policy.norm_s]
+    policy.forget_depths()
+    assert all(int(bandit.counts.sum()) == 0 for bandit in policy.ucb_s)
+    for norm, before in zip(policy.norm_s, seen, strict=True):
+        after = norm.state_dict()
+        assert all(torch.equal(torch.as_tensor(after[k]), torch.as_tensor(v)) for k, v in before.items())

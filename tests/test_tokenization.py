@@ -7,8 +7,10 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from dht.config import TokenizerConfig
+from dht.config_loading import load_config
 from dht.data import TextDataset
 from dht.embedded import generate
 from dht.tokenization import (
@@ -19,6 +21,13 @@ from dht.tokenization import (
     prepare,
     train_wordpiece,
 )
+
+
+def wordpiece(vocab_size: int) -> TokenizerConfig:
+    """The embedded profile's tokenizer (a WordPiece trained on the training split) with `vocab_size` pieces."""
+    tokenizer = load_config(ROOT / "params.yaml", profile="embedded").tokenizer
+    assert tokenizer.kind == "wordpiece"
+    return tokenizer.model_copy(update={"vocab_size": vocab_size})
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +112,7 @@ def test_counting_lengths_past_max_length_logs_no_model_input_warning(tmp_path, 
     logger = logging.getLogger("transformers")
     logger.addHandler(handler)
     try:
-        meta = prepare(ds, TokenizerConfig(vocab_size=300), max_length=16, out_dir=tmp_path, name="emb")
+        meta = prepare(ds, wordpiece(300), max_length=16, out_dir=tmp_path, name="emb")
         assert not [m for m in handler.messages if "sequence length is longer" in m], handler.messages
         assert meta["splits"]["train"]["truncated_share"] > 0
         assert load_processed(tmp_path, "train")["n_tokens"].max() >= 52  # [CLS] + 50 pieces + [SEP], uncut
@@ -115,7 +124,7 @@ def test_counting_lengths_past_max_length_logs_no_model_input_warning(tmp_path, 
 
 
 def test_prepare_writes_parquet_tokenizer_and_meta(tmp_path, corpus):
-    meta = prepare(corpus, TokenizerConfig(vocab_size=300), max_length=24, out_dir=tmp_path, name="emb")
+    meta = prepare(corpus, wordpiece(300), max_length=24, out_dir=tmp_path, name="emb")
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
     assert json.loads((tmp_path / "meta.json").read_text()) == meta
     assert meta["splits"]["train"]["n"] == 600 and sum(meta["splits"]["train"]["label_counts"]) == 600
@@ -135,7 +144,7 @@ def test_the_validation_split_is_tokenized_apart_and_the_vocabulary_never_learns
     # the 60 validation rows too it would be a vocabulary entry (checked)
     val = val.assign(text=val["text"] + " quixotically")
     ds = TextDataset(train, corpus.test, corpus.classes, source="embedded", val=val)
-    meta = prepare(ds, TokenizerConfig(vocab_size=2000), max_length=24, out_dir=tmp_path, name="emb")
+    meta = prepare(ds, wordpiece(2000), max_length=24, out_dir=tmp_path, name="emb")
     assert [meta["splits"][s]["n"] for s in ("train", "val", "test")] == [540, 60, 100]
     for split, frame in (("train", train), ("val", val)):
         arrays = load_processed(tmp_path, split)
@@ -145,7 +154,7 @@ def test_the_validation_split_is_tokenized_apart_and_the_vocabulary_never_learns
     vocab = AutoTokenizer.from_pretrained(tmp_path / "tokenizer").get_vocab()
     assert "quixotically" not in vocab and "the" in vocab
     # without a validation split (data.val_fraction 0) the file is there, empty, with the same columns
-    empty = prepare(TextDataset(train, corpus.test, corpus.classes, source="embedded"), TokenizerConfig(vocab_size=300),
+    empty = prepare(TextDataset(train, corpus.test, corpus.classes, source="embedded"), wordpiece(300),
                     max_length=24, out_dir=tmp_path / "none", name="emb")
     assert empty["splits"]["val"] == {"n": 0, "label_counts": [0, 0, 0, 0], "difficulty_counts": [0, 0, 0]}
     arrays = load_processed(tmp_path / "none", "val")

@@ -8,11 +8,10 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import ROOT, two_epoch_tiny
+from conftest import ROOT, mode_spec, two_epoch_tiny
 from test_integrity import RunsCode, assert_runs_code
 
 from dht.arm_features import arm_space, compute_arm_features
-from dht.config import ModeSpec
 from dht.config_loading import load_config, read_params
 from dht.evaluation import SplitData, evaluate
 from dht.flops import forward_flops, layer_flops
@@ -56,7 +55,7 @@ def setup():
 def trainer_for(setup, mode, cfg=None, checkpoint_dir=None, on_step=None, fp="fp"):
     model, feats, train, _ = setup
     cfg = cfg or make_cfg()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.training_seed)
     return Trainer(cfg, mode, copy.deepcopy(model), feats, train, torch.device("cpu"), SEQ,
                    checkpoint_dir=checkpoint_dir, run_fingerprint=fp, on_step=on_step)
 
@@ -250,7 +249,7 @@ def test_vanilla_is_the_full_model_and_dht_saves(setup):
     # S1 pass + the decision pass (the b fixed layers: the path has one group), against 3 forwards of the full
     # model (docs/training.md, T12): below 1 by exactly that.
     cfg = make_cfg()
-    cfg.dht.modes["t-6l8h"] = ModeSpec(search="tree", layers=[6], heads=[8])
+    cfg.dht.modes["t-6l8h"] = mode_spec(search="tree", layers=[6], heads=[8])
     one_path, _ = run(trainer_for(setup, "t-6l8h", cfg), test)
     conf = setup[0].config
     fixed, dynamic, head = 3 * layer_flops(SEQ, 12, conf), 3 * layer_flops(SEQ, 8, conf), forward_flops(SEQ, [], conf)

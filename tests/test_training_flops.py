@@ -63,7 +63,7 @@ def setup(layer_norm: str, pooling: str = "cls"):
 
 def make_trainer(layer_norm: str, mode: str, cfg, pooling: str = "cls") -> Trainer:
     model, feats, train = setup(layer_norm, pooling)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.training_seed)
     return Trainer(cfg, mode, copy.deepcopy(model), feats, train, torch.device("cpu"), SEQ)
 
 

@@ -1,6 +1,6 @@
 """The validation split in the pipeline and in what chooses settings: every model's metrics.json carries its
 val_accuracy (the same inference as its test figures), no model trains on the split, and the FlexiBERT search,
-experiments/routing_probe.py and experiments/levers.py read it, never the test split. In the tiny profile the two
+experiments/routing_probe.py and the studies (tests/test_studies.py) read it, never the test split. In the tiny profile the two
 splits differ in size and rows (32 validation, 96 test samples of embedded-news), so a selection that read the
 test split would report on 96 samples and other mistakes."""
 
@@ -10,13 +10,12 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY_DATASET
 
 from dht.config_loading import load_config
-from dht.evaluation import SplitData, read_predictions
+from dht.evaluation import SplitData
 from dht.policy import predict
 from dht.tokenization import load_processed
 from dht.trainer import load_trained
@@ -68,59 +67,3 @@ def assert_every_model_reports_val_accuracy_and_the_search_and_the_probe_read_th
     r = experiment("routing_probe").probe(project, ds, "t-dht", "vanilla-3")
     assert r["n"] == N_VAL and r["wrong"].shape == (N_VAL,)
     assert 1 - r["wrong"].mean() == pytest.approx(metrics["vanilla-3"]["val_accuracy"], abs=1e-6)
-
-
-@pytest.mark.slow
-def test_lever_runs_are_evaluated_on_the_validation_split(tiny_project, monkeypatch):
-    levers = experiment("levers")
-    monkeypatch.chdir(tiny_project)
-    cfg = load_config(tiny_project / "params.yaml", profile="tiny")
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
-    out = levers.run_one(cfg, "default", TINY_DATASET, "t-dht", threads=1)
-    val, test = split(tiny_project, "val"), split(tiny_project, "test")
-    assert len(val) != len(test)
-
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["split"] == "val" and metrics["n_val"] == N_VAL and "n_test" not in metrics
-    predictions = read_predictions(out / "predictions.csv")
-    assert np.array_equal(predictions.label, val.labels.numpy())  # what the summary's columns are computed from
-    assert metrics["accuracy"] == pytest.approx(predictions.correct.mean(), abs=1e-6)
-    ladder = np.load(out / levers.LADDER)
-    assert np.array_equal(ladder["label"], val.labels.numpy()) and ladder["probs"].shape[0] == N_VAL
-    assert levers._read("default", TINY_DATASET, "t-dht") is not None
-
-    # a run of the test split (written before the validation split existed) is neither read nor skipped
-    (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "split"}))
-    assert levers._read("default", TINY_DATASET, "t-dht") is None and not levers._done(out)
-
-
-def _val_run(root: Path, setting: str, dataset: str, model: str, accuracy: float, flops: float,
-             split: str | None = "val") -> None:
-    d = root / setting / dataset / model
-    d.mkdir(parents=True)
-    metrics = {"accuracy": accuracy, "infer_flop_ratio": flops}
-    if split:
-        metrics["split"] = split
-    (d / "metrics.json").write_text(json.dumps(metrics))
-    (d / "predictions.csv").write_text("index,label,pred,prob,layers,n_tokens\n")
-    (d / "selections.json").write_text("{}")
-
-
-def test_the_lever_selection_reads_validation_runs_only_and_keeps_to_the_flop_budget(tmp_path, monkeypatch):
-    """`experiments/levers.py select`: the setting furthest above the control-reference line on the validation
-    split, among those within 0.6x on every dataset; a run evaluated on the test split is never read."""
-    levers = experiment("levers")
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(levers, "OUT", tmp_path)
-    for dataset in levers.DATASETS:
-        _val_run(tmp_path, "default", dataset, "vanilla-6", 0.90, 1.0)
-        _val_run(tmp_path, "default", dataset, "vanilla-2", 0.80, 1 / 3)
-        _val_run(tmp_path, "deep", dataset, "t-dht", 0.95, 0.9)        # most accurate, over the budget
-        _val_run(tmp_path, "near-line", dataset, "t-dht", 0.82, 0.4)   # within, just above the line
-        _val_run(tmp_path, "above", dataset, "t-dht", 0.86, 0.5)       # within, furthest above it
-        _val_run(tmp_path, "test-read", dataset, "t-dht", 0.99, 0.34, split=None)  # a test-split run
-    chosen, table = levers.select(["deep", "near-line", "above", "test-read"], "t-dht")
-    assert chosen == "above"
-    assert any(row.startswith("| test-read | not run") for row in table)
-    chosen, _ = levers.select(["deep"], "t-dht")
-    assert chosen is None

@@ -76,7 +76,7 @@ class ScalingPoint:
         self.arm_gen = torch.Generator()
 
     def _seeded_arms(self, policy: Policy) -> Any:
-        self.arm_gen.manual_seed(self.cfg.seed)  # the same arms every run: the FLOP ratio holds for each timed run
+        self.arm_gen.manual_seed(self.cfg.training_seed)  # the same arms every run: the FLOP ratio holds for each timed run
         return random_arms(policy, self.arm_gen)
 
     def inference(self, repeats: int, warmup: int) -> dict[str, Any]:
@@ -168,16 +168,16 @@ def scaling_section(cfg: Config, args: argparse.Namespace, device: torch.device)
                            # the modes in use (the profile's and the scaling mode): the others may be another
                            # profile's, with arms deeper than this model
                            "run.models": list(dict.fromkeys([*cfg.run.models, mode_name]))})
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.data_seed)  # as the arm_features stage builds the initial model
     model = model_from_params(scfg, labels, vocab).to(device)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.data_seed)
     space = arm_space(scfg)
     # Arm features from the random model itself (as the arm_features stage does for the initial model).
     feat_seq = min(s for s, _ in grid)
     n_batches = max(1, math.ceil(2 * len(space.pool) / 64))  # the random-arm pass must reach every arm
     batches = [(synthetic_split(64, feat_seq, vocab, labels, gen).input_ids,
                 torch.ones(64, feat_seq, dtype=torch.long)) for _ in range(n_batches)]
-    arm_feats, _ = compute_arm_features(model, batches, space, scfg.dht.features, seed=cfg.seed)
+    arm_feats, _ = compute_arm_features(model, batches, space, scfg.dht.features, seed=cfg.data_seed)
 
     infer_rows, train_rows, shortfalls = [], [], []
     print(f"[scaling] {mode_name} vs {reference} at (seq, batch) {grid}", flush=True)

@@ -102,7 +102,7 @@ def training_section(cfg: Config, args: argparse.Namespace, root: Path, device: 
         return Section(title, f"Skipped: {why}.", [f"training not measured: {why}"])
     arm_features = load_arm_features(features)
     n = min(args.train_steps * q, len(data.split))
-    order = torch.randperm(len(data.split), generator=torch.Generator().manual_seed(cfg.seed))[:n]
+    order = torch.randperm(len(data.split), generator=torch.Generator().manual_seed(cfg.training_seed))[:n]
     train = subset(data.split, order)
     seq_len = int(data.meta["max_length"])
     bench_cfg = training_config(cfg)
@@ -115,7 +115,7 @@ def training_section(cfg: Config, args: argparse.Namespace, root: Path, device: 
     def fit(mode: str) -> float:
         model = copy.deepcopy(init)  # the same initial weights for every mode and round
         trainer = Trainer(bench_cfg, mode, model, arm_features, train, device, seq_len=seq_len)
-        torch.manual_seed(cfg.seed)  # the same dropout masks: every round does the same work
+        torch.manual_seed(cfg.training_seed)  # the same dropout masks: every round does the same work
         timers.reset()
         with instrumented(timers, TRAIN_TIMERS):
             sync(device)

@@ -34,10 +34,10 @@ if TYPE_CHECKING:
 # The params.yaml keys the flexibert_search stage reads (workflow/scripts/flexibert_search.py,
 # dht.baselines.flexibert.search_stage.run_search): the design space, BOSHNAS's settings and each query's brief training
 # (every baselines.flexibert key but the retraining's epochs), the FLOP budgets (the flexibert-<ratio> names in
-# run.baselines), the seed and device, the training batches and dropout it shares with the retraining, and the
-# reference's name (its figure's FLOP axis, dht.baselines.flexibert.search_stage.reference_name).
+# run.baselines), the data seed (one search per dataset) and the device, the training batches and dropout it shares with
+# the retraining, and the reference's name (its figure's FLOP axis, dht.baselines.flexibert.search_stage.reference_name).
 FLEXIBERT_SEARCH_PARAMS: tuple[str, ...] = (
-    "seed", "device", "run.baselines", "run.reference", "model.hidden_dropout_prob", "train.batch_size", "train.eval_batch_size",
+    "data_seed", "device", "run.baselines", "run.reference", "model.hidden_dropout_prob", "train.batch_size", "train.eval_batch_size",
     *(f"baselines.flexibert.{k}" for k in FlexiBERTConfig.model_fields if k != "epochs"),
 )
 
@@ -139,7 +139,7 @@ def load_reference(cfg: Config, dataset: str, directory: Path, device: torch.dev
         raise BaselineError(
             f"{directory}: not the trained reference {cfg.run.reference!r} of run.reference ({policy_file} names "
             f"{trained_as!r}); train it first (snakemake --cores 4 results/{dataset}/{cfg.run.reference}/metrics.json)")
-    results = f"results/{run_subdir(cfg, dataset, cfg.run.reference, cfg.seed)}"
+    results = f"results/{run_subdir(cfg, dataset, cfg.run.reference, cfg.training_seed)}"
     try:
         teacher = load_checked_model(directory, retrain_hint({"results": results}))
     except IntegrityError as err:
@@ -177,7 +177,7 @@ def run_params(cfg: Config, dataset: str, name: str, device: torch.device) -> di
 
     kind, value = parse_baseline(name)
     return {**{key: cfg.section(key) for key in KINDS[kind].params}, "model_name": name, "dataset": dataset,
-            "seed": cfg.seed, "device": str(device), "baseline.kind": kind, "baseline.value": value}
+            "training_seed": cfg.training_seed, "device": str(device), "baseline.kind": kind, "baseline.value": value}
 
 
 def run_baseline(kind: str, value: float, job: BaselineJob) -> BaselineRun:

@@ -134,7 +134,7 @@ def run(layers: float, job: BaselineJob) -> BaselineRun:
     model = student_from_teacher(job.teacher, int(layers))
     info = distill(model, job.teacher, job.train, epochs=c.epochs, lr=c.learning_rate, temperature=c.temperature,
                    alpha_kd=c.alpha_kd, alpha_ce=c.alpha_ce, alpha_cos=c.alpha_cos,
-                   batch_size=job.cfg.train.batch_size, device=job.device, seed=job.cfg.seed, seq_len=job.seq_len)
+                   batch_size=job.cfg.train.batch_size, device=job.device, seed=job.cfg.training_seed, seq_len=job.seq_len)
     model.save_pretrained(job.out_model)
     return BaselineRun(lambda data: predict_student(model, data, job.device, job.cfg.train.eval_batch_size, job.seq_len),
                        info["train_flops"], c.epochs, info["loss_per_epoch"], {"train_loss": info["step_losses"]})

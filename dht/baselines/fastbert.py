@@ -506,7 +506,7 @@ def run(speed: float, job: BaselineJob) -> BaselineRun:
     # or a 128-wide classifier costs more than the layers it lets a sample skip (docs/baselines-fastbert.md).
     width = c.classifier_size or max(8, round(job.teacher.config.hidden_size * 128 / 768))
     model = FastBERT(job.teacher, cla_hidden_size=width)
-    info = distill(model, job.train, c.epochs, c.learning_rate, job.cfg.train.batch_size, job.device, job.cfg.seed,
+    info = distill(model, job.train, c.epochs, c.learning_rate, job.cfg.train.batch_size, job.device, job.cfg.training_seed,
                    seq_len=job.seq_len)
     model.save(job.out_model)
     return BaselineRun(

@@ -3,7 +3,7 @@
 # (flexibert).
 
 from dht.baselines import FLEXIBERT_SEARCH_PARAMS, KINDS  # each kind's params.yaml keys and module
-from dht.config import baseline_pattern  # the names of every kind of KINDS
+from dht.config import baseline_pattern, training_seed_keys  # the names of every kind of KINDS; the seed's keys
 
 BASELINES = CFG.run.baselines
 REFERENCE = CFG.run.reference
@@ -19,7 +19,7 @@ def baseline_code(wildcards):
 
 def baseline_keys(wildcards):
     kind, _ = parse_baseline(wildcards.baseline)
-    return tracked_params(CFG, KINDS[kind].params)
+    return tracked_params(CFG, [*KINDS[kind].params, *training_seed_keys(CFG)])  # its training seed, with one
 
 
 def search_input(wildcards):
@@ -83,7 +83,7 @@ rule baseline:
     params:
         tracked=baseline_keys,
         search=search_arg,
-        seed=seed_of,
+        training_seed=seed_of,
         processed=folder("meta", of="input"),
         results=folder("metrics"),
     log:
@@ -93,6 +93,6 @@ rule baseline:
         gpu=GPU,
     shell:
         "python workflow/scripts/baseline.py --profile {PROFILE:q} --dataset {wildcards.dataset:q}"
-        " --model {wildcards.baseline:q} --seed {params.seed:q} --processed {params.processed:q}"
+        " --model {wildcards.baseline:q} --training-seed {params.training_seed:q} --processed {params.processed:q}"
         " --teacher {input.teacher:q} --teacher-metrics {input.teacher_metrics:q} --results {params.results:q}"
         " --out-model {output.model:q} --threads {threads:q} --log {log:q} {params.search:q}"

@@ -30,7 +30,7 @@ DATASETS = CFG.run.datasets
 # `device: auto` asks for none: where the job lands decides (a login node rarely has a GPU to look at).
 GPU = 1 if CFG.device.startswith("cuda") else 0
 
-# Training seeds (run.seeds): with several, every trained model has a {seed} level in its paths,
+# Training seeds (run.training_seeds): with several, every trained model has a {seed} level in its paths,
 # results/<dataset>/<model>/seed-<s>/ (dht/results.py); with one, the paths have none.
 SEEDS = CFG.training_seeds
 SEEDED = seeded(CFG)

@@ -21,7 +21,7 @@ rule download:
         test="data/raw/{dataset}/test.parquet",
         meta="data/raw/{dataset}/meta.json",
     params:
-        tracked=tracked("seed", "data", "datasets.{dataset}"),
+        tracked=tracked("data_seed", "data", "datasets.{dataset}"),
         out=folder("meta"),
     log:
         "logs/download/{dataset}.log",

@@ -24,7 +24,7 @@ rule compare:
     output:
         paired_path(CFG, "{dataset}"),
     params:
-        tracked=tracked("seed", "run"),  # the bootstrap draws from the seed
+        tracked=tracked("run"),
     log:
         "logs/compare/{dataset}.log",
     shell:

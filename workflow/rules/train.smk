@@ -50,7 +50,7 @@ rule train:
         model=directory(f"models/{RUN}"),
     params:
         tracked=mode_keys,
-        seed=seed_of,
+        training_seed=seed_of,
         processed=folder("meta", of="input"),
         features=folder("features_meta", of="input"),
         results=folder("metrics"),
@@ -61,6 +61,6 @@ rule train:
         gpu=GPU * NPROC,
     shell:
         TRAIN_LAUNCH + " workflow/scripts/train.py --profile {PROFILE:q} --dataset {wildcards.dataset:q}"
-        " --model {wildcards.model:q} --seed {params.seed:q} --processed {params.processed:q}"
+        " --model {wildcards.model:q} --training-seed {params.training_seed:q} --processed {params.processed:q}"
         " --features {params.features:q} --results {params.results:q} --out-model {output.model:q}"
         " --threads {threads:q} --log {log:q}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from dht.config import Config, ConfigError
-from dht.config_loading import load_config
+from dht.config_loading import apply_overlay, load_config
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -86,27 +87,38 @@ def start_log(path: str | Path) -> None:
 
 
 def config(args: argparse.Namespace) -> Config:
-    """The resolved profile (after starting the ``--log`` copy); with ``--seed`` (:func:`add_seed`), its
-    training seed in place of `seed`."""
+    """The resolved profile (after starting the ``--log`` copy); with ``--training-seed`` (:func:`add_seed`), as
+    that training run sees it (:meth:`dht.config.Config.for_training_seed`)."""
     if getattr(args, "log", None):
         start_log(args.log)
     try:
         cfg = load_config(args.params, profile=args.profile)
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    seed = getattr(args, "seed", None)
+    if getattr(args, "overlay", None):
+        try:
+            cfg = apply_overlay(cfg, json.loads(args.overlay), "--overlay")
+        except (ValueError, ConfigError) as err:  # json's errors are ValueErrors
+            sys.exit(f"error: {err}")
+    seed = getattr(args, "training_seed", None)
     if seed is not None:
         if seed not in cfg.training_seeds:
-            sys.exit(f"error: --seed {seed} is not a training seed of profile '{cfg.profile}' (run.seeds: "
-                     f"{cfg.training_seeds}); add it to run.seeds in params.yaml")
-        cfg = cfg.model_copy(update={"seed": seed})
+            sys.exit(f"error: --training-seed {seed} is not a training seed of profile '{cfg.profile}' "
+                     f"(run.training_seeds: {cfg.training_seeds}); add it to run.training_seeds in params.yaml")
+        cfg = cfg.for_training_seed(seed)
     return cfg
 
 
 def add_seed(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=None,
-                   help="the training seed of this run, one of run.seeds (default: the top-level seed); the data "
-                        "and arm features were drawn with the top-level seed before")
+    p.add_argument("--training-seed", type=int, default=None,
+                   help="the training seed of this run, one of run.training_seeds (default: the only one); the data "
+                        "and arm features were drawn with data_seed before")
+
+
+def add_overlay(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overlay", default=None, metavar="JSON",
+                   help="a partial params.yaml (a JSON mapping) merged into the profile and validated again: a study's "
+                        "setting, as workflow/rules/studies.smk resolves it (docs/pipeline.md, \"Studies\")")
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:
@@ -114,12 +126,16 @@ def add_threads(p: argparse.ArgumentParser) -> None:
 
 
 def runtime(args: argparse.Namespace, cfg: Config) -> tuple[object, int]:
-    """Threads, seeds and device of a model stage: (torch device, threads in use). A device that is not there
-    (device: cuda on a CPU machine) stops with the message, not a traceback."""
+    """Threads, seeds and device of a model stage: (torch device, threads in use). The seed: a training's (a stage
+    with ``--training-seed``, :func:`add_seed`), else the data seed (the arm features, the FlexiBERT search). A
+    device that is not there (device: cuda on a CPU machine) stops with the message, not a traceback."""
     from dht.runtime import configure_threads, resolve_device, seed_everything
 
     threads = configure_threads(args.threads)
-    seed_everything(cfg.seed)
+    try:
+        seed_everything(cfg.training_seed if hasattr(args, "training_seed") else cfg.data_seed)
+    except ValueError as err:  # several training seeds and no --training-seed
+        sys.exit(f"error: {err}")
     try:
         return resolve_device(cfg.device), threads
     except RuntimeError as err:

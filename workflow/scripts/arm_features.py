@@ -56,11 +56,11 @@ with stage_run(args.dataset, "arm_features", stage="arm_features", profile=cfg.p
         train = load_processed(args.processed, "train")
         model, warm = warm_up(model, torch.from_numpy(train["input_ids"]), torch.from_numpy(train["attention_mask"]),
                               torch.from_numpy(train["label"].astype("int64")), features_cfg.warmup_steps, cfg.train,
-                              seed=cfg.seed)
+                              seed=cfg.data_seed)
         warm["seconds"] = round(time.perf_counter() - start, 2)
     batches = iter_batches(Path(args.processed) / "train.parquet", features_cfg.batch_size,
-                           features_cfg.arm_feature_samples, cfg.seed)
-    features, counts = compute_arm_features(model, batches, space, features_cfg, seed=cfg.seed)
+                           features_cfg.arm_feature_samples, cfg.data_seed)
+    features, counts = compute_arm_features(model, batches, space, features_cfg, seed=cfg.data_seed)
     seconds = time.perf_counter() - start
     separation = arm_separation(features, model.config.fixed_layers, model.config.num_attention_heads)
     info = {"dataset": args.dataset, "profile": cfg.profile, "device": str(device), "threads": threads,

@@ -36,11 +36,11 @@ p.add_argument("--model", required=True,
 p.add_argument("--processed", required=True)
 p.add_argument("--teacher", default=None,
                help="the trained reference's model directory (default: models/<dataset>/<run.reference>, with "
-                    "the seed's level when run.seeds lists several)")
+                    "the seed's level when run.training_seeds lists several)")
 p.add_argument("--teacher-metrics", default=None,
                help="the trained reference's metrics.json, whose training a baseline built from it is charged "
                     "(default: results/<dataset>/<run.reference>/metrics.json, with the seed's level when "
-                    "run.seeds lists several)")
+                    "run.training_seeds lists several)")
 p.add_argument("--results", required=True)
 p.add_argument("--out-model", required=True)
 p.add_argument("--search", default=None, help="flexibert-<ratio>: the dataset's flexibert_search output directory")
@@ -57,7 +57,7 @@ except ValueError as err:
 
 device, _ = _stage.runtime(args, cfg)
 teacher_dir = (Path(args.teacher) if args.teacher
-               else _stage.root() / "models" / run_subdir(cfg, args.dataset, cfg.run.reference, cfg.seed))
+               else _stage.root() / "models" / run_subdir(cfg, args.dataset, cfg.run.reference, cfg.training_seed))
 try:
     teacher = load_reference(cfg, args.dataset, teacher_dir, device)
 except BaselineError as err:
@@ -65,7 +65,7 @@ except BaselineError as err:
 reference_metrics = None  # what the baseline starts from: the reference, for most kinds
 if KINDS[kind].starts_from_reference:  # read before training: a file without the budget stops the job now
     teacher_metrics = (Path(args.teacher_metrics) if args.teacher_metrics else _stage.root() / "results"
-                       / run_subdir(cfg, args.dataset, cfg.run.reference, cfg.seed) / "metrics.json")
+                       / run_subdir(cfg, args.dataset, cfg.run.reference, cfg.training_seed) / "metrics.json")
     try:
         reference_metrics = read_start(teacher_metrics)
     except (FileNotFoundError, ValueError) as err:
@@ -80,7 +80,7 @@ if out_model.exists():
     shutil.rmtree(out_model)
 job = BaselineJob(cfg, teacher, train, val, meta, device, out_model, Path(args.search) if args.search else None)
 
-with stage_run(args.dataset, run_name(cfg, args.model, cfg.seed), stage="baseline", profile=cfg.profile,
+with stage_run(args.dataset, run_name(cfg, args.model, cfg.training_seed), stage="baseline", profile=cfg.profile,
                params=run_params(cfg, args.dataset, args.model, device), prefix=cfg.tracking.experiment_prefix) as run:
     import mlflow
 

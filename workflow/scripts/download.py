@@ -14,7 +14,7 @@ args = p.parse_args()
 cfg = _stage.config(args)
 
 try:
-    ds = load_text_dataset(cfg.dataset(args.dataset), seed=cfg.seed, val_fraction=cfg.data.val_fraction,
+    ds = load_text_dataset(cfg.dataset(args.dataset), seed=cfg.data_seed, val_fraction=cfg.data.val_fraction,
                            params_dir=_stage.params_dir(args))
 except (DatasetError, ValueError) as err:
     sys.exit(f"error: dataset '{args.dataset}': {err}")

@@ -62,9 +62,9 @@ def space_of(cfg: Config) -> SpaceConfig:
                        ffn_widths=tuple(f.ffn_widths), ffn_depths=tuple(f.ffn_depths), ops=tuple(f.ops))
 
 
-def _train_kwargs(cfg: Config, meta: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+def _train_kwargs(cfg: Config, meta: Mapping[str, Any], device: torch.device | str, seed: int) -> dict[str, Any]:
     f = cfg.baselines.flexibert
-    return {"lr": f.learning_rate, "batch_size": cfg.train.batch_size, "seed": cfg.seed,
+    return {"lr": f.learning_rate, "batch_size": cfg.train.batch_size, "seed": seed,
             "vocab_size": int(meta["vocab_size"]), "num_labels": int(meta["num_labels"]),
             "max_len": int(meta["max_length"]), "dropout": cfg.model.hidden_dropout_prob,
             "eval_batch_size": cfg.train.eval_batch_size, "device": device}
@@ -85,12 +85,12 @@ def run_search(cfg: Config, train: Arrays, val: Arrays, meta: Mapping[str, Any],
         raise ValueError("the validation split is empty (data.val_fraction = 0): the search scores its queries on "
                          "it; set data.val_fraction above 0")
     n_search = len(train["label"])
-    kwargs = _train_kwargs(cfg, meta, device)
+    kwargs = _train_kwargs(cfg, meta, device, cfg.data_seed)  # one search per dataset, drawn with the data
     evaluator = TrainingEvaluator(train, val, epochs=f.search_epochs, max_steps=f.search_max_steps,
                                   progress="flexibert query", **kwargs)
     seq_len, num_labels = int(meta["max_length"]), int(meta["num_labels"])
     space = space_of(cfg)
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.data_seed)
     trace: list[dict[str, Any]] = []
     for i, budget in enumerate(wanted):
         queried = {e["arch_id"] for e in trace}
@@ -134,7 +134,7 @@ def retrain(cfg: Config, arch: Architecture, train: Arrays, val: Arrays, meta: M
             device: torch.device | str = "cpu") -> tuple[FlexiBertForSequenceClassification, dict[str, Any]]:
     """Train ``arch`` on the training split for ``baselines.flexibert.epochs``; (model, what it cost, its loss per
     optimizer step and its ``val_accuracy`` on `val`, the validation split, NaN when empty)."""
-    kwargs = _train_kwargs(cfg, meta, device)
+    kwargs = _train_kwargs(cfg, meta, device, cfg.training_seed)  # one retraining per training seed
     result = train_and_evaluate(arch, train, val, epochs=cfg.baselines.flexibert.epochs,
                                 progress="flexibert retraining", **kwargs)
     seq_len = int(meta["max_length"])

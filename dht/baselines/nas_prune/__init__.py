@@ -120,10 +120,10 @@ def run(ratio: float, job: BaselineJob) -> BaselineRun:
     fine-tuning, steps S+1...)."""
     c, batch = job.cfg.baselines.nas_prune, job.cfg.train.batch_size
     found = search(job.teacher, job.train, ratio, c.lambda_cost, c.tolerance, c.search_epochs, c.lr_weights,
-                   c.lr_arch, batch, job.device, job.cfg.seed, job.seq_len)
-    model = extract(job.teacher, found)
+                   c.lr_arch, batch, job.device, job.cfg.training_seed, job.seq_len)
+    model = extract(job.teacher, found.arch)
     tuned = finetune(model, job.teacher, job.train, c.finetune_epochs, c.lr_weights, c.temperature, c.alpha_kd,
-                     batch, job.device, job.cfg.seed, seq_len=job.seq_len)
+                     batch, job.device, job.cfg.training_seed, seq_len=job.seq_len)
     model.save(job.out_model)
     found.save(job.out_model / "search")
     return BaselineRun(lambda data: predict_pruned(model, data, job.device, job.cfg.train.eval_batch_size, job.seq_len),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,6 @@ from dht.baselines.nas_prune.arch import LayerArch, PrunedArch, teacher_fields
 from dht.baselines.nas_prune.cost import Convention, pruned_flops
 from dht.baselines.nas_prune.masks import additive_mask, mean_pool, unit_gates
 from dht.model import DHTForSequenceClassification
-
-if TYPE_CHECKING:  # the search imports this module: its result is named here for the type only
-    from dht.baselines.nas_prune.darts import SearchResult
 
 KEEP_THRESHOLD = 0.01  # Section 5.5.1: "choose the dimensions ... sigmoid(alpha) > 0.01"
 ARCH_FILE = "pruned_arch.json"
@@ -255,14 +252,14 @@ class PrunedBert(nn.Module):
         return model.to(map_location).eval()
 
 
-def extract(teacher: DHTForSequenceClassification, result: SearchResult | PrunedArch) -> PrunedBert:
-    """Build the pruned model of ``result.arch`` and copy the kept rows/columns of the teacher's weights.
+def extract(teacher: DHTForSequenceClassification, arch: PrunedArch) -> PrunedBert:
+    """Build the pruned model of ``arch`` (a search's ``SearchResult.arch``) and copy the kept rows/columns of the
+    teacher's weights.
 
     The weights come from the teacher, not from the supernet's search-time weights: the report re-initialises the
     extracted architecture from the un-searched model (Section 5.2, step 3), as DARTS retrains the derived
     architecture. Returns the model in eval mode, on the teacher's device.
     """
-    arch = result if isinstance(result, PrunedArch) else result.arch
     fields = teacher_fields(teacher)
     for key, value in fields.items():
         if key not in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout") and \
