@@ -323,9 +323,10 @@ class ModelSection(_Strict):
 class ModeSpec(_Strict):
     """One DHT configuration of Section 6.1 (or 12-VaBERT as the single fixed arm 12L12H)."""
 
-    search: Literal["tree", "integrated", "fixed"]
+    # sequential (not the paper's; docs/training.md T31): stop or continue decided at every group boundary
+    search: Literal["tree", "integrated", "fixed", "sequential"]
     # Which arms the mode can choose: the arm_features stage computes their features, a training chooses among them.
-    layers: Annotated[list[int] | None, ReadBy(ARM_FEATURES)]  # tree search: UCB_L's options
+    layers: Annotated[list[int] | None, ReadBy(ARM_FEATURES)]  # tree: UCB_L's options; sequential: where it may stop
     heads: Annotated[list[int] | None, ReadBy(ARM_FEATURES)]  # tree search: UCB_H's options
     arms: Annotated[list[str] | None, ReadBy(ARM_FEATURES)]  # integrated/fixed: UCB_cp's options, "6L8H", "4L8H+2L12H"
     warmup_mode: Name | None  # P-DHT: train as this mode first ...
@@ -350,6 +351,18 @@ class ModeSpec(_Strict):
     all_depths_reward: Literal["ratio", "difference"] | None
     depth_price: Annotated[float, Field(ge=0)] | None
     depth_loss: Literal["cross_entropy", "error_probability"] | None
+    # search: sequential only (docs/training.md T31). How the exits on a sample's path weigh in its loss: `depth`,
+    # each in proportion to its depth (the deepest weighs most); `uniform`, each the same (T26's mean).
+    exit_weights: Literal["uniform", "depth"]
+    # The share of each shallower exit's loss that is self-distillation (KL from the deepest exit's probabilities,
+    # read without gradient before the step, as FastBERT's students learn from its teacher); 0: none.
+    distil_weight: Annotated[float, Field(ge=0, le=1)]
+    # What continuing at a boundary is worth: `next`, err_d - err_next - price x (layers added) (the issue's
+    # one-step gain); `best`, err_d - min over the deeper depths d' of (err_d' + price x (d' - d)).
+    continue_reward: Literal["next", "best"]
+    # This mode's own model.exit_heads (T29; null: model.exit_heads), so that one mode can train an exit head per
+    # depth while the reference it starts from, and every other mode, keep theirs.
+    exit_heads: Literal["shared", "per_depth"] | None
 
 
 class PoolingConfig(_Strict):

@@ -28,6 +28,7 @@ from dht.config import (
     Config,
     CsvDatasetSpec,
     EmbeddedDatasetSpec,
+    ModeSpec,
     PoolingConfig,
     parse_baseline,
 )
@@ -134,7 +135,13 @@ def check_semantics(cfg: Config) -> list[str]:
             continue  # a profile may keep modes of another model shape (the paper's 12-layer arms) that it never runs
         key = f"dht.modes.{mode_name}"
         bad_heads: set[int] = {h for h in mode.heads or [] if not 1 <= h <= m.num_attention_heads}
-        if mode.depth_feedback == "all_depths" and mode.search != "tree":
+        if mode.search == "sequential":
+            problems += _sequential_problems(cfg, key, mode, allowed_l)
+        elif (mode.exit_weights, mode.distil_weight, mode.continue_reward) != ("uniform", 0.0, "next"):
+            problems.append(
+                f"{key}: exit_weights, distil_weight and continue_reward are read by search: sequential only "
+                f"(docs/training.md T31); this mode's search is {mode.search}: remove them")
+        if mode.depth_feedback == "all_depths" and mode.search not in ("tree", "sequential"):
             problems.append(
                 f"{key}.depth_feedback = 'all_depths': needs search: tree (UCB_L's options are depths; an "
                 f"integrated mode's arms are (L, H) plans, one pass each); use `chosen` for a {mode.search} mode")
@@ -145,7 +152,9 @@ def check_semantics(cfg: Config) -> list[str]:
                 "mode does not use; set depth_feedback: all_depths or remove them")
         if mode.init == "reference":
             problems += _init_reference_problems(cfg, mode_name)
-        if mode.search == "tree":
+        if mode.search == "sequential":
+            pass  # checked above
+        elif mode.search == "tree":
             if not mode.layers or not mode.heads:
                 problems.append(f"{key}: search = tree needs both `layers` (UCB_L) and `heads` (UCB_H) lists")
             if mode.arms:
@@ -500,3 +509,33 @@ def _lookup_model(loc: list[str]) -> type[BaseModel] | None:
     if isinstance(model, type) and issubclass(model, BaseModel):
         return model
     return None
+
+
+def _sequential_problems(cfg: Config, key: str, mode: ModeSpec, allowed_l: list[int]) -> list[str]:
+    """search: sequential (docs/training.md T31): stop or continue at every group boundary up to its deepest depth,
+    full-information priced rewards (depth_feedback: all_depths, all_depths_reward: difference) and every exit on
+    the path trained (exit_loss: path)."""
+    b, c = cfg.dht.fixed_layers, cfg.dht.group_size
+    problems = []
+    layers = list(mode.layers or [])
+    if not layers or not mode.heads:
+        problems.append(f"{key}: search = sequential needs `layers` (the depths it may stop at: b, b + c, ... up to "
+                        f"its deepest) and `heads` (UCB_H's options per group)")
+    if mode.arms:
+        problems.append(f"{key}.arms: search = sequential takes `layers` and `heads`, not `arms`")
+    if layers:
+        want = [d for d in allowed_l if d <= max(layers)]
+        if layers != want or b not in layers:
+            problems.append(
+                f"{key}.layers = {layers}: search = sequential decides at every group boundary, so its depths are "
+                f"b, b + c, ... up to the deepest (with b = {b}, c = {c}: {want if b in want else allowed_l}); "
+                f"list them all, ascending")
+    wrong = {"depth_feedback": (mode.depth_feedback, "all_depths"), "exit_loss": (mode.exit_loss, "path"),
+             "all_depths_reward": (mode.all_depths_reward or cfg.dht.bandits.all_depths_reward, "difference")}
+    for name, (value, need) in wrong.items():
+        if value != need:
+            problems.append(f"{key}.{name} = {value!r}: search = sequential reads every exit of every sample with a "
+                            f"price per layer (T31: T24's pass, T25's reward, T26's exits); set {name}: {need}")
+    if mode.warmup_mode:
+        problems.append(f"{key}.warmup_mode: search = sequential has no warm-up; remove it")
+    return problems

@@ -260,9 +260,24 @@ def depth_feedback_flops(seq_len: int, layer_options: Sequence[int], config_like
     the deepest option's layers, forward only, and the pooler and classifier read after each option's depth."""
     _check_convention(convention)
     shape = FlopShape.of(config_like)
-    layers = [shape.num_attention_heads] * max(layer_options)
-    return (forward_flops(seq_len, layers, shape, convention, include_classifier=False)
-            + len(layer_options) * _classifier_flops(shape))
+    return exit_pass_flops(seq_len, [shape.num_attention_heads] * max(layer_options), len(layer_options), shape,
+                           convention)
+
+
+def exit_read_flops(exits: int, config_like: Any) -> int:
+    """FLOPs of ``exits`` extra exit reads without gradient (the pooler and classifier on one vector each): the
+    sequential mode's boundaries before the one a sample stops at (docs/training.md T31); the same in both
+    conventions (Linear layers)."""
+    return exits * _classifier_flops(FlopShape.of(config_like))
+
+
+def exit_pass_flops(seq_len: int, heads_per_layer: Sequence[int], exits: int, config_like: Any,
+                    convention: Convention = "full") -> int:
+    """FLOPs of one sample's no-grad pass that reads ``exits`` exits on its way through ``heads_per_layer``: the
+    layers forward, and the pooler and classifier at each exit. T24's pass (every head to the deepest option,
+    :func:`depth_feedback_flops`) and the sequential mode's full-information pass (T31: its chosen heads)."""
+    return (forward_flops(seq_len, heads_per_layer, config_like, convention, include_classifier=False)
+            + exit_read_flops(exits, config_like))
 
 
 def exit_loss_flops(exits: int, config_like: Any) -> int:

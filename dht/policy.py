@@ -24,9 +24,16 @@ from dht.bandits import LinUCB, LogisticThompsonHeads
 from dht.config import Config, ModeSpec, mode_bandits
 from dht.contexts import RunningNormalizer, multi_granularity_pool
 from dht.evaluation import Predictions, SplitData
-from dht.flops import forward_flops
+from dht.flops import exit_read_flops, forward_flops
 from dht.model import DHTForSequenceClassification
-from dht.rewards import RewardBaseline, all_depths_reward, difference_reward, reward_delta, ts_reward
+from dht.rewards import (
+    RewardBaseline,
+    all_depths_reward,
+    continue_rewards,
+    difference_reward,
+    reward_delta,
+    ts_reward,
+)
 from dht.walk import At, Next, path_points, start, walk
 
 # --------------------------------------------------------------------------------------------------------------
@@ -40,6 +47,22 @@ def exit_uncertainty(model: DHTForSequenceClassification, s1: Tensor, mask: Tens
     eval, none)."""
     keep = None if bool(mask.all()) else mask.bool()
     return 1.0 - model.classify(s1, keep, model.config.fixed_layers).float().softmax(-1).max(-1).values
+
+
+#: The exit statistics of the sequential mode's stop context (T31), after the pooled state: FastBERT's signal and
+#: two more readings of the same distribution.
+EXIT_STATS = ("top_probability", "margin", "normalised_entropy")
+
+
+def exit_statistics(logits: Tensor) -> Tensor:
+    """[B, 3]: the exit's top-class probability, its margin over the second class and the entropy of its
+    distribution divided by log(classes) (1: uniform), read from ``logits`` [B, C] (T31)."""
+    p = logits.float().softmax(-1)
+    n = p.shape[-1]
+    top = p.topk(min(2, n), dim=-1).values
+    margin = top[:, 0] - top[:, 1] if n > 1 else top[:, 0]
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1) / max(torch.log(torch.tensor(float(n))).item(), 1e-12)
+    return torch.stack([top[:, 0], margin, entropy], dim=1)
 
 
 @dataclass
@@ -72,7 +95,7 @@ class Policy:
         self.pool_h = feats.ucb_h
         self.pool_t = feats.tsb
         # T23: the shallow exit's uncertainty as one more context entry of UCB_L / UCB_cp (normalised with it)
-        self.exit_confidence = feats.exit_confidence and self.search != "fixed"
+        self.exit_confidence = feats.exit_confidence and self.search not in ("fixed", "sequential")
         self.context_size = self.pool_l.size + int(self.exit_confidence)
         self.norm_l = RunningNormalizer(self.context_size)
         # One normaliser per dynamic group for the UCB_H and TSB contexts: group o sees states of depth b + o c,
@@ -84,11 +107,12 @@ class Policy:
         self.ucb: LinUCB | None = None
         self.ucb_h: LinUCB | None = None
         self.tsb: LogisticThompsonHeads | None = None
-        if self.search == "tree":
+        if self.search in ("tree", "sequential"):
             self.layer_options = list(mode.layers or [])
             self.head_options = list(mode.heads or [])
-            self.ucb = LinUCB(arm_matrix(arm_features, "ucb_l", self.layer_options), self.context_size,
-                              alpha=bc.ucb_alpha, lam=bc.ucb_lambda, seed=seed)
+            if self.search == "tree":
+                self.ucb = LinUCB(arm_matrix(arm_features, "ucb_l", self.layer_options), self.context_size,
+                                  alpha=bc.ucb_alpha, lam=bc.ucb_lambda, seed=seed)
             self.ucb_h = LinUCB(arm_matrix(arm_features, "ucb_h", self.head_options), self.pool_h.size,
                                 extra_dim=len(self.groups), alpha=bc.ucb_alpha, lam=bc.ucb_lambda, seed=seed + 1)
             self.arm_heads: list[list[int]] = []
@@ -99,6 +123,14 @@ class Policy:
             if self.search == "integrated":
                 self.ucb = LinUCB(arm_matrix(arm_features, "ucb_cp", self.arms), self.context_size,
                                   alpha=bc.ucb_alpha, lam=bc.ucb_lambda, seed=seed)
+        # The sequential mode's stop-or-continue bandits (T31): one LinUCB per boundary (every depth it may stop at
+        # but the deepest), arms (stop, continue) with one intercept each (z = the identity: the contexts are
+        # normalised to mean 0), each boundary's contexts normalised by its own statistics (as T18's groups).
+        self.stop_context_size = self.pool_l.size + len(EXIT_STATS)
+        boundaries = len(self.layer_options) - 1 if self.search == "sequential" else 0
+        self.norm_s = [RunningNormalizer(self.stop_context_size) for _ in range(boundaries)]
+        self.ucb_s = [LinUCB(torch.eye(2), self.stop_context_size, alpha=bc.ucb_alpha, lam=bc.ucb_lambda,
+                             seed=seed + 3 + k) for k in range(boundaries)]
         if self.search != "fixed":
             tsb_z = arm_matrix(arm_features, "tsb", range(self.n_heads)) if bc.tsb_arm_features else None
             self.tsb = LogisticThompsonHeads(self.n_heads, self.pool_t.size, alpha=bc.ts_alpha, lam=bc.ts_lambda,
@@ -108,7 +140,10 @@ class Policy:
     def forget_depths(self) -> None:
         """``depth_memory: epoch`` (docs/training.md, T28): UCB_L / UCB_cp start again from Algorithm 1, line 1
         (A = lambda I, b = 0), with the arm features they have now; the context normaliser, UCB_H, the TSB and the
-        reward baselines keep their state."""
+        reward baselines keep their state. The sequential mode's stop bandits alike (T31)."""
+        self.ucb_s = [LinUCB(old.arm_features, old.context_dim, alpha=old.alpha, lam=old.lam,
+                             refresh_every=old.refresh_every, seed=self.cfg.training_seed + 3 + k, device=old.device)
+                      for k, old in enumerate(self.ucb_s)]
         if self.ucb is None:
             return
         old = self.ucb
@@ -117,7 +152,7 @@ class Policy:
 
     @property
     def uses_s1(self) -> bool:
-        return self.search != "fixed"
+        return self.search not in ("fixed", "sequential")  # sequential decides on the way, not from S1
 
     # ---- Algorithm 2, lines 2-6: the depth from S1 ------------------------------------------------------------
 
@@ -147,6 +182,8 @@ class Policy:
         return self.ucb.select(x, greedy=greedy), x
 
     def layers_of(self, arm: Tensor) -> Tensor:
+        if self.search == "sequential":  # one queue: every sample may walk to the deepest depth
+            return torch.full(arm.shape, max(self.layer_options), dtype=torch.long)
         if self.search == "tree":
             return torch.tensor(self.layer_options)[arm]
         return torch.tensor([len(self.arm_heads[a]) for a in arm.tolist()], dtype=torch.long)
@@ -166,7 +203,8 @@ class Policy:
         if self.search == "fixed":
             return None, None
         xt = multi_granularity_pool(state.float(), mask, self.pool_t).cpu()
-        return xt, multi_granularity_pool(state.float(), mask, self.pool_h).cpu() if self.search == "tree" else None
+        with_h = self.search in ("tree", "sequential")
+        return xt, multi_granularity_pool(state.float(), mask, self.pool_h).cpu() if with_h else None
 
     def decide_heads(self, g: int, xt: Tensor | None, xh: Tensor | None, arm: Tensor, greedy: bool,
                      learn: bool) -> dict[str, Any]:
@@ -178,7 +216,7 @@ class Policy:
             return {"plan": _first_k(heads, self.n_heads), "counts": heads}
         xt = self.norm_t[g](xt, update=learn)
         out: dict[str, Any] = {"xt": xt}
-        if self.search == "tree":
+        if self.search in ("tree", "sequential"):
             xh = self.norm_h[g](xh, update=learn)
             e = torch.zeros(batch, len(self.groups))
             e[:, g] = 1.0
@@ -219,14 +257,7 @@ class Policy:
             else:
                 self._learn_all_depths(decision.context, depth_losses)
             del first  # UCB_L learns from the neutral first reward too (a ridge regression, not a binary model)
-            for g, info in enumerate(groups):
-                key_h = f"ucb_h/g{g}" + key
-                first_h = self.baseline.get(key_h) is None
-                delta = reward_delta(loss, layers, info["k"].double(), cost_exponent=bc.cost_exponent)
-                r_h = self.baseline.reward(key_h, delta, bc.reward_beta_h, clip=bc.reward_clip)
-                self.ucb_h.update(info["xh"], info["h_idx"], r_h, extra=info["e"])
-                if not first_h:  # a neutral first-batch reward carries no information for a binary learner
-                    self.tsb.update(info["xt"], info["chosen"], ts_reward(r_h, bc.reward_beta_h, printed_cases=printed))
+            self._learn_heads(groups, loss, layers, key)
         else:
             heads = torch.tensor([float(_dynamic_heads(self.arm_heads[a], self.b)) for a in decision.arm.tolist()],
                                  dtype=torch.float64)
@@ -238,6 +269,56 @@ class Policy:
                 r_ts = ts_reward(r_cp, bc.reward_beta_cp, printed_cases=printed)
                 for info in groups:
                     self.tsb.update(info["xt"], info["chosen"], r_ts)
+
+    def _learn_heads(self, groups: list[dict[str, Any]], loss: Tensor, layers: Tensor, key: str = "",
+                     reached: list[Tensor] | None = None) -> None:
+        """UCB_H's and the TSB's updates (Section 4.3: r_H from loss x L x H against the previous batch), group by
+        group; ``reached`` [B] bool per group: the rows whose path ran it (None: every row)."""
+        bc = self.bandit_cfg
+        printed = bc.ts_reward_sign == "printed"
+        for g, info in enumerate(groups):
+            rows = slice(None) if reached is None else reached[g]
+            if reached is not None and not bool(rows.any()):
+                continue
+            key_h = f"ucb_h/g{g}" + key
+            first_h = self.baseline.get(key_h) is None
+            delta = reward_delta(loss[rows], layers[rows], info["k"][rows].double(), cost_exponent=bc.cost_exponent)
+            r_h = self.baseline.reward(key_h, delta, bc.reward_beta_h, clip=bc.reward_clip)
+            self.ucb_h.update(info["xh"][rows], info["h_idx"][rows], r_h, extra=info["e"][rows])
+            if not first_h:  # a neutral first-batch reward carries no information for a binary learner
+                self.tsb.update(info["xt"][rows], info["chosen"][rows],
+                                ts_reward(r_h, bc.reward_beta_h, printed_cases=printed))
+
+    # ---- the sequential mode (T31): stop or continue at every boundary ------------------------------------------
+
+    def stop_context(self, state: Tensor, mask: Tensor, logits: Tensor) -> Tensor:
+        """A boundary's stop context [B, F] on the CPU, not yet normalised: the pooled state there (UCB_L's pooling)
+        and its exit's statistics (:func:`exit_statistics`)."""
+        pooled = multi_granularity_pool(state.float(), mask, self.pool_l).cpu()
+        return torch.cat([pooled, exit_statistics(logits).cpu()], dim=1)
+
+    def decide_stops(self, k: int, x: Tensor, greedy: bool, learn: bool) -> tuple[Tensor, Tensor]:
+        """(stop [B] bool, normalised context [B, F]) at boundary k (the k-th depth of ``layer_options``) from
+        :meth:`stop_context`'s contexts (a distributed run gathers every rank's first)."""
+        x = self.norm_s[k](x, update=learn)
+        return self.ucb_s[k].select(x, greedy=greedy) == 0, x
+
+    def learn_sequential(self, contexts: list[Tensor], errs: Tensor, groups: list[dict[str, Any]], loss: Tensor,
+                         depth: Tensor) -> None:
+        """The sequential mode's updates (T31). Every boundary's bandit learns from every sample, full information:
+        continuing is worth :func:`dht.rewards.continue_rewards` of its errors at every depth (``errs`` [B, K], from
+        the step's no-grad pass), stopping 0. UCB_H and the TSB learn as in the tree mode from the loss at the
+        sample's stop (``loss`` [B]) and its depth (``depth`` [B]), on the rows whose path ran each group."""
+        bc = self.bandit_cfg
+        gain = continue_rewards(errs.detach().cpu(), self.layer_options, bc.depth_price, self.mode.continue_reward,
+                                bc.reward_alpha)
+        for k, x in enumerate(contexts):
+            n = x.shape[0]
+            arms = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)])
+            self.ucb_s[k].update(torch.cat([x, x]), arms, torch.cat([torch.zeros(n, dtype=torch.float64), gain[:, k]]))
+        depth = depth.double().cpu()
+        self._learn_heads(groups, loss.detach().double().cpu(), depth,
+                          reached=[depth > group.start for group in self.groups[: len(groups)]])
 
     def _learn_all_depths(self, context: Tensor, depth_losses: Tensor) -> None:
         """UCB_L's full-information update (T24): every option k of every sample, with the reward of
@@ -265,6 +346,9 @@ class Policy:
             bandit = getattr(self, name)
             if bandit is not None:
                 state[name] = bandit.state_dict()
+        if self.ucb_s:
+            state["norm_s"] = [norm.state_dict() for norm in self.norm_s]
+            state["ucb_s"] = [bandit.state_dict() for bandit in self.ucb_s]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -284,6 +368,13 @@ class Policy:
             bandit = getattr(self, name)
             if bandit is not None:
                 bandit.load_state_dict(state[name])
+        if len(state.get("ucb_s", [])) != len(self.ucb_s):
+            raise ValueError(f"policy state has {len(state.get('ucb_s', []))} stop bandits, this policy "
+                             f"{len(self.ucb_s)} (one per boundary of a sequential mode): another mode's; retrain")
+        for norm, bandit, norm_state, bandit_state in zip(self.norm_s, self.ucb_s, state.get("norm_s", []),
+                                                          state.get("ucb_s", []), strict=True):
+            norm.load_state_dict(norm_state)
+            bandit.load_state_dict(bandit_state)
 
     def describe(self) -> dict[str, Any]:
         """What `dht predict` needs to rebuild this policy."""
@@ -354,10 +445,17 @@ def predict(model: DHTForSequenceClassification, policy: Policy, data: SplitData
     probs = torch.zeros(n, conf.num_labels)
     depth = torch.zeros(n, dtype=torch.long)
     heads = torch.zeros(n, n_layers, dtype=torch.long)
+    reads = torch.ones(n, dtype=torch.long)  # exits read per sample (the sequential mode reads one per boundary)
     began = time.perf_counter()
     for lo in range(0, n, batch_size):
         index = torch.arange(lo, min(lo + batch_size, n))
         ids, mask, _ = data.batch(index, device)
+        if policy.search == "sequential":  # T31: one walk, samples leave it where their boundary bandit stops them
+            path = _SequentialPath(policy, greedy, len(index), n_layers, first, n_heads)
+            walk(start(model, ids, mask), path_points(conf, max(policy.layer_options)), path)
+            out_labels[index], probs[index], depth[index] = path.probs.argmax(-1), path.probs, path.depth
+            heads[index], reads[index] = path.heads, path.reads
+            continue
         s1 = walk(start(model, ids, mask), [first])  # S1 (= S2,0: the weights do not change)
         u = exit_uncertainty(model, s1.state, mask) if policy.exit_confidence else None
         arm, _ = policy.choose_arms(s1.state if policy.uses_s1 else None, mask, len(index), greedy=greedy,
@@ -374,10 +472,10 @@ def predict(model: DHTForSequenceClassification, policy: Policy, data: SplitData
             depth[rows] = L
             heads[rows] = path.heads
     seconds = time.perf_counter() - began
-    flops = torch.tensor([forward_flops(seq_len, [h for h in row.tolist() if h], conf, "full") for row in heads],
-                         dtype=torch.float64)
-    flops_lin = torch.tensor([forward_flops(seq_len, [h for h in row.tolist() if h], conf, "linear") for row in heads],
-                             dtype=torch.float64)
+    flops, flops_lin = (torch.tensor([forward_flops(seq_len, [h for h in row.tolist() if h], conf, convention)
+                                      + exit_read_flops(int(r) - 1, conf)
+                                      for row, r in zip(heads, reads, strict=True)], dtype=torch.float64)
+                        for convention in ("full", "linear"))
     return Predictions(out_labels, probs, depth, heads, flops, flops_lin, seconds)
 
 
@@ -400,3 +498,42 @@ class _BanditPath:
         plan = info["plan"][:, : at.next - at.depth]
         self.heads[:, at.depth : at.next] = plan.sum(dim=2)
         return Next(heads=plan)
+
+
+class _SequentialPath:
+    """The sequential mode's decision callback (T31): at every depth it may stop at, the exit is read and the
+    boundary's bandit (greedy or sampled, no update) decides from the pooled state and the exit's statistics which
+    samples stop there (they leave the walk, :func:`dht.walk.walk`); the others' next group's heads come from UCB_H
+    and the TSB. At the deepest depth everyone stops. Keeps each sample's probabilities, depth, heads per layer and
+    the exits it read."""
+
+    def __init__(self, policy: Policy, greedy: bool, batch: int, n_layers: int, first: int, n_heads: int):
+        self.policy, self.greedy = policy, greedy
+        self.heads = torch.zeros(batch, n_layers, dtype=torch.long)
+        self.heads[:, :first] = n_heads
+        self.probs = torch.zeros(batch, 0)
+        self.depth = torch.zeros(batch, dtype=torch.long)
+        self.reads = torch.zeros(batch, dtype=torch.long)
+
+    def __call__(self, at: At) -> Next | None:
+        policy = self.policy
+        logits = at.logits().float()
+        if not self.probs.numel():
+            self.probs = torch.zeros(len(self.depth), logits.shape[-1])
+        self.reads[at.rows] += 1
+        if at.next is None:
+            stop = torch.ones(len(at.rows), dtype=torch.bool)
+        else:
+            k = policy.layer_options.index(at.depth)
+            stop, _ = policy.decide_stops(k, policy.stop_context(at.state, at.mask, logits), self.greedy, learn=False)
+        done = at.rows[stop]
+        self.probs[done] = logits[stop.to(logits.device)].softmax(-1).cpu()
+        self.depth[done] = at.depth
+        if at.next is None or bool(stop.all()):
+            return Next(stop=stop)
+        go = at.select((~stop).nonzero().squeeze(1).to(at.state.device))
+        info = policy.choose_heads(go.group, go.state, go.mask, torch.zeros(len(go.rows), dtype=torch.long),
+                                   greedy=self.greedy, learn=False)
+        plan = info["plan"][:, : at.next - at.depth]
+        self.heads[go.rows, at.depth : at.next] = plan.sum(dim=2)
+        return Next(stop=stop, heads=plan)

@@ -12,10 +12,12 @@ See ``docs/bandits.md`` for the readings of the paper taken here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["RewardBaseline", "all_depths_reward", "difference_reward", "ratio_reward", "reward_delta", "ts_reward"]
+__all__ = ["RewardBaseline", "all_depths_reward", "continue_rewards", "difference_reward", "ratio_reward", "reward_delta", "ts_reward"]
 
 _F64 = torch.float64
 
@@ -171,3 +173,27 @@ class RewardBaseline:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self._means = {key: float(value) for key, value in state.items()}
+
+
+def continue_rewards(errs: Tensor, depths: Sequence[int], price: float, how: str = "next",
+                     scale: float = 1.0) -> Tensor:
+    """What continuing is worth at each boundary of the sequential mode (docs/training.md T31; not in the paper),
+    from each sample's error at every depth it may stop at, ``errs`` [B, K] at ``depths`` [K] (ascending): [B, K-1].
+
+    ``next``: ``err_k - err_{k+1} - price x (d_{k+1} - d_k)``, the priced gain of one more group (T25's price per
+    layer, T27's error). ``best``: ``err_k - min_{j>k} (err_j + price x (d_j - d_k))``, the gain of the best deeper
+    stop (a group that does not help yet may lead to one that does). Stopping is worth 0: the reward of continuing
+    is its gain over stopping here."""
+    errs = torch.as_tensor(errs, dtype=_F64)
+    d = torch.as_tensor(list(depths), dtype=_F64)
+    if errs.dim() != 2 or errs.shape[1] != len(d) or len(d) < 2:
+        raise ValueError(f"errs must be [samples, {len(d)} depths] with at least 2 depths, got {tuple(errs.shape)}")
+    if how == "next":
+        gain = errs[:, :-1] - errs[:, 1:] - price * (d[1:] - d[:-1])
+    elif how == "best":
+        cost = errs + price * d  # err_j + price d_j; minus price d_k below
+        tail = torch.flip(torch.cummin(torch.flip(cost, [1]), dim=1).values, [1])  # min over j >= k
+        gain = errs[:, :-1] - (tail[:, 1:] - price * d[:-1])
+    else:
+        raise ValueError(f"continue_reward must be 'next' or 'best', got {how!r}")
+    return scale * gain

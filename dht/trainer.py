@@ -50,7 +50,14 @@ from dht.arms import parse_arm
 from dht.config import Config, ModeSpec, run_param_keys
 from dht.distributed import World, digest, shard, share_length
 from dht.evaluation import SplitData
-from dht.flops import depth_feedback_flops, exit_loss_flops, forward_flops, full_model_flops, train_flops
+from dht.flops import (
+    depth_feedback_flops,
+    exit_loss_flops,
+    exit_pass_flops,
+    forward_flops,
+    full_model_flops,
+    train_flops,
+)
 from dht.guard import FiniteGuard, TrainingError  # noqa: F401 (TrainingError: raised and re-exported here)
 from dht.integrity import IntegrityError, read_checkpoint, write_checkpoint
 from dht.model import DHTForSequenceClassification
@@ -308,7 +315,10 @@ class Trainer:
             trainable = self._trainable_layers(layers, frozen)
         decided: list[dict[str, Any]] | None = None
         decision_layers = 0  # layers of the eval-mode decision pass, for the FLOP count
-        if cfg.dht.decision_states == "clean" and policy.search != "fixed":
+        seq = self._sequential_pass(policy, ids, mask, labels) if policy.search == "sequential" else None
+        if policy.search == "sequential":  # T31: the heads, the stops and every exit's error from one no-grad pass
+            decided = seq["groups"] if seq is not None else []  # no batch: it took part in the pass's decisions
+        elif cfg.dht.decision_states == "clean" and policy.search != "fixed":
             # UCB_H and the TSB decide from the states inference would give them (no dropout, the current
             # weights: S2,0 and S2,l of Algorithm 2 without the training noise); docs/training.md, T2.
             decided = self._clean_decisions(policy, ids, mask, arm, layers)
@@ -320,6 +330,8 @@ class Trainer:
         reads: list[Tensor] = []  # per-sample losses of every exit read with gradient, the chosen depth's first
         groups: list[dict[str, Any]] = []
         heads_rows = torch.full((n, layers), model.config.num_attention_heads, dtype=torch.long)
+        if seq is not None:  # a path's layers are filled in as it runs them
+            heads_rows[:, policy.b :] = 0
 
         def gradient_pass() -> Tensor:
             if not n:  # an empty part: one parameter in the graph, so DDP all-reduces (zeros) with the others
@@ -328,6 +340,11 @@ class Trainer:
                 return model.classifier.weight.sum() * 0.0
             exit_reads: list[Tensor] = []
             chosen: list[Tensor] = []
+            if seq is not None:
+                groups[:] = seq["groups"]
+                walk(start(model, ids, mask), path_points(model.config, layers), self._sequential_reads(
+                    policy, seq, labels, heads_rows, reads), run=self._runner(trainable))
+                return reads[0].sum()
 
             def at_point(at: At) -> Next | None:
                 if at.next is None:  # L: the chosen depth's exit
@@ -359,6 +376,8 @@ class Trainer:
             "index": index, "arm": arm, "context": context, "layers": layers, "out": out.detach().cpu(),
             "reads": len(reads), "loss": reads[0].detach().double().cpu(),
             "depth_losses": None if depth_losses is None else depth_losses.cpu(), "groups": groups,
+            "sequential": None if seq is None else {key: seq[key] for key in ("contexts", "errs", "depth", "exits",
+                                                                              "stop_loss", "pass_heads")},
             "heads_rows": heads_rows, "trainable": sorted(trainable), "decision_layers": decision_layers,
             "embeddings_train": any(q.requires_grad for q in model.bert.embeddings.parameters())}
         records = world.all_gather(record)
@@ -386,10 +405,15 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         for rec in done:  # rank order: "the previous batch" of a reward is the previous one of this order
-            policy.learn(Decision(rec["arm"], rec["context"], rec["layers"]), rec["groups"], rec["loss"],
-                         rec["depth_losses"])
+            if rec["sequential"] is not None:
+                sq = rec["sequential"]
+                policy.learn_sequential(sq["contexts"], sq["errs"], rec["groups"], sq["stop_loss"], sq["depth"])
+            else:
+                policy.learn(Decision(rec["arm"], rec["context"], rec["layers"]), rec["groups"], rec["loss"],
+                             rec["depth_losses"])
             self._account(policy, rec["layers"], rec["heads_rows"], set(rec["trainable"]), rec["groups"], rec["arm"],
-                          rec["decision_layers"], rec["embeddings_train"], exits=rec["reads"] - 1)
+                          rec["decision_layers"], rec["embeddings_train"], exits=rec["reads"] - 1,
+                          sequential=rec["sequential"])
         if self.trace is not None and n:
             self.trace.setdefault(str(p.epoch), []).extend(index.tolist())
         p.step += 1
@@ -397,7 +421,8 @@ class Trainer:
         FiniteGuard(f"train {self.mode_name}", f"lower train.learning_rate (now {cfg.train.learning_rate:g})"
                     ).parameters(model.named_parameters(), p.step, p.epoch + 1)
         loss_value = sum(values) / world.size  # the mean over the step's samples on every rank
-        layers_value = float(sum(len(rec["index"]) * rec["layers"] for rec in done) / total)
+        layers_value = float(sum(float(rec["sequential"]["depth"].sum()) if rec["sequential"] is not None
+                                 else len(rec["index"]) * rec["layers"] for rec in done) / total)
         p.pending_log.append((p.step, loss_value, layers_value))
         p.history.append((p.step, p.epoch, loss_value, layers_value))
         if self.on_step is not None:
@@ -452,6 +477,121 @@ class Trainer:
             self._take_part(policy, len(decided))
         return decided
 
+    # ---- the sequential mode (docs/training.md T31) -------------------------------------------------------------
+
+    def _sequential_pass(self, policy: Policy, ids: Tensor | None, mask: Tensor | None,
+                         labels: Tensor | None) -> dict[str, Any] | None:
+        """The sequential mode's one eval-mode, no-grad pass of the step (T31), before the update: every sample walks
+        to the deepest depth (none leaves: full information), UCB_H and the TSB choosing each group's heads for all of
+        them; at each depth it may stop at, the exit is read (the sample's error there, ``depth_loss``: T27) and the
+        boundary's bandit decides stop or continue from the pooled state and the exit's statistics; a sample's stop
+        is its first boundary that says stop (the deepest if none). Every decision is joint over the ranks (a rank
+        without a batch takes part with none). Returns this rank's plan (None without a batch): the head decisions
+        per group, the normalised stop contexts per boundary, the errors [B, K], each sample's stop depth, the
+        deepest exit's logits (the self-distillation teacher), the heads each layer ran and the exits read."""
+        model = self.model
+        model.eval()
+        options = policy.layer_options
+        points = path_points(model.config, max(options))
+        if ids is None:  # no batch: take part in every boundary's and group's decision
+            for point in points:
+                if point != points[-1]:
+                    self._joint_stops(policy, options.index(point), None)
+                    self._choose_heads(policy, options.index(point), None, None, None)
+            return None
+        n = ids.shape[0]
+        groups: list[dict[str, Any]] = []
+        contexts: list[Tensor] = []
+        errs: list[Tensor] = []
+        stops: list[Tensor] = []
+        teacher: list[Tensor] = []
+        pass_heads = torch.full((n, max(options)), model.config.num_attention_heads, dtype=torch.long)
+        none = torch.zeros(n, dtype=torch.long)
+
+        def at_point(at: At) -> Next | None:
+            logits = at.logits().float()
+            errs.append(self._depth_loss(policy, logits, labels))
+            if at.next is None:
+                teacher.append(logits)
+                return None
+            k = options.index(at.depth)
+            stop, x = self._joint_stops(policy, k, policy.stop_context(at.state, at.mask, logits))
+            stops.append(stop)
+            contexts.append(x)
+            info = self._choose_heads(policy, at.group, at.state, at.mask, none)
+            groups.append(info)
+            plan = info["plan"][:, : at.next - at.depth]
+            pass_heads[:, at.depth : at.next] = plan.sum(dim=2)
+            return Next(heads=plan)
+
+        with torch.no_grad():
+            walk(start(model, ids, mask), points, at_point)
+        err = torch.stack(errs, dim=1).cpu()
+        stop = torch.stack(stops, dim=1) if stops else torch.zeros(n, 0, dtype=torch.bool)
+        stop = torch.cat([stop, torch.ones(n, 1, dtype=torch.bool)], dim=1)  # everyone stops at the deepest
+        first = stop.long().argmax(dim=1)  # the first boundary that says stop
+        depth = torch.tensor(options)[first]
+        return {"groups": groups, "contexts": contexts, "errs": err, "depth": depth, "teacher": teacher[0].detach(),
+                "exits": first + 1, "pass_heads": pass_heads, "stop_loss": err.gather(1, first[:, None]).squeeze(1)}
+
+    def _joint_stops(self, policy: Policy, k: int, x: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """Boundary k's stop decisions (T31) on every rank's contexts gathered in rank order (the same normaliser
+        update and draws on every rank); this rank's rows (None when it has none)."""
+        parts = self.world.all_gather(x)
+        rows = [part for part in parts if part is not None]
+        if not rows:
+            return None
+        stop, xn = policy.decide_stops(k, torch.cat(rows), greedy=False, learn=True)
+        if x is None:
+            return None
+        first = sum(len(part) for part in parts[: self.world.rank] if part is not None)
+        return stop[first : first + len(x)], xn[first : first + len(x)]
+
+    def _sequential_reads(self, policy: Policy, seq: dict[str, Any], labels: Tensor, heads_rows: Tensor,
+                          reads: list[Tensor]) -> Callable[[At], Next | None]:
+        """The gradient pass's decision callback of the sequential mode (T31): the samples stop where the no-grad
+        pass decided and run its heads; every exit on a sample's path is read with gradient, its cross-entropy
+        weighed by ``exit_weights`` (``depth``: in proportion to the depth) and, below the deepest depth, mixed
+        with ``distil_weight`` x the KL divergence from the no-grad pass's deepest exit (self-distillation, as
+        FastBERT's students). Each sample's loss, the weighted mean of its reads, lands in ``reads[0]`` [B]."""
+        mode, deepest = policy.mode, max(policy.layer_options)
+        device = labels.device
+        n = labels.shape[0]
+        total = torch.zeros(n, device=device)
+        weight = torch.zeros(n, device=device)
+        teacher = seq["teacher"].float().log_softmax(-1)
+
+        def at_point(at: At) -> Next | None:
+            nonlocal total, weight
+            rows = at.rows.to(device)
+            logits = at.logits().float()
+            loss = F.cross_entropy(logits, labels[rows], reduction="none")
+            if mode.distil_weight and at.depth < deepest:
+                kl = F.kl_div(logits.log_softmax(-1), teacher[rows], log_target=True, reduction="none").sum(-1)
+                loss = (1 - mode.distil_weight) * loss + mode.distil_weight * kl
+            w = float(at.depth) if mode.exit_weights == "depth" else 1.0
+            total = total.index_add(0, rows, w * loss)
+            weight = weight.index_add(0, rows, torch.full_like(loss, w))
+            if at.next is None:
+                reads[:] = [total / weight]
+                return None
+            stop = seq["depth"][at.rows] == at.depth
+            go = at.rows[~stop]
+            plan = seq["groups"][at.group]["plan"][go, : at.next - at.depth]
+            heads_rows[go, at.depth : at.next] = plan.sum(dim=2)
+            if bool(stop.all()):
+                reads[:] = [total / weight]
+            return Next(stop=stop, heads=plan)
+
+        return at_point
+
+    def _depth_loss(self, policy: Policy, logits: Tensor, labels: Tensor) -> Tensor:
+        """A sample's loss read at one exit for the depth rewards: 1 - p(true class) or the cross-entropy
+        (``depth_loss`` of the mode or dht.bandits, T27)."""
+        if policy.bandit_cfg.depth_loss == "error_probability":
+            return 1.0 - logits.float().softmax(-1).gather(1, labels[:, None]).squeeze(1)
+        return F.cross_entropy(logits, labels, reduction="none")
+
     def _all_depths(self, policy: Policy) -> bool:
         return policy.search == "tree" and policy.mode.depth_feedback == "all_depths"
 
@@ -467,10 +607,7 @@ class Trainer:
         losses = {}
         with torch.no_grad():
             for depth, logits in zip(depths, exit_logits(self.model, ids, mask, depths), strict=True):
-                if policy.bandit_cfg.depth_loss == "error_probability":  # T27
-                    losses[depth] = 1.0 - logits.float().softmax(-1).gather(1, labels[:, None]).squeeze(1)
-                else:
-                    losses[depth] = F.cross_entropy(logits, labels, reduction="none")
+                losses[depth] = self._depth_loss(policy, logits, labels)
         return torch.stack([losses[depth] for depth in policy.layer_options], dim=1)  # UCB_L's arm order
 
     def _trainable_layers(self, layers: int, frozen: bool) -> set[int]:
@@ -511,19 +648,32 @@ class Trainer:
 
     def _account(self, policy: Policy, layers: int, heads_rows: Tensor, trainable: set[int],
                  groups: list[dict[str, Any]], arm: Tensor, decision_layers: int, embeddings_train: bool,
-                 exits: int = 0) -> None:
+                 exits: int = 0, sequential: dict[str, Any] | None = None) -> None:
         """Training FLOPs of the batch, sample by sample (Table 1), and the selection counts (Figure 2).
 
         Each sample's step is counted by :func:`dht.flops.train_flops` (docs/training.md, T12), from what this
         step ran: its heads per layer, the layers whose weights trained, whether the embeddings did (so a
         gradient enters layer 0), the S1 pass when counted, the eval-mode decision pass of ``decision_layers``
-        layers, and ``exits`` shallower exits read with gradient (``exit_loss: path``)."""
+        layers, and ``exits`` shallower exits read with gradient (``exit_loss: path``). The sequential mode's step
+        (``sequential``, T31): each sample's path to its stop, its no-grad pass to the deepest depth with the heads
+        it chose and an exit read at each depth (:func:`dht.flops.exit_pass_flops`), and the exits its path read
+        below its stop (:func:`dht.flops.exit_loss_flops`)."""
         cfg, conf = self.cfg, self.model.config
         n = heads_rows.shape[0]
         frozen_layers = set(range(layers)) - trainable
         include_s1 = policy.uses_s1 and cfg.dht.count_s1_flops
         p = self.progress
-        for row, count in Counter(tuple(r) for r in heads_rows.tolist()).items():
+        rows = [tuple(r) for r in heads_rows.tolist()]
+        depths = [layers] * n
+        if sequential is not None:
+            depths = sequential["depth"].tolist()
+            rows = [r[:d] for r, d in zip(rows, depths, strict=True)]
+            options = len(policy.layer_options)
+            for row, count in Counter(tuple(r) for r in sequential["pass_heads"].tolist()).items():
+                p.train_flops += count * float(exit_pass_flops(self.seq_len, row, options, conf))
+            exits = 0
+            p.train_flops += float(exit_loss_flops(int(sequential["exits"].sum()) - n, conf))
+        for row, count in Counter(rows).items():
             p.train_flops += count * float(train_flops(
                 self.seq_len, row, conf, "full", fixed_layers=cfg.dht.fixed_layers, include_s1=include_s1,
                 frozen_layers=frozen_layers, embeddings_train=embeddings_train, decision_layers=decision_layers))
@@ -533,15 +683,17 @@ class Trainer:
         p.reference_flops += n * self.reference_step
         p.samples_seen += n
         sel = p.selections.setdefault(str(p.epoch), {})
-        sel[f"layers/{layers}"] = sel.get(f"layers/{layers}", 0) + n
-        if policy.search != "tree":
+        for d, c in Counter(depths).items():
+            sel[f"layers/{d}"] = sel.get(f"layers/{d}", 0) + c
+        if policy.search not in ("tree", "sequential"):
             for a in arm.tolist():
                 sel[f"arm/{policy.arms[a]}"] = sel.get(f"arm/{policy.arms[a]}", 0) + 1
         for g, info in enumerate(groups):
-            for k, c in Counter(info["counts"][:, 0].tolist()).items():
+            ran = torch.tensor(depths) > policy.groups[g].start  # the rows whose path ran the group
+            for k, c in Counter(info["counts"][ran, 0].tolist()).items():
                 sel[f"heads/{k}"] = sel.get(f"heads/{k}", 0) + c
             if "chosen" in info:
-                counts = info["chosen"].sum(dim=0).tolist()
+                counts = info["chosen"][ran].sum(dim=0).tolist()
                 for h, c in enumerate(counts):
                     if c:
                         sel[f"head_g{g}/{h}"] = sel.get(f"head_g{g}/{h}", 0) + int(c)
@@ -585,8 +737,9 @@ class Trainer:
         # one pass, on rank 0, sent to every rank: every rank's bandits must read the same vectors
         features, counts = self.world.broadcast(
             compute_arm_features(self.model, batches, space, features_cfg, seed=seed) if self.world.is_main else None)
-        if policy.search == "tree":
-            policy.ucb.replace_arm_features(arm_matrix(features, "ucb_l", policy.layer_options))
+        if policy.search in ("tree", "sequential"):
+            if policy.ucb is not None:  # the sequential mode's stop bandits have no arm features
+                policy.ucb.replace_arm_features(arm_matrix(features, "ucb_l", policy.layer_options))
             policy.ucb_h.replace_arm_features(arm_matrix(features, "ucb_h", policy.head_options))
         else:
             policy.ucb.replace_arm_features(arm_matrix(features, "ucb_cp", policy.arms))
@@ -780,9 +933,9 @@ def initial_model(cfg: Config, mode_name: str, dataset: str, init_dir: Path, ref
     of the same dataset and seed (`reference_dir` and its `reference_metrics`; default: the pipeline's
     ``models/<run>`` and ``results/<run>/metrics.json`` below the working directory, :func:`dht.results.run_subdir`),
     checked against its checksums and required to have the initial model's architecture. Then
-    ``model.exit_heads`` (T29): with ``per_depth`` every exit below the full depth starts as a copy of the
-    full-depth head, so a model trained at full depth alone (the reference; a directory saved with one head) gives
-    each exit its trained classifier. Raises :class:`TrainingError` with the command that fixes it."""
+    the mode's own ``exit_heads`` or ``model.exit_heads`` (T29): with ``per_depth`` every exit below the full depth
+    starts as a copy of the full-depth head, so a model trained at full depth alone (the reference; a directory
+    saved with one head) gives each exit its trained classifier. Raises :class:`TrainingError` with the command that fixes it."""
     from dht.integrity import IntegrityError, load_checked_model
     from dht.model import DHTConfig
     from dht.results import run_subdir
@@ -807,8 +960,9 @@ def initial_model(cfg: Config, mode_name: str, dataset: str, init_dir: Path, ref
             raise TrainingError(
                 f"{reference.model_dir}: the reference's architecture is not the initial model's ({'; '.join(differ)}), "
                 f"so dht.modes.{mode_name} cannot start from it; {fix}")
-    if reference is not None or model.config.exit_heads != cfg.model.exit_heads:
-        model.set_exit_heads(cfg.model.exit_heads)
+    heads = mode.exit_heads or cfg.model.exit_heads  # the mode's own, over the model section's (T29)
+    if reference is not None or model.config.exit_heads != heads:
+        model.set_exit_heads(heads)
     return model, reference
 
 

@@ -63,6 +63,9 @@ def project(tmp_path_factory) -> Path:
     tiny["train"] = {**tiny["train"], "batch_size": 8, "eval_batch_size": 16}
     for name in tiny["datasets"]:
         tiny["datasets"][name]["max_length"] = SEQ
+    # the sequential mode (docs/training.md T31) at the tiny profile's b = c = 3: its rows in every section
+    raw["dht"]["modes"]["q-dht"] = {**raw["dht"]["modes"]["q-dht"], "layers": [3, 6, 9, 12]}
+    tiny["run"] = {**tiny["run"], "models": [*raw["profiles"]["embedded"]["run"]["models"], "q-dht"]}
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = load_config(root / "params.yaml", profile="tiny")
 
@@ -157,13 +160,13 @@ def test_quick_report_has_every_section_and_machine(quick_report):
 @pytest.mark.slow
 def test_inference_rows_have_positive_finite_ratios(quick_report):
     inference = section(quick_report, 1)
-    for name in ("vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht", "distil-3", "fastbert-0.5"):
+    for name in ("vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht", "q-dht", "distil-3", "fastbert-0.5"):
         rows = table_rows(inference, name)
         assert rows, f"no row for {name}"
         row = rows[0]
         wall, flops = float(row[2].split("x")[0]), float(row[3].rstrip("x"))
         assert math.isfinite(wall) and wall > 0 and math.isfinite(flops) and flops > 0, row
-        if name in ("t-dht", "s-dht", "f-dht", "p-dht"):
+        if name in ("t-dht", "s-dht", "f-dht", "p-dht", "q-dht"):
             assert row[6] in ("yes", "**no**")  # every DHT row is marked against the goal
             assert len(table_rows(inference, name)) == 2  # and has its where-the-time-goes row
     assert table_rows(inference, "vanilla-12")[0][2].startswith("1.00x")
@@ -173,7 +176,7 @@ def test_inference_rows_have_positive_finite_ratios(quick_report):
 @pytest.mark.slow
 def test_training_and_scaling_ratios_are_positive_finite(quick_report):
     training = section(quick_report, 2)
-    for mode in ("vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht"):
+    for mode in ("vanilla-12", "t-dht", "s-dht", "f-dht", "p-dht", "q-dht"):
         rows = table_rows(training, mode)
         assert len(rows) == 2, mode  # the ratio table and the share table
         assert re.fullmatch(r"\d+\.\d%", rows[1][4]), rows[1]  # the goal's share, a percentage

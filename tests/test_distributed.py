@@ -402,6 +402,9 @@ def test_a_killed_rank_fails_the_job_naming_it_and_the_rerun_resumes(tiny_projec
     assert outputs(tiny_project, TINY_RUN) == outputs(snakemake_two_ranks[0], TINY_RUN)
 
 
+SEQUENTIAL = {"search": "sequential", "layers": [3, 6, 9, 12], "heads": [8, 10, 12], "depth_feedback": "all_depths",
+              "exit_loss": "path", "all_depths_reward": "difference", "depth_loss": "error_probability",
+              "depth_price": 0.01, "exit_weights": "depth", "distil_weight": 0.5}
 # In-library runs (tests/distributed_worker.py under torchrun): the branches the stage run above does not take.
 LEVERS = {"dht.modes.t-dht.depth_feedback": "all_depths", "dht.modes.t-dht.exit_loss": "path",
           "dht.modes.t-dht.depth_memory": "epoch"}
@@ -418,6 +421,13 @@ CASES = [
     # the levers the one loop brought to several processes (docs/training.md T24, T26, T28): UCB_L fed every depth
     # from a counterfactual pass, every exit of the path trained, UCB_L restarted each epoch
     {"name": "t-dht-levers", "mode": "t-dht", "params": LEVERS},
+    # search: sequential (docs/training.md T31): every boundary's stop decision and every group's heads taken
+    # jointly on both ranks' rows, each rank's samples leaving its batch where they stop, the full-information
+    # updates replayed on every rank
+    {"name": "q-dht", "mode": "q-dht", "params": {"dht.modes.q-dht": SEQUENTIAL}},
+    # ... and with batches of 11, so that at the end of each epoch one rank (23 samples) has a third batch (of 1)
+    # and the other (22) takes part in its decisions and its step without one
+    {"name": "q-dht-empty-rank", "mode": "q-dht", "params": {"dht.modes.q-dht": SEQUENTIAL, "train.batch_size": 11}},
     # one fixed arm without dropout, per-rank and global queues: compared with one process below
     {"name": "vanilla-no-dropout", "mode": "vanilla-12", "params": {}, "dropout": 0.0},
     {"name": "vanilla-global-no-dropout", "mode": "vanilla-12", "params": {"train.distributed.queues": "global"},

@@ -92,7 +92,8 @@ def counted(monkeypatch):
 
         return wrapped
 
-    for name in ("arm_context", "decide_arms", "head_contexts", "decide_heads", "learn"):
+    for name in ("arm_context", "decide_arms", "head_contexts", "decide_heads", "learn", "stop_context",
+                 "decide_stops", "learn_sequential"):
         monkeypatch.setattr(Policy, name, outside_counter(getattr(Policy, name)))
     for name in ("_enqueue", "train_batch"):
         monkeypatch.setattr(Trainer, name, counting(getattr(Trainer, name)))
@@ -151,6 +152,21 @@ def test_mean_pooling_matches_flop_counter(mode, freeze, counted):
         trainer.progress.epoch = 1  # the frozen epoch only
     progress = trainer.fit(progress_bar=False)
     assert counted["steps"] >= 3 and progress.train_flops == counted["flops"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer_norm, pooling", [("post", "cls"), ("pre", "mean")])
+def test_sequential_epoch_matches_flop_counter(layer_norm, pooling, counted):
+    """search: sequential (docs/training.md T31): each step's no-grad pass to the deepest depth with the chosen
+    heads and an exit read at every depth, then the paths of mixed depths with every exit on them read with
+    gradient (a sample that stops early leaves the batch)."""
+    from test_sequential import SEQUENTIAL
+
+    cfg = make_cfg(modes={"q-dht": SEQUENTIAL}, epochs=2)
+    progress = make_trainer(layer_norm, "q-dht", cfg, pooling).fit(progress_bar=False)
+    assert counted["steps"] >= 6 and progress.samples_seen == 2 * N_TRAIN
+    assert len({k for e in progress.selections.values() for k in e if k.startswith("layers/")}) >= 2
+    assert progress.train_flops == counted["flops"]
 
 
 def test_frozen_layers_cost_what_autograd_computes():

@@ -37,6 +37,8 @@ DECISION_TIMERS: list[tuple[Any, str, str]] = [
     (Policy, "choose_arms", "decide"),
     (Policy, "choose_heads", "decide"),
     (Policy, "layers_of", "decide"),
+    (Policy, "stop_context", "decide"),  # search: sequential: each boundary's context and stop decision (T31)
+    (Policy, "decide_stops", "decide"),
 ]
 
 

@@ -45,6 +45,9 @@ TRAIN_TIMERS: list[tuple[Any, str, str]] = [
     (Policy, "decide_heads", "policy glue"),
     (Policy, "layers_of", "policy glue"),
     (Policy, "learn", "rewards"),
+    (Policy, "stop_context", "policy glue"),  # search: sequential (docs/training.md T31)
+    (Policy, "decide_stops", "policy glue"),
+    (Policy, "learn_sequential", "rewards"),
     (LayerQueue, "push", "queueing"),
     (LayerQueue, "drain", "queueing"),
     (Trainer, "_enqueue", "queueing"),
