@@ -363,6 +363,13 @@ class ModeSpec(_Strict):
     # This mode's own model.exit_heads (T29; null: model.exit_heads), so that one mode can train an exit head per
     # depth while the reference it starts from, and every other mode, keep theirs.
     exit_heads: Literal["shared", "per_depth"] | None
+    # search: sequential only (T31, "A curve, not a point"). The prices per layer the trained mode is evaluated at
+    # on the validation and the test split (its accuracy-FLOPs curve, metrics.json's `curve`; the bandits learned at
+    # depth_price, their estimate moves with the price, dht.policy.Policy.stop_price), and its predictions are at
+    # the one dht.curves.choose picks on the validation split: the fewest FLOPs within `chosen_within` accuracy of
+    # the reference's. None: no curve, the predictions at depth_price.
+    prices: list[Annotated[float, Field(ge=0)]] | None
+    chosen_within: Annotated[float, Field(ge=0, le=1)]
 
 
 class PoolingConfig(_Strict):
@@ -659,6 +666,12 @@ class FastBERTConfig(_Strict):
     epochs: Annotated[int, Field(ge=1)]
     learning_rate: Annotated[float, Field(gt=0)]
     classifier_size: Annotated[int, Field(ge=2)] | None  # None: hidden x 128/768 (FastBERT's proportion)
+    # Its accuracy-FLOPs curve (dht.curves, issue 28): the speeds the distilled model is also evaluated at on the
+    # validation and the test split (metrics.json's `curve`; the students do not depend on the speed), and the one
+    # chosen on the validation split with the sequential mode's rule (`chosen_within` of the reference's accuracy,
+    # the fewest FLOPs), reported beside the fixed speed of the baseline's name. None: no curve.
+    speeds: list[Annotated[float, Field(ge=0, le=1)]] | None
+    chosen_within: Annotated[float, Field(ge=0, le=1)]
 
 
 class NASPruneConfig(_Strict):

@@ -137,9 +137,10 @@ def check_semantics(cfg: Config) -> list[str]:
         bad_heads: set[int] = {h for h in mode.heads or [] if not 1 <= h <= m.num_attention_heads}
         if mode.search == "sequential":
             problems += _sequential_problems(cfg, key, mode, allowed_l)
-        elif (mode.exit_weights, mode.distil_weight, mode.continue_reward) != ("uniform", 0.0, "next"):
+        elif ((mode.exit_weights, mode.distil_weight, mode.continue_reward, mode.prices)
+              != ("uniform", 0.0, "next", None)):
             problems.append(
-                f"{key}: exit_weights, distil_weight and continue_reward are read by search: sequential only "
+                f"{key}: exit_weights, distil_weight, continue_reward and prices are read by search: sequential only "
                 f"(docs/training.md T31); this mode's search is {mode.search}: remove them")
         if mode.depth_feedback == "all_depths" and mode.search not in ("tree", "sequential"):
             problems.append(
@@ -538,4 +539,11 @@ def _sequential_problems(cfg: Config, key: str, mode: ModeSpec, allowed_l: list[
                             f"price per layer (T31: T24's pass, T25's reward, T26's exits); set {name}: {need}")
     if mode.warmup_mode:
         problems.append(f"{key}.warmup_mode: search = sequential has no warm-up; remove it")
+    if mode.prices is not None and mode.continue_reward != "next":
+        problems.append(f"{key}.prices: a curve moves the price at inference, which shifts the bandits' estimate by a "
+                        f"known amount only for continue_reward: next (best's price is inside a minimum); set "
+                        f"continue_reward: next or prices: null")
+    if mode.prices is not None and not mode.prices:
+        problems.append(f"{key}.prices = []: list the prices per layer of the curve (e.g. [0.0, 0.01, 0.02, 0.04]) "
+                        f"or set prices: null")
     return problems

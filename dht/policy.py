@@ -131,6 +131,9 @@ class Policy:
         self.norm_s = [RunningNormalizer(self.stop_context_size) for _ in range(boundaries)]
         self.ucb_s = [LinUCB(torch.eye(2), self.stop_context_size, alpha=bc.ucb_alpha, lam=bc.ucb_lambda,
                              seed=seed + 3 + k) for k in range(boundaries)]
+        # The price per layer the stop decisions are taken at (T31's dial): the training's, until the train stage
+        # sets the one chosen on the validation split from the mode's `prices` (dht.curves); kept with the bandits.
+        self.stop_price = float(bc.depth_price)
         if self.search != "fixed":
             tsb_z = arm_matrix(arm_features, "tsb", range(self.n_heads)) if bc.tsb_arm_features else None
             self.tsb = LogisticThompsonHeads(self.n_heads, self.pool_t.size, alpha=bc.ts_alpha, lam=bc.ts_lambda,
@@ -301,7 +304,16 @@ class Policy:
         """(stop [B] bool, normalised context [B, F]) at boundary k (the k-th depth of ``layer_options``) from
         :meth:`stop_context`'s contexts (a distributed run gathers every rank's first)."""
         x = self.norm_s[k](x, update=learn)
-        return self.ucb_s[k].select(x, greedy=greedy) == 0, x
+        shift = self.stop_price - self.bandit_cfg.depth_price
+        if shift == 0.0:  # at the training's price (always while training): the bandit's own choice
+            return self.ucb_s[k].select(x, greedy=greedy) == 0, x
+        # Another price per layer: continuing's estimated reward err_k - err_{k+1} - price x (d_{k+1} - d_k), scaled
+        # by reward_alpha, is linear in the price with a known slope, so the bandit's estimate at the training's
+        # price moves by that slope x the difference (exact for continue_reward: next, the one the check allows)
+        scores = self.ucb_s[k].scores(x, greedy=greedy)
+        added = self.layer_options[k + 1] - self.layer_options[k]
+        scores[:, 1] -= self.bandit_cfg.reward_alpha * shift * added
+        return scores[:, 1] <= scores[:, 0], x
 
     def learn_sequential(self, contexts: list[Tensor], errs: Tensor, groups: list[dict[str, Any]], loss: Tensor,
                          depth: Tensor) -> None:
@@ -349,6 +361,7 @@ class Policy:
         if self.ucb_s:
             state["norm_s"] = [norm.state_dict() for norm in self.norm_s]
             state["ucb_s"] = [bandit.state_dict() for bandit in self.ucb_s]
+            state["stop_price"] = self.stop_price
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -375,6 +388,8 @@ class Policy:
                                                           state.get("ucb_s", []), strict=True):
             norm.load_state_dict(norm_state)
             bandit.load_state_dict(bandit_state)
+        if self.ucb_s:
+            self.stop_price = float(state.get("stop_price", self.bandit_cfg.depth_price))
 
     def describe(self) -> dict[str, Any]:
         """What `dht predict` needs to rebuild this policy."""

@@ -15,10 +15,12 @@ from torch import Tensor
 
 from dht.config import ConfigError
 from dht.config_loading import load_config, read_params
+from dht.curves import choose
 from dht.policy import Policy, exit_statistics, predict
 from dht.rewards import continue_rewards
 
 DATASET = "embedded-news"
+PRICES = [0.0, 0.05, 0.01, 10.0]  # unsorted on purpose: the curve is traced in ascending order
 SEQUENTIAL = {"search": "sequential", "layers": [3, 6, 9, 12], "heads": [8, 10, 12], "depth_feedback": "all_depths",
               "exit_loss": "path", "all_depths_reward": "difference", "depth_loss": "error_probability",
               "depth_price": 0.01, "exit_weights": "depth", "distil_weight": 0.5}
@@ -196,7 +198,8 @@ def test_snakemake_trains_a_sequential_mode_from_the_reference_and_dht_predict_r
 
     def edit(raw):
         tiny = two_epoch_tiny(raw)["profiles"]["tiny"]
-        raw["dht"]["modes"]["q-dht"] = {**SEQUENTIAL, "init": "reference", "exit_heads": "per_depth"}
+        raw["dht"]["modes"]["q-dht"] = {**SEQUENTIAL, "init": "reference", "exit_heads": "per_depth",
+                                        "prices": PRICES}
         tiny["run"] = {**tiny.get("run", {}), "models": ["vanilla-12", "vanilla-3", "t-dht", "q-dht"]}
     set_params(project, edit)
     target = f"results/{DATASET}/q-dht/metrics.json"
@@ -205,6 +208,17 @@ def test_snakemake_trains_a_sequential_mode_from_the_reference_and_dht_predict_r
     assert f"train {DATASET}/q-dht: starting from the trained reference" in text
     metrics = json.loads((project / target).read_text())
     assert 3 <= metrics["mean_layers"] <= 12 and 0 < metrics["infer_flop_ratio"] <= 1.2
+    # the curve: every price on both splits, FLOPs falling as the price rises; the predictions at the price the
+    # rule picks on the validation split alone (recomputed here from the curve's validation columns)
+    curve = metrics["curve"]
+    assert [p["dial"] for p in curve] == sorted(PRICES)
+    flops = [p["val_infer_flop_ratio"] for p in curve]
+    assert flops == sorted(flops, reverse=True) and flops[0] > flops[-1], flops
+    reference = json.loads((project / f"results/{DATASET}/vanilla-12/metrics.json").read_text())
+    assert metrics["chosen"]["dial"] == choose(curve, reference["val_accuracy"], 0.01)["dial"] == metrics["stop_price"]
+    at = next(p for p in curve if p["dial"] == metrics["stop_price"])
+    assert (metrics["accuracy"], metrics["infer_flop_ratio"]) == (at["accuracy"], at["infer_flop_ratio"])
+    assert f"train {DATASET}/q-dht: price {metrics['stop_price']:g} chosen on the validation split" in text
     model_dir = project / f"models/{DATASET}/q-dht"
     assert json.loads((model_dir / "config.json").read_text())["exit_heads"] == "per_depth"
     assert json.loads((model_dir / "dht_policy.json").read_text())["search"] == "sequential"

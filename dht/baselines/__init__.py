@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import torch
 
     from dht.config import Config
+    from dht.curves import Dial
     from dht.evaluation import Predictions, SplitData
     from dht.model import DHTForSequenceClassification
 
@@ -94,6 +95,8 @@ class BaselineRun:
     history: list[float]
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    # an inference dial (FastBERT's speed): the stage traces its accuracy-FLOPs curve (dht.curves)
+    dial: Dial | None = None
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from dht.baselines import BaselineJob, BaselineRun, Loaded, LoadJob, loop
+from dht.curves import Dial
 from dht.evaluation import Predictions, SplitData
 from dht.flops import Convention, FlopShape, forward_flops, full_model_flops
 from dht.guard import FiniteGuard
@@ -509,9 +510,13 @@ def run(speed: float, job: BaselineJob) -> BaselineRun:
     info = distill(model, job.train, c.epochs, c.learning_rate, job.cfg.train.batch_size, job.device, job.cfg.training_seed,
                    seq_len=job.seq_len)
     model.save(job.out_model)
-    return BaselineRun(
-        lambda data: predict_fastbert(model, data, speed, job.device, job.cfg.train.eval_batch_size, job.seq_len),
-        info["train_flops"], c.epochs, info["epoch_kl"], {"train_loss": info["step_kl"]})
+    def predict_at(at_speed: float, data: SplitData) -> Predictions:
+        return predict_fastbert(model, data, at_speed, job.device, job.cfg.train.eval_batch_size, job.seq_len)
+
+    # the students do not depend on the speed: one distilled model gives the whole curve (dht.curves)
+    dial = Dial("speed", list(c.speeds), c.chosen_within, predict_at) if c.speeds is not None else None
+    return BaselineRun(lambda data: predict_at(speed, data), info["train_flops"], c.epochs, info["epoch_kl"],
+                       {"train_loss": info["step_kl"]}, dial=dial)
 
 
 def load(job: LoadJob) -> Loaded:

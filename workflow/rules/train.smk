@@ -24,11 +24,14 @@ def mode_keys(wildcards):
 
 def reference_input(wildcards):
     """A mode with init: reference (docs/training.md T30) starts from the trained reference of its dataset and seed
-    (dht.trainer.initial_model reads both): Snakemake trains the reference first, and reruns the mode when it does."""
-    if CFG.dht.modes[wildcards.model].init != "reference":
+    (dht.trainer.initial_model reads both): Snakemake trains the reference first, and reruns the mode when it does.
+    A mode with `prices` (T31's curve) reads the reference's validation accuracy, so its metrics.json at least."""
+    mode = CFG.dht.modes[wildcards.model]
+    if mode.init != "reference" and mode.prices is None:
         return {}
     run = run_subdir(CFG, wildcards.dataset, CFG.run.reference, seed_of(wildcards))
-    return {"reference": f"models/{run}", "reference_metrics": f"results/{run}/metrics.json"}
+    metrics = {"reference_metrics": f"results/{run}/metrics.json"}
+    return {"reference": f"models/{run}", **metrics} if mode.init == "reference" else metrics
 
 
 rule train:

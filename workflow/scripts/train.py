@@ -17,6 +17,7 @@ import _stage
 from dht import distributed
 from dht.arm_features import load_arm_features
 from dht.config import run_param_keys
+from dht.curves import choose, trace
 from dht.evaluation import SplitData, accuracy_text
 from dht.policy import predict
 from dht.results import run_name, run_subdir, training_metrics, write_results
@@ -122,6 +123,24 @@ with stage_run(args.dataset, f"{setting}/{name}" if setting else name, stage="tr
         sys.exit(f"error: {err}")
     distributed.write_trace(world, trainer.trace, trainer.digests)
     trainer.close_distributed()
+    mode = cfg.dht.modes[args.model]
+    curve, chosen = None, None
+    if mode.prices is not None:  # T31's dial: the curve over its prices, the one chosen on the validation split
+        def predict_at(price, data):
+            trainer.policy.stop_price = price
+            return predict(trainer.model, trainer.policy, data, device, cfg.train.eval_batch_size,
+                           meta["max_length"], greedy=cfg.dht.inference == "greedy")
+
+        curve = trace(predict_at, mode.prices, val, test, trainer.model.config, meta["max_length"])
+        if args.split == "test":
+            ref_file = (Path(args.reference_metrics) if args.reference_metrics else _stage.root() / "results"
+                        / run_subdir(cfg, args.dataset, cfg.run.reference, cfg.training_seed) / "metrics.json")
+            ref_metrics = reference.metrics if reference else json.loads(ref_file.read_text())
+            chosen = choose(curve, ref_metrics["val_accuracy"], mode.chosen_within)
+            print(f"train {args.dataset}/{args.model}: price {chosen['dial']:g} chosen on the validation split "
+                  f"({chosen['rule']}: val accuracy {chosen['val_accuracy']:.4f} at {chosen['val_infer_flop_ratio']:.2f}x"
+                  f"{'' if chosen['met'] else '; no price met it, the most accurate taken'})")
+        trainer.policy.stop_price = chosen["dial"] if chosen else trainer.policy.bandit_cfg.depth_price
     scored = test if args.split == "test" else val  # what metrics.json and predictions.csv are of
     pred = predict(trainer.model, trainer.policy, scored, device, cfg.train.eval_batch_size, meta["max_length"],
                    greedy=cfg.dht.inference == "greedy")
@@ -136,6 +155,9 @@ with stage_run(args.dataset, f"{setting}/{name}" if setting else name, stage="tr
                                    reference.metrics if reference else None)
         metrics["n_val"] = metrics.pop("n_test")  # evaluate() names its split's size n_test
         metrics.update({"split": "val", "study": study, "setting": setting, "overlay": params.get("overlay", {})})
+    if curve is not None:
+        metrics.update({"stop_price": trainer.policy.stop_price, "curve": curve,
+                        **({"chosen": {k: chosen[k] for k in ("dial", "met", "rule")}} if chosen else {})})
     export_trained(Path(args.out_model), trainer, cfg,
                    {"dataset": args.dataset, "classes": meta["classes"], "max_length": meta["max_length"],
                     "results": args.results}, processed / "tokenizer", features / "arm_features.safetensors")
