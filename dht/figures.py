@@ -11,7 +11,9 @@ Tables 1-2, one set per dataset under ``reports/figures/``.
   several seeds) of every model and baseline, with the Pareto front, against inference FLOPs (Table 2 as a
   picture) and, in a second panel, against total training FLOPs (Table 1's budget: the model it starts from
   included). The reference, the control and the DHT modes each have their marker; every point's label is placed
-  where it hides no other label, marker or line.
+  where it hides no other label, marker or line. A model with an inference dial (the sequential mode's price,
+  FastBERT's speed; dht.curves) also has its accuracy-FLOPs curve drawn in the inference panel, its test points
+  over the dial's grid, with the values chosen on the validation split in the legend.
 - ``difficulty-<dataset>.png``: mean layers and accuracy per difficulty level, for data that have levels.
 - ``depth-<dataset>.png``: where the depth goes on any data: the DHT modes' mean layers by sample length, by
   whether the shallow control gets the sample right, and by the reference's confidence (from ``predictions.csv``;
@@ -49,6 +51,7 @@ from dht.report import (
     fixed_layers_of,
     load_depth_analysis,
     pareto_front,
+    read_curves,
     reference_label,
 )
 from dht.results import read_metrics, result_file, seeded
@@ -353,11 +356,14 @@ def pareto_figure(cfg: Config, root: Path, dataset: str) -> Figure:
         (train_ax, "train_flop_ratio_total", f"training FLOPs in total (its start included)\nrelative to the "
          f"training of the {ref}", "against total training FLOPs (Table 1)"),
     )
+    curves = read_curves(cfg, root, dataset)
     shown = []
     for ax, key, xlabel, title in panels:
         points = [(name, float(m.get(key, math.nan)), float(m["accuracy"])) for name, m in measured.items()]
         points = [p for p in points if math.isfinite(p[1])]
         lines = _pareto_panel(ax, cfg, points, intervals)
+        if key == "infer_flop_ratio":
+            lines += _curve_lines(ax, cfg, curves)
         shown.append((ax, points, lines))
         ax.set_xlabel(xlabel)
         ax.set_title(f"{dataset}: accuracy {title}", fontsize=10)
@@ -373,6 +379,21 @@ def pareto_figure(cfg: Config, root: Path, dataset: str) -> Figure:
         place_labels(ax, points, {name: _STYLES[model_family(cfg, name)]["s"] for name, _, _ in points}, renderer,
                      lines)
     return fig
+
+
+def _curve_lines(ax: Axes, cfg: Config, curves: dict[str, dict[str, Any]]) -> list[Segment]:
+    """The accuracy-FLOPs curves of the models with an inference dial (:func:`dht.report.read_curves`: the mean
+    test points over the seeds, joined by increasing FLOPs) in their family's colour; returns their segments."""
+    lines: list[Segment] = []
+    for name, curve in curves.items():
+        pts = sorted((p["infer_flop_ratio"], p["accuracy"]) for p in curve["points"])
+        xs, ys = [x for x, _ in pts], [y for _, y in pts]
+        color = _STYLES[model_family(cfg, name)]["color"]
+        chosen = ", ".join(sorted({f"{c['dial']:g}" for c in curve["chosen"].values()}))
+        ax.plot(xs, ys, color=color, linewidth=1.0, marker=".", markersize=4, alpha=0.7, zorder=1,
+                label=f"{curve['kind']}: curve over its {curve['dial']} (test; chosen on val: {chosen})")
+        lines += list(zip(pts, pts[1:], strict=False))
+    return lines
 
 
 def _pareto_panel(ax: Axes, cfg: Config, points: list[tuple[str, float, float]],

@@ -474,6 +474,117 @@ def pareto_front(points: Sequence[tuple[str, float, float]]) -> list[str]:
     return [name for name, _, _ in sorted(front, key=lambda p: p[1])]
 
 
+# --- accuracy-FLOPs curves of the models with an inference dial (dht.curves; issue 28) --------------------------
+
+#: The FLOP ratios at which two curves are compared (the issue's 0.3x-0.7x range).
+CURVE_COMPARISON_AT = (0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def read_curves(cfg: Config, root: str | Path, dataset: str) -> dict[str, dict[str, Any]]:
+    """The curves (dht.curves) in the dataset's metrics.json files, by model: ``dial`` (price or speed), ``points``
+    (the mean over the seeds per dial value, :func:`dht.curves.mean_curve`) and ``chosen`` (each seed's point chosen
+    on the validation split, by seed). One curve per baseline kind (fastbert-0.5 and fastbert-0.8 are one distilled
+    model, so one curve: the first listed's); every mode with one."""
+    from dht.config import parse_baseline
+    from dht.curves import mean_curve
+
+    out: dict[str, dict[str, Any]] = {}
+    kinds: set[str] = set()
+    for name in dict.fromkeys([*cfg.run.models, *cfg.run.baselines]):
+        runs = {s: json.loads(result_file(cfg, root, dataset, name, "metrics.json", s).read_text())
+                for s in cfg.training_seeds}
+        if not all("curve" in m and "chosen" in m for m in runs.values()):
+            continue
+        kind = None if name in cfg.run.models else parse_baseline(name)[0]
+        if kind in kinds:
+            continue
+        if kind:
+            kinds.add(kind)
+        chosen = {s: next(p for p in m["curve"] if p["dial"] == m["chosen"]["dial"]) for s, m in runs.items()}
+        out[name] = {"dial": "price" if kind is None else "speed", "kind": kind or name,
+                     "points": mean_curve([m["curve"] for m in runs.values()]), "chosen": chosen,
+                     "met": {s: m["chosen"]["met"] for s, m in runs.items()},
+                     "rule": next(iter(runs.values()))["chosen"]["rule"]}
+    return out
+
+
+def front_at(points: Sequence[dict[str, float]], at: float) -> float | None:
+    """A curve's best test accuracy with at most `at` inference FLOPs (its points' step front, as the Pareto
+    figure's); None when no point is that cheap."""
+    reachable = [p["accuracy"] for p in points if p["infer_flop_ratio"] <= at]
+    return max(reachable) if reachable else None
+
+
+def curve_table(name: str, curve: dict[str, Any]) -> str:
+    """One model's curve: per dial value the validation split's accuracy and FLOPs (what chooses) and the test
+    split's (mean ± std over the seeds), and which seeds chose it."""
+    rows = []
+    for p in curve["points"]:
+        seeds = [str(s) for s, c in curve["chosen"].items() if c["dial"] == p["dial"]]
+        rows.append([f"{p['dial']:g}", f"{p['val_accuracy']:.3f}", f"{p['val_infer_flop_ratio']:.2f}x",
+                     f"{p['accuracy']:.3f} ± {p['accuracy_std']:.3f}", f"{p['infer_flop_ratio']:.2f}x",
+                     ", ".join(seeds) or "-"])
+    return _md_table([curve["dial"], "val accuracy", "val FLOPs", "test accuracy", "test FLOPs",
+                      "chosen on val by seed"], rows)
+
+
+def curves_text(cfg: Config, root: Path, dataset: str, paired: dict[str, Any]) -> list[str]:
+    """Table 2's curves section of a dataset: each curve, its point chosen on the validation split, the
+    sequential mode's chosen point against the reference (paired), and the curves side by side at
+    :data:`CURVE_COMPARISON_AT`. Nothing when no model of the run has a curve."""
+    curves = read_curves(cfg, root, dataset)
+    if not curves:
+        return []
+    parts = ["### Accuracy-FLOPs curves (dht.curves, docs/training.md T31)",
+             "A model with an inference dial (the sequential mode's price per layer, FastBERT's speed) was evaluated "
+             "at every value of its grid on the validation and the test split, and the value its predictions are at "
+             "was chosen on the validation split alone: the fewest validation FLOPs within `chosen_within` (its "
+             "params.yaml section) of the reference's validation accuracy, per seed. The sequential mode's row above "
+             "is at that price; FastBERT's rows stay at the speeds of their names. Test accuracies are the mean ± "
+             "std over the seeds."]
+    for name, curve in curves.items():
+        chosen = curve["chosen"]
+        acc = [c["accuracy"] for c in chosen.values()]
+        flops = [c["infer_flop_ratio"] for c in chosen.values()]
+        unmet = [str(s) for s, ok in curve["met"].items() if not ok]
+        parts += [f"**{name}** ({curve['dial']} chosen on validation: "
+                  + ", ".join(f"seed {s}: {c['dial']:g}" for s, c in chosen.items())
+                  + f"; at those, test accuracy {np.mean(acc):.3f} at {np.mean(flops):.2f}x"
+                  + (f"; no value met the rule for seed {', '.join(unmet)}, the most accurate taken" if unmet else "")
+                  + ")", curve_table(name, curve)]
+    vs = paired.get("models", {})
+    for name, curve in curves.items():
+        cmp = vs.get(name, {}).get("vs_reference")
+        if curve["dial"] != "price" or not cmp:
+            continue
+        seeds = cmp.get("per_seed") or {"-": cmp}
+        lows = {s: r["ci95_lo"] for s, r in seeds.items() if "ci95_lo" in r}
+        inside = [s for s, lo in lows.items() if lo >= -0.01]
+        parts.append(
+            f"{name} at its chosen price against the {cfg.run.reference}: difference {_signed(cmp['difference'])}; "
+            "the paired 95% interval's lower end "
+            + ", ".join(f"{lo:+.3f} (seed {s})" for s, lo in lows.items())
+            + f": within 1 point (lower end >= -0.010, non-inferiority) for {len(inside)} of {len(lows)} seeds.")
+    modes = [n for n, c in curves.items() if c["dial"] == "price"]
+    others = [n for n, c in curves.items() if c["dial"] != "price"]
+    if modes and others:
+        header = ["best test accuracy with at most", *(f"{x:.1f}x" for x in CURVE_COMPARISON_AT)]
+        rows = []
+        for name in [*modes, *others]:
+            rows.append([name, *("-" if (a := front_at(curves[name]["points"], x)) is None else f"{a:.3f}"
+                                 for x in CURVE_COMPARISON_AT)])
+        for m in modes:
+            for o in others:
+                cells = []
+                for x in CURVE_COMPARISON_AT:
+                    a, b = front_at(curves[m]["points"], x), front_at(curves[o]["points"], x)
+                    cells.append("-" if a is None or b is None else _signed(a - b))
+                rows.append([f"{m} - {o}", *cells])
+        parts += ["The curves side by side (each curve's step front over its mean test points; '-': no point "
+                  "of the curve is that cheap):", _md_table(header, rows)]
+    return parts
+
+
 def dht_modes(cfg: Config) -> list[str]:
     """The modes of run.models that choose their depth (not `search: fixed`)."""
     return [m for m in cfg.run.models if cfg.dht.modes[m].search != "fixed"]
@@ -604,7 +715,7 @@ def write_table2(cfg: Config, out: str | Path, root: str | Path = ".") -> str:
     for name in cfg.run.datasets:
         paired = read_paired(cfg, root, name)
         parts += [f"## {name}", comparison_table(cfg, root, name, models, "table2"), paired_legend(cfg),
-                  paired_table(paired), settle_text(cfg, root, name, paired)]
+                  paired_table(paired), settle_text(cfg, root, name, paired), *curves_text(cfg, root, name, paired)]
     parts += ["## The paper's Table 2", paper_table("table2")]
     return _write(out, parts)
 

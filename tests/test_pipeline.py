@@ -13,6 +13,7 @@ import pytest
 import yaml
 from conftest import BIN, run_cli
 
+from dht import curves
 from dht_workflow.project import python_path
 
 
@@ -634,6 +635,13 @@ def test_end_to_end_tiny_then_noop(project, tmp_path):
     table2 = (project / "reports/table2.md").read_text()
     for model in ("vanilla-12", "distil-3", "fastbert-0.5", "nas-prune-0.5", "flexibert-0.5", "t-dht", "p-dht"):
         assert f"| {model} |" in table2
+    # FastBERT's curve over its speeds (dht.curves): every speed of the grid on both splits, the speed chosen on the
+    # validation split by the rule, in Table 2
+    fast = json.loads((project / "results/embedded-news/fastbert-0.5/metrics.json").read_text())
+    reference = json.loads((project / "results/embedded-news/vanilla-12/metrics.json").read_text())
+    assert [p["dial"] for p in fast["curve"]] == sorted(cfg.baselines.fastbert.speeds)
+    assert fast["chosen"]["dial"] == curves.choose(fast["curve"], reference["val_accuracy"], 0.01)["dial"]
+    assert "### Accuracy-FLOPs curves" in table2 and "**fastbert-0.5** (speed chosen on validation: " in table2
     predicted = run_cli(["dht", "predict", "--model", "models/embedded-news/t-dht", "--format", "jsonl",
                          "--input", "data/raw/embedded-news/meta.json"], cwd=project)
     rows = [json.loads(line) for line in predicted.stdout.splitlines()]

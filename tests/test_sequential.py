@@ -58,7 +58,7 @@ def test_the_configuration_refuses_a_sequential_mode_it_cannot_run():
         with pytest.raises(ConfigError, match=message):
             make_cfg(change)
     # read by the sequential mode only: not silently ignored on another
-    with pytest.raises(ConfigError, match="t-dht: exit_weights, distil_weight and continue_reward are read by"):
+    with pytest.raises(ConfigError, match="t-dht: exit_weights, distil_weight, continue_reward and prices are read by"):
         make_cfg(others={"t-dht": {"distil_weight": 0.3}})
 
 
@@ -122,6 +122,60 @@ def test_a_router_with_the_reward_sign_broken_fails_the_router_test(qsetup, monk
     cfg = make_cfg()
     stop_hard, stop_easy = route(Policy(cfg, cfg.dht.modes["q-dht"], feats, model.config))
     assert not (stop_hard.float().mean() < 0.1 and stop_easy.float().mean() > 0.9)
+
+
+def test_a_higher_price_stops_every_sample_no_later_and_matches_a_bandit_trained_at_it(qsetup):
+    """T31's dial: the stop bandits learned at depth_price 0.01; at a higher stop_price a sample that stopped still
+    stops (the sets of stopped samples nest), at 0.05 the easy samples stop and the hard ones go on (a group saves
+    them 0.3 of error, more than 3 layers x 0.05), at 1.0 everyone stops; and the decisions at 0.05 are those of
+    bandits trained at 0.05 (the price only moves continuing's estimate), but for samples at the boundary."""
+    model, feats, _, _ = qsetup
+    cfg = make_cfg()
+    policy = Policy(cfg, cfg.dht.modes["q-dht"], feats, model.config)
+    route(policy)
+    x = torch.randn(200, policy.stop_context_size, generator=torch.Generator().manual_seed(1))
+    x[:, -2] = torch.where(torch.arange(200) < 100, -1.5, 1.5)
+    stops = {}
+    for price in (0.0, 0.01, 0.05, 0.2, 1.0):
+        policy.stop_price = price
+        stops[price] = policy.decide_stops(0, x, greedy=True, learn=False)[0]
+    prices = sorted(stops)
+    assert all(bool((stops[a] <= stops[b]).all()) for a, b in zip(prices, prices[1:], strict=False))
+    assert stops[0.05][:100].float().mean() < 0.1 and stops[0.05][100:].float().mean() > 0.9
+    assert bool(stops[1.0].all())
+    priced = make_cfg({"depth_price": 0.05})
+    trained_at = Policy(priced, priced.dht.modes["q-dht"], feats, model.config)
+    route(trained_at)
+    agree = (trained_at.decide_stops(0, x, greedy=True, learn=False)[0] == stops[0.05]).float().mean()
+    assert agree >= 0.98
+    # the price travels with the bandits (a saved model predicts at the price chosen for it)
+    policy.stop_price = 0.05
+    again = Policy(cfg, cfg.dht.modes["q-dht"], feats, model.config)
+    again.load_state_dict(policy.state_dict())
+    assert again.stop_price == 0.05
+
+
+def test_the_point_chosen_on_validation_is_the_cheapest_within_the_tolerance():
+    from dht.curves import mean_curve
+
+    curve = [{"dial": 0.0, "val_accuracy": 0.84, "val_infer_flop_ratio": 0.9, "accuracy": 0.83, "infer_flop_ratio": 0.9},
+             {"dial": 0.02, "val_accuracy": 0.83, "val_infer_flop_ratio": 0.6, "accuracy": 0.80, "infer_flop_ratio": 0.6},
+             {"dial": 0.05, "val_accuracy": 0.80, "val_infer_flop_ratio": 0.4, "accuracy": 0.82, "infer_flop_ratio": 0.4}]
+    picked = choose(curve, 0.835, 0.01)  # 0.83 and 0.84 are within 0.01; 0.80 is not, however good on test
+    assert picked["dial"] == 0.02 and picked["met"]
+    assert choose(curve, 0.90, 0.01)["dial"] == 0.0 and not choose(curve, 0.90, 0.01)["met"]  # the most accurate
+    mean = mean_curve([curve, [{**p, "accuracy": p["accuracy"] + 0.02} for p in curve]])
+    assert [round(p["accuracy"], 6) for p in mean] == [0.84, 0.81, 0.83]
+    assert mean[0]["accuracy_std"] == pytest.approx(0.02 / 2 ** 0.5)
+    with pytest.raises(ValueError, match="different dial grids"):
+        mean_curve([curve, curve[:2]])
+
+
+def test_a_curve_needs_the_next_groups_reward_and_a_sequential_mode():
+    with pytest.raises(ConfigError, match="continue_reward: next or prices: null"):
+        make_cfg({"continue_reward": "best", "prices": [0.0, 0.1]})
+    with pytest.raises(ConfigError, match="prices are read by search: sequential only"):
+        make_cfg(others={"t-dht": {"prices": [0.0, 0.1]}})
 
 
 # ---- training and inference ------------------------------------------------------------------------------------
