@@ -108,6 +108,13 @@ def _load_for_predict(model_dir: Path, device: Any, args: argparse.Namespace) ->
         model, policy, info = load_trained(model_dir, device, args.allow_unverified)  # checksums first
         # The bandits act at test time as the model was evaluated (its saved dht.inference), unless overridden.
         greedy = (args.inference or Config.model_validate(info["config"]).dht.inference) == "greedy"
+        if args.price is not None:  # the sequential mode's dial (docs/training.md T31)
+            if policy.search != "sequential" or policy.mode.continue_reward != "next":
+                raise _InputError(f"--price: {model_dir} is a {policy.search} mode's model; a price per layer moves "
+                                  "the stops of a search: sequential mode with continue_reward: next (leave --price out)")
+            if args.price < 0:
+                raise _InputError(f"--price {args.price}: a price per layer is >= 0")
+            policy.stop_price = args.price
 
         def run(data: Any, batch_size: int, max_length: int) -> Any:
             return predict(model, policy, data, device, batch_size, max_length, greedy=greedy)
@@ -118,6 +125,9 @@ def _load_for_predict(model_dir: Path, device: Any, args: argparse.Namespace) ->
         if args.inference:
             raise _InputError(f"--inference: {model_dir} is {saved.summary()}; it has no bandits to choose layers "
                               "and heads (leave --inference out)")
+        if args.price is not None:
+            raise _InputError(f"--price: {model_dir} is {saved.summary()}; a price per layer moves a sequential DHT "
+                              "mode's stops (leave --price out)")
         print(f"note: {model_dir} is {saved.summary()}", file=sys.stderr)
         return saved.predict, saved.info
     raise FileNotFoundError(f"{model_dir}: not a model directory of the pipeline (no {POLICY_FILE} of a trained DHT "
@@ -226,6 +236,9 @@ def build_parser(*more: AddCommands, description: str = DESCRIPTION) -> argparse
     pred.add_argument("--inference", choices=["greedy", "sample"], default=None,
                       help="how the bandits choose layers and heads: greedy (no exploration) or sample "
                            "(default: the model's saved dht.inference, as its test metrics were computed)")
+    pred.add_argument("--price", type=float, default=None,
+                      help="a sequential mode's price per layer to stop at (docs/training.md T31; default: the one "
+                           "chosen on the validation split, saved with the model): higher stops earlier")
     pred.add_argument("--allow-unverified", action="store_true",
                       help="load a model directory that has no checksums.sha256 (saved before checksums existed, or "
                            "not by this pipeline); its weights are still read as tensors only, never as code")

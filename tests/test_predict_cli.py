@@ -398,3 +398,10 @@ def test_a_user_story_crafted_checkpoint_then_baselines_through_snakemake(tiny_p
         rows = [json.loads(line) for line in out.stdout.splitlines()]
         assert len(rows) == 2 and all(r["layers"] in layers and len(r["heads"]) == r["layers"] for r in rows)
     assert not marker.exists()
+
+
+def test_a_price_is_refused_for_a_model_without_a_sequential_mode(models, capsys, texts):
+    """--price moves a sequential mode's stops (docs/training.md T31); on a tree mode's model it names the problem
+    (tests/test_sequential.py runs it on a sequential one)."""
+    line = predict_fails(capsys, models["greedy"], texts, "--price", "0.1")
+    assert line.startswith("error: --price: ") and "is a tree mode's model" in line, line

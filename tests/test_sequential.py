@@ -281,6 +281,10 @@ def test_snakemake_trains_a_sequential_mode_from_the_reference_and_dht_predict_r
                      cwd=project).stdout.strip().splitlines()
     rows = [json.loads(line) for line in answer]
     assert len(rows) == 2 and all(row["layers"] in (3, 6, 9, 12) for row in rows), rows
+    # the user's dial: at a price no group can pay for, every text stops after the b = 3 fixed layers
+    answer = run_cli(["dht", "predict", "--model", str(model_dir), "--input", "texts.txt", "--format", "jsonl",
+                      "--price", "10"], cwd=project).stdout.strip().splitlines()
+    assert [json.loads(line)["layers"] for line in answer] == [3, 3]
 
 
 @pytest.mark.parametrize("exit_weights, distil", [("depth", 0.5), ("uniform", 0.0)])
