@@ -978,7 +978,8 @@ def save_trained(out_dir: Path, model: DHTForSequenceClassification, policy: Pol
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     torch.save(policy.state_dict(), out_dir / BANDITS_FILE)
-    info = {"mode_name": mode_name, **policy.describe(), "config": cfg.model_dump(mode="json"), **extra}
+    info = {"mode_name": mode_name, **policy.describe(), "config": cfg.model_dump(mode="json"),
+            "training_seed": cfg.training_seed, **extra}  # the dump lists every seed of the profile, not the run's
     (out_dir / POLICY_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
 
 
@@ -998,6 +999,18 @@ def export_trained(out_dir: Path, trainer: Trainer, cfg: Config, info: dict[str,
     shutil.copytree(tokenizer, out_dir / "tokenizer")
     shutil.copy2(arm_features, out_dir / "arm_features.safetensors")
     write_manifest(out_dir)
+
+
+def _saved_training_seed(info: dict[str, Any], model_dir: Path, seeds: list[int]) -> int:
+    """The training seed of a saved model of a profile with several: its policy file's `training_seed`, or for a
+    directory saved before that key, the seed of the pipeline's layout (models/<dataset>/<model>/seed-<s>), or the
+    first seed (it seeds the bandits' generators only: ties and sampled inference)."""
+    if "training_seed" in info:
+        return int(info["training_seed"])
+    name = model_dir.resolve().name
+    if name.startswith("seed-") and name[5:].isdigit() and int(name[5:]) in seeds:
+        return int(name[5:])
+    return seeds[0]
 
 
 def load_trained(model_dir: str | Path, device: torch.device,
@@ -1027,6 +1040,8 @@ def load_trained(model_dir: str | Path, device: torch.device,
     except ValueError as err:
         raise IntegrityError(f"{policy_path}: not valid JSON ({err}); {fix}") from err
     cfg = Config.model_validate(info["config"])
+    if len(cfg.run.training_seeds) > 1:  # a profile of several seeds: the run's own (its bandits' generators)
+        cfg = cfg.for_training_seed(_saved_training_seed(info, model_dir, cfg.run.training_seeds))
     mode = ModeSpec.model_validate(info["mode"])
     for name in ("arm_features.safetensors", BANDITS_FILE):  # the train stage writes both with the model
         if not (model_dir / name).is_file():

@@ -253,8 +253,24 @@ def test_two_seeds_train_two_different_runs_through_the_pipeline(tiny_project):
     runs = set(mlflow_runs(project))
     assert {("embedded-news", "vanilla-3/seed-0"), ("embedded-news", "vanilla-3/seed-1")} <= runs
     assert (project / "models/embedded-news/vanilla-3/seed-1/model.safetensors").is_file()
+    # a model of a profile with several seeds loads as its own seed's run (its saved config lists them all)
+    (project / "texts.txt").write_text("a text about the market\n")
+    answer = run_cli(["dht", "predict", "--model", "models/embedded-news/vanilla-3/seed-1", "--input", "texts.txt",
+                      "--format", "jsonl"], cwd=project).stdout.strip().splitlines()
+    assert len(answer) == 1 and json.loads(answer[0])["layers"] == 3
+    policy_file = json.loads((project / "models/embedded-news/vanilla-3/seed-1/dht_policy.json").read_text())
+    assert policy_file["training_seed"] == 1
     # a seed outside run.training_seeds is refused by the stage itself, before any work
     bad = run_cli(["python", "workflow/scripts/train.py", "--profile", "tiny", "--dataset", "embedded-news",
                    "--model", "vanilla-3", "--training-seed", "9", "--processed", "x", "--features", "x", "--results", "x",
                    "--out-model", "x"], cwd=project, check=False)
     assert bad.returncode != 0 and "--training-seed 9 is not a training seed" in bad.stderr
+
+
+def test_a_saved_models_training_seed_comes_from_its_file_then_its_directory(tmp_path):
+    from dht.trainer import _saved_training_seed
+
+    assert _saved_training_seed({"training_seed": 2}, tmp_path / "seed-0", [0, 1, 2]) == 2
+    assert _saved_training_seed({}, tmp_path / "seed-1", [0, 1, 2]) == 1  # saved before the key: the layout
+    assert _saved_training_seed({}, tmp_path / "t-dht", [3, 4]) == 3
+
