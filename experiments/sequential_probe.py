@@ -121,7 +121,7 @@ def main() -> None:
         rows.append(("bandits", f"price {price:g}", m["accuracy"], m["infer_flop_ratio"]))
     policy.stop_price = saved
     ent = entropy(ladder["probs"])  # [N, K]
-    for threshold in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+    for threshold in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0):
         below = ent[:, :-1] < threshold
         stop_at = np.where(below.any(1), below.argmax(1), len(depths) - 1)
         acc, flops = routed(ladder, stop_at, cost)
