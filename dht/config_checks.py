@@ -543,6 +543,9 @@ def _sequential_problems(cfg: Config, key: str, mode: ModeSpec, allowed_l: list[
         problems.append(f"{key}.prices: a curve moves the price at inference, which shifts the bandits' estimate by a "
                         f"known amount only for continue_reward: next (best's price is inside a minimum); set "
                         f"continue_reward: next or prices: null")
+    if mode.prices and cfg.data.val_fraction == 0:
+        problems.append(f"{key}.prices: the price is chosen on the validation split, and data.val_fraction = 0 holds "
+                        f"none out; set data.val_fraction above 0 (e.g. 0.1) or prices: null")
     if mode.prices is not None and not mode.prices:
         problems.append(f"{key}.prices = []: list the prices per layer of the curve (e.g. [0.0, 0.01, 0.02, 0.04]) "
                         f"or set prices: null")

@@ -176,6 +176,12 @@ def test_a_curve_needs_the_next_groups_reward_and_a_sequential_mode():
         make_cfg({"continue_reward": "best", "prices": [0.0, 0.1]})
     with pytest.raises(ConfigError, match="prices are read by search: sequential only"):
         make_cfg(others={"t-dht": {"prices": [0.0, 0.1]}})
+    raw = two_epoch_tiny(copy.deepcopy(read_params(ROOT / "params.yaml")))
+    raw["dht"]["modes"]["q-dht"] = {**SEQUENTIAL, "prices": [0.0, 0.1]}
+    raw["profiles"]["tiny"]["run"] = {**raw["profiles"]["tiny"].get("run", {}), "models": ["vanilla-12", "q-dht"]}
+    raw["data"]["val_fraction"] = 0.0
+    with pytest.raises(ConfigError, match="data.val_fraction = 0 holds none out"):
+        load_config(ROOT / "params.yaml", profile="tiny", raw=raw)
 
 
 # ---- training and inference ------------------------------------------------------------------------------------
