@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> Path:
     root = Path(args.root).resolve()
     params = Path(args.params) if args.params else root / "params.yaml"
     try:
+        # a profile of several training seeds: its first seed's run (the models section 1 reads, section 2's training)
         cfg = load_config(params, profile=args.profile)
+        cfg = cfg.for_training_seed(cfg.training_seeds[0])
         if args.dataset is None:
             args.dataset = cfg.run.datasets[0]
         cfg.dataset(args.dataset)
