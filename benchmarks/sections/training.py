@@ -70,7 +70,7 @@ def training_config(cfg: Config) -> Config:
     for name, mode in cfg.dht.modes.items():
         if mode.warmup_mode:
             changes[f"dht.modes.{name}.warmup_epochs"] = 0
-    return patched(cfg, **changes)
+    return patched(cfg, **changes).for_training_seed(cfg.training_seed)  # the patched copy forgets the run's seed
 
 
 def training_section(cfg: Config, args: argparse.Namespace, root: Path, device: torch.device) -> Section:
