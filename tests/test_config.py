@@ -88,7 +88,7 @@ def test_a_profile_extends_another_and_cycles_are_refused():
 
 
 def test_unknown_profile():
-    with pytest.raises(ConfigError, match=r"profile = 'huge': unknown profile; allowed: default, embedded, full, paper, seeds, tiny"):
+    with pytest.raises(ConfigError, match=r"profile = 'huge': unknown profile; allowed: default, embedded, full, paper, seeds, sequential, tiny"):
         resolve_params(RAW, "huge")
 
 
