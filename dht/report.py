@@ -559,12 +559,14 @@ def curves_text(cfg: Config, root: Path, dataset: str, paired: dict[str, Any]) -
             continue
         seeds = cmp.get("per_seed") or {"-": cmp}
         lows = {s: r["ci95_lo"] for s, r in seeds.items() if "ci95_lo" in r}
-        inside = [s for s, lo in lows.items() if lo >= -0.01]
+        within = cfg.dht.modes[name].chosen_within  # the rule's margin, as a non-inferiority margin on test
+        inside = [s for s, lo in lows.items() if lo >= -within]
         parts.append(
             f"{name} at its chosen price against the {cfg.run.reference}: difference {_signed(cmp['difference'])}; "
             "the paired 95% interval's lower end "
             + ", ".join(f"{lo:+.3f} (seed {s})" for s, lo in lows.items())
-            + f": within 1 point (lower end >= -0.010, non-inferiority) for {len(inside)} of {len(lows)} seeds.")
+            + f": within {within:g} (lower end >= {-within:+.3f}, non-inferiority) for {len(inside)} of "
+            f"{len(lows)} seeds.")
     modes = [n for n, c in curves.items() if c["dial"] == "price"]
     others = [n for n, c in curves.items() if c["dial"] != "price"]
     if modes and others:
