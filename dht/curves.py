@@ -18,11 +18,7 @@ from typing import Any
 
 from dht.evaluation import Predictions, SplitData, evaluate
 
-__all__ = ["Dial", "choose", "mean_curve", "trace"]
-
-#: The keys of one point of a curve in metrics.json's ``curve`` list.
-POINT_KEYS = ("dial", "val_accuracy", "val_infer_flop_ratio", "accuracy", "infer_flop_ratio", "infer_seconds")
-
+__all__ = ["Dial", "choose", "mean_curve", "recorded", "trace"]
 
 @dataclass(frozen=True)
 class Dial:
@@ -66,6 +62,12 @@ def choose(points: Sequence[dict[str, float]], reference_val_accuracy: float, wi
     rule = (f"fewest validation FLOPs within {within:g} of the reference's validation accuracy "
             f"{reference_val_accuracy:.4f}")
     return {**best, "met": bool(eligible), "rule": rule}
+
+
+def recorded(curve: list[dict[str, float]], chosen: dict[str, Any] | None) -> dict[str, Any]:
+    """What a stage adds to its metrics.json: the ``curve`` and, when a value was chosen, ``chosen`` (its dial, whether
+    the rule was met, the rule; the point itself is in the curve)."""
+    return {"curve": curve, **({"chosen": {k: chosen[k] for k in ("dial", "met", "rule")}} if chosen else {})}
 
 
 def mean_curve(curves: Sequence[Sequence[dict[str, float]]]) -> list[dict[str, float]]:

@@ -24,7 +24,7 @@ from dht.baselines import (
     run_params,
 )
 from dht.config import parse_baseline
-from dht.curves import choose, trace
+from dht.curves import choose, recorded, trace
 from dht.evaluation import SplitData, accuracy_text
 from dht.results import baseline_metrics, read_start, run_name, run_subdir, write_results
 from dht.tokenization import load_processed
@@ -102,7 +102,7 @@ with stage_run(args.dataset, run_name(cfg, args.model, cfg.training_seed), stage
         dial = built.dial
         curve = trace(dial.predict_at, dial.values, val, test, teacher.config, meta["max_length"])
         chosen = choose(curve, reference_metrics["val_accuracy"], dial.within)
-        metrics.update({"curve": curve, "chosen": {k: chosen[k] for k in ("dial", "met", "rule")}})
+        metrics.update(recorded(curve, chosen))
         print(f"baseline {args.dataset}/{args.model}: {dial.name} {chosen['dial']:g} chosen on the validation split "
               f"({chosen['rule']}): test accuracy {chosen['accuracy']:.4f} at {chosen['infer_flop_ratio']:.2f}x")
     write_results(args.results, metrics, predictions, test)

@@ -17,10 +17,10 @@ import _stage
 from dht import distributed
 from dht.arm_features import load_arm_features
 from dht.config import run_param_keys
-from dht.curves import choose, trace
+from dht.curves import choose, recorded, trace
 from dht.evaluation import SplitData, accuracy_text
 from dht.policy import predict
-from dht.results import run_name, run_subdir, training_metrics, write_results
+from dht.results import read_start, run_name, run_subdir, training_metrics, write_results
 from dht.tokenization import load_processed
 from dht.tracking import log_curves, log_model, log_run_metrics, stage_run, training_curves
 from dht.trainer import Trainer, TrainingError, export_trained, fingerprint, initial_model, run_params
@@ -92,6 +92,14 @@ try:
     resumed = trainer.load_checkpoint()
 except TrainingError as err:
     sys.exit(f"error: {err}")
+reference_val_accuracy = None  # T31's curve: its price is chosen against the reference's, read before training
+if cfg.dht.modes[args.model].prices is not None and args.split == "test" and world.is_main:
+    ref_file = (Path(args.reference_metrics) if args.reference_metrics else _stage.root() / "results"
+                / run_subdir(cfg, args.dataset, cfg.run.reference, cfg.training_seed) / "metrics.json")
+    try:
+        reference_val_accuracy = (reference.metrics if reference else read_start(ref_file))["val_accuracy"]
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        sys.exit(f"error: dht.modes.{args.model}.prices: the reference's validation accuracy: {err}")
 if resumed and world.is_main:
     pr = trainer.progress
     print(f"train {args.dataset}/{args.model}: resuming at epoch {pr.epoch + 1}, step {pr.step} from {trainer.checkpoint_dir}")
@@ -133,10 +141,7 @@ with stage_run(args.dataset, f"{setting}/{name}" if setting else name, stage="tr
 
         curve = trace(predict_at, mode.prices, val, test, trainer.model.config, meta["max_length"])
         if args.split == "test":
-            ref_file = (Path(args.reference_metrics) if args.reference_metrics else _stage.root() / "results"
-                        / run_subdir(cfg, args.dataset, cfg.run.reference, cfg.training_seed) / "metrics.json")
-            ref_metrics = reference.metrics if reference else json.loads(ref_file.read_text())
-            chosen = choose(curve, ref_metrics["val_accuracy"], mode.chosen_within)
+            chosen = choose(curve, reference_val_accuracy, mode.chosen_within)
             print(f"train {args.dataset}/{args.model}: price {chosen['dial']:g} chosen on the validation split "
                   f"({chosen['rule']}: val accuracy {chosen['val_accuracy']:.4f} at {chosen['val_infer_flop_ratio']:.2f}x"
                   f"{'' if chosen['met'] else '; no price met it, the most accurate taken'})")
@@ -156,8 +161,7 @@ with stage_run(args.dataset, f"{setting}/{name}" if setting else name, stage="tr
         metrics["n_val"] = metrics.pop("n_test")  # evaluate() names its split's size n_test
         metrics.update({"split": "val", "study": study, "setting": setting, "overlay": params.get("overlay", {})})
     if curve is not None:
-        metrics.update({"stop_price": trainer.policy.stop_price, "curve": curve,
-                        **({"chosen": {k: chosen[k] for k in ("dial", "met", "rule")}} if chosen else {})})
+        metrics.update({"stop_price": trainer.policy.stop_price, **recorded(curve, chosen)})
     export_trained(Path(args.out_model), trainer, cfg,
                    {"dataset": args.dataset, "classes": meta["classes"], "max_length": meta["max_length"],
                     "results": args.results}, processed / "tokenizer", features / "arm_features.safetensors")
